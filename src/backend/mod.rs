@@ -1,0 +1,7 @@
+//! Server side: connections to PostgreSQL nodes and the pools that hold them.
+
+pub mod pool;
+pub mod server;
+
+pub use pool::{Pool, PoolError, PoolKey, PooledConn, Pools};
+pub use server::{BackendError, ServerConn};

@@ -1,0 +1,213 @@
+//! Transaction pools: one per (node, database, user), bounded by `pool.size`.
+//!
+//! A permit from the pool's semaphore stands for one server connection, idle or in use, so
+//! the bound holds whether a connection is being created, lent or parked. A lent
+//! connection is a [`PooledConn`]: [`PooledConn::release`] parks it for the next client;
+//! dropping it instead closes the connection (which makes the server roll back anything
+//! open) and frees the permit.
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::server::{BackendError, Login, ServerConn};
+use crate::config::PoolConfig;
+
+/// Errors when borrowing a server connection.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Every connection stayed busy for `pool.wait_timeout` (SQLSTATE 53300).
+    #[error("no server connection to {addr} became free within {waited:?}")]
+    Timeout {
+        /// The node.
+        addr: String,
+        /// How long the client waited.
+        waited: std::time::Duration,
+    },
+    /// Creating a new connection failed.
+    #[error(transparent)]
+    Connect(#[from] BackendError),
+}
+
+/// What a pool is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Node `host:port`.
+    pub addr: String,
+    /// Database name.
+    pub database: String,
+    /// Role name.
+    pub user: String,
+}
+
+/// One pool.
+#[derive(Debug)]
+pub struct Pool {
+    key: PoolKey,
+    password: String,
+    settings: PoolConfig,
+    idle: Mutex<Vec<ServerConn>>,
+    permits: Arc<Semaphore>,
+    params: OnceLock<Arc<Vec<(String, String)>>>,
+}
+
+impl Pool {
+    fn new(key: PoolKey, password: String, settings: PoolConfig) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(settings.size)),
+            key,
+            password,
+            settings,
+            idle: Mutex::new(Vec::new()),
+            params: OnceLock::new(),
+        }
+    }
+
+    /// The pool's key.
+    pub fn key(&self) -> &PoolKey {
+        &self.key
+    }
+
+    /// ParameterStatus values from the first connection this pool made, once one was made.
+    pub fn params(&self) -> Option<Arc<Vec<(String, String)>>> {
+        self.params.get().cloned()
+    }
+
+    /// Borrows a connection: an idle one, or a new one if the pool is below its size.
+    /// Waits at most `pool.wait_timeout` for a free slot.
+    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        let permit = tokio::time::timeout(
+            self.settings.wait_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| PoolError::Timeout {
+            addr: self.key.addr.clone(),
+            waited: self.settings.wait_timeout,
+        })?
+        .map_err(|_| PoolError::Timeout {
+            addr: self.key.addr.clone(),
+            waited: self.settings.wait_timeout,
+        })?;
+        loop {
+            let candidate = self.idle.lock().map(|mut idle| idle.pop()).unwrap_or(None);
+            match candidate {
+                Some(conn) if conn.io.is_stale() => continue,
+                Some(conn) => return Ok(self.lend(conn, permit)),
+                None => break,
+            }
+        }
+        let login = Login {
+            addr: &self.key.addr,
+            user: &self.key.user,
+            password: &self.password,
+            database: &self.key.database,
+        };
+        let conn = ServerConn::connect(login, self.settings.connect_timeout).await?;
+        let _ = self.params.set(Arc::new(conn.params.clone()));
+        Ok(self.lend(conn, permit))
+    }
+
+    fn lend(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> PooledConn {
+        PooledConn {
+            conn: Some(conn),
+            pool: Arc::clone(self),
+            _permit: permit,
+        }
+    }
+
+    /// Closes every idle connection (the node changed role or went away).
+    pub fn clear_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    /// Connections parked and ready.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+    }
+}
+
+/// A borrowed server connection. Dropping it closes the connection; see [`Self::release`].
+#[derive(Debug)]
+pub struct PooledConn {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PooledConn {
+    /// Parks the connection for the next client. Call only when the server is idle
+    /// (ReadyForQuery `I`) and nothing is outstanding on it.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            if let Ok(mut idle) = self.pool.idle.lock() {
+                idle.push(conn);
+            }
+        }
+    }
+
+    /// The pool this connection came from.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+}
+
+impl Deref for PooledConn {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        // Invariant: `conn` is Some until `release` consumes self.
+        self.conn.as_ref().expect("PooledConn used after release")
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.conn.as_mut().expect("PooledConn used after release")
+    }
+}
+
+/// Every pool, created on first use.
+#[derive(Debug)]
+pub struct Pools {
+    settings: PoolConfig,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    /// No pools yet; each is created with `settings` when first asked for.
+    pub fn new(settings: PoolConfig) -> Self {
+        Self {
+            settings,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pool for (node, database, user); `password` logs in to the server.
+    pub fn get(&self, addr: &str, database: &str, user: &str, password: &str) -> Arc<Pool> {
+        let key = PoolKey {
+            addr: addr.to_owned(),
+            database: database.to_owned(),
+            user: user.to_owned(),
+        };
+        let mut pools = match self.pools.lock() {
+            Ok(pools) => pools,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Arc::clone(pools.entry(key.clone()).or_insert_with(|| {
+            Arc::new(Pool::new(key, password.to_owned(), self.settings.clone()))
+        }))
+    }
+
+    /// Closes the idle connections of every pool on node `addr`.
+    pub fn clear_node(&self, addr: &str) {
+        if let Ok(pools) = self.pools.lock() {
+            for pool in pools.values().filter(|p| p.key.addr == addr) {
+                pool.clear_idle();
+            }
+        }
+    }
+}

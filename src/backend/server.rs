@@ -1,0 +1,288 @@
+//! One connection from pgway to a PostgreSQL server: connect, log in, remember what the
+//! server told us (parameters, cancel key) and which statements are prepared on it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::net::TcpStream;
+
+use crate::net::{FramedStream, NetError};
+use crate::protocol::frame::Reader;
+use crate::protocol::messages::{body, error_fields};
+use crate::protocol::MAX_MESSAGE_LEN;
+
+/// Errors talking to a server.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The socket failed or closed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// Connect plus login took longer than `pool.connect_timeout`.
+    #[error("timed out connecting to {0}")]
+    Timeout(String),
+    /// The server refused us with an ErrorResponse (bad password, no such database, ...).
+    #[error("server error {code}: {message}")]
+    Server {
+        /// SQLSTATE.
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The server said something we did not expect during login.
+    #[error("unexpected server behaviour: {0}")]
+    Protocol(String),
+}
+
+impl From<crate::protocol::FrameError> for BackendError {
+    fn from(e: crate::protocol::FrameError) -> Self {
+        Self::Protocol(e.to_string())
+    }
+}
+
+impl BackendError {
+    /// True when the node itself is unreachable (not a refusal of these credentials).
+    pub fn is_node_down(&self) -> bool {
+        match self {
+            Self::Net(_) | Self::Timeout(_) => true,
+            // 57P03: cannot connect now (starting up / shutting down); 53300: too many clients.
+            Self::Server { code, .. } => code == "57P03" || code.starts_with("08"),
+            Self::Protocol(_) => false,
+        }
+    }
+}
+
+/// Where and how to log in.
+#[derive(Debug, Clone)]
+pub struct Login<'a> {
+    /// `host:port`.
+    pub addr: &'a str,
+    /// Role name.
+    pub user: &'a str,
+    /// Password, for whatever method the server asks.
+    pub password: &'a str,
+    /// Database name.
+    pub database: &'a str,
+}
+
+/// Least-recently-used set of statements prepared on one server connection, by content hash.
+#[derive(Debug, Default)]
+pub struct StatementCache {
+    entries: HashMap<u64, u64>,
+    tick: u64,
+}
+
+impl StatementCache {
+    /// True if the statement is prepared here; marks it used.
+    pub fn touch(&mut self, hash: u64) -> bool {
+        self.tick += 1;
+        match self.entries.get_mut(&hash) {
+            Some(used) => {
+                *used = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a statement as prepared; returns the least recently used one to close if the
+    /// cache is over `capacity`.
+    pub fn insert(&mut self, hash: u64, capacity: usize) -> Option<u64> {
+        self.tick += 1;
+        self.entries.insert(hash, self.tick);
+        if self.entries.len() <= capacity {
+            return None;
+        }
+        let oldest = self
+            .entries
+            .iter()
+            .filter(|(&h, _)| h != hash)
+            .min_by_key(|(_, &used)| used)
+            .map(|(&h, _)| h)?;
+        self.entries.remove(&oldest);
+        Some(oldest)
+    }
+
+    /// Forgets a statement (its Parse failed, or it was closed).
+    pub fn remove(&mut self, hash: u64) {
+        self.entries.remove(&hash);
+    }
+
+    /// How many statements are prepared.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when none is.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The server-side name pgway gives a statement with this content hash.
+pub fn statement_name(hash: u64) -> Vec<u8> {
+    format!("pgway_{hash:016x}").into_bytes()
+}
+
+/// A logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    /// The framed socket.
+    pub io: FramedStream,
+    /// `host:port` of the node.
+    pub addr: String,
+    /// BackendKeyData: process id.
+    pub pid: i32,
+    /// BackendKeyData: secret key.
+    pub secret: i32,
+    /// ParameterStatus values from login.
+    pub params: Vec<(String, String)>,
+    /// Named statements prepared here by pgway.
+    pub statements: StatementCache,
+    /// Content hash of the statement in the unnamed slot, and the client that put it there.
+    pub unnamed: Option<(u64, u64)>,
+}
+
+impl ServerConn {
+    /// Connects and logs in, within `timeout`.
+    pub async fn connect(login: Login<'_>, timeout: Duration) -> Result<Self, BackendError> {
+        tokio::time::timeout(timeout, Self::do_connect(login.clone()))
+            .await
+            .map_err(|_| BackendError::Timeout(login.addr.to_owned()))?
+    }
+
+    async fn do_connect(login: Login<'_>) -> Result<Self, BackendError> {
+        let stream = TcpStream::connect(login.addr)
+            .await
+            .map_err(NetError::from)?;
+        let mut io = FramedStream::new(stream);
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [("user", login.user), ("database", login.database)],
+            &mut out,
+        )
+        .map_err(|e| BackendError::Protocol(e.to_string()))?;
+        io.send(&mut out).await?;
+
+        let mut scram: Option<ScramSha256> = None;
+        let mut conn = Self {
+            io,
+            addr: login.addr.to_owned(),
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+            statements: StatementCache::default(),
+            unnamed: None,
+        };
+        loop {
+            let frame = conn.io.read_frame(MAX_MESSAGE_LEN).await?;
+            let mut r = Reader::new(body(&frame), "login");
+            match frame[0] {
+                b'R' => {
+                    let code = r.i32()?;
+                    match code {
+                        0 => {}
+                        3 => frontend::password_message(login.password.as_bytes(), &mut out)
+                            .map_err(|e| BackendError::Protocol(e.to_string()))?,
+                        5 => {
+                            let salt: [u8; 4] = r
+                                .bytes(4)?
+                                .try_into()
+                                .map_err(|_| BackendError::Protocol("bad md5 salt".into()))?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                login.user.as_bytes(),
+                                login.password.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hash.as_bytes(), &mut out)
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                        }
+                        10 => {
+                            let mut offers_scram = false;
+                            while let Ok(m) = r.cstr() {
+                                if m.is_empty() {
+                                    break;
+                                }
+                                offers_scram |= m == b"SCRAM-SHA-256";
+                            }
+                            if !offers_scram {
+                                return Err(BackendError::Protocol(
+                                    "server offers no SASL mechanism pgway supports".into(),
+                                ));
+                            }
+                            let s = ScramSha256::new(
+                                login.password.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                BackendError::Protocol("SASLContinue before SASL".into())
+                            })?;
+                            s.update(r.rest())
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                            frontend::sasl_response(s.message(), &mut out)
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                BackendError::Protocol("SASLFinal before SASL".into())
+                            })?;
+                            s.finish(r.rest())
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                        }
+                        other => {
+                            return Err(BackendError::Protocol(format!(
+                                "unsupported authentication request {other}"
+                            )))
+                        }
+                    }
+                    conn.io.send(&mut out).await?;
+                }
+                b'S' => {
+                    let name = String::from_utf8_lossy(r.cstr()?).into_owned();
+                    let value = String::from_utf8_lossy(r.cstr()?).into_owned();
+                    conn.params.push((name, value));
+                }
+                b'K' => {
+                    conn.pid = r.i32()?;
+                    conn.secret = r.i32()?;
+                }
+                b'E' => {
+                    let (code, message) = error_fields(&frame);
+                    return Err(BackendError::Server { code, message });
+                }
+                b'N' => {}
+                b'Z' => return Ok(conn),
+                other => {
+                    return Err(BackendError::Protocol(format!(
+                        "unexpected message {:?} during login",
+                        other as char
+                    )))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_cache_evicts_least_recently_used() {
+        let mut cache = StatementCache::default();
+        assert_eq!(cache.insert(1, 2), None);
+        assert_eq!(cache.insert(2, 2), None);
+        assert!(cache.touch(1));
+        assert_eq!(cache.insert(3, 2), Some(2));
+        assert!(cache.touch(1) && cache.touch(3) && !cache.touch(2));
+        cache.remove(1);
+        assert_eq!(cache.len(), 1);
+    }
+}

@@ -1,0 +1,349 @@
+//! Configuration: one TOML file, parsed with serde.
+//!
+//! Every table rejects unknown keys by name (`deny_unknown_fields`), every duration is
+//! human-readable (`"5s"`, `"200ms"`), and [`Config::check`] validates what serde cannot
+//! (non-empty node lists, unique user names, sane sizes) before a config is used.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors from loading or validating a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path that was read.
+        path: String,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema (the message names the key).
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value parsed but is not acceptable.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid {
+        /// The offending key, dotted (`pool.size`).
+        key: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The one port clients use.
+    /// _Default:_ `127.0.0.1:6432`
+    #[serde(default = "Config::default_listen")]
+    pub listen: SocketAddr,
+    /// HTTP admin port (`GET /health`). _Default:_ `127.0.0.1:9930`
+    #[serde(default = "Config::default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Users clients log in as; pgway logs in to the servers with the same credentials.
+    pub users: Vec<UserConfig>,
+    /// Server connection pools.
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// Where the nodes are and how their roles are found.
+    pub topology: TopologyConfig,
+    /// Client-facing limits and timeouts.
+    #[serde(default)]
+    pub client: ClientConfig,
+}
+
+/// How a client must prove its password to pgway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256 (the default, as in PostgreSQL 14+).
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// MD5 challenge-response, for old drivers.
+    #[serde(rename = "md5")]
+    Md5,
+}
+
+/// One `[[users]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Role name, as the client sends it in its StartupMessage.
+    pub name: String,
+    /// Password: checked against the client's, and used to log in to the servers.
+    pub password: String,
+    /// Client authentication method. _Default:_ `scram-sha-256`
+    #[serde(default)]
+    pub auth: AuthMethod,
+}
+
+/// `[pool]`: server connection pools, one per (node, database, user).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Server connections per node, per (database, user). _Default:_ 20
+    #[serde(default = "PoolConfig::default_size")]
+    pub size: usize,
+    /// How long a client waits for a server connection before SQLSTATE 53300. _Default:_ 5s
+    #[serde(default = "PoolConfig::default_wait_timeout", with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// TCP connect plus login to a server. _Default:_ 5s
+    #[serde(
+        default = "PoolConfig::default_connect_timeout",
+        with = "humantime_serde"
+    )]
+    pub connect_timeout: Duration,
+    /// Named statements kept prepared per server connection (LRU). _Default:_ 500
+    #[serde(default = "PoolConfig::default_statement_cache")]
+    pub statement_cache: usize,
+}
+
+impl PoolConfig {
+    fn default_size() -> usize {
+        20
+    }
+    fn default_wait_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_statement_cache() -> usize {
+        500
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            size: Self::default_size(),
+            wait_timeout: Self::default_wait_timeout(),
+            connect_timeout: Self::default_connect_timeout(),
+            statement_cache: Self::default_statement_cache(),
+        }
+    }
+}
+
+/// `[client]`: limits on the client side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Time a client has to finish startup and authentication. _Default:_ 10s
+    #[serde(
+        default = "ClientConfig::default_login_timeout",
+        with = "humantime_serde"
+    )]
+    pub login_timeout: Duration,
+    /// Most client connections served at once; more are refused with 53300. _Default:_ 10000
+    #[serde(default = "ClientConfig::default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl ClientConfig {
+    fn default_login_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_max_connections() -> usize {
+        10_000
+    }
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            login_timeout: Self::default_login_timeout(),
+            max_connections: Self::default_max_connections(),
+        }
+    }
+}
+
+/// `[topology]`: how pgway learns which node is the primary.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum TopologyConfig {
+    /// A fixed list of nodes; roles come from `pg_is_in_recovery()`.
+    Static(StaticTopology),
+}
+
+/// `kind = "static"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticTopology {
+    /// `host:port` of every node, primary and replicas in any order.
+    pub nodes: Vec<String>,
+    /// How often each node's role and health are checked. _Default:_ 1s
+    #[serde(
+        default = "StaticTopology::default_health_interval",
+        with = "humantime_serde"
+    )]
+    pub health_interval: Duration,
+    /// Database the health checks log in to (as the first `[[users]]` entry). _Default:_ `postgres`
+    #[serde(default = "StaticTopology::default_health_database")]
+    pub health_database: String,
+}
+
+impl StaticTopology {
+    fn default_health_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    fn default_health_database() -> String {
+        "postgres".to_owned()
+    }
+}
+
+impl Config {
+    fn default_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 6432))
+    }
+    fn default_admin_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9930))
+    }
+
+    /// Parses and validates a config from TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Checks what serde cannot: sizes, lists and uniqueness.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if self.users.is_empty() {
+            return Err(invalid("users", "at least one [[users]] entry is required"));
+        }
+        for (i, user) in self.users.iter().enumerate() {
+            if user.name.is_empty() {
+                return Err(invalid(&format!("users[{i}].name"), "must not be empty"));
+            }
+            if self.users[..i].iter().any(|u| u.name == user.name) {
+                return Err(invalid(
+                    &format!("users[{i}].name"),
+                    &format!("user {:?} is listed twice", user.name),
+                ));
+            }
+        }
+        if self.pool.size == 0 {
+            return Err(invalid("pool.size", "must be at least 1"));
+        }
+        if self.pool.statement_cache == 0 {
+            return Err(invalid("pool.statement_cache", "must be at least 1"));
+        }
+        if self.client.max_connections == 0 {
+            return Err(invalid("client.max_connections", "must be at least 1"));
+        }
+        match &self.topology {
+            TopologyConfig::Static(s) => {
+                if s.nodes.is_empty() {
+                    return Err(invalid("topology.nodes", "at least one node is required"));
+                }
+                for (i, node) in s.nodes.iter().enumerate() {
+                    if split_host_port(node).is_none() {
+                        return Err(invalid(
+                            &format!("topology.nodes[{i}]"),
+                            &format!("{node:?} is not host:port"),
+                        ));
+                    }
+                }
+                if s.health_interval.is_zero() {
+                    return Err(invalid("topology.health_interval", "must be more than 0"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured user with this name.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`) into its parts.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host, port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+listen = "127.0.0.1:6432"
+admin_listen = "127.0.0.1:9930"
+[[users]]
+name = "app"
+password = "app-secret"
+[pool]
+size = 20
+wait_timeout = "5s"
+[topology]
+kind = "static"
+nodes = ["127.0.0.1:5441", "127.0.0.1:5442"]
+health_interval = "1s"
+"#;
+
+    #[test]
+    fn example_parses() {
+        let config = Config::from_toml_str(EXAMPLE).expect("example config");
+        assert_eq!(config.pool.size, 20);
+        assert_eq!(config.pool.wait_timeout, Duration::from_secs(5));
+        assert_eq!(config.users[0].auth, AuthMethod::ScramSha256);
+        let TopologyConfig::Static(s) = &config.topology;
+        assert_eq!(s.nodes.len(), 2);
+        assert_eq!(s.health_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = EXAMPLE.replace("size = 20", "size = 20\nsizee = 3");
+        let err = Config::from_toml_str(&text).expect_err("unknown key");
+        assert!(err.to_string().contains("sizee"), "{err}");
+        let text = EXAMPLE.replace("health_interval", "health_intervall");
+        let err = Config::from_toml_str(&text).expect_err("unknown key");
+        assert!(err.to_string().contains("health_intervall"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = Config::from_toml_str(&EXAMPLE.replace("size = 20", "size = 0"))
+            .expect_err("zero pool");
+        assert!(err.to_string().contains("pool.size"), "{err}");
+        let err = Config::from_toml_str(&EXAMPLE.replace("\"5s\"", "\"five\""))
+            .expect_err("bad duration");
+        assert!(err.to_string().contains("wait_timeout"), "{err}");
+        let err = Config::from_toml_str(&EXAMPLE.replace("127.0.0.1:5442", "nohost"))
+            .expect_err("bad node");
+        assert!(err.to_string().contains("topology.nodes[1]"), "{err}");
+    }
+
+    #[test]
+    fn split_host_port_forms() {
+        assert_eq!(split_host_port("127.0.0.1:5432"), Some(("127.0.0.1", 5432)));
+        assert_eq!(split_host_port("[::1]:5432"), Some(("::1", 5432)));
+        assert_eq!(split_host_port("db:x"), None);
+        assert_eq!(split_host_port(":5432"), None);
+    }
+}

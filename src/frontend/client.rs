@@ -1,0 +1,887 @@
+//! The per-client message loop: routing, transaction pooling and the relay.
+//!
+//! A client holds a server connection only while it needs one: from the first message of
+//! a statement or transaction until the server's ReadyForQuery says idle with nothing
+//! outstanding. Extended-protocol messages are collected until Sync or Flush so the whole
+//! batch is routed at once (a pipeline with one INSERT goes to the primary as a whole).
+//!
+//! Named prepared statements live in the client's own table; on a server connection they
+//! exist under pgway's names (`pgway_<hash of SQL and types>`), prepared on demand, so a
+//! statement prepared on one connection can be executed on any other. Replies the client
+//! must see for messages pgway answered itself (ParseComplete, CloseComplete), and replies
+//! it must not see (for Parse messages pgway injected), are ordered by a queue of
+//! [`Expect`] entries, one per message sent.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tracing::{debug, warn};
+
+use super::cancel::{CancelKey, CancelTarget};
+use super::Shared;
+use crate::backend::server::statement_name;
+use crate::backend::{BackendError, PoolError, PooledConn};
+use crate::error;
+use crate::net::{FramedStream, NetError};
+use crate::protocol::frame::put_frame;
+use crate::protocol::messages::{
+    self, query_text, write_parse, write_target, Bind, Parse, Severity,
+};
+use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
+use crate::route::Target;
+
+/// Extended-protocol bytes collected without a Sync before pgway stops waiting for one and
+/// sends them on (to the primary, since the batch cannot be judged whole).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// The client went away or its socket failed: nobody to tell.
+    #[error("client connection lost: {0}")]
+    ClientGone(NetError),
+    /// End the session with a FATAL ErrorResponse.
+    #[error("{message}")]
+    Fatal {
+        /// SQLSTATE.
+        code: &'static str,
+        /// Text for the client.
+        message: String,
+    },
+}
+
+impl SessionError {
+    fn protocol(e: FrameError) -> Self {
+        Self::Fatal {
+            code: error::PROTOCOL_VIOLATION,
+            message: e.to_string(),
+        }
+    }
+
+    fn from_client(e: NetError) -> Self {
+        match e {
+            NetError::Frame(f) => Self::protocol(f),
+            other => Self::ClientGone(other),
+        }
+    }
+
+    fn server_lost(e: NetError) -> Self {
+        Self::Fatal {
+            code: error::CONNECTION_FAILURE,
+            message: format!("server connection lost: {e}"),
+        }
+    }
+}
+
+/// A statement-level error pgway reports itself (ERROR, the session goes on).
+#[derive(Debug)]
+struct StatementError {
+    code: String,
+    message: String,
+}
+
+impl StatementError {
+    fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A client's named (or unnamed) prepared statement.
+#[derive(Debug)]
+struct Prepared {
+    sql: Vec<u8>,
+    param_types: Vec<u8>,
+    hash: u64,
+    target: Target,
+}
+
+impl Prepared {
+    fn server_name(&self) -> Vec<u8> {
+        statement_name(self.hash)
+    }
+}
+
+/// Which server reply ends the answer to one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    Parse,
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Reply {
+    fn ends_with(self, tag: u8) -> bool {
+        match self {
+            Reply::Parse => tag == b'1',
+            Reply::Bind => tag == b'2',
+            Reply::Close => tag == b'3',
+            Reply::Describe => matches!(tag, b'T' | b'n'),
+            Reply::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Reply::Sync | Reply::Query | Reply::FunctionCall => tag == b'Z',
+        }
+    }
+
+    /// Simple query and function call keep going after an error, up to ReadyForQuery.
+    fn survives_error(self) -> bool {
+        matches!(self, Reply::Query | Reply::FunctionCall | Reply::Sync)
+    }
+}
+
+/// One message sent (or answered locally), in order.
+#[derive(Debug)]
+enum Expect {
+    /// Server replies until `kind` ends; forwarded to the client or swallowed.
+    Server {
+        kind: Reply,
+        forward: bool,
+        /// A Parse pgway sent under this hash: forget it on the connection if it fails.
+        prepared: Option<u64>,
+    },
+    /// A reply pgway sends itself when its turn comes (ParseComplete, CloseComplete).
+    Local(u8),
+}
+
+/// One client's session.
+pub struct Session<'a> {
+    shared: &'a Shared,
+    client: FramedStream,
+    out: BytesMut,
+    to_server: BytesMut,
+    user: String,
+    database: String,
+    password: String,
+    cancel: CancelKey<'a>,
+    server: Option<PooledConn>,
+    /// Transaction status from the last ReadyForQuery (`I`, `T`, `E`).
+    status: u8,
+    /// Extended-protocol messages sent since the last Sync was answered.
+    unsynced: bool,
+    pending: VecDeque<Expect>,
+    copy_in: bool,
+    statements: HashMap<Vec<u8>, Arc<Prepared>>,
+    unnamed: Option<Arc<Prepared>>,
+    batch: Vec<BytesMut>,
+    batch_bytes: usize,
+    /// After an error pgway raised in the extended protocol: discard until Sync.
+    skip_until_sync: bool,
+}
+
+impl<'a> Session<'a> {
+    /// A session for a logged-in client.
+    pub fn new(shared: &'a Shared, client: FramedStream, user: String, database: String) -> Self {
+        let password = shared
+            .users
+            .get(&user)
+            .map(|u| u.config.password.clone())
+            .unwrap_or_default();
+        Self {
+            shared,
+            client,
+            out: BytesMut::new(),
+            to_server: BytesMut::new(),
+            user,
+            database,
+            password,
+            cancel: shared.cancels.register(),
+            server: None,
+            status: b'I',
+            unsynced: false,
+            pending: VecDeque::new(),
+            copy_in: false,
+            statements: HashMap::new(),
+            unnamed: None,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            skip_until_sync: false,
+        }
+    }
+
+    /// Greets the client (after `greeting`, which holds AuthenticationOk and the
+    /// ParameterStatus messages) and serves it until it leaves.
+    pub async fn run(mut self, greeting: BytesMut) {
+        self.out = greeting;
+        messages::backend_key_data(&mut self.out, self.cancel.pid, self.cancel.secret);
+        messages::ready_for_query(&mut self.out, b'I');
+        let result = match self.flush().await {
+            Ok(()) => self.serve().await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => debug!("client left"),
+            Err(SessionError::ClientGone(cause)) => debug!(%cause, "client connection lost"),
+            Err(SessionError::Fatal { code, message }) => {
+                debug!(code, %message, "closing client connection");
+                self.out.clear();
+                messages::error_response(&mut self.out, Severity::Fatal, code, &message);
+                let _ = self.flush().await;
+            }
+        }
+        self.cleanup().await;
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        self.client
+            .send(&mut self.out)
+            .await
+            .map_err(SessionError::ClientGone)
+    }
+
+    async fn next_frame(&mut self) -> Result<BytesMut, SessionError> {
+        let idle = self.server.is_none() && self.batch.is_empty();
+        if idle {
+            if let Some(frame) = self
+                .client
+                .try_frame(MAX_MESSAGE_LEN)
+                .map_err(SessionError::from_client)?
+            {
+                return Ok(frame);
+            }
+            // Between transactions a stopping pgway may close the connection.
+            tokio::select! {
+                biased;
+                frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
+                _ = self.shared.shutdown.cancelled() => Err(SessionError::Fatal {
+                    code: error::ADMIN_SHUTDOWN,
+                    message: "terminating connection because pgway is shutting down".into(),
+                }),
+            }
+        } else {
+            self.client
+                .read_frame(MAX_MESSAGE_LEN)
+                .await
+                .map_err(SessionError::from_client)
+        }
+    }
+
+    async fn serve(&mut self) -> Result<(), SessionError> {
+        loop {
+            let frame = self.next_frame().await?;
+            match frame[0] {
+                b'Q' => self.on_query(frame).await?,
+                b'F' => self.on_function_call(frame).await?,
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    self.batch_bytes += frame.len();
+                    self.batch.push(frame);
+                    if self.batch_bytes > MAX_BATCH_BYTES {
+                        self.run_batch(false).await?;
+                    }
+                }
+                b'H' => {
+                    self.batch.push(frame);
+                    self.run_batch(false).await?;
+                }
+                b'S' => {
+                    self.batch.push(frame);
+                    self.run_batch(true).await?;
+                }
+                b'X' => return Ok(()),
+                // CopyData/CopyDone/CopyFail outside COPY (after a failed COPY): ignored, as
+                // PostgreSQL does.
+                b'd' | b'c' | b'f' => {}
+                other => {
+                    return Err(SessionError::Fatal {
+                        code: error::PROTOCOL_VIOLATION,
+                        message: format!("invalid frontend message type {other}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Reports a pgway-raised error for a statement; `ready` adds ReadyForQuery.
+    async fn report(&mut self, e: StatementError, ready: bool) -> Result<(), SessionError> {
+        messages::error_response(&mut self.out, Severity::Error, &e.code, &e.message);
+        if ready {
+            messages::ready_for_query(&mut self.out, self.status);
+        }
+        self.flush().await
+    }
+
+    async fn on_query(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+        if self.skip_until_sync {
+            return Ok(());
+        }
+        if self.server.is_none() {
+            let sql = query_text(&frame).map_err(SessionError::protocol)?;
+            let target = match std::str::from_utf8(sql) {
+                Ok(sql) => {
+                    self.shared
+                        .router
+                        .route(sql, &self.database, &self.user)
+                        .await
+                }
+                Err(_) => Target::Primary,
+            };
+            if let Err(e) = self.attach(target).await {
+                return self.report(e, true).await;
+            }
+        }
+        let server = self.server_mut()?;
+        // A simple query replaces the unnamed statement.
+        server.unnamed = None;
+        server
+            .io
+            .send(&mut BytesMut::from(&frame[..]))
+            .await
+            .map_err(SessionError::server_lost)?;
+        self.pending.push_back(Expect::Server {
+            kind: Reply::Query,
+            forward: true,
+            prepared: None,
+        });
+        self.relay().await?;
+        self.maybe_release();
+        Ok(())
+    }
+
+    async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+        if self.skip_until_sync {
+            return Ok(());
+        }
+        if self.server.is_none() {
+            if let Err(e) = self.attach(Target::Primary).await {
+                return self.report(e, true).await;
+            }
+        }
+        let server = self.server_mut()?;
+        server
+            .io
+            .send(&mut BytesMut::from(&frame[..]))
+            .await
+            .map_err(SessionError::server_lost)?;
+        self.pending.push_back(Expect::Server {
+            kind: Reply::FunctionCall,
+            forward: true,
+            prepared: None,
+        });
+        self.relay().await?;
+        self.maybe_release();
+        Ok(())
+    }
+
+    fn server_mut(&mut self) -> Result<&mut PooledConn, SessionError> {
+        self.server.as_mut().ok_or(SessionError::Fatal {
+            code: error::CONNECTION_FAILURE,
+            message: "no server connection".into(),
+        })
+    }
+
+    /// Routes, rewrites, sends and relays the collected extended-protocol batch.
+    /// `sync`: the batch ends with Sync (else with Flush, or it grew too large).
+    async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        if self.skip_until_sync {
+            if sync {
+                self.skip_until_sync = false;
+                messages::ready_for_query(&mut self.out, self.status);
+                self.flush().await?;
+            }
+            return Ok(());
+        }
+        let complete = sync || batch.last().is_some_and(|f| f[0] == b'H');
+        let parse_targets = self.parse_targets(&batch).await?;
+        if self.server.is_none() {
+            let target = if complete {
+                self.batch_target(&batch, &parse_targets)?
+            } else {
+                Target::Primary
+            };
+            if let Err(e) = self.attach(target).await {
+                self.skip_until_sync = !sync;
+                return self.report(e, sync).await;
+            }
+        }
+        let mut parse_targets = parse_targets.into_iter();
+        for frame in &batch {
+            let target = if frame[0] == b'P' {
+                parse_targets.next()
+            } else {
+                None
+            };
+            self.translate(frame, target.unwrap_or(Target::Primary))?;
+        }
+        self.unsynced = !sync;
+        let mut to_server = std::mem::take(&mut self.to_server);
+        let server = self.server_mut()?;
+        let sent = server.io.send(&mut to_server).await;
+        self.to_server = to_server;
+        sent.map_err(SessionError::server_lost)?;
+        if complete {
+            self.relay().await?;
+            self.maybe_release();
+        }
+        Ok(())
+    }
+
+    /// The target of every Parse in the batch (in order).
+    async fn parse_targets(&self, batch: &[BytesMut]) -> Result<Vec<Target>, SessionError> {
+        let mut targets = Vec::new();
+        for frame in batch.iter().filter(|f| f[0] == b'P') {
+            let parse = Parse::parse(frame).map_err(SessionError::protocol)?;
+            targets.push(match std::str::from_utf8(parse.sql) {
+                Ok(sql) => {
+                    self.shared
+                        .router
+                        .route(sql, &self.database, &self.user)
+                        .await
+                }
+                Err(_) => Target::Primary,
+            });
+        }
+        Ok(targets)
+    }
+
+    /// The target for a whole batch: the primary if any statement in it needs it.
+    fn batch_target(
+        &self,
+        batch: &[BytesMut],
+        parse_targets: &[Target],
+    ) -> Result<Target, SessionError> {
+        let mut target = Target::Replica;
+        let mut unnamed = self.unnamed.as_ref().map(|p| p.target);
+        let mut parse_targets = parse_targets.iter();
+        for frame in batch {
+            let this = match frame[0] {
+                b'P' => {
+                    let parse = Parse::parse(frame).map_err(SessionError::protocol)?;
+                    let t = parse_targets.next().copied().unwrap_or(Target::Primary);
+                    if parse.name.is_empty() {
+                        unnamed = Some(t);
+                    }
+                    t
+                }
+                b'B' => {
+                    let bind = Bind::parse(frame).map_err(SessionError::protocol)?;
+                    if bind.statement.is_empty() {
+                        unnamed.unwrap_or(Target::Primary)
+                    } else {
+                        self.statements
+                            .get(bind.statement)
+                            .map_or(Target::Primary, |p| p.target)
+                    }
+                }
+                _ => continue,
+            };
+            if this == Target::Primary {
+                return Ok(Target::Primary);
+            }
+            target = this;
+        }
+        Ok(target)
+    }
+
+    /// Appends one client message, rewritten for the attached server, to `to_server`, and
+    /// records what to expect back.
+    /// `target` is the routing decision for a Parse message.
+    fn translate(&mut self, frame: &BytesMut, target: Target) -> Result<(), SessionError> {
+        let client_id = self.cancel.pid as u64;
+        match frame[0] {
+            b'P' => {
+                let parse = Parse::parse(frame).map_err(SessionError::protocol)?;
+                let prepared = self.remember(&parse, target);
+                if parse.name.is_empty() {
+                    self.to_server.extend_from_slice(frame);
+                    self.server_mut()?.unnamed = Some((prepared.hash, client_id));
+                    self.expect(Reply::Parse, true, None);
+                } else if self.server_mut()?.statements.touch(prepared.hash) {
+                    self.pending.push_back(Expect::Local(b'1'));
+                } else {
+                    self.prepare_on_server(&prepared, true)?;
+                }
+            }
+            b'B' => {
+                let bind = Bind::parse(frame).map_err(SessionError::protocol)?;
+                match self.server_statement(bind.statement)? {
+                    Some(name) => bind.write_renamed(&mut self.to_server, &name),
+                    None => self.to_server.extend_from_slice(frame),
+                }
+                self.expect(Reply::Bind, true, None);
+            }
+            b'D' => {
+                let target = messages::Target::parse(frame).map_err(SessionError::protocol)?;
+                let renamed = if target.kind == b'S' {
+                    self.server_statement(target.name)?
+                } else {
+                    None
+                };
+                match renamed {
+                    Some(name) => target.write_renamed(&mut self.to_server, b'D', &name),
+                    None => self.to_server.extend_from_slice(frame),
+                }
+                self.expect(Reply::Describe, true, None);
+            }
+            b'C' => {
+                let target = messages::Target::parse(frame).map_err(SessionError::protocol)?;
+                if target.kind == b'S' && !target.name.is_empty() {
+                    // The statement stays prepared on the server for reuse; the client's
+                    // name for it is gone.
+                    self.statements.remove(target.name);
+                    self.pending.push_back(Expect::Local(b'3'));
+                } else {
+                    self.to_server.extend_from_slice(frame);
+                    self.expect(Reply::Close, true, None);
+                }
+            }
+            b'E' => {
+                self.to_server.extend_from_slice(frame);
+                self.expect(Reply::Execute, true, None);
+            }
+            b'S' => {
+                self.to_server.extend_from_slice(frame);
+                self.expect(Reply::Sync, true, None);
+            }
+            _ => self.to_server.extend_from_slice(frame),
+        }
+        Ok(())
+    }
+
+    fn expect(&mut self, kind: Reply, forward: bool, prepared: Option<u64>) {
+        self.pending.push_back(Expect::Server {
+            kind,
+            forward,
+            prepared,
+        });
+    }
+
+    /// Records a client's Parse, and where it is to run, in its statement table.
+    fn remember(&mut self, parse: &Parse<'_>, target: Target) -> Arc<Prepared> {
+        let mut hasher = DefaultHasher::new();
+        parse.sql.hash(&mut hasher);
+        parse.param_types.hash(&mut hasher);
+        let hash = hasher.finish();
+        let prepared = Arc::new(Prepared {
+            sql: parse.sql.to_vec(),
+            param_types: parse.param_types.to_vec(),
+            hash,
+            target,
+        });
+        if parse.name.is_empty() {
+            self.unnamed = Some(Arc::clone(&prepared));
+        } else {
+            self.statements
+                .insert(parse.name.to_vec(), Arc::clone(&prepared));
+        }
+        prepared
+    }
+
+    /// Sends a Parse of `prepared` under pgway's name, closing the least recently used
+    /// statement if the connection's cache is full.
+    fn prepare_on_server(
+        &mut self,
+        prepared: &Prepared,
+        forward: bool,
+    ) -> Result<(), SessionError> {
+        let capacity = self.shared.config.pool.statement_cache;
+        let name = prepared.server_name();
+        write_parse(
+            &mut self.to_server,
+            &name,
+            &prepared.sql,
+            &prepared.param_types,
+        );
+        self.expect(Reply::Parse, forward, Some(prepared.hash));
+        if let Some(evicted) = self
+            .server_mut()?
+            .statements
+            .insert(prepared.hash, capacity)
+        {
+            write_target(&mut self.to_server, b'C', b'S', &statement_name(evicted));
+            self.expect(Reply::Close, false, None);
+        }
+        Ok(())
+    }
+
+    /// The server-side name for the client's statement `name`, preparing it on the
+    /// attached connection first if needed. `None`: send the name unchanged (a statement
+    /// the client never prepared, for which the server gives its usual error).
+    fn server_statement(&mut self, name: &[u8]) -> Result<Option<Vec<u8>>, SessionError> {
+        let client_id = self.cancel.pid as u64;
+        if name.is_empty() {
+            let Some(prepared) = self.unnamed.clone() else {
+                return Ok(None);
+            };
+            let server = self.server_mut()?;
+            if server.unnamed != Some((prepared.hash, client_id)) {
+                server.unnamed = Some((prepared.hash, client_id));
+                write_parse(
+                    &mut self.to_server,
+                    b"",
+                    &prepared.sql,
+                    &prepared.param_types,
+                );
+                self.expect(Reply::Parse, false, None);
+            }
+            return Ok(None);
+        }
+        let Some(prepared) = self.statements.get(name).cloned() else {
+            return Ok(None);
+        };
+        if !self.server_mut()?.statements.touch(prepared.hash) {
+            self.prepare_on_server(&prepared, false)?;
+        }
+        Ok(Some(prepared.server_name()))
+    }
+
+    /// Takes a server connection for `target`, trying another node when one is down.
+    async fn attach(&mut self, target: Target) -> Result<(), StatementError> {
+        let shared = self.shared;
+        let topology = &shared.topology;
+        let wait = shared.config.pool.wait_timeout;
+        let mut attempts = topology.snapshot().nodes.len() + 1;
+        loop {
+            let addr = match target {
+                Target::Replica => topology.replica(),
+                Target::Primary => None,
+            };
+            let addr = match addr {
+                Some(addr) => addr,
+                None => topology.wait_primary(wait).await.ok_or_else(|| {
+                    StatementError::new(error::CONNECTION_FAILURE, "no primary server is available")
+                })?,
+            };
+            let pool = shared
+                .pools
+                .get(&addr, &self.database, &self.user, &self.password);
+            match pool.acquire().await {
+                Ok(conn) => {
+                    if let Ok(mut slot) = self.cancel.slot.lock() {
+                        *slot = Some(CancelTarget {
+                            addr: addr.clone(),
+                            pid: conn.pid,
+                            secret: conn.secret,
+                        });
+                    }
+                    self.server = Some(conn);
+                    return Ok(());
+                }
+                Err(e @ PoolError::Timeout { .. }) => {
+                    return Err(StatementError::new(
+                        error::TOO_MANY_CONNECTIONS,
+                        e.to_string(),
+                    ))
+                }
+                Err(PoolError::Connect(e)) if e.is_node_down() && attempts > 1 => {
+                    warn!(node = %addr, cause = %e, "node unreachable; taking it out of rotation");
+                    topology.mark_down(&addr);
+                    shared.pools.clear_node(&addr);
+                    attempts -= 1;
+                }
+                Err(PoolError::Connect(BackendError::Server { code, message })) => {
+                    return Err(StatementError::new(&code, message))
+                }
+                Err(PoolError::Connect(e)) => {
+                    return Err(StatementError::new(
+                        error::CONNECTION_FAILURE,
+                        e.to_string(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Returns the server connection to its pool when the client no longer needs it.
+    fn maybe_release(&mut self) {
+        if self.status == b'I' && self.pending.is_empty() && !self.unsynced && !self.copy_in {
+            if let Some(conn) = self.server.take() {
+                if let Ok(mut slot) = self.cancel.slot.lock() {
+                    *slot = None;
+                }
+                conn.release();
+            }
+        }
+    }
+
+    /// Sends pgway's own replies that are due.
+    fn emit_local(&mut self) {
+        while let Some(Expect::Local(tag)) = self.pending.front() {
+            put_frame(&mut self.out, *tag, &[]);
+            self.pending.pop_front();
+        }
+    }
+
+    /// Drops what the server skips after an error in the extended protocol: everything up
+    /// to the next Sync.
+    fn skip_to_sync(&mut self) {
+        while let Some(front) = self.pending.front() {
+            match front {
+                Expect::Server {
+                    kind: Reply::Sync, ..
+                } => break,
+                Expect::Server {
+                    prepared: Some(hash),
+                    ..
+                } => {
+                    let hash = *hash;
+                    if let Some(server) = self.server.as_mut() {
+                        server.statements.remove(hash);
+                    }
+                }
+                _ => {}
+            }
+            self.pending.pop_front();
+        }
+    }
+
+    /// Handles one server message: forward or swallow it, and advance the queue.
+    fn on_server_frame(&mut self, frame: &[u8]) {
+        let tag = frame[0];
+        match tag {
+            // Asynchronous messages belong to no request.
+            b'N' | b'A' | b'S' => self.out.extend_from_slice(frame),
+            b'G' | b'W' => {
+                self.copy_in = true;
+                self.out.extend_from_slice(frame);
+            }
+            b'E' => {
+                self.out.extend_from_slice(frame);
+                self.copy_in = false;
+                if let Some(Expect::Server { kind, prepared, .. }) = self.pending.front() {
+                    if !kind.survives_error() {
+                        if let (Some(hash), Some(server)) = (*prepared, self.server.as_mut()) {
+                            server.statements.remove(hash);
+                        }
+                        self.pending.pop_front();
+                        self.skip_to_sync();
+                    }
+                }
+            }
+            _ => match self.pending.front() {
+                Some(Expect::Server { kind, forward, .. }) => {
+                    let (kind, forward) = (*kind, *forward);
+                    if forward {
+                        self.out.extend_from_slice(frame);
+                    }
+                    if kind.ends_with(tag) {
+                        if tag == b'Z' {
+                            self.status = frame.get(5).copied().unwrap_or(b'I');
+                            if kind == Reply::Sync {
+                                self.unsynced = false;
+                            }
+                        }
+                        self.pending.pop_front();
+                    }
+                }
+                _ => self.out.extend_from_slice(frame),
+            },
+        }
+        self.emit_local();
+    }
+
+    /// Relays server replies to the client until every expected reply has arrived, passing
+    /// COPY data from the client to the server meanwhile.
+    async fn relay(&mut self) -> Result<(), SessionError> {
+        self.emit_local();
+        loop {
+            loop {
+                let server = self.server_mut()?;
+                let frame = match server.io.try_frame(MAX_MESSAGE_LEN) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(e) => return Err(SessionError::server_lost(e)),
+                };
+                self.on_server_frame(&frame);
+                if self.pending.is_empty() && !self.copy_in {
+                    break;
+                }
+            }
+            self.flush().await?;
+            if self.pending.is_empty() && !self.copy_in {
+                return Ok(());
+            }
+            let Session {
+                server,
+                client,
+                copy_in,
+                ..
+            } = self;
+            let server = server.as_mut().ok_or(SessionError::Fatal {
+                code: error::CONNECTION_FAILURE,
+                message: "no server connection".into(),
+            })?;
+            if *copy_in {
+                tokio::select! {
+                    filled = server.io.fill() => filled.map_err(SessionError::server_lost)?,
+                    frame = client.read_frame(MAX_MESSAGE_LEN) => {
+                        let frame = frame.map_err(SessionError::from_client)?;
+                        match frame[0] {
+                            b'd' | b'c' | b'f' | b'H' | b'S' => {
+                                if matches!(frame[0], b'c' | b'f') {
+                                    *copy_in = false;
+                                }
+                                server
+                                    .io
+                                    .send(&mut BytesMut::from(&frame[..]))
+                                    .await
+                                    .map_err(SessionError::server_lost)?;
+                            }
+                            other => {
+                                return Err(SessionError::Fatal {
+                                    code: error::PROTOCOL_VIOLATION,
+                                    message: format!("unexpected message type {other} during COPY"),
+                                })
+                            }
+                        }
+                    }
+                }
+            } else {
+                server.io.fill().await.map_err(SessionError::server_lost)?;
+            }
+        }
+    }
+
+    /// At the end of a session: return the server connection if it can be reused, rolling
+    /// back an open transaction first; otherwise close it.
+    async fn cleanup(&mut self) {
+        if let Ok(mut slot) = self.cancel.slot.lock() {
+            *slot = None;
+        }
+        let Some(mut conn) = self.server.take() else {
+            return;
+        };
+        if !self.pending.is_empty() || self.copy_in {
+            // Mid-statement: closing the connection makes the server abort it.
+            return;
+        }
+        if self.status == b'I' && !self.unsynced {
+            conn.release();
+            return;
+        }
+        let mut out = BytesMut::new();
+        let mut expected = 1;
+        if self.unsynced {
+            put_frame(&mut out, b'S', &[]);
+            expected += 1;
+        }
+        messages::query(&mut out, "ROLLBACK");
+        let rollback = async {
+            conn.io.send(&mut out).await?;
+            let mut status = b'E';
+            while expected > 0 {
+                let frame = conn.io.read_frame(MAX_MESSAGE_LEN).await?;
+                if frame[0] == b'Z' {
+                    expected -= 1;
+                    status = frame.get(5).copied().unwrap_or(b'E');
+                }
+            }
+            Ok::<u8, NetError>(status)
+        };
+        match tokio::time::timeout(self.shared.config.pool.connect_timeout, rollback).await {
+            Ok(Ok(b'I')) => {
+                debug!("rolled back the open transaction of a client that left");
+                conn.release();
+            }
+            _ => debug!("closing server connection after a failed rollback"),
+        }
+    }
+}

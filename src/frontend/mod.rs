@@ -1,0 +1,46 @@
+//! Client side: startup, authentication, cancel requests and the per-client message loop.
+
+pub mod auth;
+pub mod cancel;
+pub mod client;
+pub mod startup;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Pools;
+use crate::config::{Config, UserConfig};
+use crate::route::Router;
+use crate::topology::TopologyHandle;
+use auth::ScramVerifier;
+use cancel::CancelRegistry;
+
+/// A configured user with its derived SCRAM verifier.
+#[derive(Debug)]
+pub struct User {
+    /// The `[[users]]` entry.
+    pub config: UserConfig,
+    /// Derived once at start-up.
+    pub verifier: ScramVerifier,
+}
+
+/// What every client task shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Users by name.
+    pub users: HashMap<String, User>,
+    /// Server pools.
+    pub pools: Arc<Pools>,
+    /// Current topology.
+    pub topology: Arc<TopologyHandle>,
+    /// Statement routing.
+    pub router: Router,
+    /// Cancel keys handed out to clients.
+    pub cancels: CancelRegistry,
+    /// Cancelled when pgway is stopping.
+    pub shutdown: CancellationToken,
+}

@@ -1,0 +1,33 @@
+//! pgway: a PostgreSQL wire-protocol gateway.
+//!
+//! Clients connect to one port. pgway parses each statement, sends reads made outside a
+//! transaction to a replica and everything else to the primary, and pools server
+//! connections per transaction.
+//!
+//! # Layout
+//! - [`config`]: the TOML config and its validation.
+//! - [`server`]: the accept loop and shutdown; [`server::run`] is the library entry point.
+//! - [`protocol`]: framing and the few messages pgway reads or writes (no I/O policy).
+//! - [`net`]: a socket with a read buffer that yields frames.
+//! - [`frontend`]: startup, authentication, cancel, the per-client session loop.
+//! - [`backend`]: server connections and their pools.
+//! - [`route`]: SQL classification (sqlparser) and routing decisions.
+//! - [`topology`]: which node is primary; health checks.
+//! - [`admin`]: the HTTP admin port.
+//!
+//! Data flows one way: frontend → route → topology picks a node → backend pool → server;
+//! the server's bytes flow back untouched except for the messages pgway must read.
+
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
+pub mod admin;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod frontend;
+pub mod net;
+pub mod protocol;
+pub mod route;
+pub mod server;
+pub mod topology;

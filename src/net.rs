@@ -1,0 +1,114 @@
+//! A TCP stream with a read buffer that yields whole protocol frames.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::frame::{frame_len, startup_len};
+use crate::protocol::FrameError;
+
+/// Errors on a framed stream.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection.
+    #[error("connection closed")]
+    Closed,
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed inside a message")]
+    Truncated,
+    /// The peer sent something that cannot be a valid frame.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Initial capacity of a read buffer; it grows for larger frames and is reused.
+const READ_CAPACITY: usize = 8 * 1024;
+
+/// A socket plus its read buffer.
+#[derive(Debug)]
+pub struct FramedStream {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read but not yet consumed.
+    pub rbuf: BytesMut,
+}
+
+impl FramedStream {
+    /// Wraps a connected socket (and turns Nagle off: every message is latency).
+    pub fn new(stream: TcpStream) -> Self {
+        let _ = stream.set_nodelay(true);
+        Self {
+            stream,
+            rbuf: BytesMut::new(),
+        }
+    }
+
+    /// Reads more bytes into the buffer; `Closed`/`Truncated` at EOF.
+    pub async fn fill(&mut self) -> Result<(), NetError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(READ_CAPACITY);
+        }
+        let n = self.stream.read_buf(&mut self.rbuf).await?;
+        if n == 0 {
+            return Err(if self.rbuf.is_empty() {
+                NetError::Closed
+            } else {
+                NetError::Truncated
+            });
+        }
+        Ok(())
+    }
+
+    /// Splits off the next complete regular frame already in the buffer, if any.
+    pub fn try_frame(&mut self, limit: usize) -> Result<Option<BytesMut>, NetError> {
+        match frame_len(&self.rbuf, limit)? {
+            Some(len) => Ok(Some(self.rbuf.split_to(len))),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads the next regular frame (tag, length, body), waiting for bytes as needed.
+    pub async fn read_frame(&mut self, limit: usize) -> Result<BytesMut, NetError> {
+        loop {
+            if let Some(frame) = self.try_frame(limit)? {
+                return Ok(frame);
+            }
+            if self.rbuf.len() >= 5 {
+                // try_frame checked the length field: the frame is larger than what we hold.
+                let len =
+                    i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
+                let total = len as usize + 1;
+                self.rbuf.reserve(total.saturating_sub(self.rbuf.len()));
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads a startup-style packet (no tag byte).
+    pub async fn read_startup(&mut self) -> Result<BytesMut, NetError> {
+        loop {
+            if let Some(len) = startup_len(&self.rbuf)? {
+                return Ok(self.rbuf.split_to(len));
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Writes all of `buf`, then clears it.
+    pub async fn send(&mut self, buf: &mut BytesMut) -> Result<(), NetError> {
+        if !buf.is_empty() {
+            self.stream.write_all(buf).await?;
+            buf.clear();
+        }
+        Ok(())
+    }
+
+    /// True if the peer closed the socket or sent something while it should be idle.
+    pub fn is_stale(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(self.stream.try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}

@@ -1,0 +1,376 @@
+//! The messages pgway reads or writes itself. Everything else is relayed as raw bytes.
+
+use bytes::BytesMut;
+
+use super::frame::{begin_frame, end_frame, put_frame, FrameError, Reader};
+
+/// Protocol version 3.0 in a StartupMessage.
+pub const PROTOCOL_V3: i32 = 196_608;
+/// The request code of a CancelRequest.
+pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// The request code of an SSLRequest.
+pub const SSL_REQUEST_CODE: i32 = 80_877_103;
+/// The request code of a GSSENCRequest.
+pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
+
+/// What the first packet on a client connection asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StartupPacket {
+    /// A StartupMessage with its parameters (`user`, `database`, `options`, ...).
+    Startup(Vec<(String, String)>),
+    /// SSLRequest.
+    Ssl,
+    /// GSSENCRequest.
+    GssEnc,
+    /// CancelRequest with the key pgway handed out.
+    Cancel {
+        /// Process id from BackendKeyData.
+        pid: i32,
+        /// Secret key from BackendKeyData.
+        secret: i32,
+    },
+}
+
+impl StartupPacket {
+    /// Decodes a whole startup packet (length prefix included).
+    pub fn parse(packet: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(packet, "startup");
+        let _len = r.i32()?;
+        let code = r.i32()?;
+        match code {
+            CANCEL_REQUEST_CODE => Ok(Self::Cancel {
+                pid: r.i32()?,
+                secret: r.i32()?,
+            }),
+            SSL_REQUEST_CODE => Ok(Self::Ssl),
+            GSSENC_REQUEST_CODE => Ok(Self::GssEnc),
+            PROTOCOL_V3 => {
+                let mut params = Vec::new();
+                loop {
+                    let key = r.cstr()?;
+                    if key.is_empty() {
+                        break;
+                    }
+                    let value = r.cstr()?;
+                    let key = String::from_utf8(key.to_vec())
+                        .map_err(|_| FrameError::Malformed("startup"))?;
+                    let value = String::from_utf8(value.to_vec())
+                        .map_err(|_| FrameError::Malformed("startup"))?;
+                    params.push((key, value));
+                }
+                Ok(Self::Startup(params))
+            }
+            _ => Err(FrameError::Malformed("startup")),
+        }
+    }
+}
+
+/// Severity of an ErrorResponse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The statement failed; the session goes on.
+    Error,
+    /// The session ends.
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Appends an ErrorResponse.
+pub fn error_response(out: &mut BytesMut, severity: Severity, code: &str, message: &str) {
+    let start = begin_frame(out, b'E');
+    for (field, value) in [
+        (b'S', severity.as_str()),
+        (b'V', severity.as_str()),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        out.extend_from_slice(&[field]);
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(&[0]);
+    }
+    out.extend_from_slice(&[0]);
+    end_frame(out, start);
+}
+
+/// Appends an Authentication* message: `code` then `data`.
+pub fn authentication(out: &mut BytesMut, code: i32, data: &[u8]) {
+    let start = begin_frame(out, b'R');
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(data);
+    end_frame(out, start);
+}
+
+/// Appends a ParameterStatus.
+pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    let start = begin_frame(out, b'S');
+    for s in [name, value] {
+        out.extend_from_slice(s.as_bytes());
+        out.extend_from_slice(&[0]);
+    }
+    end_frame(out, start);
+}
+
+/// Appends a BackendKeyData.
+pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
+    let start = begin_frame(out, b'K');
+    out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(&secret.to_be_bytes());
+    end_frame(out, start);
+}
+
+/// Appends a ReadyForQuery with the given transaction status (`I`, `T`, `E`).
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    put_frame(out, b'Z', &[status]);
+}
+
+/// Appends a Query message.
+pub fn query(out: &mut BytesMut, sql: &str) {
+    let start = begin_frame(out, b'Q');
+    out.extend_from_slice(sql.as_bytes());
+    out.extend_from_slice(&[0]);
+    end_frame(out, start);
+}
+
+/// The body of a frame (after tag and length).
+pub fn body(frame: &[u8]) -> &[u8] {
+    frame.get(5..).unwrap_or_default()
+}
+
+/// A Parse message, borrowed from its frame.
+#[derive(Debug)]
+pub struct Parse<'a> {
+    /// Statement name (empty: the unnamed statement).
+    pub name: &'a [u8],
+    /// The SQL text, undecoded.
+    pub sql: &'a [u8],
+    /// Everything after the SQL: parameter type count and OIDs.
+    pub param_types: &'a [u8],
+}
+
+impl<'a> Parse<'a> {
+    /// Reads a Parse frame.
+    pub fn parse(frame: &'a [u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(body(frame), "Parse");
+        let name = r.cstr()?;
+        let sql = r.cstr()?;
+        let param_types = r.rest();
+        let mut check = Reader::new(param_types, "Parse");
+        let n = check.i16()?;
+        if n < 0 || check.rest().len() != n as usize * 4 {
+            return Err(FrameError::Malformed("Parse"));
+        }
+        Ok(Self {
+            name,
+            sql,
+            param_types,
+        })
+    }
+
+    /// Appends this Parse under another statement name.
+    pub fn write_renamed(&self, out: &mut BytesMut, name: &[u8]) {
+        write_parse(out, name, self.sql, self.param_types);
+    }
+}
+
+/// Appends a Parse message.
+pub fn write_parse(out: &mut BytesMut, name: &[u8], sql: &[u8], param_types: &[u8]) {
+    let start = begin_frame(out, b'P');
+    out.extend_from_slice(name);
+    out.extend_from_slice(&[0]);
+    out.extend_from_slice(sql);
+    out.extend_from_slice(&[0]);
+    out.extend_from_slice(param_types);
+    end_frame(out, start);
+}
+
+/// A Bind message, borrowed from its frame.
+#[derive(Debug)]
+pub struct Bind<'a> {
+    /// Destination portal.
+    pub portal: &'a [u8],
+    /// Source statement.
+    pub statement: &'a [u8],
+    /// Formats, parameters and result formats, untouched.
+    pub rest: &'a [u8],
+}
+
+impl<'a> Bind<'a> {
+    /// Reads a Bind frame.
+    pub fn parse(frame: &'a [u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(body(frame), "Bind");
+        Ok(Self {
+            portal: r.cstr()?,
+            statement: r.cstr()?,
+            rest: r.rest(),
+        })
+    }
+
+    /// Appends this Bind with another statement name.
+    pub fn write_renamed(&self, out: &mut BytesMut, statement: &[u8]) {
+        let start = begin_frame(out, b'B');
+        out.extend_from_slice(self.portal);
+        out.extend_from_slice(&[0]);
+        out.extend_from_slice(statement);
+        out.extend_from_slice(&[0]);
+        out.extend_from_slice(self.rest);
+        end_frame(out, start);
+    }
+}
+
+/// A Describe or Close message: which kind of object (`S` or `P`) and its name.
+#[derive(Debug)]
+pub struct Target<'a> {
+    /// `S` for a statement, `P` for a portal.
+    pub kind: u8,
+    /// The object's name.
+    pub name: &'a [u8],
+}
+
+impl<'a> Target<'a> {
+    /// Reads a Describe or Close frame.
+    pub fn parse(frame: &'a [u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(body(frame), "Describe/Close");
+        let kind = r.u8()?;
+        if kind != b'S' && kind != b'P' {
+            return Err(FrameError::Malformed("Describe/Close"));
+        }
+        Ok(Self {
+            kind,
+            name: r.cstr()?,
+        })
+    }
+
+    /// Appends a message of type `tag` for the same kind under another name.
+    pub fn write_renamed(&self, out: &mut BytesMut, tag: u8, name: &[u8]) {
+        write_target(out, tag, self.kind, name);
+    }
+}
+
+/// Appends a Describe (`D`) or Close (`C`) message.
+pub fn write_target(out: &mut BytesMut, tag: u8, kind: u8, name: &[u8]) {
+    let start = begin_frame(out, tag);
+    out.extend_from_slice(&[kind]);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&[0]);
+    end_frame(out, start);
+}
+
+/// The SQL text of a Query frame.
+pub fn query_text(frame: &[u8]) -> Result<&[u8], FrameError> {
+    Reader::new(body(frame), "Query").cstr()
+}
+
+/// The SQLSTATE and message of an ErrorResponse or NoticeResponse frame.
+pub fn error_fields(frame: &[u8]) -> (String, String) {
+    let mut r = Reader::new(body(frame), "ErrorResponse");
+    let (mut code, mut message) = (String::new(), String::new());
+    while let Ok(field) = r.u8() {
+        if field == 0 {
+            break;
+        }
+        let Ok(value) = r.cstr() else { break };
+        match field {
+            b'C' => code = String::from_utf8_lossy(value).into_owned(),
+            b'M' => message = String::from_utf8_lossy(value).into_owned(),
+            _ => {}
+        }
+    }
+    (code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::{frame_len, MAX_MESSAGE_LEN};
+
+    #[test]
+    fn startup_roundtrip() {
+        let mut packet = Vec::new();
+        packet.extend_from_slice(&0i32.to_be_bytes());
+        packet.extend_from_slice(&PROTOCOL_V3.to_be_bytes());
+        packet.extend_from_slice(b"user\0app\0database\0db\0\0");
+        let len = packet.len() as i32;
+        packet[..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(
+            StartupPacket::parse(&packet),
+            Ok(StartupPacket::Startup(vec![
+                ("user".into(), "app".into()),
+                ("database".into(), "db".into())
+            ]))
+        );
+        assert!(StartupPacket::parse(&packet[..packet.len() - 3]).is_err());
+        let mut cancel = Vec::new();
+        for v in [16, CANCEL_REQUEST_CODE, 7, 9] {
+            cancel.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(
+            StartupPacket::parse(&cancel),
+            Ok(StartupPacket::Cancel { pid: 7, secret: 9 })
+        );
+    }
+
+    #[test]
+    fn parse_bind_describe_rename_roundtrip() {
+        let mut out = BytesMut::new();
+        write_parse(&mut out, b"s1", b"select $1", &[0, 1, 0, 0, 0, 23]);
+        let p = Parse::parse(&out).expect("parse");
+        assert_eq!((p.name, p.sql), (&b"s1"[..], &b"select $1"[..]));
+        let mut renamed = BytesMut::new();
+        p.write_renamed(&mut renamed, b"pgway_1");
+        let r = Parse::parse(&renamed).expect("renamed");
+        assert_eq!(
+            (r.name, r.param_types),
+            (&b"pgway_1"[..], &[0, 1, 0, 0, 0, 23][..])
+        );
+        assert_eq!(
+            frame_len(&renamed, MAX_MESSAGE_LEN),
+            Ok(Some(renamed.len()))
+        );
+
+        let mut bind = BytesMut::new();
+        put_frame(&mut bind, b'B', b"portal\0s1\0\0\0\0\0\0\0");
+        let b = Bind::parse(&bind).expect("bind");
+        let mut out = BytesMut::new();
+        b.write_renamed(&mut out, b"pgway_1");
+        let b2 = Bind::parse(&out).expect("bind renamed");
+        assert_eq!(
+            (b2.portal, b2.statement, b2.rest),
+            (b.portal, &b"pgway_1"[..], b.rest)
+        );
+
+        let mut d = BytesMut::new();
+        write_target(&mut d, b'D', b'S', b"s1");
+        let t = Target::parse(&d).expect("describe");
+        assert_eq!((t.kind, t.name), (b'S', &b"s1"[..]));
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        let mut out = BytesMut::new();
+        put_frame(&mut out, b'P', b"s1\0select 1");
+        assert!(Parse::parse(&out).is_err());
+        out.clear();
+        put_frame(&mut out, b'P', b"s1\0select 1\0\0\x02\0\0\0\x17");
+        assert!(Parse::parse(&out).is_err());
+        out.clear();
+        put_frame(&mut out, b'D', b"Xname\0");
+        assert!(Target::parse(&out).is_err());
+        assert!(query_text(b"Q\0\0\0\x05x").is_err());
+    }
+
+    #[test]
+    fn error_response_fields_roundtrip() {
+        let mut out = BytesMut::new();
+        error_response(&mut out, Severity::Error, "53300", "too many");
+        assert_eq!(frame_len(&out, MAX_MESSAGE_LEN), Ok(Some(out.len())));
+        assert_eq!(error_fields(&out), ("53300".into(), "too many".into()));
+    }
+}

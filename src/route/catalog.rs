@@ -1,0 +1,127 @@
+//! Function volatility from `pg_proc`, looked up once per (database, function name).
+//!
+//! Look-ups go over a tokio-postgres control connection per (database, user) to whichever
+//! node is usable (the catalog is the same on every node). Anything pgway cannot find out
+//! counts as volatile, so the statement goes to the primary.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio_postgres::NoTls;
+use tracing::debug;
+
+use crate::config::split_host_port;
+use crate::topology::TopologyHandle;
+
+/// Whether a function may run on a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Volatility {
+    /// `IMMUTABLE` or `STABLE` (every overload).
+    NotVolatile,
+    /// `VOLATILE`, unknown, or the look-up failed: primary.
+    Volatile,
+}
+
+/// Users' passwords, for the control connections.
+pub type Credentials = Arc<HashMap<String, String>>;
+
+/// The volatility cache and its control connections.
+pub struct Catalog {
+    topology: Arc<TopologyHandle>,
+    credentials: Credentials,
+    timeout: Duration,
+    cache: moka::sync::Cache<(String, String), Volatility>,
+    clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
+}
+
+const LOOKUP: &str =
+    "select coalesce(max(case p.provolatile when 'v' then 2 when 's' then 1 else 0 end), 2)::int4 \
+     from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
+     where p.proname = $1 and ($2::text is null or n.nspname = $2)";
+
+impl Catalog {
+    /// A catalog that connects with `credentials` to nodes from `topology`.
+    pub fn new(topology: Arc<TopologyHandle>, credentials: Credentials, timeout: Duration) -> Self {
+        Self {
+            topology,
+            credentials,
+            timeout,
+            cache: moka::sync::Cache::new(100_000),
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The volatility of `function` (lower-case, `schema.name` or `name`) in `database`.
+    pub async fn volatility(&self, database: &str, user: &str, function: &str) -> Volatility {
+        let key = (database.to_owned(), function.to_owned());
+        if let Some(v) = self.cache.get(&key) {
+            return v;
+        }
+        match self.lookup(database, user, function).await {
+            Ok(v) => {
+                self.cache.insert(key, v);
+                v
+            }
+            Err(cause) => {
+                debug!(%function, %cause, "volatility look-up failed; routing to the primary");
+                Volatility::Volatile
+            }
+        }
+    }
+
+    async fn lookup(
+        &self,
+        database: &str,
+        user: &str,
+        function: &str,
+    ) -> Result<Volatility, String> {
+        let (schema, name) = match function.rsplit_once('.') {
+            Some((schema, name)) => (Some(schema), name),
+            None => (None, function),
+        };
+        let mut clients = self.clients.lock().await;
+        let key = (database.to_owned(), user.to_owned());
+        if clients.get(&key).is_none_or(|c| c.is_closed()) {
+            let client = self.connect(database, user).await?;
+            clients.insert(key.clone(), client);
+        }
+        let client = clients.get(&key).ok_or("no control connection")?;
+        let row = tokio::time::timeout(self.timeout, client.query_one(LOOKUP, &[&name, &schema]))
+            .await
+            .map_err(|_| "look-up timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let level: i32 = row.try_get(0).map_err(|e| e.to_string())?;
+        Ok(if level < 2 {
+            Volatility::NotVolatile
+        } else {
+            Volatility::Volatile
+        })
+    }
+
+    async fn connect(&self, database: &str, user: &str) -> Result<tokio_postgres::Client, String> {
+        let addr = self
+            .topology
+            .primary()
+            .or_else(|| self.topology.replica())
+            .ok_or("no usable node")?;
+        let (host, port) = split_host_port(&addr).ok_or("bad address")?;
+        let password = self.credentials.get(user).ok_or("unknown user")?;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(host)
+            .port(port)
+            .user(user)
+            .password(password)
+            .dbname(database)
+            .application_name("pgway-catalog")
+            .connect_timeout(self.timeout);
+        let (client, connection) = tokio::time::timeout(self.timeout, config.connect(NoTls))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+}

@@ -1,0 +1,98 @@
+//! Routing: from SQL text to a [`Target`].
+//!
+//! [`classify`] does the parsing (sqlparser, PostgreSQL dialect); this module adds what
+//! needs state: a cache of classifications per statement text (a repeated statement is
+//! never parsed again), hints, and the volatility of user functions, looked up once per
+//! (database, function) in `pg_proc` through a control connection and cached.
+
+pub mod catalog;
+pub mod classify;
+
+use std::sync::Arc;
+
+pub use catalog::{Catalog, Volatility};
+pub use classify::{classify, Classification, Hint, StatementKind};
+
+/// Where a statement goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The primary.
+    Primary,
+    /// Any usable replica (the primary if there is none).
+    Replica,
+}
+
+/// Statement texts whose classification is remembered.
+const CLASSIFICATION_CACHE_ENTRIES: u64 = 20_000;
+/// Longest statement text kept in the cache (longer ones are classified each time).
+const CLASSIFICATION_CACHE_MAX_SQL: usize = 16 * 1024;
+
+/// Classifies statements and decides targets.
+pub struct Router {
+    classifications: moka::sync::Cache<Arc<str>, Arc<Classification>>,
+    catalog: Catalog,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("cached", &self.classifications.entry_count())
+            .finish()
+    }
+}
+
+impl Router {
+    /// A router that looks functions up through `catalog`.
+    pub fn new(catalog: Catalog) -> Self {
+        Self {
+            classifications: moka::sync::Cache::new(CLASSIFICATION_CACHE_ENTRIES),
+            catalog,
+        }
+    }
+
+    /// The classification of `sql`, parsed once and then served from the cache.
+    pub fn classification(&self, sql: &str) -> Arc<Classification> {
+        if let Some(hit) = self.classifications.get(sql) {
+            return hit;
+        }
+        let parsed = Arc::new(classify(sql));
+        if sql.len() <= CLASSIFICATION_CACHE_MAX_SQL {
+            self.classifications
+                .insert(Arc::from(sql), Arc::clone(&parsed));
+        }
+        parsed
+    }
+
+    /// The target for `classification` in `database` (as `user`), outside a transaction.
+    /// Inside a transaction the caller keeps the connection it has.
+    pub async fn target(
+        &self,
+        classification: &Classification,
+        database: &str,
+        user: &str,
+    ) -> Target {
+        if classification.hint == Some(Hint::Primary) {
+            return Target::Primary;
+        }
+        match classification.kind {
+            StatementKind::Write => Target::Primary,
+            StatementKind::BeginReadOnly => Target::Replica,
+            StatementKind::Read if classification.hint == Some(Hint::Replica) => Target::Replica,
+            StatementKind::Read => {
+                for function in &classification.functions {
+                    let volatility = self.catalog.volatility(database, user, function).await;
+                    if volatility != Volatility::NotVolatile {
+                        return Target::Primary;
+                    }
+                }
+                Target::Replica
+            }
+        }
+    }
+
+    /// The target for a SQL text: classification (cached) then [`Self::target`].
+    pub async fn route(&self, sql: &str, database: &str, user: &str) -> Target {
+        let classification = self.classification(sql);
+        self.target(&classification, database, user).await
+    }
+}

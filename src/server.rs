@@ -1,0 +1,171 @@
+//! The accept loop: wires config, topology, pools and routing together, serves clients
+//! until shutdown, then lets sessions finish their transactions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::backend::Pools;
+use crate::config::{Config, TopologyConfig};
+use crate::frontend::auth::ScramVerifier;
+use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::{startup, Shared, User};
+use crate::protocol::messages::{self, Severity};
+use crate::route::{Catalog, Router};
+use crate::topology::health::{monitor, HealthSettings};
+use crate::topology::TopologyHandle;
+use crate::{admin, error};
+
+/// Errors that stop the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be set up.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// How long sessions get to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the gateway on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    let TopologyConfig::Static(static_topology) = &config.topology;
+    let topology = TopologyHandle::new(&static_topology.nodes);
+    let pools = Arc::new(Pools::new(config.pool.clone()));
+    let tasks = TaskTracker::new();
+
+    let first_user = &config.users[0];
+    let health = HealthSettings {
+        user: first_user.name.clone(),
+        password: first_user.password.clone(),
+        database: static_topology.health_database.clone(),
+        interval: static_topology.health_interval,
+        timeout: config.pool.connect_timeout,
+    };
+    for addr in &static_topology.nodes {
+        tasks.spawn(monitor(
+            addr.clone(),
+            health.clone(),
+            Arc::clone(&topology),
+            Arc::clone(&pools),
+            shutdown.clone(),
+        ));
+    }
+
+    let credentials = Arc::new(
+        config
+            .users
+            .iter()
+            .map(|u| (u.name.clone(), u.password.clone()))
+            .collect::<HashMap<_, _>>(),
+    );
+    let users = config
+        .users
+        .iter()
+        .map(|u| {
+            (
+                u.name.clone(),
+                User {
+                    config: u.clone(),
+                    verifier: ScramVerifier::new(&u.password),
+                },
+            )
+        })
+        .collect();
+    let shared = Arc::new(Shared {
+        router: Router::new(Catalog::new(
+            Arc::clone(&topology),
+            credentials,
+            config.pool.connect_timeout,
+        )),
+        config: Arc::clone(&config),
+        users,
+        pools,
+        topology: Arc::clone(&topology),
+        cancels: CancelRegistry::default(),
+        shutdown: shutdown.clone(),
+    });
+
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.admin_listen.to_string(),
+            source,
+        })?;
+    tasks.spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&topology),
+        shutdown.clone(),
+    ));
+
+    info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgway accepting clients");
+    let connections = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(config.client.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(cause) => {
+                warn!(%cause, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = Arc::clone(&shared);
+        match Arc::clone(&limit).try_acquire_owned() {
+            Ok(permit) => {
+                connections.spawn(async move {
+                    startup::handle(shared, stream, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                connections.spawn(refuse(stream));
+            }
+        }
+    }
+    info!("shutting down: no new clients; waiting for open transactions");
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
+        .await
+        .is_err()
+    {
+        warn!("sessions still open after the drain timeout; stopping anyway");
+    }
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+async fn refuse(stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = bytes::BytesMut::new();
+    messages::error_response(
+        &mut out,
+        Severity::Fatal,
+        error::TOO_MANY_CONNECTIONS,
+        "sorry, too many clients already",
+    );
+    let mut stream = stream;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+}
