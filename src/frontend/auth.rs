@@ -38,7 +38,7 @@ impl ScramVerifier {
     /// Derives a verifier with a fresh random salt.
     pub fn new(password: &str) -> Self {
         let encoded = postgres_protocol::password::scram_sha_256(password.as_bytes());
-        Self::parse(&encoded).unwrap_or_else(|| Self::random())
+        Self::parse(&encoded).unwrap_or_else(Self::random)
     }
 
     /// A verifier no password matches, for unknown users (so they see the same exchange).

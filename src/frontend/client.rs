@@ -63,6 +63,10 @@ impl SessionError {
     fn from_client(e: NetError) -> Self {
         match e {
             NetError::Frame(f) => Self::protocol(f),
+            NetError::Truncated => Self::Fatal {
+                code: error::PROTOCOL_VIOLATION,
+                message: "incomplete message from client".into(),
+            },
             other => Self::ClientGone(other),
         }
     }
@@ -428,7 +432,7 @@ impl<'a> Session<'a> {
     async fn parse_targets(&self, batch: &[BytesMut]) -> Result<Vec<Target>, SessionError> {
         let mut targets = Vec::new();
         for frame in batch.iter().filter(|f| f[0] == b'P') {
-            let parse = Parse::parse(frame).map_err(SessionError::protocol)?;
+            let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
             targets.push(match std::str::from_utf8(parse.sql) {
                 Ok(sql) => {
                     self.shared
@@ -454,7 +458,7 @@ impl<'a> Session<'a> {
         for frame in batch {
             let this = match frame[0] {
                 b'P' => {
-                    let parse = Parse::parse(frame).map_err(SessionError::protocol)?;
+                    let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
                     let t = parse_targets.next().copied().unwrap_or(Target::Primary);
                     if parse.name.is_empty() {
                         unnamed = Some(t);
@@ -462,7 +466,7 @@ impl<'a> Session<'a> {
                     t
                 }
                 b'B' => {
-                    let bind = Bind::parse(frame).map_err(SessionError::protocol)?;
+                    let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
                     if bind.statement.is_empty() {
                         unnamed.unwrap_or(Target::Primary)
                     } else {
@@ -488,7 +492,7 @@ impl<'a> Session<'a> {
         let client_id = self.cancel.pid as u64;
         match frame[0] {
             b'P' => {
-                let parse = Parse::parse(frame).map_err(SessionError::protocol)?;
+                let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
                 let prepared = self.remember(&parse, target);
                 if parse.name.is_empty() {
                     self.to_server.extend_from_slice(frame);
@@ -501,7 +505,7 @@ impl<'a> Session<'a> {
                 }
             }
             b'B' => {
-                let bind = Bind::parse(frame).map_err(SessionError::protocol)?;
+                let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
                 match self.server_statement(bind.statement)? {
                     Some(name) => bind.write_renamed(&mut self.to_server, &name),
                     None => self.to_server.extend_from_slice(frame),
@@ -509,7 +513,7 @@ impl<'a> Session<'a> {
                 self.expect(Reply::Bind, true, None);
             }
             b'D' => {
-                let target = messages::Target::parse(frame).map_err(SessionError::protocol)?;
+                let target = messages::Target::decode(frame).map_err(SessionError::protocol)?;
                 let renamed = if target.kind == b'S' {
                     self.server_statement(target.name)?
                 } else {
@@ -522,7 +526,7 @@ impl<'a> Session<'a> {
                 self.expect(Reply::Describe, true, None);
             }
             b'C' => {
-                let target = messages::Target::parse(frame).map_err(SessionError::protocol)?;
+                let target = messages::Target::decode(frame).map_err(SessionError::protocol)?;
                 if target.kind == b'S' && !target.name.is_empty() {
                     // The statement stays prepared on the server for reuse; the client's
                     // name for it is gone.

@@ -59,6 +59,7 @@ impl From<NetError> for LoginError {
     fn from(e: NetError) -> Self {
         match e {
             NetError::Frame(f) => Self::Protocol(f.to_string()),
+            NetError::Truncated => Self::Protocol("incomplete startup packet".into()),
             other => Self::Net(other),
         }
     }
@@ -124,7 +125,7 @@ async fn login(
 ) -> Result<(String, String), LoginError> {
     let params = loop {
         let packet = io.read_startup().await?;
-        match StartupPacket::parse(&packet)? {
+        match StartupPacket::decode(&packet)? {
             StartupPacket::Ssl | StartupPacket::GssEnc => {
                 // No TLS yet: 'N' tells the client to go on in plain text.
                 out.extend_from_slice(b"N");

@@ -33,7 +33,7 @@ pub enum StartupPacket {
 
 impl StartupPacket {
     /// Decodes a whole startup packet (length prefix included).
-    pub fn parse(packet: &[u8]) -> Result<Self, FrameError> {
+    pub fn decode(packet: &[u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(packet, "startup");
         let _len = r.i32()?;
         let code = r.i32()?;
@@ -157,7 +157,7 @@ pub struct Parse<'a> {
 
 impl<'a> Parse<'a> {
     /// Reads a Parse frame.
-    pub fn parse(frame: &'a [u8]) -> Result<Self, FrameError> {
+    pub fn decode(frame: &'a [u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(body(frame), "Parse");
         let name = r.cstr()?;
         let sql = r.cstr()?;
@@ -204,7 +204,7 @@ pub struct Bind<'a> {
 
 impl<'a> Bind<'a> {
     /// Reads a Bind frame.
-    pub fn parse(frame: &'a [u8]) -> Result<Self, FrameError> {
+    pub fn decode(frame: &'a [u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(body(frame), "Bind");
         Ok(Self {
             portal: r.cstr()?,
@@ -236,7 +236,7 @@ pub struct Target<'a> {
 
 impl<'a> Target<'a> {
     /// Reads a Describe or Close frame.
-    pub fn parse(frame: &'a [u8]) -> Result<Self, FrameError> {
+    pub fn decode(frame: &'a [u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(body(frame), "Describe/Close");
         let kind = r.u8()?;
         if kind != b'S' && kind != b'P' {
@@ -300,19 +300,19 @@ mod tests {
         let len = packet.len() as i32;
         packet[..4].copy_from_slice(&len.to_be_bytes());
         assert_eq!(
-            StartupPacket::parse(&packet),
+            StartupPacket::decode(&packet),
             Ok(StartupPacket::Startup(vec![
                 ("user".into(), "app".into()),
                 ("database".into(), "db".into())
             ]))
         );
-        assert!(StartupPacket::parse(&packet[..packet.len() - 3]).is_err());
+        assert!(StartupPacket::decode(&packet[..packet.len() - 3]).is_err());
         let mut cancel = Vec::new();
         for v in [16, CANCEL_REQUEST_CODE, 7, 9] {
             cancel.extend_from_slice(&v.to_be_bytes());
         }
         assert_eq!(
-            StartupPacket::parse(&cancel),
+            StartupPacket::decode(&cancel),
             Ok(StartupPacket::Cancel { pid: 7, secret: 9 })
         );
     }
@@ -321,11 +321,11 @@ mod tests {
     fn parse_bind_describe_rename_roundtrip() {
         let mut out = BytesMut::new();
         write_parse(&mut out, b"s1", b"select $1", &[0, 1, 0, 0, 0, 23]);
-        let p = Parse::parse(&out).expect("parse");
+        let p = Parse::decode(&out).expect("parse");
         assert_eq!((p.name, p.sql), (&b"s1"[..], &b"select $1"[..]));
         let mut renamed = BytesMut::new();
         p.write_renamed(&mut renamed, b"pgway_1");
-        let r = Parse::parse(&renamed).expect("renamed");
+        let r = Parse::decode(&renamed).expect("renamed");
         assert_eq!(
             (r.name, r.param_types),
             (&b"pgway_1"[..], &[0, 1, 0, 0, 0, 23][..])
@@ -337,10 +337,10 @@ mod tests {
 
         let mut bind = BytesMut::new();
         put_frame(&mut bind, b'B', b"portal\0s1\0\0\0\0\0\0\0");
-        let b = Bind::parse(&bind).expect("bind");
+        let b = Bind::decode(&bind).expect("bind");
         let mut out = BytesMut::new();
         b.write_renamed(&mut out, b"pgway_1");
-        let b2 = Bind::parse(&out).expect("bind renamed");
+        let b2 = Bind::decode(&out).expect("bind renamed");
         assert_eq!(
             (b2.portal, b2.statement, b2.rest),
             (b.portal, &b"pgway_1"[..], b.rest)
@@ -348,7 +348,7 @@ mod tests {
 
         let mut d = BytesMut::new();
         write_target(&mut d, b'D', b'S', b"s1");
-        let t = Target::parse(&d).expect("describe");
+        let t = Target::decode(&d).expect("describe");
         assert_eq!((t.kind, t.name), (b'S', &b"s1"[..]));
     }
 
@@ -356,13 +356,13 @@ mod tests {
     fn malformed_bodies_are_errors() {
         let mut out = BytesMut::new();
         put_frame(&mut out, b'P', b"s1\0select 1");
-        assert!(Parse::parse(&out).is_err());
+        assert!(Parse::decode(&out).is_err());
         out.clear();
         put_frame(&mut out, b'P', b"s1\0select 1\0\0\x02\0\0\0\x17");
-        assert!(Parse::parse(&out).is_err());
+        assert!(Parse::decode(&out).is_err());
         out.clear();
         put_frame(&mut out, b'D', b"Xname\0");
-        assert!(Target::parse(&out).is_err());
+        assert!(Target::decode(&out).is_err());
         assert!(query_text(b"Q\0\0\0\x05x").is_err());
     }
 
