@@ -106,6 +106,12 @@ impl FramedStream {
         Ok(())
     }
 
+    /// Writes `bytes` as they are.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), NetError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
     /// True if the peer closed the socket or sent something while it should be idle.
     pub fn is_stale(&self) -> bool {
         let mut probe = [0u8; 1];

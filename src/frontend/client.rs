@@ -335,7 +335,7 @@ impl<'a> Session<'a> {
         server.unnamed = None;
         server
             .io
-            .send(&mut BytesMut::from(&frame[..]))
+            .send_bytes(&frame)
             .await
             .map_err(SessionError::server_lost)?;
         self.pending.push_back(Expect::Server {
@@ -360,7 +360,7 @@ impl<'a> Session<'a> {
         let server = self.server_mut()?;
         server
             .io
-            .send(&mut BytesMut::from(&frame[..]))
+            .send_bytes(&frame)
             .await
             .map_err(SessionError::server_lost)?;
         self.pending.push_back(Expect::Server {
@@ -825,7 +825,7 @@ impl<'a> Session<'a> {
                                 }
                                 server
                                     .io
-                                    .send(&mut BytesMut::from(&frame[..]))
+                                    .send_bytes(&frame)
                                     .await
                                     .map_err(SessionError::server_lost)?;
                             }
