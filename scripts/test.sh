@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# THE test command: installs missing system packages, then runs
+#   cargo fmt --check
+#   cargo clippy --all-targets -- -D warnings
+#   cargo test --all-targets [ARGS...]     (unit tests and the integration tests in tests/)
+# and finally stops any PostgreSQL server the integration tests left behind.
+# Exits non-zero on any failure. Extra arguments go to `cargo test`, e.g.
+#   scripts/test.sh --test routing
+#   scripts/test.sh -- --test-threads 1
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
+
+bash scripts/install-deps.sh
+
+# Every test cluster of this run lives under one directory (the harness in tests/common reads
+# PGWAY_TEST_TMPDIR), so the clean-up below touches this run's servers and nothing else.
+PGWAY_TEST_TMPDIR=$(mktemp -d /tmp/pgway-test-run.XXXXXX)
+chmod 755 "$PGWAY_TEST_TMPDIR"
+export PGWAY_TEST_TMPDIR
+
+cleanup() {
+    local status=$?
+    local pidfile datadir pid
+    shopt -s nullglob
+    for pidfile in "$PGWAY_TEST_TMPDIR"/*/*/postmaster.pid; do
+        datadir=$(dirname "$pidfile")
+        echo "test.sh: stopping leftover test server in $datadir"
+        if [[ $(id -u) -eq 0 ]]; then
+            (cd / && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$datadir" -m immediate -w -t 30 stop) || true
+        else
+            (cd / && "$PG_BIN/pg_ctl" -D "$datadir" -m immediate -w -t 30 stop) || true
+        fi
+        # If pg_ctl could not stop it, kill that postmaster (by its own pid, checked to be one).
+        pid=$(head -n 1 "$pidfile" 2>/dev/null || true)
+        if [[ $pid =~ ^[0-9]+$ ]] && grep -q postgres "/proc/$pid/cmdline" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    done
+    rm -rf "$PGWAY_TEST_TMPDIR"
+    exit "$status"
+}
+trap cleanup EXIT
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test --all-targets $*"
+cargo test --all-targets "$@"
