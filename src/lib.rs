@@ -12,6 +12,7 @@
 //! - [`frontend`]: startup, authentication, cancel, the per-client session loop.
 //! - [`backend`]: server connections and their pools.
 //! - [`route`]: SQL classification (sqlparser) and routing decisions.
+//! - [`settings`]: session settings that follow a client across server connections.
 //! - [`topology`]: which node is primary; health checks.
 //! - [`admin`]: the HTTP admin port.
 //!
@@ -31,4 +32,5 @@ pub mod net;
 pub mod protocol;
 pub mod route;
 pub mod server;
+pub mod settings;
 pub mod topology;

@@ -100,6 +100,7 @@ pub async fn run(
         topology: Arc::clone(&topology),
         cancels: CancelRegistry::default(),
         shutdown: shutdown.clone(),
+        greetings: moka::sync::Cache::new(10_000),
     });
 
     let admin_listener = TcpListener::bind(config.admin_listen)

@@ -143,6 +143,8 @@ pub struct ServerConn {
     pub statements: StatementCache,
     /// Content hash of the statement in the unnamed slot, and the client that put it there.
     pub unnamed: Option<(u64, u64)>,
+    /// Session settings pgway applied on this connection.
+    pub applied: crate::settings::Applied,
 }
 
 impl ServerConn {
@@ -175,6 +177,7 @@ impl ServerConn {
             params: Vec::new(),
             statements: StatementCache::default(),
             unnamed: None,
+            applied: Default::default(),
         };
         loop {
             let frame = conn.io.read_frame(MAX_MESSAGE_LEN).await?;

@@ -30,7 +30,8 @@ use crate::protocol::messages::{
     self, query_text, write_parse, write_target, Bind, Parse, Severity,
 };
 use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
-use crate::route::Target;
+use crate::route::{Classification, PinReason, SessionEffect, Target};
+use crate::settings::{sync_query, ClientSettings, Value};
 
 /// Extended-protocol bytes collected without a Sync before pgway stops waiting for one and
 /// sends them on (to the primary, since the batch cannot be judged whole).
@@ -102,6 +103,8 @@ struct Prepared {
     param_types: Vec<u8>,
     hash: u64,
     target: Target,
+    /// Session effects of executing it (SET, LISTEN, ...).
+    effects: Vec<SessionEffect>,
 }
 
 impl Prepared {
@@ -178,11 +181,29 @@ pub struct Session<'a> {
     batch_bytes: usize,
     /// After an error pgway raised in the extended protocol: discard until Sync.
     skip_until_sync: bool,
+    /// Session settings (startup and SET) that follow the client.
+    settings: ClientSettings,
+    /// Session-bound state holds the client on its server connection.
+    pinned: Option<PinReason>,
+    /// Effects of the request in flight, applied when it succeeds.
+    request_effects: Vec<SessionEffect>,
+    /// Effects inside the open transaction, applied if it commits.
+    txn_effects: Vec<SessionEffect>,
+    /// The request in flight got an ErrorResponse.
+    request_failed: bool,
+    /// The last CommandComplete was a ROLLBACK.
+    rolled_back: bool,
 }
 
 impl<'a> Session<'a> {
     /// A session for a logged-in client.
-    pub fn new(shared: &'a Shared, client: FramedStream, user: String, database: String) -> Self {
+    pub fn new(
+        shared: &'a Shared,
+        client: FramedStream,
+        user: String,
+        database: String,
+        settings: ClientSettings,
+    ) -> Self {
         let password = shared
             .users
             .get(&user)
@@ -207,6 +228,12 @@ impl<'a> Session<'a> {
             batch: Vec::new(),
             batch_bytes: 0,
             skip_until_sync: false,
+            settings,
+            pinned: None,
+            request_effects: Vec::new(),
+            txn_effects: Vec::new(),
+            request_failed: false,
+            rolled_back: false,
         }
     }
 
@@ -241,6 +268,9 @@ impl<'a> Session<'a> {
     }
 
     async fn next_frame(&mut self) -> Result<BytesMut, SessionError> {
+        if self.pinned.is_some() && self.batch.is_empty() && self.pending.is_empty() {
+            return self.next_frame_pinned().await;
+        }
         let idle = self.server.is_none() && self.batch.is_empty();
         if idle {
             if let Some(frame) = self
@@ -264,6 +294,46 @@ impl<'a> Session<'a> {
                 .read_frame(MAX_MESSAGE_LEN)
                 .await
                 .map_err(SessionError::from_client)
+        }
+    }
+
+    /// Waits for the client's next message while relaying what the pinned server sends
+    /// unprompted (NotificationResponse for LISTEN, notices, parameter changes).
+    async fn next_frame_pinned(&mut self) -> Result<BytesMut, SessionError> {
+        loop {
+            if let Some(frame) = self
+                .client
+                .try_frame(MAX_MESSAGE_LEN)
+                .map_err(SessionError::from_client)?
+            {
+                return Ok(frame);
+            }
+            let Session { server, client, .. } = self;
+            let Some(server) = server.as_mut() else {
+                return client
+                    .read_frame(MAX_MESSAGE_LEN)
+                    .await
+                    .map_err(SessionError::from_client);
+            };
+            tokio::select! {
+                frame = client.read_frame(MAX_MESSAGE_LEN) => {
+                    return frame.map_err(SessionError::from_client);
+                }
+                filled = server.io.fill() => filled.map_err(SessionError::server_lost)?,
+            }
+            while let Some(frame) = self
+                .server_mut()?
+                .io
+                .try_frame(MAX_MESSAGE_LEN)
+                .map_err(SessionError::server_lost)?
+            {
+                self.out.extend_from_slice(&frame);
+                if frame[0] == b'E' {
+                    self.flush().await?;
+                    return Err(SessionError::ClientGone(NetError::Closed));
+                }
+            }
+            self.flush().await?;
         }
     }
 
@@ -315,37 +385,96 @@ impl<'a> Session<'a> {
         if self.skip_until_sync {
             return Ok(());
         }
+        let sql = query_text(&frame).map_err(SessionError::protocol)?;
+        let classification = std::str::from_utf8(sql)
+            .ok()
+            .map(|sql| self.shared.router.classification(sql));
+        if let Some(c) = &classification {
+            if let Some(what) = c.session.iter().find_map(|e| match e {
+                SessionEffect::Unsupported(what) => Some(*what),
+                _ => None,
+            }) {
+                let e = StatementError::new(
+                    error::FEATURE_NOT_SUPPORTED,
+                    format!("{what} is not supported through pgway: it cannot follow the session across pooled connections"),
+                );
+                return self.report(e, true).await;
+            }
+            if self.answer_deallocate(sql, c).await? {
+                return Ok(());
+            }
+        }
         if self.server.is_none() {
-            let sql = query_text(&frame).map_err(SessionError::protocol)?;
-            let target = match std::str::from_utf8(sql) {
-                Ok(sql) => {
+            let target = match &classification {
+                Some(c) => {
                     self.shared
                         .router
-                        .route(sql, &self.database, &self.user)
+                        .target(c, &self.database, &self.user)
                         .await
                 }
-                Err(_) => Target::Primary,
+                None => Target::Primary,
             };
             if let Err(e) = self.attach(target).await {
                 return self.report(e, true).await;
             }
         }
+        self.request_effects = classification
+            .map(|c| c.session.clone())
+            .unwrap_or_default();
         let server = self.server_mut()?;
         // A simple query replaces the unnamed statement.
         server.unnamed = None;
-        server
-            .io
-            .send_bytes(&frame)
-            .await
-            .map_err(SessionError::server_lost)?;
-        self.pending.push_back(Expect::Server {
-            kind: Reply::Query,
-            forward: true,
-            prepared: None,
-        });
+        self.to_server.extend_from_slice(&frame);
+        self.expect(Reply::Query, true, None);
+        self.send_to_server().await?;
         self.relay().await?;
         self.maybe_release();
         Ok(())
+    }
+
+    /// `DEALLOCATE name` / `DEALLOCATE ALL` of protocol-level statements, which live in
+    /// pgway, not on any one server: answered here unless the client is pinned (its SQL
+    /// `PREPARE`d statements are on its server). Returns true if answered.
+    async fn answer_deallocate(
+        &mut self,
+        sql: &[u8],
+        classification: &Classification,
+    ) -> Result<bool, SessionError> {
+        let [effect] = classification.session.as_slice() else {
+            return Ok(false);
+        };
+        let single = sql
+            .iter()
+            .rposition(|&b| b != b';' && !b.is_ascii_whitespace())
+            .is_some_and(|last| !sql[..last].contains(&b';'));
+        if !single {
+            return Ok(false);
+        }
+        let tag: &[u8] = match effect {
+            SessionEffect::Deallocate(name) if self.statements.contains_key(name.as_bytes()) => {
+                self.statements.remove(name.as_bytes());
+                b"DEALLOCATE\0"
+            }
+            SessionEffect::DeallocateAll if self.pinned.is_none() => {
+                self.statements.clear();
+                self.unnamed = None;
+                b"DEALLOCATE ALL\0"
+            }
+            _ => return Ok(false),
+        };
+        put_frame(&mut self.out, b'C', tag);
+        messages::ready_for_query(&mut self.out, self.status);
+        self.flush().await?;
+        Ok(true)
+    }
+
+    /// Writes what is queued for the server.
+    async fn send_to_server(&mut self) -> Result<(), SessionError> {
+        let mut to_server = std::mem::take(&mut self.to_server);
+        let server = self.server_mut()?;
+        let sent = server.io.send(&mut to_server).await;
+        self.to_server = to_server;
+        sent.map_err(SessionError::server_lost)
     }
 
     async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), SessionError> {
@@ -357,17 +486,9 @@ impl<'a> Session<'a> {
                 return self.report(e, true).await;
             }
         }
-        let server = self.server_mut()?;
-        server
-            .io
-            .send_bytes(&frame)
-            .await
-            .map_err(SessionError::server_lost)?;
-        self.pending.push_back(Expect::Server {
-            kind: Reply::FunctionCall,
-            forward: true,
-            prepared: None,
-        });
+        self.to_server.extend_from_slice(&frame);
+        self.expect(Reply::FunctionCall, true, None);
+        self.send_to_server().await?;
         self.relay().await?;
         self.maybe_release();
         Ok(())
@@ -416,11 +537,7 @@ impl<'a> Session<'a> {
             self.translate(frame, target.unwrap_or(Target::Primary))?;
         }
         self.unsynced = !sync;
-        let mut to_server = std::mem::take(&mut self.to_server);
-        let server = self.server_mut()?;
-        let sent = server.io.send(&mut to_server).await;
-        self.to_server = to_server;
-        sent.map_err(SessionError::server_lost)?;
+        self.send_to_server().await?;
         if complete {
             self.relay().await?;
             self.maybe_release();
@@ -506,6 +623,15 @@ impl<'a> Session<'a> {
             }
             b'B' => {
                 let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
+                let prepared = if bind.statement.is_empty() {
+                    self.unnamed.as_ref()
+                } else {
+                    self.statements.get(bind.statement)
+                };
+                if let Some(prepared) = prepared {
+                    self.request_effects
+                        .extend(prepared.effects.iter().cloned());
+                }
                 match self.server_statement(bind.statement)? {
                     Some(name) => bind.write_renamed(&mut self.to_server, &name),
                     None => self.to_server.extend_from_slice(frame),
@@ -564,11 +690,15 @@ impl<'a> Session<'a> {
         parse.sql.hash(&mut hasher);
         parse.param_types.hash(&mut hasher);
         let hash = hasher.finish();
+        let effects = std::str::from_utf8(parse.sql)
+            .map(|sql| self.shared.router.classification(sql).session.clone())
+            .unwrap_or_default();
         let prepared = Arc::new(Prepared {
             sql: parse.sql.to_vec(),
             param_types: parse.param_types.to_vec(),
             hash,
             target,
+            effects,
         });
         if parse.name.is_empty() {
             self.unnamed = Some(Arc::clone(&prepared));
@@ -667,6 +797,7 @@ impl<'a> Session<'a> {
                         });
                     }
                     self.server = Some(conn);
+                    self.sync_settings();
                     return Ok(());
                 }
                 Err(e @ PoolError::Timeout { .. }) => {
@@ -694,9 +825,102 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Queues the query that brings the attached connection's settings in line with the
+    /// client's, if they differ; its replies are swallowed.
+    fn sync_settings(&mut self) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        if let Some(sql) = sync_query(&mut server.applied, &self.settings.current) {
+            server.unnamed = None;
+            messages::query(&mut self.to_server, &sql);
+            self.expect(Reply::Query, false, None);
+        }
+    }
+
+    /// At the end of a request (ReadyForQuery): keep the session effects of what succeeded
+    /// and committed, drop the rest.
+    fn on_request_done(&mut self, status: u8) {
+        let effects = std::mem::take(&mut self.request_effects);
+        let failed = std::mem::take(&mut self.request_failed);
+        if !failed {
+            self.txn_effects.extend(effects);
+        }
+        if status == b'I' {
+            let effects = std::mem::take(&mut self.txn_effects);
+            if !self.rolled_back {
+                self.apply_effects(effects);
+            }
+        }
+    }
+
+    fn apply_effects(&mut self, effects: Vec<SessionEffect>) {
+        for effect in effects {
+            let server = self.server.as_mut();
+            match effect {
+                SessionEffect::Set { name, value } => {
+                    if let Some(server) = server {
+                        server
+                            .applied
+                            .settings
+                            .set(&name, Value::Sql(value.clone()));
+                    }
+                    self.settings.current.set(&name, Value::Sql(value));
+                }
+                SessionEffect::Reset(name) => {
+                    if let Some(server) = server {
+                        server.applied.settings.remove(&name);
+                    }
+                    self.settings.reset(&name);
+                }
+                SessionEffect::ResetAll => {
+                    if let Some(server) = server {
+                        server.applied.settings.clear();
+                    }
+                    self.settings.reset_all();
+                }
+                SessionEffect::DiscardAll => {
+                    if let Some(server) = server {
+                        server.applied.settings.clear();
+                        server.statements = Default::default();
+                        server.unnamed = None;
+                    }
+                    self.settings.reset_all();
+                    self.statements.clear();
+                    self.unnamed = None;
+                    self.pinned = None;
+                }
+                SessionEffect::DeallocateAll => {
+                    if let Some(server) = server {
+                        server.statements = Default::default();
+                    }
+                    self.statements.clear();
+                }
+                SessionEffect::Deallocate(name) => {
+                    self.statements.remove(name.as_bytes());
+                }
+                SessionEffect::Pin(reason) => {
+                    if self.pinned.is_none() {
+                        debug!(?reason, "client pinned to its server connection");
+                    }
+                    self.pinned = Some(reason);
+                }
+                SessionEffect::SetLocal
+                | SessionEffect::DiscardOther
+                | SessionEffect::Unlisten
+                | SessionEffect::Unsupported(_) => {}
+            }
+        }
+    }
+
     /// Returns the server connection to its pool when the client no longer needs it.
     fn maybe_release(&mut self) {
-        if self.status == b'I' && self.pending.is_empty() && !self.unsynced && !self.copy_in {
+        if self.status == b'I'
+            && self.pending.is_empty()
+            && !self.unsynced
+            && !self.copy_in
+            && self.pinned.is_none()
+        {
             if let Some(conn) = self.server.take() {
                 if let Ok(mut slot) = self.cancel.slot.lock() {
                     *slot = None;
@@ -740,19 +964,40 @@ impl<'a> Session<'a> {
     /// Handles one server message: forward or swallow it, and advance the queue.
     fn on_server_frame(&mut self, frame: &[u8]) {
         let tag = frame[0];
+        let head = match self.pending.front() {
+            Some(Expect::Server {
+                kind,
+                forward,
+                prepared,
+            }) => Some((*kind, *forward, *prepared)),
+            _ => None,
+        };
+        let forward = head.is_none_or(|(_, forward, _)| forward);
         match tag {
-            // Asynchronous messages belong to no request.
-            b'N' | b'A' | b'S' => self.out.extend_from_slice(frame),
+            // Notifications belong to no request and always reach the client.
+            b'A' => self.out.extend_from_slice(frame),
+            // Notices and parameter changes from pgway's own queries are not the client's.
+            b'N' | b'S' => {
+                if forward {
+                    self.out.extend_from_slice(frame);
+                }
+            }
             b'G' | b'W' => {
                 self.copy_in = true;
                 self.out.extend_from_slice(frame);
             }
             b'E' => {
+                // Errors always reach the client, even for a message pgway injected.
                 self.out.extend_from_slice(frame);
                 self.copy_in = false;
-                if let Some(Expect::Server { kind, prepared, .. }) = self.pending.front() {
+                if forward {
+                    self.request_failed = true;
+                } else if let Some(server) = self.server.as_mut() {
+                    server.applied.dirty = true;
+                }
+                if let Some((kind, _, prepared)) = head {
                     if !kind.survives_error() {
-                        if let (Some(hash), Some(server)) = (*prepared, self.server.as_mut()) {
+                        if let (Some(hash), Some(server)) = (prepared, self.server.as_mut()) {
                             server.statements.remove(hash);
                         }
                         self.pending.pop_front();
@@ -760,23 +1005,29 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            _ => match self.pending.front() {
-                Some(Expect::Server { kind, forward, .. }) => {
-                    let (kind, forward) = (*kind, *forward);
+            _ => match head {
+                Some((kind, forward, _)) => {
                     if forward {
                         self.out.extend_from_slice(frame);
+                        if tag == b'C' {
+                            self.rolled_back = messages::body(frame).starts_with(b"ROLLBACK");
+                        }
                     }
                     if kind.ends_with(tag) {
+                        self.pending.pop_front();
                         if tag == b'Z' {
-                            self.status = frame.get(5).copied().unwrap_or(b'I');
+                            let status = frame.get(5).copied().unwrap_or(b'I');
+                            self.status = status;
                             if kind == Reply::Sync {
                                 self.unsynced = false;
                             }
+                            if forward {
+                                self.on_request_done(status);
+                            }
                         }
-                        self.pending.pop_front();
                     }
                 }
-                _ => self.out.extend_from_slice(frame),
+                None => self.out.extend_from_slice(frame),
             },
         }
         self.emit_local();

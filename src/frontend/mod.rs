@@ -26,6 +26,9 @@ pub struct User {
     pub verifier: ScramVerifier,
 }
 
+/// (database, user, hash of the startup settings).
+pub type GreetingKey = (String, String, u64);
+
 /// What every client task shares.
 #[derive(Debug)]
 pub struct Shared {
@@ -43,4 +46,6 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// Cancelled when pgway is stopping.
     pub shutdown: CancellationToken,
+    /// ParameterStatus values for new clients, per (database, user, startup settings hash).
+    pub greetings: moka::sync::Cache<GreetingKey, Arc<Vec<(String, String)>>>,
 }

@@ -20,6 +20,7 @@ use crate::net::{FramedStream, NetError};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages::{self, body, Severity, StartupPacket};
 use crate::protocol::{FrameError, MAX_STARTUP_LEN};
+use crate::settings::{sync_query, ClientSettings};
 
 /// Why a login did not reach a session.
 #[derive(Debug, thiserror::Error)]
@@ -99,11 +100,13 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         .await
         .unwrap_or(Err(LoginError::Timeout));
         match login {
-            Ok((user, database)) => {
+            Ok((user, database, settings)) => {
                 tracing::Span::current().record("user", user.as_str());
                 tracing::Span::current().record("db", database.as_str());
                 debug!("client logged in");
-                Session::new(&shared, io, user, database).run(out).await;
+                Session::new(&shared, io, user, database, settings)
+                    .run(out)
+                    .await;
             }
             Err(e) => {
                 if let Some(code) = e.sqlstate() {
@@ -122,7 +125,7 @@ async fn login(
     shared: &Shared,
     io: &mut FramedStream,
     out: &mut BytesMut,
-) -> Result<(String, String), LoginError> {
+) -> Result<(String, String, ClientSettings), LoginError> {
     let params = loop {
         let packet = io.read_startup().await?;
         match StartupPacket::decode(&packet)? {
@@ -165,11 +168,12 @@ async fn login(
     authenticate(shared, io, out, &user).await?;
     messages::authentication(out, 0, &[]);
 
-    let server_params = server_params(shared, &user, &database).await?;
+    let settings = ClientSettings::from_startup(&params);
+    let server_params = server_params(shared, &user, &database, &settings).await?;
     for (name, value) in server_params.iter() {
         messages::parameter_status(out, name, value);
     }
-    Ok((user, database))
+    Ok((user, database, settings))
 }
 
 async fn authenticate(
@@ -248,13 +252,25 @@ async fn expect_password_message(io: &mut FramedStream) -> Result<BytesMut, Logi
     }
 }
 
-/// The servers' ParameterStatus values for (user, database), learned from a real login
-/// the first time (which also proves the database exists and the credentials work).
+/// The ParameterStatus values a client sees at login: the server's, as they are once the
+/// client's startup settings are applied (PostgreSQL reports normalised values, e.g.
+/// `DateStyle=ISO, MDY`). Learned from a real login and cached per (database, user,
+/// settings), which also proves the database exists, the credentials work and the
+/// settings are valid.
 async fn server_params(
     shared: &Shared,
     user: &str,
     database: &str,
+    settings: &ClientSettings,
 ) -> Result<Arc<Vec<(String, String)>>, LoginError> {
+    let key = (
+        database.to_owned(),
+        user.to_owned(),
+        settings.startup.hash(),
+    );
+    if let Some(params) = shared.greetings.get(&key) {
+        return Ok(params);
+    }
     let password = shared
         .users
         .get(user)
@@ -273,10 +289,7 @@ async fn server_params(
         },
     };
     let pool = shared.pools.get(&addr, database, user, password);
-    if let Some(params) = pool.params() {
-        return Ok(params);
-    }
-    let conn = pool.acquire().await.map_err(|e| match e {
+    let mut conn = pool.acquire().await.map_err(|e| match e {
         PoolError::Connect(BackendError::Server { code, message }) => {
             LoginError::Server { code, message }
         }
@@ -291,7 +304,62 @@ async fn server_params(
             message: timeout.to_string(),
         },
     })?;
-    let params = Arc::new(conn.params.clone());
+    let mut params = conn.params.clone();
+    if let Some(sql) = sync_query(&mut conn.applied, &settings.current) {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, &sql);
+        let timeout = shared.config.pool.connect_timeout;
+        let reported = tokio::time::timeout(timeout, apply_startup(&mut conn.io, out))
+            .await
+            .map_err(|_| LoginError::NoServer("timed out applying startup settings".into()))?
+            .map_err(|e| LoginError::NoServer(e.to_string()))?;
+        match reported {
+            Ok(changes) => {
+                for (name, value) in changes {
+                    match params.iter_mut().find(|(n, _)| *n == name) {
+                        Some(slot) => slot.1 = value,
+                        None => params.push((name, value)),
+                    }
+                }
+            }
+            Err((code, message)) => {
+                // Invalid startup settings: the connection is fine, the client is not.
+                conn.applied.dirty = true;
+                conn.release();
+                return Err(LoginError::Server { code, message });
+            }
+        }
+    }
     conn.release();
+    let params = Arc::new(params);
+    shared.greetings.insert(key, Arc::clone(&params));
     Ok(params)
+}
+
+/// Runs the startup-settings query; returns the ParameterStatus changes it caused, or the
+/// server's error.
+async fn apply_startup(
+    io: &mut FramedStream,
+    mut query: BytesMut,
+) -> Result<Result<Vec<(String, String)>, (String, String)>, NetError> {
+    io.send(&mut query).await?;
+    let mut changes = Vec::new();
+    let mut failure = None;
+    loop {
+        let frame = io.read_frame(crate::protocol::MAX_MESSAGE_LEN).await?;
+        match frame[0] {
+            b'S' => {
+                let mut r = Reader::new(body(&frame), "ParameterStatus");
+                if let (Ok(name), Ok(value)) = (r.cstr(), r.cstr()) {
+                    changes.push((
+                        String::from_utf8_lossy(name).into_owned(),
+                        String::from_utf8_lossy(value).into_owned(),
+                    ));
+                }
+            }
+            b'E' => failure = Some(messages::error_fields(&frame)),
+            b'Z' => return Ok(failure.map_or(Ok(changes), Err)),
+            _ => {}
+        }
+    }
 }

@@ -11,7 +11,7 @@ pub mod classify;
 use std::sync::Arc;
 
 pub use catalog::{Catalog, Volatility};
-pub use classify::{classify, Classification, Hint, StatementKind};
+pub use classify::{classify, Classification, Hint, PinReason, SessionEffect, StatementKind};
 
 /// Where a statement goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,334 @@
+//! Session settings that follow a client across pooled server connections.
+//!
+//! A client's settings come from its StartupMessage (`application_name`, `client_encoding`,
+//! `DateStyle`, `TimeZone`, `options=-c name=value`, ...) and from session-level `SET`.
+//! Each server connection remembers what pgway applied to it. Before a client's statement
+//! runs on a connection whose settings differ, pgway sends one multi-statement query that
+//! brings them in line, in the same write as the statement (no extra round trip); when
+//! nothing differs, nothing is sent (one hash comparison).
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// A setting's value, remembered the way it must be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Value {
+    /// A raw string, as in a StartupMessage: replayed with `set_config(name, raw, false)`.
+    Raw(String),
+    /// SQL text as the client wrote it after `SET name =`: replayed verbatim.
+    Sql(String),
+}
+
+/// A set of settings with a hash of its content, so "same?" is one comparison.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    values: BTreeMap<String, Value>,
+    hash: u64,
+}
+
+impl Settings {
+    fn rehash(&mut self) {
+        let mut hasher = DefaultHasher::new();
+        self.values.hash(&mut hasher);
+        self.hash = hasher.finish();
+    }
+
+    /// Sets `name`.
+    pub fn set(&mut self, name: &str, value: Value) {
+        self.values.insert(name.to_owned(), value);
+        self.rehash();
+    }
+
+    /// Removes `name`.
+    pub fn remove(&mut self, name: &str) {
+        if self.values.remove(name).is_some() {
+            self.rehash();
+        }
+    }
+
+    /// Removes everything.
+    pub fn clear(&mut self) {
+        self.values.clear();
+        self.rehash();
+    }
+
+    /// The value of `name`.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.values.get(name)
+    }
+
+    /// Content hash.
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// True when nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+/// What pgway applied to one server connection, on top of the server's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// The settings in force on the connection (beyond its login defaults).
+    pub settings: Settings,
+    /// Something changed the connection's settings in a way pgway could not follow: the
+    /// next sync starts with `RESET ALL`.
+    pub dirty: bool,
+}
+
+/// A client's settings: the session defaults from its StartupMessage, and the current ones.
+#[derive(Debug, Clone, Default)]
+pub struct ClientSettings {
+    /// From the StartupMessage; what `RESET` returns to.
+    pub startup: Settings,
+    /// In force now.
+    pub current: Settings,
+}
+
+/// StartupMessage keys that are not settings.
+const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
+
+impl ClientSettings {
+    /// Settings from StartupMessage parameters, with `options` expanded.
+    pub fn from_startup(params: &[(String, String)]) -> Self {
+        let mut startup = Settings::default();
+        for (name, value) in params {
+            if name == "options" {
+                for (name, value) in parse_options(value) {
+                    startup.set(&name.to_ascii_lowercase(), Value::Raw(value));
+                }
+            } else if !NOT_SETTINGS.contains(&name.as_str()) && !name.starts_with("_pq_.") {
+                startup.set(&name.to_ascii_lowercase(), Value::Raw(value.clone()));
+            }
+        }
+        Self {
+            current: startup.clone(),
+            startup,
+        }
+    }
+
+    /// `RESET name`: back to the startup value, or the server default.
+    pub fn reset(&mut self, name: &str) {
+        match self.startup.get(name).cloned() {
+            Some(value) => self.current.set(name, value),
+            None => self.current.remove(name),
+        }
+    }
+
+    /// `RESET ALL`.
+    pub fn reset_all(&mut self) {
+        self.current = self.startup.clone();
+    }
+}
+
+/// Parses the StartupMessage `options` value: `-c name=value` and `--name=value`, separated
+/// by whitespace, with `\` escaping the next character.
+pub fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    let mut in_word = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    word.push(next);
+                    in_word = true;
+                }
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let assignment = if w == "-c" {
+            words.next()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            Some(rest.to_owned())
+        } else {
+            w.strip_prefix("-c").map(str::to_owned)
+        };
+        if let Some((name, value)) = assignment.as_deref().and_then(|a| a.split_once('=')) {
+            out.push((name.replace('-', "_"), value.to_owned()));
+        }
+    }
+    out
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn quote_name(name: &str) -> String {
+    let plain = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if plain && !name.is_empty() {
+        name.to_owned()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+fn push_set(sql: &mut String, name: &str, value: &Value) {
+    match value {
+        Value::Raw(raw) => {
+            sql.push_str("SELECT pg_catalog.set_config(");
+            sql.push_str(&quote_literal(name));
+            sql.push_str(", ");
+            sql.push_str(&quote_literal(raw));
+            sql.push_str(", false);");
+        }
+        Value::Sql(text) => {
+            match name {
+                "timezone" => sql.push_str("SET TIME ZONE "),
+                "role" => sql.push_str("SET ROLE "),
+                "session_authorization" => sql.push_str("SET SESSION AUTHORIZATION "),
+                _ => {
+                    sql.push_str("SET ");
+                    sql.push_str(&quote_name(name));
+                    sql.push_str(" = ");
+                }
+            }
+            sql.push_str(text);
+            sql.push(';');
+        }
+    }
+}
+
+/// The query that turns `applied` into `wanted`, or `None` when they already match.
+/// Updates `applied` to `wanted`.
+pub fn sync_query(applied: &mut Applied, wanted: &Settings) -> Option<String> {
+    if !applied.dirty && applied.settings.hash == wanted.hash && applied.settings == *wanted {
+        return None;
+    }
+    let mut sql = String::new();
+    let empty = Settings::default();
+    let have = if applied.dirty {
+        sql.push_str("RESET ALL;");
+        &empty
+    } else {
+        &applied.settings
+    };
+    for (name, value) in &wanted.values {
+        if have.get(name) != Some(value) {
+            push_set(&mut sql, name, value);
+        }
+    }
+    for name in have.values.keys() {
+        if !wanted.values.contains_key(name) {
+            sql.push_str("RESET ");
+            sql.push_str(&quote_name(name));
+            sql.push(';');
+        }
+    }
+    applied.settings = wanted.clone();
+    applied.dirty = false;
+    (!sql.is_empty()).then_some(sql)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_parsed() {
+        assert_eq!(
+            parse_options("-c search_path=b_schema --statement-timeout=5s -cwork_mem=4MB"),
+            vec![
+                ("search_path".into(), "b_schema".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "4MB".into()),
+            ]
+        );
+        assert_eq!(
+            parse_options(r"-c search_path=a,\ b"),
+            vec![("search_path".into(), "a, b".into())]
+        );
+        assert!(parse_options("-x -c novalue").is_empty());
+    }
+
+    #[test]
+    fn startup_params_become_settings() {
+        let s = ClientSettings::from_startup(&[
+            ("user".into(), "app".into()),
+            ("database".into(), "db".into()),
+            ("application_name".into(), "psql".into()),
+            ("DateStyle".into(), "ISO".into()),
+            ("options".into(), "-c search_path=x".into()),
+        ]);
+        assert_eq!(
+            s.current.get("application_name"),
+            Some(&Value::Raw("psql".into()))
+        );
+        assert_eq!(s.current.get("datestyle"), Some(&Value::Raw("ISO".into())));
+        assert_eq!(s.current.get("search_path"), Some(&Value::Raw("x".into())));
+        assert_eq!(s.current.get("user"), None);
+    }
+
+    #[test]
+    fn sync_sends_only_differences_and_nothing_when_equal() {
+        let mut client = ClientSettings::from_startup(&[("application_name".into(), "a'b".into())]);
+        let mut applied = Applied::default();
+        let sql = sync_query(&mut applied, &client.current).expect("first sync");
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config('application_name', 'a''b', false);"
+        );
+        assert_eq!(sync_query(&mut applied, &client.current), None);
+
+        client
+            .current
+            .set("search_path", Value::Sql("'x', public".into()));
+        client.current.set("timezone", Value::Sql("'UTC'".into()));
+        let sql = sync_query(&mut applied, &client.current).expect("second sync");
+        assert_eq!(sql, "SET search_path = 'x', public;SET TIME ZONE 'UTC';");
+
+        client.reset_all();
+        let sql = sync_query(&mut applied, &client.current).expect("reset");
+        assert_eq!(sql, "RESET search_path;RESET timezone;");
+
+        applied.dirty = true;
+        let sql = sync_query(&mut applied, &client.current).expect("dirty");
+        assert!(sql.starts_with("RESET ALL;SELECT pg_catalog.set_config('application_name'"));
+    }
+
+    #[test]
+    fn reset_returns_to_startup_value() {
+        let mut client = ClientSettings::from_startup(&[("timezone".into(), "UTC".into())]);
+        client
+            .current
+            .set("timezone", Value::Sql("'Asia/Tokyo'".into()));
+        client.current.set("work_mem", Value::Sql("'8MB'".into()));
+        client.reset("timezone");
+        client.reset("work_mem");
+        assert_eq!(client.current, client.startup);
+    }
+
+    #[test]
+    fn odd_names_are_quoted() {
+        let mut applied = Applied::default();
+        let mut wanted = Settings::default();
+        wanted.set("MyGuc", Value::Sql("1".into()));
+        assert_eq!(
+            sync_query(&mut applied, &wanted).as_deref(),
+            Some("SET \"MyGuc\" = 1;")
+        );
+    }
+}
