@@ -615,6 +615,9 @@ pub struct GatewayOptions {
     /// Extra TOML inserted after `listen`/`admin_listen` and before `[[users]]`: top-level
     /// keys or whole tables (e.g. `"[routing]\n..."`).
     pub extra: String,
+    /// Extra TOML lines inside the `[pool]` table, e.g. `"statement_cache = 2"` (a second
+    /// `[pool]` header in [`GatewayOptions::extra`] would be a duplicate table).
+    pub pool_extra: String,
 }
 
 impl Default for GatewayOptions {
@@ -624,6 +627,7 @@ impl Default for GatewayOptions {
             wait_timeout: "2s".into(),
             health_interval: "200ms".into(),
             extra: String::new(),
+            pool_extra: String::new(),
         }
     }
 }
@@ -650,6 +654,7 @@ pub fn gateway_toml(cluster: &Cluster, listen: &str, admin: &str, opts: &Gateway
          [pool]\n\
          size = {size}\n\
          wait_timeout = \"{wait}\"\n\
+         {pool_extra}\n\
          \n\
          [topology]\n\
          kind = \"static\"\n\
@@ -658,6 +663,7 @@ pub fn gateway_toml(cluster: &Cluster, listen: &str, admin: &str, opts: &Gateway
         extra = opts.extra,
         size = opts.pool_size,
         wait = opts.wait_timeout,
+        pool_extra = opts.pool_extra,
         nodes = nodes.join(", "),
         health = opts.health_interval,
     )
@@ -1138,8 +1144,23 @@ impl RawConn {
     /// Connects and logs in as `user` to `appdb` (SCRAM-SHA-256, md5 or cleartext, as the
     /// server asks), reading up to the first ReadyForQuery.
     pub async fn login(port: u16, user: &str, password: &str) -> RawConn {
+        RawConn::login_with(port, user, password, &[]).await.0
+    }
+
+    /// [`RawConn::login`] with extra StartupMessage parameters (e.g. `("TimeZone", "UTC")`,
+    /// `("options", "-c search_path=x")`). Also returns every message the server sent before
+    /// the first ReadyForQuery (ParameterStatus, BackendKeyData, ...), in order.
+    pub async fn login_with(
+        port: u16,
+        user: &str,
+        password: &str,
+        params: &[(&str, &str)],
+    ) -> (RawConn, Vec<BackendMessage>) {
         let mut conn = RawConn::connect(port).await;
-        conn.send_startup(user, DB).await;
+        let mut all = vec![("user", user), ("database", DB)];
+        all.extend_from_slice(params);
+        conn.send(&startup_message(&all)).await;
+        let mut seen = Vec::new();
         let mut scram: Option<postgres_protocol::authentication::sasl::ScramSha256> = None;
         loop {
             let m = conn.recv_message().await;
@@ -1186,9 +1207,13 @@ impl RawConn {
                     other => panic!("unexpected authentication request {other}"),
                 },
                 b'E' => panic!("raw login as {user} failed: {:?}", m.fields()),
-                b'Z' => return conn,
+                b'Z' => {
+                    seen.push(m);
+                    return (conn, seen);
+                }
                 _ => {} // ParameterStatus, BackendKeyData, NoticeResponse
             }
+            seen.push(m);
         }
     }
 }
