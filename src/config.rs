@@ -55,6 +55,57 @@ pub struct Config {
     /// Client-facing limits and timeouts.
     #[serde(default)]
     pub client: ClientConfig,
+    /// Routing limits.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+
+/// `[routing]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Replicas whose replay position is further behind the primary's WAL position than
+    /// this take no reads until they catch up (`"1MB"`, `"64kB"`, bytes). _Default:_ no limit
+    #[serde(default, deserialize_with = "deserialize_byte_size")]
+    pub max_replica_lag: Option<u64>,
+}
+
+/// Parses `"1MB"`, `"512kB"`, `"1GB"`, `"100B"` or a bare number of bytes (units are
+/// powers of 1024, as in PostgreSQL's settings).
+pub fn parse_byte_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1 << 10,
+        "mb" | "m" => 1 << 20,
+        "gb" | "g" => 1 << 30,
+        "tb" | "t" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+fn deserialize_byte_size<'de, D>(deserializer: D) -> Result<Option<u64>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    match Raw::deserialize(deserializer)? {
+        Raw::Number(n) => Ok(Some(n)),
+        Raw::Text(t) => parse_byte_size(&t).map(Some).ok_or_else(|| {
+            serde::de::Error::custom(format!("{t:?} is not a size such as \"1MB\""))
+        }),
+    }
 }
 
 /// How a client must prove its password to pgway.
@@ -168,6 +219,69 @@ impl Default for ClientConfig {
 pub enum TopologyConfig {
     /// A fixed list of nodes; roles come from `pg_is_in_recovery()`.
     Static(StaticTopology),
+    /// Patroni's keys in etcd (v3 API), watched.
+    Patroni(PatroniTopology),
+}
+
+impl TopologyConfig {
+    /// How often nodes are health-checked.
+    pub fn health_interval(&self) -> Duration {
+        match self {
+            Self::Static(s) => s.health_interval,
+            Self::Patroni(p) => p.health_interval,
+        }
+    }
+
+    /// Database the health checks log in to.
+    pub fn health_database(&self) -> &str {
+        match self {
+            Self::Static(s) => &s.health_database,
+            Self::Patroni(p) => &p.health_database,
+        }
+    }
+
+    /// How long a write waits for a primary.
+    pub fn failover_timeout(&self) -> Duration {
+        match self {
+            Self::Static(s) => s.failover_timeout,
+            Self::Patroni(p) => p.failover_timeout,
+        }
+    }
+}
+
+/// `kind = "patroni"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatroniTopology {
+    /// etcd endpoints (`host:port` or URLs), tried in turn.
+    pub etcd: Vec<String>,
+    /// Patroni's `namespace`. _Default:_ `/service`
+    #[serde(default = "PatroniTopology::default_namespace")]
+    pub namespace: String,
+    /// Patroni's `scope` (the cluster name).
+    pub scope: String,
+    /// How long new write transactions wait for a usable primary. _Default:_ 30s
+    #[serde(default = "default_failover_timeout", with = "humantime_serde")]
+    pub failover_timeout: Duration,
+    /// How often each member is health-checked. _Default:_ 1s
+    #[serde(
+        default = "StaticTopology::default_health_interval",
+        with = "humantime_serde"
+    )]
+    pub health_interval: Duration,
+    /// Database the health checks log in to. _Default:_ `postgres`
+    #[serde(default = "StaticTopology::default_health_database")]
+    pub health_database: String,
+}
+
+impl PatroniTopology {
+    fn default_namespace() -> String {
+        "/service".to_owned()
+    }
+}
+
+fn default_failover_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `kind = "static"`.
@@ -185,6 +299,9 @@ pub struct StaticTopology {
     /// Database the health checks log in to (as the first `[[users]]` entry). _Default:_ `postgres`
     #[serde(default = "StaticTopology::default_health_database")]
     pub health_database: String,
+    /// How long new write transactions wait for a usable primary. _Default:_ 30s
+    #[serde(default = "default_failover_timeout", with = "humantime_serde")]
+    pub failover_timeout: Duration,
 }
 
 impl StaticTopology {
@@ -262,10 +379,21 @@ impl Config {
                         ));
                     }
                 }
-                if s.health_interval.is_zero() {
-                    return Err(invalid("topology.health_interval", "must be more than 0"));
+            }
+            TopologyConfig::Patroni(p) => {
+                if p.etcd.is_empty() {
+                    return Err(invalid(
+                        "topology.etcd",
+                        "at least one endpoint is required",
+                    ));
+                }
+                if p.scope.is_empty() {
+                    return Err(invalid("topology.scope", "must not be empty"));
                 }
             }
+        }
+        if self.topology.health_interval().is_zero() {
+            return Err(invalid("topology.health_interval", "must be more than 0"));
         }
         Ok(())
     }
@@ -311,7 +439,9 @@ health_interval = "1s"
         assert_eq!(config.pool.size, 20);
         assert_eq!(config.pool.wait_timeout, Duration::from_secs(5));
         assert_eq!(config.users[0].auth, AuthMethod::ScramSha256);
-        let TopologyConfig::Static(s) = &config.topology;
+        let TopologyConfig::Static(s) = &config.topology else {
+            panic!("static topology expected");
+        };
         assert_eq!(s.nodes.len(), 2);
         assert_eq!(s.health_interval, Duration::from_secs(1));
     }
@@ -337,6 +467,36 @@ health_interval = "1s"
         let err = Config::from_toml_str(&EXAMPLE.replace("127.0.0.1:5442", "nohost"))
             .expect_err("bad node");
         assert!(err.to_string().contains("topology.nodes[1]"), "{err}");
+    }
+
+    #[test]
+    fn patroni_topology_and_lag_parse() {
+        let text = EXAMPLE.replace(
+            "kind = \"static\"\nnodes = [\"127.0.0.1:5441\", \"127.0.0.1:5442\"]\nhealth_interval = \"1s\"",
+            "kind = \"patroni\"\netcd = [\"127.0.0.1:2379\"]\nnamespace = \"/service\"\nscope = \"demo\"\nfailover_timeout = \"30s\"\n[routing]\nmax_replica_lag = \"1MB\"",
+        );
+        let config = Config::from_toml_str(&text).expect("patroni config");
+        let TopologyConfig::Patroni(p) = &config.topology else {
+            panic!("patroni topology expected");
+        };
+        assert_eq!(p.scope, "demo");
+        assert_eq!(p.failover_timeout, Duration::from_secs(30));
+        assert_eq!(config.routing.max_replica_lag, Some(1 << 20));
+        let err =
+            Config::from_toml_str(&text.replace("\"1MB\"", "\"lots\"")).expect_err("bad size");
+        assert!(err.to_string().contains("max_replica_lag"), "{err}");
+        let err = Config::from_toml_str(&text.replace("scope", "scop")).expect_err("typo");
+        assert!(err.to_string().contains("scop"), "{err}");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_byte_size("1MB"), Some(1 << 20));
+        assert_eq!(parse_byte_size("64kB"), Some(64 << 10));
+        assert_eq!(parse_byte_size("100"), Some(100));
+        assert_eq!(parse_byte_size("1 GB"), Some(1 << 30));
+        assert_eq!(parse_byte_size("MB"), None);
+        assert_eq!(parse_byte_size("1XB"), None);
     }
 
     #[test]

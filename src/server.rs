@@ -18,7 +18,8 @@ use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{startup, Shared, User};
 use crate::protocol::messages::{self, Severity};
 use crate::route::{Catalog, Router};
-use crate::topology::health::{monitor, HealthSettings};
+use crate::topology::health::{supervise, HealthSettings};
+use crate::topology::patroni::{self, PatroniSettings};
 use crate::topology::TopologyHandle;
 use crate::{admin, error};
 
@@ -45,28 +46,42 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let config = Arc::new(config);
-    let TopologyConfig::Static(static_topology) = &config.topology;
-    let topology = TopologyHandle::new(&static_topology.nodes);
     let pools = Arc::new(Pools::new(config.pool.clone()));
     let tasks = TaskTracker::new();
+    let max_lag = config.routing.max_replica_lag;
+    let topology = match &config.topology {
+        TopologyConfig::Static(s) => TopologyHandle::with_max_lag(&s.nodes, max_lag),
+        TopologyConfig::Patroni(p) => {
+            let topology = TopologyHandle::with_max_lag(&[], max_lag);
+            tasks.spawn(patroni::watch(
+                PatroniSettings {
+                    endpoints: p.etcd.clone(),
+                    namespace: p.namespace.clone(),
+                    scope: p.scope.clone(),
+                    timeout: config.pool.connect_timeout,
+                },
+                Arc::clone(&topology),
+                Arc::clone(&pools),
+                shutdown.clone(),
+            ));
+            topology
+        }
+    };
 
     let first_user = &config.users[0];
     let health = HealthSettings {
         user: first_user.name.clone(),
         password: first_user.password.clone(),
-        database: static_topology.health_database.clone(),
-        interval: static_topology.health_interval,
+        database: config.topology.health_database().to_owned(),
+        interval: config.topology.health_interval(),
         timeout: config.pool.connect_timeout,
     };
-    for addr in &static_topology.nodes {
-        tasks.spawn(monitor(
-            addr.clone(),
-            health.clone(),
-            Arc::clone(&topology),
-            Arc::clone(&pools),
-            shutdown.clone(),
-        ));
-    }
+    tasks.spawn(supervise(
+        health,
+        Arc::clone(&topology),
+        Arc::clone(&pools),
+        shutdown.clone(),
+    ));
 
     let credentials = Arc::new(
         config

@@ -771,7 +771,7 @@ impl<'a> Session<'a> {
     async fn attach(&mut self, target: Target) -> Result<(), StatementError> {
         let shared = self.shared;
         let topology = &shared.topology;
-        let wait = shared.config.pool.wait_timeout;
+        let wait = shared.config.topology.failover_timeout();
         let mut attempts = topology.snapshot().nodes.len() + 1;
         loop {
             let addr = match target {
@@ -781,7 +781,10 @@ impl<'a> Session<'a> {
             let addr = match addr {
                 Some(addr) => addr,
                 None => topology.wait_primary(wait).await.ok_or_else(|| {
-                    StatementError::new(error::CONNECTION_FAILURE, "no primary server is available")
+                    StatementError::new(
+                        error::CONNECTION_FAILURE,
+                        format!("no primary server became available within {wait:?}"),
+                    )
                 })?,
             };
             let pool = shared

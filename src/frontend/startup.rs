@@ -276,7 +276,7 @@ async fn server_params(
         .get(user)
         .map(|u| u.config.password.as_str())
         .unwrap_or_default();
-    let wait = shared.config.pool.wait_timeout;
+    let wait = shared.config.topology.failover_timeout();
     let addr = match shared.topology.primary() {
         Some(addr) => addr,
         None => match shared.topology.replica() {

@@ -1,17 +1,23 @@
 //! The current topology: which node is the primary, which replicas take reads.
 //!
-//! Watchers (only [`health`] for `kind = "static"` so far) publish node states; routing
-//! reads a snapshot with one atomic load. Changes are announced on a `watch` channel so
-//! a client waiting for a primary wakes as soon as one appears.
+//! Two kinds of source feed it. The member list comes from the config (`kind = "static"`)
+//! or from Patroni's keys in etcd ([`patroni`]), which also says which member may be the
+//! primary (the leader) and which may take reads. What each node really is comes from
+//! [`health`] checks (`pg_is_in_recovery()`, WAL positions). A node is used as the
+//! primary only when both agree, so a demoted primary that still accepts writes is never
+//! written to. Routing reads a snapshot with one atomic load; changes are announced on a
+//! `watch` channel so a client waiting for a primary wakes as soon as one appears.
 
 pub mod health;
+pub mod patroni;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// What a node is, as last observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +39,24 @@ pub struct Node {
     pub role: Role,
     /// False after a failed health check or connect, until a check succeeds.
     pub healthy: bool,
+    /// WAL position at the last check: write position on a primary, replay position on a
+    /// replica.
+    pub lsn: Option<u64>,
+    /// The source allows this node to be the primary (static: always; Patroni: the leader).
+    pub may_be_primary: bool,
+    /// The source allows reads here (static: always; Patroni: running, no `noloadbalance`).
+    pub may_take_reads: bool,
+}
+
+/// What a topology source says about a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// `host:port`.
+    pub addr: String,
+    /// May be the primary.
+    pub may_be_primary: bool,
+    /// May take reads.
+    pub may_take_reads: bool,
 }
 
 /// An immutable snapshot of all nodes.
@@ -47,7 +71,24 @@ impl Topology {
     pub fn primary(&self) -> Option<&Node> {
         self.nodes
             .iter()
-            .find(|n| n.healthy && n.role == Role::Primary)
+            .find(|n| n.healthy && n.role == Role::Primary && n.may_be_primary)
+    }
+
+    /// Replicas that may take reads: healthy, replaying, allowed by the source, and at most
+    /// `max_lag` bytes behind the primary (when both positions are known).
+    pub fn readable_replicas(&self, max_lag: Option<u64>) -> impl Iterator<Item = &Node> {
+        let primary_lsn = self.primary().and_then(|p| p.lsn);
+        self.nodes.iter().filter(move |n| {
+            n.healthy
+                && n.role == Role::Replica
+                && n.may_take_reads
+                && match (max_lag, primary_lsn, n.lsn) {
+                    (Some(max), Some(primary), Some(replica)) => {
+                        primary.saturating_sub(replica) <= max
+                    }
+                    _ => true,
+                }
+        })
     }
 }
 
@@ -57,24 +98,80 @@ pub struct TopologyHandle {
     current: ArcSwap<Topology>,
     changed: watch::Sender<u64>,
     next_replica: AtomicUsize,
+    max_lag: Option<u64>,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl TopologyHandle {
-    /// Starts with every node's role unknown and healthy (so the first connect can try it).
+    /// A fixed node list (static topology): every node may be primary and take reads; roles
+    /// are unknown until checked.
     pub fn new(addrs: &[String]) -> Arc<Self> {
-        let nodes = addrs
-            .iter()
-            .map(|addr| Node {
-                addr: addr.clone(),
-                role: Role::Unknown,
-                healthy: true,
-            })
-            .collect();
-        Arc::new(Self {
-            current: ArcSwap::from_pointee(Topology { nodes }),
+        Self::with_max_lag(addrs, None)
+    }
+
+    /// Like [`Self::new`], with a replica lag limit.
+    pub fn with_max_lag(addrs: &[String], max_lag: Option<u64>) -> Arc<Self> {
+        let handle = Arc::new(Self {
+            current: ArcSwap::from_pointee(Topology::default()),
             changed: watch::channel(0).0,
             next_replica: AtomicUsize::new(0),
-        })
+            max_lag,
+            wakers: Mutex::new(HashMap::new()),
+        });
+        handle.set_members(
+            addrs
+                .iter()
+                .map(|addr| Member {
+                    addr: addr.clone(),
+                    may_be_primary: true,
+                    may_take_reads: true,
+                })
+                .collect(),
+        );
+        handle
+    }
+
+    /// Replaces the member list, keeping what was observed of nodes already known. New
+    /// nodes start healthy with their role unknown, so they are unused until checked.
+    pub fn set_members(&self, members: Vec<Member>) {
+        let mut changed = false;
+        self.current.rcu(|current| {
+            let nodes: Vec<Node> = members
+                .iter()
+                .map(|m| {
+                    let known = current.nodes.iter().find(|n| n.addr == m.addr);
+                    Node {
+                        addr: m.addr.clone(),
+                        role: known.map_or(Role::Unknown, |n| n.role),
+                        healthy: known.is_none_or(|n| n.healthy),
+                        lsn: known.and_then(|n| n.lsn),
+                        may_be_primary: m.may_be_primary,
+                        may_take_reads: m.may_take_reads,
+                    }
+                })
+                .collect();
+            changed = nodes != current.nodes;
+            Topology { nodes }
+        });
+        if changed {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Asks the health monitor of `addr` to check it now.
+    pub fn wake(&self, addr: &str) {
+        if let Some(waker) = self.waker(addr, false) {
+            waker.notify_one();
+        }
+    }
+
+    /// The notifier a health monitor waits on for `addr` (created when `create`).
+    pub fn waker(&self, addr: &str, create: bool) -> Option<Arc<Notify>> {
+        let mut wakers = self.wakers.lock().ok()?;
+        if create {
+            return Some(Arc::clone(wakers.entry(addr.to_owned()).or_default()));
+        }
+        wakers.get(addr).cloned()
     }
 
     /// The current snapshot.
@@ -87,14 +184,10 @@ impl TopologyHandle {
         self.current.load().primary().map(|n| n.addr.clone())
     }
 
-    /// A healthy replica, round-robin across all of them.
+    /// A replica that may take reads, round-robin across all of them.
     pub fn replica(&self) -> Option<String> {
         let topology = self.current.load();
-        let replicas: Vec<&Node> = topology
-            .nodes
-            .iter()
-            .filter(|n| n.healthy && n.role == Role::Replica)
-            .collect();
+        let replicas: Vec<&Node> = topology.readable_replicas(self.max_lag).collect();
         if replicas.is_empty() {
             return None;
         }
@@ -102,8 +195,14 @@ impl TopologyHandle {
         Some(replicas[i].addr.clone())
     }
 
-    /// Records a node's observed state; returns the previous state if it changed.
+    /// Records a node's observed state; returns the previous state if its role or health
+    /// changed. (A new WAL position alone is stored without announcing a change.)
     pub fn update(&self, addr: &str, role: Role, healthy: bool) -> Option<Node> {
+        self.observe(addr, role, healthy, None)
+    }
+
+    /// [`Self::update`] with the WAL position measured by the check.
+    pub fn observe(&self, addr: &str, role: Role, healthy: bool, lsn: Option<u64>) -> Option<Node> {
         let mut previous = None;
         self.current.rcu(|current| {
             let mut next = Topology::clone(current);
@@ -118,6 +217,9 @@ impl TopologyHandle {
                     previous = Some(node.clone());
                     node.role = role;
                     node.healthy = healthy;
+                }
+                if lsn.is_some() {
+                    node.lsn = lsn;
                 }
             }
             next
@@ -179,6 +281,37 @@ mod tests {
         // A health check that passes puts it back, with its role kept.
         t.update("c:3", Role::Unknown, true);
         assert_eq!(t.replica().as_deref(), Some("c:3"));
+    }
+
+    #[test]
+    fn patroni_eligibility_and_lag() {
+        let member = |addr: &str, may_be_primary, may_take_reads| Member {
+            addr: addr.into(),
+            may_be_primary,
+            may_take_reads,
+        };
+        let t = TopologyHandle::with_max_lag(&[], Some(100));
+        t.set_members(vec![
+            member("a:1", true, true),
+            member("b:2", false, true),
+            member("c:3", false, false),
+        ]);
+        t.observe("a:1", Role::Primary, true, Some(1000));
+        t.observe("b:2", Role::Replica, true, Some(950));
+        t.observe("c:3", Role::Replica, true, Some(1000));
+        assert_eq!(t.primary().as_deref(), Some("a:1"));
+        // c is noloadbalance: never a read target.
+        assert!((0..4).all(|_| t.replica().as_deref() == Some("b:2")));
+        // b falls 200 bytes behind: out until it catches up.
+        t.observe("b:2", Role::Replica, true, Some(800));
+        assert_eq!(t.replica(), None);
+        t.observe("b:2", Role::Replica, true, Some(990));
+        assert_eq!(t.replica().as_deref(), Some("b:2"));
+        // A node still answering as primary but no longer the leader is not the primary.
+        t.set_members(vec![member("a:1", false, true), member("b:2", true, true)]);
+        assert_eq!(t.primary(), None);
+        t.observe("b:2", Role::Primary, true, Some(1000));
+        assert_eq!(t.primary().as_deref(), Some("b:2"));
     }
 
     #[test]
