@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages pgway's build, tests and dev cluster need, if any is missing:
-# PostgreSQL 15 (server + client: initdb, pg_ctl, pg_basebackup, psql, pgbench) and protoc.
+# PostgreSQL 15 (server + client: initdb, pg_ctl, pg_basebackup, psql, pgbench) and protoc;
+# for the Patroni tests, the Patroni quick start and the failover benchmark: etcd 3.4 (server
+# and etcdctl), Patroni 3.0, HAProxy, curl and psycopg2 (the benchmark's writer).
 # Idempotent and fast when everything is present (no apt-get at all then).
 set -euo pipefail
 
@@ -22,8 +24,28 @@ if ! command -v runuser >/dev/null 2>&1; then
     missing+=(util-linux)
 fi
 
+if ! have_pkg etcd-server || ! command -v etcd >/dev/null 2>&1; then
+    missing+=(etcd-server)
+fi
+if ! have_pkg etcd-client || ! command -v etcdctl >/dev/null 2>&1; then
+    missing+=(etcd-client)
+fi
+if ! have_pkg patroni || ! command -v patroni >/dev/null 2>&1 || ! command -v patronictl >/dev/null 2>&1; then
+    missing+=(patroni)
+fi
+if ! have_pkg haproxy || [[ ! -x /usr/sbin/haproxy ]]; then
+    missing+=(haproxy)
+fi
+if ! command -v curl >/dev/null 2>&1; then
+    missing+=(curl)
+fi
+if ! have_pkg python3-psycopg2; then
+    missing+=(python3-psycopg2)
+fi
+
 if ((${#missing[@]} == 0)); then
-    echo "install-deps: all present (postgresql-15, postgresql-client-15, protobuf-compiler)"
+    echo "install-deps: all present (postgresql-15, postgresql-client-15, protobuf-compiler," \
+        "etcd-server, etcd-client, patroni, haproxy, curl, python3-psycopg2)"
     exit 0
 fi
 
@@ -38,8 +60,20 @@ export DEBIAN_FRONTEND=noninteractive
 
 # The Debian package creates and starts a default cluster (port 5432); the tests and the dev
 # cluster run their own servers and do not need it. Leave it alone if it was already there.
+# Likewise etcd-server may start a default etcd on 127.0.0.1:2379 where init scripts run; the
+# Patroni quick start uses that port for its own etcd, so stop the service we just installed.
+if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v service >/dev/null 2>&1; then
+    if service etcd status >/dev/null 2>&1; then
+        echo "install-deps: stopping the etcd service the package started"
+        "${SUDO[@]}" service etcd stop >/dev/null 2>&1 || true
+    fi
+fi
 for tool in initdb pg_ctl pg_basebackup postgres psql pgbench; do
     [[ -x "$PG_BIN/$tool" ]] || { echo "install-deps: $PG_BIN/$tool is still missing" >&2; exit 1; }
 done
 command -v protoc >/dev/null || { echo "install-deps: protoc is still missing" >&2; exit 1; }
+for tool in etcd etcdctl patroni patronictl curl; do
+    command -v "$tool" >/dev/null || { echo "install-deps: $tool is still missing" >&2; exit 1; }
+done
+[[ -x /usr/sbin/haproxy ]] || { echo "install-deps: haproxy is still missing" >&2; exit 1; }
 echo "install-deps: done"

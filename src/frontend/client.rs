@@ -37,12 +37,19 @@ use crate::settings::{sync_query, ClientSettings, Value};
 /// sends them on (to the primary, since the batch cannot be judged whole).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
+/// Times a request is sent again after its server shut down before answering it.
+const MAX_RETRIES: usize = 3;
+
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     /// The client went away or its socket failed: nobody to tell.
     #[error("client connection lost: {0}")]
     ClientGone(NetError),
+    /// The server shut down before answering a request that can safely be sent again
+    /// (handled inside the session; never reaches the client).
+    #[error("server shut down before answering; retrying")]
+    Retry,
     /// End the session with a FATAL ErrorResponse.
     #[error("{message}")]
     Fatal {
@@ -193,6 +200,14 @@ pub struct Session<'a> {
     request_failed: bool,
     /// The last CommandComplete was a ROLLBACK.
     rolled_back: bool,
+    /// The request in flight may be sent again if the server shuts down before answering.
+    can_retry: bool,
+    /// A reply to the request in flight has been forwarded to the client.
+    request_answered: bool,
+    /// The server announced its shutdown in answer to a retryable request.
+    retry_pending: bool,
+    /// Length of `out` when the request in flight began.
+    out_mark: usize,
 }
 
 impl<'a> Session<'a> {
@@ -234,6 +249,10 @@ impl<'a> Session<'a> {
             txn_effects: Vec::new(),
             request_failed: false,
             rolled_back: false,
+            can_retry: false,
+            request_answered: false,
+            retry_pending: false,
+            out_mark: 0,
         }
     }
 
@@ -247,9 +266,17 @@ impl<'a> Session<'a> {
             Ok(()) => self.serve().await,
             Err(e) => Err(e),
         };
+        let result = result.map_err(|e| match e {
+            SessionError::Retry => SessionError::Fatal {
+                code: error::CONNECTION_FAILURE,
+                message: "server connection lost: the server kept shutting down".into(),
+            },
+            other => other,
+        });
         match result {
             Ok(()) => debug!("client left"),
             Err(SessionError::ClientGone(cause)) => debug!(%cause, "client connection lost"),
+            Err(SessionError::Retry) => {}
             Err(SessionError::Fatal { code, message }) => {
                 debug!(code, %message, "closing client connection");
                 self.out.clear();
@@ -404,32 +431,87 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         }
-        if self.server.is_none() {
-            let target = match &classification {
-                Some(c) => {
-                    self.shared
-                        .router
-                        .target(c, &self.database, &self.user)
-                        .await
-                }
-                None => Target::Primary,
-            };
-            if let Err(e) = self.attach(target).await {
-                return self.report(e, true).await;
+        let target = match &classification {
+            Some(c) if self.server.is_none() => {
+                self.shared
+                    .router
+                    .target(c, &self.database, &self.user)
+                    .await
             }
-        }
-        self.request_effects = classification
+            _ => Target::Primary,
+        };
+        let effects = classification
             .map(|c| c.session.clone())
             .unwrap_or_default();
-        let server = self.server_mut()?;
-        // A simple query replaces the unnamed statement.
-        server.unnamed = None;
-        self.to_server.extend_from_slice(&frame);
-        self.expect(Reply::Query, true, None);
-        self.send_to_server().await?;
-        self.relay().await?;
-        self.maybe_release();
+        let mut attempt = 0;
+        loop {
+            self.begin_request();
+            if self.server.is_none() {
+                if let Err(e) = self.attach(target).await {
+                    return self.report(e, true).await;
+                }
+            }
+            self.request_effects = effects.clone();
+            let server = self.server_mut()?;
+            // A simple query replaces the unnamed statement.
+            server.unnamed = None;
+            self.to_server.extend_from_slice(&frame);
+            self.expect(Reply::Query, true, None);
+            match self.send_and_relay(true).await {
+                Err(SessionError::Retry) if attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    self.abandon_server();
+                }
+                other => {
+                    other?;
+                    self.maybe_release();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Marks the start of a request: whether it may be retried on another connection if
+    /// the server shuts down before answering (only outside a transaction, when nothing
+    /// of it can have taken effect).
+    fn begin_request(&mut self) {
+        self.can_retry = self.status == b'I' && !self.unsynced && self.pinned.is_none();
+        self.request_answered = false;
+        self.retry_pending = false;
+        self.out_mark = self.out.len();
+    }
+
+    /// Sends what is queued and, if `relay`, relays the answers.
+    async fn send_and_relay(&mut self, relay: bool) -> Result<(), SessionError> {
+        let sent = self.send_to_server().await;
+        match sent {
+            Err(_) if self.can_retry && !self.request_answered => return Err(SessionError::Retry),
+            other => other?,
+        }
+        if relay {
+            self.relay().await?;
+        }
         Ok(())
+    }
+
+    /// Drops a server connection that went away under a retryable request, forgets what
+    /// was queued for it and takes its node out of rotation until it is healthy again.
+    fn abandon_server(&mut self) {
+        if let Some(conn) = self.server.take() {
+            debug!(node = %conn.addr, "server shut down before answering; sending the request again");
+            self.shared.topology.mark_down(&conn.addr);
+            self.shared.pools.clear_node(&conn.addr);
+        }
+        if let Ok(mut slot) = self.cancel.slot.lock() {
+            *slot = None;
+        }
+        self.pending.clear();
+        self.to_server.clear();
+        self.out.truncate(self.out_mark);
+        self.copy_in = false;
+        self.unsynced = false;
+        self.request_effects.clear();
+        self.request_failed = false;
     }
 
     /// `DEALLOCATE name` / `DEALLOCATE ALL` of protocol-level statements, which live in
@@ -516,33 +598,47 @@ impl<'a> Session<'a> {
         }
         let complete = sync || batch.last().is_some_and(|f| f[0] == b'H');
         let parse_targets = self.parse_targets(&batch).await?;
-        if self.server.is_none() {
-            let target = if complete {
-                self.batch_target(&batch, &parse_targets)?
-            } else {
-                Target::Primary
-            };
-            if let Err(e) = self.attach(target).await {
-                self.skip_until_sync = !sync;
-                return self.report(e, sync).await;
+        let target = if !complete {
+            Target::Primary
+        } else if self.server.is_none() {
+            self.batch_target(&batch, &parse_targets)?
+        } else {
+            Target::Primary
+        };
+        let mut attempt = 0;
+        loop {
+            self.begin_request();
+            self.can_retry &= sync;
+            if self.server.is_none() {
+                if let Err(e) = self.attach(target).await {
+                    self.skip_until_sync = !sync;
+                    return self.report(e, sync).await;
+                }
+            }
+            let mut targets = parse_targets.iter();
+            for frame in &batch {
+                let target = if frame[0] == b'P' {
+                    targets.next().copied()
+                } else {
+                    None
+                };
+                self.translate(frame, target.unwrap_or(Target::Primary))?;
+            }
+            self.unsynced = !sync;
+            match self.send_and_relay(complete).await {
+                Err(SessionError::Retry) if attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    self.abandon_server();
+                }
+                other => {
+                    other?;
+                    if complete {
+                        self.maybe_release();
+                    }
+                    return Ok(());
+                }
             }
         }
-        let mut parse_targets = parse_targets.into_iter();
-        for frame in &batch {
-            let target = if frame[0] == b'P' {
-                parse_targets.next()
-            } else {
-                None
-            };
-            self.translate(frame, target.unwrap_or(Target::Primary))?;
-        }
-        self.unsynced = !sync;
-        self.send_to_server().await?;
-        if complete {
-            self.relay().await?;
-            self.maybe_release();
-        }
-        Ok(())
     }
 
     /// The target of every Parse in the batch (in order).
@@ -986,11 +1082,18 @@ impl<'a> Session<'a> {
                 }
             }
             b'G' | b'W' => {
+                self.request_answered = true;
                 self.copy_in = true;
                 self.out.extend_from_slice(frame);
             }
+            b'E' if self.can_retry && !self.request_answered && is_shutdown(frame) => {
+                // The server is going away and did not run the request: send it elsewhere.
+                self.retry_pending = true;
+                return;
+            }
             b'E' => {
                 // Errors always reach the client, even for a message pgway injected.
+                self.request_answered = true;
                 self.out.extend_from_slice(frame);
                 self.copy_in = false;
                 if forward {
@@ -1011,6 +1114,7 @@ impl<'a> Session<'a> {
             _ => match head {
                 Some((kind, forward, _)) => {
                     if forward {
+                        self.request_answered = true;
                         self.out.extend_from_slice(frame);
                         if tag == b'C' {
                             self.rolled_back = messages::body(frame).starts_with(b"ROLLBACK");
@@ -1030,7 +1134,10 @@ impl<'a> Session<'a> {
                         }
                     }
                 }
-                None => self.out.extend_from_slice(frame),
+                None => {
+                    self.request_answered = true;
+                    self.out.extend_from_slice(frame);
+                }
             },
         }
         self.emit_local();
@@ -1046,15 +1153,20 @@ impl<'a> Session<'a> {
                 let frame = match server.io.try_frame(MAX_MESSAGE_LEN) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
-                    Err(e) => return Err(SessionError::server_lost(e)),
+                    Err(e) => return Err(self.lost(e)),
                 };
                 self.on_server_frame(&frame);
                 if self.pending.is_empty() && !self.copy_in {
                     break;
                 }
             }
-            self.flush().await?;
-            if self.pending.is_empty() && !self.copy_in {
+            let done = self.pending.is_empty() && !self.copy_in;
+            // Replies pgway made itself wait for the server's first answer, so a request
+            // can still be sent elsewhere if the server shuts down without answering.
+            if done || self.request_answered || !self.can_retry {
+                self.flush().await?;
+            }
+            if done {
                 return Ok(());
             }
             let Session {
@@ -1092,9 +1204,18 @@ impl<'a> Session<'a> {
                         }
                     }
                 }
-            } else {
-                server.io.fill().await.map_err(SessionError::server_lost)?;
+            } else if let Err(e) = server.io.fill().await {
+                return Err(self.lost(e));
             }
+        }
+    }
+
+    /// The error for a server connection that failed under the request in flight.
+    fn lost(&self, e: NetError) -> SessionError {
+        if self.retry_pending {
+            SessionError::Retry
+        } else {
+            SessionError::server_lost(e)
         }
     }
 
@@ -1142,4 +1263,12 @@ impl<'a> Session<'a> {
             _ => debug!("closing server connection after a failed rollback"),
         }
     }
+}
+
+/// True for a FATAL ErrorResponse by which a server says it is shutting down (or cannot
+/// take connections), so the request it answers did not run.
+fn is_shutdown(frame: &[u8]) -> bool {
+    let (code, _) = messages::error_fields(frame);
+    let fatal = messages::error_severity(frame).is_some_and(|s| s == "FATAL");
+    fatal && matches!(code.as_str(), "57P01" | "57P02" | "57P03")
 }

@@ -286,6 +286,24 @@ pub fn error_fields(frame: &[u8]) -> (String, String) {
     (code, message)
 }
 
+/// The non-localised severity (`V`, else `S`) of an ErrorResponse or NoticeResponse frame.
+pub fn error_severity(frame: &[u8]) -> Option<String> {
+    let mut r = Reader::new(body(frame), "ErrorResponse");
+    let mut localized = None;
+    while let Ok(field) = r.u8() {
+        if field == 0 {
+            break;
+        }
+        let Ok(value) = r.cstr() else { break };
+        match field {
+            b'V' => return Some(String::from_utf8_lossy(value).into_owned()),
+            b'S' => localized = Some(String::from_utf8_lossy(value).into_owned()),
+            _ => {}
+        }
+    }
+    localized
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,5 +390,6 @@ mod tests {
         error_response(&mut out, Severity::Error, "53300", "too many");
         assert_eq!(frame_len(&out, MAX_MESSAGE_LEN), Ok(Some(out.len())));
         assert_eq!(error_fields(&out), ("53300".into(), "too many".into()));
+        assert_eq!(error_severity(&out).as_deref(), Some("ERROR"));
     }
 }
