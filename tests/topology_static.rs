@@ -185,3 +185,51 @@ async fn with_two_replicas_a_stopped_one_is_skipped() {
     )
     .await;
 }
+
+/// A promoted replica becomes the primary without a restart of pgway, and a write sent while
+/// there is no primary waits for one instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_takes_the_writes() {
+    let mut cluster = Cluster::start(1);
+    cluster.psql_admin(
+        cluster.primary_port(),
+        "SET ROLE app; CREATE TABLE items (id int);",
+    );
+    cluster.wait_replay();
+    let gw = Gateway::start(&cluster);
+    gw.wait_for_replica_reads(&cluster).await;
+    let replica = cluster.replica_ports()[0];
+    let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    let port_of_write = "insert into items values (1) returning inet_server_port()";
+    let rows = simple_rows(&client, port_of_write).await.unwrap();
+    assert_eq!(
+        rows[0][0].as_deref(),
+        Some(cluster.primary_port().to_string().as_str())
+    );
+
+    cluster.stop_primary();
+    // This write finds no primary: it waits (topology.failover_timeout, 30 s by default)
+    // while the replica is promoted, then runs there.
+    let writer = {
+        let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+        tokio::spawn(async move {
+            simple_rows(
+                &client,
+                "insert into items values (2) returning inet_server_port()",
+            )
+            .await
+            .map(|rows| rows[0][0].clone())
+            .map_err(|e| describe_error(&e))
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    cluster.promote_replica(0);
+    let answered = writer.await.unwrap();
+    assert_eq!(answered, Ok(Some(replica.to_string())), "the waiting write");
+    let rows = simple_rows(&client, port_of_write).await.unwrap();
+    assert_eq!(rows[0][0].as_deref(), Some(replica.to_string().as_str()));
+    let rows = simple_rows(&client, "select count(*) from items")
+        .await
+        .unwrap();
+    assert_eq!(rows[0][0].as_deref(), Some("3"));
+}

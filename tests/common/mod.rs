@@ -461,6 +461,27 @@ impl Cluster {
         start_node(&root, &mut self.replicas[i]);
     }
 
+    /// Stops the primary (`pg_ctl stop -m fast`).
+    pub fn stop_primary(&mut self) {
+        run_ok(
+            server_command("pg_ctl", &self.root)
+                .arg("-D")
+                .arg(&self.primary.data)
+                .args(["-m", "fast", "-w", "-t", "60", "stop"]),
+        );
+        self.primary.running = false;
+    }
+
+    /// Promotes replica `i` (`pg_ctl promote`, waiting until it accepts writes).
+    pub fn promote_replica(&mut self, i: usize) {
+        run_ok(
+            server_command("pg_ctl", &self.root)
+                .arg("-D")
+                .arg(&self.replicas[i].data)
+                .args(["-w", "-t", "60", "promote"]),
+        );
+    }
+
     /// Runs `sql` (a script; statements run one by one) in `appdb` as the superuser
     /// `postgres` directly on the server at `port`, bypassing pgway. Panics on error.
     pub fn psql_admin(&self, port: u16, sql: &str) -> String {
