@@ -1,5 +1,6 @@
 //! Server side: connections to PostgreSQL nodes and the pools that hold them.
 
+pub mod control;
 pub mod pool;
 pub mod server;
 

@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
-use tokio_postgres::NoTls;
 use tracing::debug;
 
-use crate::config::split_host_port;
+use crate::backend::control::{self, ControlLogin};
 use crate::topology::TopologyHandle;
 
 /// Whether a function may run on a replica.
@@ -106,22 +105,14 @@ impl Catalog {
             .primary()
             .or_else(|| self.topology.replica())
             .ok_or("no usable node")?;
-        let (host, port) = split_host_port(&addr).ok_or("bad address")?;
         let password = self.credentials.get(user).ok_or("unknown user")?;
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(host)
-            .port(port)
-            .user(user)
-            .password(password)
-            .dbname(database)
-            .application_name("pgway-catalog")
-            .connect_timeout(self.timeout);
-        let (client, connection) = tokio::time::timeout(self.timeout, config.connect(NoTls))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(connection);
-        Ok(client)
+        let login = ControlLogin {
+            addr: &addr,
+            user,
+            password,
+            database,
+            application_name: "pgway-catalog",
+        };
+        control::connect(login, self.timeout).await
     }
 }

@@ -9,13 +9,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Role, TopologyHandle};
+use crate::backend::control::{self, ControlLogin};
 use crate::backend::Pools;
-use crate::config::split_host_port;
 
 /// Check interval for a node that should become the primary but is not one yet.
 pub const PROMOTION_PROBE: Duration = Duration::from_millis(50);
@@ -55,22 +54,14 @@ pub async fn check_node(
     client: &mut Option<tokio_postgres::Client>,
 ) -> Result<Observation, String> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
-        let (host, port) = split_host_port(addr).ok_or("bad address")?;
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(host)
-            .port(port)
-            .user(&settings.user)
-            .password(&settings.password)
-            .dbname(&settings.database)
-            .application_name("pgway-health")
-            .connect_timeout(settings.timeout);
-        let (c, connection) = tokio::time::timeout(settings.timeout, config.connect(NoTls))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(connection);
-        *client = Some(c);
+        let login = ControlLogin {
+            addr,
+            user: &settings.user,
+            password: &settings.password,
+            database: &settings.database,
+            application_name: "pgway-health",
+        };
+        *client = Some(control::connect(login, settings.timeout).await?);
     }
     let Some(c) = client.as_ref() else {
         return Err("no connection".into());
