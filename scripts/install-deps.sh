@@ -2,7 +2,10 @@
 # Installs the Debian packages pgway's build, tests and dev cluster need, if any is missing:
 # PostgreSQL 15 (server + client: initdb, pg_ctl, pg_basebackup, psql, pgbench) and protoc;
 # for the Patroni tests, the Patroni quick start and the failover benchmark: etcd 3.4 (server
-# and etcdctl), Patroni 3.0, HAProxy, curl and psycopg2 (the benchmark's writer).
+# and etcdctl), Patroni 3.0, HAProxy, curl and psycopg2 (the benchmark's writer); for the
+# load comparison (benches/compare.sh), also pgbouncer and gnuplot-nox; for the
+# driver tests (tests/drivers.rs), pgjdbc and a JDK (their Python and Node.js drivers come from
+# PyPI and npm through tests/drivers/setup.sh, which those tests run themselves).
 # Idempotent and fast when everything is present (no apt-get at all then).
 set -euo pipefail
 
@@ -39,13 +42,28 @@ fi
 if ! command -v curl >/dev/null 2>&1; then
     missing+=(curl)
 fi
+# benches/compare.sh: pgbouncer (the pooling comparison point) and gnuplot (its chart).
+if ! have_pkg pgbouncer || [[ ! -x /usr/sbin/pgbouncer ]]; then
+    missing+=(pgbouncer)
+fi
+if ! have_pkg gnuplot-nox || ! command -v gnuplot >/dev/null 2>&1; then
+    missing+=(gnuplot-nox)
+fi
 if ! have_pkg python3-psycopg2; then
     missing+=(python3-psycopg2)
 fi
 
+if ! have_pkg libpostgresql-jdbc-java || [[ ! -f /usr/share/java/postgresql.jar ]]; then
+    missing+=(libpostgresql-jdbc-java)
+fi
+if ! command -v java >/dev/null 2>&1; then
+    missing+=(openjdk-17-jdk-headless)
+fi
+
 if ((${#missing[@]} == 0)); then
     echo "install-deps: all present (postgresql-15, postgresql-client-15, protobuf-compiler," \
-        "etcd-server, etcd-client, patroni, haproxy, curl, python3-psycopg2)"
+        "etcd-server, etcd-client, patroni, haproxy, pgbouncer, gnuplot-nox, curl, python3-psycopg2," \
+        "libpostgresql-jdbc-java, java)"
     exit 0
 fi
 
@@ -68,6 +86,14 @@ if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v service >/dev/null
         "${SUDO[@]}" service etcd stop >/dev/null 2>&1 || true
     fi
 fi
+# The pgbouncer package may start a default pgbouncer on 127.0.0.1:6432, pgway's default port
+# (the dev cluster's); benches/compare.sh runs its own, so stop the service we just installed.
+if [[ " ${missing[*]} " == *" pgbouncer "* ]] && command -v service >/dev/null 2>&1; then
+    if service pgbouncer status >/dev/null 2>&1; then
+        echo "install-deps: stopping the pgbouncer service the package started"
+        "${SUDO[@]}" service pgbouncer stop >/dev/null 2>&1 || true
+    fi
+fi
 for tool in initdb pg_ctl pg_basebackup postgres psql pgbench; do
     [[ -x "$PG_BIN/$tool" ]] || { echo "install-deps: $PG_BIN/$tool is still missing" >&2; exit 1; }
 done
@@ -76,4 +102,6 @@ for tool in etcd etcdctl patroni patronictl curl; do
     command -v "$tool" >/dev/null || { echo "install-deps: $tool is still missing" >&2; exit 1; }
 done
 [[ -x /usr/sbin/haproxy ]] || { echo "install-deps: haproxy is still missing" >&2; exit 1; }
+[[ -x /usr/sbin/pgbouncer ]] || { echo "install-deps: pgbouncer is still missing" >&2; exit 1; }
+command -v gnuplot >/dev/null || { echo "install-deps: gnuplot is still missing" >&2; exit 1; }
 echo "install-deps: done"

@@ -231,8 +231,6 @@ async fn client_socket_dropped_inside_a_transaction_is_rolled_back() {
 }
 
 // DESIGN.md (Pooling): "Session state follows the client across server connections".
-// Not implemented in pgway yet; run with `cargo test --test pooling -- --ignored`.
-#[ignore = "pgway does not re-apply SET state across server connections yet"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_settings_follow_the_client_not_the_server_connection() {
     let cluster = Cluster::start(1);

@@ -520,8 +520,6 @@ async fn notices_are_relayed() {
 }
 
 // DESIGN.md (Pooling): LISTEN pins the client to one primary connection.
-// Not implemented in pgway yet; run with `cargo test --test protocol -- --ignored`.
-#[ignore = "pgway does not pin LISTEN sessions or relay notifications to idle clients yet"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_notify_delivers_notifications() {
     let cluster = Cluster::start(0);

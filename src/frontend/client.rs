@@ -120,6 +120,30 @@ impl Prepared {
     }
 }
 
+/// The effects that survive a committed transaction's savepoint history.
+fn committed_effects(events: Vec<SessionEffect>) -> Vec<SessionEffect> {
+    let mut effects = Vec::new();
+    let mut savepoints: Vec<(String, usize)> = Vec::new();
+    for event in events {
+        match event {
+            SessionEffect::Savepoint(name) => savepoints.push((name, effects.len())),
+            SessionEffect::RollbackToSavepoint(name) => {
+                if let Some(i) = savepoints.iter().rposition(|(n, _)| *n == name) {
+                    effects.truncate(savepoints[i].1);
+                    savepoints.truncate(i + 1);
+                }
+            }
+            SessionEffect::ReleaseSavepoint(name) => {
+                if let Some(i) = savepoints.iter().rposition(|(n, _)| *n == name) {
+                    savepoints.truncate(i);
+                }
+            }
+            effect => effects.push(effect),
+        }
+    }
+    effects
+}
+
 /// Which server reply ends the answer to one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reply {
@@ -162,7 +186,7 @@ enum Expect {
         prepared: Option<u64>,
     },
     /// A reply pgway sends itself when its turn comes (ParseComplete, CloseComplete).
-    Local(u8),
+    Local(BytesMut),
 }
 
 /// One client's session.
@@ -208,6 +232,11 @@ pub struct Session<'a> {
     retry_pending: bool,
     /// Length of `out` when the request in flight began.
     out_mark: usize,
+    /// pgway answered a message of the batch in flight with an error: the rest of it, up to
+    /// Sync, is not sent.
+    batch_failed: bool,
+    /// Statement names the request in flight added (forgotten again if it is re-sent).
+    named_in_request: Vec<Vec<u8>>,
 }
 
 impl<'a> Session<'a> {
@@ -253,6 +282,8 @@ impl<'a> Session<'a> {
             request_answered: false,
             retry_pending: false,
             out_mark: 0,
+            batch_failed: false,
+            named_in_request: Vec::new(),
         }
     }
 
@@ -479,6 +510,8 @@ impl<'a> Session<'a> {
         self.request_answered = false;
         self.retry_pending = false;
         self.out_mark = self.out.len();
+        self.batch_failed = false;
+        self.named_in_request.clear();
     }
 
     /// Sends what is queued and, if `relay`, relays the answers.
@@ -512,6 +545,9 @@ impl<'a> Session<'a> {
         self.unsynced = false;
         self.request_effects.clear();
         self.request_failed = false;
+        for name in std::mem::take(&mut self.named_in_request) {
+            self.statements.remove(&name);
+        }
     }
 
     /// `DEALLOCATE name` / `DEALLOCATE ALL` of protocol-level statements, which live in
@@ -666,27 +702,29 @@ impl<'a> Session<'a> {
         parse_targets: &[Target],
     ) -> Result<Target, SessionError> {
         let mut target = Target::Replica;
-        let mut unnamed = self.unnamed.as_ref().map(|p| p.target);
+        // Statements parsed earlier in this batch, by name (the unnamed one too).
+        let mut parsed: HashMap<&[u8], Target> = HashMap::new();
         let mut parse_targets = parse_targets.iter();
         for frame in batch {
             let this = match frame[0] {
                 b'P' => {
                     let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
                     let t = parse_targets.next().copied().unwrap_or(Target::Primary);
-                    if parse.name.is_empty() {
-                        unnamed = Some(t);
-                    }
+                    parsed.insert(parse.name, t);
                     t
                 }
                 b'B' => {
                     let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
-                    if bind.statement.is_empty() {
-                        unnamed.unwrap_or(Target::Primary)
+                    let known = if bind.statement.is_empty() {
+                        self.unnamed.as_ref()
                     } else {
-                        self.statements
-                            .get(bind.statement)
-                            .map_or(Target::Primary, |p| p.target)
-                    }
+                        self.statements.get(bind.statement)
+                    };
+                    parsed
+                        .get(bind.statement)
+                        .copied()
+                        .or(known.map(|p| p.target))
+                        .unwrap_or(Target::Primary)
                 }
                 _ => continue,
             };
@@ -703,16 +741,39 @@ impl<'a> Session<'a> {
     /// `target` is the routing decision for a Parse message.
     fn translate(&mut self, frame: &BytesMut, target: Target) -> Result<(), SessionError> {
         let client_id = self.cancel.pid as u64;
+        if self.batch_failed && frame[0] != b'S' {
+            // PostgreSQL skips everything after an error until Sync.
+            return Ok(());
+        }
         match frame[0] {
             b'P' => {
                 let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
+                if !parse.name.is_empty() && self.statements.contains_key(parse.name) {
+                    let mut error = BytesMut::new();
+                    messages::error_response(
+                        &mut error,
+                        Severity::Error,
+                        "42P05",
+                        &format!(
+                            "prepared statement \"{}\" already exists",
+                            String::from_utf8_lossy(parse.name)
+                        ),
+                    );
+                    self.pending.push_back(Expect::Local(error));
+                    self.batch_failed = true;
+                    self.request_failed = true;
+                    return Ok(());
+                }
+                if !parse.name.is_empty() {
+                    self.named_in_request.push(parse.name.to_vec());
+                }
                 let prepared = self.remember(&parse, target);
                 if parse.name.is_empty() {
                     self.to_server.extend_from_slice(frame);
                     self.server_mut()?.unnamed = Some((prepared.hash, client_id));
                     self.expect(Reply::Parse, true, None);
                 } else if self.server_mut()?.statements.touch(prepared.hash) {
-                    self.pending.push_back(Expect::Local(b'1'));
+                    self.pending.push_back(Expect::Local(local_reply(b'1')));
                 } else {
                     self.prepare_on_server(&prepared, true)?;
                 }
@@ -753,7 +814,7 @@ impl<'a> Session<'a> {
                     // The statement stays prepared on the server for reuse; the client's
                     // name for it is gone.
                     self.statements.remove(target.name);
-                    self.pending.push_back(Expect::Local(b'3'));
+                    self.pending.push_back(Expect::Local(local_reply(b'3')));
                 } else {
                     self.to_server.extend_from_slice(frame);
                     self.expect(Reply::Close, true, None);
@@ -946,9 +1007,9 @@ impl<'a> Session<'a> {
             self.txn_effects.extend(effects);
         }
         if status == b'I' {
-            let effects = std::mem::take(&mut self.txn_effects);
+            let events = std::mem::take(&mut self.txn_effects);
             if !self.rolled_back {
-                self.apply_effects(effects);
+                self.apply_effects(committed_effects(events));
             }
         }
     }
@@ -1007,6 +1068,9 @@ impl<'a> Session<'a> {
                 SessionEffect::SetLocal
                 | SessionEffect::DiscardOther
                 | SessionEffect::Unlisten
+                | SessionEffect::Savepoint(_)
+                | SessionEffect::RollbackToSavepoint(_)
+                | SessionEffect::ReleaseSavepoint(_)
                 | SessionEffect::Unsupported(_) => {}
             }
         }
@@ -1031,9 +1095,10 @@ impl<'a> Session<'a> {
 
     /// Sends pgway's own replies that are due.
     fn emit_local(&mut self) {
-        while let Some(Expect::Local(tag)) = self.pending.front() {
-            put_frame(&mut self.out, *tag, &[]);
-            self.pending.pop_front();
+        while let Some(Expect::Local(_)) = self.pending.front() {
+            if let Some(Expect::Local(frame)) = self.pending.pop_front() {
+                self.out.extend_from_slice(&frame);
+            }
         }
     }
 
@@ -1094,7 +1159,7 @@ impl<'a> Session<'a> {
             b'E' => {
                 // Errors always reach the client, even for a message pgway injected.
                 self.request_answered = true;
-                self.out.extend_from_slice(frame);
+                self.forward_error(frame);
                 self.copy_in = false;
                 if forward {
                     self.request_failed = true;
@@ -1141,6 +1206,42 @@ impl<'a> Session<'a> {
             },
         }
         self.emit_local();
+    }
+
+    /// Forwards an ErrorResponse, naming statements as the client named them rather than by
+    /// pgway's server-side names.
+    fn forward_error(&mut self, frame: &[u8]) {
+        const PREFIX: &str = "pgway_";
+        if !frame.windows(PREFIX.len()).any(|w| w == PREFIX.as_bytes()) {
+            self.out.extend_from_slice(frame);
+            return;
+        }
+        let statements = &self.statements;
+        let client_name = |hash: u64| {
+            statements
+                .iter()
+                .find(|(_, p)| p.hash == hash)
+                .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+        };
+        messages::rewrite_error(frame, &mut self.out, |value| {
+            let mut text = value.to_owned();
+            let mut from = 0;
+            while let Some(at) = text[from..].find(PREFIX).map(|i| i + from) {
+                let hex_end = at + PREFIX.len() + 16;
+                let name = text
+                    .get(at + PREFIX.len()..hex_end)
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                    .and_then(client_name);
+                match name {
+                    Some(name) => {
+                        text.replace_range(at..hex_end, &name);
+                        from = at + name.len();
+                    }
+                    None => from = at + PREFIX.len(),
+                }
+            }
+            text
+        });
     }
 
     /// Relays server replies to the client until every expected reply has arrived, passing
@@ -1232,6 +1333,11 @@ impl<'a> Session<'a> {
             // Mid-statement: closing the connection makes the server abort it.
             return;
         }
+        if self.pinned.is_some() {
+            // Temporary tables, advisory locks, LISTEN, prepared statements: closing the
+            // connection is the one sure way to leave nothing behind for the next client.
+            return;
+        }
         if self.status == b'I' && !self.unsynced {
             conn.release();
             return;
@@ -1271,4 +1377,64 @@ fn is_shutdown(frame: &[u8]) -> bool {
     let (code, _) = messages::error_fields(frame);
     let fatal = messages::error_severity(frame).is_some_and(|s| s == "FATAL");
     fatal && matches!(code.as_str(), "57P01" | "57P02" | "57P03")
+}
+
+/// A reply pgway gives itself: a message with an empty body (ParseComplete, CloseComplete).
+fn local_reply(tag: u8) -> BytesMut {
+    let mut frame = BytesMut::new();
+    put_frame(&mut frame, tag, &[]);
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(value: &str) -> SessionEffect {
+        SessionEffect::Set {
+            name: "work_mem".into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn savepoints_undo_and_keep_effects() {
+        use SessionEffect::{
+            ReleaseSavepoint as Release, RollbackToSavepoint as RollbackTo, Savepoint,
+        };
+        let events = vec![
+            set("'8MB'"),
+            Savepoint("s".into()),
+            set("'9MB'"),
+            RollbackTo("s".into()),
+            Savepoint("t".into()),
+            set("'10MB'"),
+            Release("t".into()),
+            RollbackTo("missing".into()),
+        ];
+        assert_eq!(committed_effects(events), vec![set("'8MB'"), set("'10MB'")]);
+        // Rolling back to an outer savepoint undoes inner ones too.
+        let events = vec![
+            Savepoint("a".into()),
+            set("'1MB'"),
+            Savepoint("b".into()),
+            set("'2MB'"),
+            RollbackTo("a".into()),
+            set("'3MB'"),
+        ];
+        assert_eq!(committed_effects(events), vec![set("'3MB'")]);
+    }
+
+    #[test]
+    fn shutdown_errors_are_recognised() {
+        let mut frame = BytesMut::new();
+        messages::error_response(&mut frame, Severity::Fatal, "57P01", "terminating");
+        assert!(is_shutdown(&frame));
+        frame.clear();
+        messages::error_response(&mut frame, Severity::Error, "57P01", "not fatal");
+        assert!(!is_shutdown(&frame));
+        frame.clear();
+        messages::error_response(&mut frame, Severity::Fatal, "28P01", "password");
+        assert!(!is_shutdown(&frame));
+    }
 }

@@ -286,6 +286,24 @@ pub fn error_fields(frame: &[u8]) -> (String, String) {
     (code, message)
 }
 
+/// Appends a copy of an ErrorResponse/NoticeResponse `frame` with every field value passed
+/// through `rewrite`.
+pub fn rewrite_error(frame: &[u8], out: &mut BytesMut, rewrite: impl Fn(&str) -> String) {
+    let start = begin_frame(out, frame.first().copied().unwrap_or(b'E'));
+    let mut r = Reader::new(body(frame), "ErrorResponse");
+    while let Ok(field) = r.u8() {
+        if field == 0 {
+            break;
+        }
+        let Ok(value) = r.cstr() else { break };
+        out.extend_from_slice(&[field]);
+        out.extend_from_slice(rewrite(&String::from_utf8_lossy(value)).as_bytes());
+        out.extend_from_slice(&[0]);
+    }
+    out.extend_from_slice(&[0]);
+    end_frame(out, start);
+}
+
 /// The non-localised severity (`V`, else `S`) of an ErrorResponse or NoticeResponse frame.
 pub fn error_severity(frame: &[u8]) -> Option<String> {
     let mut r = Reader::new(body(frame), "ErrorResponse");
@@ -391,5 +409,12 @@ mod tests {
         assert_eq!(frame_len(&out, MAX_MESSAGE_LEN), Ok(Some(out.len())));
         assert_eq!(error_fields(&out), ("53300".into(), "too many".into()));
         assert_eq!(error_severity(&out).as_deref(), Some("ERROR"));
+        let mut renamed = BytesMut::new();
+        rewrite_error(&out, &mut renamed, |v| v.replace("many", "few"));
+        assert_eq!(error_fields(&renamed), ("53300".into(), "too few".into()));
+        assert_eq!(
+            frame_len(&renamed, MAX_MESSAGE_LEN),
+            Ok(Some(renamed.len()))
+        );
     }
 }

@@ -264,6 +264,13 @@ pub enum SessionEffect {
     DeallocateAll,
     /// `UNLISTEN ...` (any form).
     Unlisten,
+    /// `SAVEPOINT name` (name lower-cased unless quoted).
+    Savepoint(String),
+    /// `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name`: session effects since the
+    /// savepoint are undone.
+    RollbackToSavepoint(String),
+    /// `RELEASE [SAVEPOINT] name`.
+    ReleaseSavepoint(String),
     /// Session-bound state: pin the client.
     Pin(PinReason),
     /// A session-level statement pgway cannot keep across pooled connections
@@ -974,6 +981,8 @@ fn statement_effect(
         Some(deallocate_effect(words))
     } else if is_kw(first, "UNLISTEN") {
         Some(SessionEffect::Unlisten)
+    } else if let Some(effect) = savepoint_effect(words) {
+        Some(effect)
     } else {
         pin_effect(words, tokens).map(SessionEffect::Pin)
     }
@@ -1291,6 +1300,57 @@ fn discard_effect(words: &[&TokenWithSpan]) -> SessionEffect {
         }
         _ => SessionEffect::Unsupported("DISCARD"),
     }
+}
+
+/// A savepoint name: lower-cased unless quoted.
+fn object_name(token: &Token) -> Option<String> {
+    match token {
+        Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_ascii_lowercase()),
+        Token::Word(w) if w.quote_style == Some('"') && !w.value.is_empty() => {
+            Some(w.value.clone())
+        }
+        _ => None,
+    }
+}
+
+/// `SAVEPOINT`, `ROLLBACK ... TO` and `RELEASE` statements.
+fn savepoint_effect(words: &[&TokenWithSpan]) -> Option<SessionEffect> {
+    let (first, rest) = words.split_first()?;
+    if is_kw(&first.token, "SAVEPOINT") {
+        return match rest {
+            [name] => object_name(&name.token).map(SessionEffect::Savepoint),
+            _ => None,
+        };
+    }
+    if is_kw(&first.token, "RELEASE") {
+        let rest = match rest {
+            [kw, rest @ ..] if is_kw(&kw.token, "SAVEPOINT") => rest,
+            rest => rest,
+        };
+        return match rest {
+            [name] => object_name(&name.token).map(SessionEffect::ReleaseSavepoint),
+            _ => None,
+        };
+    }
+    if is_kw(&first.token, "ROLLBACK") || is_kw(&first.token, "ABORT") {
+        let rest = match rest {
+            [kw, rest @ ..] if is_kw(&kw.token, "WORK") || is_kw(&kw.token, "TRANSACTION") => rest,
+            rest => rest,
+        };
+        let rest = match rest {
+            [to, rest @ ..] if is_kw(&to.token, "TO") => rest,
+            _ => return None,
+        };
+        let rest = match rest {
+            [kw, rest @ ..] if is_kw(&kw.token, "SAVEPOINT") => rest,
+            rest => rest,
+        };
+        return match rest {
+            [name] => object_name(&name.token).map(SessionEffect::RollbackToSavepoint),
+            _ => None,
+        };
+    }
+    None
 }
 
 /// Effect of a statement starting with `DEALLOCATE`.
@@ -2307,6 +2367,42 @@ mod tests {
         ] {
             assert_eq!(effects(sql), vec![], "{sql}");
         }
+    }
+
+    #[test]
+    fn savepoint_statements() {
+        assert_eq!(
+            effects("savepoint s1"),
+            vec![SessionEffect::Savepoint("s1".into())]
+        );
+        assert_eq!(
+            effects("ROLLBACK TO SAVEPOINT S1"),
+            vec![SessionEffect::RollbackToSavepoint("s1".into())]
+        );
+        assert_eq!(
+            effects("rollback work to \"A\""),
+            vec![SessionEffect::RollbackToSavepoint("A".into())]
+        );
+        assert_eq!(
+            effects("release s1"),
+            vec![SessionEffect::ReleaseSavepoint("s1".into())]
+        );
+        assert_eq!(effects("rollback"), vec![]);
+        assert_eq!(
+            effects("begin; set a.b = 1; savepoint s; set a.b = 2; rollback to s; commit"),
+            vec![
+                SessionEffect::Set {
+                    name: "a.b".into(),
+                    value: "1".into()
+                },
+                SessionEffect::Savepoint("s".into()),
+                SessionEffect::Set {
+                    name: "a.b".into(),
+                    value: "2".into()
+                },
+                SessionEffect::RollbackToSavepoint("s".into()),
+            ]
+        );
     }
 
     #[test]
