@@ -16,16 +16,16 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tracing::{debug, warn};
 
 use super::cancel::{CancelKey, CancelTarget};
 use super::Shared;
 use crate::backend::server::statement_name;
-use crate::backend::{BackendError, PoolError, PooledConn};
+use crate::backend::{BackendError, Pool, PoolError, PooledConn};
 use crate::error;
 use crate::net::{FramedStream, NetError};
-use crate::protocol::frame::put_frame;
+use crate::protocol::frame::{frame_len, put_frame};
 use crate::protocol::messages::{
     self, query_text, write_parse, write_target, Bind, Parse, Severity,
 };
@@ -237,6 +237,8 @@ pub struct Session<'a> {
     batch_failed: bool,
     /// Statement names the request in flight added (forgotten again if it is re-sent).
     named_in_request: Vec<Vec<u8>>,
+    /// This client's pools by node, so taking a connection needs no global lock.
+    pools: HashMap<String, Arc<Pool>>,
 }
 
 impl<'a> Session<'a> {
@@ -284,6 +286,7 @@ impl<'a> Session<'a> {
             out_mark: 0,
             batch_failed: false,
             named_in_request: Vec::new(),
+            pools: HashMap::new(),
         }
     }
 
@@ -944,9 +947,16 @@ impl<'a> Session<'a> {
                     )
                 })?,
             };
-            let pool = shared
-                .pools
-                .get(&addr, &self.database, &self.user, &self.password);
+            let pool = match self.pools.get(&addr) {
+                Some(pool) => Arc::clone(pool),
+                None => {
+                    let pool = shared
+                        .pools
+                        .get(&addr, &self.database, &self.user, &self.password);
+                    self.pools.insert(addr.clone(), Arc::clone(&pool));
+                    pool
+                }
+            };
             match pool.acquire().await {
                 Ok(conn) => {
                     if let Ok(mut slot) = self.cancel.slot.lock() {
@@ -1249,17 +1259,28 @@ impl<'a> Session<'a> {
     async fn relay(&mut self) -> Result<(), SessionError> {
         self.emit_local();
         loop {
-            loop {
-                let server = self.server_mut()?;
-                let frame = match server.io.try_frame(MAX_MESSAGE_LEN) {
-                    Ok(Some(frame)) => frame,
+            // Frames are handled where they lie in the read buffer (no split per message);
+            // the buffer is lent out of the connection meanwhile.
+            let mut buf = std::mem::take(&mut self.server_mut()?.io.rbuf);
+            let mut pos = 0;
+            let mut malformed = None;
+            while !self.pending.is_empty() || self.copy_in {
+                match frame_len(&buf[pos..], MAX_MESSAGE_LEN) {
+                    Ok(Some(len)) => {
+                        self.on_server_frame(&buf[pos..pos + len]);
+                        pos += len;
+                    }
                     Ok(None) => break,
-                    Err(e) => return Err(self.lost(e)),
-                };
-                self.on_server_frame(&frame);
-                if self.pending.is_empty() && !self.copy_in {
-                    break;
+                    Err(e) => {
+                        malformed = Some(e);
+                        break;
+                    }
                 }
+            }
+            buf.advance(pos);
+            self.server_mut()?.io.rbuf = buf;
+            if let Some(e) = malformed {
+                return Err(self.lost(NetError::Frame(e)));
             }
             let done = self.pending.is_empty() && !self.copy_in;
             // Replies pgway made itself wait for the server's first answer, so a request

@@ -187,12 +187,16 @@ impl TopologyHandle {
     /// A replica that may take reads, round-robin across all of them.
     pub fn replica(&self) -> Option<String> {
         let topology = self.current.load();
-        let replicas: Vec<&Node> = topology.readable_replicas(self.max_lag).collect();
-        if replicas.is_empty() {
+        let count = topology.readable_replicas(self.max_lag).count();
+        if count == 0 {
             return None;
         }
-        let i = self.next_replica.fetch_add(1, Ordering::Relaxed) % replicas.len();
-        Some(replicas[i].addr.clone())
+        let i = self.next_replica.fetch_add(1, Ordering::Relaxed) % count;
+        let addr = topology
+            .readable_replicas(self.max_lag)
+            .nth(i)
+            .map(|n| n.addr.clone());
+        addr
     }
 
     /// Records a node's observed state; returns the previous state if its role or health
