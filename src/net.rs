@@ -1,7 +1,7 @@
 //! A TCP stream with a read buffer that yields whole protocol frames.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::protocol::frame::{frame_len, startup_len};
@@ -48,18 +48,32 @@ impl FramedStream {
 
     /// Reads more bytes into the buffer; `Closed`/`Truncated` at EOF.
     pub async fn fill(&mut self) -> Result<(), NetError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(READ_CAPACITY);
+        loop {
+            // Wait for data before taking memory for it: an idle connection holds no buffer.
+            self.stream.readable().await?;
+            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+                self.rbuf.reserve(READ_CAPACITY);
+            }
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => {
+                    return Err(if self.rbuf.is_empty() {
+                        NetError::Closed
+                    } else {
+                        NetError::Truncated
+                    })
+                }
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        let n = self.stream.read_buf(&mut self.rbuf).await?;
-        if n == 0 {
-            return Err(if self.rbuf.is_empty() {
-                NetError::Closed
-            } else {
-                NetError::Truncated
-            });
+    }
+
+    /// Frees the read buffer if it holds nothing (an idle connection needs none).
+    pub fn release_buffer(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
         }
-        Ok(())
     }
 
     /// Splits off the next complete regular frame already in the buffer, if any.

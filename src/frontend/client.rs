@@ -341,6 +341,15 @@ impl<'a> Session<'a> {
             {
                 return Ok(frame);
             }
+            // Between requests a client holds no buffers: thousands of idle clients cost
+            // little memory.
+            self.client.release_buffer();
+            if self.out.capacity() > 0 {
+                self.out = BytesMut::new();
+            }
+            if self.to_server.capacity() > 0 {
+                self.to_server = BytesMut::new();
+            }
             // Between transactions a stopping pgway may close the connection.
             tokio::select! {
                 biased;
