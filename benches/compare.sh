@@ -1,0 +1,707 @@
+#!/usr/bin/env bash
+# Load comparison: pgway against HAProxy (two ports), pgbouncer (transaction mode) and direct
+# PostgreSQL, with pgbench, on one machine, in interleaved rounds. Writes benches/RESULTS.md
+# and benches/results.png.
+#
+#   benches/compare.sh            install what is missing, build pgway (release), set up or
+#                                 reuse a primary + streaming replica, start HAProxy, pgbouncer
+#                                 and pgway, run the rounds, write the results, stop the three
+#                                 (the PostgreSQL pair keeps running for the next run)
+#   benches/compare.sh status     show the PostgreSQL pair's state
+#   benches/compare.sh stop       stop the PostgreSQL pair (and any helper left running)
+#   benches/compare.sh destroy    stop it and delete its data
+#
+# Knobs (environment):
+#   ROUNDS=3          rounds; every scenario runs once per target per round, targets rotated
+#   DURATION=10       seconds per pgbench run (-T)
+#   CLIENT_CONNS=5000 idle client connections for the memory measurement (0 skips it)
+#   SCALE=10          pgbench scale (the tables are re-initialised when it changes)
+#   ROUTE_BENCH=1     also run `cargo bench --bench route` (the cached route decision); 0 skips
+#   PGWAY_BENCH_DIR   where the servers, configs and logs live (default: ./.bench, or
+#                     /tmp/pgway-bench when the postgres user cannot use ./.bench)
+# Quick check of the harness:  ROUNDS=1 DURATION=3 CLIENT_CONNS=500 benches/compare.sh
+#
+# Ports (loopback): primary 5461, replica 5462, pgway 6462 (admin 9962), pgbouncer 6463,
+# HAProxy 5432 (writes) + 5433 (reads), or 15432 + 15433 when 5432/5433 are taken.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HERE=$REPO/benches/compare
+PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
+PY=/usr/bin/python3 # Debian's, where python3-psycopg2 is installed
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CLIENT_CONNS=${CLIENT_CONNS:-5000}
+SCALE=${SCALE:-10}
+ROUTE_BENCH=${ROUTE_BENCH:-1}
+
+PRIMARY_PORT=5461
+REPLICA_PORT=5462
+PGWAY_PORT=6462
+PGWAY_ADMIN_PORT=9962
+PGBOUNCER_PORT=6463
+HAPROXY_WRITE_PORT= # chosen at start: 5432/5433 if free, else 15432/15433
+HAPROXY_READ_PORT=
+
+DB=bench
+APP_USER=app
+APP_PASSWORD=app-secret
+POOL_SIZE=20
+
+say() { echo "compare: $*"; }
+warn() { echo "compare: WARNING: $*" >&2; }
+die() {
+    echo "compare: ERROR: $*" >&2
+    exit 1
+}
+
+is_root() { [[ $(id -u) -eq 0 ]]; }
+
+# Runs a command as the OS user that owns the servers, from a directory it can enter.
+as_pg() {
+    if is_root; then
+        (cd / && runuser -u postgres -- "$@")
+    else
+        (cd / && "$@")
+    fi
+}
+
+for v in ROUNDS DURATION CLIENT_CONNS SCALE; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
+done
+((ROUNDS >= 1)) || die "ROUNDS must be at least 1"
+((DURATION >= 1)) || die "DURATION must be at least 1"
+((SCALE >= 1)) || die "SCALE must be at least 1"
+
+# ---------------------------------------------------------------------------------------------
+# The directory, the PostgreSQL pair
+# ---------------------------------------------------------------------------------------------
+
+choose_dir() {
+    if [[ -n ${PGWAY_BENCH_DIR:-} ]]; then
+        BENCH_DIR=$PGWAY_BENCH_DIR
+    else
+        BENCH_DIR=$REPO/.bench
+        mkdir -p "$BENCH_DIR"
+        if is_root; then
+            chown postgres:postgres "$BENCH_DIR"
+        fi
+        if ! as_pg test -w "$BENCH_DIR" -a -x "$BENCH_DIR"; then
+            say "the postgres user cannot use $BENCH_DIR; using /tmp/pgway-bench"
+            rmdir "$BENCH_DIR" 2>/dev/null || true
+            BENCH_DIR=/tmp/pgway-bench
+        fi
+    fi
+    mkdir -p "$BENCH_DIR"
+    if is_root; then
+        chown postgres:postgres "$BENCH_DIR"
+    fi
+    [[ -f $BENCH_DIR/.gitignore ]] || echo '*' >"$BENCH_DIR/.gitignore"
+    PRIMARY=$BENCH_DIR/primary
+    REPLICA=$BENCH_DIR/replica
+    RUN_DIR=$BENCH_DIR/run # this run's configs, logs, pidfiles and raw results
+}
+
+running() { [[ -f $1/PG_VERSION ]] && as_pg "$PG_BIN/pg_ctl" -D "$1" status >/dev/null 2>&1; }
+
+start_server() { # data dir, log file
+    if running "$1"; then
+        say "$(basename "$1") already running (reused)"
+        return
+    fi
+    say "starting $(basename "$1") (log: $2)"
+    # 9>&-: the servers outlive this run and must not hold its lock.
+    if ! as_pg "$PG_BIN/pg_ctl" -D "$1" -l "$2" -w -t 120 start >/dev/null 9>&-; then
+        echo "compare: could not start $(basename "$1"); last lines of $2:" >&2
+        tail -n 20 "$2" >&2 || true
+        exit 1
+    fi
+}
+
+stop_server() {
+    if running "$1"; then
+        say "stopping $(basename "$1")"
+        as_pg "$PG_BIN/pg_ctl" -D "$1" -m fast -w -t 120 stop >/dev/null
+    fi
+}
+
+admin_psql() { # port, then psql arguments
+    local port=$1
+    shift
+    "$PG_BIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"
+}
+
+app_psql() { # port, then psql arguments
+    local port=$1
+    shift
+    PGPASSWORD=$APP_PASSWORD PGCONNECT_TIMEOUT=5 \
+        "$PG_BIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U "$APP_USER" -d "$DB" "$@"
+}
+
+setup_primary() {
+    if [[ ! -f $PRIMARY/PG_VERSION ]]; then
+        rm -rf "$PRIMARY"
+        say "initialising the primary in $PRIMARY"
+        as_pg "$PG_BIN/initdb" -D "$PRIMARY" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+            --encoding=UTF8 --locale=C >/dev/null
+        as_pg tee "$PRIMARY/pg_hba.conf" >/dev/null <<EOF
+# written by benches/compare.sh
+local all         all                     trust
+local replication all                     trust
+host  replication postgres 127.0.0.1/32   trust
+host  all         postgres 127.0.0.1/32   trust
+host  all         all      127.0.0.1/32   scram-sha-256
+EOF
+        # Unix sockets off: everything here goes over loopback TCP (and a deep checkout path
+        # would overflow the socket path limit).
+        as_pg tee -a "$PRIMARY/postgresql.conf" >/dev/null <<EOF
+
+# benches/compare.sh
+listen_addresses = '127.0.0.1'
+port = $PRIMARY_PORT
+unix_socket_directories = ''
+max_connections = 300
+shared_buffers = 256MB
+wal_level = replica
+max_wal_senders = 10
+wal_keep_size = 1GB
+hot_standby = on
+hot_standby_feedback = on
+EOF
+    fi
+    start_server "$PRIMARY" "$BENCH_DIR/primary.log"
+    # Idempotent: create what is missing, (re)set the password.
+    admin_psql "$PRIMARY_PORT" -d postgres >/dev/null <<EOF
+SELECT 'CREATE ROLE $APP_USER LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$APP_USER') \gexec
+SET password_encryption = 'scram-sha-256';
+ALTER ROLE $APP_USER LOGIN PASSWORD '$APP_PASSWORD';
+SELECT 'CREATE DATABASE $DB OWNER $APP_USER' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$DB') \gexec
+EOF
+}
+
+setup_replica() {
+    if [[ ! -f $REPLICA/PG_VERSION ]]; then
+        rm -rf "$REPLICA"
+        say "cloning the replica into $REPLICA (pg_basebackup -R)"
+        as_pg "$PG_BIN/pg_basebackup" -D "$REPLICA" -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres \
+            -R -X stream -c fast
+        echo "port = $REPLICA_PORT" | as_pg tee -a "$REPLICA/postgresql.conf" >/dev/null
+    fi
+    start_server "$REPLICA" "$BENCH_DIR/replica.log"
+    local deadline=$((SECONDS + 60))
+    until [[ $(admin_psql "$REPLICA_PORT" -d postgres -c 'select pg_is_in_recovery()' 2>/dev/null) == t ]]; do
+        ((SECONDS < deadline)) || die "the replica on port $REPLICA_PORT is not in recovery after 60 s; see $BENCH_DIR/replica.log"
+        sleep 0.5
+    done
+}
+
+init_data() {
+    local have
+    have=$(admin_psql "$PRIMARY_PORT" -d "$DB" -c \
+        "select case when to_regclass('pgbench_branches') is null then -1 else (select count(*) from pgbench_branches) end" 2>/dev/null || echo -1)
+    if [[ $have == "$SCALE" ]]; then
+        say "pgbench tables (scale $SCALE) already there (reused)"
+    else
+        say "pgbench -i -s $SCALE on the primary (found scale $have)"
+        PGPASSWORD=$APP_PASSWORD "$PG_BIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PRIMARY_PORT" \
+            -U "$APP_USER" "$DB" >"$BENCH_DIR/pgbench-init.log" 2>&1 ||
+            {
+                tail -n 20 "$BENCH_DIR/pgbench-init.log" >&2
+                die "pgbench -i failed (log: $BENCH_DIR/pgbench-init.log)"
+            }
+    fi
+    # Wait for the replica to replay everything written so far.
+    local lsn deadline=$((SECONDS + 300))
+    lsn=$(admin_psql "$PRIMARY_PORT" -d postgres -c 'select pg_current_wal_lsn()')
+    say "waiting for the replica to replay up to $lsn"
+    until [[ $(admin_psql "$REPLICA_PORT" -d postgres -c \
+        "select coalesce(pg_last_wal_replay_lsn() >= '$lsn'::pg_lsn, false)" 2>/dev/null) == t ]]; do
+        ((SECONDS < deadline)) || die "the replica has not replayed $lsn after 300 s; see $BENCH_DIR/replica.log"
+        sleep 0.5
+    done
+    [[ $(app_psql "$REPLICA_PORT" -c 'select count(*) from pgbench_branches') == "$SCALE" ]] ||
+        die "the replica does not have the pgbench tables at scale $SCALE"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Ports and processes
+# ---------------------------------------------------------------------------------------------
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port, what, seconds, log
+    local deadline=$((SECONDS + $3))
+    until port_open "$1"; do
+        if ((SECONDS >= deadline)); then
+            echo "compare: $2 does not accept connections on 127.0.0.1:$1 after $3 s; last lines of $4:" >&2
+            tail -n 20 "$4" >&2 || true
+            exit 1
+        fi
+        sleep 0.2
+    done
+}
+
+require_free() { # port, what
+    if port_open "$1"; then
+        die "port 127.0.0.1:$1 (for $2) is already in use by another program: $(ss -ltnpH "sport = :$1" 2>/dev/null | sed -E 's/.*users:\(\((.*)\)\)/\1/' | head -1)"
+    fi
+}
+
+# Stops the process in a pidfile if it is still the program we started (its name matches).
+stop_pidfile() { # pidfile, expected comm, seconds to wait
+    local pidfile=$1 comm=$2 wait=${3:-10} pid i
+    [[ -f $pidfile ]] || return 0
+    pid=$(head -n 1 "$pidfile" 2>/dev/null || true)
+    rm -f "$pidfile"
+    [[ $pid =~ ^[0-9]+$ ]] || return 0
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null || true) == "$comm" ]] || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < wait * 10; i++)); do
+        [[ -e /proc/$pid ]] || return 0
+        sleep 0.1
+    done
+    warn "$comm (pid $pid) did not stop after ${wait}s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+stop_helpers() {
+    [[ -n ${RUN_DIR:-} ]] || return 0
+    local stopped=0
+    for spec in "pgway.pid pgway 40" "pgbouncer.pid pgbouncer 10" "haproxy.pid haproxy 10"; do
+        set -- $spec
+        if [[ -f $RUN_DIR/$1 ]]; then
+            stop_pidfile "$RUN_DIR/$1" "$2" "$3"
+            stopped=1
+        fi
+    done
+    if ((stopped)); then say "stopped HAProxy, pgbouncer and pgway"; fi
+}
+
+choose_haproxy_ports() {
+    if ! port_open 5432 && ! port_open 5433; then
+        HAPROXY_WRITE_PORT=5432
+        HAPROXY_READ_PORT=5433
+    elif ! port_open 15432 && ! port_open 15433; then
+        say "5432 or 5433 is taken; HAProxy uses 15432 (writes) and 15433 (reads)"
+        HAPROXY_WRITE_PORT=15432
+        HAPROXY_READ_PORT=15433
+    else
+        die "neither 5432+5433 nor 15432+15433 are free for HAProxy"
+    fi
+}
+
+start_haproxy() {
+    choose_haproxy_ports
+    local cfg=$RUN_DIR/haproxy.cfg
+    cat >"$cfg" <<EOF
+# Generated by benches/compare.sh: the usual two-port setup (writes, reads), plain TCP checks
+# for this static pair (with Patroni these would be 'option httpchk GET /primary' etc.).
+global
+    maxconn 4096
+    pidfile $RUN_DIR/haproxy.pid
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout check 3s
+    default-server inter 3s fall 3 rise 2 on-marked-down shutdown-sessions
+
+listen postgres_write
+    bind 127.0.0.1:$HAPROXY_WRITE_PORT
+    server primary 127.0.0.1:$PRIMARY_PORT check
+
+listen postgres_read
+    bind 127.0.0.1:$HAPROXY_READ_PORT
+    server replica 127.0.0.1:$REPLICA_PORT check
+EOF
+    haproxy -c -q -f "$cfg" || die "haproxy rejected $cfg"
+    say "starting HAProxy: writes 127.0.0.1:$HAPROXY_WRITE_PORT, reads 127.0.0.1:$HAPROXY_READ_PORT"
+    haproxy -f "$cfg" -D -p "$RUN_DIR/haproxy.pid" >"$RUN_DIR/haproxy.log" 2>&1 9>&- ||
+        {
+            cat "$RUN_DIR/haproxy.log" >&2
+            die "haproxy did not start"
+        }
+    wait_port "$HAPROXY_WRITE_PORT" HAProxy 15 "$RUN_DIR/haproxy.log"
+    wait_port "$HAPROXY_READ_PORT" HAProxy 15 "$RUN_DIR/haproxy.log"
+}
+
+start_pgbouncer() {
+    require_free "$PGBOUNCER_PORT" pgbouncer
+    local dir=$RUN_DIR/pgbouncer
+    mkdir -p "$dir"
+    printf '"%s" "%s"\n' "$APP_USER" "$APP_PASSWORD" >"$dir/userlist.txt"
+    cat >"$dir/pgbouncer.ini" <<EOF
+; Generated by benches/compare.sh: transaction pooling in front of the replica (reads).
+[databases]
+$DB = host=127.0.0.1 port=$REPLICA_PORT dbname=$DB
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL_SIZE
+max_client_conn = 1000
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+ignore_startup_parameters = extra_float_digits
+EOF
+    chmod 600 "$dir/userlist.txt"
+    rm -f "$dir/pgbouncer.pid" # a stale one (pgbouncer killed) would be taken for the new one
+    if is_root; then chown -R postgres:postgres "$dir"; fi
+    say "starting pgbouncer on 127.0.0.1:$PGBOUNCER_PORT (transaction mode, pool $POOL_SIZE, -> replica)"
+    # pgbouncer refuses to run as root; -d daemonises and writes the pidfile.
+    as_pg /usr/sbin/pgbouncer -d -q "$dir/pgbouncer.ini" >"$dir/stdout.log" 2>&1 9>&- ||
+        {
+            cat "$dir/stdout.log" "$dir/pgbouncer.log" >&2 2>/dev/null || true
+            die "pgbouncer did not start"
+        }
+    local deadline=$((SECONDS + 10))
+    until [[ -s $dir/pgbouncer.pid ]]; do
+        ((SECONDS < deadline)) || die "pgbouncer wrote no pidfile; see $dir/pgbouncer.log"
+        sleep 0.1
+    done
+    cp "$dir/pgbouncer.pid" "$RUN_DIR/pgbouncer.pid"
+    wait_port "$PGBOUNCER_PORT" pgbouncer 15 "$dir/pgbouncer.log"
+}
+
+start_pgway() {
+    require_free "$PGWAY_PORT" pgway
+    require_free "$PGWAY_ADMIN_PORT" "pgway admin"
+    local max_clients=10000
+    ((CLIENT_CONNS + 1000 <= max_clients)) || max_clients=$((CLIENT_CONNS + 1000))
+    cat >"$RUN_DIR/pgway.toml" <<EOF
+# Generated by benches/compare.sh.
+listen = "127.0.0.1:$PGWAY_PORT"
+admin_listen = "127.0.0.1:$PGWAY_ADMIN_PORT"
+
+[[users]]
+name = "$APP_USER"
+password = "$APP_PASSWORD"
+
+[pool]
+size = $POOL_SIZE
+wait_timeout = "5s"
+
+[client]
+max_connections = $max_clients
+
+[topology]
+kind = "static"
+nodes = ["127.0.0.1:$PRIMARY_PORT", "127.0.0.1:$REPLICA_PORT"]
+health_interval = "1s"
+EOF
+    "$PGWAY_BIN" check --config "$RUN_DIR/pgway.toml" >/dev/null || die "pgway check rejected $RUN_DIR/pgway.toml"
+    say "starting pgway on 127.0.0.1:$PGWAY_PORT (admin $PGWAY_ADMIN_PORT, pool $POOL_SIZE; log: $RUN_DIR/pgway.log)"
+    NO_COLOR=1 "$PGWAY_BIN" --config "$RUN_DIR/pgway.toml" >"$RUN_DIR/pgway.log" 2>&1 9>&- &
+    PGWAY_PID=$!
+    echo "$PGWAY_PID" >"$RUN_DIR/pgway.pid"
+    wait_port "$PGWAY_PORT" pgway 30 "$RUN_DIR/pgway.log"
+    # Reads must really reach the replica: wait until pgway has found the roles.
+    local deadline=$((SECONDS + 30))
+    until [[ $(app_psql "$PGWAY_PORT" -c 'select pg_is_in_recovery()' 2>/dev/null) == t ]]; do
+        if ((SECONDS >= deadline)); then
+            tail -n 20 "$RUN_DIR/pgway.log" >&2 || true
+            die "after 30 s a read through pgway still does not reach the replica (log above: $RUN_DIR/pgway.log)"
+        fi
+        sleep 0.5
+    done
+    [[ $(app_psql "$PGWAY_PORT" -c begin -c 'select pg_is_in_recovery()' -c commit 2>/dev/null) == f ]] ||
+        die "a transaction through pgway does not reach the primary (log: $RUN_DIR/pgway.log)"
+}
+
+smoke_test() { # port, what, expected pg_is_in_recovery()
+    local got
+    got=$(app_psql "$1" -c 'select pg_is_in_recovery()' 2>&1) || die "a query through $2 (port $1) failed: $got"
+    [[ $got == "$3" ]] || die "a query through $2 (port $1) answered pg_is_in_recovery() = $got, expected $3"
+}
+
+pgway_alive() { [[ -n ${PGWAY_PID:-} ]] && kill -0 "$PGWAY_PID" 2>/dev/null; }
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+raise_nofile() {
+    local need=$((CLIENT_CONNS + 2048))
+    local soft hard
+    soft=$(ulimit -Sn)
+    hard=$(ulimit -Hn)
+    [[ $soft == unlimited ]] && return 0
+    ((soft >= need)) && return 0
+    if [[ $hard != unlimited ]] && ((hard < need)); then
+        ulimit -Hn "$need" 2>/dev/null || die "open-files limit is $hard, $need needed for CLIENT_CONNS=$CLIENT_CONNS (raise it, or lower CLIENT_CONNS)"
+    fi
+    ulimit -Sn "$need"
+    say "raised the open-files limit to $need"
+}
+
+measure_memory() {
+    if ((CLIENT_CONNS == 0)); then
+        say "memory: skipped (CLIENT_CONNS=0)"
+        return
+    fi
+    say "memory: opening $CLIENT_CONNS idle client connections to pgway (pid $PGWAY_PID)"
+    local out=$RUN_DIR/memory.json
+    if ! "$PY" "$HERE/idle_clients.py" --pid "$PGWAY_PID" --count "$CLIENT_CONNS" \
+        --dsn "host=127.0.0.1 port=$PGWAY_PORT user=$APP_USER password=$APP_PASSWORD dbname=$DB" \
+        >"$out" 2>"$RUN_DIR/memory.log"; then
+        warn "the memory measurement failed; see $RUN_DIR/memory.log"
+        tail -n 5 "$RUN_DIR/memory.log" >&2 || true
+        echo '{"error": "idle_clients.py failed; see memory.log"}' >"$out"
+        return
+    fi
+    say "memory: $(cat "$out")"
+    pgway_alive || warn "pgway is no longer running after the memory measurement (log: $RUN_DIR/pgway.log)"
+}
+
+# scenario -> pgbench options; target -> port
+scenario_opts() {
+    case $1 in
+    s1) echo "-n -S -c 1 -j 1 -T $DURATION" ;;
+    s32) echo "-n -S -c 32 -j 2 -T $DURATION" ;;
+    tpcb) echo "-n -c 16 -j 2 -T $DURATION" ;;
+    prep32) echo "-n -S -M prepared -c 32 -j 2 -T $DURATION" ;;
+    esac
+}
+scenario_targets() {
+    case $1 in
+    s1 | s32) echo "haproxy pgbouncer pgway direct" ;;
+    tpcb) echo "haproxy pgway direct" ;;
+    prep32) echo "pgway direct" ;;
+    esac
+}
+target_port() { # scenario, target
+    case $2 in
+    haproxy) if [[ $1 == tpcb ]]; then echo "$HAPROXY_WRITE_PORT"; else echo "$HAPROXY_READ_PORT"; fi ;;
+    pgbouncer) echo "$PGBOUNCER_PORT" ;;
+    pgway) echo "$PGWAY_PORT" ;;
+    direct) if [[ $1 == tpcb ]]; then echo "$PRIMARY_PORT"; else echo "$REPLICA_PORT"; fi ;;
+    esac
+}
+SCENARIOS="s1 s32 tpcb prep32"
+
+pgbench_cmd() { # scenario, target (as it is run, less PGPASSWORD)
+    echo "pgbench $(scenario_opts "$1") -h 127.0.0.1 -p $(target_port "$1" "$2") -U $APP_USER $DB"
+}
+
+run_one() { # round, scenario, target
+    local round=$1 sc=$2 tg=$3 port log rc tps lat failed status note
+    port=$(target_port "$sc" "$tg")
+    log=$RUN_DIR/runs/r$round-$sc-$tg.log
+    printf 'compare: round %s  %-7s %-10s ' "$round" "$sc" "$tg"
+    rc=0
+    # shellcheck disable=SC2046
+    PGPASSWORD=$APP_PASSWORD PGCONNECT_TIMEOUT=10 timeout --kill-after=10 $((DURATION + 60)) \
+        "$PG_BIN/pgbench" $(scenario_opts "$sc") -h 127.0.0.1 -p "$port" -U "$APP_USER" "$DB" \
+        >"$log" 2>&1 || rc=$?
+    tps=$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' "$log" | head -n 1)
+    lat=$(sed -nE 's/^latency average = ([0-9.]+) ms.*/\1/p' "$log" | head -n 1)
+    failed=$(sed -nE 's/^number of failed transactions: ([0-9]+).*/\1/p' "$log" | head -n 1)
+    status=ok
+    note=
+    if ((rc != 0)); then
+        status=FAIL
+        if ((rc == 124 || rc == 137)); then note="pgbench timed out after $((DURATION + 60)) s"; else note="pgbench exit code $rc"; fi
+    fi
+    if [[ -z $failed ]]; then
+        status=FAIL
+        note="${note:+$note; }no 'number of failed transactions' line"
+    elif ((failed != 0)); then
+        status=FAIL
+        note="${note:+$note; }$failed failed transactions"
+    fi
+    if [[ -z $tps || -z $lat ]]; then
+        status=FAIL
+        note="${note:+$note; }no tps/latency in the output"
+    fi
+    if [[ $status == FAIL ]]; then
+        local err
+        err=$(grep -m 1 -E 'error|ERROR|FATAL|abort' "$log" | tr '\t' ' ' | cut -c 1-300 || true)
+        [[ -n $err ]] && note="$note: $err"
+        if [[ $tg == pgway ]] && ! pgway_alive; then note="$note (pgway is no longer running)"; fi
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$sc" "$tg" "$port" "$rc" "${tps:-}" "${lat:-}" \
+        "${failed:-}" "$status" "${note//$'\t'/ }" >>"$RUN_DIR/results.tsv"
+    if [[ $status == ok ]]; then
+        printf 'tps %10s  latency %7s ms\n' "$tps" "$lat"
+    else
+        printf 'FAILED: %s (log: %s)\n' "$note" "$log"
+    fi
+}
+
+run_rounds() {
+    mkdir -p "$RUN_DIR/runs"
+    printf 'round\tscenario\ttarget\tport\trc\ttps\tlatency_ms\tfailed_tx\tstatus\tnote\n' >"$RUN_DIR/results.tsv"
+    local round sc targets n i k tg
+    for ((round = 1; round <= ROUNDS; round++)); do
+        say "round $round of $ROUNDS"
+        for sc in $SCENARIOS; do
+            read -r -a targets <<<"$(scenario_targets "$sc")"
+            n=${#targets[@]}
+            # Rotate the order each round so that no target always runs first or last.
+            for ((i = 0; i < n; i++)); do
+                k=$(((i + round - 1) % n))
+                tg=${targets[$k]}
+                run_one "$round" "$sc" "$tg"
+            done
+        done
+    done
+}
+
+route_bench() {
+    if [[ $ROUTE_BENCH == 0 ]]; then
+        say "route micro-benchmark: skipped (ROUTE_BENCH=0)"
+        return
+    fi
+    say "route micro-benchmark: cargo bench --bench route -- --noplot cached (log: $RUN_DIR/route-bench.log)"
+    if ! (cd "$REPO" && cargo bench --bench route -- --noplot cached) >"$RUN_DIR/route-bench.log" 2>&1; then
+        warn "cargo bench --bench route failed; see $RUN_DIR/route-bench.log"
+    fi
+}
+
+write_meta() {
+    local cmd="" v
+    for v in ROUNDS DURATION CLIENT_CONNS SCALE ROUTE_BENCH PGWAY_BENCH_DIR; do
+        if printenv "$v" >/dev/null; then cmd+="$v=$(printenv "$v") "; fi
+    done
+    cmd+="benches/compare.sh"
+    {
+        echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo "nproc=$(nproc)"
+        echo "cpu=$(sed -nE 's/^model name\s*:\s*//p' /proc/cpuinfo | head -n 1)"
+        echo "mem=$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+        echo "kernel=$(uname -r)"
+        echo "loadavg_start=${LOADAVG_START:-}"
+        echo "loadavg_end=$(cut -d ' ' -f 1-3 /proc/loadavg)"
+        echo "command=$cmd"
+        echo "rounds=$ROUNDS"
+        echo "duration=$DURATION"
+        echo "client_conns=$CLIENT_CONNS"
+        echo "scale=$SCALE"
+        echo "pool_size=$POOL_SIZE"
+        echo "postgres=$("$PG_BIN/postgres" --version | sed -E 's/^postgres \(PostgreSQL\) //')"
+        echo "haproxy=$(haproxy -v | head -n 1 | awk '{print $3}')"
+        echo "pgbouncer=$(/usr/sbin/pgbouncer --version | head -n 1 | awk '{print $2}')"
+        echo "pgway_rev=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$REPO" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' (with uncommitted changes in src/)')"
+        echo "primary_port=$PRIMARY_PORT"
+        echo "replica_port=$REPLICA_PORT"
+        echo "pgway_port=$PGWAY_PORT"
+        echo "pgbouncer_port=$PGBOUNCER_PORT"
+        echo "haproxy_write_port=$HAPROXY_WRITE_PORT"
+        echo "haproxy_read_port=$HAPROXY_READ_PORT"
+        echo "bench_dir=${BENCH_DIR#"$REPO"/}" # relative when inside the checkout
+        echo "pgway_alive_end=${PGWAY_ALIVE_END:-unknown}"
+        for sc in $SCENARIOS; do
+            echo "opts_$sc=$(scenario_opts "$sc")"
+            for tg in $(scenario_targets "$sc"); do
+                echo "cmd_${sc}_$tg=$(pgbench_cmd "$sc" "$tg")"
+            done
+        done
+    } >"$RUN_DIR/meta.txt"
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    stop_helpers || true
+    if ((rc != 0)); then echo "compare: stopped with an error (exit $rc); logs in ${RUN_DIR:-?}" >&2; fi
+    exit "$rc"
+}
+
+run() {
+    LOADAVG_START=$(cut -d ' ' -f 1-3 /proc/loadavg)
+    raise_nofile # first: fail before anything slow if the limit cannot be raised
+    bash "$REPO/scripts/install-deps.sh"
+    say "building pgway (cargo build --release)"
+    (cd "$REPO" && cargo build --release)
+    PGWAY_BIN=$REPO/target/release/pgway
+    [[ -x $PGWAY_BIN ]] || die "$PGWAY_BIN is missing after the build"
+
+    choose_dir
+    mkdir -p "$RUN_DIR"
+    exec 9>"$BENCH_DIR/lock"
+    flock -n 9 || die "another benches/compare.sh is running (lock: $BENCH_DIR/lock)"
+    stop_helpers # left over from a run that was killed
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    rm -rf "$RUN_DIR/runs" "$RUN_DIR/results.tsv" "$RUN_DIR/memory.json" "$RUN_DIR/route-bench.log"
+
+    setup_primary
+    setup_replica
+    init_data
+    say "primary 127.0.0.1:$PRIMARY_PORT, replica 127.0.0.1:$REPLICA_PORT, data in $BENCH_DIR"
+
+    start_haproxy
+    start_pgbouncer
+    start_pgway
+    smoke_test "$HAPROXY_WRITE_PORT" "HAProxy's write port" f
+    smoke_test "$HAPROXY_READ_PORT" "HAProxy's read port" t
+    smoke_test "$PGBOUNCER_PORT" pgbouncer t
+    smoke_test "$PGWAY_PORT" pgway t
+
+    # On a fresh pgway, before the load runs, so that memory the allocator kept from them is
+    # not reused by the idle clients and hidden.
+    measure_memory
+    run_rounds
+    if pgway_alive; then
+        PGWAY_ALIVE_END=yes
+    else
+        PGWAY_ALIVE_END=no
+        warn "pgway exited during the run; last lines of $RUN_DIR/pgway.log:"
+        tail -n 20 "$RUN_DIR/pgway.log" >&2 || true
+    fi
+    stop_helpers
+    # Warnings and errors pgway logged while it ran (the report lists the first few).
+    grep -E '(WARN|ERROR)' "$RUN_DIR/pgway.log" >"$RUN_DIR/pgway-problems.log" || true
+    route_bench
+    write_meta
+
+    say "writing benches/RESULTS.md and benches/results.png"
+    "$PY" "$HERE/report.py" --run-dir "$RUN_DIR" --markdown "$REPO/benches/RESULTS.md" \
+        --png "$REPO/benches/results.png"
+    local nfail
+    nfail=$(awk -F '\t' 'NR > 1 && $9 != "ok"' "$RUN_DIR/results.tsv" | wc -l)
+    if ((nfail > 0)); then
+        echo
+        echo "compare: !!! $nfail pgbench run(s) FAILED; they are listed at the top of benches/RESULTS.md" >&2
+        awk -F '\t' 'NR > 1 && $9 != "ok" {printf "compare: !!!   round %s %s via %s: %s\n", $1, $2, $3, $10}' \
+            "$RUN_DIR/results.tsv" >&2
+    fi
+    say "done: benches/RESULTS.md, benches/results.png (raw logs in $RUN_DIR)"
+}
+
+case ${1:-run} in
+run) run ;;
+status)
+    choose_dir
+    for d in "$PRIMARY" "$REPLICA"; do
+        if running "$d"; then say "$(basename "$d"): running ($d)"; else say "$(basename "$d"): stopped ($d)"; fi
+    done
+    ;;
+stop)
+    choose_dir
+    stop_helpers
+    stop_server "$REPLICA"
+    stop_server "$PRIMARY"
+    ;;
+destroy)
+    choose_dir
+    stop_helpers
+    stop_server "$REPLICA"
+    stop_server "$PRIMARY"
+    say "deleting $BENCH_DIR"
+    rm -rf "$BENCH_DIR"
+    ;;
+-h | --help | help) sed -n '2,25p' "$0" ;;
+*)
+    echo "usage: $0 [run|status|stop|destroy]" >&2
+    exit 2
+    ;;
+esac
