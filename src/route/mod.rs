@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod classify;
+pub mod fast;
 
 use std::sync::Arc;
 
@@ -31,6 +32,8 @@ const CLASSIFICATION_CACHE_MAX_SQL: usize = 16 * 1024;
 pub struct Router {
     classifications: moka::sync::Cache<Arc<str>, Arc<Classification>>,
     catalog: Catalog,
+    /// The classification of every statement [`fast::is_plain_select`] accepts.
+    plain_read: Arc<Classification>,
 }
 
 impl std::fmt::Debug for Router {
@@ -47,11 +50,20 @@ impl Router {
         Self {
             classifications: moka::sync::Cache::new(CLASSIFICATION_CACHE_ENTRIES),
             catalog,
+            plain_read: Arc::new(Classification {
+                kind: StatementKind::Read,
+                hint: None,
+                functions: Vec::new(),
+                session: Vec::new(),
+            }),
         }
     }
 
     /// The classification of `sql`, parsed once and then served from the cache.
     pub fn classification(&self, sql: &str) -> Arc<Classification> {
+        if fast::is_plain_select(sql) {
+            return Arc::clone(&self.plain_read);
+        }
         if let Some(hit) = self.classifications.get(sql) {
             return hit;
         }

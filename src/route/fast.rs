@@ -1,0 +1,252 @@
+//! A fast path for the commonest statement: a plain `SELECT` with its values inlined
+//! (`SELECT abalance FROM pgbench_accounts WHERE aid = 4711`). Such texts differ on every
+//! call, so the classification cache cannot help; parsing each costs microseconds.
+//!
+//! [`is_plain_select`] scans the text once and says yes only when the statement is
+//! certainly a pure read that [`super::classify`] would route to a replica: one statement
+//! starting with `SELECT`, no comments (hints need the full parser), no function calls or
+//! other parenthesised constructs except after a few keywords, no `INTO`, no locking
+//! clause, no `WITH`, no dollar quotes, no backslashes in strings. Anything else, however
+//! harmless, is left to the parser: a "no" here costs only the parse.
+
+/// Keywords after which `(` opens a subquery or a list, not a function call.
+const PAREN_OK_AFTER: &[&str] = &[
+    "in",
+    "any",
+    "all",
+    "some",
+    "exists",
+    "and",
+    "or",
+    "not",
+    "on",
+    "where",
+    "from",
+    "join",
+    "select",
+    "as",
+    "when",
+    "then",
+    "else",
+    "case",
+    "between",
+    "lateral",
+    "by",
+    "having",
+    "distinct",
+    "union",
+    "except",
+    "intersect",
+    "is",
+    "like",
+    "ilike",
+];
+
+/// Words that rule the fast path out wherever they appear.
+const REJECT: &[&str] = &[
+    "into", "for", "with", "insert", "update", "delete", "merge", "copy", "lock", "share",
+    "nowait", "table", "do", "call", "values",
+];
+
+/// True when `sql` is certainly a plain read (see the module documentation).
+pub fn is_plain_select(sql: &str) -> bool {
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    let starts = bytes.len() >= i + 7
+        && bytes[i..i + 6].eq_ignore_ascii_case(b"select")
+        && (bytes[i + 6].is_ascii_whitespace() || bytes[i + 6] == b'*');
+    if !starts {
+        return false;
+    }
+    // The last word seen, lower-cased, if the previous token was a word.
+    let mut last_word: Option<String> = None;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b if b.is_ascii_whitespace() => i += 1,
+            b'\'' => {
+                // A standard string: '' escapes a quote; a backslash could be an escape
+                // if standard_conforming_strings were off, so leave those to the parser.
+                i += 1;
+                loop {
+                    match bytes.get(i) {
+                        None => return false,
+                        Some(b'\\') => return false,
+                        Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                        Some(b'\'') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                last_word = None;
+            }
+            b'"' => {
+                i += 1;
+                loop {
+                    match bytes.get(i) {
+                        None => return false,
+                        Some(b'"') if bytes.get(i + 1) == Some(&b'"') => i += 2,
+                        Some(b'"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                // A quoted identifier followed by `(` is a function call.
+                last_word = Some(String::new());
+            }
+            b'$' => {
+                // `$1` parameters only; `$tag$` quoting is left to the parser.
+                i += 1;
+                let start = i;
+                while i < bytes.len() && bytes[i].is_ascii_digit() {
+                    i += 1;
+                }
+                if i == start {
+                    return false;
+                }
+                last_word = None;
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => return false,
+            b'/' if bytes.get(i + 1) == Some(&b'*') => return false,
+            b';' => {
+                return bytes[i + 1..].iter().all(u8::is_ascii_whitespace);
+            }
+            b'(' => {
+                match &last_word {
+                    Some(word) if PAREN_OK_AFTER.contains(&word.as_str()) => {}
+                    Some(_) => return false,
+                    None => {}
+                }
+                i += 1;
+                last_word = None;
+            }
+            b if b.is_ascii_alphabetic() || b == b'_' || b >= 0x80 => {
+                let start = i;
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric()
+                        || bytes[i] == b'_'
+                        || bytes[i] == b'$'
+                        || bytes[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                // E'...', U&'...', B'...', X'...' and N'...' literals: leave to the parser.
+                if matches!(bytes.get(i), Some(b'\'') | Some(b'&')) {
+                    return false;
+                }
+                let word = String::from_utf8_lossy(&bytes[start..i]).to_ascii_lowercase();
+                if REJECT.contains(&word.as_str()) {
+                    return false;
+                }
+                last_word = Some(word);
+            }
+            b if b.is_ascii_digit() => {
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
+                    i += 1;
+                }
+                last_word = None;
+            }
+            b')' | b',' | b'.' | b'*' | b'=' | b'<' | b'>' | b'+' | b'-' | b'/' | b'%' | b':'
+            | b'[' | b']' | b'!' | b'~' | b'^' | b'|' | b'&' | b'@' | b'#' => {
+                i += 1;
+                last_word = None;
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::classify::{classify, StatementKind};
+    use super::*;
+
+    const YES: &[&str] = &[
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 4711;",
+        "select * from t where id = $1",
+        "  SELECT a, b FROM t WHERE a IN (1, 2, 3) AND b = 'it''s' ORDER BY a DESC LIMIT 10",
+        "select x from t where exists (select 1 from u where u.id = t.id)",
+        "select \"Weird\".\"Col\" from \"Weird\" where v::int > 3",
+        "select t.a from t join u on (t.id = u.id) where t.b = any($1)",
+        "select*from t",
+        "select 1",
+    ];
+
+    const NO: &[&str] = &[
+        "select nextval('s')",
+        "select count(*) from t",
+        "select * from t for update",
+        "select * from t for no key update",
+        "select * into t2 from t",
+        "select 1; delete from t",
+        "/* pgway:primary */ select 1",
+        "select 1 -- pgway:primary",
+        "select $$x$$",
+        "select E'\\''; delete from t; select ''",
+        "select 'a\\'; delete from t; --'",
+        "with x as (delete from t returning *) select * from x",
+        "select * from (with x as (select 1) select * from x) y",
+        "selectx from t",
+        "insert into t values (1)",
+        "select \"nextval\"('s')",
+        "select * from t, lateral my_func(t.id)",
+        "select * from my_func(1)",
+        "select a from t where b = 'unterminated",
+        "select pg_advisory_lock(1)",
+        "select * from t tablesample system (10)",
+        "select u&'\\0041'",
+        "select 1 ; ; delete from t",
+        "select * from t lock in share mode",
+        "select ARRAY(select 1)",
+    ];
+
+    #[test]
+    fn accepts_plain_selects() {
+        for sql in YES {
+            assert!(is_plain_select(sql), "should take the fast path: {sql}");
+        }
+    }
+
+    #[test]
+    fn leaves_everything_else_to_the_parser() {
+        for sql in NO {
+            assert!(
+                !is_plain_select(sql),
+                "should not take the fast path: {sql}"
+            );
+        }
+    }
+
+    #[test]
+    fn never_disagrees_with_the_parser() {
+        for sql in YES.iter().chain(NO) {
+            if is_plain_select(sql) {
+                let c = classify(sql);
+                assert_eq!(c.kind, StatementKind::Read, "{sql}");
+                assert!(
+                    c.functions.is_empty() && c.session.is_empty() && c.hint.is_none(),
+                    "{sql}: {c:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn never_panics_on_truncations() {
+        for sql in YES.iter().chain(NO) {
+            for end in 0..=sql.len() {
+                if let Some(prefix) = sql.get(..end) {
+                    let _ = is_plain_select(prefix);
+                }
+            }
+        }
+    }
+}
