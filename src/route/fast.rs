@@ -164,6 +164,97 @@ pub fn is_plain_select(sql: &str) -> bool {
     true
 }
 
+/// The statement with every plain literal replaced (strings by `''`, numbers by `0`), so
+/// texts that differ only in inlined values share one cache entry: what a statement is
+/// does not depend on its values. `None` when the text holds anything this simple scan
+/// does not understand (comments, dollar quotes, escape strings, backslashes), in which
+/// case the exact text is the key.
+pub fn shape(sql: &str) -> Option<String> {
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut i = 0;
+    let mut in_word = false;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'\'' => {
+                if in_word {
+                    // E'..', U&'..', B'..', X'..', N'..'.
+                    return None;
+                }
+                i += 1;
+                loop {
+                    match bytes.get(i) {
+                        None | Some(b'\\') => return None,
+                        Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                        Some(b'\'') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                out.push_str("''");
+            }
+            b'"' => {
+                let start = i;
+                i += 1;
+                loop {
+                    match bytes.get(i) {
+                        None => return None,
+                        Some(b'"') if bytes.get(i + 1) == Some(&b'"') => i += 2,
+                        Some(b'"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                out.push_str(sql.get(start..i)?);
+            }
+            b'$' if !in_word => {
+                let start = i;
+                i += 1;
+                while i < bytes.len() && bytes[i].is_ascii_digit() {
+                    i += 1;
+                }
+                if i == start + 1 {
+                    return None;
+                }
+                out.push_str(sql.get(start..i)?);
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => return None,
+            b'/' if bytes.get(i + 1) == Some(&b'*') => return None,
+            b if b.is_ascii_digit() && !in_word => {
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
+                    i += 1;
+                }
+                out.push('0');
+            }
+            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80 => {
+                let start = i;
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric()
+                        || bytes[i] == b'_'
+                        || bytes[i] == b'$'
+                        || bytes[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                out.push_str(sql.get(start..i)?);
+                in_word = true;
+                continue;
+            }
+            _ => {
+                out.push(b as char);
+                i += 1;
+            }
+        }
+        in_word = false;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::classify::{classify, StatementKind};
@@ -247,6 +338,62 @@ mod tests {
                     let _ = is_plain_select(prefix);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn shapes_drop_values_only() {
+        assert_eq!(
+            shape("UPDATE pgbench_accounts SET abalance = abalance + -42 WHERE aid = 17;")
+                .as_deref(),
+            Some("UPDATE pgbench_accounts SET abalance = abalance + -0 WHERE aid = 0;")
+        );
+        assert_eq!(
+            shape("select * from t2 where a = 'x''y' and b = 1.5e3 and c = $12").as_deref(),
+            Some("select * from t2 where a = '' and b = 0 and c = $12")
+        );
+        assert_eq!(
+            shape("select \"a1\" from t"),
+            Some("select \"a1\" from t".into())
+        );
+        for sql in [
+            "select E'x'",
+            "select 'a\\'",
+            "select 1 -- c",
+            "/* h */ select 1",
+            "select $$x$$",
+            "select 'open",
+        ] {
+            assert_eq!(shape(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn statements_of_one_shape_classify_alike() {
+        let pairs = [
+            (
+                "select * from t where id = 1 for update",
+                "select * from t where id = 2 for update",
+            ),
+            (
+                "insert into t values (1, 'a')",
+                "insert into t values (2, 'b')",
+            ),
+            ("select nextval('a')", "select nextval('b')"),
+            (
+                "select * from t where x = 'for update'",
+                "select * from t where x = 'plain'",
+            ),
+            ("select * from t limit 5", "select * from t limit 10"),
+        ];
+        for (a, b) in pairs {
+            assert_eq!(shape(a), shape(b), "{a} / {b}");
+            let (ca, cb) = (classify(a), classify(b));
+            assert_eq!(
+                (ca.kind, &ca.functions),
+                (cb.kind, &cb.functions),
+                "{a} / {b}"
+            );
         }
     }
 }

@@ -64,14 +64,30 @@ impl Router {
         if fast::is_plain_select(sql) {
             return Arc::clone(&self.plain_read);
         }
+        if sql.len() > CLASSIFICATION_CACHE_MAX_SQL {
+            return Arc::new(classify(sql));
+        }
+        // Texts that differ only in inlined values share an entry, unless the statement
+        // changes session state (a SET's value matters): those are cached by exact text.
+        let shape = fast::shape(sql);
+        let by_shape = shape
+            .as_deref()
+            .and_then(|key| self.classifications.get(key));
+        // An entry under this key with session effects was stored for that exact text
+        // (say `SET x = 0`), not for the shape: its values are not ours.
+        if let Some(hit) = by_shape.filter(|hit| hit.session.is_empty()) {
+            return hit;
+        }
         if let Some(hit) = self.classifications.get(sql) {
             return hit;
         }
         let parsed = Arc::new(classify(sql));
-        if sql.len() <= CLASSIFICATION_CACHE_MAX_SQL {
-            self.classifications
-                .insert(Arc::from(sql), Arc::clone(&parsed));
-        }
+        let key = match shape {
+            Some(shape) if parsed.session.is_empty() => shape,
+            _ => sql.to_owned(),
+        };
+        self.classifications
+            .insert(Arc::from(key), Arc::clone(&parsed));
         parsed
     }
 
@@ -106,5 +122,47 @@ impl Router {
     pub async fn route(&self, sql: &str, database: &str, user: &str) -> Target {
         let classification = self.classification(sql);
         self.target(&classification, database, user).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::topology::TopologyHandle;
+
+    fn router() -> Router {
+        Router::new(Catalog::new(
+            TopologyHandle::new(&[]),
+            Arc::new(HashMap::new()),
+            Duration::from_millis(10),
+        ))
+    }
+
+    #[test]
+    fn session_values_never_come_from_another_texts_entry() {
+        let r = router();
+        let zero = r.classification("SET work_mem = 0");
+        let five = r.classification("SET work_mem = 5");
+        let value = |c: &Classification| match c.session.first() {
+            Some(SessionEffect::Set { value, .. }) => value.clone(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(
+            (value(&zero), value(&five)),
+            ("0".to_owned(), "5".to_owned())
+        );
+        assert_eq!(value(&r.classification("SET work_mem = 0")), "0");
+    }
+
+    #[test]
+    fn statements_differing_in_values_share_an_entry() {
+        let r = router();
+        let a = r.classification("update t set v = 1 where id = 2");
+        let b = r.classification("update t set v = 3 where id = 4");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.kind, StatementKind::Write);
     }
 }
