@@ -39,6 +39,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
+pub mod patroni;
+
 /// Login role for the application (SCRAM-SHA-256 in PostgreSQL and in pgway).
 pub const APP_USER: &str = "app";
 /// Password of [`APP_USER`].
