@@ -26,6 +26,10 @@ fi
 if ! command -v runuser >/dev/null 2>&1; then
     missing+=(util-linux)
 fi
+# /bin/kill: the Patroni test harness (tests/common/patroni.rs) kills process groups with it.
+if [[ ! -x /bin/kill && ! -x /usr/bin/kill ]]; then
+    missing+=(procps)
+fi
 
 if ! have_pkg etcd-server || ! command -v etcd >/dev/null 2>&1; then
     missing+=(etcd-server)
