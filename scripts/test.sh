@@ -38,6 +38,9 @@ cleanup() {
             kill -9 "$pid" 2>/dev/null || true
         fi
     done
+    # Patroni, etcd and etcdctl processes of the failover tests, if the test binary died
+    # before it could stop them: they name this run's directory on their command lines.
+    pkill -9 -f -- "$PGWAY_TEST_TMPDIR" 2>/dev/null || true
     rm -rf "$PGWAY_TEST_TMPDIR"
     exit "$status"
 }
