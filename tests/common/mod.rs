@@ -722,13 +722,19 @@ impl Gateway {
     /// connect at once; topology discovery happens in the background (see
     /// [`Gateway::wait_for_replica_reads`]).
     pub fn start_with(cluster: &Cluster, opts: GatewayOptions) -> Gateway {
+        Gateway::start_toml(|listen| gateway_toml(cluster, listen, "127.0.0.1:0", &opts))
+    }
+
+    /// Starts pgway in-process with the config `toml(listen)`, where `listen` is the
+    /// `host:port` of the listener already bound for it.
+    pub fn start_toml(toml: impl FnOnce(&str) -> String) -> Gateway {
         init_tracing();
         let listener = StdTcpListener::bind("127.0.0.1:0").expect("binding the gateway listener");
         listener
             .set_nonblocking(true)
             .expect("making the listener non-blocking");
         let port = listener.local_addr().expect("listener address").port();
-        let toml = gateway_toml(cluster, &format!("127.0.0.1:{port}"), "127.0.0.1:0", &opts);
+        let toml = toml(&format!("127.0.0.1:{port}"));
         let config = pgway::config::Config::from_toml_str(&toml)
             .unwrap_or_else(|e| panic!("pgway rejected the test config: {e:?}\n{toml}"));
         let token = CancellationToken::new();

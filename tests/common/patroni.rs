@@ -45,12 +45,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
-
 use super::{
-    describe_error, eventually, free_port, init_tracing, is_root, log_tail, pg_bin_dir, run_ok,
-    try_connect, try_psql, try_served_by, wait_until_blocking, Gateway, APP_PASSWORD, APP_USER, DB,
-    GATEWAY_STOP_GRACE,
+    describe_error, eventually, free_port, is_root, log_tail, pg_bin_dir, run_ok, try_connect,
+    try_psql, try_served_by, wait_until_blocking, Gateway, APP_PASSWORD, APP_USER, DB,
 };
 
 /// Patroni's `namespace` in every test cluster.
@@ -1003,7 +1000,7 @@ impl PatroniCluster {
 
     /// Starts pgway in-process with `topology.kind = "patroni"` pointing at this cluster.
     pub fn gateway(&self, opts: PatroniGatewayOptions) -> Gateway {
-        start_gateway(|listen| self.gateway_toml(listen, &opts))
+        Gateway::start_toml(|listen| self.gateway_toml(listen, &opts))
     }
 
     /// Waits until a plain read through `gw` is answered by a replica of this cluster
@@ -1065,69 +1062,6 @@ impl Default for PatroniGatewayOptions {
             extra: String::new(),
         }
     }
-}
-
-/// Starts pgway in-process with the TOML `toml(listen)` (as [`Gateway::start_with`] does for
-/// a static topology).
-fn start_gateway(toml: impl FnOnce(&str) -> String) -> Gateway {
-    init_tracing();
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").expect("binding the gateway listener");
-    listener
-        .set_nonblocking(true)
-        .expect("making the listener non-blocking");
-    let port = listener.local_addr().expect("listener address").port();
-    let toml = toml(&format!("127.0.0.1:{port}"));
-    let config = pgway::config::Config::from_toml_str(&toml)
-        .unwrap_or_else(|e| panic!("pgway rejected the test config: {e:?}\n{toml}"));
-    let token = CancellationToken::new();
-    let thread_token = token.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("pgway-{port}"))
-        .spawn(move || -> Result<(), String> {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("pgway-worker")
-                .enable_all()
-                .build()
-                .map_err(|e| format!("building the gateway runtime: {e}"))?;
-            let result = rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)
-                    .map_err(|e| format!("registering the listener: {e}"))?;
-                let run = pgway::server::run(config, listener, thread_token.clone());
-                tokio::select! {
-                    r = run => r.map_err(|e| format!("pgway::server::run returned {e:?}")),
-                    _ = async {
-                        thread_token.cancelled().await;
-                        tokio::time::sleep(GATEWAY_STOP_GRACE).await;
-                    } => {
-                        eprintln!(
-                            "warning: pgway did not return from run() within \
-                             {GATEWAY_STOP_GRACE:?} of shutdown; abandoning it"
-                        );
-                        Ok(())
-                    }
-                }
-            });
-            rt.shutdown_timeout(Duration::from_secs(2));
-            result
-        })
-        .expect("spawning the gateway thread");
-    let mut gw = Gateway {
-        port,
-        token,
-        thread: Some(thread),
-        toml,
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    if gw.thread.as_ref().is_some_and(|t| t.is_finished()) {
-        let r = gw.thread.take().expect("thread").join();
-        panic!(
-            "pgway stopped right after starting: {r:?}\n--- config\n{}",
-            gw.toml
-        );
-    }
-    gw
 }
 
 impl Drop for PatroniCluster {
