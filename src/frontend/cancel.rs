@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::protocol::messages::CANCEL_REQUEST_CODE;
@@ -108,7 +108,12 @@ pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> std::io::R
     let send = async {
         let mut stream = TcpStream::connect(&target.addr).await?;
         stream.write_all(&packet).await?;
-        stream.shutdown().await
+        // PostgreSQL closes the connection once it has signalled the backend. Waiting for
+        // that keeps the client's cancel call as synchronous as it is without pgway, so a
+        // late cancel cannot hit the client's next query.
+        let mut sink = [0u8; 64];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok(())
     };
     tokio::time::timeout(timeout, send)
         .await
