@@ -26,6 +26,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$REPO/scripts/lib.sh"
 HERE=$REPO/benches/compare
 PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
 PY=/usr/bin/python3 # Debian's, where python3-psycopg2 is installed
@@ -56,16 +58,7 @@ die() {
     exit 1
 }
 
-is_root() { [[ $(id -u) -eq 0 ]]; }
 
-# Runs a command as the OS user that owns the servers, from a directory it can enter.
-as_pg() {
-    if is_root; then
-        (cd / && runuser -u postgres -- "$@")
-    else
-        (cd / && "$@")
-    fi
-}
 
 for v in ROUNDS DURATION CLIENT_CONNS SCALE; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
@@ -79,25 +72,7 @@ done
 # ---------------------------------------------------------------------------------------------
 
 choose_dir() {
-    if [[ -n ${PGWAY_BENCH_DIR:-} ]]; then
-        BENCH_DIR=$PGWAY_BENCH_DIR
-    else
-        BENCH_DIR=$REPO/.bench
-        mkdir -p "$BENCH_DIR"
-        if is_root; then
-            chown postgres:postgres "$BENCH_DIR"
-        fi
-        if ! as_pg test -w "$BENCH_DIR" -a -x "$BENCH_DIR"; then
-            say "the postgres user cannot use $BENCH_DIR; using /tmp/pgway-bench"
-            rmdir "$BENCH_DIR" 2>/dev/null || true
-            BENCH_DIR=/tmp/pgway-bench
-        fi
-    fi
-    mkdir -p "$BENCH_DIR"
-    if is_root; then
-        chown postgres:postgres "$BENCH_DIR"
-    fi
-    [[ -f $BENCH_DIR/.gitignore ]] || echo '*' >"$BENCH_DIR/.gitignore"
+    BENCH_DIR=$(pg_work_dir "${PGWAY_BENCH_DIR:-$REPO/.bench}" "${PGWAY_BENCH_DIR:-/tmp/pgway-bench}")
     PRIMARY=$BENCH_DIR/primary
     REPLICA=$BENCH_DIR/replica
     RUN_DIR=$BENCH_DIR/run # this run's configs, logs, pidfiles and raw results

@@ -19,6 +19,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$REPO/scripts/lib.sh"
 PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
 PRIMARY_PORT=5441
 REPLICA_PORT=5442
@@ -26,39 +28,12 @@ LISTEN=127.0.0.1:6432
 ADMIN=127.0.0.1:9930
 DSN="postgres://app:app-secret@127.0.0.1:6432/app"
 
-is_root() { [[ $(id -u) -eq 0 ]]; }
 
-# Runs a command as the OS user that owns the servers, from a directory it can enter.
-as_pg() {
-    if is_root; then
-        (cd / && runuser -u postgres -- "$@")
-    else
-        (cd / && "$@")
-    fi
-}
 
 say() { echo "dev-cluster: $*"; }
 
 choose_dir() {
-    if [[ -n ${PGWAY_DEV_DIR:-} ]]; then
-        DEV_DIR=$PGWAY_DEV_DIR
-    else
-        DEV_DIR=$REPO/.dev
-        mkdir -p "$DEV_DIR"
-        if is_root; then
-            chown postgres:postgres "$DEV_DIR"
-        fi
-        if ! as_pg test -w "$DEV_DIR" -a -x "$DEV_DIR"; then
-            say "the postgres user cannot use $DEV_DIR; using /tmp/pgway-dev"
-            rmdir "$DEV_DIR" 2>/dev/null || true
-            DEV_DIR=/tmp/pgway-dev
-        fi
-    fi
-    mkdir -p "$DEV_DIR"
-    if is_root; then
-        chown postgres:postgres "$DEV_DIR"
-    fi
-    [[ -f $DEV_DIR/.gitignore ]] || echo '*' >"$DEV_DIR/.gitignore"
+    DEV_DIR=$(pg_work_dir "${PGWAY_DEV_DIR:-$REPO/.dev}" "${PGWAY_DEV_DIR:-/tmp/pgway-dev}")
     PRIMARY=$DEV_DIR/primary
     REPLICA=$DEV_DIR/replica
     SOCK=$DEV_DIR/sock

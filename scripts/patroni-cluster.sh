@@ -36,6 +36,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$REPO/scripts/lib.sh"
 PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
 ETCD_PORT=${PGWAY_ETCD_PORT:-2379}
 ETCD_PEER_PORT=${PGWAY_ETCD_PEER_PORT:-2380}
@@ -50,42 +52,15 @@ NODES=(node1 node2)
 DSN="postgres://app:app-secret@$LISTEN/app"
 ETCD_URL="http://127.0.0.1:$ETCD_PORT"
 
-is_root() { [[ $(id -u) -eq 0 ]]; }
 say() { echo "patroni-cluster: $*"; }
 die() {
     echo "patroni-cluster: $*" >&2
     exit 1
 }
 
-# Runs a command as the OS user that owns the servers, from a directory it can enter.
-as_pg() {
-    if is_root; then
-        (cd / && runuser -u postgres -- "$@")
-    else
-        (cd / && "$@")
-    fi
-}
 
 choose_dir() {
-    if [[ -n ${PGWAY_PATRONI_DIR:-} ]]; then
-        DIR=$PGWAY_PATRONI_DIR
-    else
-        DIR=$REPO/.patroni
-        mkdir -p "$DIR"
-        if is_root; then
-            chown postgres:postgres "$DIR"
-        fi
-        if ! as_pg test -w "$DIR" -a -x "$DIR"; then
-            say "the postgres user cannot use $DIR; using /tmp/pgway-patroni"
-            rmdir "$DIR" 2>/dev/null || true
-            DIR=/tmp/pgway-patroni
-        fi
-    fi
-    mkdir -p "$DIR"
-    if is_root; then
-        chown postgres:postgres "$DIR"
-    fi
-    [[ -f $DIR/.gitignore ]] || echo '*' >"$DIR/.gitignore"
+    DIR=$(pg_work_dir "${PGWAY_PATRONI_DIR:-$REPO/.patroni}" "${PGWAY_PATRONI_DIR:-/tmp/pgway-patroni}")
     CONFIG=$DIR/pgway.toml
 }
 
