@@ -67,8 +67,11 @@ impl Router {
         if sql.len() > CLASSIFICATION_CACHE_MAX_SQL {
             return Arc::new(classify(sql));
         }
-        // Texts that differ only in inlined values share an entry, unless the statement
-        // changes session state (a SET's value matters): those are cached by exact text.
+        if let Some(hit) = self.classifications.get(sql) {
+            return hit;
+        }
+        // Texts that differ only in inlined values share an entry under their shape, unless
+        // the statement changes session state (a SET's value matters).
         let shape = fast::shape(sql);
         let by_shape = shape
             .as_deref()
@@ -78,16 +81,13 @@ impl Router {
         if let Some(hit) = by_shape.filter(|hit| hit.session.is_empty()) {
             return hit;
         }
-        if let Some(hit) = self.classifications.get(sql) {
-            return hit;
-        }
         let parsed = Arc::new(classify(sql));
-        let key = match shape {
-            Some(shape) if parsed.session.is_empty() => shape,
-            _ => sql.to_owned(),
-        };
         self.classifications
-            .insert(Arc::from(key), Arc::clone(&parsed));
+            .insert(Arc::from(sql), Arc::clone(&parsed));
+        if let Some(shape) = shape.filter(|s| s != sql && parsed.session.is_empty()) {
+            self.classifications
+                .insert(Arc::from(shape), Arc::clone(&parsed));
+        }
         parsed
     }
 
