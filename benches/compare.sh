@@ -118,16 +118,7 @@ setup_primary() {
     if [[ ! -f $PRIMARY/PG_VERSION ]]; then
         rm -rf "$PRIMARY"
         say "initialising the primary in $PRIMARY"
-        as_pg "$PG_BIN/initdb" -D "$PRIMARY" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
-            --encoding=UTF8 --locale=C >/dev/null
-        as_pg tee "$PRIMARY/pg_hba.conf" >/dev/null <<EOF
-# written by benches/compare.sh
-local all         all                     trust
-local replication all                     trust
-host  replication postgres 127.0.0.1/32   trust
-host  all         postgres 127.0.0.1/32   trust
-host  all         all      127.0.0.1/32   scram-sha-256
-EOF
+        init_primary "$PRIMARY" benches/compare.sh
         # Unix sockets off: everything here goes over loopback TCP (and a deep checkout path
         # would overflow the socket path limit).
         as_pg tee -a "$PRIMARY/postgresql.conf" >/dev/null <<EOF

@@ -73,16 +73,7 @@ setup_primary() {
         rm -rf "$PRIMARY"
         say "initialising the primary in $PRIMARY"
         as_pg mkdir -p "$SOCK"
-        as_pg "$PG_BIN/initdb" -D "$PRIMARY" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
-            --encoding=UTF8 --locale=C >/dev/null
-        as_pg tee "$PRIMARY/pg_hba.conf" >/dev/null <<EOF
-# written by scripts/dev-cluster.sh
-local all         all                     trust
-local replication all                     trust
-host  replication postgres 127.0.0.1/32   trust
-host  all         postgres 127.0.0.1/32   trust
-host  all         all      127.0.0.1/32   scram-sha-256
-EOF
+        init_primary "$PRIMARY" scripts/dev-cluster.sh
         as_pg tee -a "$PRIMARY/postgresql.conf" >/dev/null <<EOF
 
 # scripts/dev-cluster.sh

@@ -33,3 +33,20 @@ pg_work_dir() {
     [[ -f $dir/.gitignore ]] || echo '*' >"$dir/.gitignore"
     printf '%s\n' "$dir"
 }
+
+# init_primary DATADIR WRITER: initdb as postgres (SCRAM for TCP logins, UTF8, C locale) and
+# the pg_hba.conf these scripts share: trust for local sockets and for the postgres
+# superuser and replication on loopback, SCRAM for everyone else on loopback.
+init_primary() {
+    local data=$1 writer=$2
+    as_pg "$PG_BIN/initdb" -D "$data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+        --encoding=UTF8 --locale=C >/dev/null
+    as_pg tee "$data/pg_hba.conf" >/dev/null <<EOF
+# written by $writer
+local all         all                     trust
+local replication all                     trust
+host  replication postgres 127.0.0.1/32   trust
+host  all         postgres 127.0.0.1/32   trust
+host  all         all      127.0.0.1/32   scram-sha-256
+EOF
+}
