@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 /// A setting's value, remembered the way it must be replayed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -19,12 +20,26 @@ pub enum Value {
     Sql(String),
 }
 
-/// A set of settings with a hash of its content, so "same?" is one comparison.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A set of settings with a hash of its content, so "same?" is usually one comparison.
+///
+/// The map is shared copy-on-write: a clone costs a reference count, and two sets cloned
+/// from one another (a client's settings and what pgway applied for it on a connection,
+/// or clients whose identical startup settings were shared at login) compare equal by
+/// pointer without walking the map.
+#[derive(Debug, Clone, Default)]
 pub struct Settings {
-    values: BTreeMap<String, Value>,
+    values: Arc<BTreeMap<String, Value>>,
     hash: u64,
 }
+
+impl PartialEq for Settings {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.values, &other.values)
+            || (self.hash == other.hash && self.values == other.values)
+    }
+}
+
+impl Eq for Settings {}
 
 impl Settings {
     fn rehash(&mut self) {
@@ -35,20 +50,23 @@ impl Settings {
 
     /// Sets `name`.
     pub fn set(&mut self, name: &str, value: Value) {
-        self.values.insert(name.to_owned(), value);
+        Arc::make_mut(&mut self.values).insert(name.to_owned(), value);
         self.rehash();
     }
 
     /// Removes `name`.
     pub fn remove(&mut self, name: &str) {
-        if self.values.remove(name).is_some() {
+        if self.values.contains_key(name) {
+            Arc::make_mut(&mut self.values).remove(name);
             self.rehash();
         }
     }
 
     /// Removes everything.
     pub fn clear(&mut self) {
-        self.values.clear();
+        if !self.values.is_empty() {
+            self.values = Arc::default();
+        }
         self.rehash();
     }
 
@@ -215,7 +233,9 @@ fn push_set(sql: &mut String, name: &str, value: &Value) {
 /// The query that turns `applied` into `wanted`, or `None` when they already match.
 /// Updates `applied` to `wanted`.
 pub fn sync_query(applied: &mut Applied, wanted: &Settings) -> Option<String> {
-    if !applied.dirty && applied.settings.hash == wanted.hash && applied.settings == *wanted {
+    if !applied.dirty && applied.settings == *wanted {
+        // Shared from now on: the next comparison with this client's settings is by pointer.
+        applied.settings = wanted.clone();
         return None;
     }
     let mut sql = String::new();
@@ -226,7 +246,7 @@ pub fn sync_query(applied: &mut Applied, wanted: &Settings) -> Option<String> {
     } else {
         &applied.settings
     };
-    for (name, value) in &wanted.values {
+    for (name, value) in wanted.values.iter() {
         if have.get(name) != Some(value) {
             push_set(&mut sql, name, value);
         }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -31,6 +32,13 @@ pub enum PoolError {
     Connect(#[from] BackendError),
 }
 
+/// A connection parked for longer than this is probed (one non-blocking read) before it is
+/// lent, to catch a server that closed it meanwhile. One parked more briefly is lent as it
+/// is, saving a system call per transaction under load: a server that ends a session says
+/// so first (FATAL), and a request that meets that message before any reply is sent again
+/// on another connection (see the session's retry).
+const PROBE_AFTER: Duration = Duration::from_millis(500);
+
 /// What a pool is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -48,7 +56,8 @@ pub struct Pool {
     key: PoolKey,
     password: String,
     settings: PoolConfig,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Parked connections, with when each was parked.
+    idle: Mutex<Vec<(ServerConn, Instant)>>,
     permits: Arc<Semaphore>,
     params: OnceLock<Arc<Vec<(String, String)>>>,
 }
@@ -94,8 +103,10 @@ impl Pool {
         loop {
             let candidate = self.idle.lock().map(|mut idle| idle.pop()).unwrap_or(None);
             match candidate {
-                Some(conn) if conn.io.is_stale() => continue,
-                Some(conn) => return Ok(self.lend(conn, permit)),
+                Some((conn, parked)) if parked.elapsed() >= PROBE_AFTER && conn.io.is_stale() => {
+                    continue
+                }
+                Some((conn, _)) => return Ok(self.lend(conn, permit)),
                 None => break,
             }
         }
@@ -145,7 +156,7 @@ impl PooledConn {
     pub fn release(mut self) {
         if let Some(conn) = self.conn.take() {
             if let Ok(mut idle) = self.pool.idle.lock() {
-                idle.push(conn);
+                idle.push((conn, Instant::now()));
             }
         }
     }

@@ -1402,11 +1402,13 @@ impl<'a> Session<'a> {
 }
 
 /// True for a FATAL ErrorResponse by which a server says it is shutting down (or cannot
-/// take connections), so the request it answers did not run.
+/// take connections, or ends an idle session), so the request it answers did not run.
 fn is_shutdown(frame: &[u8]) -> bool {
     let (code, _) = messages::error_fields(frame);
     let fatal = messages::error_severity(frame).is_some_and(|s| s == "FATAL");
-    fatal && matches!(code.as_str(), "57P01" | "57P02" | "57P03")
+    // 57P01 admin shutdown / pg_terminate_backend, 57P02 crash shutdown, 57P03 cannot
+    // connect now, 57P05 idle_session_timeout.
+    fatal && matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "57P05")
 }
 
 /// A reply pgway gives itself: a message with an empty body (ParseComplete, CloseComplete).

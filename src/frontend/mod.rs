@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Pools;
 use crate::config::{Config, UserConfig};
 use crate::route::Router;
+use crate::settings::Settings;
 use crate::topology::TopologyHandle;
 use auth::ScramVerifier;
 use cancel::CancelRegistry;
@@ -46,6 +47,17 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// Cancelled when pgway is stopping.
     pub shutdown: CancellationToken,
-    /// ParameterStatus values for new clients, per (database, user, startup settings hash).
-    pub greetings: moka::sync::Cache<GreetingKey, Arc<Vec<(String, String)>>>,
+    /// What new clients are greeted with, per (database, user, startup settings hash).
+    pub greetings: moka::sync::Cache<GreetingKey, Arc<Greeting>>,
+}
+
+/// A cached greeting: the ParameterStatus values for clients with these startup settings,
+/// and the settings themselves, which such clients then share (so comparing a client's
+/// settings with a connection's is mostly a pointer comparison).
+#[derive(Debug)]
+pub struct Greeting {
+    /// ParameterStatus name and value pairs.
+    pub params: Vec<(String, String)>,
+    /// The startup settings they were learned with.
+    pub settings: Settings,
 }

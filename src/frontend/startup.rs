@@ -12,7 +12,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::auth::{md5_matches, AuthError, ScramExchange, ScramVerifier};
 use super::cancel::send_cancel;
 use super::client::Session;
-use super::Shared;
+use super::{Greeting, Shared};
 use crate::backend::{BackendError, PoolError};
 use crate::config::AuthMethod;
 use crate::error;
@@ -168,9 +168,9 @@ async fn login(
     authenticate(shared, io, out, &user).await?;
     messages::authentication(out, 0, &[]);
 
-    let settings = ClientSettings::from_startup(&params);
-    let server_params = server_params(shared, &user, &database, &settings).await?;
-    for (name, value) in server_params.iter() {
+    let mut settings = ClientSettings::from_startup(&params);
+    let greeting = greeting(shared, &user, &database, &mut settings).await?;
+    for (name, value) in greeting.params.iter() {
         messages::parameter_status(out, name, value);
     }
     Ok((user, database, settings))
@@ -257,19 +257,25 @@ async fn expect_password_message(io: &mut FramedStream) -> Result<BytesMut, Logi
 /// `DateStyle=ISO, MDY`). Learned from a real login and cached per (database, user,
 /// settings), which also proves the database exists, the credentials work and the
 /// settings are valid.
-async fn server_params(
+///
+/// A cache hit also hands the client the cached copy of its startup settings.
+async fn greeting(
     shared: &Shared,
     user: &str,
     database: &str,
-    settings: &ClientSettings,
-) -> Result<Arc<Vec<(String, String)>>, LoginError> {
+    settings: &mut ClientSettings,
+) -> Result<Arc<Greeting>, LoginError> {
     let key = (
         database.to_owned(),
         user.to_owned(),
         settings.startup.hash(),
     );
-    if let Some(params) = shared.greetings.get(&key) {
-        return Ok(params);
+    if let Some(hit) = shared.greetings.get(&key) {
+        if hit.settings == settings.startup {
+            settings.startup = hit.settings.clone();
+            settings.current = hit.settings.clone();
+            return Ok(hit);
+        }
     }
     let password = shared
         .users
@@ -331,9 +337,12 @@ async fn server_params(
         }
     }
     conn.release();
-    let params = Arc::new(params);
-    shared.greetings.insert(key, Arc::clone(&params));
-    Ok(params)
+    let greeting = Arc::new(Greeting {
+        params,
+        settings: settings.startup.clone(),
+    });
+    shared.greetings.insert(key, Arc::clone(&greeting));
+    Ok(greeting)
 }
 
 /// Runs the startup-settings query; returns the ParameterStatus changes it caused, or the

@@ -83,11 +83,7 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string (bytes, without the NUL).
     pub fn cstr(&mut self) -> Result<&'a [u8], FrameError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(FrameError::Malformed(self.what))?;
+        let end = memchr::memchr(0, self.buf).ok_or(FrameError::Malformed(self.what))?;
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
         Ok(s)

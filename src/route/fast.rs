@@ -48,120 +48,169 @@ const REJECT: &[&str] = &[
     "nowait", "table", "do", "call", "values",
 ];
 
+/// The longest word in [`PAREN_OK_AFTER`] and [`REJECT`] (`intersect`).
+const MAX_KEYWORD_LEN: usize = 9;
+
+/// Byte classes for the scan (one table lookup per byte instead of a chain of tests).
+const SPACE: u8 = 1;
+/// Starts a word: letters, `_`, and any non-ASCII byte.
+const WORD_START: u8 = 2;
+/// Continues a word: word starts, digits, `$`.
+const WORD: u8 = 4;
+const DIGIT: u8 = 8;
+/// Operators and separators that end a token and change nothing.
+const PUNCT: u8 = 16;
+
+const CLASS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = if c.is_ascii_whitespace() {
+            SPACE
+        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            WORD_START | WORD
+        } else if c.is_ascii_digit() {
+            DIGIT | WORD
+        } else if c == b'$' {
+            WORD
+        } else {
+            match c {
+                b')' | b',' | b'.' | b'*' | b'=' | b'<' | b'>' | b'+' | b'-' | b'/' | b'%'
+                | b':' | b'[' | b']' | b'!' | b'~' | b'^' | b'|' | b'&' | b'@' | b'#' => PUNCT,
+                _ => 0,
+            }
+        };
+        b += 1;
+    }
+    table
+};
+
+fn class(b: u8) -> u8 {
+    CLASS[usize::from(b)]
+}
+
 /// True when `sql` is certainly a plain read (see the module documentation).
 pub fn is_plain_select(sql: &str) -> bool {
     let bytes = sql.as_bytes();
     let mut i = 0;
-    while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+    while i < bytes.len() && class(bytes[i]) == SPACE {
         i += 1;
     }
     let starts = bytes.len() >= i + 7
         && bytes[i..i + 6].eq_ignore_ascii_case(b"select")
-        && (bytes[i + 6].is_ascii_whitespace() || bytes[i + 6] == b'*');
+        && (class(bytes[i + 6]) == SPACE || bytes[i + 6] == b'*');
     if !starts {
         return false;
     }
-    // The last word seen, lower-cased, if the previous token was a word.
-    let mut last_word: Option<String> = None;
+    // The last word seen, if the previous token was a word (compared without regard to
+    // case; no allocation: this runs for every simple query).
+    let mut last_word: Option<&[u8]> = None;
     while i < bytes.len() {
         let b = bytes[i];
-        match b {
-            b if b.is_ascii_whitespace() => i += 1,
-            b'\'' => {
-                // A standard string: '' escapes a quote; a backslash could be an escape
-                // if standard_conforming_strings were off, so leave those to the parser.
+        let c = class(b);
+        if c == SPACE {
+            i += 1;
+        } else if c & WORD_START != 0 {
+            let start = i;
+            while i < bytes.len() && class(bytes[i]) & WORD != 0 {
                 i += 1;
-                loop {
-                    match bytes.get(i) {
-                        None => return false,
-                        Some(b'\\') => return false,
-                        Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
-                        Some(b'\'') => {
-                            i += 1;
-                            break;
+            }
+            // E'...', U&'...', B'...', X'...' and N'...' literals: leave to the parser.
+            if matches!(bytes.get(i), Some(b'\'') | Some(b'&')) {
+                return false;
+            }
+            let word = &bytes[start..i];
+            if is_one_of(word, REJECT) {
+                return false;
+            }
+            last_word = Some(word);
+        } else if c & DIGIT != 0 {
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
+                i += 1;
+            }
+            last_word = None;
+        } else {
+            match b {
+                b'\'' => {
+                    // A standard string: '' escapes a quote; a backslash could be an escape
+                    // if standard_conforming_strings were off, so leave those to the parser.
+                    i += 1;
+                    loop {
+                        match bytes.get(i) {
+                            None | Some(b'\\') => return false,
+                            Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                            Some(b'\'') => {
+                                i += 1;
+                                break;
+                            }
+                            Some(_) => i += 1,
                         }
-                        Some(_) => i += 1,
                     }
+                    last_word = None;
                 }
-                last_word = None;
-            }
-            b'"' => {
-                i += 1;
-                loop {
-                    match bytes.get(i) {
-                        None => return false,
-                        Some(b'"') if bytes.get(i + 1) == Some(&b'"') => i += 2,
-                        Some(b'"') => {
-                            i += 1;
-                            break;
+                b'"' => {
+                    i += 1;
+                    loop {
+                        match bytes.get(i) {
+                            None => return false,
+                            Some(b'"') if bytes.get(i + 1) == Some(&b'"') => i += 2,
+                            Some(b'"') => {
+                                i += 1;
+                                break;
+                            }
+                            Some(_) => i += 1,
                         }
-                        Some(_) => i += 1,
                     }
+                    // A quoted identifier followed by `(` is a function call.
+                    last_word = Some(b"");
                 }
-                // A quoted identifier followed by `(` is a function call.
-                last_word = Some(String::new());
-            }
-            b'$' => {
-                // `$1` parameters only; `$tag$` quoting is left to the parser.
-                i += 1;
-                let start = i;
-                while i < bytes.len() && bytes[i].is_ascii_digit() {
+                b'$' => {
+                    // `$1` parameters only; `$tag$` quoting is left to the parser.
                     i += 1;
+                    let start = i;
+                    while i < bytes.len() && bytes[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                    if i == start {
+                        return false;
+                    }
+                    last_word = None;
                 }
-                if i == start {
-                    return false;
+                b'-' if bytes.get(i + 1) == Some(&b'-') => return false,
+                b'/' if bytes.get(i + 1) == Some(&b'*') => return false,
+                b';' => {
+                    return bytes[i + 1..].iter().all(|&b| class(b) == SPACE);
                 }
-                last_word = None;
-            }
-            b'-' if bytes.get(i + 1) == Some(&b'-') => return false,
-            b'/' if bytes.get(i + 1) == Some(&b'*') => return false,
-            b';' => {
-                return bytes[i + 1..].iter().all(u8::is_ascii_whitespace);
-            }
-            b'(' => {
-                match &last_word {
-                    Some(word) if PAREN_OK_AFTER.contains(&word.as_str()) => {}
-                    Some(_) => return false,
-                    None => {}
-                }
-                i += 1;
-                last_word = None;
-            }
-            b if b.is_ascii_alphabetic() || b == b'_' || b >= 0x80 => {
-                let start = i;
-                while i < bytes.len()
-                    && (bytes[i].is_ascii_alphanumeric()
-                        || bytes[i] == b'_'
-                        || bytes[i] == b'$'
-                        || bytes[i] >= 0x80)
-                {
+                b'(' => {
+                    match last_word {
+                        Some(word) if is_one_of(word, PAREN_OK_AFTER) => {}
+                        Some(_) => return false,
+                        None => {}
+                    }
                     i += 1;
+                    last_word = None;
                 }
-                // E'...', U&'...', B'...', X'...' and N'...' literals: leave to the parser.
-                if matches!(bytes.get(i), Some(b'\'') | Some(b'&')) {
-                    return false;
-                }
-                let word = String::from_utf8_lossy(&bytes[start..i]).to_ascii_lowercase();
-                if REJECT.contains(&word.as_str()) {
-                    return false;
-                }
-                last_word = Some(word);
-            }
-            b if b.is_ascii_digit() => {
-                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
+                _ if c == PUNCT => {
                     i += 1;
+                    last_word = None;
                 }
-                last_word = None;
+                _ => return false,
             }
-            b')' | b',' | b'.' | b'*' | b'=' | b'<' | b'>' | b'+' | b'-' | b'/' | b'%' | b':'
-            | b'[' | b']' | b'!' | b'~' | b'^' | b'|' | b'&' | b'@' | b'#' => {
-                i += 1;
-                last_word = None;
-            }
-            _ => return false,
         }
     }
     true
+}
+
+/// True when `word` is one of the lower-case `keywords`, ignoring ASCII case.
+fn is_one_of(word: &[u8], keywords: &[&str]) -> bool {
+    // Every keyword is short: longer words (most identifiers) are out at once.
+    if word.len() > MAX_KEYWORD_LEN {
+        return false;
+    }
+    keywords
+        .iter()
+        .any(|k| k.len() == word.len() && k.as_bytes().eq_ignore_ascii_case(word))
 }
 
 /// The statement with every plain literal replaced (strings by `''`, numbers by `0`), so
@@ -269,6 +318,8 @@ mod tests {
         "select t.a from t join u on (t.id = u.id) where t.b = any($1)",
         "select*from t",
         "select 1",
+        "SELECT a FROM t INTERSECT (SELECT b FROM u) UNION\t(select c from v)",
+        "select 1.5e3, 0x1F from t where n between 1 and 2",
     ];
 
     const NO: &[&str] = &[
@@ -290,6 +341,8 @@ mod tests {
         "select \"nextval\"('s')",
         "select * from t, lateral my_func(t.id)",
         "select * from my_func(1)",
+        "select * from t where x = Some_Function_Name(1)",
+        "select a from t INTO t2",
         "select a from t where b = 'unterminated",
         "select pg_advisory_lock(1)",
         "select * from t tablesample system (10)",
@@ -298,6 +351,14 @@ mod tests {
         "select * from t lock in share mode",
         "select ARRAY(select 1)",
     ];
+
+    #[test]
+    fn keyword_length_bound_holds() {
+        for k in PAREN_OK_AFTER.iter().chain(REJECT) {
+            assert!(k.len() <= MAX_KEYWORD_LEN, "{k}");
+            assert_eq!(k.to_ascii_lowercase(), *k, "keywords are lower-case: {k}");
+        }
+    }
 
     #[test]
     fn accepts_plain_selects() {
