@@ -34,3 +34,4 @@ pub mod route;
 pub mod server;
 pub mod settings;
 pub mod topology;
+pub mod workers;

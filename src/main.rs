@@ -54,7 +54,9 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // This runtime accepts clients and runs health checks, the etcd watch and the admin
+    // port; client sessions run on pgway's own worker threads (see `pgway::workers`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;

@@ -66,6 +66,16 @@ impl FramedStream {
         }
     }
 
+    /// Re-registers the socket with the calling thread's runtime (it may have been
+    /// created on another worker's).
+    pub fn rebind(self) -> Result<Self, NetError> {
+        let stream = TcpStream::from_std(self.stream.into_std()?)?;
+        Ok(Self {
+            stream,
+            rbuf: self.rbuf,
+        })
+    }
+
     /// Frees the read buffer if it holds nothing (an idle connection needs none).
     pub fn release_buffer(&mut self) {
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {

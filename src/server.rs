@@ -21,6 +21,7 @@ use crate::route::{Catalog, Router};
 use crate::topology::health::{supervise, HealthSettings};
 use crate::topology::patroni::{self, PatroniSettings};
 use crate::topology::TopologyHandle;
+use crate::workers::{self, WorkerError, Workers};
 use crate::{admin, error};
 
 /// Errors that stop the gateway.
@@ -34,6 +35,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The worker threads could not be started.
+    #[error(transparent)]
+    Workers(#[from] WorkerError),
 }
 
 /// How long sessions get to finish after shutdown begins.
@@ -132,6 +136,14 @@ pub async fn run(
 
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgway accepting clients");
     let connections = TaskTracker::new();
+    let mut workers = {
+        let shared = Arc::clone(&shared);
+        Workers::start(
+            workers::default_count(),
+            connections.clone(),
+            move |stream, peer| startup::handle(Arc::clone(&shared), stream, peer),
+        )?
+    };
     let limit = Arc::new(Semaphore::new(config.client.max_connections));
     loop {
         let accepted = tokio::select! {
@@ -146,13 +158,10 @@ pub async fn run(
                 continue;
             }
         };
-        let shared = Arc::clone(&shared);
         match Arc::clone(&limit).try_acquire_owned() {
             Ok(permit) => {
-                connections.spawn(async move {
-                    startup::handle(shared, stream, peer).await;
-                    drop(permit);
-                });
+                // The permit is held until the client's session ends (on its worker).
+                workers.dispatch(stream, peer, permit);
             }
             Err(_) => {
                 connections.spawn(refuse(stream));
@@ -161,6 +170,7 @@ pub async fn run(
     }
     info!("shutting down: no new clients; waiting for open transactions");
     drop(listener);
+    workers.close();
     connections.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
         .await
@@ -168,6 +178,7 @@ pub async fn run(
     {
         warn!("sessions still open after the drain timeout; stopping anyway");
     }
+    workers.shutdown().await;
     tasks.close();
     tasks.wait().await;
     Ok(())

@@ -39,6 +39,13 @@ pub enum PoolError {
 /// on another connection (see the session's retry).
 const PROBE_AFTER: Duration = Duration::from_millis(500);
 
+/// An idle connection.
+#[derive(Debug)]
+struct Parked {
+    conn: ServerConn,
+    since: Instant,
+}
+
 /// What a pool is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -56,8 +63,8 @@ pub struct Pool {
     key: PoolKey,
     password: String,
     settings: PoolConfig,
-    /// Parked connections, with when each was parked.
-    idle: Mutex<Vec<(ServerConn, Instant)>>,
+    /// Parked connections, the most recently parked last.
+    idle: Mutex<Vec<Parked>>,
     permits: Arc<Semaphore>,
     params: OnceLock<Arc<Vec<(String, String)>>>,
 }
@@ -100,14 +107,30 @@ impl Pool {
             addr: self.key.addr.clone(),
             waited: self.settings.wait_timeout,
         })?;
+        let here = crate::workers::current();
         loop {
-            let candidate = self.idle.lock().map(|mut idle| idle.pop()).unwrap_or(None);
-            match candidate {
-                Some((conn, parked)) if parked.elapsed() >= PROBE_AFTER && conn.io.is_stale() => {
-                    continue
+            // The most recently parked connection on this thread's reactor, else the most
+            // recently parked one, moved over.
+            let candidate = self
+                .idle
+                .lock()
+                .map(|mut idle| {
+                    let at = idle
+                        .iter()
+                        .rposition(|p| p.conn.reactor == here)
+                        .or_else(|| idle.len().checked_sub(1));
+                    at.map(|at| idle.remove(at))
+                })
+                .unwrap_or(None);
+            let Some(parked) = candidate else { break };
+            if parked.since.elapsed() >= PROBE_AFTER && parked.conn.io.is_stale() {
+                continue;
+            }
+            match parked.conn.adopt() {
+                Ok(conn) => return Ok(self.lend(conn, permit)),
+                Err(cause) => {
+                    tracing::debug!(%cause, "cannot move a server connection between workers");
                 }
-                Some((conn, _)) => return Ok(self.lend(conn, permit)),
-                None => break,
             }
         }
         let login = Login {
@@ -156,7 +179,10 @@ impl PooledConn {
     pub fn release(mut self) {
         if let Some(conn) = self.conn.take() {
             if let Ok(mut idle) = self.pool.idle.lock() {
-                idle.push((conn, Instant::now()));
+                idle.push(Parked {
+                    conn,
+                    since: Instant::now(),
+                });
             }
         }
     }

@@ -145,9 +145,26 @@ pub struct ServerConn {
     pub unnamed: Option<(u64, u64)>,
     /// Session settings pgway applied on this connection.
     pub applied: crate::settings::Applied,
+    /// The reactor the socket is registered with ([`crate::workers::current`]).
+    pub reactor: usize,
 }
 
 impl ServerConn {
+    /// Moves the socket to the calling thread's reactor, if it is registered with another
+    /// worker's (so its readiness events wake this thread, not that one).
+    pub fn adopt(self) -> Result<Self, NetError> {
+        let here = crate::workers::current();
+        if self.reactor == here {
+            return Ok(self);
+        }
+        let io = self.io.rebind()?;
+        Ok(Self {
+            io,
+            reactor: here,
+            ..self
+        })
+    }
+
     /// Connects and logs in, within `timeout`.
     pub async fn connect(login: Login<'_>, timeout: Duration) -> Result<Self, BackendError> {
         tokio::time::timeout(timeout, Self::do_connect(login.clone()))
@@ -178,6 +195,7 @@ impl ServerConn {
             statements: StatementCache::default(),
             unnamed: None,
             applied: Default::default(),
+            reactor: crate::workers::current(),
         };
         loop {
             let frame = conn.io.read_frame(MAX_MESSAGE_LEN).await?;
