@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load comparison: pgway against HAProxy (two ports), pgbouncer (transaction mode) and direct
-# PostgreSQL, with pgbench, on one machine, in interleaved rounds. Writes benches/RESULTS.md
-# and benches/results.png.
+# PostgreSQL, with pgbench, on one machine, in interleaved rounds. Writes benches/RESULTS.md,
+# benches/results.png and (full runs only) the results block of README.md.
 #
 #   benches/compare.sh            install what is missing, build pgway (release), set up or
 #                                 reuse a primary + streaming replica, start HAProxy, pgbouncer
@@ -629,9 +629,9 @@ run() {
     route_bench
     write_meta
 
-    say "writing benches/RESULTS.md and benches/results.png"
+    say "writing benches/RESULTS.md, benches/results.png and the results block of README.md"
     "$PY" "$HERE/report.py" --run-dir "$RUN_DIR" --markdown "$REPO/benches/RESULTS.md" \
-        --png "$REPO/benches/results.png"
+        --png "$REPO/benches/results.png" --readme "$REPO/README.md"
     local nfail
     nfail=$(awk -F '\t' 'NR > 1 && $9 != "ok"' "$RUN_DIR/results.tsv" | wc -l)
     if ((nfail > 0)); then

@@ -302,3 +302,71 @@ async fn session_settings_follow_the_client_not_the_server_connection() {
         .expect("read");
     assert_eq!(v, "public", "after RESET search_path");
 }
+
+/// Client sessions run on one worker thread per core, and a server connection is
+/// registered with the worker that opened it. With `pool.size = 1` the one connection to
+/// each node must serve clients on every worker in turn (it is moved over), and every
+/// statement must still run on it: the same backend pid, the right node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_connection_serves_clients_on_every_worker() {
+    const CLIENTS: usize = 4;
+    let cluster = Cluster::start(1);
+    cluster.psql_admin(cluster.primary_port(), SCHEMA);
+    cluster.wait_replay();
+    let gw = Gateway::start_with(
+        &cluster,
+        GatewayOptions {
+            pool_size: 1,
+            wait_timeout: "20s".into(),
+            ..GatewayOptions::default()
+        },
+    );
+    gw.wait_for_replica_reads(&cluster).await;
+
+    // Opened together, the clients are spread over the workers (fewest sessions first).
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(connect(gw.port(), APP_USER, APP_PASSWORD).await);
+    }
+    let mut reads = BTreeSet::new();
+    let mut writes = BTreeSet::new();
+    for round in 0..3 {
+        for (i, client) in clients.iter().enumerate() {
+            let rows = simple_rows(client, "select inet_server_port(), pg_backend_pid()")
+                .await
+                .unwrap_or_else(|e| panic!("client {i} read {round}: {}", describe_error(&e)));
+            assert_eq!(
+                rows[0][0].as_deref(),
+                Some(cluster.replica_ports()[0].to_string().as_str()),
+                "client {i}: reads go to the replica"
+            );
+            reads.insert(rows[0][1].clone());
+            let rows = simple_rows(
+                client,
+                &format!(
+                    "insert into items (id, v) values ({}, 'w') \
+                     returning inet_server_port(), pg_backend_pid()",
+                    round * CLIENTS + i
+                ),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("client {i} write {round}: {}", describe_error(&e)));
+            assert_eq!(
+                rows[0][0].as_deref(),
+                Some(cluster.primary_port().to_string().as_str()),
+                "client {i}: writes go to the primary"
+            );
+            writes.insert(rows[0][1].clone());
+        }
+    }
+    assert_eq!(reads.len(), 1, "one replica connection for all: {reads:?}");
+    assert_eq!(
+        writes.len(),
+        1,
+        "one primary connection for all: {writes:?}"
+    );
+    assert_eq!(
+        cluster.psql_admin(cluster.primary_port(), "select count(*) from items"),
+        (3 * CLIENTS).to_string()
+    );
+}

@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--markdown", required=True)
     ap.add_argument("--png", required=True)
+    ap.add_argument("--readme", help="README whose results block is replaced (full runs only)")
     args = ap.parse_args()
 
     meta = read_meta(os.path.join(args.run_dir, "meta.txt"))
@@ -231,6 +232,7 @@ def main():
               "other rows give tps excluding connection time (higher is better) and its ratio to "
               "direct.")
     md.append("")
+    results_at = len(md)
     md.append("| Scenario | Target | Median | vs direct | Runs ok | Every round |")
     md.append("| --- | --- | ---: | ---: | ---: | --- |")
     for sc, title, metric in SCENARIOS:
@@ -249,6 +251,7 @@ def main():
             okc = f"{m['ok']}/{m['n']}" + ("" if m["ok"] == m["n"] else " ⚠")
             md.append(f"| {title} | {target_label(meta, sc, tg)} | {fmt_num(metric, m['value'])} | "
                       f"{'—' if r is None else f'{r:.2f}x'} | {okc} | {', '.join(each)} |")
+    results_table = md[results_at:]
     md.append("")
 
     # Memory and route micro-benchmark.
@@ -288,6 +291,7 @@ def main():
     # Targets from the issue.
     md.append("## Targets (issue #5)")
     md.append("")
+    targets_at = len(md)
     md.append("| Target | Measured | Result |")
     md.append("| --- | --- | --- |")
 
@@ -330,6 +334,7 @@ def main():
                   f"{'met' if worst <= ROUTE_TARGET_NS else '**NOT met**'} |")
     else:
         md.append("| repeated statement's route decision ≤ 1 µs | — | not measured |")
+    targets_table = md[targets_at:]
     md.append("")
 
     # Also: pgway vs the others in every scenario, for reference.
@@ -356,7 +361,43 @@ def main():
     with open(args.markdown, "w") as f:
         f.write("\n".join(md))
 
+    if args.readme:
+        if quick:
+            print(f"report: a quick run (rounds={rounds}, duration={duration}s): "
+                  f"{args.readme} keeps its numbers")
+        else:
+            update_readme(args.readme, meta, results_table, targets_table)
+
     draw_chart(args, meta, medians, speed_to_direct, per_conn, memory, quick)
+
+
+README_BEGIN = "<!-- benches/compare.sh results: begin -->"
+README_END = "<!-- benches/compare.sh results: end -->"
+
+
+def update_readme(path, meta, results_table, targets_table):
+    """Replaces the block between README_BEGIN and README_END with this run's tables."""
+    text = open(path).read()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        print(f"report: no results block in {path}; left as it is")
+        return
+    block = [
+        README_BEGIN,
+        f"From one run of `benches/compare.sh` on {meta['date']} (pgway {meta.get('pgway_rev', '?')}, "
+        f"{meta.get('nproc', '?')} cores; machine, commands and every round in "
+        "[`benches/RESULTS.md`](benches/RESULTS.md)):",
+        "",
+        *results_table,
+        "",
+        *targets_table,
+        "",
+        "![Throughput relative to direct PostgreSQL, per scenario and target](benches/results.png)",
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write(text[:begin] + "\n".join(block) + text[end:])
+    print(f"report: updated the results block in {path}")
 
 
 def draw_chart(args, meta, medians, speed_to_direct, per_conn, memory, quick):

@@ -94,19 +94,21 @@ impl Pool {
     /// Borrows a connection: an idle one, or a new one if the pool is below its size.
     /// Waits at most `pool.wait_timeout` for a free slot.
     pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        let permit = tokio::time::timeout(
-            self.settings.wait_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| PoolError::Timeout {
-            addr: self.key.addr.clone(),
-            waited: self.settings.wait_timeout,
-        })?
-        .map_err(|_| PoolError::Timeout {
-            addr: self.key.addr.clone(),
-            waited: self.settings.wait_timeout,
-        })?;
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            // Only a client that has to wait sets up a timer.
+            Err(_) => tokio::time::timeout(
+                self.settings.wait_timeout,
+                Arc::clone(&self.permits).acquire_owned(),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| PoolError::Timeout {
+                addr: self.key.addr.clone(),
+                waited: self.settings.wait_timeout,
+            })?,
+        };
         let here = crate::workers::current();
         loop {
             // The most recently parked connection on this thread's reactor, else the most
