@@ -34,6 +34,9 @@ pub enum ConfigError {
     },
 }
 
+/// The most worker threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +61,10 @@ pub struct Config {
     /// Routing limits.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// Worker threads that run client sessions, each with its own event loop (as HAProxy's
+    /// `nbthread`). _Default:_ one per CPU core the process may use
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 /// `[routing]`.
@@ -363,6 +370,15 @@ impl Config {
         if self.pool.statement_cache == 0 {
             return Err(invalid("pool.statement_cache", "must be at least 1"));
         }
+        if self
+            .workers
+            .is_some_and(|n| !(1..=MAX_WORKERS).contains(&n))
+        {
+            return Err(invalid(
+                "workers",
+                &format!("must be between 1 and {MAX_WORKERS}"),
+            ));
+        }
         if self.client.max_connections == 0 {
             return Err(invalid("client.max_connections", "must be at least 1"));
         }
@@ -467,6 +483,19 @@ health_interval = "1s"
         let err = Config::from_toml_str(&EXAMPLE.replace("127.0.0.1:5442", "nohost"))
             .expect_err("bad node");
         assert!(err.to_string().contains("topology.nodes[1]"), "{err}");
+        let err =
+            Config::from_toml_str(&format!("workers = 0\n{EXAMPLE}")).expect_err("zero workers");
+        assert!(err.to_string().contains("workers"), "{err}");
+    }
+
+    #[test]
+    fn workers_default_to_none_and_parse() {
+        assert_eq!(
+            Config::from_toml_str(EXAMPLE).expect("example").workers,
+            None
+        );
+        let config = Config::from_toml_str(&format!("workers = 3\n{EXAMPLE}")).expect("workers");
+        assert_eq!(config.workers, Some(3));
     }
 
     #[test]

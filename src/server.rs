@@ -139,7 +139,7 @@ pub async fn run(
     let mut workers = {
         let shared = Arc::clone(&shared);
         Workers::start(
-            workers::default_count(),
+            config.workers.unwrap_or_else(workers::default_count),
             connections.clone(),
             move |stream, peer| startup::handle(Arc::clone(&shared), stream, peer),
         )?
