@@ -170,3 +170,11 @@ impl Workers {
         .await;
     }
 }
+
+impl Drop for Workers {
+    /// Dropped without [`Workers::shutdown`] (say, `run` abandoned by its caller): the
+    /// threads still end, with their sessions.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
