@@ -370,3 +370,43 @@ async fn one_server_connection_serves_clients_on_every_worker() {
         (3 * CLIENTS).to_string()
     );
 }
+
+/// When pgway stops, a client idle between transactions is told why (FATAL 57P01, as
+/// PostgreSQL's own smart shutdown says it) instead of finding its socket closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_told_when_pgway_stops() {
+    let cluster = Cluster::start(0);
+    let gw = Gateway::start(&cluster);
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(gw.port())
+        .user(APP_USER)
+        .password(APP_PASSWORD)
+        .dbname(DB)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connecting through pgway");
+    let connection = tokio::spawn(connection);
+    simple_rows(&client, "select 1")
+        .await
+        .expect("a query before the stop");
+
+    // Dropping the gateway stops it (and waits for its thread).
+    tokio::task::spawn_blocking(move || drop(gw))
+        .await
+        .expect("stopping the gateway");
+    let ended = tokio::time::timeout(WAIT, connection)
+        .await
+        .expect("the client connection ends once pgway stops")
+        .expect("the connection task");
+    let err = ended.expect_err("pgway's FATAL ends the connection with an error");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::ADMIN_SHUTDOWN),
+        "expected SQLSTATE 57P01, got {}",
+        describe_error(&err)
+    );
+}

@@ -14,9 +14,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{debug, warn};
 
 use super::cancel::{CancelKey, CancelTarget};
@@ -192,6 +194,10 @@ enum Expect {
 /// One client's session.
 pub struct Session<'a> {
     shared: &'a Shared,
+    /// Resolves when pgway starts shutting down. Made once per session and kept registered
+    /// with the token, so waiting between requests touches no state shared with other
+    /// sessions.
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
     client: FramedStream,
     out: BytesMut,
     to_server: BytesMut,
@@ -257,6 +263,7 @@ impl<'a> Session<'a> {
             .unwrap_or_default();
         Self {
             shared,
+            stopping: Box::pin(shared.shutdown.clone().cancelled_owned()),
             client,
             out: BytesMut::new(),
             to_server: BytesMut::new(),
@@ -354,7 +361,7 @@ impl<'a> Session<'a> {
             tokio::select! {
                 biased;
                 frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
-                _ = self.shared.shutdown.cancelled() => Err(SessionError::Fatal {
+                _ = self.stopping.as_mut() => Err(SessionError::Fatal {
                     code: error::ADMIN_SHUTDOWN,
                     message: "terminating connection because pgway is shutting down".into(),
                 }),
