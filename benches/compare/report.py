@@ -334,6 +334,10 @@ def main():
                   f"{'met' if worst <= ROUTE_TARGET_NS else '**NOT met**'} |")
     else:
         md.append("| repeated statement's route decision ≤ 1 µs | — | not measured |")
+    if any("NOT met" in line for line in md[targets_at:]):
+        md.append("")
+        md.append("Where a target is not met, [`benches/PROFILE.md`](PROFILE.md) has the profile "
+                  "that explains it and what would fix it.")
     targets_table = md[targets_at:]
     md.append("")
 
@@ -390,7 +394,7 @@ def update_readme(path, meta, results_table, targets_table):
         "",
         *results_table,
         "",
-        *targets_table,
+        *[line.replace("](PROFILE.md)", "](benches/PROFILE.md)") for line in targets_table],
         "",
         "![Throughput relative to direct PostgreSQL, per scenario and target](benches/results.png)",
         "",
