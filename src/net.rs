@@ -134,7 +134,15 @@ impl FramedStream {
     }
 
     /// True if the peer closed the socket or sent something while it should be idle.
+    ///
+    /// Costs a system call only when the reactor has seen the socket become readable since
+    /// it was last drained: `fill` clears readiness on a short read, so after a complete
+    /// reply a quiet socket reads as "not ready" without asking the kernel.
     pub fn is_stale(&self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if self.stream.poll_read_ready(&mut cx).is_pending() {
+            return false;
+        }
         let mut probe = [0u8; 1];
         !matches!(self.stream.try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }

@@ -724,10 +724,13 @@ async fn kill_leader_under_load() {
     }
     // A statement in flight on the primary when it died may fail (a clear error, and the
     // connection may close with it). A statement sent after the kill must wait for the new
-    // primary instead.
+    // primary instead. Signals take a moment to land: the killed node was still alive when
+    // it acknowledged its last write, so a statement sent before that moment may have been
+    // in flight on it too.
+    let alive_until = stragglers.iter().map(|a| a.at).max().unwrap_or(t0).max(t0);
     let late: Vec<(usize, Fail)> = writer_errors
         .iter()
-        .filter(|(_, f)| f.sent >= t0)
+        .filter(|(_, f)| f.sent >= alive_until)
         .cloned()
         .collect();
     if !late.is_empty() {

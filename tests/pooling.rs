@@ -12,20 +12,27 @@ const SCHEMA: &str = "SET ROLE app;\n\
     CREATE TABLE items (id int, v text);\n\
     CREATE SEQUENCE item_seq;\n";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_waiting_longer_than_wait_timeout_gets_53300() {
+/// A primary and one replica with [`SCHEMA`], and pgway in front with `pool.size =
+/// pool_size`, once reads reach the replica.
+async fn pooled_gateway(pool_size: usize, wait_timeout: &str) -> (Cluster, Gateway) {
     let cluster = Cluster::start(1);
     cluster.psql_admin(cluster.primary_port(), SCHEMA);
     cluster.wait_replay();
     let gw = Gateway::start_with(
         &cluster,
         GatewayOptions {
-            pool_size: 1,
-            wait_timeout: "1s".into(),
+            pool_size,
+            wait_timeout: wait_timeout.into(),
             ..GatewayOptions::default()
         },
     );
     gw.wait_for_replica_reads(&cluster).await;
+    (cluster, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_longer_than_wait_timeout_gets_53300() {
+    let (cluster, gw) = pooled_gateway(1, "1s").await;
 
     // Client A holds the only primary server connection in an open transaction.
     let a = connect(gw.port(), APP_USER, APP_PASSWORD).await;
@@ -85,18 +92,7 @@ async fn a_client_waiting_longer_than_wait_timeout_gets_53300() {
 async fn many_clients_share_a_pool_bounded_by_pool_size() {
     const CLIENTS: usize = 8;
     const ROUNDS: usize = 5;
-    let cluster = Cluster::start(1);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
-    let gw = Gateway::start_with(
-        &cluster,
-        GatewayOptions {
-            pool_size: 2,
-            wait_timeout: "20s".into(),
-            ..GatewayOptions::default()
-        },
-    );
-    gw.wait_for_replica_reads(&cluster).await;
+    let (cluster, gw) = pooled_gateway(2, "20s").await;
 
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
@@ -310,18 +306,7 @@ async fn session_settings_follow_the_client_not_the_server_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_server_connection_serves_clients_on_every_worker() {
     const CLIENTS: usize = 4;
-    let cluster = Cluster::start(1);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
-    let gw = Gateway::start_with(
-        &cluster,
-        GatewayOptions {
-            pool_size: 1,
-            wait_timeout: "20s".into(),
-            ..GatewayOptions::default()
-        },
-    );
-    gw.wait_for_replica_reads(&cluster).await;
+    let (cluster, gw) = pooled_gateway(1, "20s").await;
 
     // Opened together, the clients are spread over the workers (fewest sessions first).
     let mut clients = Vec::new();

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -32,20 +31,6 @@ pub enum PoolError {
     Connect(#[from] BackendError),
 }
 
-/// A connection parked for longer than this is probed (one non-blocking read) before it is
-/// lent, to catch a server that closed it meanwhile. One parked more briefly is lent as it
-/// is, saving a system call per transaction under load: a server that ends a session says
-/// so first (FATAL), and a request that meets that message before any reply is sent again
-/// on another connection (see the session's retry).
-const PROBE_AFTER: Duration = Duration::from_millis(500);
-
-/// An idle connection.
-#[derive(Debug)]
-struct Parked {
-    conn: ServerConn,
-    since: Instant,
-}
-
 /// What a pool is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -64,7 +49,7 @@ pub struct Pool {
     password: String,
     settings: PoolConfig,
     /// Parked connections, the most recently parked last.
-    idle: Mutex<Vec<Parked>>,
+    idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
     params: OnceLock<Arc<Vec<(String, String)>>>,
 }
@@ -119,16 +104,18 @@ impl Pool {
                 .map(|mut idle| {
                     let at = idle
                         .iter()
-                        .rposition(|p| p.conn.reactor == here)
+                        .rposition(|conn| conn.reactor == here)
                         .or_else(|| idle.len().checked_sub(1));
                     at.map(|at| idle.remove(at))
                 })
                 .unwrap_or(None);
-            let Some(parked) = candidate else { break };
-            if parked.since.elapsed() >= PROBE_AFTER && parked.conn.io.is_stale() {
+            let Some(conn) = candidate else { break };
+            // Closed by the server while parked (or it sent something unprompted): drop it.
+            // Checked on the reactor it is registered with, before any move.
+            if conn.io.is_stale() {
                 continue;
             }
-            match parked.conn.adopt() {
+            match conn.adopt() {
                 Ok(conn) => return Ok(self.lend(conn, permit)),
                 Err(cause) => {
                     tracing::debug!(%cause, "cannot move a server connection between workers");
@@ -181,10 +168,7 @@ impl PooledConn {
     pub fn release(mut self) {
         if let Some(conn) = self.conn.take() {
             if let Ok(mut idle) = self.pool.idle.lock() {
-                idle.push(Parked {
-                    conn,
-                    since: Instant::now(),
-                });
+                idle.push(conn);
             }
         }
     }

@@ -133,35 +133,17 @@ pub fn is_plain_select(sql: &str) -> bool {
         } else {
             match b {
                 b'\'' => {
-                    // A standard string: '' escapes a quote; a backslash could be an escape
-                    // if standard_conforming_strings were off, so leave those to the parser.
-                    i += 1;
-                    loop {
-                        match bytes.get(i) {
-                            None | Some(b'\\') => return false,
-                            Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
-                            Some(b'\'') => {
-                                i += 1;
-                                break;
-                            }
-                            Some(_) => i += 1,
-                        }
-                    }
+                    let Some(end) = skip_quoted(bytes, i) else {
+                        return false;
+                    };
+                    i = end;
                     last_word = None;
                 }
                 b'"' => {
-                    i += 1;
-                    loop {
-                        match bytes.get(i) {
-                            None => return false,
-                            Some(b'"') if bytes.get(i + 1) == Some(&b'"') => i += 2,
-                            Some(b'"') => {
-                                i += 1;
-                                break;
-                            }
-                            Some(_) => i += 1,
-                        }
-                    }
+                    let Some(end) = skip_quoted(bytes, i) else {
+                        return false;
+                    };
+                    i = end;
                     // A quoted identifier followed by `(` is a function call.
                     last_word = Some(b"");
                 }
@@ -202,6 +184,23 @@ pub fn is_plain_select(sql: &str) -> bool {
     true
 }
 
+/// The index just past the string literal (`'`) or quoted identifier (`"`) that starts at
+/// `start`, where a doubled quote stands for itself. `None` if it is not closed, or if a
+/// string literal holds a backslash (an escape if `standard_conforming_strings` were off:
+/// left to the parser).
+fn skip_quoted(bytes: &[u8], start: usize) -> Option<usize> {
+    let quote = bytes[start];
+    let mut i = start + 1;
+    loop {
+        match *bytes.get(i)? {
+            b'\\' if quote == b'\'' => return None,
+            b if b == quote && bytes.get(i + 1) == Some(&quote) => i += 2,
+            b if b == quote => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+}
+
 /// True when `word` is one of the lower-case `keywords`, ignoring ASCII case.
 fn is_one_of(word: &[u8], keywords: &[&str]) -> bool {
     // Every keyword is short: longer words (most identifiers) are out at once.
@@ -231,34 +230,12 @@ pub fn shape(sql: &str) -> Option<String> {
                     // E'..', U&'..', B'..', X'..', N'..'.
                     return None;
                 }
-                i += 1;
-                loop {
-                    match bytes.get(i) {
-                        None | Some(b'\\') => return None,
-                        Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
-                        Some(b'\'') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
+                i = skip_quoted(bytes, i)?;
                 out.push_str("''");
             }
             b'"' => {
                 let start = i;
-                i += 1;
-                loop {
-                    match bytes.get(i) {
-                        None => return None,
-                        Some(b'"') if bytes.get(i + 1) == Some(&b'"') => i += 2,
-                        Some(b'"') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
+                i = skip_quoted(bytes, i)?;
                 out.push_str(sql.get(start..i)?);
             }
             b'$' if !in_word => {
