@@ -100,6 +100,7 @@ impl Workers {
                                 Ok(stream) => stream,
                                 Err(cause) => {
                                     warn!(%cause, %peer, "cannot register client socket");
+                                    load[index].fetch_sub(1, Ordering::Relaxed);
                                     continue;
                                 }
                             };
