@@ -1101,6 +1101,9 @@ async fn lagging_replica_leaves_the_rotation() {
     let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
     assert_eq!(served_by(&client).await, rp);
 
+    // Patroni resumes paused replay at its next HA loop unless the cluster is in
+    // maintenance mode.
+    pc.set_maintenance(true);
     pc.psql(&replica, "select pg_wal_replay_pause()");
     // About 6 MB of WAL the replica receives but does not replay.
     pc.psql(
@@ -1137,7 +1140,14 @@ async fn lagging_replica_leaves_the_rotation() {
         );
     }
 
+    // The replica was held back the whole time, so the reads above were a real test.
+    assert_eq!(
+        pc.psql(&replica, "select pg_get_wal_replay_pause_state()"),
+        "paused",
+        "replay on {replica} was resumed behind the test's back"
+    );
     pc.psql(&replica, "select pg_wal_replay_resume()");
+    pc.set_maintenance(false);
     eventually(
         "reads to return to the replica once it has caught up",
         Duration::from_secs(30),

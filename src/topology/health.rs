@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Role, TopologyHandle};
 use crate::backend::control::{self, ControlLogin};
@@ -94,6 +94,10 @@ pub async fn monitor(
     let wake = topology.waker(&addr, true).unwrap_or_default();
     loop {
         let result = check_node(&addr, &settings, &mut client).await;
+        match &result {
+            Ok(seen) => debug!(node = %addr, role = ?seen.role, lsn = ?seen.lsn, "health check"),
+            Err(cause) => debug!(node = %addr, %cause, "health check failed"),
+        }
         let changed = match &result {
             Ok(seen) => topology.observe(&addr, seen.role, true, seen.lsn),
             Err(_) => {

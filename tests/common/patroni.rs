@@ -883,22 +883,14 @@ impl PatroniCluster {
         self.wait_replica(name);
     }
 
-    /// A planned switchover from the current leader to the other member with
-    /// `patronictl switchover --force`. Returns (old leader, candidate).
-    pub fn switchover(&self) -> (String, String) {
+    /// Runs `patronictl` with `args` against the cluster (through the leader's config) and
+    /// returns its output; panics if it fails.
+    fn patronictl(&self, args: &[&str]) -> String {
         let leader = self.leader_name();
-        let candidate = self.other_member(&leader);
         let out = Command::new("patronictl")
             .arg("-c")
             .arg(&self.member(&leader).config)
-            .args([
-                "switchover",
-                "--leader",
-                &leader,
-                "--candidate",
-                &candidate,
-                "--force",
-            ])
+            .args(args)
             .stdin(Stdio::null())
             .output()
             .expect("running patronictl");
@@ -909,14 +901,39 @@ impl PatroniCluster {
         );
         assert!(
             out.status.success(),
-            "patronictl switchover failed ({}):\n{text}",
+            "patronictl {} failed ({}):\n{text}",
+            args.join(" "),
             out.status
         );
+        text
+    }
+
+    /// A planned switchover from the current leader to the other member with
+    /// `patronictl switchover --force`. Returns (old leader, candidate).
+    pub fn switchover(&self) -> (String, String) {
+        let leader = self.leader_name();
+        let candidate = self.other_member(&leader);
+        let text = self.patronictl(&[
+            "switchover",
+            "--leader",
+            &leader,
+            "--candidate",
+            &candidate,
+            "--force",
+        ]);
         eprintln!(
             "patronictl switchover {leader} -> {candidate}: {}",
             text.trim()
         );
         (leader, candidate)
+    }
+
+    /// Puts the cluster in (or takes it out of) Patroni's maintenance mode and waits until
+    /// every member has seen it (`patronictl pause --wait` / `resume --wait`). Needed to keep
+    /// a replica's WAL replay paused: outside maintenance mode, Patroni resumes paused replay
+    /// on PostgreSQL 14+ at its next HA loop.
+    pub fn set_maintenance(&self, on: bool) {
+        self.patronictl(&[if on { "pause" } else { "resume" }, "--wait"]);
     }
 
     /// Sets or clears member `name`'s `noloadbalance` tag (rewrites its config and sends
