@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# CPU per statement of each gateway: pgbench -S with 32 clients against HAProxy's read port,
+# pgbouncer and pgway, interleaved in rounds; prints, per run, tps, the gateway's user and
+# system CPU time per statement (/proc/PID/stat before and after) and its involuntary
+# context switches per statement (summed over /proc/PID/task/*/status). benches/PROFILE.md
+# quotes its output.
+#
+#   benches/cpu-per-statement.sh          after a run of benches/compare.sh, which leaves the
+#                                         configs in .bench/run (or $PGWAY_BENCH_DIR/run)
+# Knobs: ROUNDS=3, DURATION=5 (seconds per run).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$REPO/scripts/lib.sh"
+PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+BENCH_DIR=${PGWAY_BENCH_DIR:-$REPO/.bench}
+[[ -d $BENCH_DIR/run ]] || BENCH_DIR=/tmp/pgway-bench
+RUN=$BENCH_DIR/run
+PGWAY_BIN=$REPO/target/release/pgway
+
+die() {
+    echo "cpu-per-statement: ERROR: $*" >&2
+    exit 1
+}
+[[ -f $RUN/pgway.toml && -f $RUN/haproxy.cfg && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
+    die "no configs in $RUN: run benches/compare.sh first"
+[[ -x $PGWAY_BIN ]] || die "no release build: cargo build --release"
+
+for node in primary replica; do
+    if ! as_pg "$PG_BIN/pg_ctl" -D "$BENCH_DIR/$node" status >/dev/null 2>&1; then
+        as_pg "$PG_BIN/pg_ctl" -D "$BENCH_DIR/$node" -l "$BENCH_DIR/$node.log" -w -t 120 start >/dev/null
+    fi
+done
+
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+# The configs name their own pidfiles (haproxy.cfg: $RUN/haproxy.pid; pgbouncer.ini:
+# $RUN/pgbouncer/pgbouncer.pid).
+rm -f "$RUN/haproxy.pid" "$RUN/pgbouncer/pgbouncer.pid"
+haproxy -f "$RUN/haproxy.cfg" -D >/dev/null 2>&1 || die "haproxy did not start"
+as_pg /usr/sbin/pgbouncer -d -q "$RUN/pgbouncer/pgbouncer.ini" || die "pgbouncer did not start"
+NO_COLOR=1 "$PGWAY_BIN" --config "$RUN/pgway.toml" >"$RUN/cpu-pgway.log" 2>&1 &
+PIDS+=("$!")
+sleep 2
+[[ -s $RUN/haproxy.pid && -s $RUN/pgbouncer/pgbouncer.pid ]] || die "no pidfile from haproxy or pgbouncer"
+PIDS+=("$(head -n 1 "$RUN/haproxy.pid")" "$(cat "$RUN/pgbouncer/pgbouncer.pid")")
+declare -A PID=([pgway]=${PIDS[0]} [haproxy]=${PIDS[1]} [pgbouncer]=${PIDS[2]})
+declare -A PORT=(
+    [pgway]=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
+    [haproxy]=$(awk '/listen postgres_read/ {getline; split($2, a, ":"); print a[2]}' "$RUN/haproxy.cfg")
+    [pgbouncer]=$(sed -nE 's/^listen_port = ([0-9]+)/\1/p' "$RUN/pgbouncer/pgbouncer.ini")
+)
+
+cpu() { awk '{print $14, $15}' "/proc/$1/stat"; }
+invol() { cat /proc/"$1"/task/*/status | awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n}'; }
+tick_us=$((1000000 / $(getconf CLK_TCK)))
+
+printf '%-10s %10s %14s %16s %18s\n' gateway tps 'user µs/stmt' 'system µs/stmt' 'invol. sw./stmt'
+for ((round = 1; round <= ROUNDS; round++)); do
+    for gw in pgway pgbouncer haproxy; do
+        pid=${PID[$gw]}
+        read -r u0 s0 < <(cpu "$pid")
+        c0=$(invol "$pid")
+        out=$(PGPASSWORD=app-secret pgbench -n -S -c 32 -j 2 -T "$DURATION" -h 127.0.0.1 \
+            -p "${PORT[$gw]}" -U app bench 2>&1) || die "pgbench against $gw failed: $out"
+        read -r u1 s1 < <(cpu "$pid")
+        c1=$(invol "$pid")
+        n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")
+        tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out")
+        awk -v g="$gw" -v t="$tps" -v n="$n" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) \
+            -v dc=$((c1 - c0)) -v tick="$tick_us" \
+            'BEGIN {printf "%-10s %10.0f %14.1f %16.1f %18.2f\n", g, t, du*tick/n, ds*tick/n, dc/n}'
+    done
+done
