@@ -46,13 +46,7 @@ fn main() -> anyhow::Result<()> {
 
     let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
         && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_ansi(colour)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging(colour);
 
     // This runtime accepts clients and runs health checks, the etcd watch and the admin
     // port; client sessions run on pgway's own worker threads (see `pgway::workers`).
@@ -74,6 +68,35 @@ fn main() -> anyhow::Result<()> {
         pgway::server::run(config, listener, shutdown).await?;
         Ok(())
     })
+}
+
+/// Logs to stdout, filtered by `RUST_LOG` (default `info`).
+///
+/// Each client session runs inside a tracing span that is entered and left on every poll.
+/// `EnvFilter` takes a lock shared by all threads on each enter and exit, to track
+/// span-field directives; a plain `target=level` list (`Targets`) does not. So `RUST_LOG`
+/// is read as such a list, and only one that uses span or field directives (`[span]`,
+/// `{field}`) falls back to `EnvFilter`.
+fn init_logging(colour: bool) {
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    let spec = if spec.trim().is_empty() {
+        "info"
+    } else {
+        spec.trim()
+    };
+    let (targets, env_filter) = match spec.parse::<Targets>() {
+        Ok(targets) if !spec.contains(['[', '{']) => (Some(targets), None),
+        _ => (None, Some(EnvFilter::new(spec))),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_ansi(colour))
+        .with(targets)
+        .with(env_filter)
+        .init();
 }
 
 async fn wait_for_signal() {

@@ -27,6 +27,40 @@ pub enum NetError {
 /// Initial capacity of a read buffer; it grows for larger frames and is reused.
 const READ_CAPACITY: usize = 8 * 1024;
 
+/// Most buffers each worker thread keeps for reuse, and the largest one it keeps: at most
+/// 1 MiB per worker, whatever the number of clients.
+const SPARE_BUFFERS: usize = 64;
+const SPARE_MAX_CAPACITY: usize = 16 * 1024;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer for a request that is starting: an emptied one this thread used before, so a
+/// busy client does not `malloc` and `free` its buffers on every statement, or a new one.
+/// All are made the size of a read buffer, so any of them serves as any of a session's
+/// buffers without growing.
+pub fn take_buffer() -> BytesMut {
+    SPARE
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_CAPACITY))
+}
+
+/// Gives a buffer back for [`take_buffer`] on this thread (dropped if it is too large or
+/// enough are kept). The caller is left with none: an idle client holds no memory.
+pub fn recycle_buffer(buf: &mut BytesMut) {
+    let mut buf = std::mem::take(buf);
+    if buf.capacity() == 0 || buf.capacity() > SPARE_MAX_CAPACITY {
+        return;
+    }
+    buf.clear();
+    SPARE.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        }
+    });
+}
+
 /// A socket plus its read buffer.
 #[derive(Debug)]
 pub struct FramedStream {
@@ -53,6 +87,7 @@ impl FramedStream {
                 // Wait for data before taking memory for it: an idle connection holds no
                 // buffer.
                 self.stream.readable().await?;
+                self.rbuf = take_buffer();
             }
             self.rbuf.reserve(READ_CAPACITY);
         }
@@ -79,7 +114,7 @@ impl FramedStream {
     /// Frees the read buffer if it holds nothing (an idle connection needs none).
     pub fn release_buffer(&mut self) {
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
-            self.rbuf = BytesMut::new();
+            recycle_buffer(&mut self.rbuf);
         }
     }
 

@@ -48,8 +48,13 @@ pub struct Pool {
     key: PoolKey,
     password: String,
     settings: PoolConfig,
-    /// Parked connections, the most recently parked last.
-    idle: Mutex<Vec<ServerConn>>,
+    /// Parked connections, the most recently parked last. Boxed, like a lent one, so
+    /// lending and parking move a pointer rather than the whole connection.
+    #[expect(
+        clippy::vec_box,
+        reason = "a connection moves between this list and PooledConn on every transaction"
+    )]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     params: OnceLock<Arc<Vec<(String, String)>>>,
 }
@@ -130,10 +135,10 @@ impl Pool {
         };
         let conn = ServerConn::connect(login, self.settings.connect_timeout).await?;
         let _ = self.params.set(Arc::new(conn.params.clone()));
-        Ok(self.lend(conn, permit))
+        Ok(self.lend(Box::new(conn), permit))
     }
 
-    fn lend(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> PooledConn {
+    fn lend(self: &Arc<Self>, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) -> PooledConn {
         PooledConn {
             conn: Some(conn),
             pool: Arc::clone(self),
@@ -157,7 +162,7 @@ impl Pool {
 /// A borrowed server connection. Dropping it closes the connection; see [`Self::release`].
 #[derive(Debug)]
 pub struct PooledConn {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
 }
@@ -183,13 +188,15 @@ impl Deref for PooledConn {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
         // Invariant: `conn` is Some until `release` consumes self.
-        self.conn.as_ref().expect("PooledConn used after release")
+        self.conn.as_deref().expect("PooledConn used after release")
     }
 }
 
 impl DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.conn.as_mut().expect("PooledConn used after release")
+        self.conn
+            .as_deref_mut()
+            .expect("PooledConn used after release")
     }
 }
 

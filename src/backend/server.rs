@@ -152,17 +152,18 @@ pub struct ServerConn {
 impl ServerConn {
     /// Moves the socket to the calling thread's reactor, if it is registered with another
     /// worker's (so its readiness events wake this thread, not that one).
-    pub fn adopt(self) -> Result<Self, NetError> {
+    pub fn adopt(self: Box<Self>) -> Result<Box<Self>, NetError> {
         let here = crate::workers::current();
         if self.reactor == here {
             return Ok(self);
         }
-        let io = self.io.rebind()?;
-        Ok(Self {
+        let this = *self;
+        let io = this.io.rebind()?;
+        Ok(Box::new(Self {
             io,
             reactor: here,
-            ..self
-        })
+            ..this
+        }))
     }
 
     /// Connects and logs in, within `timeout`.

@@ -16,7 +16,7 @@ use crate::protocol::messages::CANCEL_REQUEST_CODE;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
     /// Node `host:port`.
-    pub addr: String,
+    pub addr: Arc<str>,
     /// The server's BackendKeyData.
     pub pid: i32,
     /// The server's secret key.
@@ -106,7 +106,7 @@ pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> std::io::R
     packet[8..12].copy_from_slice(&target.pid.to_be_bytes());
     packet[12..16].copy_from_slice(&target.secret.to_be_bytes());
     let send = async {
-        let mut stream = TcpStream::connect(&target.addr).await?;
+        let mut stream = TcpStream::connect(&*target.addr).await?;
         stream.write_all(&packet).await?;
         // PostgreSQL closes the connection once it has signalled the backend. Waiting for
         // that keeps the client's cancel call as synchronous as it is without pgway, so a

@@ -26,7 +26,7 @@ use super::Shared;
 use crate::backend::server::statement_name;
 use crate::backend::{BackendError, Pool, PoolError, PooledConn};
 use crate::error;
-use crate::net::{FramedStream, NetError};
+use crate::net::{recycle_buffer, take_buffer, FramedStream, NetError};
 use crate::protocol::frame::{frame_len, put_frame};
 use crate::protocol::messages::{
     self, query_text, write_parse, write_target, Bind, Parse, Severity,
@@ -123,6 +123,15 @@ impl Prepared {
 }
 
 /// The effects that survive a committed transaction's savepoint history.
+/// The error for a session that lost its server connection where it needs one. Made only
+/// when needed: it allocates, and the check runs several times per statement.
+fn no_server() -> SessionError {
+    SessionError::Fatal {
+        code: error::CONNECTION_FAILURE,
+        message: "no server connection".into(),
+    }
+}
+
 fn committed_effects(events: Vec<SessionEffect>) -> Vec<SessionEffect> {
     let mut effects = Vec::new();
     let mut savepoints: Vec<(String, usize)> = Vec::new();
@@ -244,7 +253,7 @@ pub struct Session<'a> {
     /// Statement names the request in flight added (forgotten again if it is re-sent).
     named_in_request: Vec<Vec<u8>>,
     /// This client's pools by node, so taking a connection needs no global lock.
-    pools: HashMap<String, Arc<Pool>>,
+    pools: HashMap<Arc<str>, Arc<Pool>>,
 }
 
 impl<'a> Session<'a> {
@@ -351,21 +360,20 @@ impl<'a> Session<'a> {
             // Between requests a client holds no buffers: thousands of idle clients cost
             // little memory.
             self.client.release_buffer();
-            if self.out.capacity() > 0 {
-                self.out = BytesMut::new();
-            }
-            if self.to_server.capacity() > 0 {
-                self.to_server = BytesMut::new();
-            }
+            recycle_buffer(&mut self.out);
+            recycle_buffer(&mut self.to_server);
             // Between transactions a stopping pgway may close the connection.
-            tokio::select! {
+            let frame = tokio::select! {
                 biased;
                 frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
                 _ = self.stopping.as_mut() => Err(SessionError::Fatal {
                     code: error::ADMIN_SHUTDOWN,
                     message: "terminating connection because pgway is shutting down".into(),
                 }),
-            }
+            }?;
+            self.out = take_buffer();
+            self.to_server = take_buffer();
+            Ok(frame)
         } else {
             self.client
                 .read_frame(MAX_MESSAGE_LEN)
@@ -632,10 +640,7 @@ impl<'a> Session<'a> {
     }
 
     fn server_mut(&mut self) -> Result<&mut PooledConn, SessionError> {
-        self.server.as_mut().ok_or(SessionError::Fatal {
-            code: error::CONNECTION_FAILURE,
-            message: "no server connection".into(),
-        })
+        self.server.as_mut().ok_or_else(no_server)
     }
 
     /// Routes, rewrites, sends and relays the collected extended-protocol batch.
@@ -969,7 +974,7 @@ impl<'a> Session<'a> {
                     let pool = shared
                         .pools
                         .get(&addr, &self.database, &self.user, &self.password);
-                    self.pools.insert(addr.clone(), Arc::clone(&pool));
+                    self.pools.insert(Arc::clone(&addr), Arc::clone(&pool));
                     pool
                 }
             };
@@ -977,7 +982,7 @@ impl<'a> Session<'a> {
                 Ok(conn) => {
                     if let Ok(mut slot) = self.cancel.slot.lock() {
                         *slot = Some(CancelTarget {
-                            addr: addr.clone(),
+                            addr: Arc::clone(&addr),
                             pid: conn.pid,
                             secret: conn.secret,
                         });
@@ -1313,10 +1318,7 @@ impl<'a> Session<'a> {
                 copy_in,
                 ..
             } = self;
-            let server = server.as_mut().ok_or(SessionError::Fatal {
-                code: error::CONNECTION_FAILURE,
-                message: "no server connection".into(),
-            })?;
+            let server = server.as_mut().ok_or_else(no_server)?;
             if *copy_in {
                 tokio::select! {
                     filled = server.io.fill() => filled.map_err(SessionError::server_lost)?,

@@ -9,47 +9,42 @@
 //! clause, no `WITH`, no dollar quotes, no backslashes in strings. Anything else, however
 //! harmless, is left to the parser: a "no" here costs only the parse.
 
-/// Keywords after which `(` opens a subquery or a list, not a function call.
-const PAREN_OK_AFTER: &[&str] = &[
-    "in",
-    "any",
-    "all",
-    "some",
-    "exists",
-    "and",
-    "or",
-    "not",
-    "on",
-    "where",
-    "from",
-    "join",
-    "select",
-    "as",
-    "when",
-    "then",
-    "else",
-    "case",
-    "between",
-    "lateral",
-    "by",
-    "having",
-    "distinct",
-    "union",
-    "except",
-    "intersect",
-    "is",
-    "like",
-    "ilike",
-];
+/// What a word means to the scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keyword {
+    /// Rules the fast path out wherever it appears (`INTO`, `FOR`, a write, ...).
+    Reject,
+    /// A `(` after it opens a subquery or a list, not a function call.
+    ParenOk,
+    /// Anything else: an identifier, or a keyword that changes nothing here.
+    Other,
+}
 
-/// Words that rule the fast path out wherever they appear.
-const REJECT: &[&str] = &[
-    "into", "for", "with", "insert", "update", "delete", "merge", "copy", "lock", "share",
-    "nowait", "table", "do", "call", "values",
-];
-
-/// The longest word in [`PAREN_OK_AFTER`] and [`REJECT`] (`intersect`).
+/// The longest keyword [`keyword`] knows (`intersect`).
 const MAX_KEYWORD_LEN: usize = 9;
+
+/// Classifies `word` (any case). One `match` on a lower-cased copy on the stack: this runs
+/// for every word of every simple query.
+fn keyword(word: &[u8]) -> Keyword {
+    if word.len() > MAX_KEYWORD_LEN {
+        return Keyword::Other;
+    }
+    let mut lower = [0u8; MAX_KEYWORD_LEN];
+    for (l, b) in lower.iter_mut().zip(word) {
+        *l = b.to_ascii_lowercase();
+    }
+    match &lower[..word.len()] {
+        b"into" | b"for" | b"with" | b"insert" | b"update" | b"delete" | b"merge" | b"copy"
+        | b"lock" | b"share" | b"nowait" | b"table" | b"do" | b"call" | b"values" => {
+            Keyword::Reject
+        }
+        b"in" | b"any" | b"all" | b"some" | b"exists" | b"and" | b"or" | b"not" | b"on"
+        | b"where" | b"from" | b"join" | b"select" | b"as" | b"when" | b"then" | b"else"
+        | b"case" | b"between" | b"lateral" | b"by" | b"having" | b"distinct" | b"union"
+        | b"except" | b"intersect" | b"is" | b"like" | b"ilike" => Keyword::ParenOk,
+        _ => Keyword::Other,
+    }
+}
 
 /// Byte classes for the scan (one table lookup per byte instead of a chain of tests).
 const SPACE: u8 = 1;
@@ -103,9 +98,8 @@ pub fn is_plain_select(sql: &str) -> bool {
     if !starts {
         return false;
     }
-    // The last word seen, if the previous token was a word (compared without regard to
-    // case; no allocation: this runs for every simple query).
-    let mut last_word: Option<&[u8]> = None;
+    // What the last word was, if the previous token was a word.
+    let mut last_word: Option<Keyword> = None;
     while i < bytes.len() {
         let b = bytes[i];
         let c = class(b);
@@ -120,8 +114,8 @@ pub fn is_plain_select(sql: &str) -> bool {
             if matches!(bytes.get(i), Some(b'\'') | Some(b'&')) {
                 return false;
             }
-            let word = &bytes[start..i];
-            if is_one_of(word, REJECT) {
+            let word = keyword(&bytes[start..i]);
+            if word == Keyword::Reject {
                 return false;
             }
             last_word = Some(word);
@@ -145,7 +139,7 @@ pub fn is_plain_select(sql: &str) -> bool {
                     };
                     i = end;
                     // A quoted identifier followed by `(` is a function call.
-                    last_word = Some(b"");
+                    last_word = Some(Keyword::Other);
                 }
                 b'$' => {
                     // `$1` parameters only; `$tag$` quoting is left to the parser.
@@ -165,10 +159,8 @@ pub fn is_plain_select(sql: &str) -> bool {
                     return bytes[i + 1..].iter().all(|&b| class(b) == SPACE);
                 }
                 b'(' => {
-                    match last_word {
-                        Some(word) if is_one_of(word, PAREN_OK_AFTER) => {}
-                        Some(_) => return false,
-                        None => {}
+                    if last_word.is_some_and(|word| word != Keyword::ParenOk) {
+                        return false;
                     }
                     i += 1;
                     last_word = None;
@@ -199,17 +191,6 @@ fn skip_quoted(bytes: &[u8], start: usize) -> Option<usize> {
             _ => i += 1,
         }
     }
-}
-
-/// True when `word` is one of the lower-case `keywords`, ignoring ASCII case.
-fn is_one_of(word: &[u8], keywords: &[&str]) -> bool {
-    // Every keyword is short: longer words (most identifiers) are out at once.
-    if word.len() > MAX_KEYWORD_LEN {
-        return false;
-    }
-    keywords
-        .iter()
-        .any(|k| k.len() == word.len() && k.as_bytes().eq_ignore_ascii_case(word))
 }
 
 /// The statement with every plain literal replaced (strings by `''`, numbers by `0`), so
@@ -330,11 +311,12 @@ mod tests {
     ];
 
     #[test]
-    fn keyword_length_bound_holds() {
-        for k in PAREN_OK_AFTER.iter().chain(REJECT) {
-            assert!(k.len() <= MAX_KEYWORD_LEN, "{k}");
-            assert_eq!(k.to_ascii_lowercase(), *k, "keywords are lower-case: {k}");
-        }
+    fn keywords_match_in_any_case_and_only_whole() {
+        assert_eq!(keyword(b"INTERSECT"), Keyword::ParenOk);
+        assert_eq!(keyword(b"Into"), Keyword::Reject);
+        assert_eq!(keyword(b"intersects"), Keyword::Other);
+        assert_eq!(keyword(b"int"), Keyword::Other);
+        assert_eq!(keyword(b"pgbench_accounts"), Keyword::Other);
     }
 
     #[test]

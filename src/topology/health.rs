@@ -121,7 +121,7 @@ pub async fn monitor(
             .snapshot()
             .nodes
             .iter()
-            .any(|n| n.addr == addr && n.may_be_primary && n.role != Role::Primary);
+            .any(|n| *n.addr == *addr && n.may_be_primary && n.role != Role::Primary);
         let pause = if awaiting_promotion {
             PROMOTION_PROBE.min(settings.interval)
         } else {
@@ -148,18 +148,18 @@ pub async fn supervise(
     loop {
         let snapshot = topology.snapshot();
         running.retain(|addr, stop| {
-            let keep = snapshot.nodes.iter().any(|n| &n.addr == addr);
+            let keep = snapshot.nodes.iter().any(|n| *n.addr == **addr);
             if !keep {
                 stop.cancel();
             }
             keep
         });
         for node in &snapshot.nodes {
-            if !running.contains_key(&node.addr) {
+            if !running.contains_key(&*node.addr) {
                 let stop = shutdown.child_token();
-                running.insert(node.addr.clone(), stop.clone());
+                running.insert(node.addr.to_string(), stop.clone());
                 tokio::spawn(monitor(
-                    node.addr.clone(),
+                    node.addr.to_string(),
                     settings.clone(),
                     Arc::clone(&topology),
                     Arc::clone(&pools),

@@ -33,8 +33,8 @@ pub enum Role {
 /// One node and its last observed state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
-    /// `host:port`.
-    pub addr: String,
+    /// `host:port`, shared: sessions take a copy of it for every transaction.
+    pub addr: Arc<str>,
     /// Last observed role.
     pub role: Role,
     /// False after a failed health check or connect, until a check succeeds.
@@ -139,9 +139,10 @@ impl TopologyHandle {
             let nodes: Vec<Node> = members
                 .iter()
                 .map(|m| {
-                    let known = current.nodes.iter().find(|n| n.addr == m.addr);
+                    let known = current.nodes.iter().find(|n| *n.addr == *m.addr);
                     Node {
-                        addr: m.addr.clone(),
+                        addr: known
+                            .map_or_else(|| Arc::from(m.addr.as_str()), |n| Arc::clone(&n.addr)),
                         role: known.map_or(Role::Unknown, |n| n.role),
                         healthy: known.is_none_or(|n| n.healthy),
                         lsn: known.and_then(|n| n.lsn),
@@ -180,12 +181,12 @@ impl TopologyHandle {
     }
 
     /// Address of the healthy primary, if there is one.
-    pub fn primary(&self) -> Option<String> {
-        self.current.load().primary().map(|n| n.addr.clone())
+    pub fn primary(&self) -> Option<Arc<str>> {
+        self.current.load().primary().map(|n| Arc::clone(&n.addr))
     }
 
     /// A replica that may take reads, round-robin across all of them.
-    pub fn replica(&self) -> Option<String> {
+    pub fn replica(&self) -> Option<Arc<str>> {
         let topology = self.current.load();
         let count = topology.readable_replicas(self.max_lag).count();
         if count == 0 {
@@ -195,7 +196,7 @@ impl TopologyHandle {
         let addr = topology
             .readable_replicas(self.max_lag)
             .nth(i)
-            .map(|n| n.addr.clone());
+            .map(|n| Arc::clone(&n.addr));
         addr
     }
 
@@ -211,7 +212,7 @@ impl TopologyHandle {
         self.current.rcu(|current| {
             let mut next = Topology::clone(current);
             previous = None;
-            for node in next.nodes.iter_mut().filter(|n| n.addr == addr) {
+            for node in next.nodes.iter_mut().filter(|n| &*n.addr == addr) {
                 let role = if role == Role::Unknown {
                     node.role
                 } else {
@@ -240,7 +241,7 @@ impl TopologyHandle {
     }
 
     /// Waits up to `timeout` for a healthy primary.
-    pub async fn wait_primary(&self, timeout: Duration) -> Option<String> {
+    pub async fn wait_primary(&self, timeout: Duration) -> Option<Arc<str>> {
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -276,8 +277,8 @@ mod tests {
         t.update("b:2", Role::Replica, true);
         t.update("c:3", Role::Replica, true);
         assert_eq!(t.primary().as_deref(), Some("a:1"));
-        let picks: Vec<String> = (0..4).filter_map(|_| t.replica()).collect();
-        assert!(picks.contains(&"b:2".to_owned()) && picks.contains(&"c:3".to_owned()));
+        let picks: Vec<Arc<str>> = (0..4).filter_map(|_| t.replica()).collect();
+        assert!(picks.iter().any(|p| &**p == "b:2") && picks.iter().any(|p| &**p == "c:3"));
         t.mark_down("b:2");
         assert!((0..4).all(|_| t.replica().as_deref() == Some("c:3")));
         t.mark_down("c:3");
