@@ -2,8 +2,9 @@
 //! WAL position over a control connection (tokio-postgres). A node that fails leaves the
 //! rotation at once; one that answers comes back with the role it reported, so a
 //! promoted replica becomes the primary without a restart. A node that may be the primary
-//! but does not answer as one yet (a Patroni leader being promoted) is checked every
-//! [`PROMOTION_PROBE`] instead, so writes move within a fraction of a second.
+//! but does not answer as one yet (a Patroni leader being promoted), while there is no
+//! primary, is checked every [`PROMOTION_PROBE`] instead, so writes move within a fraction
+//! of a second.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -117,11 +118,14 @@ pub async fn monitor(
                 pools.clear_node(&addr);
             }
         }
-        let awaiting_promotion = topology
-            .snapshot()
-            .nodes
-            .iter()
-            .any(|n| *n.addr == *addr && n.may_be_primary && n.role != Role::Primary);
+        // Only while there is no primary: a static topology lets every node be the
+        // primary, and its replicas need no 50 ms checks while the primary is up.
+        let snapshot = topology.snapshot();
+        let awaiting_promotion = snapshot.primary().is_none()
+            && snapshot
+                .nodes
+                .iter()
+                .any(|n| *n.addr == *addr && n.may_be_primary && n.role != Role::Primary);
         let pause = if awaiting_promotion {
             PROMOTION_PROBE.min(settings.interval)
         } else {
