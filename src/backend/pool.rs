@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::server::{BackendError, Login, ServerConn};
 use crate::config::PoolConfig;
@@ -55,14 +55,17 @@ pub struct Pool {
         reason = "a connection moves between this list and PooledConn on every transaction"
     )]
     idle: Mutex<Vec<Box<ServerConn>>>,
-    permits: Arc<Semaphore>,
+    /// One permit per connection, lent or parked. A lent connection's permit is
+    /// `forget`-ed and handed back when the [`PooledConn`] is dropped, so lending touches
+    /// no reference count besides the pool's own.
+    permits: Semaphore,
     params: OnceLock<Arc<Vec<(String, String)>>>,
 }
 
 impl Pool {
     fn new(key: PoolKey, password: String, settings: PoolConfig) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(settings.size)),
+            permits: Semaphore::new(settings.size),
             key,
             password,
             settings,
@@ -84,21 +87,22 @@ impl Pool {
     /// Borrows a connection: an idle one, or a new one if the pool is below its size.
     /// Waits at most `pool.wait_timeout` for a free slot.
     pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+        let permit = match self.permits.try_acquire() {
             Ok(permit) => permit,
             // Only a client that has to wait sets up a timer.
-            Err(_) => tokio::time::timeout(
-                self.settings.wait_timeout,
-                Arc::clone(&self.permits).acquire_owned(),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| PoolError::Timeout {
-                addr: self.key.addr.clone(),
-                waited: self.settings.wait_timeout,
-            })?,
+            Err(_) => tokio::time::timeout(self.settings.wait_timeout, self.permits.acquire())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .ok_or_else(|| PoolError::Timeout {
+                    addr: self.key.addr.clone(),
+                    waited: self.settings.wait_timeout,
+                })?,
         };
+        // From here the permit belongs to the PooledConn made below (its Drop returns it),
+        // or is returned by `Permit` if making one fails.
+        permit.forget();
+        let permit = Permit(self);
         let here = crate::workers::current();
         loop {
             // The most recently parked connection on this thread's reactor, else the most
@@ -138,11 +142,11 @@ impl Pool {
         Ok(self.lend(Box::new(conn), permit))
     }
 
-    fn lend(self: &Arc<Self>, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) -> PooledConn {
+    fn lend(self: &Arc<Self>, conn: Box<ServerConn>, permit: Permit<'_>) -> PooledConn {
+        std::mem::forget(permit);
         PooledConn {
             conn: Some(conn),
             pool: Arc::clone(self),
-            _permit: permit,
         }
     }
 
@@ -163,8 +167,26 @@ impl Pool {
 #[derive(Debug)]
 pub struct PooledConn {
     conn: Option<Box<ServerConn>>,
+    /// Holds one of the pool's permits (returned on drop).
     pool: Arc<Pool>,
-    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        // A lent connection was dropped (closing it) or parked by `release`: either way its
+        // slot in the pool is free again.
+        self.pool.permits.add_permits(1);
+    }
+}
+
+/// A permit taken from `pool` and not yet handed to a [`PooledConn`]; gives it back if
+/// connecting fails.
+struct Permit<'p>(&'p Pool);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.0.permits.add_permits(1);
+    }
 }
 
 impl PooledConn {

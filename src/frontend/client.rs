@@ -253,7 +253,10 @@ pub struct Session<'a> {
     /// Statement names the request in flight added (forgotten again if it is re-sent).
     named_in_request: Vec<Vec<u8>>,
     /// This client's pools by node, so taking a connection needs no global lock.
-    pools: HashMap<Arc<str>, Arc<Pool>>,
+    /// The pools this session has used, each with the session's own copy of the node's
+    /// address: taking and dropping it per transaction then touches no reference count
+    /// that other worker threads also write. A list: a session sees a handful of nodes.
+    pools: Vec<(Arc<str>, Arc<Pool>)>,
 }
 
 impl<'a> Session<'a> {
@@ -302,7 +305,7 @@ impl<'a> Session<'a> {
             out_mark: 0,
             batch_failed: false,
             named_in_request: Vec::new(),
-            pools: HashMap::new(),
+            pools: Vec::new(),
         }
     }
 
@@ -953,31 +956,27 @@ impl<'a> Session<'a> {
         let shared = self.shared;
         let topology = &shared.topology;
         let wait = shared.config.topology.failover_timeout();
-        let mut attempts = topology.snapshot().nodes.len() + 1;
+        let mut attempts = topology.node_count() + 1;
         loop {
-            let addr = match target {
-                Target::Replica => topology.replica(),
-                Target::Primary => None,
+            let pick = |addr: &str| self.pool_index(addr);
+            let index = match target {
+                Target::Replica => topology.with_replica(pick),
+                Target::Primary => topology.with_primary(pick),
             };
-            let addr = match addr {
-                Some(addr) => addr,
-                None => topology.wait_primary(wait).await.ok_or_else(|| {
-                    StatementError::new(
-                        error::CONNECTION_FAILURE,
-                        format!("no primary server became available within {wait:?}"),
-                    )
-                })?,
-            };
-            let pool = match self.pools.get(&addr) {
-                Some(pool) => Arc::clone(pool),
+            let index = match index {
+                Some(index) => index,
                 None => {
-                    let pool = shared
-                        .pools
-                        .get(&addr, &self.database, &self.user, &self.password);
-                    self.pools.insert(Arc::clone(&addr), Arc::clone(&pool));
-                    pool
+                    let addr = topology.wait_primary(wait).await.ok_or_else(|| {
+                        StatementError::new(
+                            error::CONNECTION_FAILURE,
+                            format!("no primary server became available within {wait:?}"),
+                        )
+                    })?;
+                    self.pool_index(&addr)
                 }
             };
+            let (addr, pool) = &self.pools[index];
+            let addr = Arc::clone(addr);
             match pool.acquire().await {
                 Ok(conn) => {
                     if let Ok(mut slot) = self.cancel.slot.lock() {
@@ -1014,6 +1013,19 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// The index in `self.pools` of the pool for `addr`, added on first use.
+    fn pool_index(&mut self, addr: &str) -> usize {
+        if let Some(i) = self.pools.iter().position(|(a, _)| **a == *addr) {
+            return i;
+        }
+        let pool = self
+            .shared
+            .pools
+            .get(addr, &self.database, &self.user, &self.password);
+        self.pools.push((Arc::from(addr), pool));
+        self.pools.len() - 1
     }
 
     /// Queues the query that brings the attached connection's settings in line with the

@@ -12,7 +12,6 @@ pub mod health;
 pub mod patroni;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,7 +96,6 @@ impl Topology {
 pub struct TopologyHandle {
     current: ArcSwap<Topology>,
     changed: watch::Sender<u64>,
-    next_replica: AtomicUsize,
     max_lag: Option<u64>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -114,7 +112,6 @@ impl TopologyHandle {
         let handle = Arc::new(Self {
             current: ArcSwap::from_pointee(Topology::default()),
             changed: watch::channel(0).0,
-            next_replica: AtomicUsize::new(0),
             max_lag,
             wakers: Mutex::new(HashMap::new()),
         });
@@ -188,16 +185,42 @@ impl TopologyHandle {
     /// A replica that may take reads, round-robin across all of them.
     pub fn replica(&self) -> Option<Arc<str>> {
         let topology = self.current.load();
+        self.pick_replica(&topology).map(|n| Arc::clone(&n.addr))
+    }
+
+    /// Calls `f` with the address of a replica that may take reads (as [`Self::replica`]
+    /// picks it), without taking a reference to the shared address.
+    pub fn with_replica<R>(&self, f: impl FnOnce(&str) -> R) -> Option<R> {
+        let topology = self.current.load();
+        self.pick_replica(&topology).map(|n| f(&n.addr))
+    }
+
+    /// Round-robin over the readable replicas. The rotation is counted per thread, so
+    /// picking writes nothing that other worker threads share.
+    fn pick_replica<'t>(&self, topology: &'t Topology) -> Option<&'t Node> {
+        thread_local! {
+            static NEXT_REPLICA: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        }
         let count = topology.readable_replicas(self.max_lag).count();
         if count == 0 {
             return None;
         }
-        let i = self.next_replica.fetch_add(1, Ordering::Relaxed) % count;
-        let addr = topology
-            .readable_replicas(self.max_lag)
-            .nth(i)
-            .map(|n| Arc::clone(&n.addr));
-        addr
+        let i = NEXT_REPLICA.with(|next| {
+            let i = next.get();
+            next.set(i.wrapping_add(1));
+            i % count
+        });
+        topology.readable_replicas(self.max_lag).nth(i)
+    }
+
+    /// Calls `f` with the healthy primary's address, if there is one, without copying it.
+    pub fn with_primary<R>(&self, f: impl FnOnce(&str) -> R) -> Option<R> {
+        self.current.load().primary().map(|n| f(&n.addr))
+    }
+
+    /// How many nodes the topology has.
+    pub fn node_count(&self) -> usize {
+        self.current.load().nodes.len()
     }
 
     /// Records a node's observed state; returns the previous state if its role or health
