@@ -2,8 +2,8 @@
 # CPU per statement of each gateway: pgbench -S with 32 clients against HAProxy's read port,
 # pgbouncer and pgway, interleaved in rounds; prints, per run, tps, the gateway's user and
 # system CPU time per statement (/proc/PID/stat before and after) and its involuntary
-# context switches per statement (summed over /proc/PID/task/*/status). benches/PROFILE.md
-# quotes its output.
+# context switches per statement (summed over /proc/PID/task/*/status), after one short
+# warm-up run each. benches/PROFILE.md quotes its output.
 #
 #   benches/cpu-per-statement.sh          after a run of benches/compare.sh, which leaves the
 #                                         configs in .bench/run (or $PGWAY_BENCH_DIR/run)
@@ -61,6 +61,12 @@ declare -A PORT=(
 cpu() { awk '{print $14, $15}' "/proc/$1/stat"; }
 invol() { cat /proc/"$1"/task/*/status | awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n}'; }
 tick_us=$((1000000 / $(getconf CLK_TCK)))
+
+# One short unreported run each first: the pools fill and the caches warm up.
+for gw in pgway pgbouncer haproxy; do
+    PGPASSWORD=app-secret pgbench -n -S -c 32 -j 2 -T 2 -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench \
+        >/dev/null 2>&1 || die "warm-up against $gw failed"
+done
 
 printf '%-10s %10s %14s %16s %18s\n' gateway tps 'user µs/stmt' 'system µs/stmt' 'invol. sw./stmt'
 for ((round = 1; round <= ROUNDS; round++)); do

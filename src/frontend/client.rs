@@ -18,8 +18,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio_util::sync::WaitForCancellationFutureOwned;
-use tracing::{debug, warn};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::{debug, warn, Instrument};
 
 use super::cancel::{CancelKey, CancelTarget};
 use super::Shared;
@@ -123,6 +123,27 @@ impl Prepared {
 }
 
 /// The effects that survive a committed transaction's savepoint history.
+/// A child of `shared.shutdown` made once per thread (per gateway), for the sessions that
+/// run there. Polling a cancellation token locks its node; with one node per worker, a
+/// session's wait between requests locks nothing that other worker threads also lock.
+fn thread_shutdown(shared: &Shared) -> CancellationToken {
+    thread_local! {
+        static CHILD: std::cell::RefCell<Option<(usize, CancellationToken)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    // Keyed by the gateway's address: a thread serves one gateway, but tests run several
+    // in one process.
+    let key = std::ptr::from_ref(shared) as usize;
+    CHILD.with_borrow_mut(|child| match child {
+        Some((k, token)) if *k == key => token.clone(),
+        _ => {
+            let token = shared.shutdown.child_token();
+            *child = Some((key, token.clone()));
+            token
+        }
+    })
+}
+
 /// The error for a session that lost its server connection where it needs one. Made only
 /// when needed: it allocates, and the check runs several times per statement.
 fn no_server() -> SessionError {
@@ -203,6 +224,8 @@ enum Expect {
 /// One client's session.
 pub struct Session<'a> {
     shared: &'a Shared,
+    /// The connection's `client` span, entered around log events only.
+    span: tracing::Span,
     /// Resolves when pgway starts shutting down. Made once per session and kept registered
     /// with the token, so waiting between requests touches no state shared with other
     /// sessions.
@@ -267,6 +290,7 @@ impl<'a> Session<'a> {
         user: String,
         database: String,
         settings: ClientSettings,
+        span: tracing::Span,
     ) -> Self {
         let password = shared
             .users
@@ -275,7 +299,8 @@ impl<'a> Session<'a> {
             .unwrap_or_default();
         Self {
             shared,
-            stopping: Box::pin(shared.shutdown.clone().cancelled_owned()),
+            span,
+            stopping: Box::pin(thread_shutdown(shared).cancelled_owned()),
             client,
             out: BytesMut::new(),
             to_server: BytesMut::new(),
@@ -326,18 +351,23 @@ impl<'a> Session<'a> {
             },
             other => other,
         });
-        match result {
-            Ok(()) => debug!("client left"),
-            Err(SessionError::ClientGone(cause)) => debug!(%cause, "client connection lost"),
-            Err(SessionError::Retry) => {}
-            Err(SessionError::Fatal { code, message }) => {
-                debug!(code, %message, "closing client connection");
-                self.out.clear();
-                messages::error_response(&mut self.out, Severity::Fatal, code, &message);
-                let _ = self.flush().await;
+        let span = self.span.clone();
+        async {
+            match result {
+                Ok(()) => debug!("client left"),
+                Err(SessionError::ClientGone(cause)) => debug!(%cause, "client connection lost"),
+                Err(SessionError::Retry) => {}
+                Err(SessionError::Fatal { code, message }) => {
+                    debug!(code, %message, "closing client connection");
+                    self.out.clear();
+                    messages::error_response(&mut self.out, Severity::Fatal, code, &message);
+                    let _ = self.flush().await;
+                }
             }
+            self.cleanup().await;
         }
-        self.cleanup().await;
+        .instrument(span)
+        .await;
     }
 
     async fn flush(&mut self) -> Result<(), SessionError> {
@@ -561,7 +591,9 @@ impl<'a> Session<'a> {
     /// was queued for it and takes its node out of rotation until it is healthy again.
     fn abandon_server(&mut self) {
         if let Some(conn) = self.server.take() {
-            debug!(node = %conn.addr, "server shut down before answering; sending the request again");
+            self.span.in_scope(|| {
+                debug!(node = %conn.addr, "server shut down before answering; sending the request again");
+            });
             self.shared.topology.mark_down(&conn.addr);
             self.shared.pools.clear_node(&conn.addr);
         }
@@ -997,7 +1029,9 @@ impl<'a> Session<'a> {
                     ))
                 }
                 Err(PoolError::Connect(e)) if e.is_node_down() && attempts > 1 => {
-                    warn!(node = %addr, cause = %e, "node unreachable; taking it out of rotation");
+                    self.span.in_scope(|| {
+                        warn!(node = %addr, cause = %e, "node unreachable; taking it out of rotation");
+                    });
                     topology.mark_down(&addr);
                     shared.pools.clear_node(&addr);
                     attempts -= 1;
@@ -1104,7 +1138,9 @@ impl<'a> Session<'a> {
                 }
                 SessionEffect::Pin(reason) => {
                     if self.pinned.is_none() {
-                        debug!(?reason, "client pinned to its server connection");
+                        self.span.in_scope(|| {
+                            debug!(?reason, "client pinned to its server connection");
+                        });
                     }
                     self.pinned = Some(reason);
                 }
