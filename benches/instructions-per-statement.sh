@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# User-space instructions pgway executes per statement, counted by callgrind (valgrind):
+# pgway runs under callgrind while pgbench -S with 8 clients runs 500 and then 2,500
+# transactions per client; the difference of the two counts, divided by the 16,000 extra
+# statements, leaves out start-up and login. A profile for comparing builds, not a
+# benchmark: it is exact and repeatable, but says nothing about time. benches/PROFILE.md
+# quotes its output.
+#
+#   benches/instructions-per-statement.sh [PGWAY_BINARY]
+#
+# Run it after benches/compare.sh, which leaves its configs in .bench/run; the PostgreSQL
+# pair is started if it is stopped. PGWAY_BINARY defaults to target/release/pgway.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$REPO/scripts/lib.sh"
+PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
+BENCH_DIR=${PGWAY_BENCH_DIR:-$REPO/.bench}
+RUN=$BENCH_DIR/run
+BIN=${1:-$REPO/target/release/pgway}
+
+die() {
+    echo "instructions-per-statement: ERROR: $*" >&2
+    exit 1
+}
+[[ -f $RUN/pgway.toml ]] || die "no config in $RUN: run benches/compare.sh first"
+[[ -x $BIN ]] || die "no pgway binary at $BIN: cargo build --release"
+command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
+command -v callgrind_control >/dev/null || die "callgrind_control is missing (Debian package valgrind)"
+
+for node in primary replica; do
+    if ! as_pg "$PG_BIN/pg_ctl" -D "$BENCH_DIR/$node" status >/dev/null 2>&1; then
+        as_pg "$PG_BIN/pg_ctl" -D "$BENCH_DIR/$node" -l "$BENCH_DIR/$node.log" -w -t 120 start >/dev/null
+    fi
+done
+
+PORT=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
+OUT=$(mktemp -d)
+VPID=
+cleanup() {
+    [[ -n $VPID ]] && kill "$VPID" 2>/dev/null
+    rm -rf "$OUT"
+}
+trap cleanup EXIT
+
+NO_COLOR=1 valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
+    "$BIN" --config "$RUN/pgway.toml" >"$OUT/pgway.log" 2>&1 &
+VPID=$!
+for _ in $(seq 1 120); do
+    PGPASSWORD=app-secret psql -h 127.0.0.1 -p "$PORT" -U app -d bench -Atqc 'select 1' \
+        >/dev/null 2>&1 && break
+    sleep 1
+done
+
+# Instructions since the previous dump (callgrind numbers its dumps 1, 2, ...), after
+# pgbench -S -c 8 -t TRANSACTIONS.
+DUMPS=0
+count_after() {
+    PGPASSWORD=app-secret pgbench -n -S -c 8 -j 2 -t "$1" -h 127.0.0.1 -p "$PORT" -U app bench \
+        >"$OUT/pgbench.log" 2>&1 || die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
+    callgrind_control -d "$VPID" >/dev/null
+    DUMPS=$((DUMPS + 1))
+    COUNT=$(sed -nE 's/^summary: ([0-9]+)/\1/p' "$OUT/cg.$VPID.$DUMPS")
+    [[ -n $COUNT ]] || die "no callgrind dump $OUT/cg.$VPID.$DUMPS"
+}
+
+count_after 200 # warm-up: pools filled, caches primed
+count_after 500
+short=$COUNT
+count_after 2500
+long=$COUNT
+awk -v s="$short" -v l="$long" -v b="$(basename "$BIN")" \
+    'BEGIN {printf "%s: %.0f instructions per statement (pgbench -S -c 8, callgrind)\n", b, (l - s) / 16000}'
