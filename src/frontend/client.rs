@@ -426,6 +426,27 @@ impl<'a> Session<'a> {
             {
                 return Ok(frame);
             }
+            // Forward what the server has already sent before waiting for more: a
+            // notification can arrive in the same read as the end of the last reply, which
+            // `relay` leaves in the buffer.
+            let mut forwarded = false;
+            while let Some(frame) = match self.server.as_mut() {
+                Some(server) => server
+                    .io
+                    .try_frame(MAX_MESSAGE_LEN)
+                    .map_err(SessionError::server_lost)?,
+                None => None,
+            } {
+                self.out.extend_from_slice(&frame);
+                forwarded = true;
+                if frame[0] == b'E' {
+                    self.flush().await?;
+                    return Err(SessionError::ClientGone(NetError::Closed));
+                }
+            }
+            if forwarded {
+                self.flush().await?;
+            }
             let Session { server, client, .. } = self;
             let Some(server) = server.as_mut() else {
                 return client
@@ -439,19 +460,6 @@ impl<'a> Session<'a> {
                 }
                 filled = server.io.fill() => filled.map_err(SessionError::server_lost)?,
             }
-            while let Some(frame) = self
-                .server_mut()?
-                .io
-                .try_frame(MAX_MESSAGE_LEN)
-                .map_err(SessionError::server_lost)?
-            {
-                self.out.extend_from_slice(&frame);
-                if frame[0] == b'E' {
-                    self.flush().await?;
-                    return Err(SessionError::ClientGone(NetError::Closed));
-                }
-            }
-            self.flush().await?;
         }
     }
 
