@@ -16,8 +16,7 @@ source "$REPO/scripts/lib.sh"
 PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
-BENCH_DIR=${PGWAY_BENCH_DIR:-$REPO/.bench}
-[[ -d $BENCH_DIR/run ]] || BENCH_DIR=/tmp/pgway-bench
+BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 PGWAY_BIN=$REPO/target/release/pgway
 
@@ -29,11 +28,7 @@ die() {
     die "no configs in $RUN: run benches/compare.sh first"
 [[ -x $PGWAY_BIN ]] || die "no release build: cargo build --release"
 
-for node in primary replica; do
-    if ! as_pg "$PG_BIN/pg_ctl" -D "$BENCH_DIR/$node" status >/dev/null 2>&1; then
-        as_pg "$PG_BIN/pg_ctl" -D "$BENCH_DIR/$node" -l "$BENCH_DIR/$node.log" -w -t 120 start >/dev/null
-    fi
-done
+start_bench_pair "$BENCH_DIR"
 
 PIDS=()
 cleanup() {

@@ -16,7 +16,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/lib.sh
 source "$REPO/scripts/lib.sh"
 PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
-BENCH_DIR=${PGWAY_BENCH_DIR:-$REPO/.bench}
+BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 BIN=${1:-$REPO/target/release/pgway}
 
@@ -29,11 +29,7 @@ die() {
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 command -v callgrind_control >/dev/null || die "callgrind_control is missing (Debian package valgrind)"
 
-for node in primary replica; do
-    if ! as_pg "$PG_BIN/pg_ctl" -D "$BENCH_DIR/$node" status >/dev/null 2>&1; then
-        as_pg "$PG_BIN/pg_ctl" -D "$BENCH_DIR/$node" -l "$BENCH_DIR/$node.log" -w -t 120 start >/dev/null
-    fi
-done
+start_bench_pair "$BENCH_DIR"
 
 PORT=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
 OUT=$(mktemp -d)

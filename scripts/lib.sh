@@ -1,5 +1,5 @@
-# Shell helpers shared by scripts/dev-cluster.sh, scripts/patroni-cluster.sh and
-# benches/compare.sh (sourced, not run).
+# Shell helpers shared by scripts/dev-cluster.sh, scripts/patroni-cluster.sh, the bench
+# scripts under benches/ (sourced, not run).
 
 is_root() { [[ $(id -u) -eq 0 ]]; }
 
@@ -49,4 +49,25 @@ host  replication postgres 127.0.0.1/32   trust
 host  all         postgres 127.0.0.1/32   trust
 host  all         all      127.0.0.1/32   scram-sha-256
 EOF
+}
+
+# bench_pair_dir: the directory where benches/compare.sh left its primary, replica and
+# run/ configs ($PGWAY_BENCH_DIR, else .bench in the repository, else /tmp/pgway-bench, the
+# fallback compare.sh uses when the postgres user cannot write to the repository). Needs
+# REPO. The scripts that reuse that setup (benches/*-per-statement.sh) call it.
+bench_pair_dir() {
+    local dir=${PGWAY_BENCH_DIR:-$REPO/.bench}
+    [[ -d $dir/run ]] || dir=/tmp/pgway-bench
+    printf '%s\n' "$dir"
+}
+
+# start_bench_pair DIR: starts the primary and replica compare.sh made in DIR (as postgres),
+# each only if it is not running. Needs PG_BIN.
+start_bench_pair() {
+    local node
+    for node in primary replica; do
+        if ! as_pg "$PG_BIN/pg_ctl" -D "$1/$node" status >/dev/null 2>&1; then
+            as_pg "$PG_BIN/pg_ctl" -D "$1/$node" -l "$1/$node.log" -w -t 120 start >/dev/null
+        fi
+    done
 }

@@ -122,7 +122,6 @@ impl Prepared {
     }
 }
 
-/// The effects that survive a committed transaction's savepoint history.
 /// A child of `shared.shutdown` made once per thread (per gateway), for the sessions that
 /// run there. Polling a cancellation token locks its node; with one node per worker, a
 /// session's wait between requests locks nothing that other worker threads also lock.
@@ -153,6 +152,7 @@ fn no_server() -> SessionError {
     }
 }
 
+/// The effects that survive a committed transaction's savepoint history.
 fn committed_effects(events: Vec<SessionEffect>) -> Vec<SessionEffect> {
     let mut effects = Vec::new();
     let mut savepoints: Vec<(String, usize)> = Vec::new();
@@ -275,10 +275,10 @@ pub struct Session<'a> {
     batch_failed: bool,
     /// Statement names the request in flight added (forgotten again if it is re-sent).
     named_in_request: Vec<Vec<u8>>,
-    /// This client's pools by node, so taking a connection needs no global lock.
-    /// The pools this session has used, each with the session's own copy of the node's
-    /// address: taking and dropping it per transaction then touches no reference count
-    /// that other worker threads also write. A list: a session sees a handful of nodes.
+    /// This client's pools by node, so taking a connection needs no global lock. Each
+    /// holds the session's own copy of the node's address: taking and dropping it per
+    /// transaction then touches no reference count that other worker threads also write.
+    /// A list, not a map: a session sees a handful of nodes.
     pools: Vec<(Arc<str>, Arc<Pool>)>,
 }
 

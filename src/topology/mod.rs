@@ -32,7 +32,7 @@ pub enum Role {
 /// One node and its last observed state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
-    /// `host:port`, shared: sessions take a copy of it for every transaction.
+    /// `host:port`. Shared, not copied, by the snapshots that keep the node.
     pub addr: Arc<str>,
     /// Last observed role.
     pub role: Role,
