@@ -1,18 +1,242 @@
-//! SQLSTATE codes pgway itself sends, in one place.
+//! What pgway itself tells clients: every ErrorResponse pgway makes (as opposed to one it
+//! relays from a server) is a [`ClientError`], and [`ClientError::sqlstate`] and
+//! [`ClientError::severity`] are the one exhaustive mapping to SQLSTATE and severity. No
+//! other module spells a SQLSTATE of its own.
+//!
+//! The text of each variant is client-safe: it never holds a password or a query
+//! parameter.
 
-/// `08P01` protocol_violation.
-pub const PROTOCOL_VIOLATION: &str = "08P01";
-/// `08006` connection_failure.
-pub const CONNECTION_FAILURE: &str = "08006";
-/// `28P01` invalid_password.
-pub const INVALID_PASSWORD: &str = "28P01";
-/// `28000` invalid_authorization_specification.
-pub const INVALID_AUTHORIZATION: &str = "28000";
-/// `53300` too_many_connections.
-pub const TOO_MANY_CONNECTIONS: &str = "53300";
-/// `57P01` admin_shutdown.
-pub const ADMIN_SHUTDOWN: &str = "57P01";
-/// `0A000` feature_not_supported.
-pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
-/// `57014` query_canceled.
-pub const QUERY_CANCELED: &str = "57014";
+use std::borrow::Cow;
+
+use bytes::BytesMut;
+
+use crate::protocol::messages::{self, Severity};
+
+/// SQLSTATEs pgway reads in servers' replies, and the ones behind [`ClientError`].
+pub mod sqlstate {
+    /// `08P01` protocol_violation.
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    /// `08006` connection_failure.
+    pub const CONNECTION_FAILURE: &str = "08006";
+    /// `28P01` invalid_password.
+    pub const INVALID_PASSWORD: &str = "28P01";
+    /// `28000` invalid_authorization_specification.
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// `53300` too_many_connections.
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// `57P01` admin_shutdown.
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    /// `57P02` crash_shutdown.
+    pub const CRASH_SHUTDOWN: &str = "57P02";
+    /// `57P03` cannot_connect_now.
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    /// `57P05` idle_session_timeout.
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+    /// `0A000` feature_not_supported.
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// `42P05` duplicate_prepared_statement.
+    pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
+    /// `22023` invalid_parameter_value.
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    /// `57014` query_canceled.
+    pub const QUERY_CANCELED: &str = "57014";
+}
+
+pub use sqlstate::*;
+
+/// An error pgway reports to a client itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The client broke the protocol; the connection ends.
+    #[error("{0}")]
+    Protocol(Cow<'static, str>),
+    /// A message type that is not valid where it arrived; the connection ends.
+    #[error("invalid frontend message type {0}")]
+    UnexpectedMessage(u8),
+    /// A message other than CopyData/CopyDone/CopyFail/Flush/Sync during COPY FROM STDIN.
+    #[error("unexpected message type {0} during COPY")]
+    UnexpectedInCopy(u8),
+    /// The server connection under the client's request failed; the connection ends.
+    #[error("server connection lost: {0}")]
+    ServerLost(String),
+    /// The server kept shutting down under a request pgway sent again each time.
+    #[error("server connection lost: the server kept shutting down")]
+    ServerKeptShuttingDown,
+    /// pgway is stopping and the client is between transactions.
+    #[error("terminating connection because pgway is shutting down")]
+    Shutdown,
+    /// No primary (for a write, or at all) within `topology.failover_timeout`.
+    #[error("no primary server became available within {0:?}")]
+    NoPrimary(std::time::Duration),
+    /// No node could be reached (at login).
+    #[error("no server available: {0}")]
+    NoServer(String),
+    /// Connecting to a node failed for a reason other than a refusal by the server.
+    #[error("{0}")]
+    ConnectFailed(String),
+    /// Every server connection stayed busy for `pool.wait_timeout`.
+    #[error("{0}")]
+    PoolTimeout(String),
+    /// `client.max_connections` clients are connected already.
+    #[error("sorry, too many clients already")]
+    TooManyClients,
+    /// A statement whose effect cannot follow the session across pooled connections.
+    #[error("{0} is not supported through pgway: it cannot follow the session across pooled connections")]
+    Unsupported(&'static str),
+    /// A Parse under a name the client already uses.
+    #[error("prepared statement \"{0}\" already exists")]
+    DuplicatePreparedStatement(String),
+    /// A value pgway does not accept for one of its own settings (`pgway.*`).
+    #[error("invalid value for parameter \"{name}\": \"{value}\"")]
+    InvalidParameterValue {
+        /// The setting.
+        name: &'static str,
+        /// What the client sent.
+        value: String,
+    },
+    /// Wrong password or unknown user.
+    #[error("password authentication failed for user \"{0}\"")]
+    BadPassword(String),
+    /// No user in the StartupMessage.
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    /// Startup and authentication did not finish within `client.login_timeout`.
+    #[error("startup and authentication did not finish in time")]
+    LoginTimeout,
+    /// A server's own refusal (at login, or when a connection for the client was made),
+    /// passed on with the server's SQLSTATE.
+    #[error("{message}")]
+    Server {
+        /// SQLSTATE from the server.
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// The SQLSTATE the client sees.
+    pub fn sqlstate(&self) -> &str {
+        use sqlstate::*;
+        match self {
+            Self::Protocol(_)
+            | Self::UnexpectedMessage(_)
+            | Self::UnexpectedInCopy(_)
+            | Self::LoginTimeout => PROTOCOL_VIOLATION,
+            Self::ServerLost(_)
+            | Self::ServerKeptShuttingDown
+            | Self::NoPrimary(_)
+            | Self::NoServer(_)
+            | Self::ConnectFailed(_) => CONNECTION_FAILURE,
+            Self::Shutdown => ADMIN_SHUTDOWN,
+            Self::PoolTimeout(_) | Self::TooManyClients => TOO_MANY_CONNECTIONS,
+            Self::Unsupported(_) => FEATURE_NOT_SUPPORTED,
+            Self::DuplicatePreparedStatement(_) => DUPLICATE_PREPARED_STATEMENT,
+            Self::InvalidParameterValue { .. } => INVALID_PARAMETER_VALUE,
+            Self::BadPassword(_) => INVALID_PASSWORD,
+            Self::NoUser => INVALID_AUTHORIZATION,
+            Self::Server { code, .. } => code,
+        }
+    }
+
+    /// FATAL for errors that end the connection, ERROR for those that end a statement.
+    pub fn severity(&self) -> Severity {
+        match self {
+            Self::Protocol(_)
+            | Self::UnexpectedMessage(_)
+            | Self::UnexpectedInCopy(_)
+            | Self::ServerLost(_)
+            | Self::ServerKeptShuttingDown
+            | Self::Shutdown
+            | Self::NoServer(_)
+            | Self::TooManyClients
+            | Self::BadPassword(_)
+            | Self::NoUser
+            | Self::LoginTimeout => Severity::Fatal,
+            Self::NoPrimary(_)
+            | Self::ConnectFailed(_)
+            | Self::PoolTimeout(_)
+            | Self::Unsupported(_)
+            | Self::DuplicatePreparedStatement(_)
+            | Self::InvalidParameterValue { .. } => Severity::Error,
+            // At login a refusal ends the connection; the session reports a refusal of a
+            // new server connection as a statement error.
+            Self::Server { .. } => Severity::Error,
+        }
+    }
+
+    /// Appends the ErrorResponse for this error to `out`, with its own severity.
+    pub fn write(&self, out: &mut BytesMut) {
+        self.write_as(out, self.severity());
+    }
+
+    /// Appends the ErrorResponse with `severity` (a refusal at login is FATAL).
+    pub fn write_as(&self, out: &mut BytesMut, severity: Severity) {
+        messages::error_response(out, severity, self.sqlstate(), &self.to_string());
+    }
+}
+
+/// True for a FATAL ErrorResponse by which a server says it is shutting down (or cannot
+/// take connections, or ends an idle session), so the request it answers did not run.
+pub fn is_shutdown(frame: &[u8]) -> bool {
+    use sqlstate::*;
+    let (code, _) = messages::error_fields(frame);
+    let fatal = messages::error_severity(frame).is_some_and(|s| s == "FATAL");
+    fatal
+        && [
+            ADMIN_SHUTDOWN,
+            CRASH_SHUTDOWN,
+            CANNOT_CONNECT_NOW,
+            IDLE_SESSION_TIMEOUT,
+        ]
+        .contains(&code.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_a_sqlstate_and_a_message() {
+        let errors = [
+            ClientError::Protocol("bad".into()),
+            ClientError::UnexpectedMessage(b'?'),
+            ClientError::ServerLost("eof".into()),
+            ClientError::Shutdown,
+            ClientError::TooManyClients,
+            ClientError::Unsupported("LOAD"),
+            ClientError::Server {
+                code: "3D000".into(),
+                message: "database \"x\" does not exist".into(),
+            },
+        ];
+        let codes: Vec<_> = errors.iter().map(ClientError::sqlstate).collect();
+        assert_eq!(
+            codes,
+            ["08P01", "08P01", "08006", "57P01", "53300", "0A000", "3D000"]
+        );
+        let mut out = BytesMut::new();
+        ClientError::Shutdown.write(&mut out);
+        assert_eq!(messages::error_severity(&out).as_deref(), Some("FATAL"));
+        assert_eq!(
+            messages::error_fields(&out),
+            (
+                "57P01".to_owned(),
+                "terminating connection because pgway is shutting down".to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn shutdown_errors_are_recognised() {
+        let mut frame = BytesMut::new();
+        messages::error_response(&mut frame, Severity::Fatal, "57P01", "terminating");
+        assert!(is_shutdown(&frame));
+        frame.clear();
+        messages::error_response(&mut frame, Severity::Error, "57P01", "not fatal");
+        assert!(!is_shutdown(&frame));
+        frame.clear();
+        messages::error_response(&mut frame, Severity::Fatal, "28P01", "password");
+        assert!(!is_shutdown(&frame));
+    }
+}
