@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use super::server::{BackendError, Login, ServerConn};
 use crate::config::PoolConfig;
+use crate::net::{Connector, TcpConnector};
 
 /// Errors when borrowing a server connection.
 #[derive(Debug, thiserror::Error)]
@@ -43,11 +44,11 @@ pub struct PoolKey {
 }
 
 /// One pool.
-#[derive(Debug)]
 pub struct Pool {
     key: PoolKey,
     password: String,
     settings: PoolConfig,
+    connector: Arc<dyn Connector>,
     /// Parked connections, the most recently parked last. Boxed, like a lent one, so
     /// lending and parking move a pointer rather than the whole connection.
     #[expect(
@@ -62,13 +63,30 @@ pub struct Pool {
     params: OnceLock<Arc<Vec<(String, String)>>>,
 }
 
+impl std::fmt::Debug for Pool {
+    /// Everything but the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("key", &self.key)
+            .field("size", &self.settings.size)
+            .field("idle", &self.idle_count())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Pool {
-    fn new(key: PoolKey, password: String, settings: PoolConfig) -> Self {
+    fn new(
+        key: PoolKey,
+        password: String,
+        settings: PoolConfig,
+        connector: Arc<dyn Connector>,
+    ) -> Self {
         Self {
             permits: Semaphore::new(settings.size),
             key,
             password,
             settings,
+            connector,
             idle: Mutex::new(Vec::new()),
             params: OnceLock::new(),
         }
@@ -118,7 +136,7 @@ impl Pool {
                     at.map(|at| idle.remove(at))
                 })
                 .unwrap_or(None);
-            let Some(conn) = candidate else { break };
+            let Some(mut conn) = candidate else { break };
             // Closed by the server while parked (or it sent something unprompted): drop it.
             // Checked on the reactor it is registered with, before any move.
             if conn.io.is_stale() {
@@ -137,7 +155,8 @@ impl Pool {
             password: &self.password,
             database: &self.key.database,
         };
-        let conn = ServerConn::connect(login, self.settings.connect_timeout).await?;
+        let conn =
+            ServerConn::connect(login, &*self.connector, self.settings.connect_timeout).await?;
         let _ = self.params.set(Arc::new(conn.params.clone()));
         Ok(self.lend(Box::new(conn), permit))
     }
@@ -226,14 +245,22 @@ impl DerefMut for PooledConn {
 #[derive(Debug)]
 pub struct Pools {
     settings: PoolConfig,
+    connector: Arc<dyn Connector>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
 impl Pools {
-    /// No pools yet; each is created with `settings` when first asked for.
+    /// No pools yet; each is created with `settings` when first asked for, and connects
+    /// over TCP.
     pub fn new(settings: PoolConfig) -> Self {
+        Self::with_connector(settings, Arc::new(TcpConnector))
+    }
+
+    /// Pools whose connections `connector` opens (tests: in-memory streams).
+    pub fn with_connector(settings: PoolConfig, connector: Arc<dyn Connector>) -> Self {
         Self {
             settings,
+            connector,
             pools: Mutex::new(HashMap::new()),
         }
     }
@@ -250,7 +277,12 @@ impl Pools {
             Err(poisoned) => poisoned.into_inner(),
         };
         Arc::clone(pools.entry(key.clone()).or_insert_with(|| {
-            Arc::new(Pool::new(key, password.to_owned(), self.settings.clone()))
+            Arc::new(Pool::new(
+                key,
+                password.to_owned(),
+                self.settings.clone(),
+                Arc::clone(&self.connector),
+            ))
         }))
     }
 

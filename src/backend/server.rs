@@ -4,15 +4,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use postgres_protocol::message::frontend;
-use tokio::net::TcpStream;
-
-use crate::net::{FramedStream, NetError};
+use crate::net::{Connector, FramedStream, NetError};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages::{body, error_fields};
 use crate::protocol::MAX_MESSAGE_LEN;
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
 
 /// Errors talking to a server.
 #[derive(Debug, thiserror::Error)]
@@ -166,15 +164,20 @@ impl ServerConn {
         }))
     }
 
-    /// Connects and logs in, within `timeout`.
-    pub async fn connect(login: Login<'_>, timeout: Duration) -> Result<Self, BackendError> {
-        tokio::time::timeout(timeout, Self::do_connect(login.clone()))
+    /// Connects through `connector` and logs in, within `timeout`.
+    pub async fn connect(
+        login: Login<'_>,
+        connector: &dyn Connector,
+        timeout: Duration,
+    ) -> Result<Self, BackendError> {
+        tokio::time::timeout(timeout, Self::do_connect(login.clone(), connector))
             .await
             .map_err(|_| BackendError::Timeout(login.addr.to_owned()))?
     }
 
-    async fn do_connect(login: Login<'_>) -> Result<Self, BackendError> {
-        let stream = TcpStream::connect(login.addr)
+    async fn do_connect(login: Login<'_>, connector: &dyn Connector) -> Result<Self, BackendError> {
+        let stream = connector
+            .connect(login.addr)
             .await
             .map_err(NetError::from)?;
         let mut io = FramedStream::new(stream);

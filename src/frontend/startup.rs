@@ -94,7 +94,7 @@ impl LoginError {
 pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let span =
         info_span!("client", %peer, user = tracing::field::Empty, db = tracing::field::Empty);
-    let mut io = FramedStream::new(stream);
+    let mut io = FramedStream::tcp(stream);
     let mut out = BytesMut::new();
     let login = tokio::time::timeout(
         shared.config.client.login_timeout,

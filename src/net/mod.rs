@@ -1,8 +1,12 @@
-//! A TCP stream with a read buffer that yields whole protocol frames.
+//! A byte stream ([`Transport`]) with a read buffer that yields whole protocol frames.
+
+pub mod transport;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub use transport::{Connector, TcpConnector, Transport};
 
 use crate::protocol::frame::{frame_len, startup_len};
 use crate::protocol::FrameError;
@@ -61,23 +65,28 @@ pub fn recycle_buffer(buf: &mut BytesMut) {
     });
 }
 
-/// A socket plus its read buffer.
+/// A stream plus its read buffer.
 #[derive(Debug)]
 pub struct FramedStream {
-    /// The socket.
-    pub stream: TcpStream,
+    /// The stream.
+    pub stream: Box<dyn Transport>,
     /// Bytes read but not yet consumed.
     pub rbuf: BytesMut,
 }
 
 impl FramedStream {
-    /// Wraps a connected socket (and turns Nagle off: every message is latency).
-    pub fn new(stream: TcpStream) -> Self {
-        let _ = stream.set_nodelay(true);
+    /// Wraps a connected stream.
+    pub fn new(stream: Box<dyn Transport>) -> Self {
         Self {
             stream,
             rbuf: BytesMut::new(),
         }
+    }
+
+    /// Wraps a connected socket (and turns Nagle off: every message is latency).
+    pub fn tcp(stream: TcpStream) -> Self {
+        let _ = stream.set_nodelay(true);
+        Self::new(Box::new(stream))
     }
 
     /// Reads more bytes into the buffer; `Closed`/`Truncated` at EOF.
@@ -86,7 +95,7 @@ impl FramedStream {
             if self.rbuf.capacity() == 0 {
                 // Wait for data before taking memory for it: an idle connection holds no
                 // buffer.
-                self.stream.readable().await?;
+                std::future::poll_fn(|cx| self.stream.poll_readable(cx)).await?;
                 self.rbuf = take_buffer();
             }
             self.rbuf.reserve(READ_CAPACITY);
@@ -101,12 +110,11 @@ impl FramedStream {
         }
     }
 
-    /// Re-registers the socket with the calling thread's runtime (it may have been
+    /// Re-registers the stream with the calling thread's runtime (it may have been
     /// created on another worker's).
     pub fn rebind(self) -> Result<Self, NetError> {
-        let stream = TcpStream::from_std(self.stream.into_std()?)?;
         Ok(Self {
-            stream,
+            stream: self.stream.rebind()?,
             rbuf: self.rbuf,
         })
     }
@@ -168,17 +176,9 @@ impl FramedStream {
         Ok(())
     }
 
-    /// True if the peer closed the socket or sent something while it should be idle.
-    ///
-    /// Costs a system call only when the reactor has seen the socket become readable since
-    /// it was last drained: `fill` clears readiness on a short read, so after a complete
-    /// reply a quiet socket reads as "not ready" without asking the kernel.
-    pub fn is_stale(&self) -> bool {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if self.stream.poll_read_ready(&mut cx).is_pending() {
-            return false;
-        }
-        let mut probe = [0u8; 1];
-        !matches!(self.stream.try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    /// True if the peer closed the stream or sent something while it should be idle
+    /// (see [`Transport::is_stale`]).
+    pub fn is_stale(&mut self) -> bool {
+        self.stream.is_stale()
     }
 }

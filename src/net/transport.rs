@@ -1,0 +1,120 @@
+//! What pgway needs of a byte stream, for clients and servers alike: TCP in production,
+//! in-memory duplex streams in tests, TLS later. The session and the pools see only
+//! [`Transport`], so a test can drive a whole session without a socket.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A connected byte stream.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync + Debug + 'static {
+    /// Resolves once the stream has bytes to read (or is closed), without reading them:
+    /// a connection waits for data before it takes a read buffer. Streams that cannot
+    /// tell resolve at once.
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = cx;
+        Poll::Ready(Ok(()))
+    }
+
+    /// True if the peer closed the stream or sent something while it should be idle (a
+    /// parked server connection). Never waits.
+    ///
+    /// The default polls one read with a no-op waker: for TCP that costs a system call only
+    /// when the reactor saw the socket become readable since it was last drained, so a
+    /// quiet socket reads as "not ready" without asking the kernel.
+    fn is_stale(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        Pin::new(self).poll_read(&mut cx, &mut buf).is_ready()
+    }
+
+    /// The stream registered with the calling thread's reactor, for a server connection
+    /// moved to another worker. Streams without a reactor return themselves.
+    fn rebind(self: Box<Self>) -> io::Result<Box<dyn Transport>>;
+}
+
+impl Transport for TcpStream {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+
+    fn rebind(self: Box<Self>) -> io::Result<Box<dyn Transport>> {
+        Ok(Box::new(TcpStream::from_std((*self).into_std()?)?))
+    }
+}
+
+impl Transport for DuplexStream {
+    fn rebind(self: Box<Self>) -> io::Result<Box<dyn Transport>> {
+        Ok(self)
+    }
+}
+
+/// Opens server connections. [`TcpConnector`] in production; tests give the pools one
+/// that hands out in-memory streams to a scripted server.
+pub trait Connector: Send + Sync + Debug {
+    /// Connects to `addr` (`host:port`).
+    fn connect<'a>(
+        &'a self,
+        addr: &'a str,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Transport>>> + Send + 'a>>;
+}
+
+/// Plain TCP, with Nagle off (every message is latency).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TcpConnector;
+
+impl Connector for TcpConnector {
+    fn connect<'a>(
+        &'a self,
+        addr: &'a str,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Transport>>> + Send + 'a>> {
+        Box::pin(async move {
+            let stream = TcpStream::connect(addr).await?;
+            let _ = stream.set_nodelay(true);
+            Ok(Box::new(stream) as Box<dyn Transport>)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_duplex_stream_is_stale_once_its_peer_writes_or_leaves() {
+        let (mut near, mut far) = tokio::io::duplex(64);
+        assert!(!near.is_stale());
+        far.write_all(b"x").await.unwrap();
+        assert!(near.is_stale());
+        let (mut near, far) = tokio::io::duplex(64);
+        drop(far);
+        assert!(near.is_stale());
+    }
+
+    #[tokio::test]
+    async fn a_quiet_tcp_socket_is_not_stale() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut client = TcpConnector.connect(&addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(!client.is_stale());
+        drop(server);
+        // The close reaches the reactor asynchronously.
+        let mut stale = false;
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            if client.is_stale() {
+                stale = true;
+                break;
+            }
+        }
+        assert!(stale);
+    }
+}
