@@ -55,14 +55,14 @@ impl Transport for DuplexStream {
     }
 }
 
+/// What [`Connector::connect`] returns.
+pub type Connecting<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn Transport>>> + Send + 'a>>;
+
 /// Opens server connections. [`TcpConnector`] in production; tests give the pools one
 /// that hands out in-memory streams to a scripted server.
 pub trait Connector: Send + Sync + Debug {
     /// Connects to `addr` (`host:port`).
-    fn connect<'a>(
-        &'a self,
-        addr: &'a str,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Transport>>> + Send + 'a>>;
+    fn connect<'a>(&'a self, addr: &'a str) -> Connecting<'a>;
 }
 
 /// Plain TCP, with Nagle off (every message is latency).
@@ -70,10 +70,7 @@ pub trait Connector: Send + Sync + Debug {
 pub struct TcpConnector;
 
 impl Connector for TcpConnector {
-    fn connect<'a>(
-        &'a self,
-        addr: &'a str,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Transport>>> + Send + 'a>> {
+    fn connect<'a>(&'a self, addr: &'a str) -> Connecting<'a> {
         Box::pin(async move {
             let stream = TcpStream::connect(addr).await?;
             let _ = stream.set_nodelay(true);
