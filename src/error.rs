@@ -176,6 +176,20 @@ impl ClientError {
     }
 }
 
+impl From<crate::backend::PoolError> for ClientError {
+    /// What a client is told when no server connection could be had for it.
+    fn from(e: crate::backend::PoolError) -> Self {
+        use crate::backend::{BackendError, PoolError};
+        match e {
+            PoolError::Timeout { .. } => Self::PoolTimeout(e.to_string()),
+            PoolError::Connect(BackendError::Server { code, message }) => {
+                Self::Server { code, message }
+            }
+            PoolError::Connect(other) => Self::ConnectFailed(other.to_string()),
+        }
+    }
+}
+
 /// True for a FATAL ErrorResponse by which a server says it is shutting down (or cannot
 /// take connections, or ends an idle session), so the request it answers did not run.
 pub fn is_shutdown(frame: &[u8]) -> bool {

@@ -58,6 +58,22 @@ impl Drop for CancelKey<'_> {
     }
 }
 
+impl CancelKey<'_> {
+    /// A cancel for this client now goes to `target` (the client took a server connection).
+    pub fn point_to(&self, target: CancelTarget) {
+        if let Ok(mut slot) = self.slot.lock() {
+            *slot = Some(target);
+        }
+    }
+
+    /// A cancel for this client now does nothing (it holds no server connection).
+    pub fn clear(&self) {
+        if let Ok(mut slot) = self.slot.lock() {
+            *slot = None;
+        }
+    }
+}
+
 impl CancelRegistry {
     /// Hands out a new unique key.
     pub fn register(&self) -> CancelKey<'_> {

@@ -2,7 +2,7 @@
 
 pub mod auth;
 pub mod cancel;
-pub mod client;
+pub mod session;
 pub mod startup;
 
 use std::collections::HashMap;

@@ -11,7 +11,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::auth::{md5_matches, AuthError, ScramExchange, ScramVerifier};
 use super::cancel::send_cancel;
-use super::client::Session;
+use super::session::Session;
 use super::{Greeting, Shared};
 use crate::backend::{BackendError, PoolError};
 use crate::config::AuthMethod;
@@ -170,6 +170,10 @@ async fn login(
     messages::authentication(out, 0, &[]);
 
     let mut settings = ClientSettings::from_startup(&params);
+    super::session::default_target(&mut settings).map_err(|e| LoginError::Server {
+        code: e.sqlstate().to_owned(),
+        message: e.to_string(),
+    })?;
     let greeting = greeting(shared, &user, &database, &mut settings).await?;
     for (name, value) in greeting.params.iter() {
         messages::parameter_status(out, name, value);

@@ -93,19 +93,25 @@ impl Router {
 
     /// The target for `classification` in `database` (as `user`), outside a transaction.
     /// Inside a transaction the caller keeps the connection it has.
+    ///
+    /// `session_hint` is the session's `pgway.target` (`None` for `auto`); it applies to a
+    /// statement without a hint of its own. Like a statement's hint, it sends a
+    /// read to a replica without looking at its functions, and never sends a write there.
     pub async fn target(
         &self,
         classification: &Classification,
         database: &str,
         user: &str,
+        session_hint: Option<Hint>,
     ) -> Target {
-        if classification.hint == Some(Hint::Primary) {
+        let hint = classification.hint.or(session_hint);
+        if hint == Some(Hint::Primary) {
             return Target::Primary;
         }
         match classification.kind {
             StatementKind::Write => Target::Primary,
             StatementKind::BeginReadOnly => Target::Replica,
-            StatementKind::Read if classification.hint == Some(Hint::Replica) => Target::Replica,
+            StatementKind::Read if hint == Some(Hint::Replica) => Target::Replica,
             StatementKind::Read => {
                 for function in &classification.functions {
                     let volatility = self.catalog.volatility(database, user, function).await;
@@ -119,9 +125,16 @@ impl Router {
     }
 
     /// The target for a SQL text: classification (cached) then [`Self::target`].
-    pub async fn route(&self, sql: &str, database: &str, user: &str) -> Target {
+    pub async fn route(
+        &self,
+        sql: &str,
+        database: &str,
+        user: &str,
+        session_hint: Option<Hint>,
+    ) -> Target {
         let classification = self.classification(sql);
-        self.target(&classification, database, user).await
+        self.target(&classification, database, user, session_hint)
+            .await
     }
 }
 

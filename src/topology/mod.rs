@@ -91,6 +91,17 @@ impl Topology {
     }
 }
 
+/// Which node a caller needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// The primary.
+    Primary,
+    /// A replica that may take reads, else the primary.
+    Replica,
+    /// The primary, else a replica: for what any node can answer (login parameters).
+    Any,
+}
+
 /// The shared, swappable topology.
 #[derive(Debug)]
 pub struct TopologyHandle {
@@ -216,6 +227,36 @@ impl TopologyHandle {
     /// Calls `f` with the healthy primary's address, if there is one, without copying it.
     pub fn with_primary<R>(&self, f: impl FnOnce(&str) -> R) -> Option<R> {
         self.current.load().primary().map(|n| f(&n.addr))
+    }
+
+    /// Calls `f` with the address of a node for `want`, without copying it. With none
+    /// usable now, waits up to `wait` for a primary (so writes wait through a failover
+    /// instead of failing). `None`: no node came in time.
+    pub async fn with_node<R>(
+        &self,
+        want: Want,
+        wait: Duration,
+        mut f: impl FnMut(&str) -> R,
+    ) -> Option<R> {
+        let now = match want {
+            Want::Primary => self.with_primary(&mut f),
+            Want::Replica => self.with_replica(&mut f),
+            Want::Any => self
+                .with_primary(&mut f)
+                .or_else(|| self.with_replica(&mut f)),
+        };
+        match now {
+            Some(r) => Some(r),
+            None => self.wait_primary(wait).await.map(|addr| f(&addr)),
+        }
+    }
+
+    /// Takes a node out of rotation at once, after a connect to it failed or its server
+    /// shut down under a request: no new transaction is sent there until a health check
+    /// passes again, and its idle pooled connections are closed.
+    pub fn take_out_of_rotation(&self, addr: &str, pools: &crate::backend::Pools) {
+        self.mark_down(addr);
+        pools.clear_node(addr);
     }
 
     /// How many nodes the topology has.

@@ -1,0 +1,166 @@
+//! Taking and releasing a server connection: Idle -> Attached when a request needs one,
+//! back to Idle when the server is idle and nothing is outstanding, and what is left when
+//! the client leaves.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tracing::{debug, warn};
+
+use super::{Link, Session, State};
+use crate::backend::PoolError;
+use crate::error::ClientError;
+use crate::frontend::cancel::CancelTarget;
+use crate::net::NetError;
+use crate::protocol::frame::put_frame;
+use crate::protocol::messages;
+use crate::protocol::MAX_MESSAGE_LEN;
+use crate::route::Target;
+use crate::topology::Want;
+
+impl Session<'_> {
+    /// Takes a server connection for `target` (Idle -> Attached), trying another node when
+    /// one is down.
+    pub(super) async fn attach(&mut self, target: Target) -> Result<(), ClientError> {
+        let shared = self.shared;
+        let topology = &shared.topology;
+        let wait = shared.config.topology.failover_timeout();
+        let want = match target {
+            Target::Replica => Want::Replica,
+            Target::Primary => Want::Primary,
+        };
+        let mut attempts = topology.node_count() + 1;
+        loop {
+            let index = topology
+                .with_node(want, wait, |addr| self.pool_index(addr))
+                .await
+                .ok_or(ClientError::NoPrimary(wait))?;
+            let (addr, pool) = &self.pools[index];
+            let addr = Arc::clone(addr);
+            match pool.acquire().await {
+                Ok(conn) => {
+                    self.cancel.point_to(CancelTarget {
+                        addr,
+                        pid: conn.pid,
+                        secret: conn.secret,
+                    });
+                    self.state = State::Attached(Link {
+                        conn,
+                        status: b'I',
+                        unsynced: false,
+                    });
+                    self.sync_settings();
+                    return Ok(());
+                }
+                Err(PoolError::Connect(e)) if e.is_node_down() && attempts > 1 => {
+                    self.span.in_scope(|| {
+                        warn!(node = %addr, cause = %e, "node unreachable; taking it out of rotation");
+                    });
+                    topology.take_out_of_rotation(&addr, &shared.pools);
+                    attempts -= 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The index in `self.pools` of the pool for `addr`, added on first use.
+    fn pool_index(&mut self, addr: &str) -> usize {
+        if let Some(i) = self.pools.iter().position(|(a, _)| **a == *addr) {
+            return i;
+        }
+        let pool = self
+            .shared
+            .pools
+            .get(addr, &self.database, &self.user, &self.password);
+        self.pools.push((Arc::from(addr), pool));
+        self.pools.len() - 1
+    }
+
+    /// Returns the server connection to its pool when the client no longer needs it
+    /// (Attached -> Idle): the server is idle, no Sync is owed and nothing is outstanding.
+    pub(super) fn maybe_release(&mut self) {
+        let State::Attached(link) = &self.state else {
+            return;
+        };
+        if link.status != b'I' || link.unsynced || !self.expected.is_empty() {
+            return;
+        }
+        if let State::Attached(link) = std::mem::replace(&mut self.state, State::Idle) {
+            self.cancel.clear();
+            link.conn.release();
+        }
+    }
+
+    /// Drops a server connection that went away under a retryable request, forgets what
+    /// was queued for it and takes its node out of rotation until it is healthy again
+    /// (back to Idle, to send the request again).
+    pub(super) fn abandon_server(&mut self) {
+        if let Some(link) = std::mem::replace(&mut self.state, State::Idle).link() {
+            let addr = &link.conn.addr;
+            self.span.in_scope(|| {
+                debug!(node = %addr, "server shut down before answering; sending the request again");
+            });
+            self.shared
+                .topology
+                .take_out_of_rotation(addr, &self.shared.pools);
+        }
+        self.cancel.clear();
+        self.expected.clear();
+        self.to_server.clear();
+        self.out.truncate(self.request.out_mark);
+        for name in self.request.named.drain(..) {
+            self.statements.remove(&name);
+        }
+        self.request.reset();
+    }
+
+    /// At the end of a session: return the server connection if it can be reused, rolling
+    /// back an open transaction first; otherwise close it.
+    pub(super) async fn cleanup(&mut self) {
+        self.cancel.clear();
+        let link = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Attached(link) if self.expected.is_empty() => link,
+            // Mid-statement or mid-COPY: closing the connection makes the server abort it.
+            // Pinned (temporary tables, advisory locks, LISTEN, prepared statements):
+            // closing the connection is the one sure way to leave nothing behind for the
+            // next client.
+            _ => return,
+        };
+        let Link {
+            mut conn,
+            status,
+            unsynced,
+        } = link;
+        if status == b'I' && !unsynced {
+            conn.release();
+            return;
+        }
+        let mut out = BytesMut::new();
+        let mut expected = 1;
+        if unsynced {
+            put_frame(&mut out, b'S', &[]);
+            expected += 1;
+        }
+        messages::query(&mut out, "ROLLBACK");
+        let rollback = async {
+            conn.io.send(&mut out).await?;
+            let mut status = b'E';
+            while expected > 0 {
+                let frame = conn.io.read_frame(MAX_MESSAGE_LEN).await?;
+                if frame[0] == b'Z' {
+                    expected -= 1;
+                    status = frame.get(5).copied().unwrap_or(b'E');
+                }
+            }
+            Ok::<u8, NetError>(status)
+        };
+        match tokio::time::timeout(self.shared.config.pool.connect_timeout, rollback).await {
+            Ok(Ok(b'I')) => {
+                debug!("rolled back the open transaction of a client that left");
+                conn.release();
+            }
+            _ => debug!("closing server connection after a failed rollback"),
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Session effects: what a statement changes in the session (SET, RESET, DISCARD,
+//! DEALLOCATE, pins, `pgway.target`), kept when the request succeeds and its transaction
+//! commits, and brought along to every server connection the client lands on.
+
+use tracing::debug;
+
+use super::{Session, State};
+use crate::error::ClientError;
+use crate::protocol::messages;
+use crate::route::{Hint, PinReason, SessionEffect};
+use crate::settings::{sync_query, ClientSettings, Value};
+
+/// pgway's own setting: where the session's statements go (`primary`, `replica`, `auto`).
+pub const TARGET_SETTING: &str = "pgway.target";
+
+/// The routing hint `pgway.target` gives every statement of the session that has none of
+/// its own; `None` for `auto`.
+pub(super) fn target_hint(settings: &ClientSettings) -> Option<Hint> {
+    match settings.current.get(TARGET_SETTING) {
+        Some(Value::Raw(value) | Value::Sql(value)) => parse_target(value).flatten(),
+        None => None,
+    }
+}
+
+/// `Some(hint)` for a valid value of `pgway.target` (SQL text or raw), `None` otherwise.
+fn parse_target(value: &str) -> Option<Option<Hint>> {
+    let value = value.trim();
+    let unquoted = value
+        .strip_prefix('\'')
+        .and_then(|v| v.strip_suffix('\''))
+        .or_else(|| value.strip_prefix('"').and_then(|v| v.strip_suffix('"')))
+        .unwrap_or(value);
+    match unquoted.to_ascii_lowercase().as_str() {
+        "primary" => Some(Some(Hint::Primary)),
+        "replica" => Some(Some(Hint::Replica)),
+        "auto" | "default" => Some(None),
+        _ => None,
+    }
+}
+
+/// What pgway refuses among a statement's effects, before any server sees it.
+pub(super) fn refusal(effects: &[SessionEffect]) -> Option<ClientError> {
+    effects.iter().find_map(|effect| match effect {
+        SessionEffect::Unsupported(what) => Some(ClientError::Unsupported(what)),
+        SessionEffect::Set { name, value }
+            if name == TARGET_SETTING && parse_target(value).is_none() =>
+        {
+            Some(ClientError::InvalidParameterValue {
+                name: TARGET_SETTING,
+                value: value.clone(),
+            })
+        }
+        _ => None,
+    })
+}
+
+/// Makes sure `pgway.target` has a value in the client's settings (`auto` unless its
+/// startup options set one), so the server connections it lands on answer
+/// `SHOW pgway.target` in either protocol; an invalid startup value is refused.
+pub fn default_target(settings: &mut ClientSettings) -> Result<(), ClientError> {
+    match settings.startup.get(TARGET_SETTING) {
+        Some(Value::Raw(value) | Value::Sql(value)) => match parse_target(value) {
+            Some(_) => Ok(()),
+            None => Err(ClientError::InvalidParameterValue {
+                name: TARGET_SETTING,
+                value: value.clone(),
+            }),
+        },
+        None => {
+            let auto = Value::Raw("auto".to_owned());
+            settings.startup.set(TARGET_SETTING, auto.clone());
+            settings.current.set(TARGET_SETTING, auto);
+            Ok(())
+        }
+    }
+}
+
+/// The effects that survive a committed transaction's savepoint history.
+fn committed_effects(events: Vec<SessionEffect>) -> Vec<SessionEffect> {
+    let mut effects = Vec::new();
+    let mut savepoints: Vec<(String, usize)> = Vec::new();
+    for event in events {
+        match event {
+            SessionEffect::Savepoint(name) => savepoints.push((name, effects.len())),
+            SessionEffect::RollbackToSavepoint(name) => {
+                if let Some(i) = savepoints.iter().rposition(|(n, _)| *n == name) {
+                    effects.truncate(savepoints[i].1);
+                    savepoints.truncate(i + 1);
+                }
+            }
+            SessionEffect::ReleaseSavepoint(name) => {
+                if let Some(i) = savepoints.iter().rposition(|(n, _)| *n == name) {
+                    savepoints.truncate(i);
+                }
+            }
+            effect => effects.push(effect),
+        }
+    }
+    effects
+}
+
+impl Session<'_> {
+    /// At the end of a request (ReadyForQuery): keep the session effects of what succeeded
+    /// and committed, drop the rest.
+    pub(super) fn on_request_done(&mut self, status: u8) {
+        self.request.finish(&mut self.txn.effects);
+        if status == b'I' && !self.txn.effects.is_empty() {
+            let events = std::mem::take(&mut self.txn.effects);
+            if !self.txn.rolled_back {
+                self.apply_effects(committed_effects(events));
+            }
+        }
+    }
+
+    fn apply_effects(&mut self, effects: Vec<SessionEffect>) {
+        let mut settings_changed = false;
+        for effect in effects {
+            let server = self.state.link_mut().map(|link| &mut link.conn);
+            match effect {
+                SessionEffect::Set { name, value } => {
+                    if let Some(server) = server {
+                        server
+                            .applied
+                            .settings
+                            .set(&name, Value::Sql(value.clone()));
+                    }
+                    self.settings.current.set(&name, Value::Sql(value));
+                    settings_changed = true;
+                }
+                SessionEffect::Reset(name) => {
+                    if let Some(server) = server {
+                        server.applied.settings.remove(&name);
+                    }
+                    self.settings.reset(&name);
+                    settings_changed = true;
+                }
+                SessionEffect::ResetAll => {
+                    if let Some(server) = server {
+                        server.applied.settings.clear();
+                    }
+                    self.settings.reset_all();
+                    settings_changed = true;
+                }
+                SessionEffect::DiscardAll => {
+                    if let Some(server) = server {
+                        server.applied.settings.clear();
+                        server.statements = Default::default();
+                        server.unnamed = None;
+                    }
+                    self.settings.reset_all();
+                    settings_changed = true;
+                    self.statements.clear();
+                    self.unnamed = None;
+                    self.unpin();
+                }
+                SessionEffect::DeallocateAll => {
+                    if let Some(server) = server {
+                        server.statements = Default::default();
+                    }
+                    self.statements.clear();
+                }
+                SessionEffect::Deallocate(name) => {
+                    self.statements.remove(name.as_bytes());
+                }
+                SessionEffect::Pin(reason) => self.pin(reason),
+                SessionEffect::SetLocal
+                | SessionEffect::DiscardOther
+                | SessionEffect::Unlisten
+                | SessionEffect::Savepoint(_)
+                | SessionEffect::RollbackToSavepoint(_)
+                | SessionEffect::ReleaseSavepoint(_)
+                | SessionEffect::Unsupported(_) => {}
+            }
+        }
+        if settings_changed {
+            self.target = target_hint(&self.settings);
+        }
+    }
+
+    /// Session-bound state holds the client on its connection (Attached -> Pinned).
+    fn pin(&mut self, reason: PinReason) {
+        if !self.is_pinned() {
+            self.span.in_scope(|| {
+                debug!(?reason, "client pinned to its server connection");
+            });
+        }
+        self.state = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Attached(link) | State::Pinned(link, _) => State::Pinned(link, reason),
+            State::CopyIn(link, _) => State::CopyIn(link, Some(reason)),
+            other => other,
+        };
+    }
+
+    /// `DISCARD ALL` let go of what pinned the client (Pinned -> Attached).
+    fn unpin(&mut self) {
+        self.state = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Pinned(link, _) => State::Attached(link),
+            State::CopyIn(link, _) => State::CopyIn(link, None),
+            other => other,
+        };
+    }
+
+    /// True while session-bound state holds the client on its connection.
+    pub(super) fn is_pinned(&self) -> bool {
+        matches!(self.state, State::Pinned(..) | State::CopyIn(_, Some(_)))
+    }
+
+    /// Queues the query that brings the attached connection's settings in line with the
+    /// client's, if they differ; its replies are swallowed.
+    pub(super) fn sync_settings(&mut self) {
+        let Some(link) = self.state.link_mut() else {
+            return;
+        };
+        let server = &mut link.conn;
+        if let Some(sql) = sync_query(&mut server.applied, &self.settings.current) {
+            server.unnamed = None;
+            messages::query(&mut self.to_server, &sql);
+            self.expect(super::relay::Reply::Query, false, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(value: &str) -> SessionEffect {
+        SessionEffect::Set {
+            name: "work_mem".into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn savepoints_undo_and_keep_effects() {
+        use SessionEffect::{
+            ReleaseSavepoint as Release, RollbackToSavepoint as RollbackTo, Savepoint,
+        };
+        let events = vec![
+            set("'8MB'"),
+            Savepoint("s".into()),
+            set("'9MB'"),
+            RollbackTo("s".into()),
+            Savepoint("t".into()),
+            set("'10MB'"),
+            Release("t".into()),
+            RollbackTo("missing".into()),
+        ];
+        assert_eq!(committed_effects(events), vec![set("'8MB'"), set("'10MB'")]);
+        // Rolling back to an outer savepoint undoes inner ones too.
+        let events = vec![
+            Savepoint("a".into()),
+            set("'1MB'"),
+            Savepoint("b".into()),
+            set("'2MB'"),
+            RollbackTo("a".into()),
+            set("'3MB'"),
+        ];
+        assert_eq!(committed_effects(events), vec![set("'3MB'")]);
+    }
+
+    #[test]
+    fn target_values() {
+        assert_eq!(parse_target("'primary'"), Some(Some(Hint::Primary)));
+        assert_eq!(parse_target("REPLICA"), Some(Some(Hint::Replica)));
+        assert_eq!(parse_target(" 'auto' "), Some(None));
+        assert_eq!(parse_target("'elsewhere'"), None);
+        let refused = refusal(&[SessionEffect::Set {
+            name: TARGET_SETTING.into(),
+            value: "'elsewhere'".into(),
+        }]);
+        assert_eq!(
+            refused.map(|e| e.sqlstate().to_owned()),
+            Some("22023".into())
+        );
+    }
+
+    #[test]
+    fn startup_target_defaults_to_auto_and_is_checked() {
+        let mut settings = ClientSettings::from_startup(&[]);
+        default_target(&mut settings).unwrap();
+        assert_eq!(target_hint(&settings), None);
+        assert_eq!(
+            settings.current.get(TARGET_SETTING),
+            Some(&Value::Raw("auto".into()))
+        );
+        let mut settings =
+            ClientSettings::from_startup(&[("options".into(), "-c pgway.target=primary".into())]);
+        default_target(&mut settings).unwrap();
+        assert_eq!(target_hint(&settings), Some(Hint::Primary));
+        let mut settings =
+            ClientSettings::from_startup(&[("options".into(), "-c pgway.target=nowhere".into())]);
+        assert!(default_target(&mut settings).is_err());
+    }
+}

@@ -1,0 +1,376 @@
+//! One client's session: routing, transaction pooling and the relay, as a state machine.
+//!
+//! A client holds a server connection only while it needs one: from the first message of
+//! a statement or transaction until the server's ReadyForQuery says idle with nothing
+//! outstanding. Extended-protocol messages are collected until Sync or Flush so the whole
+//! batch is routed at once (a pipeline with one INSERT goes to the primary as a whole).
+//!
+//! # States
+//!
+//! Where the client stands is a [`State`]; the server connection belongs to the states
+//! that have one.
+//!
+//! - **Idle**: no server connection. The client's next request is routed (a replica for a
+//!   read, else the primary) and takes a connection from that node's pool.
+//! - **Attached**: a server connection is held for a request in flight, an open
+//!   transaction, or an extended-protocol batch that has not reached its Sync.
+//! - **Pinned**: session-bound state (LISTEN, a temporary table, a session advisory lock,
+//!   SQL `PREPARE`, a `WITH HOLD` cursor) holds the client on its connection; between
+//!   requests pgway relays what the server sends unprompted (notifications).
+//! - **CopyIn**: a `COPY ... FROM STDIN` is running; the client's CopyData goes straight
+//!   to the server. It remembers whether the client was pinned.
+//! - **SkipToSync**: pgway answered an extended-protocol batch with an error before any
+//!   server saw it (no connection could be had); the client's messages are discarded up to
+//!   its Sync, as PostgreSQL does after an error.
+//!
+//! Moves between them:
+//!
+//! ```text
+//! Idle ──request──▶ Attached ──ReadyForQuery idle, nothing outstanding──▶ Idle
+//!   │                 │  ▲
+//!   │                 │  └──DISCARD ALL──┐
+//!   │                 ├──pinning effect──▶ Pinned (until the client leaves)
+//!   │                 └──CopyInResponse──▶ CopyIn ──CopyDone / CopyFail / error──▶ back
+//!   ├──no connection for an unsynced batch──▶ SkipToSync ──Sync──▶ Idle
+//!   └──server shut down before answering: the request is sent again from Idle
+//! ```
+//!
+//! A request's bookkeeping (its session effects, whether it failed, whether it may be
+//! sent again) is one [`Request`], reset in one place.
+//!
+//! # Files
+//! - [`serve`](self::serve): the loop: reading the client's messages, routing, sending a
+//!   request (again, if its server shut down before answering).
+//! - [`relay`](self::relay): replies, and what is expected of the server in what order.
+//! - [`prepared`](self::prepared): the client's prepared statements and their names on
+//!   server connections.
+//! - [`effects`](self::effects): session effects (SET, pins, DISCARD, `pgway.target`).
+//! - [`attach`](self::attach): taking and releasing a server connection, and cleaning up
+//!   when the client leaves.
+
+mod attach;
+mod effects;
+mod prepared;
+mod relay;
+mod serve;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::{debug, Instrument};
+
+use super::cancel::CancelKey;
+use super::Shared;
+use crate::backend::{Pool, PooledConn};
+use crate::error::ClientError;
+use crate::net::{FramedStream, NetError};
+use crate::protocol::messages;
+use crate::protocol::FrameError;
+use crate::route::{Hint, PinReason, SessionEffect};
+use crate::settings::ClientSettings;
+
+pub use effects::default_target;
+use prepared::Prepared;
+use relay::Expect;
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// The client went away or its socket failed: nobody to tell.
+    #[error("client connection lost: {0}")]
+    ClientGone(NetError),
+    /// The server shut down before answering a request that can safely be sent again
+    /// (handled inside the session; never reaches the client).
+    #[error("server shut down before answering; retrying")]
+    Retry,
+    /// End the session with this FATAL ErrorResponse.
+    #[error(transparent)]
+    Fatal(ClientError),
+}
+
+impl SessionError {
+    fn protocol(e: FrameError) -> Self {
+        Self::Fatal(ClientError::Protocol(e.to_string().into()))
+    }
+
+    fn from_client(e: NetError) -> Self {
+        match e {
+            NetError::Frame(f) => Self::protocol(f),
+            NetError::Truncated => Self::Fatal(ClientError::Protocol(
+                "incomplete message from client".into(),
+            )),
+            other => Self::ClientGone(other),
+        }
+    }
+
+    fn server_lost(e: NetError) -> Self {
+        Self::Fatal(ClientError::ServerLost(e.to_string()))
+    }
+}
+
+/// The error for a session that lost its server connection where it needs one. Made only
+/// when needed: it allocates, and the check runs several times per statement.
+fn no_server() -> SessionError {
+    SessionError::Fatal(ClientError::ServerLost("no server connection".into()))
+}
+
+/// A held server connection and what the server last said about it.
+#[derive(Debug)]
+struct Link {
+    conn: PooledConn,
+    /// Transaction status from the last ReadyForQuery (`I`, `T`, `E`).
+    status: u8,
+    /// Extended-protocol messages were sent since the last Sync was answered.
+    unsynced: bool,
+}
+
+/// Where the client stands (see the module doc).
+#[derive(Debug)]
+enum State {
+    Idle,
+    SkipToSync,
+    Attached(Link),
+    Pinned(Link, PinReason),
+    CopyIn(Link, Option<PinReason>),
+}
+
+impl State {
+    fn link(&self) -> Option<&Link> {
+        match self {
+            State::Attached(link) | State::Pinned(link, _) | State::CopyIn(link, _) => Some(link),
+            State::Idle | State::SkipToSync => None,
+        }
+    }
+
+    fn link_mut(&mut self) -> Option<&mut Link> {
+        match self {
+            State::Attached(link) | State::Pinned(link, _) | State::CopyIn(link, _) => Some(link),
+            State::Idle | State::SkipToSync => None,
+        }
+    }
+
+    /// The transaction status: `I` without a server connection.
+    fn status(&self) -> u8 {
+        self.link().map_or(b'I', |link| link.status)
+    }
+}
+
+/// The bookkeeping of one request: from the first message sent until the server's
+/// ReadyForQuery (for an extended-protocol batch, its Sync's).
+#[derive(Debug, Default)]
+struct Request {
+    /// Session effects of what was sent, applied when the request succeeds.
+    effects: Vec<SessionEffect>,
+    /// The request got an ErrorResponse.
+    failed: bool,
+    /// The request may be sent again if the server shuts down before answering (only
+    /// outside a transaction, when nothing of it can have taken effect).
+    can_retry: bool,
+    /// A reply to it has been forwarded to the client.
+    answered: bool,
+    /// The server announced its shutdown in answer to it.
+    retry_pending: bool,
+    /// Length of the client's output buffer when this attempt began.
+    out_mark: usize,
+    /// pgway answered a message of the batch with an error: the rest, up to Sync, is not
+    /// sent.
+    batch_failed: bool,
+    /// Statement names this attempt added (forgotten again if it is sent again).
+    named: Vec<Vec<u8>>,
+}
+
+impl Request {
+    /// Starts sending (or sending again): what an earlier attempt noted is forgotten, but
+    /// effects and failure of messages already answered (an earlier Flush) are kept.
+    fn begin_attempt(&mut self, can_retry: bool, out_mark: usize) {
+        self.can_retry = can_retry;
+        self.answered = false;
+        self.retry_pending = false;
+        self.out_mark = out_mark;
+        self.batch_failed = false;
+        self.named.clear();
+    }
+
+    /// Ends the request at its ReadyForQuery: its effects move to `kept` if it succeeded.
+    fn finish(&mut self, kept: &mut Vec<SessionEffect>) {
+        if std::mem::take(&mut self.failed) {
+            self.effects.clear();
+        } else {
+            kept.append(&mut self.effects);
+        }
+    }
+
+    /// Forgets everything (the request is sent again elsewhere).
+    fn reset(&mut self) {
+        self.effects.clear();
+        self.failed = false;
+        self.begin_attempt(false, 0);
+    }
+}
+
+/// The open transaction's effects, kept or dropped when it ends.
+#[derive(Debug, Default)]
+struct Transaction {
+    /// Effects of its requests that succeeded, savepoints included.
+    effects: Vec<SessionEffect>,
+    /// The last CommandComplete was a ROLLBACK.
+    rolled_back: bool,
+}
+
+/// One client's session.
+pub struct Session<'a> {
+    shared: &'a Shared,
+    /// The connection's `client` span, entered around log events only.
+    span: tracing::Span,
+    /// Resolves when pgway starts shutting down. Made once per session and kept registered
+    /// with the token, so waiting between requests touches no state shared with other
+    /// sessions.
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    client: FramedStream,
+    /// What goes to the client next.
+    out: BytesMut,
+    /// What goes to the server next.
+    to_server: BytesMut,
+    user: String,
+    database: String,
+    password: String,
+    cancel: CancelKey<'a>,
+    state: State,
+    /// Replies expected from the server (or due from pgway), one per message sent, in
+    /// order. Empty whenever the client holds no server connection.
+    expected: VecDeque<Expect>,
+    request: Request,
+    txn: Transaction,
+    /// Named prepared statements, by the client's name.
+    statements: HashMap<Vec<u8>, Arc<Prepared>>,
+    /// The unnamed prepared statement.
+    unnamed: Option<Arc<Prepared>>,
+    /// Extended-protocol messages collected until Sync or Flush.
+    batch: Vec<BytesMut>,
+    batch_bytes: usize,
+    /// Session settings (startup and SET) that follow the client.
+    settings: ClientSettings,
+    /// `SET pgway.target`: the routing hint for every statement without one of its own.
+    target: Option<Hint>,
+    /// This client's pools by node, so taking a connection needs no global lock. Each
+    /// holds the session's own copy of the node's address: taking and dropping it per
+    /// transaction then touches no reference count that other worker threads also write.
+    /// A list, not a map: a session sees a handful of nodes.
+    pools: Vec<(Arc<str>, Arc<Pool>)>,
+}
+
+impl<'a> Session<'a> {
+    /// A session for a logged-in client.
+    pub fn new(
+        shared: &'a Shared,
+        client: FramedStream,
+        user: String,
+        database: String,
+        settings: ClientSettings,
+        span: tracing::Span,
+    ) -> Self {
+        let password = shared
+            .users
+            .get(&user)
+            .map(|u| u.config.password.clone())
+            .unwrap_or_default();
+        let target = effects::target_hint(&settings);
+        Self {
+            shared,
+            span,
+            stopping: Box::pin(thread_shutdown(shared).cancelled_owned()),
+            client,
+            out: BytesMut::new(),
+            to_server: BytesMut::new(),
+            user,
+            database,
+            password,
+            cancel: shared.cancels.register(),
+            state: State::Idle,
+            expected: VecDeque::new(),
+            request: Request::default(),
+            txn: Transaction::default(),
+            statements: HashMap::new(),
+            unnamed: None,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            settings,
+            target,
+            pools: Vec::new(),
+        }
+    }
+
+    /// Greets the client (after `greeting`, which holds AuthenticationOk and the
+    /// ParameterStatus messages) and serves it until it leaves.
+    pub async fn run(mut self, greeting: BytesMut) {
+        self.out = greeting;
+        messages::backend_key_data(&mut self.out, self.cancel.pid, self.cancel.secret);
+        messages::ready_for_query(&mut self.out, b'I');
+        let result = match self.flush().await {
+            Ok(()) => self.serve().await,
+            Err(e) => Err(e),
+        };
+        let span = self.span.clone();
+        async {
+            match result {
+                Ok(()) => debug!("client left"),
+                Err(SessionError::ClientGone(cause)) => debug!(%cause, "client connection lost"),
+                Err(SessionError::Retry) => {
+                    self.close_with(ClientError::ServerKeptShuttingDown).await
+                }
+                Err(SessionError::Fatal(e)) => self.close_with(e).await,
+            }
+            self.cleanup().await;
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Ends the connection with a FATAL error.
+    async fn close_with(&mut self, e: ClientError) {
+        debug!(code = e.sqlstate(), message = %e, "closing client connection");
+        self.out.clear();
+        e.write_as(&mut self.out, messages::Severity::Fatal);
+        let _ = self.flush().await;
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        self.client
+            .send(&mut self.out)
+            .await
+            .map_err(SessionError::ClientGone)
+    }
+
+    fn server_mut(&mut self) -> Result<&mut PooledConn, SessionError> {
+        match self.state.link_mut() {
+            Some(link) => Ok(&mut link.conn),
+            None => Err(no_server()),
+        }
+    }
+}
+
+/// A child of `shared.shutdown` made once per thread (per gateway), for the sessions that
+/// run there. Polling a cancellation token locks its node; with one node per worker, a
+/// session's wait between requests locks nothing that other worker threads also lock.
+fn thread_shutdown(shared: &Shared) -> CancellationToken {
+    thread_local! {
+        static CHILD: std::cell::RefCell<Option<(usize, CancellationToken)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    // Keyed by the gateway's address: a thread serves one gateway, but tests run several
+    // in one process.
+    let key = std::ptr::from_ref(shared) as usize;
+    CHILD.with_borrow_mut(|child| match child {
+        Some((k, token)) if *k == key => token.clone(),
+        _ => {
+            let token = shared.shutdown.child_token();
+            *child = Some((key, token.clone()));
+            token
+        }
+    })
+}

@@ -1,0 +1,333 @@
+//! Prepared statements in transaction pooling.
+//!
+//! Named prepared statements live in the client's own table; on a server connection they
+//! exist under pgway's names (`pgway_<hash of SQL and types>`), prepared on demand, so a
+//! statement prepared on one connection can be executed on any other. The unnamed
+//! statement is re-sent when the connection's unnamed slot holds another client's.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::relay::{local_reply, Expect, Reply};
+use super::{effects, Session, SessionError};
+use crate::backend::server::statement_name;
+use crate::error::ClientError;
+use crate::protocol::frame::put_frame;
+use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse};
+use crate::route::{Classification, SessionEffect, Target};
+
+/// A client's named (or unnamed) prepared statement.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    sql: Vec<u8>,
+    param_types: Vec<u8>,
+    pub(super) hash: u64,
+    target: Target,
+    /// Session effects of executing it (SET, LISTEN, ...).
+    effects: Vec<SessionEffect>,
+}
+
+impl Prepared {
+    fn server_name(&self) -> Vec<u8> {
+        statement_name(self.hash)
+    }
+}
+
+impl Session<'_> {
+    /// The target of every Parse in the batch (in order).
+    pub(super) async fn parse_targets(
+        &self,
+        batch: &[BytesMut],
+    ) -> Result<Vec<Target>, SessionError> {
+        let mut targets = Vec::new();
+        for frame in batch.iter().filter(|f| f[0] == b'P') {
+            let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
+            targets.push(match std::str::from_utf8(parse.sql) {
+                Ok(sql) => {
+                    self.shared
+                        .router
+                        .route(sql, &self.database, &self.user, self.target)
+                        .await
+                }
+                Err(_) => Target::Primary,
+            });
+        }
+        Ok(targets)
+    }
+
+    /// The target for a whole batch: the primary if any statement in it needs it.
+    pub(super) fn batch_target(
+        &self,
+        batch: &[BytesMut],
+        parse_targets: &[Target],
+    ) -> Result<Target, SessionError> {
+        let mut target = Target::Replica;
+        // Statements parsed earlier in this batch, by name (the unnamed one too).
+        let mut parsed: HashMap<&[u8], Target> = HashMap::new();
+        let mut parse_targets = parse_targets.iter();
+        for frame in batch {
+            let this = match frame[0] {
+                b'P' => {
+                    let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
+                    let t = parse_targets.next().copied().unwrap_or(Target::Primary);
+                    parsed.insert(parse.name, t);
+                    t
+                }
+                b'B' => {
+                    let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
+                    parsed
+                        .get(bind.statement)
+                        .copied()
+                        .or(self.statement(bind.statement).map(|p| p.target))
+                        .unwrap_or(Target::Primary)
+                }
+                _ => continue,
+            };
+            if this == Target::Primary {
+                return Ok(Target::Primary);
+            }
+            target = this;
+        }
+        Ok(target)
+    }
+
+    /// The client's statement `name` (`""`: the unnamed one).
+    fn statement(&self, name: &[u8]) -> Option<&Arc<Prepared>> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.statements.get(name)
+        }
+    }
+
+    /// Appends one client message, rewritten for the attached server, to `to_server`, and
+    /// records what to expect back.
+    /// `target` is the routing decision for a Parse message.
+    pub(super) fn translate(
+        &mut self,
+        frame: &BytesMut,
+        target: Target,
+    ) -> Result<(), SessionError> {
+        if self.request.batch_failed && frame[0] != b'S' {
+            // PostgreSQL skips everything after an error until Sync.
+            return Ok(());
+        }
+        match frame[0] {
+            b'P' => self.translate_parse(frame, target)?,
+            b'B' => {
+                let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
+                let prepared = if bind.statement.is_empty() {
+                    self.unnamed.as_ref()
+                } else {
+                    self.statements.get(bind.statement)
+                };
+                if let Some(prepared) = prepared {
+                    self.request
+                        .effects
+                        .extend(prepared.effects.iter().cloned());
+                }
+                match self.server_statement(bind.statement)? {
+                    Some(name) => bind.write_renamed(&mut self.to_server, &name),
+                    None => self.to_server.extend_from_slice(frame),
+                }
+                self.expect(Reply::Bind, true, None);
+            }
+            b'D' => {
+                let target = messages::Target::decode(frame).map_err(SessionError::protocol)?;
+                let renamed = if target.kind == b'S' {
+                    self.server_statement(target.name)?
+                } else {
+                    None
+                };
+                match renamed {
+                    Some(name) => target.write_renamed(&mut self.to_server, b'D', &name),
+                    None => self.to_server.extend_from_slice(frame),
+                }
+                self.expect(Reply::Describe, true, None);
+            }
+            b'C' => {
+                let target = messages::Target::decode(frame).map_err(SessionError::protocol)?;
+                if target.kind == b'S' && !target.name.is_empty() {
+                    // The statement stays prepared on the server for reuse; the client's
+                    // name for it is gone.
+                    self.statements.remove(target.name);
+                    self.expected.push_back(Expect::Local(local_reply(b'3')));
+                } else {
+                    self.to_server.extend_from_slice(frame);
+                    self.expect(Reply::Close, true, None);
+                }
+            }
+            b'E' => {
+                self.to_server.extend_from_slice(frame);
+                self.expect(Reply::Execute, true, None);
+            }
+            b'S' => {
+                self.to_server.extend_from_slice(frame);
+                self.expect(Reply::Sync, true, None);
+            }
+            _ => self.to_server.extend_from_slice(frame),
+        }
+        Ok(())
+    }
+
+    fn translate_parse(&mut self, frame: &BytesMut, target: Target) -> Result<(), SessionError> {
+        let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
+        let effects = std::str::from_utf8(parse.sql)
+            .map(|sql| self.shared.router.classification(sql).session.clone())
+            .unwrap_or_default();
+        let refused = if !parse.name.is_empty() && self.statements.contains_key(parse.name) {
+            Some(ClientError::DuplicatePreparedStatement(
+                String::from_utf8_lossy(parse.name).into_owned(),
+            ))
+        } else {
+            effects::refusal(&effects)
+        };
+        if let Some(e) = refused {
+            let mut error = BytesMut::new();
+            e.write(&mut error);
+            self.expected.push_back(Expect::Local(error));
+            self.request.batch_failed = true;
+            self.request.failed = true;
+            return Ok(());
+        }
+        if !parse.name.is_empty() {
+            self.request.named.push(parse.name.to_vec());
+        }
+        let prepared = self.remember(&parse, target, effects);
+        if parse.name.is_empty() {
+            let client_id = self.cancel.pid as u64;
+            self.to_server.extend_from_slice(frame);
+            self.server_mut()?.unnamed = Some((prepared.hash, client_id));
+            self.expect(Reply::Parse, true, None);
+        } else if self.server_mut()?.statements.touch(prepared.hash) {
+            self.expected.push_back(Expect::Local(local_reply(b'1')));
+        } else {
+            self.prepare_on_server(&prepared, true)?;
+        }
+        Ok(())
+    }
+
+    /// Records a client's Parse, and where it is to run, in its statement table.
+    fn remember(
+        &mut self,
+        parse: &Parse<'_>,
+        target: Target,
+        effects: Vec<SessionEffect>,
+    ) -> Arc<Prepared> {
+        let mut hasher = DefaultHasher::new();
+        parse.sql.hash(&mut hasher);
+        parse.param_types.hash(&mut hasher);
+        let hash = hasher.finish();
+        let prepared = Arc::new(Prepared {
+            sql: parse.sql.to_vec(),
+            param_types: parse.param_types.to_vec(),
+            hash,
+            target,
+            effects,
+        });
+        if parse.name.is_empty() {
+            self.unnamed = Some(Arc::clone(&prepared));
+        } else {
+            self.statements
+                .insert(parse.name.to_vec(), Arc::clone(&prepared));
+        }
+        prepared
+    }
+
+    /// Sends a Parse of `prepared` under pgway's name, closing the least recently used
+    /// statement if the connection's cache is full.
+    fn prepare_on_server(
+        &mut self,
+        prepared: &Prepared,
+        forward: bool,
+    ) -> Result<(), SessionError> {
+        let capacity = self.shared.config.pool.statement_cache;
+        let name = prepared.server_name();
+        write_parse(
+            &mut self.to_server,
+            &name,
+            &prepared.sql,
+            &prepared.param_types,
+        );
+        self.expect(Reply::Parse, forward, Some(prepared.hash));
+        if let Some(evicted) = self
+            .server_mut()?
+            .statements
+            .insert(prepared.hash, capacity)
+        {
+            write_target(&mut self.to_server, b'C', b'S', &statement_name(evicted));
+            self.expect(Reply::Close, false, None);
+        }
+        Ok(())
+    }
+
+    /// The server-side name for the client's statement `name`, preparing it on the
+    /// attached connection first if needed. `None`: send the name unchanged (a statement
+    /// the client never prepared, for which the server gives its usual error).
+    fn server_statement(&mut self, name: &[u8]) -> Result<Option<Vec<u8>>, SessionError> {
+        if name.is_empty() {
+            let client_id = self.cancel.pid as u64;
+            let Some(prepared) = self.unnamed.clone() else {
+                return Ok(None);
+            };
+            let server = self.server_mut()?;
+            if server.unnamed != Some((prepared.hash, client_id)) {
+                server.unnamed = Some((prepared.hash, client_id));
+                write_parse(
+                    &mut self.to_server,
+                    b"",
+                    &prepared.sql,
+                    &prepared.param_types,
+                );
+                self.expect(Reply::Parse, false, None);
+            }
+            return Ok(None);
+        }
+        let Some(prepared) = self.statements.get(name).cloned() else {
+            return Ok(None);
+        };
+        if !self.server_mut()?.statements.touch(prepared.hash) {
+            self.prepare_on_server(&prepared, false)?;
+        }
+        Ok(Some(prepared.server_name()))
+    }
+
+    /// `DEALLOCATE name` / `DEALLOCATE ALL` of protocol-level statements, which live in
+    /// pgway, not on any one server: answered here unless the client is pinned (its SQL
+    /// `PREPARE`d statements are on its server). Returns true if answered.
+    pub(super) async fn answer_deallocate(
+        &mut self,
+        sql: &[u8],
+        classification: &Classification,
+    ) -> Result<bool, SessionError> {
+        let [effect] = classification.session.as_slice() else {
+            return Ok(false);
+        };
+        let single = sql
+            .iter()
+            .rposition(|&b| b != b';' && !b.is_ascii_whitespace())
+            .is_some_and(|last| !sql[..last].contains(&b';'));
+        if !single {
+            return Ok(false);
+        }
+        let tag: &[u8] = match effect {
+            SessionEffect::Deallocate(name) if self.statements.contains_key(name.as_bytes()) => {
+                self.statements.remove(name.as_bytes());
+                b"DEALLOCATE\0"
+            }
+            SessionEffect::DeallocateAll if !self.is_pinned() => {
+                self.statements.clear();
+                self.unnamed = None;
+                b"DEALLOCATE ALL\0"
+            }
+            _ => return Ok(false),
+        };
+        put_frame(&mut self.out, b'C', tag);
+        messages::ready_for_query(&mut self.out, self.state.status());
+        self.flush().await?;
+        Ok(true)
+    }
+}

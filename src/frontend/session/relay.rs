@@ -1,0 +1,402 @@
+//! Replies: what is expected of the server, in what order, and relaying it.
+//!
+//! Every message sent to the server adds one [`Expect`] to the session's queue, saying
+//! which reply ends its answer and whether the client sees it. Replies the client must see
+//! for messages pgway answered itself (ParseComplete, CloseComplete) wait in the queue as
+//! [`Expect::Local`], so they reach the client in order; replies to messages pgway
+//! injected (a Parse of a statement the connection lacks, the settings sync) are
+//! swallowed.
+
+use bytes::{Buf, BytesMut};
+
+use super::{Session, SessionError, State};
+use crate::error::{is_shutdown, ClientError};
+use crate::net::NetError;
+use crate::protocol::frame::{frame_len, put_frame};
+use crate::protocol::messages;
+use crate::protocol::MAX_MESSAGE_LEN;
+
+/// Which server reply ends the answer to one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reply {
+    Parse,
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Reply {
+    fn ends_with(self, tag: u8) -> bool {
+        match self {
+            Reply::Parse => tag == b'1',
+            Reply::Bind => tag == b'2',
+            Reply::Close => tag == b'3',
+            Reply::Describe => matches!(tag, b'T' | b'n'),
+            Reply::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Reply::Sync | Reply::Query | Reply::FunctionCall => tag == b'Z',
+        }
+    }
+
+    /// Simple query and function call keep going after an error, up to ReadyForQuery.
+    fn survives_error(self) -> bool {
+        matches!(self, Reply::Query | Reply::FunctionCall | Reply::Sync)
+    }
+}
+
+/// One message sent (or answered locally), in order.
+#[derive(Debug)]
+pub(super) enum Expect {
+    /// Server replies until `kind` ends; forwarded to the client or swallowed.
+    Server {
+        kind: Reply,
+        forward: bool,
+        /// A Parse pgway sent under this hash: forget it on the connection if it fails.
+        prepared: Option<u64>,
+    },
+    /// A reply pgway sends itself when its turn comes (ParseComplete, CloseComplete, or an
+    /// error pgway raised for a message of the batch).
+    Local(BytesMut),
+}
+
+/// A reply pgway gives itself: a message with an empty body (ParseComplete, CloseComplete).
+pub(super) fn local_reply(tag: u8) -> BytesMut {
+    let mut frame = BytesMut::new();
+    put_frame(&mut frame, tag, &[]);
+    frame
+}
+
+impl Session<'_> {
+    pub(super) fn expect(&mut self, kind: Reply, forward: bool, prepared: Option<u64>) {
+        self.expected.push_back(Expect::Server {
+            kind,
+            forward,
+            prepared,
+        });
+    }
+
+    /// Sends pgway's own replies that are due.
+    pub(super) fn emit_local(&mut self) {
+        while let Some(Expect::Local(_)) = self.expected.front() {
+            if let Some(Expect::Local(frame)) = self.expected.pop_front() {
+                self.out.extend_from_slice(&frame);
+            }
+        }
+    }
+
+    /// Drops what the server skips after an error in the extended protocol: everything up
+    /// to the next Sync.
+    fn skip_to_sync(&mut self) {
+        while let Some(front) = self.expected.front() {
+            match front {
+                Expect::Server {
+                    kind: Reply::Sync, ..
+                } => break,
+                Expect::Server {
+                    prepared: Some(hash),
+                    ..
+                } => {
+                    let hash = *hash;
+                    if let Some(link) = self.state.link_mut() {
+                        link.conn.statements.remove(hash);
+                    }
+                }
+                _ => {}
+            }
+            self.expected.pop_front();
+        }
+    }
+
+    /// CopyInResponse: the client's next messages are COPY data (Attached or Pinned ->
+    /// CopyIn).
+    fn enter_copy(&mut self) {
+        self.state = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Attached(link) => State::CopyIn(link, None),
+            State::Pinned(link, reason) => State::CopyIn(link, Some(reason)),
+            other => other,
+        };
+    }
+
+    /// COPY ended (CopyDone or CopyFail sent, or an error): CopyIn -> Attached or Pinned.
+    fn leave_copy(&mut self) {
+        if let State::CopyIn(..) = self.state {
+            self.state = match std::mem::replace(&mut self.state, State::Idle) {
+                State::CopyIn(link, None) => State::Attached(link),
+                State::CopyIn(link, Some(reason)) => State::Pinned(link, reason),
+                other => other,
+            };
+        }
+    }
+
+    /// Handles one server message: forward or swallow it, and advance the queue.
+    fn on_server_frame(&mut self, frame: &[u8]) {
+        let tag = frame[0];
+        let head = match self.expected.front() {
+            Some(Expect::Server {
+                kind,
+                forward,
+                prepared,
+            }) => Some((*kind, *forward, *prepared)),
+            _ => None,
+        };
+        let forward = head.is_none_or(|(_, forward, _)| forward);
+        match tag {
+            // Notifications belong to no request and always reach the client.
+            b'A' => self.out.extend_from_slice(frame),
+            // Notices and parameter changes from pgway's own queries are not the client's.
+            b'N' | b'S' => {
+                if forward {
+                    self.out.extend_from_slice(frame);
+                }
+            }
+            b'G' | b'W' => {
+                self.request.answered = true;
+                self.enter_copy();
+                self.out.extend_from_slice(frame);
+            }
+            b'E' if self.request.can_retry && !self.request.answered && is_shutdown(frame) => {
+                // The server is going away and did not run the request: send it elsewhere.
+                self.request.retry_pending = true;
+                return;
+            }
+            b'E' => {
+                // Errors always reach the client, even for a message pgway injected.
+                self.request.answered = true;
+                self.forward_error(frame);
+                self.leave_copy();
+                if forward {
+                    self.request.failed = true;
+                } else if let Some(link) = self.state.link_mut() {
+                    link.conn.applied.dirty = true;
+                }
+                if let Some((kind, _, prepared)) = head {
+                    if !kind.survives_error() {
+                        if let (Some(hash), Some(link)) = (prepared, self.state.link_mut()) {
+                            link.conn.statements.remove(hash);
+                        }
+                        self.expected.pop_front();
+                        self.skip_to_sync();
+                    }
+                }
+            }
+            _ => match head {
+                Some((kind, forward, _)) => {
+                    if forward {
+                        self.request.answered = true;
+                        self.out.extend_from_slice(frame);
+                        if tag == b'C' {
+                            self.txn.rolled_back = messages::body(frame).starts_with(b"ROLLBACK");
+                        }
+                    }
+                    if kind.ends_with(tag) {
+                        self.expected.pop_front();
+                        if tag == b'Z' {
+                            let status = frame.get(5).copied().unwrap_or(b'I');
+                            if let Some(link) = self.state.link_mut() {
+                                link.status = status;
+                                if kind == Reply::Sync {
+                                    link.unsynced = false;
+                                }
+                            }
+                            if forward {
+                                self.on_request_done(status);
+                            }
+                        }
+                    }
+                }
+                None => {
+                    self.request.answered = true;
+                    self.out.extend_from_slice(frame);
+                }
+            },
+        }
+        self.emit_local();
+    }
+
+    /// Forwards an ErrorResponse, naming statements as the client named them rather than by
+    /// pgway's server-side names.
+    fn forward_error(&mut self, frame: &[u8]) {
+        const PREFIX: &str = "pgway_";
+        if !frame.windows(PREFIX.len()).any(|w| w == PREFIX.as_bytes()) {
+            self.out.extend_from_slice(frame);
+            return;
+        }
+        let statements = &self.statements;
+        let client_name = |hash: u64| {
+            statements
+                .iter()
+                .find(|(_, p)| p.hash == hash)
+                .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+        };
+        messages::rewrite_error(frame, &mut self.out, |value| {
+            let mut text = value.to_owned();
+            let mut from = 0;
+            while let Some(at) = text[from..].find(PREFIX).map(|i| i + from) {
+                let hex_end = at + PREFIX.len() + 16;
+                let name = text
+                    .get(at + PREFIX.len()..hex_end)
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                    .and_then(client_name);
+                match name {
+                    Some(name) => {
+                        text.replace_range(at..hex_end, &name);
+                        from = at + name.len();
+                    }
+                    None => from = at + PREFIX.len(),
+                }
+            }
+            text
+        });
+    }
+
+    /// Relays server replies to the client until every expected reply has arrived, passing
+    /// COPY data from the client to the server meanwhile.
+    pub(super) async fn relay(&mut self) -> Result<(), SessionError> {
+        self.emit_local();
+        loop {
+            // Frames are handled where they lie in the read buffer (no split per message);
+            // the buffer is lent out of the connection meanwhile.
+            let mut buf = std::mem::take(&mut self.server_mut()?.io.rbuf);
+            let mut pos = 0;
+            let mut malformed = None;
+            while !self.expected.is_empty() || matches!(self.state, State::CopyIn(..)) {
+                match frame_len(&buf[pos..], MAX_MESSAGE_LEN) {
+                    Ok(Some(len)) => {
+                        self.on_server_frame(&buf[pos..pos + len]);
+                        pos += len;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        malformed = Some(e);
+                        break;
+                    }
+                }
+            }
+            buf.advance(pos);
+            self.server_mut()?.io.rbuf = buf;
+            if let Some(e) = malformed {
+                return Err(self.lost(NetError::Frame(e)));
+            }
+            let in_copy = matches!(self.state, State::CopyIn(..));
+            let done = self.expected.is_empty() && !in_copy;
+            // Replies pgway made itself wait for the server's first answer, so a request
+            // can still be sent elsewhere if the server shuts down without answering.
+            if done || self.request.answered || !self.request.can_retry {
+                self.flush().await?;
+            }
+            if done {
+                return Ok(());
+            }
+            if in_copy {
+                self.relay_copy().await?;
+            } else {
+                let filled = self.server_mut()?.io.fill().await;
+                if let Err(e) = filled {
+                    return Err(self.lost(e));
+                }
+            }
+        }
+    }
+
+    /// During COPY FROM STDIN: waits for the server's next bytes while passing the client's
+    /// COPY messages on.
+    async fn relay_copy(&mut self) -> Result<(), SessionError> {
+        let Session { state, client, .. } = self;
+        let State::CopyIn(link, _) = state else {
+            return Ok(());
+        };
+        let server = &mut link.conn;
+        let copy_ended = tokio::select! {
+            filled = server.io.fill() => filled.map(|()| false).map_err(SessionError::server_lost)?,
+            frame = client.read_frame(MAX_MESSAGE_LEN) => {
+                let frame = frame.map_err(SessionError::from_client)?;
+                match frame[0] {
+                    b'd' | b'c' | b'f' | b'H' | b'S' => {
+                        server
+                            .io
+                            .send_bytes(&frame)
+                            .await
+                            .map_err(SessionError::server_lost)?;
+                        matches!(frame[0], b'c' | b'f')
+                    }
+                    other => return Err(SessionError::Fatal(ClientError::UnexpectedInCopy(other))),
+                }
+            }
+        };
+        if copy_ended {
+            self.leave_copy();
+        }
+        Ok(())
+    }
+
+    /// The error for a server connection that failed under the request in flight.
+    pub(super) fn lost(&self, e: NetError) -> SessionError {
+        if self.request.retry_pending {
+            SessionError::Retry
+        } else {
+            SessionError::server_lost(e)
+        }
+    }
+}
+
+/// Relay of what a pinned server sends between requests.
+impl Session<'_> {
+    /// Forwards what the pinned server has already sent (a notification can arrive in the
+    /// same read as the end of the last reply, which [`Self::relay`] leaves in the buffer).
+    /// Returns true if the server sent an error (it is ending the session).
+    pub(super) async fn forward_unprompted(&mut self) -> Result<bool, SessionError> {
+        let mut forwarded = false;
+        while let Some(frame) = match self.state.link_mut() {
+            Some(link) => link
+                .conn
+                .io
+                .try_frame(MAX_MESSAGE_LEN)
+                .map_err(SessionError::server_lost)?,
+            None => None,
+        } {
+            self.out.extend_from_slice(&frame);
+            forwarded = true;
+            if frame[0] == b'E' {
+                self.flush().await?;
+                return Ok(true);
+            }
+        }
+        if forwarded {
+            self.flush().await?;
+        }
+        Ok(false)
+    }
+
+    /// Waits for the client's next message while relaying what the pinned server sends
+    /// unprompted (NotificationResponse for LISTEN, notices, parameter changes).
+    pub(super) async fn next_frame_pinned(&mut self) -> Result<BytesMut, SessionError> {
+        loop {
+            if let Some(frame) = self
+                .client
+                .try_frame(MAX_MESSAGE_LEN)
+                .map_err(SessionError::from_client)?
+            {
+                return Ok(frame);
+            }
+            if self.forward_unprompted().await? {
+                return Err(SessionError::ClientGone(NetError::Closed));
+            }
+            let Session { state, client, .. } = self;
+            let Some(link) = state.link_mut() else {
+                return client
+                    .read_frame(MAX_MESSAGE_LEN)
+                    .await
+                    .map_err(SessionError::from_client);
+            };
+            tokio::select! {
+                frame = client.read_frame(MAX_MESSAGE_LEN) => {
+                    return frame.map_err(SessionError::from_client);
+                }
+                filled = link.conn.io.fill() => filled.map_err(SessionError::server_lost)?,
+            }
+        }
+    }
+}

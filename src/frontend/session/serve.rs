@@ -1,0 +1,292 @@
+//! The loop: read the client's next message, route it, send the request (again, on
+//! another connection, if its server shut down before answering), relay the answer.
+
+use bytes::BytesMut;
+
+use super::{effects, Session, SessionError, State};
+use crate::error::ClientError;
+use crate::net::{recycle_buffer, take_buffer};
+use crate::protocol::messages::{self, query_text};
+use crate::protocol::MAX_MESSAGE_LEN;
+use crate::route::Target;
+
+/// Extended-protocol bytes collected without a Sync before pgway stops waiting for one and
+/// sends them on (to the primary, since the batch cannot be judged whole).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Times a request is sent again after its server shut down before answering it.
+const MAX_RETRIES: usize = 3;
+
+/// How a request is sent.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// It may be sent again elsewhere if its server shuts down before answering.
+    retry: bool,
+    /// Its answers are relayed now (else: a batch that did not end with Sync or Flush).
+    relay: bool,
+}
+
+impl Session<'_> {
+    pub(super) async fn serve(&mut self) -> Result<(), SessionError> {
+        loop {
+            let frame = self.next_frame().await?;
+            match frame[0] {
+                b'Q' => self.on_query(frame).await?,
+                b'F' => self.on_function_call(frame).await?,
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    self.batch_bytes += frame.len();
+                    self.batch.push(frame);
+                    if self.batch_bytes > MAX_BATCH_BYTES {
+                        self.run_batch(false).await?;
+                    }
+                }
+                b'H' => {
+                    self.batch.push(frame);
+                    self.run_batch(false).await?;
+                }
+                b'S' => {
+                    self.batch.push(frame);
+                    self.run_batch(true).await?;
+                }
+                b'X' => return Ok(()),
+                // CopyData/CopyDone/CopyFail outside COPY (after a failed COPY): ignored, as
+                // PostgreSQL does.
+                b'd' | b'c' | b'f' => {}
+                other => return Err(SessionError::Fatal(ClientError::UnexpectedMessage(other))),
+            }
+        }
+    }
+
+    async fn next_frame(&mut self) -> Result<BytesMut, SessionError> {
+        let between_requests = self.batch.is_empty() && self.expected.is_empty();
+        match self.state {
+            State::Pinned(..) if between_requests => self.next_frame_pinned().await,
+            State::Idle | State::SkipToSync if self.batch.is_empty() => {
+                self.next_frame_idle().await
+            }
+            _ => self
+                .client
+                .read_frame(MAX_MESSAGE_LEN)
+                .await
+                .map_err(SessionError::from_client),
+        }
+    }
+
+    /// Waits for the next request of a client that holds no server connection.
+    async fn next_frame_idle(&mut self) -> Result<BytesMut, SessionError> {
+        if let Some(frame) = self
+            .client
+            .try_frame(MAX_MESSAGE_LEN)
+            .map_err(SessionError::from_client)?
+        {
+            return Ok(frame);
+        }
+        // Between requests a client holds no buffers: thousands of idle clients cost
+        // little memory.
+        self.client.release_buffer();
+        recycle_buffer(&mut self.out);
+        recycle_buffer(&mut self.to_server);
+        // Between transactions a stopping pgway may close the connection.
+        let frame = tokio::select! {
+            biased;
+            frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
+            _ = self.stopping.as_mut() => Err(SessionError::Fatal(ClientError::Shutdown)),
+        }?;
+        self.out = take_buffer();
+        self.to_server = take_buffer();
+        Ok(frame)
+    }
+
+    /// Reports a pgway-raised error for a statement; `ready` adds ReadyForQuery.
+    async fn report(&mut self, e: ClientError, ready: bool) -> Result<(), SessionError> {
+        e.write(&mut self.out);
+        if ready {
+            messages::ready_for_query(&mut self.out, self.state.status());
+        }
+        self.flush().await
+    }
+
+    async fn on_query(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+        if let State::SkipToSync = self.state {
+            return Ok(());
+        }
+        let sql = query_text(&frame).map_err(SessionError::protocol)?;
+        let classification = std::str::from_utf8(sql)
+            .ok()
+            .map(|sql| self.shared.router.classification(sql));
+        let mut target = Target::Primary;
+        if let Some(c) = &classification {
+            if let Some(e) = effects::refusal(&c.session) {
+                return self.report(e, true).await;
+            }
+            if self.answer_deallocate(sql, c).await? {
+                return Ok(());
+            }
+            if let State::Idle = self.state {
+                target = self
+                    .shared
+                    .router
+                    .target(c, &self.database, &self.user, self.target)
+                    .await;
+            }
+        }
+        let plan = Plan {
+            retry: true,
+            relay: true,
+        };
+        let sent = self
+            .send_request(target, plan, |session| {
+                match &classification {
+                    Some(c) => session.request.effects.clone_from(&c.session),
+                    None => session.request.effects.clear(),
+                }
+                // A simple query replaces the unnamed statement.
+                session.server_mut()?.unnamed = None;
+                session.to_server.extend_from_slice(&frame);
+                session.expect(super::relay::Reply::Query, true, None);
+                Ok(())
+            })
+            .await?;
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e) => self.report(e, true).await,
+        }
+    }
+
+    async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+        if let State::SkipToSync = self.state {
+            return Ok(());
+        }
+        let plan = Plan {
+            retry: false,
+            relay: true,
+        };
+        let sent = self
+            .send_request(Target::Primary, plan, |session| {
+                session.to_server.extend_from_slice(&frame);
+                session.expect(super::relay::Reply::FunctionCall, true, None);
+                Ok(())
+            })
+            .await?;
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e) => self.report(e, true).await,
+        }
+    }
+
+    /// Routes, rewrites, sends and relays the collected extended-protocol batch.
+    /// `sync`: the batch ends with Sync (else with Flush, or it grew too large).
+    async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        if let State::SkipToSync = self.state {
+            if sync {
+                self.state = State::Idle;
+                messages::ready_for_query(&mut self.out, b'I');
+                self.flush().await?;
+            }
+            return Ok(());
+        }
+        let complete = sync || batch.last().is_some_and(|f| f[0] == b'H');
+        let parse_targets = self.parse_targets(&batch).await?;
+        let target = match self.state {
+            State::Idle if complete => self.batch_target(&batch, &parse_targets)?,
+            _ => Target::Primary,
+        };
+        let plan = Plan {
+            retry: sync,
+            relay: complete,
+        };
+        let sent = self
+            .send_request(target, plan, |session| {
+                let mut targets = parse_targets.iter();
+                for frame in &batch {
+                    let target = if frame[0] == b'P' {
+                        targets.next().copied()
+                    } else {
+                        None
+                    };
+                    session.translate(frame, target.unwrap_or(Target::Primary))?;
+                }
+                if let Some(link) = session.state.link_mut() {
+                    link.unsynced = !sync;
+                }
+                Ok(())
+            })
+            .await?;
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if !sync {
+                    self.state = State::SkipToSync;
+                }
+                self.report(e, sync).await
+            }
+        }
+    }
+
+    /// Sends a request: takes a server connection for `target` if the client holds none,
+    /// has `queue` write the request for it, sends it and (per `plan`) relays the answers.
+    /// If the server shuts down before answering a retryable request, the connection is
+    /// dropped and the request goes again, from Idle, to another one.
+    ///
+    /// `Ok(Err(e))`: no server connection could be had; nothing was sent.
+    async fn send_request(
+        &mut self,
+        target: Target,
+        plan: Plan,
+        mut queue: impl FnMut(&mut Self) -> Result<(), SessionError>,
+    ) -> Result<Result<(), ClientError>, SessionError> {
+        let mut attempt = 0;
+        loop {
+            let can_retry = plan.retry && self.can_retry_now();
+            self.request.begin_attempt(can_retry, self.out.len());
+            if let State::Idle = self.state {
+                if let Err(e) = self.attach(target).await {
+                    return Ok(Err(e));
+                }
+            }
+            queue(self)?;
+            match self.send_and_relay(plan.relay).await {
+                Err(SessionError::Retry) if attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    self.abandon_server();
+                }
+                other => {
+                    other?;
+                    if plan.relay {
+                        self.maybe_release();
+                    }
+                    return Ok(Ok(()));
+                }
+            }
+        }
+    }
+
+    /// Nothing of a request sent now can have taken effect if its server shuts down before
+    /// answering: no transaction is open, no Sync is owed, nothing holds the client.
+    fn can_retry_now(&self) -> bool {
+        match &self.state {
+            State::Idle => true,
+            State::Attached(link) => link.status == b'I' && !link.unsynced,
+            State::Pinned(..) | State::CopyIn(..) | State::SkipToSync => false,
+        }
+    }
+
+    /// Sends what is queued and, if `relay`, relays the answers.
+    async fn send_and_relay(&mut self, relay: bool) -> Result<(), SessionError> {
+        let mut to_server = std::mem::take(&mut self.to_server);
+        let sent = self.server_mut()?.io.send(&mut to_server).await;
+        self.to_server = to_server;
+        match sent {
+            Err(_) if self.request.can_retry && !self.request.answered => {
+                return Err(SessionError::Retry)
+            }
+            other => other.map_err(SessionError::server_lost)?,
+        }
+        if relay {
+            self.relay().await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! pinning tests (to be written).

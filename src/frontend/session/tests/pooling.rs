@@ -1,0 +1,1 @@
+//! pooling tests (to be written).
