@@ -11,18 +11,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin;
 use crate::backend::Pools;
 use crate::config::{Config, TopologyConfig};
+use crate::error::ClientError;
 use crate::frontend::auth::ScramVerifier;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{startup, Shared, User};
-use crate::protocol::messages::{self, Severity};
 use crate::route::{Catalog, Router};
 use crate::topology::health::{supervise, HealthSettings};
 use crate::topology::patroni::{self, PatroniSettings};
 use crate::topology::TopologyHandle;
 use crate::workers::{self, WorkerError, Workers};
-use crate::{admin, error};
 
 /// Errors that stop the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -187,12 +187,7 @@ pub async fn run(
 async fn refuse(stream: tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt;
     let mut out = bytes::BytesMut::new();
-    messages::error_response(
-        &mut out,
-        Severity::Fatal,
-        error::TOO_MANY_CONNECTIONS,
-        "sorry, too many clients already",
-    );
+    ClientError::TooManyClients.write(&mut out);
     let mut stream = stream;
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
 }

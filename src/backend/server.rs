@@ -45,10 +45,14 @@ impl From<crate::protocol::FrameError> for BackendError {
 impl BackendError {
     /// True when the node itself is unreachable (not a refusal of these credentials).
     pub fn is_node_down(&self) -> bool {
+        use crate::error::sqlstate::{CANNOT_CONNECT_NOW, CONNECTION_EXCEPTION_CLASS};
         match self {
             Self::Net(_) | Self::Timeout(_) => true,
-            // 57P03: cannot connect now (starting up / shutting down); 53300: too many clients.
-            Self::Server { code, .. } => code == "57P03" || code.starts_with("08"),
+            // Cannot connect now (starting up, shutting down, in recovery without hot
+            // standby), or a connection exception.
+            Self::Server { code, .. } => {
+                code == CANNOT_CONNECT_NOW || code.starts_with(CONNECTION_EXCEPTION_CLASS)
+            }
             Self::Protocol(_) => false,
         }
     }
