@@ -22,12 +22,28 @@ pub struct ControlLogin<'a> {
     pub application_name: &'a str,
 }
 
+/// Why a control connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The node's address is not `host:port`.
+    #[error("bad address {0:?}")]
+    BadAddress(String),
+    /// Connect plus login did not finish within the timeout.
+    #[error("connect timed out")]
+    Timeout,
+    /// tokio-postgres could not connect or log in (refused, wrong password, no such
+    /// database, ...).
+    #[error(transparent)]
+    Connect(tokio_postgres::Error),
+}
+
 /// Connects within `timeout`; the connection task runs in the background.
 pub async fn connect(
     login: ControlLogin<'_>,
     timeout: Duration,
-) -> Result<tokio_postgres::Client, String> {
-    let (host, port) = split_host_port(login.addr).ok_or("bad address")?;
+) -> Result<tokio_postgres::Client, ControlError> {
+    let (host, port) = split_host_port(login.addr)
+        .ok_or_else(|| ControlError::BadAddress(login.addr.to_owned()))?;
     let mut config = tokio_postgres::Config::new();
     config
         .host(host)
@@ -39,8 +55,8 @@ pub async fn connect(
         .connect_timeout(timeout);
     let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
         .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| ControlError::Timeout)?
+        .map_err(ControlError::Connect)?;
     tokio::spawn(connection);
     Ok(client)
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tracing::debug;
 
-use crate::backend::control::{self, ControlLogin};
+use crate::backend::control::{self, ControlError, ControlLogin};
 use crate::topology::TopologyHandle;
 
 /// Whether a function may run on a replica.
@@ -21,6 +21,29 @@ pub enum Volatility {
     NotVolatile,
     /// `VOLATILE`, unknown, or the look-up failed: primary.
     Volatile,
+}
+
+/// Why a volatility look-up failed (the function then counts as volatile).
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// There is neither a primary nor a readable replica to ask.
+    #[error("no usable node")]
+    NoUsableNode,
+    /// The client's user has no password in the config to log in with.
+    #[error("unknown user")]
+    UnknownUser,
+    /// No control connection could be made.
+    #[error(transparent)]
+    Connect(#[from] ControlError),
+    /// The look-up did not answer within the timeout.
+    #[error("look-up timed out")]
+    Timeout,
+    /// The look-up query failed.
+    #[error(transparent)]
+    Query(tokio_postgres::Error),
+    /// The row the look-up returned is not what it asks for.
+    #[error(transparent)]
+    UnexpectedRow(tokio_postgres::Error),
 }
 
 /// Users' passwords, for the control connections.
@@ -75,23 +98,23 @@ impl Catalog {
         database: &str,
         user: &str,
         function: &str,
-    ) -> Result<Volatility, String> {
+    ) -> Result<Volatility, CatalogError> {
         let (schema, name) = match function.rsplit_once('.') {
             Some((schema, name)) => (Some(schema), name),
             None => (None, function),
         };
         let mut clients = self.clients.lock().await;
         let key = (database.to_owned(), user.to_owned());
-        if clients.get(&key).is_none_or(|c| c.is_closed()) {
-            let client = self.connect(database, user).await?;
-            clients.insert(key.clone(), client);
-        }
-        let client = clients.get(&key).ok_or("no control connection")?;
+        let client = match clients.remove(&key).filter(|c| !c.is_closed()) {
+            Some(client) => client,
+            None => self.connect(database, user).await?,
+        };
+        let client = clients.entry(key).or_insert(client);
         let row = tokio::time::timeout(self.timeout, client.query_one(LOOKUP, &[&name, &schema]))
             .await
-            .map_err(|_| "look-up timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let level: i32 = row.try_get(0).map_err(|e| e.to_string())?;
+            .map_err(|_| CatalogError::Timeout)?
+            .map_err(CatalogError::Query)?;
+        let level: i32 = row.try_get(0).map_err(CatalogError::UnexpectedRow)?;
         Ok(if level < 2 {
             Volatility::NotVolatile
         } else {
@@ -99,13 +122,20 @@ impl Catalog {
         })
     }
 
-    async fn connect(&self, database: &str, user: &str) -> Result<tokio_postgres::Client, String> {
+    async fn connect(
+        &self,
+        database: &str,
+        user: &str,
+    ) -> Result<tokio_postgres::Client, CatalogError> {
         let addr = self
             .topology
             .primary()
             .or_else(|| self.topology.replica())
-            .ok_or("no usable node")?;
-        let password = self.credentials.get(user).ok_or("unknown user")?;
+            .ok_or(CatalogError::NoUsableNode)?;
+        let password = self
+            .credentials
+            .get(user)
+            .ok_or(CatalogError::UnknownUser)?;
         let login = ControlLogin {
             addr: &addr,
             user,
@@ -113,6 +143,6 @@ impl Catalog {
             database,
             application_name: "pgway-catalog",
         };
-        control::connect(login, self.timeout).await
+        Ok(control::connect(login, self.timeout).await?)
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Role, TopologyHandle};
-use crate::backend::control::{self, ControlLogin};
+use crate::backend::control::{self, ControlError, ControlLogin};
 use crate::backend::Pools;
 
 /// Check interval for a node that should become the primary but is not one yet.
@@ -48,31 +48,50 @@ const CHECK: &str = "select pg_is_in_recovery(), \
      (case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end \
       - '0/0'::pg_lsn)::int8";
 
-/// Runs one check of `addr` now.
+/// Why a health check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    /// No control connection to the node could be made.
+    #[error(transparent)]
+    Connect(#[from] ControlError),
+    /// The check query did not answer within the timeout.
+    #[error("health query timed out")]
+    Timeout,
+    /// The check query failed.
+    #[error(transparent)]
+    Query(tokio_postgres::Error),
+    /// The row the check query returned is not what it asks for.
+    #[error(transparent)]
+    UnexpectedRow(tokio_postgres::Error),
+}
+
+/// Runs one check of `addr` now, over `client` (connected first if it is missing or
+/// closed).
 pub async fn check_node(
     addr: &str,
     settings: &HealthSettings,
     client: &mut Option<tokio_postgres::Client>,
-) -> Result<Observation, String> {
-    if client.as_ref().is_none_or(|c| c.is_closed()) {
-        let login = ControlLogin {
-            addr,
-            user: &settings.user,
-            password: &settings.password,
-            database: &settings.database,
-            application_name: "pgway-health",
-        };
-        *client = Some(control::connect(login, settings.timeout).await?);
-    }
-    let Some(c) = client.as_ref() else {
-        return Err("no connection".into());
+) -> Result<Observation, HealthError> {
+    let c = match client.take().filter(|c| !c.is_closed()) {
+        Some(c) => c,
+        None => {
+            let login = ControlLogin {
+                addr,
+                user: &settings.user,
+                password: &settings.password,
+                database: &settings.database,
+                application_name: "pgway-health",
+            };
+            control::connect(login, settings.timeout).await?
+        }
     };
+    let c = client.insert(c);
     let row = tokio::time::timeout(settings.timeout, c.query_one(CHECK, &[]))
         .await
-        .map_err(|_| "health query timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let in_recovery: bool = row.try_get(0).map_err(|e| e.to_string())?;
-    let lsn: Option<i64> = row.try_get(1).map_err(|e| e.to_string())?;
+        .map_err(|_| HealthError::Timeout)?
+        .map_err(HealthError::Query)?;
+    let in_recovery: bool = row.try_get(0).map_err(HealthError::UnexpectedRow)?;
+    let lsn: Option<i64> = row.try_get(1).map_err(HealthError::UnexpectedRow)?;
     Ok(Observation {
         role: if in_recovery {
             Role::Replica
