@@ -7,8 +7,8 @@ use tokio_postgres::NoTls;
 
 use crate::config::split_host_port;
 
-/// Who a control connection logs in as, and where.
-#[derive(Debug, Clone, Copy)]
+/// Who a control connection logs in as, and where. Its `Debug` leaves the password out.
+#[derive(Clone, Copy)]
 pub struct ControlLogin<'a> {
     /// Node `host:port`.
     pub addr: &'a str,
@@ -20,6 +20,18 @@ pub struct ControlLogin<'a> {
     pub database: &'a str,
     /// `application_name`, so the connection is recognisable in `pg_stat_activity`.
     pub application_name: &'a str,
+}
+
+impl std::fmt::Debug for ControlLogin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlLogin")
+            .field("addr", &self.addr)
+            .field("user", &self.user)
+            .field("password", &"***")
+            .field("database", &self.database)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
 }
 
 /// Why a control connection could not be made.
@@ -59,4 +71,43 @@ pub async fn connect(
         .map_err(ControlError::Connect)?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_the_password_out() {
+        let login = ControlLogin {
+            addr: "127.0.0.1:5432",
+            user: "app",
+            password: "app-secret",
+            database: "postgres",
+            application_name: "pgway-health",
+        };
+        let text = format!("{login:?}");
+        assert!(
+            !text.contains("app-secret") && text.contains("\"app\""),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_address_is_named() {
+        let login = ControlLogin {
+            addr: "nohost",
+            user: "app",
+            password: "app-secret",
+            database: "postgres",
+            application_name: "pgway-health",
+        };
+        let err = connect(login, Duration::from_millis(10))
+            .await
+            .expect_err("bad address");
+        assert!(
+            matches!(&err, ControlError::BadAddress(a) if a == "nohost"),
+            "{err}"
+        );
+    }
 }

@@ -58,8 +58,8 @@ impl BackendError {
     }
 }
 
-/// Where and how to log in.
-#[derive(Debug, Clone)]
+/// Where and how to log in. Its `Debug` leaves the password out.
+#[derive(Clone)]
 pub struct Login<'a> {
     /// `host:port`.
     pub addr: &'a str,
@@ -69,6 +69,17 @@ pub struct Login<'a> {
     pub password: &'a str,
     /// Database name.
     pub database: &'a str,
+}
+
+impl std::fmt::Debug for Login<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("addr", &self.addr)
+            .field("user", &self.user)
+            .field("password", &"***")
+            .field("database", &self.database)
+            .finish()
+    }
 }
 
 /// Least-recently-used set of statements prepared on one server connection, by content hash.

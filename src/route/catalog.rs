@@ -49,13 +49,26 @@ pub enum CatalogError {
 /// Users' passwords, for the control connections.
 pub type Credentials = Arc<HashMap<String, String>>;
 
-/// The volatility cache and its control connections.
+/// The volatility cache and its control connections. Its `Debug` names the users it may
+/// log in as, not their passwords.
 pub struct Catalog {
     topology: Arc<TopologyHandle>,
     credentials: Credentials,
     timeout: Duration,
     cache: moka::sync::Cache<(String, String), Volatility>,
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut users: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
+        users.sort_unstable();
+        f.debug_struct("Catalog")
+            .field("users", &users)
+            .field("timeout", &self.timeout)
+            .field("cached", &self.cache.entry_count())
+            .finish_non_exhaustive()
+    }
 }
 
 const LOOKUP: &str =
@@ -144,5 +157,42 @@ impl Catalog {
             application_name: "pgway-catalog",
         };
         Ok(control::connect(login, self.timeout).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_names_users_not_passwords() {
+        let credentials = Arc::new(HashMap::from([("app".to_owned(), "app-secret".to_owned())]));
+        let catalog = Catalog::new(
+            TopologyHandle::new(&[]),
+            credentials,
+            Duration::from_millis(10),
+        );
+        let text = format!("{catalog:?}");
+        assert!(
+            !text.contains("app-secret") && text.contains("\"app\""),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_look_up_counts_as_volatile() {
+        let catalog = Catalog::new(
+            TopologyHandle::new(&[]),
+            Arc::new(HashMap::new()),
+            Duration::from_millis(10),
+        );
+        assert!(matches!(
+            catalog.lookup("db", "app", "f").await,
+            Err(CatalogError::NoUsableNode)
+        ));
+        assert_eq!(
+            catalog.volatility("db", "app", "f").await,
+            Volatility::Volatile
+        );
     }
 }

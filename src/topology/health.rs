@@ -20,8 +20,8 @@ use crate::backend::Pools;
 /// Check interval for a node that should become the primary but is not one yet.
 pub const PROMOTION_PROBE: Duration = Duration::from_millis(50);
 
-/// Credentials and timing for the checks.
-#[derive(Debug, Clone)]
+/// Credentials and timing for the checks. Its `Debug` leaves the password out.
+#[derive(Clone)]
 pub struct HealthSettings {
     /// Role to log in as.
     pub user: String,
@@ -33,6 +33,18 @@ pub struct HealthSettings {
     pub interval: Duration,
     /// Limit on connect and on each query.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for HealthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthSettings")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .field("database", &self.database)
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// What one check found.
@@ -198,5 +210,26 @@ pub async fn supervise(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_the_password_out() {
+        let settings = HealthSettings {
+            user: "app".into(),
+            password: "app-secret".into(),
+            database: "postgres".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+        };
+        let text = format!("{settings:?}");
+        assert!(
+            !text.contains("app-secret") && text.contains("\"app\""),
+            "{text}"
+        );
     }
 }
