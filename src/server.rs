@@ -43,6 +43,10 @@ pub enum ServerError {
 /// How long sessions get to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long background tasks (health checks, the etcd watch, the admin port, control
+/// connections) get to end once the sessions are gone.
+const BACKGROUND_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs the gateway on `listener` until `shutdown` is cancelled.
 pub async fn run(
     config: Config,
@@ -84,6 +88,7 @@ pub async fn run(
         health,
         Arc::clone(&topology),
         Arc::clone(&pools),
+        tasks.clone(),
         shutdown.clone(),
     ));
 
@@ -108,11 +113,14 @@ pub async fn run(
         })
         .collect();
     let shared = Arc::new(Shared {
-        router: Router::new(Catalog::new(
-            Arc::clone(&topology),
-            credentials,
-            config.pool.connect_timeout,
-        )),
+        router: Router::new(
+            Catalog::new(
+                Arc::clone(&topology),
+                credentials,
+                config.pool.connect_timeout,
+            )
+            .with_tasks(tasks.clone()),
+        ),
         config: Arc::clone(&config),
         users,
         pools,
@@ -179,8 +187,18 @@ pub async fn run(
         warn!("sessions still open after the drain timeout; stopping anyway");
     }
     workers.shutdown().await;
+    // The catalog's control connections end when the last holder of `shared` lets go.
+    drop(shared);
     tasks.close();
-    tasks.wait().await;
+    if tokio::time::timeout(BACKGROUND_STOP_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            running = tasks.len(),
+            "background tasks still running after the stop timeout; stopping anyway"
+        );
+    }
     Ok(())
 }
 

@@ -1,9 +1,14 @@
 //! Control connections: tokio-postgres clients pgway uses for its own queries (health,
 //! roles, WAL positions, catalog look-ups), never for clients' statements.
+//!
+//! Each connection's I/O runs in a task of its own, on the [`TaskTracker`] the caller
+//! passes (the one [`crate::server::run`] waits for at shutdown). That task ends when the
+//! [`tokio_postgres::Client`] is dropped, so whoever holds the client decides when it ends.
 
 use std::time::Duration;
 
 use tokio_postgres::NoTls;
+use tokio_util::task::TaskTracker;
 
 use crate::config::split_host_port;
 
@@ -49,10 +54,12 @@ pub enum ControlError {
     Connect(tokio_postgres::Error),
 }
 
-/// Connects within `timeout`; the connection task runs in the background.
+/// Connects within `timeout`; the connection's task runs on `tasks` until the client is
+/// dropped.
 pub async fn connect(
     login: ControlLogin<'_>,
     timeout: Duration,
+    tasks: &TaskTracker,
 ) -> Result<tokio_postgres::Client, ControlError> {
     let (host, port) = split_host_port(login.addr)
         .ok_or_else(|| ControlError::BadAddress(login.addr.to_owned()))?;
@@ -69,7 +76,7 @@ pub async fn connect(
         .await
         .map_err(|_| ControlError::Timeout)?
         .map_err(ControlError::Connect)?;
-    tokio::spawn(connection);
+    tasks.spawn(connection);
     Ok(client)
 }
 
@@ -102,7 +109,7 @@ mod tests {
             database: "postgres",
             application_name: "pgway-health",
         };
-        let err = connect(login, Duration::from_millis(10))
+        let err = connect(login, Duration::from_millis(10), &TaskTracker::new())
             .await
             .expect_err("bad address");
         assert!(

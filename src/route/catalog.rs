@@ -3,12 +3,16 @@
 //! Look-ups go over a tokio-postgres control connection per (database, user) to whichever
 //! node is usable (the catalog is the same on every node). Anything pgway cannot find out
 //! counts as volatile, so the statement goes to the primary.
+//!
+//! The control connections' tasks run on the catalog's [`TaskTracker`] (see
+//! [`Catalog::with_tasks`]) and end when the catalog is dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::backend::control::{self, ControlError, ControlLogin};
@@ -57,6 +61,7 @@ pub struct Catalog {
     timeout: Duration,
     cache: moka::sync::Cache<(String, String), Volatility>,
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
+    tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -77,7 +82,8 @@ const LOOKUP: &str =
      where p.proname = $1 and ($2::text is null or n.nspname = $2)";
 
 impl Catalog {
-    /// A catalog that connects with `credentials` to nodes from `topology`.
+    /// A catalog that connects with `credentials` to nodes from `topology`. Its control
+    /// connections run on a tracker of its own until [`Self::with_tasks`] gives it one.
     pub fn new(topology: Arc<TopologyHandle>, credentials: Credentials, timeout: Duration) -> Self {
         Self {
             topology,
@@ -85,7 +91,13 @@ impl Catalog {
             timeout,
             cache: moka::sync::Cache::new(100_000),
             clients: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Runs the control connections' tasks on `tasks` (the tracker shutdown waits for).
+    pub fn with_tasks(self, tasks: TaskTracker) -> Self {
+        Self { tasks, ..self }
     }
 
     /// The volatility of `function` (lower-case, `schema.name` or `name`) in `database`.
@@ -156,7 +168,7 @@ impl Catalog {
             database,
             application_name: "pgway-catalog",
         };
-        Ok(control::connect(login, self.timeout).await?)
+        Ok(control::connect(login, self.timeout, &self.tasks).await?)
     }
 }
 
