@@ -127,8 +127,8 @@ pub enum AuthMethod {
     Md5,
 }
 
-/// One `[[users]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+/// One `[[users]]` entry. Its `Debug` shows the password as `***`.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     /// Role name, as the client sends it in its StartupMessage.
@@ -138,6 +138,16 @@ pub struct UserConfig {
     /// Client authentication method. _Default:_ `scram-sha-256`
     #[serde(default)]
     pub auth: AuthMethod,
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &"***")
+            .field("auth", &self.auth)
+            .finish()
+    }
 }
 
 /// `[pool]`: server connection pools, one per (node, database, user).
@@ -516,6 +526,18 @@ health_interval = "1s"
         assert!(err.to_string().contains("max_replica_lag"), "{err}");
         let err = Config::from_toml_str(&text.replace("scope", "scop")).expect_err("typo");
         assert!(err.to_string().contains("scop"), "{err}");
+    }
+
+    #[test]
+    fn debug_never_prints_a_password() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pgway.toml");
+        std::fs::write(&path, EXAMPLE).expect("write config");
+        let config = Config::load(&path).expect("example config");
+        for text in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(!text.contains("app-secret"), "{text}");
+            assert!(text.contains("\"app\""), "{text}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::borrow::Cow;
 
 use bytes::BytesMut;
 
+use crate::backend::{BackendError, PoolError};
 use crate::protocol::messages::{self, Severity};
 
 /// SQLSTATEs pgway reads in servers' replies, and the ones behind [`ClientError`].
@@ -40,9 +41,9 @@ pub mod sqlstate {
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     /// `57014` query_canceled.
     pub const QUERY_CANCELED: &str = "57014";
+    /// `08`: the class connection_exception (`08000`, `08006`, `08P01`, ...).
+    pub const CONNECTION_EXCEPTION_CLASS: &str = "08";
 }
-
-pub use sqlstate::*;
 
 /// An error pgway reports to a client itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,10 +177,11 @@ impl ClientError {
     }
 }
 
-impl From<crate::backend::PoolError> for ClientError {
-    /// What a client is told when no server connection could be had for it.
-    fn from(e: crate::backend::PoolError) -> Self {
-        use crate::backend::{BackendError, PoolError};
+impl From<PoolError> for ClientError {
+    /// What a client is told when no server connection could be borrowed for it: a busy
+    /// pool is 53300, a server's refusal keeps the server's SQLSTATE, and any other failure
+    /// to connect is a connection failure.
+    fn from(e: PoolError) -> Self {
         match e {
             PoolError::Timeout { .. } => Self::PoolTimeout(e.to_string()),
             PoolError::Connect(BackendError::Server { code, message }) => {
@@ -239,6 +241,34 @@ mod tests {
                 "terminating connection because pgway is shutting down".to_owned()
             )
         );
+    }
+
+    #[test]
+    fn pool_errors_keep_their_code_and_text() {
+        let timeout = PoolError::Timeout {
+            addr: "127.0.0.1:5432".into(),
+            waited: std::time::Duration::from_secs(5),
+        };
+        let text = timeout.to_string();
+        let busy = ClientError::from(timeout);
+        assert_eq!(busy, ClientError::PoolTimeout(text.clone()));
+        assert_eq!((busy.sqlstate(), busy.to_string()), ("53300", text));
+
+        let refused = ClientError::from(PoolError::Connect(BackendError::Server {
+            code: "3D000".into(),
+            message: "database \"x\" does not exist".into(),
+        }));
+        assert_eq!(refused.sqlstate(), "3D000");
+        assert_eq!(refused.to_string(), "database \"x\" does not exist");
+
+        let down = ClientError::from(PoolError::Connect(BackendError::Timeout(
+            "127.0.0.1:5432".into(),
+        )));
+        assert_eq!(
+            down,
+            ClientError::ConnectFailed("timed out connecting to 127.0.0.1:5432".into())
+        );
+        assert_eq!(down.sqlstate(), "08006");
     }
 
     #[test]

@@ -1,5 +1,17 @@
 //! The accept loop: wires config, topology, pools and routing together, serves clients
 //! until shutdown, then lets sessions finish their transactions.
+//!
+//! [`run`] goes through these steps in order:
+//! 1. `build_shared`: the state every session shares (users, pools, topology, router);
+//! 2. `start_workers`: the threads that run client sessions;
+//! 3. `start_background`: the topology watcher, the health checks and the admin port;
+//! 4. `accept_loop`: hands clients to the workers until `shutdown` is cancelled;
+//! 5. `drain`: lets open sessions finish their transactions, up to 30 s;
+//! 6. `stop_background`: waits for the background tasks, up to 5 s.
+//!
+//! Two [`TaskTracker`]s hold every task `run` starts: one for client connections (sessions
+//! and refusals), one for everything else. Background tasks end on the `shutdown` token
+//! (control connections when their client is dropped), so by step 6 they are ending.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,18 +23,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin;
 use crate::backend::Pools;
 use crate::config::{Config, TopologyConfig};
+use crate::error::ClientError;
 use crate::frontend::auth::ScramVerifier;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{startup, Shared, User};
-use crate::protocol::messages::{self, Severity};
 use crate::route::{Catalog, Router};
 use crate::topology::health::{supervise, HealthSettings};
 use crate::topology::patroni::{self, PatroniSettings};
 use crate::topology::TopologyHandle;
 use crate::workers::{self, WorkerError, Workers};
-use crate::{admin, error};
 
 /// Errors that stop the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -43,50 +55,44 @@ pub enum ServerError {
 /// How long sessions get to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs the gateway on `listener` until `shutdown` is cancelled.
+/// How long background tasks (health checks, the etcd watch, the admin port, control
+/// connections) get to end once the sessions are gone.
+const BACKGROUND_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the gateway on `listener` until `shutdown` is cancelled, then drains.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let config = Arc::new(config);
+    let background = TaskTracker::new();
+    let shared = build_shared(Arc::new(config), &background, &shutdown);
+    let sessions = TaskTracker::new();
+    // On an error below, dropping `workers` stops their threads.
+    let workers = start_workers(&shared, &sessions)?;
+    start_background(&shared, &background).await?;
+    accept_loop(listener, &workers, &sessions, &shared).await;
+    drain(workers, sessions).await;
+    // The catalog's control connections end when the last holder of `shared` lets go.
+    drop(shared);
+    stop_background(background).await;
+    Ok(())
+}
+
+/// The state every session shares: users with their SCRAM verifiers, the pools, the
+/// topology (the static node list, or empty until the Patroni watcher fills it) and the
+/// router, whose catalog runs its control connections on `background`.
+fn build_shared(
+    config: Arc<Config>,
+    background: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Arc<Shared> {
     let pools = Arc::new(Pools::new(config.pool.clone()));
-    let tasks = TaskTracker::new();
     let max_lag = config.routing.max_replica_lag;
     let topology = match &config.topology {
         TopologyConfig::Static(s) => TopologyHandle::with_max_lag(&s.nodes, max_lag),
-        TopologyConfig::Patroni(p) => {
-            let topology = TopologyHandle::with_max_lag(&[], max_lag);
-            tasks.spawn(patroni::watch(
-                PatroniSettings {
-                    endpoints: p.etcd.clone(),
-                    namespace: p.namespace.clone(),
-                    scope: p.scope.clone(),
-                    timeout: config.pool.connect_timeout,
-                },
-                Arc::clone(&topology),
-                Arc::clone(&pools),
-                shutdown.clone(),
-            ));
-            topology
-        }
+        TopologyConfig::Patroni(_) => TopologyHandle::with_max_lag(&[], max_lag),
     };
-
-    let first_user = &config.users[0];
-    let health = HealthSettings {
-        user: first_user.name.clone(),
-        password: first_user.password.clone(),
-        database: config.topology.health_database().to_owned(),
-        interval: config.topology.health_interval(),
-        timeout: config.pool.connect_timeout,
-    };
-    tasks.spawn(supervise(
-        health,
-        Arc::clone(&topology),
-        Arc::clone(&pools),
-        shutdown.clone(),
-    ));
-
     let credentials = Arc::new(
         config
             .users
@@ -107,47 +113,101 @@ pub async fn run(
             )
         })
         .collect();
-    let shared = Arc::new(Shared {
-        router: Router::new(Catalog::new(
-            Arc::clone(&topology),
-            credentials,
-            config.pool.connect_timeout,
-        )),
-        config: Arc::clone(&config),
+    let catalog = Catalog::new(
+        Arc::clone(&topology),
+        credentials,
+        config.pool.connect_timeout,
+    )
+    .with_tasks(background.clone());
+    Arc::new(Shared {
+        router: Router::new(catalog),
         users,
         pools,
-        topology: Arc::clone(&topology),
+        topology,
+        config,
         cancels: CancelRegistry::default(),
         shutdown: shutdown.clone(),
         greetings: moka::sync::Cache::new(10_000),
-    });
+    })
+}
 
+/// Starts the worker threads that run client sessions ([`startup::handle`]), each session
+/// tracked by `sessions`.
+fn start_workers(shared: &Arc<Shared>, sessions: &TaskTracker) -> Result<Workers, ServerError> {
+    let count = shared.config.workers.unwrap_or_else(workers::default_count);
+    let shared = Arc::clone(shared);
+    let workers = Workers::start(count, sessions.clone(), move |stream, peer| {
+        startup::handle(Arc::clone(&shared), stream, peer)
+    })?;
+    Ok(workers)
+}
+
+/// Starts the background tasks on `background`, each ending on the shutdown token: the
+/// Patroni watcher (for `kind = "patroni"`), the health-check supervisor (a monitor per
+/// node) and the admin HTTP port. The admin port is bound first, so a failure to bind it
+/// leaves nothing running.
+async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(), ServerError> {
+    let config = &shared.config;
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .map_err(|source| ServerError::Listen {
             addr: config.admin_listen.to_string(),
             source,
         })?;
-    tasks.spawn(admin::serve(
-        admin_listener,
-        Arc::clone(&topology),
-        shutdown.clone(),
+    if let TopologyConfig::Patroni(p) = &config.topology {
+        background.spawn(patroni::watch(
+            PatroniSettings {
+                endpoints: p.etcd.clone(),
+                namespace: p.namespace.clone(),
+                scope: p.scope.clone(),
+                timeout: config.pool.connect_timeout,
+            },
+            Arc::clone(&shared.topology),
+            Arc::clone(&shared.pools),
+            shared.shutdown.clone(),
+        ));
+    }
+    background.spawn(supervise(
+        health_settings(config),
+        Arc::clone(&shared.topology),
+        Arc::clone(&shared.pools),
+        background.clone(),
+        shared.shutdown.clone(),
     ));
+    background.spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&shared.topology),
+        shared.shutdown.clone(),
+    ));
+    Ok(())
+}
 
+/// Health checks log in as the first `[[users]]` entry.
+fn health_settings(config: &Config) -> HealthSettings {
+    let first_user = &config.users[0];
+    HealthSettings {
+        user: first_user.name.clone(),
+        password: first_user.password.clone(),
+        database: config.topology.health_database().to_owned(),
+        interval: config.topology.health_interval(),
+        timeout: config.pool.connect_timeout,
+    }
+}
+
+/// Accepts clients until the shutdown token is cancelled, handing each to a worker while
+/// fewer than `client.max_connections` are connected and refusing the rest (tracked by
+/// `sessions`). The listener closes when this returns.
+async fn accept_loop(
+    listener: TcpListener,
+    workers: &Workers,
+    sessions: &TaskTracker,
+    shared: &Shared,
+) {
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgway accepting clients");
-    let connections = TaskTracker::new();
-    let mut workers = {
-        let shared = Arc::clone(&shared);
-        Workers::start(
-            config.workers.unwrap_or_else(workers::default_count),
-            connections.clone(),
-            move |stream, peer| startup::handle(Arc::clone(&shared), stream, peer),
-        )?
-    };
-    let limit = Arc::new(Semaphore::new(config.client.max_connections));
+    let limit = Arc::new(Semaphore::new(shared.config.client.max_connections));
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shared.shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -164,35 +224,48 @@ pub async fn run(
                 workers.dispatch(stream, peer, permit);
             }
             Err(_) => {
-                connections.spawn(refuse(stream));
+                sessions.spawn(refuse(stream));
             }
         }
     }
+}
+
+/// Lets open sessions finish their transactions (they end between transactions once the
+/// shutdown token is cancelled), up to [`DRAIN_TIMEOUT`], then stops the workers and
+/// whatever session is still running.
+async fn drain(mut workers: Workers, sessions: TaskTracker) {
     info!("shutting down: no new clients; waiting for open transactions");
-    drop(listener);
     workers.close();
-    connections.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
+    sessions.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, sessions.wait())
         .await
         .is_err()
     {
         warn!("sessions still open after the drain timeout; stopping anyway");
     }
     workers.shutdown().await;
-    tasks.close();
-    tasks.wait().await;
-    Ok(())
 }
 
-async fn refuse(stream: tokio::net::TcpStream) {
+/// Waits up to [`BACKGROUND_STOP_TIMEOUT`] for the background tasks, which end on the
+/// shutdown token, and warns if some do not.
+async fn stop_background(background: TaskTracker) {
+    background.close();
+    if tokio::time::timeout(BACKGROUND_STOP_TIMEOUT, background.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            running = background.len(),
+            "background tasks still running after the stop timeout; stopping anyway"
+        );
+    }
+}
+
+/// Tells a client over `client.max_connections` that it is refused (FATAL 53300), giving
+/// the write a second at most, then closes the connection.
+async fn refuse(mut stream: tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt;
     let mut out = bytes::BytesMut::new();
-    messages::error_response(
-        &mut out,
-        Severity::Fatal,
-        error::TOO_MANY_CONNECTIONS,
-        "sorry, too many clients already",
-    );
-    let mut stream = stream;
+    ClientError::TooManyClients.write(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
 }

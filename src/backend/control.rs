@@ -1,14 +1,19 @@
 //! Control connections: tokio-postgres clients pgway uses for its own queries (health,
 //! roles, WAL positions, catalog look-ups), never for clients' statements.
+//!
+//! Each connection's I/O runs in a task of its own, on the [`TaskTracker`] the caller
+//! passes (the one [`crate::server::run`] waits for at shutdown). That task ends when the
+//! [`tokio_postgres::Client`] is dropped, so whoever holds the client decides when it ends.
 
 use std::time::Duration;
 
 use tokio_postgres::NoTls;
+use tokio_util::task::TaskTracker;
 
 use crate::config::split_host_port;
 
-/// Who a control connection logs in as, and where.
-#[derive(Debug, Clone, Copy)]
+/// Who a control connection logs in as, and where. Its `Debug` leaves the password out.
+#[derive(Clone, Copy)]
 pub struct ControlLogin<'a> {
     /// Node `host:port`.
     pub addr: &'a str,
@@ -22,12 +27,42 @@ pub struct ControlLogin<'a> {
     pub application_name: &'a str,
 }
 
-/// Connects within `timeout`; the connection task runs in the background.
+impl std::fmt::Debug for ControlLogin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlLogin")
+            .field("addr", &self.addr)
+            .field("user", &self.user)
+            .field("password", &"***")
+            .field("database", &self.database)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+/// Why a control connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The node's address is not `host:port`.
+    #[error("bad address {0:?}")]
+    BadAddress(String),
+    /// Connect plus login did not finish within the timeout.
+    #[error("connect timed out")]
+    Timeout,
+    /// tokio-postgres could not connect or log in (refused, wrong password, no such
+    /// database, ...).
+    #[error(transparent)]
+    Connect(tokio_postgres::Error),
+}
+
+/// Connects within `timeout`; the connection's task runs on `tasks` until the client is
+/// dropped.
 pub async fn connect(
     login: ControlLogin<'_>,
     timeout: Duration,
-) -> Result<tokio_postgres::Client, String> {
-    let (host, port) = split_host_port(login.addr).ok_or("bad address")?;
+    tasks: &TaskTracker,
+) -> Result<tokio_postgres::Client, ControlError> {
+    let (host, port) = split_host_port(login.addr)
+        .ok_or_else(|| ControlError::BadAddress(login.addr.to_owned()))?;
     let mut config = tokio_postgres::Config::new();
     config
         .host(host)
@@ -39,8 +74,47 @@ pub async fn connect(
         .connect_timeout(timeout);
     let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
         .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
+        .map_err(|_| ControlError::Timeout)?
+        .map_err(ControlError::Connect)?;
+    tasks.spawn(connection);
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_the_password_out() {
+        let login = ControlLogin {
+            addr: "127.0.0.1:5432",
+            user: "app",
+            password: "app-secret",
+            database: "postgres",
+            application_name: "pgway-health",
+        };
+        let text = format!("{login:?}");
+        assert!(
+            !text.contains("app-secret") && text.contains("\"app\""),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_address_is_named() {
+        let login = ControlLogin {
+            addr: "nohost",
+            user: "app",
+            password: "app-secret",
+            database: "postgres",
+            application_name: "pgway-health",
+        };
+        let err = connect(login, Duration::from_millis(10), &TaskTracker::new())
+            .await
+            .expect_err("bad address");
+        assert!(
+            matches!(&err, ControlError::BadAddress(a) if a == "nohost"),
+            "{err}"
+        );
+    }
 }

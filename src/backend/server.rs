@@ -43,17 +43,21 @@ impl From<crate::protocol::FrameError> for BackendError {
 impl BackendError {
     /// True when the node itself is unreachable (not a refusal of these credentials).
     pub fn is_node_down(&self) -> bool {
+        use crate::error::sqlstate::{CANNOT_CONNECT_NOW, CONNECTION_EXCEPTION_CLASS};
         match self {
             Self::Net(_) | Self::Timeout(_) => true,
-            // 57P03: cannot connect now (starting up / shutting down); 53300: too many clients.
-            Self::Server { code, .. } => code == "57P03" || code.starts_with("08"),
+            // Cannot connect now (starting up, shutting down, in recovery without hot
+            // standby), or a connection exception.
+            Self::Server { code, .. } => {
+                code == CANNOT_CONNECT_NOW || code.starts_with(CONNECTION_EXCEPTION_CLASS)
+            }
             Self::Protocol(_) => false,
         }
     }
 }
 
-/// Where and how to log in.
-#[derive(Debug, Clone)]
+/// Where and how to log in. Its `Debug` leaves the password out.
+#[derive(Clone)]
 pub struct Login<'a> {
     /// `host:port`.
     pub addr: &'a str,
@@ -63,6 +67,17 @@ pub struct Login<'a> {
     pub password: &'a str,
     /// Database name.
     pub database: &'a str,
+}
+
+impl std::fmt::Debug for Login<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("addr", &self.addr)
+            .field("user", &self.user)
+            .field("password", &"***")
+            .field("database", &self.database)
+            .finish()
+    }
 }
 
 /// Least-recently-used set of statements prepared on one server connection, by content hash.

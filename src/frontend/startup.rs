@@ -15,12 +15,13 @@ use super::session::Session;
 use super::{Greeting, Shared};
 use crate::backend::{BackendError, PoolError};
 use crate::config::AuthMethod;
-use crate::error;
+use crate::error::ClientError;
 use crate::net::{FramedStream, NetError};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages::{self, body, Severity, StartupPacket};
 use crate::protocol::{FrameError, MAX_STARTUP_LEN};
 use crate::settings::{sync_query, ClientSettings};
+use crate::topology::Want;
 
 /// Why a login did not reach a session.
 #[derive(Debug, thiserror::Error)]
@@ -28,39 +29,21 @@ pub enum LoginError {
     /// The socket failed or the client left; nothing to tell it.
     #[error(transparent)]
     Net(NetError),
-    /// The client broke the protocol.
-    #[error("{0}")]
-    Protocol(String),
-    /// Wrong password or unknown user.
-    #[error("password authentication failed for user \"{0}\"")]
-    BadPassword(String),
-    /// No user in the StartupMessage.
-    #[error("no PostgreSQL user name specified in startup packet")]
-    NoUser,
-    /// No node could be reached to learn the server parameters.
-    #[error("no server available: {0}")]
-    NoServer(String),
-    /// The server refused the login (for example: the database does not exist).
-    #[error("{message}")]
-    Server {
-        /// SQLSTATE from the server.
-        code: String,
-        /// Message from the server.
-        message: String,
-    },
-    /// Startup did not finish within `client.login_timeout`.
-    #[error("startup and authentication did not finish in time")]
-    Timeout,
     /// The client sent a CancelRequest; the connection ends after it.
     #[error("cancel request")]
     Cancel,
+    /// pgway refuses the login and tells the client why (bad password, no user, broken
+    /// protocol, login timeout, no server, or a server's own refusal such as a database
+    /// that does not exist).
+    #[error(transparent)]
+    Refused(#[from] ClientError),
 }
 
 impl From<NetError> for LoginError {
     fn from(e: NetError) -> Self {
         match e {
-            NetError::Frame(f) => Self::Protocol(f.to_string()),
-            NetError::Truncated => Self::Protocol("incomplete startup packet".into()),
+            NetError::Frame(f) => f.into(),
+            NetError::Truncated => ClientError::Protocol("incomplete startup packet".into()).into(),
             other => Self::Net(other),
         }
     }
@@ -68,21 +51,18 @@ impl From<NetError> for LoginError {
 
 impl From<FrameError> for LoginError {
     fn from(e: FrameError) -> Self {
-        Self::Protocol(e.to_string())
+        ClientError::Protocol(e.to_string().into()).into()
     }
 }
 
 impl LoginError {
-    /// SQLSTATE for the client, or `None` when there is no one to tell.
-    fn sqlstate(&self) -> Option<&str> {
-        Some(match self {
-            Self::Net(_) | Self::Cancel => return None,
-            Self::Protocol(_) | Self::Timeout => error::PROTOCOL_VIOLATION,
-            Self::BadPassword(_) => error::INVALID_PASSWORD,
-            Self::NoUser => error::INVALID_AUTHORIZATION,
-            Self::NoServer(_) => error::CONNECTION_FAILURE,
-            Self::Server { code, .. } => code,
-        })
+    /// What the client is told (always FATAL: the connection ends), or `None` when there
+    /// is no one to tell.
+    pub fn client_error(&self) -> Option<&ClientError> {
+        match self {
+            Self::Net(_) | Self::Cancel => None,
+            Self::Refused(e) => Some(e),
+        }
     }
 }
 
@@ -102,7 +82,7 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     )
     .instrument(span.clone())
     .await
-    .unwrap_or(Err(LoginError::Timeout));
+    .unwrap_or(Err(ClientError::LoginTimeout.into()));
     match login {
         Ok((user, database, settings)) => {
             span.record("user", user.as_str());
@@ -113,9 +93,9 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 .await;
         }
         Err(e) => {
-            if let Some(code) = e.sqlstate() {
+            if let Some(reply) = e.client_error() {
                 span.in_scope(|| info!(cause = %e, "login failed"));
-                messages::error_response(&mut out, Severity::Fatal, code, &e.to_string());
+                reply.write_as(&mut out, Severity::Fatal);
                 let _ = io.send(&mut out).await;
             }
         }
@@ -156,24 +136,22 @@ async fn login(
     };
     let user = param("user")
         .filter(|u| !u.is_empty())
-        .ok_or(LoginError::NoUser)?;
+        .ok_or(ClientError::NoUser)?;
     let database = param("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
     if param("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
-        return Err(LoginError::Protocol(
+        return Err(ClientError::Protocol(
             "replication connections are not supported through pgway".into(),
-        ));
+        )
+        .into());
     }
 
     authenticate(shared, io, out, &user).await?;
     messages::authentication(out, 0, &[]);
 
     let mut settings = ClientSettings::from_startup(&params);
-    super::session::default_target(&mut settings).map_err(|e| LoginError::Server {
-        code: e.sqlstate().to_owned(),
-        message: e.to_string(),
-    })?;
+    super::session::default_target(&mut settings)?;
     let greeting = greeting(shared, &user, &database, &mut settings).await?;
     for (name, value) in greeting.params.iter() {
         messages::parameter_status(out, name, value);
@@ -189,7 +167,7 @@ async fn authenticate(
 ) -> Result<(), LoginError> {
     let entry = shared.users.get(user);
     let method = entry.map(|u| u.config.auth).unwrap_or_default();
-    let bad_password = || LoginError::BadPassword(user.to_owned());
+    let bad_password = || LoginError::from(ClientError::BadPassword(user.to_owned()));
     match method {
         AuthMethod::ScramSha256 => {
             messages::authentication(out, 10, b"SCRAM-SHA-256\0\0");
@@ -198,9 +176,10 @@ async fn authenticate(
             let mut r = Reader::new(body(&first), "SASLInitialResponse");
             let mechanism = r.cstr()?;
             if mechanism != b"SCRAM-SHA-256" {
-                return Err(LoginError::Protocol(
+                return Err(ClientError::Protocol(
                     "unsupported SASL mechanism; only SCRAM-SHA-256 is offered".into(),
-                ));
+                )
+                .into());
             }
             let len = r.i32()?;
             let data = if len < 0 {
@@ -242,7 +221,7 @@ async fn authenticate(
 }
 
 fn scram_error(e: AuthError) -> LoginError {
-    LoginError::Protocol(e.to_string())
+    ClientError::Protocol(e.to_string().into()).into()
 }
 
 async fn expect_password_message(io: &mut FramedStream) -> Result<BytesMut, LoginError> {
@@ -250,10 +229,14 @@ async fn expect_password_message(io: &mut FramedStream) -> Result<BytesMut, Logi
     match frame[0] {
         b'p' => Ok(frame),
         b'X' => Err(LoginError::Net(NetError::Closed)),
-        other => Err(LoginError::Protocol(format!(
-            "expected a password message, got message type {:?}",
-            other as char
-        ))),
+        other => Err(ClientError::Protocol(
+            format!(
+                "expected a password message, got message type {:?}",
+                other as char
+            )
+            .into(),
+        )
+        .into()),
     }
 }
 
@@ -288,32 +271,24 @@ async fn greeting(
         .map(|u| u.config.password.as_str())
         .unwrap_or_default();
     let wait = shared.config.topology.failover_timeout();
-    let addr = match shared.topology.primary() {
-        Some(addr) => addr,
-        None => match shared.topology.replica() {
-            Some(addr) => addr,
-            None => shared
-                .topology
-                .wait_primary(wait)
-                .await
-                .ok_or_else(|| LoginError::NoServer("no healthy node".into()))?,
-        },
-    };
-    let pool = shared.pools.get(&addr, database, user, password);
+    let pool = shared
+        .topology
+        .with_node(Want::Any, wait, |addr| {
+            shared.pools.get(addr, database, user, password)
+        })
+        .await
+        .ok_or_else(|| ClientError::NoServer("no healthy node".into()))?;
+    let addr = &pool.key().addr;
     let mut conn = pool.acquire().await.map_err(|e| match e {
-        PoolError::Connect(BackendError::Server { code, message }) => {
-            LoginError::Server { code, message }
-        }
-        PoolError::Connect(other) => {
+        // At login a node that cannot be reached is "no server available", as it is when
+        // there is no node at all.
+        PoolError::Connect(other) if !matches!(other, BackendError::Server { .. }) => {
             if other.is_node_down() {
-                shared.topology.mark_down(&addr);
+                shared.topology.take_out_of_rotation(addr, &shared.pools);
             }
-            LoginError::NoServer(other.to_string())
+            ClientError::NoServer(other.to_string())
         }
-        timeout @ PoolError::Timeout { .. } => LoginError::Server {
-            code: error::TOO_MANY_CONNECTIONS.to_owned(),
-            message: timeout.to_string(),
-        },
+        refused_or_busy => ClientError::from(refused_or_busy),
     })?;
     let mut params = conn.params.clone();
     if let Some(sql) = sync_query(&mut conn.applied, &settings.current) {
@@ -322,8 +297,8 @@ async fn greeting(
         let timeout = shared.config.pool.connect_timeout;
         let reported = tokio::time::timeout(timeout, apply_startup(&mut conn.io, out))
             .await
-            .map_err(|_| LoginError::NoServer("timed out applying startup settings".into()))?
-            .map_err(|e| LoginError::NoServer(e.to_string()))?;
+            .map_err(|_| ClientError::NoServer("timed out applying startup settings".into()))?
+            .map_err(|e| ClientError::NoServer(e.to_string()))?;
         match reported {
             Ok(changes) => {
                 for (name, value) in changes {
@@ -337,7 +312,7 @@ async fn greeting(
                 // Invalid startup settings: the connection is fine, the client is not.
                 conn.applied.dirty = true;
                 conn.release();
-                return Err(LoginError::Server { code, message });
+                return Err(ClientError::Server { code, message }.into());
             }
         }
     }

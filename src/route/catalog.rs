@@ -3,15 +3,19 @@
 //! Look-ups go over a tokio-postgres control connection per (database, user) to whichever
 //! node is usable (the catalog is the same on every node). Anything pgway cannot find out
 //! counts as volatile, so the statement goes to the primary.
+//!
+//! The control connections' tasks run on the catalog's [`TaskTracker`] (see
+//! [`Catalog::with_tasks`]) and end when the catalog is dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::backend::control::{self, ControlLogin};
+use crate::backend::control::{self, ControlError, ControlLogin};
 use crate::topology::TopologyHandle;
 
 /// Whether a function may run on a replica.
@@ -23,16 +27,53 @@ pub enum Volatility {
     Volatile,
 }
 
+/// Why a volatility look-up failed (the function then counts as volatile).
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// There is neither a primary nor a readable replica to ask.
+    #[error("no usable node")]
+    NoUsableNode,
+    /// The client's user has no password in the config to log in with.
+    #[error("unknown user")]
+    UnknownUser,
+    /// No control connection could be made.
+    #[error(transparent)]
+    Connect(#[from] ControlError),
+    /// The look-up did not answer within the timeout.
+    #[error("look-up timed out")]
+    Timeout,
+    /// The look-up query failed.
+    #[error(transparent)]
+    Query(tokio_postgres::Error),
+    /// The row the look-up returned is not what it asks for.
+    #[error(transparent)]
+    UnexpectedRow(tokio_postgres::Error),
+}
+
 /// Users' passwords, for the control connections.
 pub type Credentials = Arc<HashMap<String, String>>;
 
-/// The volatility cache and its control connections.
+/// The volatility cache and its control connections. Its `Debug` names the users it may
+/// log in as, not their passwords.
 pub struct Catalog {
     topology: Arc<TopologyHandle>,
     credentials: Credentials,
     timeout: Duration,
     cache: moka::sync::Cache<(String, String), Volatility>,
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut users: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
+        users.sort_unstable();
+        f.debug_struct("Catalog")
+            .field("users", &users)
+            .field("timeout", &self.timeout)
+            .field("cached", &self.cache.entry_count())
+            .finish_non_exhaustive()
+    }
 }
 
 const LOOKUP: &str =
@@ -41,7 +82,8 @@ const LOOKUP: &str =
      where p.proname = $1 and ($2::text is null or n.nspname = $2)";
 
 impl Catalog {
-    /// A catalog that connects with `credentials` to nodes from `topology`.
+    /// A catalog that connects with `credentials` to nodes from `topology`. Its control
+    /// connections run on a tracker of its own until [`Self::with_tasks`] gives it one.
     pub fn new(topology: Arc<TopologyHandle>, credentials: Credentials, timeout: Duration) -> Self {
         Self {
             topology,
@@ -49,7 +91,13 @@ impl Catalog {
             timeout,
             cache: moka::sync::Cache::new(100_000),
             clients: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Runs the control connections' tasks on `tasks` (the tracker shutdown waits for).
+    pub fn with_tasks(self, tasks: TaskTracker) -> Self {
+        Self { tasks, ..self }
     }
 
     /// The volatility of `function` (lower-case, `schema.name` or `name`) in `database`.
@@ -75,23 +123,23 @@ impl Catalog {
         database: &str,
         user: &str,
         function: &str,
-    ) -> Result<Volatility, String> {
+    ) -> Result<Volatility, CatalogError> {
         let (schema, name) = match function.rsplit_once('.') {
             Some((schema, name)) => (Some(schema), name),
             None => (None, function),
         };
         let mut clients = self.clients.lock().await;
         let key = (database.to_owned(), user.to_owned());
-        if clients.get(&key).is_none_or(|c| c.is_closed()) {
-            let client = self.connect(database, user).await?;
-            clients.insert(key.clone(), client);
-        }
-        let client = clients.get(&key).ok_or("no control connection")?;
+        let client = match clients.remove(&key).filter(|c| !c.is_closed()) {
+            Some(client) => client,
+            None => self.connect(database, user).await?,
+        };
+        let client = clients.entry(key).or_insert(client);
         let row = tokio::time::timeout(self.timeout, client.query_one(LOOKUP, &[&name, &schema]))
             .await
-            .map_err(|_| "look-up timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let level: i32 = row.try_get(0).map_err(|e| e.to_string())?;
+            .map_err(|_| CatalogError::Timeout)?
+            .map_err(CatalogError::Query)?;
+        let level: i32 = row.try_get(0).map_err(CatalogError::UnexpectedRow)?;
         Ok(if level < 2 {
             Volatility::NotVolatile
         } else {
@@ -99,13 +147,20 @@ impl Catalog {
         })
     }
 
-    async fn connect(&self, database: &str, user: &str) -> Result<tokio_postgres::Client, String> {
+    async fn connect(
+        &self,
+        database: &str,
+        user: &str,
+    ) -> Result<tokio_postgres::Client, CatalogError> {
         let addr = self
             .topology
             .primary()
             .or_else(|| self.topology.replica())
-            .ok_or("no usable node")?;
-        let password = self.credentials.get(user).ok_or("unknown user")?;
+            .ok_or(CatalogError::NoUsableNode)?;
+        let password = self
+            .credentials
+            .get(user)
+            .ok_or(CatalogError::UnknownUser)?;
         let login = ControlLogin {
             addr: &addr,
             user,
@@ -113,6 +168,43 @@ impl Catalog {
             database,
             application_name: "pgway-catalog",
         };
-        control::connect(login, self.timeout).await
+        Ok(control::connect(login, self.timeout, &self.tasks).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_names_users_not_passwords() {
+        let credentials = Arc::new(HashMap::from([("app".to_owned(), "app-secret".to_owned())]));
+        let catalog = Catalog::new(
+            TopologyHandle::new(&[]),
+            credentials,
+            Duration::from_millis(10),
+        );
+        let text = format!("{catalog:?}");
+        assert!(
+            !text.contains("app-secret") && text.contains("\"app\""),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_look_up_counts_as_volatile() {
+        let catalog = Catalog::new(
+            TopologyHandle::new(&[]),
+            Arc::new(HashMap::new()),
+            Duration::from_millis(10),
+        );
+        assert!(matches!(
+            catalog.lookup("db", "app", "f").await,
+            Err(CatalogError::NoUsableNode)
+        ));
+        assert_eq!(
+            catalog.volatility("db", "app", "f").await,
+            Volatility::Volatile
+        );
     }
 }

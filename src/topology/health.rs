@@ -5,23 +5,28 @@
 //! but does not answer as one yet (a Patroni leader being promoted), while there is no
 //! primary, is checked every [`PROMOTION_PROBE`] instead, so writes move within a fraction
 //! of a second.
+//!
+//! Monitors and their control connections run on the [`TaskTracker`] that
+//! [`crate::server::run`] waits for at shutdown; each monitor ends when its node leaves the
+//! topology or pgway stops, and its control connection ends with it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{Role, TopologyHandle};
-use crate::backend::control::{self, ControlLogin};
+use crate::backend::control::{self, ControlError, ControlLogin};
 use crate::backend::Pools;
 
 /// Check interval for a node that should become the primary but is not one yet.
 pub const PROMOTION_PROBE: Duration = Duration::from_millis(50);
 
-/// Credentials and timing for the checks.
-#[derive(Debug, Clone)]
+/// Credentials and timing for the checks. Its `Debug` leaves the password out.
+#[derive(Clone)]
 pub struct HealthSettings {
     /// Role to log in as.
     pub user: String,
@@ -33,6 +38,18 @@ pub struct HealthSettings {
     pub interval: Duration,
     /// Limit on connect and on each query.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for HealthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthSettings")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .field("database", &self.database)
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// What one check found.
@@ -48,31 +65,51 @@ const CHECK: &str = "select pg_is_in_recovery(), \
      (case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end \
       - '0/0'::pg_lsn)::int8";
 
-/// Runs one check of `addr` now.
+/// Why a health check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    /// No control connection to the node could be made.
+    #[error(transparent)]
+    Connect(#[from] ControlError),
+    /// The check query did not answer within the timeout.
+    #[error("health query timed out")]
+    Timeout,
+    /// The check query failed.
+    #[error(transparent)]
+    Query(tokio_postgres::Error),
+    /// The row the check query returned is not what it asks for.
+    #[error(transparent)]
+    UnexpectedRow(tokio_postgres::Error),
+}
+
+/// Runs one check of `addr` now, over `client` (connected first if it is missing or
+/// closed, with its connection's task on `tasks`).
 pub async fn check_node(
     addr: &str,
     settings: &HealthSettings,
+    tasks: &TaskTracker,
     client: &mut Option<tokio_postgres::Client>,
-) -> Result<Observation, String> {
-    if client.as_ref().is_none_or(|c| c.is_closed()) {
-        let login = ControlLogin {
-            addr,
-            user: &settings.user,
-            password: &settings.password,
-            database: &settings.database,
-            application_name: "pgway-health",
-        };
-        *client = Some(control::connect(login, settings.timeout).await?);
-    }
-    let Some(c) = client.as_ref() else {
-        return Err("no connection".into());
+) -> Result<Observation, HealthError> {
+    let c = match client.take().filter(|c| !c.is_closed()) {
+        Some(c) => c,
+        None => {
+            let login = ControlLogin {
+                addr,
+                user: &settings.user,
+                password: &settings.password,
+                database: &settings.database,
+                application_name: "pgway-health",
+            };
+            control::connect(login, settings.timeout, tasks).await?
+        }
     };
+    let c = client.insert(c);
     let row = tokio::time::timeout(settings.timeout, c.query_one(CHECK, &[]))
         .await
-        .map_err(|_| "health query timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let in_recovery: bool = row.try_get(0).map_err(|e| e.to_string())?;
-    let lsn: Option<i64> = row.try_get(1).map_err(|e| e.to_string())?;
+        .map_err(|_| HealthError::Timeout)?
+        .map_err(HealthError::Query)?;
+    let in_recovery: bool = row.try_get(0).map_err(HealthError::UnexpectedRow)?;
+    let lsn: Option<i64> = row.try_get(1).map_err(HealthError::UnexpectedRow)?;
     Ok(Observation {
         role: if in_recovery {
             Role::Replica
@@ -83,18 +120,23 @@ pub async fn check_node(
     })
 }
 
-/// Checks `addr` until `stop`, publishing every change.
+/// Checks `addr` until `stop`, publishing every change. A check under way when `stop` is
+/// cancelled is abandoned.
 pub async fn monitor(
     addr: String,
     settings: HealthSettings,
     topology: Arc<TopologyHandle>,
     pools: Arc<Pools>,
+    tasks: TaskTracker,
     stop: CancellationToken,
 ) {
     let mut client = None;
     let wake = topology.waker(&addr, true).unwrap_or_default();
     loop {
-        let result = check_node(&addr, &settings, &mut client).await;
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = check_node(&addr, &settings, &tasks, &mut client) => result,
+        };
         match &result {
             Ok(seen) => debug!(node = %addr, role = ?seen.role, lsn = ?seen.lsn, "health check"),
             Err(cause) => debug!(node = %addr, %cause, "health check failed"),
@@ -140,11 +182,13 @@ pub async fn monitor(
 }
 
 /// Keeps one [`monitor`] running per node in the topology, starting and stopping them as
-/// members come and go, until `shutdown`.
+/// members come and go, until `shutdown`. The monitors run on `tasks` and end with
+/// `shutdown` too.
 pub async fn supervise(
     settings: HealthSettings,
     topology: Arc<TopologyHandle>,
     pools: Arc<Pools>,
+    tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
@@ -162,11 +206,12 @@ pub async fn supervise(
             if !running.contains_key(&*node.addr) {
                 let stop = shutdown.child_token();
                 running.insert(node.addr.to_string(), stop.clone());
-                tokio::spawn(monitor(
+                tasks.spawn(monitor(
                     node.addr.to_string(),
                     settings.clone(),
                     Arc::clone(&topology),
                     Arc::clone(&pools),
+                    tasks.clone(),
                     stop,
                 ));
             }
@@ -179,5 +224,74 @@ pub async fn supervise(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Member;
+    use super::*;
+
+    fn settings() -> HealthSettings {
+        HealthSettings {
+            user: "app".into(),
+            password: "app-secret".into(),
+            database: "postgres".into(),
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn debug_leaves_the_password_out() {
+        let text = format!("{:?}", settings());
+        assert!(
+            !text.contains("app-secret") && text.contains("\"app\""),
+            "{text}"
+        );
+    }
+
+    /// Waits (up to a second) until `tasks` holds `count` tasks.
+    async fn until_running(tasks: &TaskTracker, count: usize) {
+        let running = async {
+            while tasks.len() != count {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(1), running)
+            .await
+            .is_err()
+        {
+            panic!("{} tasks running, not {count}", tasks.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn monitors_are_tracked_and_end_with_their_node_or_shutdown() {
+        // Nothing listens on these ports: every check fails at once.
+        let topology = TopologyHandle::new(&["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
+        let pools = Arc::new(Pools::new(crate::config::PoolConfig::default()));
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        tasks.spawn(supervise(
+            settings(),
+            Arc::clone(&topology),
+            pools,
+            tasks.clone(),
+            shutdown.clone(),
+        ));
+        // The supervisor and one monitor per node.
+        until_running(&tasks, 3).await;
+        topology.set_members(vec![Member {
+            addr: "127.0.0.1:1".into(),
+            may_be_primary: true,
+            may_take_reads: true,
+        }]);
+        until_running(&tasks, 2).await;
+        shutdown.cancel();
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(1), tasks.wait())
+            .await
+            .expect("every task ends on shutdown");
     }
 }
