@@ -20,8 +20,6 @@
 //! the server's bytes flow back untouched except for the messages pgway must read.
 
 #![warn(missing_docs)]
-#![warn(clippy::unwrap_used)]
-#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod admin;
 pub mod backend;

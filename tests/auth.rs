@@ -1,6 +1,12 @@
 //! Client authentication: SCRAM-SHA-256 (the default) and md5; wrong passwords and unknown
 //! users get FATAL 28P01.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,12 @@
 //! Real clients through pgway: psql (SSLRequest, scripts, `\copy`, `\d`, errors) and pgbench
 //! (`-i`, select-only, TPC-B, extended and prepared protocols).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use std::process::Output;

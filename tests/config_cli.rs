@@ -1,6 +1,12 @@
 //! The config file and the `pgway` binary: the example config is valid, unknown keys and bad
 //! values are rejected by name, and the binary serves clients and `GET /health`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -8,6 +8,12 @@
 //! time, and is quick when everything is there; it fails, loudly, when a registry is
 //! unreachable.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use std::path::PathBuf;

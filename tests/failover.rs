@@ -6,6 +6,12 @@
 //! `common::patroni`). The tests run one at a time: failover delays are measured, and the
 //! machine has two cores. Timelines are printed (`cargo test --test failover -- --nocapture`).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,6 +1,12 @@
 //! Transaction pooling: bounded pools, the wait timeout (SQLSTATE 53300), clean-up when a
 //! client leaves inside a transaction, and session settings that follow the client.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use std::collections::BTreeSet;

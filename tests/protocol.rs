@@ -2,6 +2,12 @@
 //! unaffected), COPY both ways, the extended query protocol, notices, notifications, errors,
 //! large messages and query cancellation.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use std::collections::HashMap;

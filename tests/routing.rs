@@ -4,6 +4,12 @@
 //! server that executed the statement, `pg_is_in_recovery()` is true only on a replica, and
 //! `pg_backend_pid()` identifies the server connection.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use common::*;

@@ -8,6 +8,12 @@
 //! connection that another client changed. Every check asks the server: `inet_server_port()`
 //! says which node answered, `current_setting()`/`SHOW` what the session's setting is there.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -1,6 +1,12 @@
 //! Static topology: roles found with `pg_is_in_recovery()`, health checks every
 //! `health_interval`, replicas leaving and rejoining the rotation, reads spread over replicas.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
 mod common;
 
 use std::collections::BTreeMap;

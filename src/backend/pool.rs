@@ -227,6 +227,10 @@ impl PooledConn {
 
 impl Deref for PooledConn {
     type Target = ServerConn;
+    #[expect(
+        clippy::expect_used,
+        reason = "`conn` is Some until `release` consumes the PooledConn"
+    )]
     fn deref(&self) -> &ServerConn {
         // Invariant: `conn` is Some until `release` consumes self.
         self.conn.as_deref().expect("PooledConn used after release")
@@ -234,6 +238,10 @@ impl Deref for PooledConn {
 }
 
 impl DerefMut for PooledConn {
+    #[expect(
+        clippy::expect_used,
+        reason = "`conn` is Some until `release` consumes the PooledConn"
+    )]
     fn deref_mut(&mut self) -> &mut ServerConn {
         self.conn
             .as_deref_mut()

@@ -19,6 +19,12 @@
 //! `/usr/lib/postgresql/15/bin`), `PGWAY_TEST_TMPDIR` (parent dir for clusters, default
 //! `/tmp`), `PGWAY_TEST_KEEP=1` (keep the cluster dir after the test), `RUST_LOG` (gateway
 //! tracing filter; output is shown for failing tests).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a harness step that cannot go on fails the test, with its message"
+)]
 #![allow(dead_code)]
 
 use std::collections::hash_map::RandomState;

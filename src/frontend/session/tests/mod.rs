@@ -7,6 +7,11 @@
 //! writes what a PostgreSQL server would answer. No socket, no PostgreSQL: every step is
 //! explicit, and a wait that does not end fails the test after [`WAIT`].
 
+#![allow(
+    clippy::expect_used,
+    reason = "a harness step that cannot go on fails the test, with its message"
+)]
+
 mod copy;
 mod pinning;
 mod pipeline;
