@@ -606,3 +606,145 @@ async fn user_functions_route_by_volatility() {
     }
     assert_no_failures("user functions", &failures);
 }
+
+/// Connects with `options` in the StartupMessage (a DSN's `options=-c ...`).
+async fn connect_with_options(port: u16, options: &str) -> Result<Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user(APP_USER)
+        .password(APP_PASSWORD)
+        .dbname(DB)
+        .options(options)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
+        .connect_timeout(std::time::Duration::from_secs(10));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgway_target_routes_the_rest_of_the_session() {
+    let cluster = Cluster::start(1);
+    cluster.psql_admin(cluster.primary_port(), SCHEMA);
+    cluster.psql_admin(
+        cluster.primary_port(),
+        "SET ROLE app;\n\
+         CREATE FUNCTION public.volatile_port() RETURNS int LANGUAGE sql \
+           AS $$ SELECT inet_server_port() $$;\n",
+    );
+    cluster.wait_replay();
+    let gw = Gateway::start(&cluster);
+    gw.wait_for_replica_reads(&cluster).await;
+    let primary = [cluster.primary_port()];
+    let replicas = cluster.replica_ports();
+    let read = ["select inet_server_port()"];
+    let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    let mut failures = Vec::new();
+
+    assert_eq!(
+        simple_value(&client, "show pgway.target").await.unwrap(),
+        "auto"
+    );
+    for proto in [Proto::Simple, Proto::Extended] {
+        // primary: reads too, in both protocols, until RESET.
+        client
+            .batch_execute("SET pgway.target = 'primary'")
+            .await
+            .unwrap();
+        assert_eq!(
+            simple_value(&client, "show pgway.target").await.unwrap(),
+            "primary"
+        );
+        failures.extend(misrouted(&cluster, &client, &read, proto, &primary).await);
+        let in_recovery = simple_value(&client, "select pg_is_in_recovery()")
+            .await
+            .unwrap();
+        assert_eq!(
+            in_recovery, "f",
+            "pgway.target = primary: read on a replica"
+        );
+        client.batch_execute("RESET pgway.target").await.unwrap();
+        failures.extend(misrouted(&cluster, &client, &read, proto, &replicas).await);
+
+        // replica: a read calling a volatile function goes to the replica; writes do not.
+        client
+            .batch_execute("SET pgway.target TO replica")
+            .await
+            .unwrap();
+        failures.extend(
+            misrouted(
+                &cluster,
+                &client,
+                &["select volatile_port()"],
+                proto,
+                &replicas,
+            )
+            .await,
+        );
+        failures.extend(
+            misrouted(
+                &cluster,
+                &client,
+                &["select inet_server_port(), nextval('item_seq')"],
+                proto,
+                &primary,
+            )
+            .await,
+        );
+        // RESET ALL returns to the startup value (auto): the volatile function goes back
+        // to the primary.
+        client.batch_execute("RESET ALL").await.unwrap();
+        failures.extend(
+            misrouted(
+                &cluster,
+                &client,
+                &["select volatile_port()"],
+                proto,
+                &primary,
+            )
+            .await,
+        );
+    }
+    // Inside a transaction that rolls back, the SET does not count.
+    client
+        .batch_execute("BEGIN; SET pgway.target = 'primary'; ROLLBACK")
+        .await
+        .unwrap();
+    failures.extend(misrouted(&cluster, &client, &read, Proto::Simple, &replicas).await);
+    assert_no_failures("pgway.target", &failures);
+
+    // Anything else is refused with 22023, and nothing changes.
+    let err = client
+        .batch_execute("SET pgway.target = 'elsewhere'")
+        .await
+        .expect_err("an invalid pgway.target");
+    assert_eq!(sqlstate(&err), "22023", "{}", describe_error(&err));
+    let err = client
+        .query("SET pgway.target = 'elsewhere'", &[])
+        .await
+        .expect_err("an invalid pgway.target (extended protocol)");
+    assert_eq!(sqlstate(&err), "22023", "{}", describe_error(&err));
+    assert_eq!(served_by(&client).await, replicas[0]);
+
+    // A migration DSN: the startup option sets it for the whole connection.
+    let migration = connect_with_options(gw.port(), "-c pgway.target=primary")
+        .await
+        .unwrap();
+    assert_eq!(served_by(&migration).await, primary[0]);
+    assert_eq!(
+        simple_value(&migration, "show pgway.target").await.unwrap(),
+        "primary"
+    );
+    migration.batch_execute("RESET pgway.target").await.unwrap();
+    assert_eq!(
+        served_by(&migration).await,
+        primary[0],
+        "RESET goes back to the startup value"
+    );
+    let err = connect_with_options(gw.port(), "-c pgway.target=nowhere")
+        .await
+        .expect_err("an invalid startup pgway.target");
+    assert_eq!(sqlstate(&err), "22023", "{}", describe_error(&err));
+}
