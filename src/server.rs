@@ -66,7 +66,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let background = TaskTracker::new();
-    let shared = build_shared(Arc::new(config), &background, &shutdown);
+    let pools = Arc::new(Pools::new(config.pool.clone()));
+    let shared = build_shared(Arc::new(config), pools, &background, &shutdown);
     let sessions = TaskTracker::new();
     // On an error below, dropping `workers` stops their threads.
     let workers = start_workers(&shared, &sessions)?;
@@ -79,15 +80,16 @@ pub async fn run(
     Ok(())
 }
 
-/// The state every session shares: users with their SCRAM verifiers, the pools, the
+/// The state every session shares: users with their SCRAM verifiers, `pools`, the
 /// topology (the static node list, or empty until the Patroni watcher fills it) and the
-/// router, whose catalog runs its control connections on `background`.
-fn build_shared(
+/// router, whose catalog runs its control connections on `background`. (The session tests
+/// build theirs here too, with pools that connect over in-memory streams.)
+pub(crate) fn build_shared(
     config: Arc<Config>,
+    pools: Arc<Pools>,
     background: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Arc<Shared> {
-    let pools = Arc::new(Pools::new(config.pool.clone()));
     let max_lag = config.routing.max_replica_lag;
     let topology = match &config.topology {
         TopologyConfig::Static(s) => TopologyHandle::with_max_lag(&s.nodes, max_lag),

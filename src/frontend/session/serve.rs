@@ -134,23 +134,18 @@ impl Session<'_> {
             retry: true,
             relay: true,
         };
-        let sent = self
-            .send_request(target, plan, |session| {
-                match &classification {
-                    Some(c) => session.request.effects.clone_from(&c.session),
-                    None => session.request.effects.clear(),
-                }
-                // A simple query replaces the unnamed statement.
-                session.server_mut()?.unnamed = None;
-                session.to_server.extend_from_slice(&frame);
-                session.expect(super::relay::Reply::Query, true, None);
-                Ok(())
-            })
-            .await?;
-        match sent {
-            Ok(()) => Ok(()),
-            Err(e) => self.report(e, true).await,
-        }
+        self.send_or_report(target, plan, |session| {
+            match &classification {
+                Some(c) => session.request.effects.clone_from(&c.session),
+                None => session.request.effects.clear(),
+            }
+            // A simple query replaces the unnamed statement.
+            session.server_mut()?.unnamed = None;
+            session.to_server.extend_from_slice(&frame);
+            session.expect(super::relay::Reply::Query, true, None);
+            Ok(())
+        })
+        .await
     }
 
     async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), SessionError> {
@@ -161,17 +156,12 @@ impl Session<'_> {
             retry: false,
             relay: true,
         };
-        let sent = self
-            .send_request(Target::Primary, plan, |session| {
-                session.to_server.extend_from_slice(&frame);
-                session.expect(super::relay::Reply::FunctionCall, true, None);
-                Ok(())
-            })
-            .await?;
-        match sent {
-            Ok(()) => Ok(()),
-            Err(e) => self.report(e, true).await,
-        }
+        self.send_or_report(Target::Primary, plan, |session| {
+            session.to_server.extend_from_slice(&frame);
+            session.expect(super::relay::Reply::FunctionCall, true, None);
+            Ok(())
+        })
+        .await
     }
 
     /// Routes, rewrites, sends and relays the collected extended-protocol batch.
@@ -222,6 +212,20 @@ impl Session<'_> {
                 }
                 self.report(e, sync).await
             }
+        }
+    }
+
+    /// [`Self::send_request`] for a simple-protocol request: if no server connection can
+    /// be had, the client gets the error and ReadyForQuery.
+    async fn send_or_report(
+        &mut self,
+        target: Target,
+        plan: Plan,
+        queue: impl FnMut(&mut Self) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        match self.send_request(target, plan, queue).await? {
+            Ok(()) => Ok(()),
+            Err(e) => self.report(e, true).await,
         }
     }
 

@@ -28,19 +28,18 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::DuplexStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::Session;
 use crate::backend::Pools;
 use crate::config::Config;
-use crate::frontend::cancel::CancelRegistry;
-use crate::frontend::{Shared, User};
+use crate::frontend::Shared;
 use crate::net::transport::Connecting;
 use crate::net::{Connector, FramedStream, NetError, Transport};
 use crate::protocol::frame::{begin_frame, end_frame, put_frame};
 use crate::protocol::messages::{self, Severity};
-use crate::route::{Catalog, Router};
 use crate::settings::ClientSettings;
-use crate::topology::{Role, TopologyHandle};
+use crate::topology::Role;
 
 /// The primary's address (nothing listens there: the fake network answers).
 pub(super) const PRIMARY: &str = "10.0.0.1:5432";
@@ -105,10 +104,6 @@ impl Harness {
     /// The nodes of `config` (a static topology), primary and replica as their names say.
     pub(super) fn with_config(config: &str) -> Self {
         let config = Config::from_toml_str(config).expect("test config");
-        let nodes = match &config.topology {
-            crate::config::TopologyConfig::Static(s) => s.nodes.clone(),
-            crate::config::TopologyConfig::Patroni(_) => Vec::new(),
-        };
         let network = Arc::new(FakeNetwork::default());
         let mut incoming = HashMap::new();
         for addr in [PRIMARY, REPLICA] {
@@ -120,40 +115,18 @@ impl Harness {
                 .insert(addr.to_owned(), tx);
             incoming.insert(addr, rx);
         }
-        let topology = TopologyHandle::new(&nodes);
-        topology.update(PRIMARY, Role::Primary, true);
-        topology.update(REPLICA, Role::Replica, true);
         let pools = Arc::new(Pools::with_connector(
             config.pool.clone(),
             Arc::clone(&network) as Arc<dyn Connector>,
         ));
-        let users = config
-            .users
-            .iter()
-            .map(|u| {
-                (
-                    u.name.clone(),
-                    User {
-                        config: u.clone(),
-                        verifier: crate::frontend::auth::ScramVerifier::new(&u.password),
-                    },
-                )
-            })
-            .collect();
-        let shared = Arc::new(Shared {
-            router: Router::new(Catalog::new(
-                Arc::clone(&topology),
-                Arc::new(HashMap::new()),
-                Duration::from_millis(50),
-            )),
-            config: Arc::new(config),
-            users,
+        let shared = crate::server::build_shared(
+            Arc::new(config),
             pools,
-            topology,
-            cancels: CancelRegistry::default(),
-            shutdown: CancellationToken::new(),
-            greetings: moka::sync::Cache::new(16),
-        });
+            &TaskTracker::new(),
+            &CancellationToken::new(),
+        );
+        shared.topology.update(PRIMARY, Role::Primary, true);
+        shared.topology.update(REPLICA, Role::Replica, true);
         Self {
             shared,
             network,
