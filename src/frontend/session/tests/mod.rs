@@ -101,6 +101,28 @@ impl Harness {
         ))
     }
 
+    /// Like [`Self::new`], but a client waits up to `wait_timeout` (TOML duration text) for
+    /// a busy pool, for tests in which one client waits for another's transaction to end.
+    pub(super) fn with_wait_timeout(pool_size: usize, wait_timeout: &str) -> Self {
+        Self::with_config(&format!(
+            r#"
+            listen = "127.0.0.1:0"
+            admin_listen = "127.0.0.1:0"
+            [[users]]
+            name = "app"
+            password = "app-secret"
+            [pool]
+            size = {pool_size}
+            wait_timeout = "{wait_timeout}"
+            connect_timeout = "2s"
+            [topology]
+            kind = "static"
+            nodes = ["{PRIMARY}", "{REPLICA}"]
+            failover_timeout = "300ms"
+            "#
+        ))
+    }
+
     /// The nodes of `config` (a static topology), primary and replica as their names say.
     pub(super) fn with_config(config: &str) -> Self {
         let config = Config::from_toml_str(config).expect("test config");
@@ -402,6 +424,15 @@ fn is_sync(query: &[u8]) -> bool {
     sql.starts_with("SELECT pg_catalog.set_config(")
         || sql.starts_with("RESET ALL;")
         || (sql.starts_with("SET ") || sql.starts_with("RESET ")) && sql.ends_with(';')
+}
+
+/// The first `n` NUL-terminated strings of a message body (a Parse's statement name and
+/// SQL, a Bind's portal and statement name).
+pub(super) fn cstrings(body: &[u8], n: usize) -> Vec<String> {
+    body.split(|&b| b == 0)
+        .take(n)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
 }
 
 /// A NUL-terminated string body as text.

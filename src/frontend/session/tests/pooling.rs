@@ -1,1 +1,294 @@
-//! pooling tests (to be written).
+//! Transaction pooling: clients take turns on server connections, a client that leaves
+//! mid-transaction is rolled back before its connection is reused, session settings
+//! follow the client from connection to connection, the cancel key points at the
+//! connection in use, and one client's protocol violation ends only its own session.
+
+use std::time::Duration;
+
+use super::*;
+
+/// Opens a transaction for `client` on the primary connection `primary`.
+async fn begin(client: &mut TestClient, primary: &mut FakeServer) {
+    client.query("begin").await;
+    begin_answered(client, primary).await;
+}
+
+/// The server receives the `begin` the client sent and opens the transaction.
+async fn begin_answered(client: &mut TestClient, primary: &mut FakeServer) {
+    assert_eq!(primary.recv_query().await, "begin");
+    primary.answer("BEGIN", b'T').await;
+    assert_eq!(client.until_ready().await[1].1, b"T");
+}
+
+/// Runs a write for `client` on `primary` (the connection the pool must hand out).
+async fn write(client: &mut TestClient, primary: &mut FakeServer, sql: &str) {
+    client.query(sql).await;
+    assert_eq!(primary.recv_query().await, sql);
+    primary.answer("INSERT 0 1", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "CZ");
+}
+
+#[tokio::test]
+async fn two_clients_take_turns_on_one_connection() {
+    let mut h = Harness::with_wait_timeout(1, "30s");
+    let mut a = h.client().await;
+    let mut b = h.client().await;
+    a.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    begin_answered(&mut a, &mut primary).await;
+
+    // B's write needs the one connection, which A's transaction holds.
+    b.query("insert into t values (1)").await;
+    // Give B's session time to reach the pool and wait there (not asserted: had it been
+    // given a connection, its query would reach the server before A's COMMIT below).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.query("commit").await;
+    assert_eq!(primary.recv_query().await, "commit");
+    primary.answer("COMMIT", b'I').await;
+    assert_eq!(tags(&a.until_ready().await), "CZ");
+
+    // Then B runs, on the same server connection.
+    assert_eq!(primary.recv_query().await, "insert into t values (1)");
+    primary.answer("INSERT 0 1", b'I').await;
+    assert_eq!(tags(&b.until_ready().await), "CZ");
+    assert!(!h.has_pending_connection(PRIMARY), "no new connection");
+    assert_eq!(h.idle(PRIMARY), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_terminates_inside_a_transaction_is_rolled_back() {
+    let mut h = Harness::new(1);
+    let mut a = h.client().await;
+    a.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    begin_answered(&mut a, &mut primary).await;
+
+    tokio::join!(a.terminate(), async {
+        assert_eq!(primary.recv_query().await, "ROLLBACK");
+        primary.answer("ROLLBACK", b'I').await;
+    });
+    assert_eq!(h.idle(PRIMARY), 1, "returned to the pool");
+
+    let mut b = h.client().await;
+    write(&mut b, &mut primary, "insert into t values (1)").await;
+    assert!(!h.has_pending_connection(PRIMARY), "reused");
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_inside_a_transaction_is_rolled_back() {
+    let mut h = Harness::new(1);
+    let mut a = h.client().await;
+    a.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    begin_answered(&mut a, &mut primary).await;
+    a.query("insert into t values (1)").await;
+    assert_eq!(primary.recv_query().await, "insert into t values (1)");
+    primary.answer("INSERT 0 1", b'T').await;
+    a.until_ready().await;
+
+    tokio::join!(a.vanish(), async {
+        assert_eq!(primary.recv_query().await, "ROLLBACK");
+        primary.answer("ROLLBACK", b'I').await;
+    });
+    assert_eq!(h.idle(PRIMARY), 1, "returned to the pool");
+
+    let mut b = h.client().await;
+    write(&mut b, &mut primary, "insert into t values (2)").await;
+    assert!(!h.has_pending_connection(PRIMARY), "reused");
+}
+
+#[tokio::test]
+#[ignore = "bug: a client that leaves after Execute without Sync gets a Sync sent for it, \
+            which commits its unsynced work before the ROLLBACK"]
+async fn a_client_that_vanishes_before_sync_has_its_work_rolled_back_not_committed() {
+    let mut h = Harness::new(1);
+    let mut a = h.client().await;
+    a.send(wire::batch(&[
+        wire::parse("", "insert into t values (1)"),
+        wire::bind("", "", &[]),
+        wire::execute(""),
+        wire::flush(),
+    ]))
+    .await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(tags(&primary.recv_n(4).await), "PBEH");
+    primary
+        .send(wire::batch(&[
+            wire::frame(b'1', &[]),
+            wire::frame(b'2', &[]),
+            wire::complete("INSERT 0 1"),
+        ]))
+        .await;
+    for tag in "12C".bytes() {
+        assert_eq!(a.recv().await.0, tag);
+    }
+
+    // The insert runs in the implicit transaction that only a Sync would commit. Answer
+    // whatever pgway sends while the session cleans up, and note it.
+    let mut seen = Vec::new();
+    let leave = a.vanish();
+    tokio::pin!(leave);
+    let mut left = false;
+    while !left {
+        tokio::select! {
+            () = &mut leave => left = true,
+            msg = primary.recv_raw() => match msg {
+                Ok((b'S', _)) => {
+                    seen.push(b'S');
+                    primary.send(wire::ready(b'I')).await;
+                }
+                Ok((b'Q', _)) => {
+                    seen.push(b'Q');
+                    primary.answer("ROLLBACK", b'I').await;
+                }
+                Ok((tag, _)) => seen.push(tag),
+                Err(_) => {
+                    (&mut leave).await;
+                    left = true;
+                }
+            },
+        }
+    }
+    assert_ne!(
+        seen.first(),
+        Some(&b'S'),
+        "a Sync before any ROLLBACK commits the client's unsynced insert"
+    );
+}
+
+#[tokio::test]
+async fn session_settings_follow_the_client() {
+    let mut h = Harness::new(1);
+    let mut a = h.client().await;
+    a.query("SET work_mem = '8MB'").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "SET work_mem = '8MB'");
+    primary.answer("SET", b'I').await;
+    assert_eq!(tags(&a.until_ready().await), "CZ");
+
+    // B gets the connection without A's setting.
+    let mut b = h.client().await;
+    primary.syncs.clear();
+    write(&mut b, &mut primary, "insert into t values (1)").await;
+    assert_eq!(primary.syncs.len(), 1, "{:?}", primary.syncs);
+    assert!(primary.syncs[0].contains("work_mem"), "{:?}", primary.syncs);
+    assert!(!primary.syncs[0].contains("8MB"), "{:?}", primary.syncs);
+
+    // A comes back: its setting is applied again before its statement.
+    primary.syncs.clear();
+    write(&mut a, &mut primary, "insert into t values (2)").await;
+    assert_eq!(primary.syncs.len(), 1, "{:?}", primary.syncs);
+    assert!(
+        primary.syncs[0].contains("work_mem") && primary.syncs[0].contains("'8MB'"),
+        "{:?}",
+        primary.syncs
+    );
+    // And not again while nothing changed.
+    primary.syncs.clear();
+    write(&mut a, &mut primary, "insert into t values (3)").await;
+    assert!(primary.syncs.is_empty(), "{:?}", primary.syncs);
+    assert!(!h.has_pending_connection(PRIMARY));
+}
+
+#[tokio::test]
+async fn a_set_in_a_rolled_back_transaction_does_not_follow_the_client() {
+    let mut h = Harness::new(1);
+    let mut a = h.client().await;
+    a.query("SET work_mem = '8MB'").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "SET work_mem = '8MB'");
+    primary.answer("SET", b'I').await;
+    a.until_ready().await;
+
+    begin(&mut a, &mut primary).await;
+    a.query("SET work_mem = '16MB'").await;
+    assert_eq!(primary.recv_query().await, "SET work_mem = '16MB'");
+    primary.answer("SET", b'T').await;
+    a.until_ready().await;
+    a.query("rollback").await;
+    assert_eq!(primary.recv_query().await, "rollback");
+    primary.answer("ROLLBACK", b'I').await;
+    a.until_ready().await;
+
+    let mut b = h.client().await;
+    write(&mut b, &mut primary, "insert into t values (1)").await;
+    primary.syncs.clear();
+    write(&mut a, &mut primary, "insert into t values (2)").await;
+    assert_eq!(primary.syncs.len(), 1, "{:?}", primary.syncs);
+    assert!(primary.syncs[0].contains("'8MB'"), "{:?}", primary.syncs);
+    assert!(!primary.syncs[0].contains("16MB"), "{:?}", primary.syncs);
+}
+
+#[tokio::test]
+async fn the_cancel_key_names_the_server_connection_in_use() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    assert_eq!(h.shared.cancels.target(client.pid, client.secret), None);
+
+    client.query("select 1").await;
+    let mut replica = h.accept(REPLICA).await;
+    assert_eq!(replica.recv_query().await, "select 1");
+    // In flight: a cancel goes to the replica connection, with the server's own key.
+    let target = h
+        .shared
+        .cancels
+        .target(client.pid, client.secret)
+        .expect("a query in flight");
+    assert_eq!(
+        (&*target.addr, target.pid, target.secret),
+        (REPLICA, replica.pid, replica.secret)
+    );
+    assert_eq!(
+        h.shared
+            .cancels
+            .target(client.pid, client.secret.wrapping_add(1)),
+        None,
+        "wrong secret"
+    );
+    replica.answer_select("1", b'I').await;
+    client.until_ready().await;
+    assert_eq!(h.shared.cancels.target(client.pid, client.secret), None);
+
+    // Inside a transaction the key stays on the primary connection between statements.
+    client.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "begin");
+    primary.answer("BEGIN", b'T').await;
+    client.until_ready().await;
+    let target = h.shared.cancels.target(client.pid, client.secret);
+    assert_eq!(
+        target.map(|t| (t.addr.to_string(), t.pid, t.secret)),
+        Some((PRIMARY.to_owned(), primary.pid, primary.secret))
+    );
+    client.query("commit").await;
+    assert_eq!(primary.recv_query().await, "commit");
+    primary.answer("COMMIT", b'I').await;
+    client.until_ready().await;
+    assert_eq!(h.shared.cancels.target(client.pid, client.secret), None);
+}
+
+#[tokio::test]
+async fn an_unknown_message_type_ends_only_that_session() {
+    let mut h = Harness::new(2);
+    let mut other = h.client().await;
+    other.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    begin_answered(&mut other, &mut primary).await;
+
+    let mut client = h.client().await;
+    client.send(wire::frame(b'y', b"junk")).await;
+    let got = client.until_closed().await;
+    assert_eq!(tags(&got), "E");
+    assert_eq!(sqlstate(&got[0]), "08P01");
+    assert_eq!(severity(&got[0]), "FATAL");
+
+    // The other client's transaction carries on.
+    other.query("insert into t values (1)").await;
+    assert_eq!(primary.recv_query().await, "insert into t values (1)");
+    primary.answer("INSERT 0 1", b'T').await;
+    assert_eq!(tags(&other.until_ready().await), "CZ");
+    other.query("commit").await;
+    assert_eq!(primary.recv_query().await, "commit");
+    primary.answer("COMMIT", b'I').await;
+    assert_eq!(tags(&other.until_ready().await), "CZ");
+}

@@ -1,1 +1,164 @@
-//! retry tests (to be written).
+//! When a server goes away: a request its server shut down before answering is sent again
+//! elsewhere (outside a transaction only), a node that refuses connects is skipped, and a
+//! server lost mid-answer or mid-transaction ends the session with FATAL 08006.
+
+use super::*;
+
+/// Whether the topology still counts `addr` as healthy.
+fn healthy(h: &Harness, addr: &str) -> bool {
+    h.shared
+        .topology
+        .snapshot()
+        .nodes
+        .iter()
+        .find(|n| &*n.addr == addr)
+        .expect("known node")
+        .healthy
+}
+
+#[tokio::test]
+async fn a_read_is_sent_again_when_its_server_shuts_down_before_answering() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client.query("select 1").await;
+    let mut replica = h.accept(REPLICA).await;
+    assert_eq!(replica.recv_query().await, "select 1");
+    replica
+        .send(wire::error(
+            Severity::Fatal,
+            "57P01",
+            "terminating connection due to administrator command",
+        ))
+        .await;
+    drop(replica);
+
+    // The only replica is out of rotation: the read goes to the primary.
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "select 1");
+    primary.answer_select("1", b'I').await;
+    let reply = client.until_ready().await;
+    assert_eq!(tags(&reply), "TDCZ", "no error reaches the client");
+    assert!(!healthy(&h, REPLICA));
+    assert!(healthy(&h, PRIMARY));
+
+    // The session goes on, on the primary.
+    client.query("select 2").await;
+    assert_eq!(primary.recv_query().await, "select 2");
+    primary.answer_select("2", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    assert!(!h.has_pending_connection(REPLICA));
+}
+
+#[tokio::test]
+async fn a_pipelined_batch_is_sent_again_as_a_whole_after_a_shutdown() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client
+        .send(wire::batch(&[
+            wire::parse("s1", "select 1"),
+            wire::bind("", "s1", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ]))
+        .await;
+    let mut replica = h.accept(REPLICA).await;
+    assert_eq!(tags(&replica.recv_n(4).await), "PBES");
+    replica
+        .send(wire::error(Severity::Fatal, "57P01", "shutting down"))
+        .await;
+    drop(replica);
+
+    let mut primary = h.accept(PRIMARY).await;
+    let got = primary.recv_n(4).await;
+    assert_eq!(tags(&got), "PBES");
+    assert_eq!(cstrings(&got[0].1, 2)[1], "select 1");
+    primary
+        .send(wire::batch(&[
+            wire::frame(b'1', &[]),
+            wire::frame(b'2', &[]),
+            wire::data_row(&["1"]),
+            wire::complete("SELECT 1"),
+            wire::ready(b'I'),
+        ]))
+        .await;
+    // Every reply once: nothing of the failed attempt reaches the client, and the
+    // statement name it recorded is not taken for a duplicate.
+    assert_eq!(tags(&client.until_ready().await), "12DCZ");
+    assert!(!healthy(&h, REPLICA));
+}
+
+#[tokio::test]
+async fn no_retry_inside_a_transaction() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "begin");
+    primary.answer("BEGIN", b'T').await;
+    client.until_ready().await;
+
+    client.query("select 1").await;
+    assert_eq!(primary.recv_query().await, "select 1");
+    primary
+        .send(wire::error(
+            Severity::Fatal,
+            "57P01",
+            "terminating connection due to administrator command",
+        ))
+        .await;
+    drop(primary);
+
+    // The transaction is gone with its server: the client hears it, and the session ends.
+    let got = client.until_closed().await;
+    assert_eq!(tags(&got), "EE");
+    assert_eq!(sqlstate(&got[0]), "57P01");
+    assert_eq!(sqlstate(&got[1]), "08006");
+    assert_eq!(severity(&got[1]), "FATAL");
+    // Sent nowhere else.
+    assert!(!h.has_pending_connection(PRIMARY));
+    assert!(!h.has_pending_connection(REPLICA));
+}
+
+#[tokio::test]
+async fn a_server_that_dies_mid_answer_ends_the_session_with_08006() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client.query("select 1").await;
+    let mut replica = h.accept(REPLICA).await;
+    assert_eq!(replica.recv_query().await, "select 1");
+    let mut out = wire::row_description(&["?column?"]);
+    out.extend_from_slice(&wire::data_row(&["1"]));
+    replica.send(out).await;
+    drop(replica);
+
+    let got = client.until_closed().await;
+    assert_eq!(tags(&got), "TDE");
+    assert_eq!(sqlstate(&got[2]), "08006");
+    assert_eq!(severity(&got[2]), "FATAL");
+    // Half answered: not sent again anywhere.
+    assert!(!h.has_pending_connection(PRIMARY));
+    assert!(!h.has_pending_connection(REPLICA));
+    assert_eq!(h.idle(REPLICA), 0);
+
+    // Its pool slot is free again: another client's read gets a new connection.
+    let mut other = h.client().await;
+    other.query("select 2").await;
+    let mut replica = h.accept(REPLICA).await;
+    assert_eq!(replica.recv_query().await, "select 2");
+    replica.answer_select("2", b'I').await;
+    assert_eq!(tags(&other.until_ready().await), "TDCZ");
+}
+
+#[tokio::test]
+async fn a_read_goes_to_the_primary_when_the_replica_refuses_connects() {
+    let mut h = Harness::new(2);
+    h.unplug(REPLICA);
+    let mut client = h.client().await;
+    client.query("select 1").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "select 1");
+    primary.answer_select("1", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    assert!(!healthy(&h, REPLICA));
+    assert_eq!(h.idle(PRIMARY), 1);
+}
