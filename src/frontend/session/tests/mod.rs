@@ -80,25 +80,10 @@ pub(super) struct Harness {
 }
 
 impl Harness {
-    /// A primary and a replica, both up, `pool_size` connections per node.
+    /// A primary and a replica, both up, `pool_size` connections per node; a client waits
+    /// 300 ms for a busy pool.
     pub(super) fn new(pool_size: usize) -> Self {
-        Self::with_config(&format!(
-            r#"
-            listen = "127.0.0.1:0"
-            admin_listen = "127.0.0.1:0"
-            [[users]]
-            name = "app"
-            password = "app-secret"
-            [pool]
-            size = {pool_size}
-            wait_timeout = "300ms"
-            connect_timeout = "2s"
-            [topology]
-            kind = "static"
-            nodes = ["{PRIMARY}", "{REPLICA}"]
-            failover_timeout = "300ms"
-            "#
-        ))
+        Self::with_wait_timeout(pool_size, "300ms")
     }
 
     /// Like [`Self::new`], but a client waits up to `wait_timeout` (TOML duration text) for
