@@ -26,7 +26,8 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync + Debug + 'sta
     ///
     /// The default polls one read with a no-op waker: for TCP that costs a system call only
     /// when the reactor saw the socket become readable since it was last drained, so a
-    /// quiet socket reads as "not ready" without asking the kernel.
+    /// quiet socket reads as "not ready" without asking the kernel. A byte it reads is
+    /// lost: call it only on a connection that is dropped if it is stale.
     fn is_stale(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         let mut probe = [0u8; 1];

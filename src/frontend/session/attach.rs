@@ -12,7 +12,6 @@ use crate::backend::PoolError;
 use crate::error::ClientError;
 use crate::frontend::cancel::CancelTarget;
 use crate::net::NetError;
-use crate::protocol::frame::put_frame;
 use crate::protocol::messages;
 use crate::protocol::MAX_MESSAGE_LEN;
 use crate::route::Target;
@@ -132,28 +131,26 @@ impl Session<'_> {
             status,
             unsynced,
         } = link;
-        if status == b'I' && !unsynced {
+        if unsynced {
+            // The client left in the middle of an extended-protocol batch: what it ran is
+            // in an implicit transaction that a Sync would commit. Closing the connection
+            // makes the server roll it back.
+            return;
+        }
+        if status == b'I' {
             conn.release();
             return;
         }
         let mut out = BytesMut::new();
-        let mut expected = 1;
-        if unsynced {
-            put_frame(&mut out, b'S', &[]);
-            expected += 1;
-        }
         messages::query(&mut out, "ROLLBACK");
         let rollback = async {
             conn.io.send(&mut out).await?;
-            let mut status = b'E';
-            while expected > 0 {
+            loop {
                 let frame = conn.io.read_frame(MAX_MESSAGE_LEN).await?;
                 if frame[0] == b'Z' {
-                    expected -= 1;
-                    status = frame.get(5).copied().unwrap_or(b'E');
+                    return Ok::<u8, NetError>(frame.get(5).copied().unwrap_or(b'E'));
                 }
             }
-            Ok::<u8, NetError>(status)
         };
         match tokio::time::timeout(self.shared.config.pool.connect_timeout, rollback).await {
             Ok(Ok(b'I')) => {

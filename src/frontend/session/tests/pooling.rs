@@ -98,8 +98,6 @@ async fn a_client_that_vanishes_inside_a_transaction_is_rolled_back() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a client that leaves after Execute without Sync gets a Sync sent for it, \
-            which commits its unsynced work before the ROLLBACK"]
 async fn a_client_that_vanishes_before_sync_has_its_work_rolled_back_not_committed() {
     let mut h = Harness::new(1);
     let mut a = h.client().await;
