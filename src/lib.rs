@@ -8,8 +8,11 @@
 //! - [`config`]: the TOML config and its validation.
 //! - [`server`]: the accept loop and shutdown; [`server::run`] is the library entry point.
 //! - [`protocol`]: framing and the few messages pgway reads or writes (no I/O policy).
-//! - [`net`]: a socket with a read buffer that yields frames.
-//! - [`frontend`]: startup, authentication, cancel, the per-client session loop.
+//! - [`error`]: every error pgway itself tells a client, mapped to SQLSTATE and severity.
+//! - [`net`]: the [`net::Transport`] trait (TCP, in-memory streams) and a stream with a
+//!   read buffer that yields frames.
+//! - [`frontend`]: startup, authentication, cancel, and [`frontend::session`], the
+//!   per-client state machine.
 //! - [`backend`]: server connections and their pools.
 //! - [`route`]: SQL classification (sqlparser) and routing decisions.
 //! - [`settings`]: session settings that follow a client across server connections.

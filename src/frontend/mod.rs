@@ -1,4 +1,5 @@
-//! Client side: startup, authentication, cancel requests and the per-client message loop.
+//! Client side: startup, authentication, cancel requests and the per-client session
+//! ([`session`], a state machine).
 
 pub mod auth;
 pub mod cancel;

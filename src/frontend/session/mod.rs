@@ -7,7 +7,7 @@
 //!
 //! # States
 //!
-//! Where the client stands is a [`State`]; the server connection belongs to the states
+//! Where the client stands is a `State`; the server connection belongs to the states
 //! that have one.
 //!
 //! - **Idle**: no server connection. The client's next request is routed (a replica for a
@@ -36,16 +36,16 @@
 //! ```
 //!
 //! A request's bookkeeping (its session effects, whether it failed, whether it may be
-//! sent again) is one [`Request`], reset in one place.
+//! sent again) is one `Request`, reset in one place.
 //!
 //! # Files
-//! - [`serve`](self::serve): the loop: reading the client's messages, routing, sending a
+//! - `serve.rs`: the loop: reading the client's messages, routing, sending a
 //!   request (again, if its server shut down before answering).
-//! - [`relay`](self::relay): replies, and what is expected of the server in what order.
-//! - [`prepared`](self::prepared): the client's prepared statements and their names on
+//! - `relay.rs`: replies, and what is expected of the server in what order.
+//! - `prepared.rs`: the client's prepared statements and their names on
 //!   server connections.
-//! - [`effects`](self::effects): session effects (SET, pins, DISCARD, `pgway.target`).
-//! - [`attach`](self::attach): taking and releasing a server connection, and cleaning up
+//! - `effects.rs`: session effects (SET, pins, DISCARD, `pgway.target`).
+//! - `attach.rs`: taking and releasing a server connection, and cleaning up
 //!   when the client leaves.
 
 mod attach;
