@@ -202,11 +202,15 @@ impl Session<'_> {
             self.to_server.extend_from_slice(frame);
             self.server_mut()?.unnamed = Some((prepared.hash, client_id));
             self.expect(Reply::Parse, true, None);
-        } else if self.server_mut()?.statements.touch(prepared.hash) {
+            return Ok(());
+        }
+        if self.server_mut()?.statements.touch(prepared.hash) {
             self.expected.push_back(Expect::Local(local_reply(b'1')));
         } else {
             self.prepare_on_server(&prepared, true)?;
         }
+        self.expected
+            .push_back(Expect::Defines(parse.name.to_vec()));
         Ok(())
     }
 

@@ -60,6 +60,10 @@ pub(super) enum Expect {
     /// A reply pgway sends itself when its turn comes (ParseComplete, CloseComplete, or an
     /// error pgway raised for a message of the batch).
     Local(BytesMut),
+    /// Follows the reply to a client's named Parse: once everything before it was answered,
+    /// the statement exists. Skipped after an error (the Parse failed, or the server
+    /// skipped it), the client's name is forgotten again, as PostgreSQL never created it.
+    Defines(Vec<u8>),
 }
 
 /// A reply pgway gives itself: a message with an empty body (ParseComplete, CloseComplete).
@@ -78,9 +82,9 @@ impl Session<'_> {
         });
     }
 
-    /// Sends pgway's own replies that are due.
+    /// Sends pgway's own replies that are due (and passes the statements defined by now).
     pub(super) fn emit_local(&mut self) {
-        while let Some(Expect::Local(_)) = self.expected.front() {
+        while let Some(Expect::Local(_) | Expect::Defines(_)) = self.expected.front() {
             if let Some(Expect::Local(frame)) = self.expected.pop_front() {
                 self.out.extend_from_slice(&frame);
             }
@@ -103,6 +107,9 @@ impl Session<'_> {
                     if let Some(link) = self.state.link_mut() {
                         link.conn.statements.remove(hash);
                     }
+                }
+                Expect::Defines(name) => {
+                    self.statements.remove(name);
                 }
                 _ => {}
             }

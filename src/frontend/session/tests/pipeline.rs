@@ -212,8 +212,6 @@ async fn a_duplicate_statement_name_is_refused_by_pgway_and_the_rest_skipped_to_
 }
 
 #[tokio::test]
-#[ignore = "bug: a named Parse the server rejects stays in the client's statement table, so \
-            preparing the name again gets 42P05 from pgway"]
 async fn a_named_parse_the_server_rejects_leaves_the_name_free() {
     let mut h = Harness::new(2);
     let mut client = h.client().await;
@@ -247,6 +245,45 @@ async fn a_named_parse_the_server_rejects_leaves_the_name_free() {
         "the server got no Parse: pgway refused it itself"
     );
     assert_eq!(replica.recv().await.0, b'S');
+    replica
+        .send(wire::batch(&[wire::frame(b'1', &[]), wire::ready(b'I')]))
+        .await;
+    assert_eq!(tags(&client.until_ready().await), "1Z");
+}
+
+#[tokio::test]
+async fn a_named_parse_the_server_skipped_after_an_error_leaves_the_name_free() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    // The unnamed Parse fails; PostgreSQL skips the named one after it, up to Sync.
+    client
+        .send(wire::batch(&[
+            wire::parse("", "selec 1"),
+            wire::parse("s2", "select 2"),
+            wire::sync(),
+        ]))
+        .await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(tags(&primary.recv_n(3).await), "PPS");
+    primary
+        .send(wire::batch(&[
+            wire::error(
+                Severity::Error,
+                "42601",
+                "syntax error at or near \"selec\"",
+            ),
+            wire::ready(b'I'),
+        ]))
+        .await;
+    let reply = client.until_ready().await;
+    assert_eq!(tags(&reply), "EZ", "no ParseComplete for the skipped Parse");
+
+    // s2 was never created: preparing it now reaches the server, with no 42P05 from pgway.
+    client
+        .send(wire::batch(&[wire::parse("s2", "select 2"), wire::sync()]))
+        .await;
+    let mut replica = h.accept(REPLICA).await;
+    assert_eq!(tags(&replica.recv_n(2).await), "PS");
     replica
         .send(wire::batch(&[wire::frame(b'1', &[]), wire::ready(b'I')]))
         .await;
