@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# A/B of two pgway builds on the same machine, interleaved: pgbench -S with 1 client
+# (latency) and with 32 clients (tps) against build A, then build B, round after round, each
+# build started fresh on compare.sh's config and port. Prints every run and, per round, B's
+# ratio to A; the medians at the end. For "did this change move the hot path?", where
+# compare.sh answers "how does pgway stand against the others?".
+#
+#   benches/ab.sh OLD_BINARY NEW_BINARY
+#
+# Knobs: ROUNDS=4, DURATION=10 (seconds per run). Run benches/compare.sh once first: it
+# leaves the PostgreSQL pair and the configs in .bench/run (or $PGWAY_BENCH_DIR/run).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$REPO/scripts/lib.sh"
+PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
+ROUNDS=${ROUNDS:-4}
+DURATION=${DURATION:-10}
+BENCH_DIR=$(bench_pair_dir)
+RUN=$BENCH_DIR/run
+
+die() {
+    echo "ab: ERROR: $*" >&2
+    exit 1
+}
+(($# == 2)) || die "usage: benches/ab.sh OLD_BINARY NEW_BINARY"
+A=$1
+B=$2
+[[ -x $A && -x $B ]] || die "both binaries must exist and be executable"
+[[ -f $RUN/pgway.toml ]] || die "no config in $RUN: run benches/compare.sh first"
+
+start_bench_pair "$BENCH_DIR"
+PORT=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
+PID=
+OUT=$(mktemp -d)
+cleanup() {
+    [[ -n $PID ]] && kill "$PID" 2>/dev/null
+    rm -rf "$OUT"
+}
+trap cleanup EXIT
+
+start() {
+    NO_COLOR=1 "$1" --config "$RUN/pgway.toml" >"$OUT/pgway.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 1 100); do
+        PGPASSWORD=app-secret psql -h 127.0.0.1 -p "$PORT" -U app -d bench -Atqc 'select 1' \
+            >/dev/null 2>&1 && return
+        sleep 0.1
+    done
+    die "$1 did not come up; $(tail -3 "$OUT/pgway.log")"
+}
+
+stop() {
+    kill "$PID"
+    wait "$PID" 2>/dev/null || true
+    PID=
+}
+
+# run BINARY CLIENTS: prints the latency (1 client, ms) or the tps (more clients).
+run() {
+    start "$1"
+    # A short warm-up fills the pool.
+    PGPASSWORD=app-secret pgbench -n -S -c "$2" -j 2 -T 2 -h 127.0.0.1 -p "$PORT" -U app bench \
+        >/dev/null 2>&1
+    PGPASSWORD=app-secret pgbench -n -S -c "$2" -j $(($2 > 1 ? 2 : 1)) -T "$DURATION" \
+        -h 127.0.0.1 -p "$PORT" -U app bench >"$OUT/pgbench.log" 2>&1 ||
+        die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
+    stop
+    if (($2 == 1)); then
+        sed -nE 's/^latency average = ([0-9.]+) ms/\1/p' "$OUT/pgbench.log"
+    else
+        sed -nE 's/^tps = ([0-9.]+) .*/\1/p' "$OUT/pgbench.log"
+    fi
+}
+
+median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+echo "A = $A"
+echo "B = $B"
+: >"$OUT/s1" && : >"$OUT/s32"
+for ((round = 1; round <= ROUNDS; round++)); do
+    # Alternate which build goes first.
+    if ((round % 2)); then first=$A second=$B; else first=$B second=$A; fi
+    declare -A got=()
+    for sc in 1 32; do
+        got[$first.$sc]=$(run "$first" "$sc")
+        got[$second.$sc]=$(run "$second" "$sc")
+    done
+    r1=$(awk -v a="${got[$A.1]}" -v b="${got[$B.1]}" 'BEGIN {printf "%.3f", b / a}')
+    r32=$(awk -v a="${got[$A.32]}" -v b="${got[$B.32]}" 'BEGIN {printf "%.3f", b / a}')
+    echo "$r1" >>"$OUT/s1"
+    echo "$r32" >>"$OUT/s32"
+    printf 'round %d: -S 1 client latency A %s ms, B %s ms (B/A %s); -S 32 clients A %.0f tps, B %.0f tps (B/A %s)\n' \
+        "$round" "${got[$A.1]}" "${got[$B.1]}" "$r1" "${got[$A.32]}" "${got[$B.32]}" "$r32"
+    unset got
+done
+echo "median B/A: -S 1 client latency $(median <"$OUT/s1") (lower is better for B); -S 32 clients tps $(median <"$OUT/s32") (higher is better for B)"
