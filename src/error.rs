@@ -33,8 +33,6 @@ pub mod sqlstate {
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     /// `57P05` idle_session_timeout.
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
-    /// `0A000` feature_not_supported.
-    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// `42P05` duplicate_prepared_statement.
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     /// `22023` invalid_parameter_value.
@@ -81,9 +79,6 @@ pub enum ClientError {
     /// `client.max_connections` clients are connected already.
     #[error("sorry, too many clients already")]
     TooManyClients,
-    /// A statement whose effect cannot follow the session across pooled connections.
-    #[error("{0} is not supported through pgway: it cannot follow the session across pooled connections")]
-    Unsupported(&'static str),
     /// A Parse under a name the client already uses.
     #[error("prepared statement \"{0}\" already exists")]
     DuplicatePreparedStatement(String),
@@ -131,7 +126,6 @@ impl ClientError {
             | Self::ConnectFailed(_) => CONNECTION_FAILURE,
             Self::Shutdown => ADMIN_SHUTDOWN,
             Self::PoolTimeout(_) | Self::TooManyClients => TOO_MANY_CONNECTIONS,
-            Self::Unsupported(_) => FEATURE_NOT_SUPPORTED,
             Self::DuplicatePreparedStatement(_) => DUPLICATE_PREPARED_STATEMENT,
             Self::InvalidParameterValue { .. } => INVALID_PARAMETER_VALUE,
             Self::BadPassword(_) => INVALID_PASSWORD,
@@ -157,7 +151,6 @@ impl ClientError {
             Self::NoPrimary(_)
             | Self::ConnectFailed(_)
             | Self::PoolTimeout(_)
-            | Self::Unsupported(_)
             | Self::DuplicatePreparedStatement(_)
             | Self::InvalidParameterValue { .. } => Severity::Error,
             // At login a refusal ends the connection; the session reports a refusal of a
@@ -220,7 +213,7 @@ mod tests {
             ClientError::ServerLost("eof".into()),
             ClientError::Shutdown,
             ClientError::TooManyClients,
-            ClientError::Unsupported("LOAD"),
+            ClientError::DuplicatePreparedStatement("s1".into()),
             ClientError::Server {
                 code: "3D000".into(),
                 message: "database \"x\" does not exist".into(),
@@ -229,7 +222,7 @@ mod tests {
         let codes: Vec<_> = errors.iter().map(ClientError::sqlstate).collect();
         assert_eq!(
             codes,
-            ["08P01", "08P01", "08006", "57P01", "53300", "0A000", "3D000"]
+            ["08P01", "08P01", "08006", "57P01", "53300", "42P05", "3D000"]
         );
         let mut out = BytesMut::new();
         ClientError::Shutdown.write(&mut out);

@@ -38,10 +38,10 @@ fn parse_target(value: &str) -> Option<Option<Hint>> {
     }
 }
 
-/// What pgway refuses among a statement's effects, before any server sees it.
+/// What pgway refuses among a statement's effects, before any server sees it: only values
+/// of its own settings it cannot take. Everything else goes to the server, which answers.
 pub(super) fn refusal(effects: &[SessionEffect]) -> Option<ClientError> {
     effects.iter().find_map(|effect| match effect {
-        SessionEffect::Unsupported(what) => Some(ClientError::Unsupported(what)),
         SessionEffect::Set { name, value }
             if name == TARGET_SETTING && parse_target(value).is_none() =>
         {
@@ -163,13 +163,15 @@ impl Session<'_> {
                     self.statements.remove(name.as_bytes());
                 }
                 SessionEffect::Pin(reason) => self.pin(reason),
+                // pgway cannot follow it to another connection: the client stays on this
+                // one, so nobody else gets the setting and the client keeps it.
+                SessionEffect::Untracked(_) => self.pin(PinReason::Untracked),
                 SessionEffect::SetLocal
                 | SessionEffect::DiscardOther
                 | SessionEffect::Unlisten
                 | SessionEffect::Savepoint(_)
                 | SessionEffect::RollbackToSavepoint(_)
-                | SessionEffect::ReleaseSavepoint(_)
-                | SessionEffect::Unsupported(_) => {}
+                | SessionEffect::ReleaseSavepoint(_) => {}
             }
         }
         if settings_changed {

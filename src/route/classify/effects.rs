@@ -34,6 +34,9 @@ pub enum PinReason {
     Listen,
     /// `DECLARE name ... CURSOR WITH HOLD FOR ...`.
     HoldCursor,
+    /// A session-level statement whose effect pgway cannot follow across connections
+    /// ([`SessionEffect::Untracked`]) succeeded on the server.
+    Untracked,
 }
 
 /// How a statement changes session state that pgway tracks per client.
@@ -100,11 +103,13 @@ pub enum SessionEffect {
     ReleaseSavepoint(String),
     /// Session-bound state: pin the client.
     Pin(PinReason),
-    /// A session-level statement pgway cannot keep across pooled connections
-    /// and should refuse, naming it: `"SET SESSION CHARACTERISTICS"`, or
-    /// `"SET"`, `"RESET"`, `"DISCARD"`, `"DEALLOCATE"` for a statement of
-    /// that kind whose form was not recognised (never guessed).
-    Unsupported(&'static str),
+    /// A session-level statement whose effect pgway cannot follow across pooled
+    /// connections, naming it: `"SET SESSION CHARACTERISTICS"` of a form not
+    /// recognised, or `"SET"`, `"RESET"`, `"DISCARD"`, `"DEALLOCATE"` for a
+    /// statement of that kind whose form was not recognised (never guessed). It
+    /// goes to the server, which gives its own answer; if it succeeds, the client
+    /// is pinned to that connection ([`PinReason::Untracked`]).
+    Untracked(&'static str),
 }
 
 /// Session-level advisory lock functions: the lock outlives the transaction.
@@ -123,7 +128,9 @@ pub(super) fn session_effects(sql: &str, tokens: &[TokenWithSpan]) -> Vec<Sessio
     for statement in split_statements(tokens) {
         let words: Vec<&TokenWithSpan> =
             statement.iter().filter(|t| !is_trivia(&t.token)).collect();
-        if let Some(effect) = statement_effect(&words, statement, &mut locator) {
+        if let Some(settings) = session_characteristics(&words) {
+            effects.extend(settings);
+        } else if let Some(effect) = statement_effect(&words, statement, &mut locator) {
             effects.push(effect);
         }
     }
@@ -153,6 +160,63 @@ fn statement_effect(
     } else {
         pin_effect(words, tokens).map(SessionEffect::Pin)
     }
+}
+
+/// `SET SESSION CHARACTERISTICS AS TRANSACTION mode [[,] mode ...]`: the three settings
+/// it stands for (`default_transaction_isolation`, `default_transaction_read_only`,
+/// `default_transaction_deferrable`), one `Set` per mode. `None` if the statement is not
+/// that, or a mode is not recognised (then it is [`SessionEffect::Untracked`]).
+fn session_characteristics(words: &[&TokenWithSpan]) -> Option<Vec<SessionEffect>> {
+    let head = ["SET", "SESSION", "CHARACTERISTICS", "AS", "TRANSACTION"];
+    if words.len() <= head.len()
+        || !head
+            .iter()
+            .zip(words)
+            .all(|(keyword, word)| is_kw(&word.token, keyword))
+    {
+        return None;
+    }
+    let set = |name: &str, value: &str| SessionEffect::Set {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    };
+    let kw = |i: usize, keyword: &str| words.get(i).is_some_and(|w| is_kw(&w.token, keyword));
+    let mut effects = Vec::new();
+    let mut i = head.len();
+    while i < words.len() {
+        if words[i].token == Token::Comma && !effects.is_empty() {
+            i += 1;
+            continue;
+        }
+        if kw(i, "ISOLATION") && kw(i + 1, "LEVEL") {
+            let (level, used) = if kw(i + 2, "SERIALIZABLE") {
+                ("'serializable'", 1)
+            } else if kw(i + 2, "REPEATABLE") && kw(i + 3, "READ") {
+                ("'repeatable read'", 2)
+            } else if kw(i + 2, "READ") && kw(i + 3, "COMMITTED") {
+                ("'read committed'", 2)
+            } else if kw(i + 2, "READ") && kw(i + 3, "UNCOMMITTED") {
+                ("'read uncommitted'", 2)
+            } else {
+                return None;
+            };
+            effects.push(set("default_transaction_isolation", level));
+            i += 2 + used;
+        } else if kw(i, "READ") && (kw(i + 1, "ONLY") || kw(i + 1, "WRITE")) {
+            let on = if kw(i + 1, "ONLY") { "on" } else { "off" };
+            effects.push(set("default_transaction_read_only", on));
+            i += 2;
+        } else if kw(i, "DEFERRABLE") {
+            effects.push(set("default_transaction_deferrable", "on"));
+            i += 1;
+        } else if kw(i, "NOT") && kw(i + 1, "DEFERRABLE") {
+            effects.push(set("default_transaction_deferrable", "off"));
+            i += 2;
+        } else {
+            return None;
+        }
+    }
+    Some(effects)
 }
 
 /// `=` or `TO`: the assignment in `SET name = value`.
@@ -237,7 +301,7 @@ fn guc_name(words: &[&TokenWithSpan]) -> Option<(String, usize)> {
 /// `VariableSetStmt` and `ConstraintsSetStmt` grammar. `None` only for
 /// `SET name FROM CURRENT`, which keeps the value the client already has.
 fn set_effect(words: &[&TokenWithSpan], locator: &mut Locator<'_>) -> Option<SessionEffect> {
-    const UNSUPPORTED: SessionEffect = SessionEffect::Unsupported("SET");
+    const UNSUPPORTED: SessionEffect = SessionEffect::Untracked("SET");
     let mut rest = words.get(1..).unwrap_or_default();
 
     // A keyword followed by `=`, `TO` or `.` is a parameter name, not syntax
@@ -268,7 +332,9 @@ fn set_effect(words: &[&TokenWithSpan], locator: &mut Locator<'_>) -> Option<Ses
         return Some(SessionEffect::SetLocal);
     }
     if is_syntax(rest, "SESSION") && second_is(rest, "CHARACTERISTICS") {
-        return Some(SessionEffect::Unsupported("SET SESSION CHARACTERISTICS"));
+        // Handled whole by `session_characteristics` (several effects); here only when
+        // that did not recognise it.
+        return Some(SessionEffect::Untracked("SET SESSION CHARACTERISTICS"));
     }
     if is_syntax(rest, "SESSION") && second_is(rest, "AUTHORIZATION") {
         return Some(match rest.get(2..).unwrap_or_default() {
@@ -356,7 +422,7 @@ fn time_zone_effect(value: &[&TokenWithSpan], locator: &mut Locator<'_>) -> Sess
         {
             set_value("timezone", value, locator)
         }
-        _ => SessionEffect::Unsupported("SET"),
+        _ => SessionEffect::Untracked("SET"),
     }
 }
 
@@ -368,7 +434,7 @@ fn set_value(name: &str, value: &[&TokenWithSpan], locator: &mut Locator<'_>) ->
             name: name.to_owned(),
             value: value.to_owned(),
         },
-        None => SessionEffect::Unsupported("SET"),
+        None => SessionEffect::Untracked("SET"),
     }
 }
 
@@ -445,7 +511,7 @@ fn reset_effect(words: &[&TokenWithSpan]) -> SessionEffect {
     }
     match guc_name(rest) {
         Some((name, used)) if used == rest.len() => SessionEffect::Reset(name),
-        _ => SessionEffect::Unsupported("RESET"),
+        _ => SessionEffect::Untracked("RESET"),
     }
 }
 
@@ -460,7 +526,7 @@ fn discard_effect(words: &[&TokenWithSpan]) -> SessionEffect {
         {
             SessionEffect::DiscardOther
         }
-        _ => SessionEffect::Unsupported("DISCARD"),
+        _ => SessionEffect::Untracked("DISCARD"),
     }
 }
 
@@ -530,9 +596,9 @@ fn deallocate_effect(words: &[&TokenWithSpan]) -> SessionEffect {
             Token::Word(w) if w.quote_style == Some('"') && !w.value.is_empty() => {
                 SessionEffect::Deallocate(w.value.clone())
             }
-            _ => SessionEffect::Unsupported("DEALLOCATE"),
+            _ => SessionEffect::Untracked("DEALLOCATE"),
         },
-        _ => SessionEffect::Unsupported("DEALLOCATE"),
+        _ => SessionEffect::Untracked("DEALLOCATE"),
     }
 }
 
@@ -743,10 +809,10 @@ pub(super) fn untokenized_session_effects(sql: &str) -> Vec<SessionEffect> {
         .unwrap_or(rest.len());
     let word = rest.get(..end).unwrap_or_default().to_ascii_lowercase();
     let effect = match word.as_str() {
-        "set" => SessionEffect::Unsupported("SET"),
-        "reset" => SessionEffect::Unsupported("RESET"),
-        "discard" => SessionEffect::Unsupported("DISCARD"),
-        "deallocate" => SessionEffect::Unsupported("DEALLOCATE"),
+        "set" => SessionEffect::Untracked("SET"),
+        "reset" => SessionEffect::Untracked("RESET"),
+        "discard" => SessionEffect::Untracked("DISCARD"),
+        "deallocate" => SessionEffect::Untracked("DEALLOCATE"),
         "unlisten" => SessionEffect::Unlisten,
         "listen" => SessionEffect::Pin(PinReason::Listen),
         "prepare" => SessionEffect::Pin(PinReason::Prepare),
@@ -897,11 +963,26 @@ mod tests {
             ("set constraints all deferred", SessionEffect::SetLocal),
             (
                 "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-                SessionEffect::Unsupported("SET SESSION CHARACTERISTICS"),
+                set("default_transaction_isolation", "'serializable'"),
+            ),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL NEVER",
+                SessionEffect::Untracked("SET SESSION CHARACTERISTICS"),
             ),
         ] {
             assert_eq!(effects(sql), vec![effect], "{sql}");
         }
+        assert_eq!(
+            effects(
+                "set session characteristics as transaction isolation level repeatable read, \
+                 read only not deferrable"
+            ),
+            vec![
+                set("default_transaction_isolation", "'repeatable read'"),
+                set("default_transaction_read_only", "on"),
+                set("default_transaction_deferrable", "off"),
+            ]
+        );
         assert!(effects("set search_path from current").is_empty());
         for sql in [
             "set",
@@ -936,7 +1017,7 @@ mod tests {
             "set session authorization",
         ] {
             let got = effects(sql);
-            assert_eq!(got, vec![SessionEffect::Unsupported("SET")], "{sql}");
+            assert_eq!(got, vec![SessionEffect::Untracked("SET")], "{sql}");
         }
     }
 
@@ -954,15 +1035,15 @@ mod tests {
             ),
             ("reset transaction isolation level", SessionEffect::SetLocal),
             ("RESET ALL", SessionEffect::ResetAll),
-            ("reset", SessionEffect::Unsupported("RESET")),
-            ("reset a b", SessionEffect::Unsupported("RESET")),
+            ("reset", SessionEffect::Untracked("RESET")),
+            ("reset a b", SessionEffect::Untracked("RESET")),
             ("discard all", SessionEffect::DiscardAll),
             ("DISCARD PLANS", SessionEffect::DiscardOther),
             ("discard sequences", SessionEffect::DiscardOther),
             ("discard temp", SessionEffect::DiscardOther),
             ("discard temporary", SessionEffect::DiscardOther),
-            ("discard", SessionEffect::Unsupported("DISCARD")),
-            ("discard everything", SessionEffect::Unsupported("DISCARD")),
+            ("discard", SessionEffect::Untracked("DISCARD")),
+            ("discard everything", SessionEffect::Untracked("DISCARD")),
             ("deallocate s1", SessionEffect::Deallocate("s1".to_owned())),
             ("DEALLOCATE S1", SessionEffect::Deallocate("s1".to_owned())),
             (
@@ -979,8 +1060,8 @@ mod tests {
                 "deallocate \"all\"",
                 SessionEffect::Deallocate("all".to_owned()),
             ),
-            ("deallocate", SessionEffect::Unsupported("DEALLOCATE")),
-            ("deallocate a, b", SessionEffect::Unsupported("DEALLOCATE")),
+            ("deallocate", SessionEffect::Untracked("DEALLOCATE")),
+            ("deallocate a, b", SessionEffect::Untracked("DEALLOCATE")),
             ("unlisten *", SessionEffect::Unlisten),
             ("UNLISTEN foo", SessionEffect::Unlisten),
             ("unlisten", SessionEffect::Unlisten),
@@ -1228,10 +1309,10 @@ mod tests {
         // The tokenizer rejects an unterminated quote; the leading word still
         // decides, and SET-like statements are never guessed.
         for (sql, effect) in [
-            ("set x = 'unterminated", SessionEffect::Unsupported("SET")),
-            ("/* c */ RESET \"x", SessionEffect::Unsupported("RESET")),
-            ("discard 'x", SessionEffect::Unsupported("DISCARD")),
-            ("deallocate \"x", SessionEffect::Unsupported("DEALLOCATE")),
+            ("set x = 'unterminated", SessionEffect::Untracked("SET")),
+            ("/* c */ RESET \"x", SessionEffect::Untracked("RESET")),
+            ("discard 'x", SessionEffect::Untracked("DISCARD")),
+            ("deallocate \"x", SessionEffect::Untracked("DEALLOCATE")),
             ("listen \"x", SessionEffect::Pin(PinReason::Listen)),
             (
                 "prepare q as select 'x",

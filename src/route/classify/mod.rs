@@ -84,7 +84,7 @@
 //!   sqlparser's, which rejects `SET SCHEMA`, `SET XML OPTION`,
 //!   `SET CONSTRAINTS`, `SET local.x = 1`, `RESET TIME ZONE`, ... and cannot
 //!   tell `SET x = DEFAULT` from `SET x = "default"`. A form that is not
-//!   recognised is [`SessionEffect::Unsupported`], never a guess.
+//!   recognised is [`SessionEffect::Untracked`], never a guess.
 //! * A `SET` value is the input text from its first token to its last
 //!   (outer comments excluded, inner ones kept), located through the
 //!   tokenizer's line/column positions and checked by tokenizing the slice

@@ -150,3 +150,76 @@ async fn sql_prepare_pins_and_deallocate_all_then_goes_to_its_server() {
     assert!(!h.has_pending_connection(PRIMARY));
     assert!(!h.has_pending_connection(REPLICA));
 }
+
+#[tokio::test]
+async fn a_set_pgway_cannot_follow_goes_to_the_server_and_pins_when_it_succeeds() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    // A value pgway cannot replay exactly: the server decides.
+    client.query("SET x.y = 'a' 'b'").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "SET x.y = 'a' 'b'");
+    primary
+        .send(wire::batch(&[
+            wire::error(Severity::Error, "42601", "syntax error at or near \"'b'\""),
+            wire::ready(b'I'),
+        ]))
+        .await;
+    let reply = client.until_ready().await;
+    assert_eq!(tags(&reply), "EZ");
+    assert_eq!(sqlstate(&reply[0]), "42601", "the server's own answer");
+    assert_eq!(h.idle(PRIMARY), 1, "a failed statement does not pin");
+
+    // When the server takes it, the client stays on that connection.
+    client.query("SET x.y = 'a' 'b'").await;
+    assert_eq!(primary.recv_query().await, "SET x.y = 'a' 'b'");
+    primary.answer("SET", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "CZ");
+    assert_eq!(h.idle(PRIMARY), 0, "pinned");
+    client.query("select 1").await;
+    assert_eq!(primary.recv_query().await, "select 1");
+    primary.answer_select("1", b'I').await;
+    client.until_ready().await;
+    assert!(!h.has_pending_connection(REPLICA));
+}
+
+#[tokio::test]
+async fn session_characteristics_follow_the_client() {
+    let mut h = Harness::new(1);
+    let mut a = h.client().await;
+    a.query("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await;
+    let mut primary = h.accept(PRIMARY).await;
+    primary.recv_query().await;
+    primary.answer("SET", b'I').await;
+    assert_eq!(tags(&a.until_ready().await), "CZ");
+    assert_eq!(h.idle(PRIMARY), 1, "followed, not pinned");
+
+    // Another client on the one connection gets the default back first ...
+    let mut b = h.client().await;
+    b.query("insert into t values (1)").await;
+    assert_eq!(primary.recv_query().await, "insert into t values (1)");
+    assert!(
+        primary
+            .syncs
+            .last()
+            .is_some_and(|s| s.contains("RESET default_transaction_isolation")),
+        "{:?}",
+        primary.syncs
+    );
+    primary.answer("INSERT 0 1", b'I').await;
+    b.until_ready().await;
+    // ... and the first client's setting comes back with it.
+    a.query("insert into t values (2)").await;
+    assert_eq!(primary.recv_query().await, "insert into t values (2)");
+    assert!(
+        primary
+            .syncs
+            .last()
+            .is_some_and(|s| s.contains("default_transaction_isolation = 'repeatable read'")),
+        "{:?}",
+        primary.syncs
+    );
+    primary.answer("INSERT 0 1", b'I').await;
+    a.until_ready().await;
+}
