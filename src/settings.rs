@@ -105,6 +105,12 @@ pub struct ClientSettings {
     pub current: Settings,
 }
 
+/// The session user (`SET SESSION AUTHORIZATION`). Setting or resetting it resets
+/// [`ROLE`] on the server.
+pub const SESSION_AUTHORIZATION: &str = "session_authorization";
+/// The current role (`SET ROLE`).
+pub const ROLE: &str = "role";
+
 /// StartupMessage keys that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
 
@@ -246,16 +252,40 @@ pub fn sync_query(applied: &mut Applied, wanted: &Settings) -> Option<String> {
     } else {
         &applied.settings
     };
-    for (name, value) in wanted.values.iter() {
-        if have.get(name) != Some(value) {
-            push_set(&mut sql, name, value);
+    // What differs: a value to set, or `None` to reset.
+    let mut changes: Vec<(&str, Option<&Value>)> = wanted
+        .values
+        .iter()
+        .filter(|(name, value)| have.get(name) != Some(*value))
+        .map(|(name, value)| (name.as_str(), Some(value)))
+        .chain(
+            have.values
+                .keys()
+                .filter(|name| !wanted.values.contains_key(*name))
+                .map(|name| (name.as_str(), None)),
+        )
+        .collect();
+    // Setting (or resetting) the session user resets the current role on the server: it
+    // goes first, and the role the client wants is then set again.
+    if let Some(at) = changes
+        .iter()
+        .position(|(name, _)| *name == SESSION_AUTHORIZATION)
+    {
+        let authorization = changes.remove(at);
+        changes.retain(|(name, _)| *name != ROLE);
+        changes.insert(0, authorization);
+        if let Some(role) = wanted.get(ROLE) {
+            changes.insert(1, (ROLE, Some(role)));
         }
     }
-    for name in have.values.keys() {
-        if !wanted.values.contains_key(name) {
-            sql.push_str("RESET ");
-            sql.push_str(&quote_name(name));
-            sql.push(';');
+    for (name, value) in changes {
+        match value {
+            Some(value) => push_set(&mut sql, name, value),
+            None => {
+                sql.push_str("RESET ");
+                sql.push_str(&quote_name(name));
+                sql.push(';');
+            }
         }
     }
     applied.settings = wanted.clone();
@@ -339,6 +369,32 @@ mod tests {
         client.reset("timezone");
         client.reset("work_mem");
         assert_eq!(client.current, client.startup);
+    }
+
+    #[test]
+    fn the_session_user_is_replayed_before_the_role() {
+        let mut applied = Applied::default();
+        let mut wanted = Settings::default();
+        wanted.set(ROLE, Value::Sql("u9".into()));
+        wanted.set(SESSION_AUTHORIZATION, Value::Sql("u8".into()));
+        assert_eq!(
+            sync_query(&mut applied, &wanted).as_deref(),
+            Some("SET SESSION AUTHORIZATION u8;SET ROLE u9;")
+        );
+        // A new session user resets the role on the server: the role goes again.
+        let mut next = wanted.clone();
+        next.set(SESSION_AUTHORIZATION, Value::Sql("u10".into()));
+        assert_eq!(
+            sync_query(&mut applied, &next).as_deref(),
+            Some("SET SESSION AUTHORIZATION u10;SET ROLE u9;")
+        );
+        let mut reset = next.clone();
+        reset.remove(SESSION_AUTHORIZATION);
+        reset.remove(ROLE);
+        assert_eq!(
+            sync_query(&mut applied, &reset).as_deref(),
+            Some("RESET session_authorization;")
+        );
     }
 
     #[test]

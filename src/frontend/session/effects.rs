@@ -8,7 +8,7 @@ use super::{Session, State};
 use crate::error::ClientError;
 use crate::protocol::messages;
 use crate::route::{Hint, PinReason, SessionEffect};
-use crate::settings::{sync_query, ClientSettings, Value};
+use crate::settings::{sync_query, ClientSettings, Value, ROLE, SESSION_AUTHORIZATION};
 
 /// pgway's own setting: where the session's statements go (`primary`, `replica`, `auto`).
 pub const TARGET_SETTING: &str = "pgway.target";
@@ -119,10 +119,17 @@ impl Session<'_> {
             match effect {
                 SessionEffect::Set { name, value } => {
                     if let Some(server) = server {
+                        if name == SESSION_AUTHORIZATION {
+                            server.applied.settings.remove(ROLE);
+                        }
                         server
                             .applied
                             .settings
                             .set(&name, Value::Sql(value.clone()));
+                    }
+                    if name == SESSION_AUTHORIZATION {
+                        // The server reset the role: PostgreSQL's `role` is `none` now.
+                        self.settings.current.remove(ROLE);
                     }
                     self.settings.current.set(&name, Value::Sql(value));
                     settings_changed = true;
@@ -130,8 +137,14 @@ impl Session<'_> {
                 SessionEffect::Reset(name) => {
                     if let Some(server) = server {
                         server.applied.settings.remove(&name);
+                        if name == SESSION_AUTHORIZATION {
+                            server.applied.settings.remove(ROLE);
+                        }
                     }
                     self.settings.reset(&name);
+                    if name == SESSION_AUTHORIZATION {
+                        self.settings.current.remove(ROLE);
+                    }
                     settings_changed = true;
                 }
                 SessionEffect::ResetAll => {
