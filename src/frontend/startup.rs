@@ -291,6 +291,11 @@ async fn greeting(
         refused_or_busy => ClientError::from(refused_or_busy),
     })?;
     let mut params = conn.params.clone();
+    // pgway takes writes whichever node it learned the parameters from: libpq's
+    // `target_session_attrs=read-write` must accept it.
+    if let Some(standby) = params.iter_mut().find(|(name, _)| name == "in_hot_standby") {
+        standby.1 = "off".to_owned();
+    }
     if let Some(sql) = sync_query(&mut conn.applied, &settings.current) {
         let mut out = BytesMut::new();
         messages::query(&mut out, &sql);

@@ -75,6 +75,29 @@ pub fn default_target(settings: &mut ClientSettings) -> Result<(), ClientError> 
     }
 }
 
+/// Settable parameters PostgreSQL 15 reports with ParameterStatus whose value pgway takes
+/// from the report rather than from the text of a `SET`: a `SET` can combine with the
+/// earlier value (`SET datestyle TO ymd` keeps the output format), so the value to restore
+/// is the one the server last reported. (`session_authorization` is reported too, but
+/// follows its `SET`: it also resets the role, see [`crate::settings::sync_query`].)
+const FOLLOWED_REPORTS: [&str; 7] = [
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "application_name",
+    "client_encoding",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+];
+
+/// The name pgway keeps a reported parameter under, if it follows its reports.
+fn followed_report(name: &str) -> Option<&'static str> {
+    FOLLOWED_REPORTS
+        .iter()
+        .copied()
+        .find(|followed| followed.eq_ignore_ascii_case(name))
+}
+
 /// The effects that survive a committed transaction's savepoint history.
 fn committed_effects(events: Vec<SessionEffect>) -> Vec<SessionEffect> {
     let mut effects = Vec::new();
@@ -117,6 +140,8 @@ impl Session<'_> {
         for effect in effects {
             let server = self.state.link_mut().map(|link| &mut link.conn);
             match effect {
+                // Its ParameterStatus already said what the value is now.
+                SessionEffect::Set { name, .. } if followed_report(&name).is_some() => {}
                 SessionEffect::Set { name, value } => {
                     if let Some(server) = server {
                         if name == SESSION_AUTHORIZATION {
@@ -190,6 +215,24 @@ impl Session<'_> {
         if settings_changed {
             self.target = target_hint(&self.settings);
         }
+    }
+
+    /// A ParameterStatus from the client's own statement (a SET, a RESET, the end of a
+    /// transaction): for a parameter pgway follows by its reports, the reported value is
+    /// the client's value now, and the connection's.
+    pub(super) fn on_parameter_status(&mut self, frame: &[u8]) {
+        let mut fields = messages::body(frame).split(|&b| b == 0);
+        let (Some(name), Some(value)) = (fields.next(), fields.next()) else {
+            return;
+        };
+        let Some(name) = std::str::from_utf8(name).ok().and_then(followed_report) else {
+            return;
+        };
+        let value = Value::Raw(String::from_utf8_lossy(value).into_owned());
+        if let Some(link) = self.state.link_mut() {
+            link.conn.applied.settings.set(name, value.clone());
+        }
+        self.settings.current.set(name, value);
     }
 
     /// Session-bound state holds the client on its connection (Attached -> Pinned).

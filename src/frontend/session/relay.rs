@@ -154,9 +154,15 @@ impl Session<'_> {
             // Notifications belong to no request and always reach the client.
             b'A' => self.out.extend_from_slice(frame),
             // Notices and parameter changes from pgway's own queries are not the client's.
-            b'N' | b'S' => {
+            b'N' => {
                 if forward {
                     self.out.extend_from_slice(frame);
+                }
+            }
+            b'S' => {
+                if forward {
+                    self.out.extend_from_slice(frame);
+                    self.on_parameter_status(frame);
                 }
             }
             b'G' | b'W' => {

@@ -290,3 +290,51 @@ async fn an_unknown_message_type_ends_only_that_session() {
     primary.answer("COMMIT", b'I').await;
     assert_eq!(tags(&other.until_ready().await), "CZ");
 }
+
+#[tokio::test]
+async fn a_reported_setting_comes_back_as_the_server_reported_it() {
+    let mut h = Harness::new(1);
+    let mut a = h.client_with(&[("DateStyle", "Postgres, MDY")]).await;
+    let status = |value: &str| wire::frame(b'S', format!("DateStyle\0{value}\0").as_bytes());
+    // `SET datestyle TO ymd` keeps the output format ISO that the SET before it chose: the
+    // server reports the combined value.
+    a.query("SET datestyle TO iso").await;
+    let mut primary = h.accept(PRIMARY).await;
+    primary.recv_query().await;
+    primary
+        .send(wire::batch(&[
+            status("ISO, MDY"),
+            wire::complete("SET"),
+            wire::ready(b'I'),
+        ]))
+        .await;
+    assert_eq!(tags(&a.until_ready().await), "SCZ");
+    a.query("SET datestyle TO ymd").await;
+    primary.recv_query().await;
+    primary
+        .send(wire::batch(&[
+            status("ISO, YMD"),
+            wire::complete("SET"),
+            wire::ready(b'I'),
+        ]))
+        .await;
+    assert_eq!(tags(&a.until_ready().await), "SCZ");
+
+    // Another client has the connection in between.
+    let mut b = h.client().await;
+    b.query("insert into t values (1)").await;
+    assert_eq!(primary.recv_query().await, "insert into t values (1)");
+    primary.answer("INSERT 0 1", b'I').await;
+    b.until_ready().await;
+
+    // The first client gets what the server last reported to it, not `SET datestyle = ymd`.
+    a.query("insert into t values (2)").await;
+    assert_eq!(primary.recv_query().await, "insert into t values (2)");
+    let sync = primary.syncs.last().cloned().unwrap_or_default();
+    assert!(
+        sync.contains("set_config('datestyle', 'ISO, YMD', false)"),
+        "{sync}"
+    );
+    primary.answer("INSERT 0 1", b'I').await;
+    a.until_ready().await;
+}
