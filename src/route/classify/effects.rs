@@ -133,6 +133,9 @@ pub(super) fn session_effects(sql: &str, tokens: &[TokenWithSpan]) -> Vec<Sessio
         } else if let Some(effect) = statement_effect(&words, statement, &mut locator) {
             effects.push(effect);
         }
+        if calls_session_set_config(&words) {
+            effects.push(SessionEffect::Untracked("set_config"));
+        }
     }
     effects
 }
@@ -217,6 +220,41 @@ fn session_characteristics(words: &[&TokenWithSpan]) -> Option<Vec<SessionEffect
         }
     }
     Some(effects)
+}
+
+/// True if the statement calls `set_config(name, value, is_local)` with an `is_local` that
+/// is not the literal `true`: a session-level setting pgway cannot see the value of.
+fn calls_session_set_config(words: &[&TokenWithSpan]) -> bool {
+    words.iter().enumerate().any(|(at, word)| {
+        if !is_kw(&word.token, "set_config")
+            || words.get(at + 1).map(|t| &t.token) != Some(&Token::LParen)
+        {
+            return false;
+        }
+        // The arguments at depth 1, split at commas.
+        let mut args: Vec<Vec<&Token>> = vec![Vec::new()];
+        let mut depth = 0usize;
+        for token in words.iter().skip(at + 1).map(|t| &t.token) {
+            match token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            if depth == 0 {
+                break;
+            }
+            match token {
+                Token::Comma if depth == 1 => args.push(Vec::new()),
+                Token::LParen if depth == 1 => {}
+                _ => {
+                    if let Some(arg) = args.last_mut() {
+                        arg.push(token);
+                    }
+                }
+            }
+        }
+        !matches!(args.as_slice(), [_, _, local] if matches!(local.as_slice(), [t] if is_kw(t, "TRUE")))
+    })
 }
 
 /// `=` or `TO`: the assignment in `SET name = value`.
@@ -1018,6 +1056,26 @@ mod tests {
         ] {
             let got = effects(sql);
             assert_eq!(got, vec![SessionEffect::Untracked("SET")], "{sql}");
+        }
+    }
+
+    #[test]
+    fn set_config_outside_a_transaction_scope_is_untracked() {
+        let untracked = vec![SessionEffect::Untracked("set_config")];
+        for sql in [
+            "select set_config('a.b', 'c', false)",
+            "SELECT pg_catalog.set_config('a.b', lower('C'), FALSE)",
+            "select set_config('a.b', 'c', $1)",
+            "select 1, set_config('search_path', 'x', (select false))",
+        ] {
+            assert_eq!(effects(sql), untracked, "{sql}");
+        }
+        for sql in [
+            "select set_config('a.b', 'c', true)",
+            "select set_config('a.b', concat('c', 'd'), TRUE)",
+            "select 'set_config(1, 2, false)'",
+        ] {
+            assert!(effects(sql).is_empty(), "{sql}");
         }
     }
 
