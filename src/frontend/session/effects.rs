@@ -1,6 +1,11 @@
 //! Session effects: what a statement changes in the session (SET, RESET, DISCARD,
 //! DEALLOCATE, pins, `pgway.target`), kept when the request succeeds and its transaction
 //! commits, and brought along to every server connection the client lands on.
+//!
+//! Parameters the server reports (ParameterStatus: DateStyle, TimeZone, ...) follow the
+//! reported value instead of the text of the SET. What pgway cannot follow (an unfamiliar
+//! SET form, `set_config(..., false)`) goes to the server and pins the client once it
+//! succeeds, so it never reaches another client.
 
 use tracing::debug;
 
