@@ -9,7 +9,7 @@
 
 use tracing::debug;
 
-use super::{Session, State};
+use super::{Copy, Session, State};
 use crate::error::ClientError;
 use crate::protocol::messages;
 use crate::route::{Hint, PinReason, SessionEffect};
@@ -249,7 +249,13 @@ impl Session<'_> {
         }
         self.state = match std::mem::replace(&mut self.state, State::Idle) {
             State::Attached(link) | State::Pinned(link, _) => State::Pinned(link, reason),
-            State::CopyIn(link, _) => State::CopyIn(link, Some(reason)),
+            State::CopyIn(link, copy) => State::CopyIn(
+                link,
+                Copy {
+                    pin: Some(reason),
+                    ..copy
+                },
+            ),
             other => other,
         };
     }
@@ -258,14 +264,17 @@ impl Session<'_> {
     fn unpin(&mut self) {
         self.state = match std::mem::replace(&mut self.state, State::Idle) {
             State::Pinned(link, _) => State::Attached(link),
-            State::CopyIn(link, _) => State::CopyIn(link, None),
+            State::CopyIn(link, copy) => State::CopyIn(link, Copy { pin: None, ..copy }),
             other => other,
         };
     }
 
     /// True while session-bound state holds the client on its connection.
     pub(super) fn is_pinned(&self) -> bool {
-        matches!(self.state, State::Pinned(..) | State::CopyIn(_, Some(_)))
+        matches!(
+            self.state,
+            State::Pinned(..) | State::CopyIn(_, Copy { pin: Some(_), .. })
+        )
     }
 
     /// Queues the query that brings the attached connection's settings in line with the

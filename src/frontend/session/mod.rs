@@ -18,7 +18,8 @@
 //!   SQL `PREPARE`, a `WITH HOLD` cursor) holds the client on its connection; between
 //!   requests pgway relays what the server sends unprompted (notifications).
 //! - **CopyIn**: a `COPY ... FROM STDIN` is running; the client's CopyData goes straight
-//!   to the server. It remembers whether the client was pinned.
+//!   to the server. It remembers whether the client was pinned, and for a COPY sent with
+//!   Execute, it lasts until the client's Sync after CopyDone (or after the error).
 //! - **SkipToSync**: pgway answered an extended-protocol batch with an error before any
 //!   server saw it (no connection could be had); the client's messages are discarded up to
 //!   its Sync, as PostgreSQL does after an error.
@@ -129,6 +130,19 @@ struct Link {
     unsynced: bool,
 }
 
+/// A `COPY ... FROM STDIN` in progress.
+#[derive(Debug)]
+struct Copy {
+    /// What pinned the client before the copy (and does again after it).
+    pin: Option<PinReason>,
+    /// Started by Execute: after the copy the server needs a Sync, which the client sends
+    /// after CopyDone or CopyFail (a Sync sent during the copy is ignored by the server).
+    extended: bool,
+    /// The data is over (CopyDone, CopyFail, or the server's error) in an extended copy:
+    /// the client's messages go on to the server up to its Sync.
+    until_sync: bool,
+}
+
 /// Where the client stands (see the module doc).
 #[derive(Debug)]
 enum State {
@@ -136,7 +150,7 @@ enum State {
     SkipToSync,
     Attached(Link),
     Pinned(Link, PinReason),
-    CopyIn(Link, Option<PinReason>),
+    CopyIn(Link, Copy),
 }
 
 impl State {

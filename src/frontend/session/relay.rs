@@ -9,7 +9,7 @@
 
 use bytes::{Buf, BytesMut};
 
-use super::{Session, SessionError, State};
+use super::{Copy, Session, SessionError, State};
 use crate::error::{is_shutdown, ClientError};
 use crate::net::NetError;
 use crate::protocol::frame::{frame_len, put_frame};
@@ -118,21 +118,41 @@ impl Session<'_> {
     }
 
     /// CopyInResponse: the client's next messages are COPY data (Attached or Pinned ->
-    /// CopyIn).
-    fn enter_copy(&mut self) {
+    /// CopyIn). `extended`: the COPY came with Execute, not a simple Query.
+    fn enter_copy(&mut self, extended: bool) {
+        let copy = |pin| Copy {
+            pin,
+            extended,
+            until_sync: false,
+        };
         self.state = match std::mem::replace(&mut self.state, State::Idle) {
-            State::Attached(link) => State::CopyIn(link, None),
-            State::Pinned(link, reason) => State::CopyIn(link, Some(reason)),
+            State::Attached(link) => State::CopyIn(link, copy(None)),
+            State::Pinned(link, reason) => State::CopyIn(link, copy(Some(reason))),
             other => other,
         };
     }
 
-    /// COPY ended (CopyDone or CopyFail sent, or an error): CopyIn -> Attached or Pinned.
+    /// The copy's data is over (the client's CopyDone or CopyFail, or the server's error).
+    /// After a simple-Query COPY that ends it; after an extended one, the client's
+    /// messages go on to the server up to its Sync.
+    fn end_copy_data(&mut self) {
+        match &mut self.state {
+            State::CopyIn(_, copy) if copy.extended => copy.until_sync = true,
+            _ => self.leave_copy(),
+        }
+    }
+
+    /// COPY is over: CopyIn -> Attached or Pinned.
     fn leave_copy(&mut self) {
         if let State::CopyIn(..) = self.state {
             self.state = match std::mem::replace(&mut self.state, State::Idle) {
-                State::CopyIn(link, None) => State::Attached(link),
-                State::CopyIn(link, Some(reason)) => State::Pinned(link, reason),
+                State::CopyIn(link, Copy { pin: None, .. }) => State::Attached(link),
+                State::CopyIn(
+                    link,
+                    Copy {
+                        pin: Some(reason), ..
+                    },
+                ) => State::Pinned(link, reason),
                 other => other,
             };
         }
@@ -167,7 +187,7 @@ impl Session<'_> {
             }
             b'G' | b'W' => {
                 self.request.answered = true;
-                self.enter_copy();
+                self.enter_copy(matches!(head, Some((Reply::Execute, ..))));
                 self.out.extend_from_slice(frame);
             }
             b'E' if self.request.can_retry && !self.request.answered && is_shutdown(frame) => {
@@ -179,7 +199,7 @@ impl Session<'_> {
                 // Errors always reach the client, even for a message pgway injected.
                 self.request.answered = true;
                 self.forward_error(frame);
-                self.leave_copy();
+                self.end_copy_data();
                 if forward {
                     self.request.failed = true;
                 } else if let Some(link) = self.state.link_mut() {
@@ -315,32 +335,36 @@ impl Session<'_> {
     }
 
     /// During COPY FROM STDIN: waits for the server's next bytes while passing the client's
-    /// COPY messages on.
+    /// COPY messages on (and, after an extended copy's data, everything up to its Sync).
     async fn relay_copy(&mut self) -> Result<(), SessionError> {
         let Session { state, client, .. } = self;
-        let State::CopyIn(link, _) = state else {
+        let State::CopyIn(link, copy) = state else {
             return Ok(());
         };
         let server = &mut link.conn;
-        let copy_ended = tokio::select! {
-            filled = server.io.fill() => filled.map(|()| false).map_err(SessionError::server_lost)?,
+        let until_sync = copy.until_sync;
+        let tag = tokio::select! {
+            filled = server.io.fill() => {
+                filled.map_err(SessionError::server_lost)?;
+                return Ok(());
+            }
             frame = client.read_frame(MAX_MESSAGE_LEN) => {
                 let frame = frame.map_err(SessionError::from_client)?;
-                match frame[0] {
-                    b'd' | b'c' | b'f' | b'H' | b'S' => {
-                        server
-                            .io
-                            .send_bytes(&frame)
-                            .await
-                            .map_err(SessionError::server_lost)?;
-                        matches!(frame[0], b'c' | b'f')
-                    }
-                    other => return Err(SessionError::Fatal(ClientError::UnexpectedInCopy(other))),
+                if !until_sync && !matches!(frame[0], b'd' | b'c' | b'f' | b'H' | b'S') {
+                    return Err(SessionError::Fatal(ClientError::UnexpectedInCopy(frame[0])));
                 }
+                server
+                    .io
+                    .send_bytes(&frame)
+                    .await
+                    .map_err(SessionError::server_lost)?;
+                frame[0]
             }
         };
-        if copy_ended {
-            self.leave_copy();
+        match tag {
+            b'S' if until_sync => self.leave_copy(),
+            b'c' | b'f' if !until_sync => self.end_copy_data(),
+            _ => {}
         }
         Ok(())
     }

@@ -138,3 +138,80 @@ async fn an_unexpected_message_during_copy_ends_the_session() {
     assert_eq!(tags(&primary.until_closed().await), "");
     assert_eq!(h.idle(PRIMARY), 0);
 }
+
+/// A client whose `COPY t FROM STDIN` went as Parse/Bind/Execute/Sync (as tokio-postgres
+/// and libpq send it) and that has seen CopyInResponse.
+async fn copying_extended(h: &mut Harness) -> (TestClient, FakeServer) {
+    let mut client = h.client().await;
+    client
+        .send(wire::batch(&[
+            wire::parse("", "COPY t FROM STDIN"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ]))
+        .await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(tags(&primary.recv_n(4).await), "PBES");
+    primary
+        .send(wire::batch(&[
+            wire::frame(b'1', &[]),
+            wire::frame(b'2', &[]),
+            wire::copy_in_response(),
+        ]))
+        .await;
+    for tag in "12G".bytes() {
+        assert_eq!(client.recv().await.0, tag);
+    }
+    (client, primary)
+}
+
+#[tokio::test]
+async fn an_extended_copy_ends_with_the_clients_sync_after_copy_done() {
+    let mut h = Harness::new(2);
+    let (mut client, mut primary) = copying_extended(&mut h).await;
+    // The Sync sent with Execute was ignored by the server during the copy; the one after
+    // CopyDone gets the ReadyForQuery.
+    client
+        .send(wire::batch(&[
+            wire::copy_data("1\n"),
+            wire::frame(b'c', &[]),
+            wire::sync(),
+        ]))
+        .await;
+    assert_eq!(tags(&primary.recv_n(3).await), "dcS");
+    primary
+        .send(wire::batch(&[wire::complete("COPY 1"), wire::ready(b'I')]))
+        .await;
+    assert_eq!(tags(&client.until_ready().await), "CZ");
+    assert_eq!(h.idle(PRIMARY), 1, "released");
+    read_on_replica(&mut h, &mut client).await;
+}
+
+#[tokio::test]
+async fn an_extended_copy_the_server_rejects_waits_for_the_clients_sync() {
+    let mut h = Harness::new(2);
+    let (mut client, mut primary) = copying_extended(&mut h).await;
+    client.send(wire::copy_data("x\n")).await;
+    assert_eq!(primary.recv().await.0, b'd');
+    primary
+        .send(wire::error(
+            Severity::Error,
+            "22P02",
+            "invalid input syntax for type integer",
+        ))
+        .await;
+    assert_eq!(sqlstate(&client.recv().await), "22P02");
+    // The client finishes its side; the server discards it up to the Sync.
+    client
+        .send(wire::batch(&[
+            wire::copy_data("2\n"),
+            wire::frame(b'c', &[]),
+            wire::sync(),
+        ]))
+        .await;
+    assert_eq!(tags(&primary.recv_n(3).await), "dcS");
+    primary.send(wire::ready(b'I')).await;
+    assert_eq!(tags(&client.until_ready().await), "Z");
+    read_on_replica(&mut h, &mut client).await;
+}
