@@ -6,7 +6,8 @@
 //! certainly a pure read that [`super::classify`] would route to a replica: one statement
 //! starting with `SELECT`, no comments (hints need the full parser), no function calls or
 //! other parenthesised constructs except after a few keywords, no `INTO`, no locking
-//! clause, no `WITH`, no dollar quotes, no backslashes in strings. Anything else, however
+//! clause, no `WITH`, no dollar quotes, no backslashes in strings, no `pg_` names (some
+//! system views have rows only on the primary). Anything else, however
 //! harmless, is left to the parser: a "no" here costs only the parse.
 
 /// What a word means to the scan.
@@ -26,6 +27,10 @@ const MAX_KEYWORD_LEN: usize = 9;
 /// Classifies `word` (any case). One `match` on a lower-cased copy on the stack: this runs
 /// for every word of every simple query.
 fn keyword(word: &[u8]) -> Keyword {
+    // System catalogs and views (`pg_prepared_xacts`, ...): the parser decides.
+    if word.len() > 3 && word[..3].eq_ignore_ascii_case(b"pg_") {
+        return Keyword::Reject;
+    }
     if word.len() > MAX_KEYWORD_LEN {
         return Keyword::Other;
     }
@@ -303,6 +308,7 @@ mod tests {
         "select a from t INTO t2",
         "select a from t where b = 'unterminated",
         "select pg_advisory_lock(1)",
+        "select gid from pg_prepared_xacts",
         "select * from t tablesample system (10)",
         "select u&'\\0041'",
         "select 1 ; ; delete from t",

@@ -239,6 +239,15 @@ const WRITE_FUNCTIONS: &[&str] = &[
 /// primary: advisory locks and `dblink*`. Matched like `WRITE_FUNCTIONS`.
 const WRITE_FUNCTION_PREFIXES: &[&str] = &["pg_advisory_", "pg_try_advisory_", "dblink"];
 
+/// System views whose rows exist only on the primary (a replica lists none): prepared
+/// transactions, replication connections and slots. A read of one goes to the primary.
+/// Matched unqualified or qualified with `pg_catalog.`.
+const PRIMARY_ONLY_VIEWS: &[&str] = &[
+    "pg_prepared_xacts",
+    "pg_stat_replication",
+    "pg_replication_slots",
+];
+
 /// Built-in functions that are safe on a replica without a `pg_proc` lookup
 /// (immutable or stable, or volatile but harmless there such as `pg_sleep`).
 /// Only honoured when the call is unqualified or qualified with
@@ -667,6 +676,26 @@ impl ReadChecker<'_> {
     }
 }
 
+/// `name` is one of [`PRIMARY_ONLY_VIEWS`].
+fn is_primary_only_view(name: &ObjectName) -> bool {
+    let parts: Vec<&str> = name
+        .0
+        .iter()
+        .filter_map(|part| match part {
+            ObjectNamePart::Identifier(ident) => Some(ident.value.as_str()),
+            ObjectNamePart::Function(_) => None,
+        })
+        .collect();
+    let view = match parts.as_slice() {
+        [view] => view,
+        [schema, view] if schema.eq_ignore_ascii_case("pg_catalog") => view,
+        _ => return false,
+    };
+    PRIMARY_ONLY_VIEWS
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case(view))
+}
+
 /// Case-insensitive match against [`WRITE_FUNCTIONS`] and
 /// [`WRITE_FUNCTION_PREFIXES`].
 fn is_write_function(name: &str) -> bool {
@@ -710,6 +739,9 @@ impl Visitor for ReadChecker<'_> {
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
         match factor {
+            TableFactor::Table {
+                name, args: None, ..
+            } if is_primary_only_view(name) => ControlFlow::Break(()),
             // `FROM my_func(1)` parses as a table with arguments.
             TableFactor::Table {
                 name,
@@ -750,6 +782,15 @@ mod tests {
             c.functions.is_empty(),
             "Write must have no functions: {sql}"
         );
+    }
+
+    #[test]
+    fn views_only_the_primary_fills_are_read_there() {
+        assert_write("select gid from pg_prepared_xacts");
+        assert_write("SELECT count(*) FROM pg_catalog.pg_stat_replication");
+        assert_write("select * from t join pg_replication_slots s on true");
+        assert_read("select * from pg_stat_activity", &[]);
+        assert_read("select * from myschema.pg_prepared_xacts", &[]);
     }
 
     #[test]
