@@ -1835,3 +1835,50 @@ async fn cancel_from_an_idle_client_does_nothing() {
     }
     row_ok(&b, "select 1", Proto::Simple, "B").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_is_unpinned_once_its_session_bound_state_is_gone() {
+    let env = Env::start(3).await;
+    let a = env.client().await;
+    let served = async |what: &str| -> u16 {
+        let port = try_served_by(&a)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {}", describe_error(&e)));
+        assert!(
+            port == env.primary() || port == env.replica(),
+            "{what}: served by {}",
+            env.name(port)
+        );
+        port
+    };
+    for (take, give_back) in [
+        ("create temp table tt (i int)", "drop table tt"),
+        ("select pg_advisory_lock(7)", "select pg_advisory_unlock(7)"),
+        ("listen pgway_unpin", "unlisten *"),
+        ("prepare p as select 1", "deallocate p"),
+        (
+            "begin; declare c cursor with hold for select 1; commit",
+            "close c",
+        ),
+    ] {
+        exec(&a, take, "A").await;
+        assert_eq!(
+            served(take).await,
+            env.primary(),
+            "after `{take}` A's reads stay on its primary connection"
+        );
+        exec(&a, give_back, "A").await;
+        assert_eq!(
+            served(give_back).await,
+            env.replica(),
+            "after `{give_back}` nothing holds A: its reads go to the replica again"
+        );
+    }
+    // Two pins, one given back: still pinned.
+    exec(&a, "select pg_advisory_lock(8)", "A").await;
+    exec(&a, "listen pgway_unpin", "A").await;
+    exec(&a, "unlisten *", "A").await;
+    assert_eq!(served("one of two pins left").await, env.primary());
+    exec(&a, "select pg_advisory_unlock(8)", "A").await;
+    assert_eq!(served("both given back").await, env.replica());
+}

@@ -7,11 +7,14 @@
 //! SET form, `set_config(..., false)`) goes to the server and pins the client once it
 //! succeeds, so it never reaches another client.
 
+use bytes::BytesMut;
 use tracing::debug;
 
-use super::{Copy, Session, State};
+use super::{Copy, Session, SessionError, State};
 use crate::error::ClientError;
+use crate::net::NetError;
 use crate::protocol::messages;
+use crate::protocol::MAX_MESSAGE_LEN;
 use crate::route::{Hint, PinReason, SessionEffect};
 use crate::settings::{sync_query, ClientSettings, Value, ROLE, SESSION_AUTHORIZATION};
 
@@ -102,6 +105,41 @@ fn followed_report(name: &str) -> Option<&'static str> {
         .copied()
         .find(|followed| followed.eq_ignore_ascii_case(name))
 }
+
+/// True if `sql` may let go of session-bound state (UNLISTEN, DEALLOCATE, DISCARD, DROP,
+/// CLOSE, the end of a transaction for `ON COMMIT DROP`, `pg_advisory_unlock*`): a word
+/// scan, run only for pinned clients; a false alarm costs one check.
+pub(super) fn may_release(sql: &[u8]) -> bool {
+    const WORDS: [&[u8]; 9] = [
+        b"unlisten",
+        b"deallocate",
+        b"discard",
+        b"drop",
+        b"close",
+        b"commit",
+        b"end",
+        b"rollback",
+        b"abort",
+    ];
+    sql.split(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+        .any(|word| {
+            WORDS.iter().any(|w| word.eq_ignore_ascii_case(w))
+                || word
+                    .get(..18)
+                    .is_some_and(|head| head.eq_ignore_ascii_case(b"pg_advisory_unlock"))
+        })
+}
+
+/// One boolean: does this server connection still hold session-bound state (a LISTEN, a
+/// session advisory lock, an SQL prepared statement, a WITH HOLD cursor, a temporary
+/// object)?
+const BOUND_STATE_QUERY: &str = "SELECT EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) \
+     OR EXISTS (SELECT FROM pg_catalog.pg_locks \
+                WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
+     OR EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
+     OR EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable) \
+     OR EXISTS (SELECT FROM pg_catalog.pg_class \
+                WHERE relnamespace = pg_catalog.pg_my_temp_schema())";
 
 /// The effects that survive a committed transaction's savepoint history.
 fn committed_effects(events: Vec<SessionEffect>) -> Vec<SessionEffect> {
@@ -240,7 +278,56 @@ impl Session<'_> {
         self.settings.current.set(name, value);
     }
 
-    /// Session-bound state holds the client on its connection (Attached -> Pinned).
+    /// After a request that may have let go of what pinned the client: if the server
+    /// connection holds no session-bound state any more, Pinned -> Attached (and the
+    /// caller releases it). A pin for something pgway cannot see ([`PinReason::Untracked`])
+    /// stays. Notifications that arrive meanwhile reach the client.
+    pub(super) async fn unpin_if_unbound(&mut self) -> Result<(), SessionError> {
+        let State::Pinned(link, reason) = &mut self.state else {
+            return Ok(());
+        };
+        if *reason == PinReason::Untracked || link.status != b'I' || !self.expected.is_empty() {
+            return Ok(());
+        }
+        let io = &mut link.conn.io;
+        let mut query = BytesMut::new();
+        messages::query(&mut query, BOUND_STATE_QUERY);
+        let out = &mut self.out;
+        let check = async {
+            io.send(&mut query).await?;
+            let mut bound = true;
+            loop {
+                let frame = io.read_frame(MAX_MESSAGE_LEN).await?;
+                match frame[0] {
+                    b'A' => out.extend_from_slice(&frame),
+                    // One row, one column: its value is `t` or `f`.
+                    b'D' => bound = frame.get(11) != Some(&b'f'),
+                    b'E' => bound = true,
+                    b'Z' => return Ok::<bool, NetError>(bound),
+                    _ => {}
+                }
+            }
+        };
+        let bound = tokio::time::timeout(self.shared.config.pool.connect_timeout, check)
+            .await
+            .map_err(|_| {
+                SessionError::Fatal(ClientError::ServerLost(
+                    "timed out asking the server for the session's state".into(),
+                ))
+            })?
+            .map_err(SessionError::server_lost)?;
+        self.flush().await?;
+        if !bound {
+            self.span.in_scope(|| {
+                debug!("client unpinned: its session-bound state is gone");
+            });
+            self.unpin();
+        }
+        Ok(())
+    }
+
+    /// Session-bound state holds the client on its connection (Attached -> Pinned). A pin
+    /// for something pgway cannot see is never replaced by one it can check.
     fn pin(&mut self, reason: PinReason) {
         if !self.is_pinned() {
             self.span.in_scope(|| {
@@ -248,14 +335,21 @@ impl Session<'_> {
             });
         }
         self.state = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Pinned(link, PinReason::Untracked) => State::Pinned(link, PinReason::Untracked),
             State::Attached(link) | State::Pinned(link, _) => State::Pinned(link, reason),
-            State::CopyIn(link, copy) => State::CopyIn(
-                link,
-                Copy {
-                    pin: Some(reason),
-                    ..copy
-                },
-            ),
+            State::CopyIn(link, copy) => {
+                let pin = match copy.pin {
+                    Some(PinReason::Untracked) => PinReason::Untracked,
+                    _ => reason,
+                };
+                State::CopyIn(
+                    link,
+                    Copy {
+                        pin: Some(pin),
+                        ..copy
+                    },
+                )
+            }
             other => other,
         };
     }

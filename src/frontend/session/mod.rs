@@ -196,6 +196,9 @@ struct Request {
     batch_failed: bool,
     /// Statement names this attempt added (forgotten again if it is sent again).
     named: Vec<Vec<u8>>,
+    /// The client is pinned and this request may have let go of what pinned it: ask the
+    /// server afterwards.
+    check_pins: bool,
 }
 
 impl Request {
@@ -208,6 +211,7 @@ impl Request {
         self.out_mark = out_mark;
         self.batch_failed = false;
         self.named.clear();
+        self.check_pins = false;
     }
 
     /// Ends the request at its ReadyForQuery: its effects move to `kept` if it succeeded.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::relay::{local_reply, Expect, Reply};
-use super::{effects, Session, SessionError};
+use super::{effects, Session, SessionError, State};
 use crate::backend::server::statement_name;
 use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
@@ -128,6 +128,11 @@ impl Session<'_> {
                     self.request
                         .effects
                         .extend(prepared.effects.iter().cloned());
+                    if matches!(self.state, State::Pinned(..))
+                        && effects::may_release(&prepared.sql)
+                    {
+                        self.request.check_pins = true;
+                    }
                 }
                 match self.server_statement(bind.statement)? {
                     Some(name) => bind.write_renamed(&mut self.to_server, &name),

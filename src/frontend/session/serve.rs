@@ -139,6 +139,8 @@ impl Session<'_> {
                 Some(c) => session.request.effects.clone_from(&c.session),
                 None => session.request.effects.clear(),
             }
+            session.request.check_pins =
+                session.is_pinned() && effects::may_release(query_text(&frame).unwrap_or_default());
             // A simple query replaces the unnamed statement.
             session.server_mut()?.unnamed = None;
             session.to_server.extend_from_slice(&frame);
@@ -259,6 +261,9 @@ impl Session<'_> {
                 other => {
                     other?;
                     if plan.relay {
+                        if self.request.check_pins {
+                            self.unpin_if_unbound().await?;
+                        }
                         self.maybe_release();
                     }
                     return Ok(Ok(()));

@@ -149,6 +149,13 @@ async fn sql_prepare_pins_and_deallocate_all_then_goes_to_its_server() {
     assert_eq!(tags(&client.until_ready().await), "CZ");
     assert!(!h.has_pending_connection(PRIMARY));
     assert!(!h.has_pending_connection(REPLICA));
+    // With its prepared statements gone, nothing holds the client any more.
+    answer_bound_state(&mut primary, false).await;
+    client.query("select 1").await;
+    let mut replica = h.accept(REPLICA).await;
+    assert_eq!(replica.recv_query().await, "select 1");
+    replica.answer_select("1", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "TDCZ");
 }
 
 #[tokio::test]
@@ -222,4 +229,56 @@ async fn session_characteristics_follow_the_client() {
     );
     primary.answer("INSERT 0 1", b'I').await;
     a.until_ready().await;
+}
+
+/// Answers pgway's question whether the connection still holds session-bound state.
+async fn answer_bound_state(primary: &mut FakeServer, bound: bool) {
+    let sql = primary.recv_query().await;
+    assert!(sql.contains("pg_listening_channels()"), "{sql}");
+    let mut out = wire::row_description(&["?column?"]);
+    out.extend_from_slice(&wire::data_row(&[if bound { "t" } else { "f" }]));
+    out.extend_from_slice(&wire::complete("SELECT 1"));
+    out.extend_from_slice(&wire::ready(b'I'));
+    primary.send(out).await;
+}
+
+#[tokio::test]
+async fn unlisten_unpins_once_the_server_says_nothing_is_left() {
+    let mut h = Harness::new(2);
+    let (mut client, mut primary) = listening(&mut h).await;
+    client.query("UNLISTEN *").await;
+    assert_eq!(primary.recv_query().await, "UNLISTEN *");
+    primary.answer("UNLISTEN", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "CZ");
+    answer_bound_state(&mut primary, false).await;
+    // Released: the next read goes to the replica.
+    client.query("select 1").await;
+    let mut replica = h.accept(REPLICA).await;
+    assert_eq!(replica.recv_query().await, "select 1");
+    replica.answer_select("1", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    assert_eq!(
+        h.idle(PRIMARY),
+        1,
+        "the primary connection went back to its pool"
+    );
+}
+
+#[tokio::test]
+async fn a_client_stays_pinned_while_the_server_still_holds_its_state() {
+    let mut h = Harness::new(2);
+    let (mut client, mut primary) = listening(&mut h).await;
+    // Another channel is still listened to.
+    client.query("UNLISTEN other").await;
+    assert_eq!(primary.recv_query().await, "UNLISTEN other");
+    primary.answer("UNLISTEN", b'I').await;
+    client.until_ready().await;
+    answer_bound_state(&mut primary, true).await;
+    client.query("select 1").await;
+    assert_eq!(primary.recv_query().await, "select 1");
+    primary.answer_select("1", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    assert!(!h.has_pending_connection(REPLICA));
+    // Statements that cannot let go of anything are not followed by a question.
+    assert_eq!(h.idle(PRIMARY), 0);
 }
