@@ -246,6 +246,13 @@ enum Outcome {
 }
 
 async fn run_action(slot: &mut ClientSlot, action: &Action, out: &mut Vec<String>) {
+    if let Action::Execute(name, _) | Action::CloseStatement(name) = action {
+        if !slot.statements.contains_key(name) {
+            // Its Parse failed, or it was prepared on a connection that is gone.
+            out.push(format!("  (no statement {name} on this connection)"));
+            return;
+        }
+    }
     let (outcome, format) = {
         let ClientSlot {
             conn, statements, ..
@@ -349,7 +356,8 @@ async fn step(
         },
         Action::Execute(name, params) => {
             let Some(stmt) = statements.get(name) else {
-                panic!("`-- execute {name}`: the client prepared no statement {name}");
+                // Its Parse failed, or it was prepared on a connection that is gone.
+                return (0, None);
             };
             *format = RowFormat::Binary(stmt.columns().iter().map(|c| c.type_().oid()).collect());
             let params: Vec<TextParam> = params.iter().map(|p| TextParam(p.clone())).collect();
@@ -370,7 +378,7 @@ async fn step(
                 drop(stmt);
                 (1, None)
             }
-            None => panic!("`-- close {name}`: the client prepared no statement {name}"),
+            None => (0, None),
         },
         Action::CopyIn(sql, data) => {
             // Prepare, copy, and the Close of the statement: three ReadyForQuery.

@@ -211,6 +211,8 @@ pub fn parse(name: &str, text: &str) -> Result<Script, String> {
     };
     let mut current: Option<String> = None;
     let mut connected: Vec<String> = Vec::new();
+    // Names each client has prepared (`-- prepare`), for `-- execute` and `-- close`.
+    let mut prepared: Vec<(String, String)> = Vec::new();
     let mut pending: Option<Pending> = None;
     let mut statement: Vec<String> = Vec::new();
     let mut dollar: Option<String> = None;
@@ -270,6 +272,7 @@ pub fn parse(name: &str, text: &str) -> Result<Script, String> {
                         None
                     } else if rest == "closes" {
                         connected.retain(|c| c != &who);
+                        prepared.retain(|(c, _)| c != &who);
                         Some(Action::Closes)
                     } else if let Some(user) = rest.strip_prefix("as ") {
                         let user = user.trim();
@@ -306,6 +309,11 @@ pub fn parse(name: &str, text: &str) -> Result<Script, String> {
                     if stmt.is_empty() {
                         return Err(at("`-- execute NAME [PARAMS]`".into()));
                     }
+                    if !prepared.contains(&(client(), stmt.to_string())) {
+                        return Err(at(format!(
+                            "`-- execute {stmt}` without `-- prepare {stmt}`"
+                        )));
+                    }
                     connected.push(client());
                     script.steps.push(Step {
                         client: client(),
@@ -316,6 +324,11 @@ pub fn parse(name: &str, text: &str) -> Result<Script, String> {
                     });
                 }
                 "close" if !args.is_empty() => {
+                    let key = (client(), args.to_string());
+                    if !prepared.contains(&key) {
+                        return Err(at(format!("`-- close {args}` without `-- prepare {args}`")));
+                    }
+                    prepared.retain(|p| p != &key);
                     connected.push(client());
                     script.steps.push(Step {
                         client: client(),
@@ -347,7 +360,10 @@ pub fn parse(name: &str, text: &str) -> Result<Script, String> {
         let action = match pending.take() {
             None => Action::Simple(sql),
             Some(Pending::Extended(params)) => Action::Extended(sql, params),
-            Some(Pending::Prepare(stmt)) => Action::Prepare(stmt, sql),
+            Some(Pending::Prepare(stmt)) => {
+                prepared.push((who.clone(), stmt.clone()));
+                Action::Prepare(stmt, sql)
+            }
             Some(Pending::CopyOut) => Action::CopyOut(sql),
             Some(Pending::CopyIn) => {
                 let mut data = Vec::new();
@@ -483,5 +499,16 @@ mod tests {
         assert!(parse("t", "-- client a\nselect 1\n").is_err());
         assert!(parse("t", "-- client a\n-- extended\n-- client b\n").is_err());
         assert!(parse("t", "-- client a as nobody\nselect 1;\n").is_err());
+        assert!(parse("t", "-- client a\n-- execute q\n").is_err());
+        assert!(parse(
+            "t",
+            "-- client a\n-- prepare q\nselect 1;\n-- client b\n-- execute q\n"
+        )
+        .is_err());
+        assert!(parse(
+            "t",
+            "-- client a\n-- prepare q\nselect 1;\n-- close q\n-- close q\n"
+        )
+        .is_err());
     }
 }
