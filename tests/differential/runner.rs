@@ -135,16 +135,17 @@ pub async fn run(endpoint: &Endpoint, steps: &[Step]) -> Vec<String> {
 
 fn heading(who: &str, action: &Action) -> String {
     let params = |p: &[Option<String>]| {
-        p.iter()
-            .map(|v| show_value(v.as_deref()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        if p.is_empty() {
+            return String::new();
+        }
+        let shown: Vec<String> = p.iter().map(|v| show_value(v.as_deref())).collect();
+        format!("; params: {}", shown.join(", "))
     };
     let text = match action {
         Action::Simple(sql) => sql.clone(),
-        Action::Extended(sql, p) => format!("(extended; params: {}) {sql}", params(p)),
+        Action::Extended(sql, p) => format!("(extended{}) {sql}", params(p)),
         Action::Prepare(name, sql) => format!("(prepare {name}) {sql}"),
-        Action::Execute(name, p) => format!("(execute {name}; params: {})", params(p)),
+        Action::Execute(name, p) => format!("(execute {name}{})", params(p)),
         Action::CloseStatement(name) => format!("(close {name})"),
         Action::CopyIn(sql, data) => {
             let mut s = format!("(copy in) {sql}");
