@@ -278,6 +278,13 @@ impl Cluster {
     /// The primary has roles `app` (SCRAM) and `md5user` (md5-stored password), and the
     /// database `appdb` owned by `app`.
     pub fn start(replicas: usize) -> Cluster {
+        Cluster::start_with_conf(replicas, "")
+    }
+
+    /// [`Cluster::start`] with `extra_conf` appended to the primary's `postgresql.conf`
+    /// before it first starts (e.g. `"max_prepared_transactions = 10\n"`). Replicas are
+    /// base backups of the primary, so they start with the same lines.
+    pub fn start_with_conf(replicas: usize, extra_conf: &str) -> Cluster {
         let parent = std::env::var_os("PGWAY_TEST_TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/tmp"));
@@ -314,7 +321,7 @@ impl Cluster {
             dir: Some(dir),
             root,
         };
-        cluster.init_primary();
+        cluster.init_primary(extra_conf);
         for (i, port) in replica_ports.into_iter().enumerate() {
             cluster.add_replica(i, port);
         }
@@ -348,7 +355,7 @@ impl Cluster {
         cluster
     }
 
-    fn init_primary(&mut self) {
+    fn init_primary(&mut self, extra_conf: &str) {
         let root = self.root.clone();
         run_ok(
             server_command("initdb", &root)
@@ -385,6 +392,12 @@ impl Cluster {
             sock = self.root.join("sock").display()
         );
         append(&self.primary.data.join("postgresql.conf"), &conf);
+        if !extra_conf.is_empty() {
+            append(
+                &self.primary.data.join("postgresql.conf"),
+                &format!("# extra settings of the test\n{extra_conf}\n"),
+            );
+        }
         start_node(&self.root, &mut self.primary);
         self.psql_admin_db(
             self.primary.port,

@@ -1,0 +1,3 @@
+-- Issue 10, case 5 for the superuser: contexts `user` and `superuser`, both clients
+-- logged in as postgres. Generated at test time (tests/differential/settings.rs).
+-- generate settings superuser

@@ -1,0 +1,4 @@
+-- Issue 10, case 5: client a sets every parameter of pg_settings context `user` to a value
+-- other than its current one; client b (same user) checks its own values, then a checks
+-- its values. The statements are generated at test time (tests/differential/settings.rs).
+-- generate settings user
