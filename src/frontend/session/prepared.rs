@@ -128,9 +128,9 @@ impl Session<'_> {
                     self.request
                         .effects
                         .extend(prepared.effects.iter().cloned());
-                    if matches!(self.state, State::Pinned(..))
-                        && effects::may_release(&prepared.sql)
-                    {
+                    let held =
+                        matches!(self.state, State::Pinned(..)) || self.state.status() != b'I';
+                    if held && effects::may_release(&prepared.sql) {
                         self.request.check_pins = true;
                     }
                 }

@@ -139,8 +139,10 @@ impl Session<'_> {
                 Some(c) => session.request.effects.clone_from(&c.session),
                 None => session.request.effects.clear(),
             }
-            session.request.check_pins =
-                session.is_pinned() && effects::may_release(query_text(&frame).unwrap_or_default());
+            // Pinned, or about to be by what its transaction did (a temporary table ON
+            // COMMIT DROP is gone again at the COMMIT that pins the client).
+            session.request.check_pins = (session.is_pinned() || session.state.status() != b'I')
+                && effects::may_release(query_text(&frame).unwrap_or_default());
             // A simple query replaces the unnamed statement.
             session.server_mut()?.unnamed = None;
             session.to_server.extend_from_slice(&frame);

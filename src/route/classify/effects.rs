@@ -467,6 +467,17 @@ fn time_zone_effect(value: &[&TokenWithSpan], locator: &mut Locator<'_>) -> Sess
 /// `Set { name, value }` with the value text cut from the input, or
 /// `Unsupported("SET")` if that text cannot be recovered exactly.
 fn set_value(name: &str, value: &[&TokenWithSpan], locator: &mut Locator<'_>) -> SessionEffect {
+    // These apply to the current transaction only (outside a block, to the SET's own
+    // implicit one): nothing to follow, as for `SET LOCAL`.
+    if [
+        "transaction_isolation",
+        "transaction_read_only",
+        "transaction_deferrable",
+    ]
+    .contains(&name)
+    {
+        return SessionEffect::SetLocal;
+    }
     match source_text(value, locator) {
         Some(value) => SessionEffect::Set {
             name: name.to_owned(),
@@ -999,6 +1010,11 @@ mod tests {
             ("set transaction snapshot '0001'", SessionEffect::SetLocal),
             ("set session transaction read only", SessionEffect::SetLocal),
             ("set constraints all deferred", SessionEffect::SetLocal),
+            (
+                "SET transaction_isolation = 'serializable'",
+                SessionEffect::SetLocal,
+            ),
+            ("set transaction_read_only to on", SessionEffect::SetLocal),
             (
                 "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
                 set("default_transaction_isolation", "'serializable'"),
