@@ -108,7 +108,8 @@ fn followed_report(name: &str) -> Option<&'static str> {
 
 /// True if `sql` may let go of session-bound state (UNLISTEN, DEALLOCATE, DISCARD, DROP,
 /// CLOSE, the end of a transaction for `ON COMMIT DROP`, `pg_advisory_unlock*`): a word
-/// scan, run only for pinned clients; a false alarm costs one check.
+/// scan, run only for pinned clients and inside transactions; a false alarm costs one
+/// check, and only for a client that is pinned once the request is done.
 pub(super) fn may_release(sql: &[u8]) -> bool {
     const WORDS: [&[u8]; 9] = [
         b"unlisten",
