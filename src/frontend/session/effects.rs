@@ -170,6 +170,14 @@ impl Session<'_> {
     /// At the end of a request (ReadyForQuery): keep the session effects of what succeeded
     /// and committed, drop the rest.
     pub(super) fn on_request_done(&mut self, status: u8) {
+        if self.request.failed && !self.request.effects.is_empty() {
+            // Part of a failed string may have taken effect on the server (`BEGIN; SET
+            // ..; COMMIT; select 1/0`) while pgway drops all of its effects: the next sync
+            // starts from RESET ALL, so nothing of it reaches another client.
+            if let Some(link) = self.state.link_mut() {
+                link.conn.applied.dirty = true;
+            }
+        }
         self.request.finish(&mut self.txn.effects);
         if status == b'I' && !self.txn.effects.is_empty() {
             let events = std::mem::take(&mut self.txn.effects);

@@ -338,3 +338,39 @@ async fn a_reported_setting_comes_back_as_the_server_reported_it() {
     primary.answer("INSERT 0 1", b'I').await;
     a.until_ready().await;
 }
+
+#[tokio::test]
+async fn a_failed_string_that_committed_a_set_leaves_nothing_for_the_next_client() {
+    let mut h = Harness::new(1);
+    let mut a = h.client().await;
+    let sql = "BEGIN; SET work_mem = '3MB'; COMMIT; select 1/0";
+    a.query(sql).await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, sql);
+    primary
+        .send(wire::batch(&[
+            wire::complete("BEGIN"),
+            wire::complete("SET"),
+            wire::complete("COMMIT"),
+            wire::error(Severity::Error, "22012", "division by zero"),
+            wire::ready(b'I'),
+        ]))
+        .await;
+    let reply = a.until_ready().await;
+    assert_eq!(tags(&reply), "CCCEZ");
+    // The SET committed on the server; pgway cannot tell which statements of the string
+    // took effect, so the next client's sync starts from a clean slate.
+    let mut b = h.client().await;
+    b.query("insert into t values (1)").await;
+    assert_eq!(primary.recv_query().await, "insert into t values (1)");
+    assert!(
+        primary
+            .syncs
+            .last()
+            .is_some_and(|s| s.starts_with("RESET ALL;")),
+        "{:?}",
+        primary.syncs
+    );
+    primary.answer("INSERT 0 1", b'I').await;
+    b.until_ready().await;
+}
