@@ -16,15 +16,6 @@ async fn copying(h: &mut Harness) -> (TestClient, FakeServer) {
     (client, primary)
 }
 
-/// A read now goes to the replica and is answered.
-async fn read_on_replica(h: &mut Harness, client: &mut TestClient) {
-    client.query("select 1").await;
-    let mut replica = h.accept(REPLICA).await;
-    assert_eq!(replica.recv_query().await, "select 1");
-    replica.answer_select("1", b'I').await;
-    assert_eq!(tags(&client.until_ready().await), "TDCZ");
-}
-
 #[tokio::test]
 async fn copy_data_the_server_rejects() {
     let mut h = Harness::new(2);
@@ -50,7 +41,7 @@ async fn copy_data_the_server_rejects() {
     assert_eq!(tags(&reply), "EZ");
     assert_eq!(sqlstate(&reply[0]), "22P02");
     assert_eq!(h.idle(PRIMARY), 1, "released");
-    read_on_replica(&mut h, &mut client).await;
+    h.read_on_replica(&mut client).await;
 }
 
 #[tokio::test]
@@ -76,7 +67,7 @@ async fn copy_fail_reaches_the_server_and_the_session_goes_on() {
     assert_eq!(tags(&reply), "EZ");
     assert_eq!(sqlstate(&reply[0]), "57014");
     assert_eq!(h.idle(PRIMARY), 1, "released");
-    read_on_replica(&mut h, &mut client).await;
+    h.read_on_replica(&mut client).await;
 }
 
 #[tokio::test]
@@ -185,7 +176,7 @@ async fn an_extended_copy_ends_with_the_clients_sync_after_copy_done() {
         .await;
     assert_eq!(tags(&client.until_ready().await), "CZ");
     assert_eq!(h.idle(PRIMARY), 1, "released");
-    read_on_replica(&mut h, &mut client).await;
+    h.read_on_replica(&mut client).await;
 }
 
 #[tokio::test]
@@ -213,5 +204,5 @@ async fn an_extended_copy_the_server_rejects_waits_for_the_clients_sync() {
     assert_eq!(tags(&primary.recv_n(3).await), "dcS");
     primary.send(wire::ready(b'I')).await;
     assert_eq!(tags(&client.until_ready().await), "Z");
-    read_on_replica(&mut h, &mut client).await;
+    h.read_on_replica(&mut client).await;
 }

@@ -229,6 +229,15 @@ impl Harness {
         !incoming.is_empty()
     }
 
+    /// `select 1` from `client` goes to a new replica connection and is answered.
+    pub(super) async fn read_on_replica(&mut self, client: &mut TestClient) {
+        client.query("select 1").await;
+        let mut replica = self.accept(REPLICA).await;
+        assert_eq!(replica.recv_query().await, "select 1");
+        replica.answer_select("1", b'I').await;
+        assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    }
+
     /// Idle connections parked in the pool for `addr`.
     pub(super) fn idle(&self, addr: &str) -> usize {
         self.shared.pools.get(addr, "app", "app", "").idle_count()

@@ -81,11 +81,7 @@ async fn discard_all_unpins_and_the_next_read_goes_to_the_replica() {
     assert_eq!(h.idle(PRIMARY), 1, "released");
     assert_eq!(h.shared.cancels.target(client.pid, client.secret), None);
 
-    client.query("select 1").await;
-    let mut replica = h.accept(REPLICA).await;
-    assert_eq!(replica.recv_query().await, "select 1");
-    replica.answer_select("1", b'I').await;
-    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    h.read_on_replica(&mut client).await;
 }
 
 #[tokio::test]
@@ -119,11 +115,7 @@ async fn a_client_waiting_for_a_pinned_connection_gets_53300_and_goes_on() {
     assert!(!h.has_pending_connection(PRIMARY));
 
     // The session goes on: a read has the replica's pool to itself.
-    client.query("select 1").await;
-    let mut replica = h.accept(REPLICA).await;
-    assert_eq!(replica.recv_query().await, "select 1");
-    replica.answer_select("1", b'I').await;
-    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    h.read_on_replica(&mut client).await;
 }
 
 #[tokio::test]
@@ -151,11 +143,7 @@ async fn sql_prepare_pins_and_deallocate_all_then_goes_to_its_server() {
     assert!(!h.has_pending_connection(REPLICA));
     // With its prepared statements gone, nothing holds the client any more.
     answer_bound_state(&mut primary, false).await;
-    client.query("select 1").await;
-    let mut replica = h.accept(REPLICA).await;
-    assert_eq!(replica.recv_query().await, "select 1");
-    replica.answer_select("1", b'I').await;
-    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    h.read_on_replica(&mut client).await;
 }
 
 #[tokio::test]
@@ -252,11 +240,7 @@ async fn unlisten_unpins_once_the_server_says_nothing_is_left() {
     assert_eq!(tags(&client.until_ready().await), "CZ");
     answer_bound_state(&mut primary, false).await;
     // Released: the next read goes to the replica.
-    client.query("select 1").await;
-    let mut replica = h.accept(REPLICA).await;
-    assert_eq!(replica.recv_query().await, "select 1");
-    replica.answer_select("1", b'I').await;
-    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    h.read_on_replica(&mut client).await;
     assert_eq!(
         h.idle(PRIMARY),
         1,
