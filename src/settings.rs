@@ -103,6 +103,13 @@ pub struct ClientSettings {
     pub startup: Settings,
     /// In force now.
     pub current: Settings,
+    /// The parameters pgway follows by their ParameterStatus reports, as the server
+    /// reported them at login (startup settings applied): what `RESET` reports for a
+    /// parameter the StartupMessage set.
+    pub at_login: Settings,
+    /// The values of those parameters the client was last told (ParameterStatus): it is
+    /// told only of changes, as PostgreSQL tells it.
+    pub told: Settings,
 }
 
 /// The session user (`SET SESSION AUTHORIZATION`). Setting or resetting it resets
@@ -130,6 +137,8 @@ impl ClientSettings {
         Self {
             current: startup.clone(),
             startup,
+            at_login: Settings::default(),
+            told: Settings::default(),
         }
     }
 

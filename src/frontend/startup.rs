@@ -156,6 +156,8 @@ async fn login(
     for (name, value) in greeting.params.iter() {
         messages::parameter_status(out, name, value);
     }
+    settings.at_login = super::session::followed_reports(&greeting.params);
+    settings.told = settings.at_login.clone();
     Ok((user, database, settings))
 }
 

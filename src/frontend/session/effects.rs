@@ -16,7 +16,7 @@ use crate::net::NetError;
 use crate::protocol::messages;
 use crate::protocol::MAX_MESSAGE_LEN;
 use crate::route::{Hint, PinReason, SessionEffect};
-use crate::settings::{sync_query, ClientSettings, Value, ROLE, SESSION_AUTHORIZATION};
+use crate::settings::{sync_query, ClientSettings, Settings, Value, ROLE, SESSION_AUTHORIZATION};
 
 /// pgway's own setting: where the session's statements go (`primary`, `replica`, `auto`).
 pub const TARGET_SETTING: &str = "pgway.target";
@@ -50,7 +50,7 @@ fn parse_target(value: &str) -> Option<Option<Hint>> {
 /// of its own settings it cannot take. Everything else goes to the server, which answers.
 pub(super) fn refusal(effects: &[SessionEffect]) -> Option<ClientError> {
     effects.iter().find_map(|effect| match effect {
-        SessionEffect::Set { name, value }
+        SessionEffect::Set { name, value } | SessionEffect::SetConfig { name, value }
             if name == TARGET_SETTING && parse_target(value).is_none() =>
         {
             Some(ClientError::InvalidParameterValue {
@@ -88,22 +88,38 @@ pub fn default_target(settings: &mut ClientSettings) -> Result<(), ClientError> 
 /// earlier value (`SET datestyle TO ymd` keeps the output format), so the value to restore
 /// is the one the server last reported. (`session_authorization` is reported too, but
 /// follows its `SET`: it also resets the role, see [`crate::settings::sync_query`].)
-const FOLLOWED_REPORTS: [&str; 7] = [
-    "datestyle",
-    "intervalstyle",
-    "timezone",
-    "application_name",
-    "client_encoding",
-    "standard_conforming_strings",
-    "default_transaction_read_only",
+///
+/// Each is kept under its lower-case name, next to the name the server reports it by.
+const FOLLOWED_REPORTS: [(&str, &str); 7] = [
+    ("datestyle", "DateStyle"),
+    ("intervalstyle", "IntervalStyle"),
+    ("timezone", "TimeZone"),
+    ("application_name", "application_name"),
+    ("client_encoding", "client_encoding"),
+    ("standard_conforming_strings", "standard_conforming_strings"),
+    (
+        "default_transaction_read_only",
+        "default_transaction_read_only",
+    ),
 ];
 
 /// The name pgway keeps a reported parameter under, if it follows its reports.
 fn followed_report(name: &str) -> Option<&'static str> {
     FOLLOWED_REPORTS
         .iter()
-        .copied()
-        .find(|followed| followed.eq_ignore_ascii_case(name))
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(key, _)| *key)
+}
+
+/// The followed parameters among a greeting's ParameterStatus values, by pgway's names.
+pub fn followed_reports(params: &[(String, String)]) -> Settings {
+    let mut reports = Settings::default();
+    for (name, value) in params {
+        if let Some(key) = followed_report(name) {
+            reports.set(key, Value::Raw(value.clone()));
+        }
+    }
+    reports
 }
 
 /// True if `sql` may let go of session-bound state (UNLISTEN, DEALLOCATE, DISCARD, DROP,
@@ -142,6 +158,30 @@ const BOUND_STATE_QUERY: &str = "SELECT EXISTS (SELECT FROM pg_catalog.pg_listen
      OR EXISTS (SELECT FROM pg_catalog.pg_class \
                 WHERE relnamespace = pg_catalog.pg_my_temp_schema())";
 
+/// Of a failed string's effects (with markers), those its first `completed` statements
+/// made up to the last transaction end among them: what follows that end was rolled back
+/// with the failing statement, or waits in an aborted transaction that can only roll back.
+/// `BEGIN; SET a ..; COMMIT; SET b ..; select 1/0` keeps `a`, not `b`.
+fn committed_before_failure(
+    mut effects: Vec<SessionEffect>,
+    completed: usize,
+) -> Vec<SessionEffect> {
+    let mut statements = 0;
+    let mut keep = 0;
+    for (at, effect) in effects.iter().enumerate() {
+        if statements == completed {
+            break;
+        }
+        match effect {
+            SessionEffect::EndOfStatement => statements += 1,
+            SessionEffect::Commit | SessionEffect::Rollback => keep = at + 1,
+            _ => {}
+        }
+    }
+    effects.truncate(keep);
+    effects
+}
+
 /// The effects that survive a committed transaction's savepoint history.
 fn committed_effects(events: Vec<SessionEffect>) -> Vec<SessionEffect> {
     let mut effects = Vec::new();
@@ -170,15 +210,27 @@ impl Session<'_> {
     /// At the end of a request (ReadyForQuery): keep the session effects of what succeeded
     /// and committed, drop the rest.
     pub(super) fn on_request_done(&mut self, status: u8) {
-        if self.request.failed && !self.request.effects.is_empty() {
-            // Part of a failed string may have taken effect on the server (`BEGIN; SET
-            // ..; COMMIT; select 1/0`) while pgway drops all of its effects: the next sync
-            // starts from RESET ALL, so nothing of it reaches another client.
+        let mut effects = std::mem::take(&mut self.request.effects);
+        if std::mem::take(&mut self.request.failed) && !effects.is_empty() {
+            // What the failed string may have done on the server that pgway does not keep
+            // (a SET whose statement completed, in the transaction the error rolled back)
+            // must not reach another client: the next sync starts from RESET ALL.
             if let Some(link) = self.state.link_mut() {
                 link.conn.applied.dirty = true;
             }
+            effects = committed_before_failure(effects, self.request.completed);
         }
-        self.request.finish(&mut self.txn.effects);
+        for effect in effects {
+            match effect {
+                SessionEffect::Commit => {
+                    let events = std::mem::take(&mut self.txn.effects);
+                    self.apply_effects(committed_effects(events));
+                }
+                SessionEffect::Rollback => self.txn.effects.clear(),
+                SessionEffect::EndOfStatement => {}
+                effect => self.txn.effects.push(effect),
+            }
+        }
         if status == b'I' && !self.txn.effects.is_empty() {
             let events = std::mem::take(&mut self.txn.effects);
             if !self.txn.rolled_back {
@@ -192,23 +244,12 @@ impl Session<'_> {
         for effect in effects {
             let server = self.state.link_mut().map(|link| &mut link.conn);
             match effect {
-                // Its ParameterStatus already said what the value is now.
-                SessionEffect::Set { name, .. } if followed_report(&name).is_some() => {}
                 SessionEffect::Set { name, value } => {
-                    if let Some(server) = server {
-                        if name == SESSION_AUTHORIZATION {
-                            server.applied.settings.remove(ROLE);
-                        }
-                        server
-                            .applied
-                            .settings
-                            .set(&name, Value::Sql(value.clone()));
-                    }
-                    if name == SESSION_AUTHORIZATION {
-                        // The server reset the role: PostgreSQL's `role` is `none` now.
-                        self.settings.current.remove(ROLE);
-                    }
-                    self.settings.current.set(&name, Value::Sql(value));
+                    self.apply_set(name, Value::Sql(value));
+                    settings_changed = true;
+                }
+                SessionEffect::SetConfig { name, value } => {
+                    self.apply_set(name, Value::Raw(value));
                     settings_changed = true;
                 }
                 SessionEffect::Reset(name) => {
@@ -257,6 +298,9 @@ impl Session<'_> {
                 // one, so nobody else gets the setting and the client keeps it.
                 SessionEffect::Untracked(_) => self.pin(PinReason::Untracked),
                 SessionEffect::SetLocal
+                | SessionEffect::EndOfStatement
+                | SessionEffect::Commit
+                | SessionEffect::Rollback
                 | SessionEffect::DiscardOther
                 | SessionEffect::Unlisten
                 | SessionEffect::Savepoint(_)
@@ -269,22 +313,119 @@ impl Session<'_> {
         }
     }
 
+    /// A session-level `SET` (or `set_config`) that succeeded and committed.
+    fn apply_set(&mut self, name: String, value: Value) {
+        let server = self.state.link_mut().map(|link| &mut link.conn);
+        if let Some(key) = followed_report(&name) {
+            // Its ParameterStatus said what the value is now (kept again here, in case a
+            // RESET ALL earlier in the same request was applied just before).
+            if let Some(value) = self.settings.told.get(key).cloned() {
+                if let Some(server) = server {
+                    server.applied.settings.set(key, value.clone());
+                }
+                self.settings.current.set(key, value);
+            }
+            return;
+        }
+        if let Some(server) = server {
+            if name == SESSION_AUTHORIZATION {
+                server.applied.settings.remove(ROLE);
+            }
+            server.applied.settings.set(&name, value.clone());
+        }
+        if name == SESSION_AUTHORIZATION {
+            // The server reset the role: PostgreSQL's `role` is `none` now.
+            self.settings.current.remove(ROLE);
+        }
+        self.settings.current.set(&name, value);
+    }
+
     /// A ParameterStatus from the client's own statement (a SET, a RESET, the end of a
-    /// transaction): for a parameter pgway follows by its reports, the reported value is
-    /// the client's value now, and the connection's.
+    /// transaction), forwarded. For a parameter pgway follows by its reports, the reported
+    /// value is the client's value now, and the connection's; the client hears of it only
+    /// if it changed for the client. A `RESET` (`RESET ALL`, `DISCARD ALL`) of a parameter
+    /// the client's StartupMessage set returns the connection to its own login value, the
+    /// server's default: the client hears its startup value instead, as it would directly.
     pub(super) fn on_parameter_status(&mut self, frame: &[u8]) {
         let mut fields = messages::body(frame).split(|&b| b == 0);
         let (Some(name), Some(value)) = (fields.next(), fields.next()) else {
             return;
         };
-        let Some(name) = std::str::from_utf8(name).ok().and_then(followed_report) else {
+        let Some(key) = std::str::from_utf8(name).ok().and_then(followed_report) else {
+            self.out.extend_from_slice(frame);
             return;
         };
-        let value = Value::Raw(String::from_utf8_lossy(value).into_owned());
+        let real = String::from_utf8_lossy(value).into_owned();
+        self.request.reported.push(key);
+        let value = match self.reset_to_startup(key, &real) {
+            Some(startup) => startup,
+            None => Value::Raw(real.clone()),
+        };
         if let Some(link) = self.state.link_mut() {
-            link.conn.applied.settings.set(name, value.clone());
+            link.conn.applied.settings.set(key, Value::Raw(real));
         }
-        self.settings.current.set(name, value);
+        self.tell(key, &value);
+        self.settings.current.set(key, value);
+    }
+
+    /// The value the client's StartupMessage gave `key`, as reported at login, when the
+    /// connection just reported `value` because this request reset `key` to its default.
+    fn reset_to_startup(&self, key: &str, value: &str) -> Option<Value> {
+        let default = self
+            .state
+            .link()?
+            .conn
+            .params
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(key))?;
+        if default.1 != value {
+            return None;
+        }
+        self.startup_if_reset(key)
+    }
+
+    /// Before a request's ReadyForQuery: a parameter its `RESET` returned to the startup
+    /// value without a report (the connection already had the server default) is reported
+    /// now, if the client was told another value. (Not when the request ended in a
+    /// ROLLBACK, which undid the reset.)
+    pub(super) fn report_resets(&mut self) {
+        if self.request.failed || self.request.effects.is_empty() || self.txn.rolled_back {
+            return;
+        }
+        for (key, _) in FOLLOWED_REPORTS {
+            if !self.request.reported.contains(&key) {
+                if let Some(startup) = self.startup_if_reset(key) {
+                    self.tell(key, &startup);
+                }
+            }
+        }
+    }
+
+    /// The startup value of `key` as reported at login, if the StartupMessage set `key`
+    /// and this request resets it.
+    fn startup_if_reset(&self, key: &str) -> Option<Value> {
+        self.settings.startup.get(key)?;
+        let resets = self.request.effects.iter().any(|effect| match effect {
+            SessionEffect::Reset(name) => name == key,
+            SessionEffect::ResetAll | SessionEffect::DiscardAll => true,
+            _ => false,
+        });
+        resets
+            .then(|| self.settings.at_login.get(key).cloned())
+            .flatten()
+    }
+
+    /// Sends the client a ParameterStatus for `key` if `value` is news to it.
+    fn tell(&mut self, key: &str, value: &Value) {
+        if self.settings.told.get(key) == Some(value) {
+            return;
+        }
+        if let (Some((_, reported_as)), Value::Raw(text)) =
+            (FOLLOWED_REPORTS.iter().find(|(k, _)| *k == key), value)
+        {
+            messages::parameter_status(&mut self.out, reported_as, text);
+        }
+        self.settings.told.set(key, value.clone());
     }
 
     /// After a request that may have let go of what pinned the client: if the server

@@ -75,7 +75,7 @@ use crate::protocol::FrameError;
 use crate::route::{Hint, PinReason, SessionEffect};
 use crate::settings::ClientSettings;
 
-pub use effects::default_target;
+pub use effects::{default_target, followed_reports};
 use prepared::Prepared;
 use relay::Expect;
 
@@ -199,6 +199,10 @@ struct Request {
     /// The client is pinned and this request may have let go of what pinned it: ask the
     /// server afterwards.
     check_pins: bool,
+    /// Followed parameters the server reported during the request.
+    reported: Vec<&'static str>,
+    /// Statements that completed (CommandComplete or EmptyQueryResponse).
+    completed: usize,
 }
 
 impl Request {
@@ -212,15 +216,8 @@ impl Request {
         self.batch_failed = false;
         self.named.clear();
         self.check_pins = false;
-    }
-
-    /// Ends the request at its ReadyForQuery: its effects move to `kept` if it succeeded.
-    fn finish(&mut self, kept: &mut Vec<SessionEffect>) {
-        if std::mem::take(&mut self.failed) {
-            self.effects.clear();
-        } else {
-            kept.append(&mut self.effects);
-        }
+        self.reported.clear();
+        self.completed = 0;
     }
 
     /// Forgets everything (the request is sent again elsewhere).

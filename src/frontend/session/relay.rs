@@ -181,7 +181,6 @@ impl Session<'_> {
             }
             b'S' => {
                 if forward {
-                    self.out.extend_from_slice(frame);
                     self.on_parameter_status(frame);
                 }
             }
@@ -218,10 +217,16 @@ impl Session<'_> {
             _ => match head {
                 Some((kind, forward, _)) => {
                     if forward {
+                        if tag == b'Z' {
+                            self.report_resets();
+                        }
                         self.request.answered = true;
                         self.out.extend_from_slice(frame);
                         if tag == b'C' {
                             self.txn.rolled_back = messages::body(frame).starts_with(b"ROLLBACK");
+                            self.request.completed += 1;
+                        } else if tag == b'I' {
+                            self.request.completed += 1;
                         }
                     }
                     if kind.ends_with(tag) {

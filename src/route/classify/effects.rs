@@ -73,6 +73,15 @@ pub enum SessionEffect {
         /// Value text from the input.
         value: String,
     },
+    /// `set_config('name', 'value', false)` with literal arguments: the value is the
+    /// string itself (replayed with `set_config`, never as `SET name = value`, which would
+    /// read a list-valued setting's `'a, b'` as one item).
+    SetConfig {
+        /// Parameter name, lower-cased.
+        name: String,
+        /// The value string, unquoted.
+        value: String,
+    },
     /// Transaction-scoped: `SET LOCAL ...`, `SET TRANSACTION ...`,
     /// `SET CONSTRAINTS ...`, `RESET TRANSACTION ISOLATION LEVEL`.
     SetLocal,
@@ -110,6 +119,22 @@ pub enum SessionEffect {
     /// goes to the server, which gives its own answer; if it succeeds, the client
     /// is pinned to that connection ([`PinReason::Untracked`]).
     Untracked(&'static str),
+    /// Markers, only in a string of several statements with other effects, so that the
+    /// effects of what completed before a failing statement are known: the end of each
+    /// statement, after its effects.
+    EndOfStatement,
+    /// `COMMIT`, `END`, `PREPARE TRANSACTION` in such a string (before its
+    /// `EndOfStatement`): the transaction's effects so far are kept.
+    Commit,
+    /// `ROLLBACK`, `ABORT` (not `ROLLBACK TO`) in such a string: they are dropped.
+    Rollback,
+}
+
+impl SessionEffect {
+    /// True for [`Self::EndOfStatement`], [`Self::Commit`] and [`Self::Rollback`].
+    pub fn is_marker(&self) -> bool {
+        matches!(self, Self::EndOfStatement | Self::Commit | Self::Rollback)
+    }
 }
 
 /// Session-level advisory lock functions: the lock outlives the transaction.
@@ -125,19 +150,44 @@ const SESSION_ADVISORY_LOCKS: &[&str] = &[
 pub(super) fn session_effects(sql: &str, tokens: &[TokenWithSpan]) -> Vec<SessionEffect> {
     let mut locator = Locator::new(sql);
     let mut effects = Vec::new();
+    let mut statements = 0;
     for statement in split_statements(tokens) {
         let words: Vec<&TokenWithSpan> =
             statement.iter().filter(|t| !is_trivia(&t.token)).collect();
+        if words.is_empty() {
+            continue;
+        }
+        statements += 1;
         if let Some(settings) = session_characteristics(&words) {
             effects.extend(settings);
         } else if let Some(effect) = statement_effect(&words, statement, &mut locator) {
             effects.push(effect);
         }
-        if calls_session_set_config(&words) {
-            effects.push(SessionEffect::Untracked("set_config"));
-        }
+        effects.extend(session_set_config(&words));
+        effects.extend(transaction_end(&words));
+        effects.push(SessionEffect::EndOfStatement);
+    }
+    if statements < 2 || effects.iter().all(SessionEffect::is_marker) {
+        effects.retain(|effect| !effect.is_marker());
     }
     effects
+}
+
+/// [`SessionEffect::Commit`] or [`SessionEffect::Rollback`] if the statement ends the
+/// transaction (`ROLLBACK TO`, `COMMIT PREPARED` and `ROLLBACK PREPARED` do not).
+fn transaction_end(words: &[&TokenWithSpan]) -> Option<SessionEffect> {
+    let kw = |i: usize, keyword: &str| words.get(i).is_some_and(|w| is_kw(&w.token, keyword));
+    let rest_has = |keyword: &str| words.iter().skip(1).any(|w| is_kw(&w.token, keyword));
+    if kw(0, "COMMIT") && !kw(1, "PREPARED")
+        || kw(0, "END")
+        || kw(0, "PREPARE") && kw(1, "TRANSACTION")
+    {
+        Some(SessionEffect::Commit)
+    } else if (kw(0, "ROLLBACK") || kw(0, "ABORT")) && !rest_has("TO") && !kw(1, "PREPARED") {
+        Some(SessionEffect::Rollback)
+    } else {
+        None
+    }
 }
 
 /// The effect of one statement. `words` are its non-trivia tokens, `tokens`
@@ -158,11 +208,33 @@ fn statement_effect(
         Some(deallocate_effect(words))
     } else if is_kw(first, "UNLISTEN") {
         Some(SessionEffect::Unlisten)
+    } else if is_kw(first, "DO") {
+        do_block_effect(words)
     } else if let Some(effect) = savepoint_effect(words) {
         Some(effect)
     } else {
         pin_effect(words, tokens).map(SessionEffect::Pin)
     }
+}
+
+/// A `DO` block whose body may change settings (it has the word `set`, `reset`,
+/// `set_config` or `discard`; an `UPDATE ... SET` is a false alarm, which costs only a
+/// pin) is [`SessionEffect::Untracked`]: pgway cannot see what it changed, so the client
+/// keeps its connection. Other blocks (`RAISE NOTICE`, DDL, loops) change no setting.
+fn do_block_effect(words: &[&TokenWithSpan]) -> Option<SessionEffect> {
+    const WORDS: [&str; 4] = ["set", "reset", "set_config", "discard"];
+    let may_set = words.iter().skip(1).any(|word| match &word.token {
+        Token::DollarQuotedString(body) => text_has_word(&body.value, &WORDS),
+        Token::SingleQuotedString(body) => text_has_word(body, &WORDS),
+        _ => false,
+    });
+    may_set.then_some(SessionEffect::Untracked("DO"))
+}
+
+/// True if `text` has one of `words` (lower-case) as a whole word, in any case.
+fn text_has_word(text: &str, words: &[&str]) -> bool {
+    text.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+        .any(|word| words.iter().any(|w| w.eq_ignore_ascii_case(word)))
 }
 
 /// `SET SESSION CHARACTERISTICS AS TRANSACTION mode [[,] mode ...]`: the three settings
@@ -222,14 +294,19 @@ fn session_characteristics(words: &[&TokenWithSpan]) -> Option<Vec<SessionEffect
     Some(effects)
 }
 
-/// True if the statement calls `set_config(name, value, is_local)` with an `is_local` that
-/// is not the literal `true`: a session-level setting pgway cannot see the value of.
-fn calls_session_set_config(words: &[&TokenWithSpan]) -> bool {
-    words.iter().enumerate().any(|(at, word)| {
+/// The effect of a `set_config(name, value, is_local)` call in the statement whose
+/// `is_local` is not the literal `true`: a session-level setting. With string literals for
+/// name and value and `false` for `is_local`, pgway knows it
+/// ([`SessionEffect::SetConfig`]); otherwise it cannot see the value
+/// ([`SessionEffect::Untracked`]). (One call per statement is followed; a second one
+/// makes it untracked.)
+fn session_set_config(words: &[&TokenWithSpan]) -> Option<SessionEffect> {
+    let mut found = None;
+    for (at, word) in words.iter().enumerate() {
         if !is_kw(&word.token, "set_config")
             || words.get(at + 1).map(|t| &t.token) != Some(&Token::LParen)
         {
-            return false;
+            continue;
         }
         // The arguments at depth 1, split at commas.
         let mut args: Vec<Vec<&Token>> = vec![Vec::new()];
@@ -253,8 +330,24 @@ fn calls_session_set_config(words: &[&TokenWithSpan]) -> bool {
                 }
             }
         }
-        !matches!(args.as_slice(), [_, _, local] if matches!(local.as_slice(), [t] if is_kw(t, "TRUE")))
-    })
+        let args: Vec<&[&Token]> = args.iter().map(Vec::as_slice).collect();
+        let effect = match args.as_slice() {
+            [_, _, [local]] if is_kw(local, "TRUE") => continue,
+            [[Token::SingleQuotedString(name)], [Token::SingleQuotedString(value)], [local]]
+                if is_kw(local, "FALSE")
+                    && found.is_none()
+                    && !name.eq_ignore_ascii_case("session_authorization") =>
+            {
+                SessionEffect::SetConfig {
+                    name: name.to_ascii_lowercase(),
+                    value: value.clone(),
+                }
+            }
+            _ => return Some(SessionEffect::Untracked("set_config")),
+        };
+        found = Some(effect);
+    }
+    found
 }
 
 /// `=` or `TO`: the assignment in `SET name = value`.
@@ -879,8 +972,11 @@ mod tests {
     use super::super::{classify, StatementKind};
     use super::*;
 
+    /// The effects of `sql`, without the markers of a multi-statement string.
     fn effects(sql: &str) -> Vec<SessionEffect> {
-        classify(sql).session
+        let mut effects = classify(sql).session;
+        effects.retain(|effect| !effect.is_marker());
+        effects
     }
 
     fn set(name: &str, value: &str) -> SessionEffect {
@@ -1076,11 +1172,26 @@ mod tests {
     }
 
     #[test]
-    fn set_config_outside_a_transaction_scope_is_untracked() {
+    fn set_config_outside_a_transaction_is_followed_when_literal_and_untracked_otherwise() {
+        let set_config = |name: &str, value: &str| {
+            vec![SessionEffect::SetConfig {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            }]
+        };
+        assert_eq!(
+            effects("select set_config('A.b', 'c, d', false)"),
+            set_config("a.b", "c, d")
+        );
+        assert_eq!(
+            effects("SELECT pg_catalog.set_config('search_path', 'x', FALSE) AS s"),
+            set_config("search_path", "x")
+        );
         let untracked = vec![SessionEffect::Untracked("set_config")];
         for sql in [
-            "select set_config('a.b', 'c', false)",
             "SELECT pg_catalog.set_config('a.b', lower('C'), FALSE)",
+            "select set_config('a.b', 'c', false), set_config('d.e', 'f', false)",
+            "select set_config('session_authorization', 'u1', false)",
             "select set_config('a.b', 'c', $1)",
             "select 1, set_config('search_path', 'x', (select false))",
         ] {
@@ -1093,6 +1204,25 @@ mod tests {
         ] {
             assert!(effects(sql).is_empty(), "{sql}");
         }
+    }
+
+    #[test]
+    fn a_do_block_is_untracked() {
+        assert_eq!(
+            effects("do $$ begin perform set_config('a.b', 'c', false); end $$"),
+            vec![SessionEffect::Untracked("DO")]
+        );
+        assert_eq!(
+            effects("DO 'BEGIN SET search_path = x; END'"),
+            vec![SessionEffect::Untracked("DO")]
+        );
+        assert_eq!(
+            effects("do $f$ begin update t set a = 1; end $f$"),
+            vec![SessionEffect::Untracked("DO")]
+        );
+        assert!(effects("do $$ begin raise notice 'settings'; end $$").is_empty());
+        assert!(effects("do language plpgsql $$ begin create table offset_t(); end $$").is_empty());
+        assert!(effects("select 'do'").is_empty());
     }
 
     #[test]
@@ -1301,6 +1431,38 @@ mod tests {
     }
 
     #[test]
+    fn a_string_of_statements_with_effects_marks_statement_and_transaction_ends() {
+        use SessionEffect::{Commit, EndOfStatement as End, Rollback};
+        assert_eq!(
+            classify("BEGIN; SET a = 1; COMMIT; select 1/0").session,
+            vec![End, set("a", "1"), End, Commit, End, End]
+        );
+        assert_eq!(
+            classify("begin; set a = 1; rollback to s; abort; end; commit prepared 'x'").session,
+            vec![
+                End,
+                set("a", "1"),
+                End,
+                SessionEffect::RollbackToSavepoint("s".into()),
+                End,
+                Rollback,
+                End,
+                Commit,
+                End,
+                End
+            ]
+        );
+        assert_eq!(
+            classify("prepare transaction 'x'; rollback prepared 'x'; set a = 1").session,
+            vec![Commit, End, End, set("a", "1"), End]
+        );
+        // No markers for one statement, or for a string without other effects.
+        assert_eq!(classify("commit").session, vec![]);
+        assert_eq!(classify("begin; select 1; commit").session, vec![]);
+        assert_eq!(classify("set a = 1;").session, vec![set("a", "1")]);
+    }
+
+    #[test]
     fn session_effects_in_multi_statement_strings() {
         assert_eq!(
             effects("set a.b = 'x'; select 1; reset all"),
@@ -1322,7 +1484,7 @@ mod tests {
         let c = classify("set search_path = app; garbage !!; unlisten *");
         assert_eq!(c.kind, StatementKind::Write);
         assert_eq!(
-            c.session,
+            effects("set search_path = app; garbage !!; unlisten *"),
             vec![set("search_path", "app"), SessionEffect::Unlisten]
         );
         // A string that is otherwise a Read still reports its effects.

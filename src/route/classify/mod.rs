@@ -567,6 +567,15 @@ fn parse_statements(
 fn classify_statement(statement: &Statement, functions: &mut Vec<String>) -> StatementKind {
     match statement {
         Statement::Query(query) => classify_query(query, functions),
+        // A standby answers these for itself (`on`), not for the session pgway gives the
+        // client, which can write: the primary answers them.
+        Statement::ShowVariable { variable }
+            if matches!(variable.as_slice(), [name] if ["all", "transaction_read_only", "in_hot_standby"]
+                .iter()
+                .any(|n| name.value.eq_ignore_ascii_case(n))) =>
+        {
+            StatementKind::Write
+        }
         Statement::ShowVariable { .. } => StatementKind::Read,
         // EXPLAIN without ANALYZE would not execute a write, but treating it
         // like its target keeps the rule simple and errs towards the primary.
@@ -810,7 +819,9 @@ mod tests {
         assert_read("(select 1)", &[]);
         assert_read("select 1 union select 2 except select 3", &[]);
         assert_read("show search_path", &[]);
-        assert_read("SHOW ALL", &[]);
+        assert_write("SHOW ALL");
+        assert_write("show transaction_read_only");
+        assert_write("SHOW In_Hot_Standby");
         assert_read("show transaction isolation level", &[]);
         assert_read("select 'for update', \"for\" from t", &[]);
         assert_read("select substring(a from 1 for 2) from t", &[]);
