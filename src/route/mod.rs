@@ -55,6 +55,7 @@ impl Router {
                 hint: None,
                 functions: Vec::new(),
                 session: Vec::new(),
+                writes: false,
             }),
         }
     }

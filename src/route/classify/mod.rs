@@ -142,6 +142,7 @@
 
 mod effects;
 mod tokens;
+mod writes;
 
 use std::ops::ControlFlow;
 
@@ -191,6 +192,12 @@ pub struct Classification {
     /// nothing). Computed for every kind, Read or Write, parseable or not.
     /// See [Session effects](self#session-effects).
     pub session: Vec<SessionEffect>,
+    /// The string may change data that a later read must see (read-your-writes): DML,
+    /// DDL, `SELECT ... INTO`, `COPY FROM`, `CALL`, `DO`, writing or unknown functions,
+    /// anything unparseable. Not: reads (locking ones included), `SET`/`SHOW`/`RESET`,
+    /// transaction control, cursors, `LISTEN`, and calls of built-ins that only touch the
+    /// session (advisory locks, `set_config`, `pg_notify`). See [`writes::may_write`].
+    pub writes: bool,
 }
 
 /// Built-in functions that write, take locks, assign a transaction id or only
@@ -370,6 +377,7 @@ impl Classification {
             hint,
             functions: Vec::new(),
             session: Vec::new(),
+            writes: true,
         }
     }
 }
@@ -399,11 +407,15 @@ pub fn classify(sql: &str) -> Classification {
         Some((kind, functions)) => Classification {
             kind,
             hint,
+            // A volatile function may write; a stable one sends the read to a replica,
+            // where nothing is written anyway.
+            writes: !functions.is_empty(),
             functions,
             session,
         },
         None => Classification {
             session,
+            writes: std::panic::catch_unwind(|| writes::may_write(sql)).unwrap_or(true),
             ..Classification::write(hint)
         },
     }
@@ -624,7 +636,10 @@ fn classify_statement(statement: &Statement, functions: &mut Vec<String>) -> Sta
 
 /// Classify a query (and everything nested in it) as Read or Write.
 fn classify_query(query: &Query, functions: &mut Vec<String>) -> StatementKind {
-    let mut visitor = ReadChecker { functions };
+    let mut visitor = ReadChecker {
+        functions,
+        lenient: false,
+    };
     match query.visit(&mut visitor) {
         ControlFlow::Continue(()) => StatementKind::Read,
         ControlFlow::Break(()) => StatementKind::Write,
@@ -635,6 +650,9 @@ fn classify_query(query: &Query, functions: &mut Vec<String>) -> StatementKind {
 /// the functions that need a volatility lookup.
 struct ReadChecker<'a> {
     functions: &'a mut Vec<String>,
+    /// Asks "may it write data?" rather than "may it run on a replica?": row locks,
+    /// primary-only views and built-ins that only touch the session do not count.
+    lenient: bool,
 }
 
 impl ReadChecker<'_> {
@@ -654,6 +672,9 @@ impl ReadChecker<'_> {
         };
         let last_raw = last.value.as_str();
         if is_write_function(last_raw) {
+            if self.lenient && writes::is_session_function(last_raw) {
+                return ControlFlow::Continue(());
+            }
             return ControlFlow::Break(());
         }
 
@@ -721,7 +742,7 @@ impl Visitor for ReadChecker<'_> {
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         // Row locks need the primary. The other clauses are not PostgreSQL
         // syntax; if they ever parse, be safe.
-        if !query.locks.is_empty()
+        if !query.locks.is_empty() && !self.lenient
             || query.for_clause.is_some()
             || query.settings.is_some()
             || query.format_clause.is_some()
@@ -750,7 +771,7 @@ impl Visitor for ReadChecker<'_> {
         match factor {
             TableFactor::Table {
                 name, args: None, ..
-            } if is_primary_only_view(name) => ControlFlow::Break(()),
+            } if is_primary_only_view(name) && !self.lenient => ControlFlow::Break(()),
             // `FROM my_func(1)` parses as a table with arguments.
             TableFactor::Table {
                 name,
