@@ -68,13 +68,56 @@ pub struct Config {
 }
 
 /// `[routing]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
     /// Replicas whose replay position is further behind the primary's WAL position than
     /// this take no reads until they catch up (`"1MB"`, `"64kB"`, bytes). _Default:_ no limit
     #[serde(default, deserialize_with = "deserialize_byte_size")]
     pub max_replica_lag: Option<u64>,
+    /// Whose writes a read must see: `"session"` (its own connection's), `"user"` (any
+    /// connection's of the same user and database), `"global"` (any user's of the
+    /// database), `"off"`. _Default:_ `"user"`
+    #[serde(default)]
+    pub read_your_writes: ReadYourWrites,
+    /// How long a read that must see a write waits for a replica that has replayed it
+    /// before it goes to the primary. _Default:_ `"20ms"`
+    #[serde(
+        default = "RoutingConfig::default_read_your_writes_wait",
+        with = "humantime_serde"
+    )]
+    pub read_your_writes_wait: Duration,
+}
+
+impl RoutingConfig {
+    fn default_read_your_writes_wait() -> Duration {
+        Duration::from_millis(20)
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            max_replica_lag: None,
+            read_your_writes: ReadYourWrites::default(),
+            read_your_writes_wait: Self::default_read_your_writes_wait(),
+        }
+    }
+}
+
+/// `routing.read_your_writes`: the scope of the writes a read must see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadYourWrites {
+    /// The client connection's own writes.
+    Session,
+    /// Writes of every connection of the same user and database.
+    #[default]
+    User,
+    /// Writes of every connection to the database.
+    Global,
+    /// No read waits for a write.
+    Off,
 }
 
 /// Parses `"1MB"`, `"512kB"`, `"1GB"`, `"100B"` or a bare number of bytes (units are

@@ -30,9 +30,11 @@ use crate::error::ClientError;
 use crate::frontend::auth::ScramVerifier;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{startup, Shared, User};
+use crate::route::floors::Floors;
 use crate::route::{Catalog, Router};
 use crate::topology::health::{supervise, HealthSettings};
 use crate::topology::patroni::{self, PatroniSettings};
+use crate::topology::replay::ReplayPositions;
 use crate::topology::TopologyHandle;
 use crate::workers::{self, WorkerError, Workers};
 
@@ -126,10 +128,17 @@ pub(crate) fn build_shared(
         users,
         pools,
         topology,
-        config,
         cancels: CancelRegistry::default(),
         shutdown: shutdown.clone(),
         greetings: moka::sync::Cache::new(10_000),
+        floors: Floors::new(config.routing.read_your_writes),
+        replay: ReplayPositions::new(
+            health_settings(&config),
+            background.clone(),
+            tokio::runtime::Handle::current(),
+            shutdown.clone(),
+        ),
+        config,
     })
 }
 

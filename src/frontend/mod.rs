@@ -13,8 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Pools;
 use crate::config::{Config, UserConfig};
+use crate::route::floors::Floors;
 use crate::route::Router;
 use crate::settings::Settings;
+use crate::topology::replay::ReplayPositions;
 use crate::topology::TopologyHandle;
 use auth::ScramVerifier;
 use cancel::CancelRegistry;
@@ -50,6 +52,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// What new clients are greeted with, per (database, user, startup settings hash).
     pub greetings: moka::sync::Cache<GreetingKey, Arc<Greeting>>,
+    /// Read-your-writes floors by scope.
+    pub floors: Floors,
+    /// Replay positions of replicas, for reads under a floor.
+    pub replay: ReplayPositions,
 }
 
 /// A cached greeting: the ParameterStatus values for clients with these startup settings,

@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod classify;
 pub mod fast;
+pub mod floors;
 
 use std::sync::Arc;
 

@@ -10,6 +10,7 @@
 
 pub mod health;
 pub mod patroni;
+pub mod replay;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -197,6 +198,15 @@ impl TopologyHandle {
     pub fn replica(&self) -> Option<Arc<str>> {
         let topology = self.current.load();
         self.pick_replica(&topology).map(|n| Arc::clone(&n.addr))
+    }
+
+    /// Every replica that may take reads now.
+    pub fn readable_replicas(&self) -> Vec<Arc<str>> {
+        self.current
+            .load()
+            .readable_replicas(self.max_lag)
+            .map(|n| Arc::clone(&n.addr))
+            .collect()
     }
 
     /// Calls `f` with the address of a replica that may take reads (as [`Self::replica`]

@@ -24,16 +24,34 @@ impl Session<'_> {
         let shared = self.shared;
         let topology = &shared.topology;
         let wait = shared.config.topology.failover_timeout();
-        let want = match target {
+        let mut want = match target {
             Target::Replica => Want::Replica,
             Target::Primary => Want::Primary,
         };
         let mut attempts = topology.node_count() + 1;
         loop {
-            let index = topology
-                .with_node(want, wait, |addr| self.pool_index(addr))
-                .await
-                .ok_or(ClientError::NoPrimary(wait))?;
+            // A read under a read-your-writes floor: a replica that has replayed it, else
+            // the primary.
+            let caught_up = match want {
+                Want::Replica => match self.read_floor() {
+                    0 => None,
+                    floor => {
+                        let replica = self.replica_at(floor).await;
+                        if replica.is_none() {
+                            want = Want::Primary;
+                        }
+                        replica
+                    }
+                },
+                _ => None,
+            };
+            let index = match caught_up {
+                Some(addr) => self.pool_index(&addr),
+                None => topology
+                    .with_node(want, wait, |addr| self.pool_index(addr))
+                    .await
+                    .ok_or(ClientError::NoPrimary(wait))?,
+            };
             let (addr, pool) = &self.pools[index];
             let addr = Arc::clone(addr);
             match pool.acquire().await {

@@ -210,6 +210,8 @@ impl Session<'_> {
     /// At the end of a request (ReadyForQuery): keep the session effects of what succeeded
     /// and committed, drop the rest.
     pub(super) fn on_request_done(&mut self, status: u8) {
+        let wrote = std::mem::take(&mut self.request.may_write);
+        self.txn.wrote = status != b'I' && (self.txn.wrote || wrote);
         let mut effects = std::mem::take(&mut self.request.effects);
         if std::mem::take(&mut self.request.failed) && !effects.is_empty() {
             // What the failed string may have done on the server that pgway does not keep

@@ -51,6 +51,7 @@
 
 mod attach;
 mod effects;
+mod freshness;
 mod prepared;
 mod relay;
 mod serve;
@@ -72,6 +73,7 @@ use crate::error::ClientError;
 use crate::net::{FramedStream, NetError};
 use crate::protocol::messages;
 use crate::protocol::FrameError;
+use crate::route::floors::Floor;
 use crate::route::{Hint, PinReason, SessionEffect};
 use crate::settings::ClientSettings;
 
@@ -203,6 +205,14 @@ struct Request {
     reported: Vec<&'static str>,
     /// Statements that completed (CommandComplete or EmptyQueryResponse).
     completed: usize,
+    /// It may change data (read-your-writes). Kept until the request is done.
+    may_write: bool,
+    /// Inside a transaction: it may commit it (`COMMIT`, `END`).
+    commits: bool,
+    /// The client's ReadyForQuery, held until the WAL position query is answered.
+    held_ready: Option<BytesMut>,
+    /// The answer to the WAL position query.
+    wal_position: Option<u64>,
 }
 
 impl Request {
@@ -218,12 +228,16 @@ impl Request {
         self.check_pins = false;
         self.reported.clear();
         self.completed = 0;
+        self.commits = false;
+        self.held_ready = None;
+        self.wal_position = None;
     }
 
     /// Forgets everything (the request is sent again elsewhere).
     fn reset(&mut self) {
         self.effects.clear();
         self.failed = false;
+        self.may_write = false;
         self.begin_attempt(false, 0);
     }
 }
@@ -235,6 +249,8 @@ struct Transaction {
     effects: Vec<SessionEffect>,
     /// The last CommandComplete was a ROLLBACK.
     rolled_back: bool,
+    /// A request of the open transaction may have changed data.
+    wrote: bool,
 }
 
 /// One client's session.
@@ -277,6 +293,10 @@ pub struct Session<'a> {
     /// transaction then touches no reference count that other worker threads also write.
     /// A list, not a map: a session sees a handful of nodes.
     pools: Vec<(Arc<str>, Arc<Pool>)>,
+    /// The read-your-writes floor this client reads under and raises (`None`: off).
+    floor: Option<Floor>,
+    /// The WAL position of this connection's last write (0: none yet).
+    last_write: u64,
 }
 
 impl<'a> Session<'a> {
@@ -295,6 +315,7 @@ impl<'a> Session<'a> {
             .map(|u| u.config.password.clone())
             .unwrap_or_default();
         let target = effects::target_hint(&settings);
+        let floor = shared.floors.for_client(&database, &user);
         Self {
             shared,
             span,
@@ -317,6 +338,8 @@ impl<'a> Session<'a> {
             settings,
             target,
             pools: Vec::new(),
+            floor,
+            last_write: 0,
         }
     }
 

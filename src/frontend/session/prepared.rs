@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::relay::{local_reply, Expect, Reply};
-use super::{effects, Session, SessionError, State};
+use super::{effects, freshness, Session, SessionError, State};
 use crate::backend::server::statement_name;
 use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
@@ -28,6 +28,8 @@ pub(super) struct Prepared {
     target: Target,
     /// Session effects of executing it (SET, LISTEN, ...).
     effects: Vec<SessionEffect>,
+    /// Executing it may change data (see [`Classification::writes`]).
+    writes: bool,
 }
 
 impl Prepared {
@@ -128,10 +130,14 @@ impl Session<'_> {
                     self.request
                         .effects
                         .extend(prepared.effects.iter().cloned());
-                    let held =
-                        matches!(self.state, State::Pinned(..)) || self.state.status() != b'I';
+                    let in_transaction = self.state.status() != b'I';
+                    let held = matches!(self.state, State::Pinned(..)) || in_transaction;
                     if held && effects::may_release(&prepared.sql) {
                         self.request.check_pins = true;
+                    }
+                    self.request.may_write |= prepared.writes;
+                    if in_transaction && freshness::may_commit(&prepared.sql) {
+                        self.request.commits = true;
                     }
                 }
                 match self.server_statement(bind.statement)? {
@@ -180,9 +186,12 @@ impl Session<'_> {
 
     fn translate_parse(&mut self, frame: &BytesMut, target: Target) -> Result<(), SessionError> {
         let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
-        let effects = std::str::from_utf8(parse.sql)
-            .map(|sql| self.shared.router.classification(sql).session.clone())
-            .unwrap_or_default();
+        let (effects, writes) = std::str::from_utf8(parse.sql)
+            .map(|sql| {
+                let c = self.shared.router.classification(sql);
+                (c.session.clone(), c.writes)
+            })
+            .unwrap_or((Vec::new(), true));
         let refused = if !parse.name.is_empty() && self.statements.contains_key(parse.name) {
             Some(ClientError::DuplicatePreparedStatement(
                 String::from_utf8_lossy(parse.name).into_owned(),
@@ -201,7 +210,7 @@ impl Session<'_> {
         if !parse.name.is_empty() {
             self.request.named.push(parse.name.to_vec());
         }
-        let prepared = self.remember(&parse, target, effects);
+        let prepared = self.remember(&parse, target, effects, writes);
         if parse.name.is_empty() {
             let client_id = self.cancel.pid as u64;
             self.to_server.extend_from_slice(frame);
@@ -225,6 +234,7 @@ impl Session<'_> {
         parse: &Parse<'_>,
         target: Target,
         effects: Vec<SessionEffect>,
+        writes: bool,
     ) -> Arc<Prepared> {
         let mut hasher = DefaultHasher::new();
         parse.sql.hash(&mut hasher);
@@ -236,6 +246,7 @@ impl Session<'_> {
             hash,
             target,
             effects,
+            writes,
         });
         if parse.name.is_empty() {
             self.unnamed = Some(Arc::clone(&prepared));

@@ -27,6 +27,8 @@ pub(super) enum Reply {
     Sync,
     Query,
     FunctionCall,
+    /// pgway's WAL position query after a committing write (see `freshness`).
+    WalPosition,
 }
 
 impl Reply {
@@ -37,13 +39,16 @@ impl Reply {
             Reply::Close => tag == b'3',
             Reply::Describe => matches!(tag, b'T' | b'n'),
             Reply::Execute => matches!(tag, b'C' | b'I' | b's'),
-            Reply::Sync | Reply::Query | Reply::FunctionCall => tag == b'Z',
+            Reply::Sync | Reply::Query | Reply::FunctionCall | Reply::WalPosition => tag == b'Z',
         }
     }
 
     /// Simple query and function call keep going after an error, up to ReadyForQuery.
     fn survives_error(self) -> bool {
-        matches!(self, Reply::Query | Reply::FunctionCall | Reply::Sync)
+        matches!(
+            self,
+            Reply::Query | Reply::FunctionCall | Reply::Sync | Reply::WalPosition
+        )
     }
 }
 
@@ -169,6 +174,11 @@ impl Session<'_> {
             }) => Some((*kind, *forward, *prepared)),
             _ => None,
         };
+        if let Some((Reply::WalPosition, ..)) = head {
+            self.on_wal_position_frame(frame);
+            self.emit_local();
+            return;
+        }
         let forward = head.is_none_or(|(_, forward, _)| forward);
         match tag {
             // Notifications belong to no request and always reach the client.
@@ -217,11 +227,15 @@ impl Session<'_> {
             _ => match head {
                 Some((kind, forward, _)) => {
                     if forward {
-                        if tag == b'Z' {
-                            self.report_resets();
-                        }
                         self.request.answered = true;
-                        self.out.extend_from_slice(frame);
+                        if tag != b'Z' {
+                            self.out.extend_from_slice(frame);
+                        } else {
+                            self.report_resets();
+                            if !self.hold_ready(frame) {
+                                self.out.extend_from_slice(frame);
+                            }
+                        }
                         if tag == b'C' {
                             self.txn.rolled_back = messages::body(frame).starts_with(b"ROLLBACK");
                             self.request.completed += 1;

@@ -3,7 +3,7 @@
 
 use bytes::BytesMut;
 
-use super::{effects, Session, SessionError, State};
+use super::{effects, freshness, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::net::{recycle_buffer, take_buffer};
 use crate::protocol::messages::{self, query_text};
@@ -24,6 +24,8 @@ struct Plan {
     retry: bool,
     /// Its answers are relayed now (else: a batch that did not end with Sync or Flush).
     relay: bool,
+    /// It ends with ReadyForQuery (a simple query, a function call, a batch with Sync).
+    ready: bool,
 }
 
 impl Session<'_> {
@@ -133,11 +135,22 @@ impl Session<'_> {
         let plan = Plan {
             retry: true,
             relay: true,
+            ready: true,
         };
         self.send_or_report(target, plan, |session| {
             match &classification {
-                Some(c) => session.request.effects.clone_from(&c.session),
-                None => session.request.effects.clear(),
+                Some(c) => {
+                    session.request.effects.clone_from(&c.session);
+                    session.request.may_write = c.writes;
+                }
+                None => {
+                    session.request.effects.clear();
+                    session.request.may_write = true;
+                }
+            }
+            if session.state.status() != b'I' {
+                session.request.commits =
+                    freshness::may_commit(query_text(&frame).unwrap_or_default());
             }
             // Pinned, or about to be by what its transaction did (a temporary table ON
             // COMMIT DROP is gone again at the COMMIT that pins the client).
@@ -159,8 +172,10 @@ impl Session<'_> {
         let plan = Plan {
             retry: false,
             relay: true,
+            ready: true,
         };
         self.send_or_report(Target::Primary, plan, |session| {
+            session.request.may_write = true;
             session.to_server.extend_from_slice(&frame);
             session.expect(super::relay::Reply::FunctionCall, true, None);
             Ok(())
@@ -190,6 +205,7 @@ impl Session<'_> {
         let plan = Plan {
             retry: sync,
             relay: complete,
+            ready: sync,
         };
         let sent = self
             .send_request(target, plan, |session| {
@@ -255,6 +271,9 @@ impl Session<'_> {
                 }
             }
             queue(self)?;
+            if plan.ready {
+                self.queue_wal_position();
+            }
             match self.send_and_relay(plan.relay).await {
                 Err(SessionError::Retry) if attempt < MAX_RETRIES => {
                     attempt += 1;

@@ -88,6 +88,8 @@ impl Harness {
 
     /// Like [`Self::new`], but a client waits up to `wait_timeout` (TOML duration text) for
     /// a busy pool, for tests in which one client waits for another's transaction to end.
+    /// Read-your-writes is off (its WAL position queries would be in every script);
+    /// `freshness.rs` tests it.
     pub(super) fn with_wait_timeout(pool_size: usize, wait_timeout: &str) -> Self {
         Self::with_config(&format!(
             r#"
@@ -104,6 +106,8 @@ impl Harness {
             kind = "static"
             nodes = ["{PRIMARY}", "{REPLICA}"]
             failover_timeout = "300ms"
+            [routing]
+            read_your_writes = "off"
             "#
         ))
     }

@@ -1,0 +1,113 @@
+//! Read-your-writes floors: the WAL position a client's reads must see.
+//!
+//! A floor is raised to the position of each write a client's scope acknowledged
+//! ([`crate::config::ReadYourWrites`]): per connection (`session`), per user and database
+//! (`user`), or per database (`global`). A session holds its floor's counter, so raising
+//! and reading it is one atomic operation, with no lock and no look-up per statement.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::config::ReadYourWrites;
+
+/// A floor shared by the clients of one scope.
+#[derive(Debug, Clone)]
+pub struct Floor(Arc<AtomicU64>);
+
+impl Floor {
+    fn new() -> Self {
+        Self(Arc::new(AtomicU64::new(0)))
+    }
+
+    /// The position reads must see now (0: none).
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Raises the floor to `position` (never lowers it).
+    pub fn raise(&self, position: u64) {
+        self.0.fetch_max(position, Ordering::AcqRel);
+    }
+}
+
+/// The floors of every scope key, by `routing.read_your_writes`.
+#[derive(Debug)]
+pub struct Floors {
+    scope: ReadYourWrites,
+    shared: Mutex<HashMap<(String, String), Floor>>,
+}
+
+impl Floors {
+    /// Floors for `scope`.
+    pub fn new(scope: ReadYourWrites) -> Self {
+        Self {
+            scope,
+            shared: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The floor a new client of `user` on `database` reads under and raises; `None`
+    /// with read-your-writes off.
+    pub fn for_client(&self, database: &str, user: &str) -> Option<Floor> {
+        let key = match self.scope {
+            ReadYourWrites::Off => return None,
+            ReadYourWrites::Session => return Some(Floor::new()),
+            ReadYourWrites::User => (database.to_owned(), user.to_owned()),
+            ReadYourWrites::Global => (database.to_owned(), String::new()),
+        };
+        let mut shared = self.shared.lock().ok()?;
+        Some(shared.entry(key).or_insert_with(Floor::new).clone())
+    }
+}
+
+/// Formats a WAL position as PostgreSQL does (`16/B374D848`).
+pub fn format_lsn(position: u64) -> String {
+    format!("{:X}/{:X}", position >> 32, position & 0xFFFF_FFFF)
+}
+
+/// Parses a WAL position as PostgreSQL writes it (`16/B374D848`).
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.trim().split_once('/')?;
+    let valid = |part: &str| !part.is_empty() && part.len() <= 8;
+    if !valid(high) || !valid(low) {
+        return None;
+    }
+    let high = u64::from_str_radix(high, 16).ok()?;
+    let low = u64::from_str_radix(low, 16).ok()?;
+    Some(high << 32 | low)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_and_bad_ones_are_refused() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        for bad in ["", "16", "/1", "1/", "x/1", "1/123456789", "1/2/3"] {
+            assert_eq!(parse_lsn(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn scopes_share_floors_as_configured() {
+        let user = Floors::new(ReadYourWrites::User);
+        let a = user.for_client("db", "u1").expect("on");
+        a.raise(10);
+        a.raise(5);
+        assert_eq!(user.for_client("db", "u1").expect("on").get(), 10);
+        assert_eq!(user.for_client("db", "u2").expect("on").get(), 0);
+        let session = Floors::new(ReadYourWrites::Session);
+        session.for_client("db", "u1").expect("on").raise(7);
+        assert_eq!(session.for_client("db", "u1").expect("on").get(), 0);
+        let global = Floors::new(ReadYourWrites::Global);
+        global.for_client("db", "u1").expect("on").raise(3);
+        assert_eq!(global.for_client("db", "u2").expect("on").get(), 3);
+        assert!(Floors::new(ReadYourWrites::Off)
+            .for_client("db", "u")
+            .is_none());
+    }
+}

@@ -1,0 +1,265 @@
+//! Replay positions of replicas, learned on demand for read-your-writes.
+//!
+//! A read that must see WAL position P may go to a replica once that replica has replayed
+//! P (`pg_last_wal_replay_lsn()`). pgway keeps the last position it learned per replica
+//! and asks again only while some read is waiting: one prober per replica, on its own
+//! control connection, queries back to back while there are waiters and sleeps otherwise,
+//! so any number of waiting reads cost one query stream per replica, and reads that need
+//! no position cost nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use super::health::HealthSettings;
+use crate::backend::control::{self, ControlLogin};
+
+/// The replay position query: bytes since `0/0`, NULL on a node that is not replaying.
+const REPLAY_POSITION: &str = "select (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8";
+
+/// Pause after a failed probe before the next attempt.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// One replica's known position and its prober's demand.
+#[derive(Debug)]
+struct Replica {
+    /// The highest replay position seen (0: none yet).
+    position: watch::Sender<u64>,
+    /// Reads waiting for a higher position.
+    waiters: AtomicUsize,
+    /// Wakes the prober when the first read starts waiting.
+    wanted: Notify,
+    /// Bumped whenever any replica's position rises (shared by all of them).
+    any_raised: Arc<watch::Sender<u64>>,
+}
+
+impl Replica {
+    fn raise(&self, position: u64) {
+        if self
+            .position
+            .send_if_modified(|known| raise(known, position))
+        {
+            self.any_raised.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+/// Replay positions of every replica pgway has needed one for.
+pub struct ReplayPositions {
+    replicas: Mutex<HashMap<Arc<str>, Arc<Replica>>>,
+    any_raised: Arc<watch::Sender<u64>>,
+    settings: HealthSettings,
+    tasks: TaskTracker,
+    runtime: tokio::runtime::Handle,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for ReplayPositions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayPositions")
+            .field("replicas", &self.replicas.lock().map(|r| r.len()).ok())
+            .finish()
+    }
+}
+
+/// Counts a waiting read while it lives.
+struct Waiting(Arc<Replica>);
+
+impl Waiting {
+    fn new(replica: &Arc<Replica>) -> Self {
+        if replica.waiters.fetch_add(1, Ordering::AcqRel) == 0 {
+            replica.wanted.notify_one();
+        }
+        Self(Arc::clone(replica))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ReplayPositions {
+    /// Probers log in with `settings` (the health checks' credentials) and run on `tasks`
+    /// in `runtime` until `shutdown`.
+    pub fn new(
+        settings: HealthSettings,
+        tasks: TaskTracker,
+        runtime: tokio::runtime::Handle,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            replicas: Mutex::new(HashMap::new()),
+            any_raised: Arc::new(watch::Sender::new(0)),
+            settings,
+            tasks,
+            runtime,
+            shutdown,
+        }
+    }
+
+    /// Records a position learned elsewhere (a health check).
+    pub fn observe(&self, addr: &str, position: u64) {
+        if let Some(replica) = self.replica(addr, false) {
+            replica.raise(position);
+        }
+    }
+
+    /// The last known replay position of `addr` (0 if none).
+    pub fn known(&self, addr: &str) -> u64 {
+        self.replica(addr, false)
+            .map_or(0, |replica| *replica.position.borrow())
+    }
+
+    /// The first of `candidates` that has replayed `position`, waiting up to `wait` for
+    /// one (and asking them meanwhile). `None`: none got there in time.
+    pub async fn first_at(
+        &self,
+        candidates: &[Arc<str>],
+        position: u64,
+        wait: Duration,
+    ) -> Option<Arc<str>> {
+        let replicas: Vec<(Arc<str>, Arc<Replica>)> = candidates
+            .iter()
+            .filter_map(|addr| Some((Arc::clone(addr), self.replica(addr, true)?)))
+            .collect();
+        let reached = |replicas: &[(Arc<str>, Arc<Replica>)]| {
+            replicas
+                .iter()
+                .find(|(_, r)| *r.position.borrow() >= position)
+                .map(|(addr, _)| Arc::clone(addr))
+        };
+        if let Some(addr) = reached(&replicas) {
+            return Some(addr);
+        }
+        if wait.is_zero() || replicas.is_empty() {
+            return None;
+        }
+        let mut raised = self.any_raised.subscribe();
+        let _waiting: Vec<Waiting> = replicas.iter().map(|(_, r)| Waiting::new(r)).collect();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(addr) = reached(&replicas) {
+                return Some(addr);
+            }
+            match tokio::time::timeout_at(deadline, raised.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return reached(&replicas),
+            }
+        }
+    }
+
+    /// The entry for `addr`, created (with its prober) when `create`.
+    fn replica(&self, addr: &str, create: bool) -> Option<Arc<Replica>> {
+        let mut replicas = self.replicas.lock().ok()?;
+        if let Some(replica) = replicas.get(addr) {
+            return Some(Arc::clone(replica));
+        }
+        if !create {
+            return None;
+        }
+        let replica = Arc::new(Replica {
+            position: watch::Sender::new(0),
+            waiters: AtomicUsize::new(0),
+            wanted: Notify::new(),
+            any_raised: Arc::clone(&self.any_raised),
+        });
+        replicas.insert(Arc::from(addr), Arc::clone(&replica));
+        let prober = probe(
+            addr.to_owned(),
+            Arc::clone(&replica),
+            self.settings.clone(),
+            self.tasks.clone(),
+            self.shutdown.clone(),
+        );
+        self.tasks.spawn_on(prober, &self.runtime);
+        Some(replica)
+    }
+}
+
+/// Raises `known` to `position`; true if it changed.
+fn raise(known: &mut u64, position: u64) -> bool {
+    if position > *known {
+        *known = position;
+        true
+    } else {
+        false
+    }
+}
+
+/// Asks `addr` for its replay position back to back while reads wait, until `shutdown`.
+async fn probe(
+    addr: String,
+    replica: Arc<Replica>,
+    settings: HealthSettings,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        if replica.waiters.load(Ordering::Acquire) == 0 {
+            tokio::select! {
+                () = replica.wanted.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match ask(&addr, &settings, &tasks, &mut client).await {
+            Ok(Some(position)) => replica.raise(position),
+            Ok(None) => tokio::time::sleep(RETRY_PAUSE).await,
+            Err(cause) => {
+                debug!(node = %addr, %cause, "replay position probe failed");
+                client = None;
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error(transparent)]
+    Connect(#[from] control::ControlError),
+    #[error("replay position query timed out")]
+    Timeout,
+    #[error(transparent)]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// One replay position query (connecting first if needed). `None`: not replaying.
+async fn ask(
+    addr: &str,
+    settings: &HealthSettings,
+    tasks: &TaskTracker,
+    client: &mut Option<tokio_postgres::Client>,
+) -> Result<Option<u64>, ProbeError> {
+    let c = match client.take().filter(|c| !c.is_closed()) {
+        Some(c) => c,
+        None => {
+            let login = ControlLogin {
+                addr,
+                user: &settings.user,
+                password: &settings.password,
+                database: &settings.database,
+                application_name: "pgway-replay",
+            };
+            control::connect(login, settings.timeout, tasks).await?
+        }
+    };
+    let c = client.insert(c);
+    let row = tokio::time::timeout(settings.timeout, c.query_one(REPLAY_POSITION, &[]))
+        .await
+        .map_err(|_| ProbeError::Timeout)??;
+    let position: Option<i64> = row.try_get(0)?;
+    Ok(position.and_then(|p| u64::try_from(p).ok()))
+}
