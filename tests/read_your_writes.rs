@@ -239,5 +239,11 @@ async fn psql_runs_the_quick_start_sequence() {
         "begin; insert into q1 values (2); commit; select count(*) from q1;",
     );
     assert_eq!(out.trim(), "2", "{out}");
+    // COPY FROM STDIN writes too.
+    let out = psql(
+        &gw,
+        "copy q1 from stdin;\n3\n\\.\nselect count(*) from q1;\n",
+    );
+    assert_eq!(out.trim(), "3", "{out}");
     resume_replay(&cluster);
 }

@@ -11,12 +11,18 @@
 use std::sync::Arc;
 
 use super::relay::{Expect, Reply};
-use super::Session;
+use super::{Session, SessionError};
 use crate::protocol::messages;
 use crate::route::floors::parse_lsn;
 
 /// The WAL position query pgway sends after a committing write.
 const WAL_POSITION_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
+
+/// True if `sql` may run a `COPY` (a word scan).
+pub(super) fn may_copy(sql: &[u8]) -> bool {
+    sql.split(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+        .any(|word| word.eq_ignore_ascii_case(b"copy"))
+}
 
 /// True if `sql` may end a transaction with a commit (`COMMIT`, `END`): a word scan, run
 /// only inside transactions that wrote.
@@ -40,10 +46,32 @@ impl Session<'_> {
         } else {
             (self.txn.wrote || self.request.may_write) && self.request.commits
         };
-        if commits {
-            messages::query(&mut self.to_server, WAL_POSITION_QUERY);
-            self.expect(Reply::WalPosition, false, None);
+        if !commits {
+        } else if self.request.copies {
+            // A query sent behind a COPY FROM STDIN would reach the server as copy data:
+            // this one is asked once the request is answered (its ReadyForQuery waits).
+            self.request.wal_deferred = true;
+        } else {
+            self.queue_wal_query();
         }
+    }
+
+    fn queue_wal_query(&mut self) {
+        messages::query(&mut self.to_server, WAL_POSITION_QUERY);
+        self.expect(Reply::WalPosition, false, None);
+    }
+
+    /// After a request whose WAL position query was deferred (a COPY): asks it now, and
+    /// relays its answer, which lets the client's ReadyForQuery go.
+    pub(super) async fn ask_deferred_wal_position(&mut self) -> Result<(), SessionError> {
+        if !std::mem::take(&mut self.request.wal_deferred) {
+            return Ok(());
+        }
+        if self.request.held_ready.is_none() {
+            return Ok(());
+        }
+        self.queue_wal_query();
+        self.send_and_relay(true).await
     }
 
     /// The client's ReadyForQuery, if the WAL position query follows it: held until that
@@ -55,7 +83,7 @@ impl Session<'_> {
                 kind: Reply::WalPosition,
                 ..
             })
-        );
+        ) || (self.request.wal_deferred && self.expected.len() == 1);
         if follows {
             self.request.held_ready = Some(frame.into());
         }

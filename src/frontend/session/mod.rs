@@ -209,6 +209,10 @@ struct Request {
     may_write: bool,
     /// Inside a transaction: it may commit it (`COMMIT`, `END`).
     commits: bool,
+    /// It may run a `COPY` (no query may follow it before it is answered).
+    copies: bool,
+    /// The WAL position query waits until the request is answered.
+    wal_deferred: bool,
     /// The client's ReadyForQuery, held until the WAL position query is answered.
     held_ready: Option<BytesMut>,
     /// The answer to the WAL position query.
@@ -229,6 +233,8 @@ impl Request {
         self.reported.clear();
         self.completed = 0;
         self.commits = false;
+        self.copies = false;
+        self.wal_deferred = false;
         self.held_ready = None;
         self.wal_position = None;
     }

@@ -136,6 +136,7 @@ impl Session<'_> {
                         self.request.check_pins = true;
                     }
                     self.request.may_write |= prepared.writes;
+                    self.request.copies |= prepared.writes && freshness::may_copy(&prepared.sql);
                     if in_transaction && freshness::may_commit(&prepared.sql) {
                         self.request.commits = true;
                     }

@@ -148,10 +148,11 @@ impl Session<'_> {
                     session.request.may_write = true;
                 }
             }
+            let sql = query_text(&frame).unwrap_or_default();
             if session.state.status() != b'I' {
-                session.request.commits =
-                    freshness::may_commit(query_text(&frame).unwrap_or_default());
+                session.request.commits = freshness::may_commit(sql);
             }
+            session.request.copies = session.request.may_write && freshness::may_copy(sql);
             // Pinned, or about to be by what its transaction did (a temporary table ON
             // COMMIT DROP is gone again at the COMMIT that pins the client).
             session.request.check_pins = (session.is_pinned() || session.state.status() != b'I')
@@ -281,6 +282,7 @@ impl Session<'_> {
                 }
                 other => {
                     other?;
+                    self.ask_deferred_wal_position().await?;
                     if plan.relay {
                         if self.request.check_pins {
                             self.unpin_if_unbound().await?;
@@ -304,7 +306,7 @@ impl Session<'_> {
     }
 
     /// Sends what is queued and, if `relay`, relays the answers.
-    async fn send_and_relay(&mut self, relay: bool) -> Result<(), SessionError> {
+    pub(super) async fn send_and_relay(&mut self, relay: bool) -> Result<(), SessionError> {
         let mut to_server = std::mem::take(&mut self.to_server);
         let sent = self.server_mut()?.io.send(&mut to_server).await;
         self.to_server = to_server;
