@@ -37,6 +37,10 @@ pub mod sqlstate {
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     /// `22023` invalid_parameter_value.
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    /// A value that is not valid text for its type (a malformed WAL position).
+    pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
+    /// A parameter that cannot be set (`pgway.last_write_lsn`).
+    pub const CANT_CHANGE_RUNTIME_PARAM: &str = "55P02";
     /// `57014` query_canceled.
     pub const QUERY_CANCELED: &str = "57014";
     /// `08`: the class connection_exception (`08000`, `08006`, `08P01`, ...).
@@ -90,6 +94,12 @@ pub enum ClientError {
         /// What the client sent.
         value: String,
     },
+    /// A WAL position pgway cannot read (`pgway.min_lsn`).
+    #[error("invalid input syntax for type pg_lsn: \"{0}\"")]
+    InvalidLsn(String),
+    /// A pgway setting only pgway sets.
+    #[error("parameter \"{0}\" cannot be changed")]
+    ReadOnlyParameter(&'static str),
     /// Wrong password or unknown user.
     #[error("password authentication failed for user \"{0}\"")]
     BadPassword(String),
@@ -128,6 +138,8 @@ impl ClientError {
             Self::PoolTimeout(_) | Self::TooManyClients => TOO_MANY_CONNECTIONS,
             Self::DuplicatePreparedStatement(_) => DUPLICATE_PREPARED_STATEMENT,
             Self::InvalidParameterValue { .. } => INVALID_PARAMETER_VALUE,
+            Self::InvalidLsn(_) => INVALID_TEXT_REPRESENTATION,
+            Self::ReadOnlyParameter(_) => CANT_CHANGE_RUNTIME_PARAM,
             Self::BadPassword(_) => INVALID_PASSWORD,
             Self::NoUser => INVALID_AUTHORIZATION,
             Self::Server { code, .. } => code,
@@ -152,7 +164,9 @@ impl ClientError {
             | Self::ConnectFailed(_)
             | Self::PoolTimeout(_)
             | Self::DuplicatePreparedStatement(_)
-            | Self::InvalidParameterValue { .. } => Severity::Error,
+            | Self::InvalidParameterValue { .. }
+            | Self::InvalidLsn(_)
+            | Self::ReadOnlyParameter(_) => Severity::Error,
             // At login a refusal ends the connection; the session reports a refusal of a
             // new server connection as a statement error.
             Self::Server { .. } => Severity::Error,

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::backend::Pools;
-use crate::config::{Config, TopologyConfig};
+use crate::config::{Config, ReadYourWrites, TopologyConfig};
 use crate::error::ClientError;
 use crate::frontend::auth::ScramVerifier;
 use crate::frontend::cancel::CancelRegistry;
@@ -131,13 +131,13 @@ pub(crate) fn build_shared(
         cancels: CancelRegistry::default(),
         shutdown: shutdown.clone(),
         greetings: moka::sync::Cache::new(10_000),
-        floors: Floors::new(config.routing.read_your_writes),
-        replay: ReplayPositions::new(
+        floors: Arc::new(Floors::new(config.routing.read_your_writes)),
+        replay: Arc::new(ReplayPositions::new(
             health_settings(&config),
             background.clone(),
             tokio::runtime::Handle::current(),
             shutdown.clone(),
-        ),
+        )),
         config,
     })
 }
@@ -185,12 +185,54 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
         background.clone(),
         shared.shutdown.clone(),
     ));
+    if config.routing.read_your_writes != ReadYourWrites::Off {
+        background.spawn(follow_for_freshness(
+            Arc::clone(&shared.topology),
+            Arc::clone(&shared.floors),
+            Arc::clone(&shared.replay),
+            shared.shutdown.clone(),
+        ));
+    }
     background.spawn(admin::serve(
         admin_listener,
         Arc::clone(&shared.topology),
         shared.shutdown.clone(),
     ));
     Ok(())
+}
+
+/// Read-your-writes follows the topology: every readable replica gets its replay prober
+/// (connected before the first read needs it), and a new primary caps the floors raised
+/// under the old one at its own position.
+async fn follow_for_freshness(
+    topology: Arc<TopologyHandle>,
+    floors: Arc<Floors>,
+    replay: Arc<ReplayPositions>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = topology.subscribe();
+    let mut primary: Option<Arc<str>> = None;
+    loop {
+        let snapshot = topology.snapshot();
+        for addr in topology.readable_replicas() {
+            replay.prepare(&addr);
+        }
+        if let Some(now) = snapshot.primary() {
+            if primary.as_ref().is_some_and(|before| *before != now.addr) {
+                info!(primary = %now.addr, "new primary: read-your-writes positions of the old one are capped at its position");
+                floors.promoted(now.lsn.unwrap_or(0));
+            }
+            primary = Some(Arc::clone(&now.addr));
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Health checks log in as the first `[[users]]` entry.

@@ -247,3 +247,147 @@ async fn psql_runs_the_quick_start_sequence() {
     assert_eq!(out.trim(), "3", "{out}");
     resume_replay(&cluster);
 }
+
+/// Connects as `md5user` with `-c name=value` startup options.
+async fn connect_with_options(gw: &Gateway, options: &str) -> Result<Client, String> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(gw.port())
+        .user(MD5_USER)
+        .password(MD5_PASSWORD)
+        .dbname(DB)
+        .options(options)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| describe_error(&e))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_hints_carry_positions_across_users() {
+    let cluster = Cluster::start(1);
+    let primary = cluster.primary_port();
+    let replica = cluster.replica_ports()[0];
+    cluster.psql_admin_db(
+        primary,
+        DB,
+        "create table tok(i int); alter table tok owner to app; grant select on tok to md5user;",
+    );
+    cluster.wait_replay();
+    let gw = gateway(&cluster, "user");
+    gw.wait_for_replica_reads(&cluster).await;
+    pause_replay(&cluster);
+
+    // A writes and reads its token, in both protocols.
+    let a = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    assert_eq!(
+        simple_value(&a, "show pgway.last_write_lsn")
+            .await
+            .expect("show"),
+        "0/0"
+    );
+    a.batch_execute("insert into tok values (1)")
+        .await
+        .expect("insert");
+    let token = simple_value(&a, "show pgway.last_write_lsn")
+        .await
+        .expect("show");
+    assert_ne!(token, "0/0");
+    let extended: String = a
+        .query_one("show pgway.last_write_lsn", &[])
+        .await
+        .expect("show, extended")
+        .get(0);
+    assert_eq!(extended, token);
+
+    // B is another user: no floor of its own.
+    let b = connect(gw.port(), MD5_USER, MD5_PASSWORD).await;
+    assert_eq!(count_and_port(&b, "tok").await.expect("read"), (0, replica));
+    // The token as a session setting.
+    b.batch_execute(&format!("set pgway.min_lsn = '{token}'"))
+        .await
+        .expect("set min_lsn");
+    assert_eq!(count_and_port(&b, "tok").await.expect("read"), (1, primary));
+    b.batch_execute("reset pgway.min_lsn").await.expect("reset");
+    assert_eq!(count_and_port(&b, "tok").await.expect("read"), (0, replica));
+    // The token as a hint, in both protocols.
+    let rows = simple_rows(
+        &b,
+        &format!("/* pgway:min_lsn={token} */ select count(*), inet_server_port() from tok"),
+    )
+    .await
+    .expect("hinted read");
+    assert_eq!(
+        rows[0],
+        vec![Some("1".to_owned()), Some(primary.to_string())]
+    );
+    let row = b
+        .query_one(
+            &format!("/* pgway:replica pgway:min_lsn={token} */ select count(*), inet_server_port() from tok"),
+            &[],
+        )
+        .await
+        .expect("hinted read, extended");
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i32>(1)),
+        (1, i32::from(primary))
+    );
+    // The token as a startup option.
+    let c = connect_with_options(&gw, &format!("-c pgway.min_lsn={token}"))
+        .await
+        .expect("connect with the token");
+    assert_eq!(count_and_port(&c, "tok").await.expect("read"), (1, primary));
+
+    // Bad tokens and a read-only setting are refused with the server's codes.
+    let e = b
+        .batch_execute("set pgway.min_lsn = 'yesterday'")
+        .await
+        .expect_err("a malformed position");
+    assert_eq!(sqlstate(&e), "22P02", "{}", describe_error(&e));
+    let e = b
+        .batch_execute("set pgway.last_write_lsn = '0/1'")
+        .await
+        .expect_err("a read-only setting");
+    assert_eq!(sqlstate(&e), "55P02", "{}", describe_error(&e));
+    let e = connect_with_options(&gw, "-c pgway.min_lsn=soon")
+        .await
+        .expect_err("a malformed startup position");
+    assert!(e.contains("22P02"), "{e}");
+
+    // pgway:fresh sees a row committed directly on the primary, not through pgway.
+    cluster.psql_admin_db(primary, DB, "insert into tok values (2)");
+    assert_eq!(count_and_port(&b, "tok").await.expect("read"), (0, replica));
+    let rows = simple_rows(
+        &b,
+        "/* pgway:fresh */ select count(*), inet_server_port() from tok",
+    )
+    .await
+    .expect("fresh read");
+    assert_eq!(
+        rows[0],
+        vec![Some("2".to_owned()), Some(primary.to_string())]
+    );
+    resume_replay(&cluster);
+    eventually(
+        "a fresh read to be served by the replica",
+        WAIT,
+        async || {
+            let rows = simple_rows(
+                &b,
+                "/* pgway:fresh */ select count(*), inet_server_port() from tok",
+            )
+            .await
+            .map_err(|e| describe_error(&e))?;
+            if rows[0] == vec![Some("2".to_owned()), Some(replica.to_string())] {
+                Ok(())
+            } else {
+                Err(format!("{rows:?}"))
+            }
+        },
+    )
+    .await;
+}

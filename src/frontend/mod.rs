@@ -53,9 +53,9 @@ pub struct Shared {
     /// What new clients are greeted with, per (database, user, startup settings hash).
     pub greetings: moka::sync::Cache<GreetingKey, Arc<Greeting>>,
     /// Read-your-writes floors by scope.
-    pub floors: Floors,
+    pub floors: Arc<Floors>,
     /// Replay positions of replicas, for reads under a floor.
-    pub replay: ReplayPositions,
+    pub replay: Arc<ReplayPositions>,
 }
 
 /// A cached greeting: the ParameterStatus values for clients with these startup settings,

@@ -11,23 +11,61 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::ReadYourWrites;
 
+/// Promotions seen: positions raised under an earlier primary count at most as the new
+/// primary's position at its promotion (they may lie on a timeline that no longer exists,
+/// which no replica of the new primary would ever replay).
+#[derive(Debug, Default)]
+struct Epoch {
+    /// Promotions so far.
+    number: AtomicU64,
+    /// The position of the latest new primary when it was found.
+    start: AtomicU64,
+}
+
+/// A floor's position, and the epoch it was raised in.
+#[derive(Debug, Default)]
+struct Cell {
+    position: AtomicU64,
+    epoch: AtomicU64,
+}
+
 /// A floor shared by the clients of one scope.
 #[derive(Debug, Clone)]
-pub struct Floor(Arc<AtomicU64>);
+pub struct Floor {
+    cell: Arc<Cell>,
+    epoch: Arc<Epoch>,
+}
 
 impl Floor {
-    fn new() -> Self {
-        Self(Arc::new(AtomicU64::new(0)))
+    fn new(epoch: &Arc<Epoch>) -> Self {
+        Self {
+            cell: Arc::new(Cell {
+                position: AtomicU64::new(0),
+                epoch: AtomicU64::new(epoch.number.load(Ordering::Acquire)),
+            }),
+            epoch: Arc::clone(epoch),
+        }
     }
 
     /// The position reads must see now (0: none).
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+        let position = self.cell.position.load(Ordering::Acquire);
+        if self.cell.epoch.load(Ordering::Acquire) < self.epoch.number.load(Ordering::Acquire) {
+            position.min(self.epoch.start.load(Ordering::Acquire))
+        } else {
+            position
+        }
     }
 
-    /// Raises the floor to `position` (never lowers it).
+    /// Raises the floor to `position` (never lowers it, except to forget positions of a
+    /// primary that has been replaced).
     pub fn raise(&self, position: u64) {
-        self.0.fetch_max(position, Ordering::AcqRel);
+        let now = self.epoch.number.load(Ordering::Acquire);
+        if self.cell.epoch.swap(now, Ordering::AcqRel) < now {
+            let start = self.epoch.start.load(Ordering::Acquire);
+            self.cell.position.fetch_min(start, Ordering::AcqRel);
+        }
+        self.cell.position.fetch_max(position, Ordering::AcqRel);
     }
 }
 
@@ -36,6 +74,7 @@ impl Floor {
 pub struct Floors {
     scope: ReadYourWrites,
     shared: Mutex<HashMap<(String, String), Floor>>,
+    epoch: Arc<Epoch>,
 }
 
 impl Floors {
@@ -44,6 +83,7 @@ impl Floors {
         Self {
             scope,
             shared: Mutex::new(HashMap::new()),
+            epoch: Arc::new(Epoch::default()),
         }
     }
 
@@ -52,12 +92,24 @@ impl Floors {
     pub fn for_client(&self, database: &str, user: &str) -> Option<Floor> {
         let key = match self.scope {
             ReadYourWrites::Off => return None,
-            ReadYourWrites::Session => return Some(Floor::new()),
+            ReadYourWrites::Session => return Some(Floor::new(&self.epoch)),
             ReadYourWrites::User => (database.to_owned(), user.to_owned()),
             ReadYourWrites::Global => (database.to_owned(), String::new()),
         };
         let mut shared = self.shared.lock().ok()?;
-        Some(shared.entry(key).or_insert_with(Floor::new).clone())
+        Some(
+            shared
+                .entry(key)
+                .or_insert_with(|| Floor::new(&self.epoch))
+                .clone(),
+        )
+    }
+
+    /// A new primary was found at `position`: every floor raised before counts at most
+    /// as `position` from now on.
+    pub fn promoted(&self, position: u64) {
+        self.epoch.start.store(position, Ordering::Release);
+        self.epoch.number.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -109,5 +161,25 @@ mod tests {
         assert!(Floors::new(ReadYourWrites::Off)
             .for_client("db", "u")
             .is_none());
+    }
+
+    #[test]
+    fn a_promotion_caps_the_floors_raised_before_it() {
+        let floors = Floors::new(ReadYourWrites::User);
+        let a = floors.for_client("db", "a").expect("on");
+        a.raise(1000);
+        floors.promoted(600);
+        assert_eq!(
+            a.get(),
+            600,
+            "the old primary's position counts as the promotion's"
+        );
+        a.raise(650);
+        assert_eq!(a.get(), 650, "a write on the new primary raises it again");
+        a.raise(640);
+        assert_eq!(a.get(), 650);
+        let b = floors.for_client("db", "b").expect("on");
+        b.raise(700);
+        assert_eq!(b.get(), 700);
     }
 }

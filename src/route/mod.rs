@@ -54,6 +54,8 @@ impl Router {
             plain_read: Arc::new(Classification {
                 kind: StatementKind::Read,
                 hint: None,
+                min_lsn: 0,
+                fresh: false,
                 functions: Vec::new(),
                 session: Vec::new(),
                 writes: false,

@@ -8,7 +8,7 @@
 //! no position cost nothing.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +22,9 @@ use crate::backend::control::{self, ControlLogin};
 
 /// The replay position query: bytes since `0/0`, NULL on a node that is not replaying.
 const REPLAY_POSITION: &str = "select (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8";
+
+/// The primary's current position: everything committed is below it.
+const CURRENT_POSITION: &str = "select (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
 
 /// Pause after a failed probe before the next attempt.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
@@ -50,9 +53,23 @@ impl Replica {
     }
 }
 
-/// Replay positions of every replica pgway has needed one for.
+/// Look-ups of a primary's current position, shared: one query answers every read that
+/// asked before it was sent.
+#[derive(Debug)]
+struct Primary {
+    /// Look-ups asked for, numbered from 1.
+    asked: AtomicU64,
+    /// The number of the last look-up a query answered, and its answer.
+    answered: watch::Sender<(u64, Option<u64>)>,
+    /// Wakes the prober.
+    wanted: Notify,
+}
+
+/// Replay positions of every replica pgway has needed one for, and current positions of
+/// primaries for `pgway:fresh` reads.
 pub struct ReplayPositions {
     replicas: Mutex<HashMap<Arc<str>, Arc<Replica>>>,
+    primaries: Mutex<HashMap<Arc<str>, Arc<Primary>>>,
     any_raised: Arc<watch::Sender<u64>>,
     settings: HealthSettings,
     tasks: TaskTracker,
@@ -97,6 +114,7 @@ impl ReplayPositions {
     ) -> Self {
         Self {
             replicas: Mutex::new(HashMap::new()),
+            primaries: Mutex::new(HashMap::new()),
             any_raised: Arc::new(watch::Sender::new(0)),
             settings,
             tasks,
@@ -110,6 +128,12 @@ impl ReplayPositions {
         if let Some(replica) = self.replica(addr, false) {
             replica.raise(position);
         }
+    }
+
+    /// Makes sure `addr` has its prober (which connects at once), so the first read that
+    /// waits for it does not wait for a login too.
+    pub fn prepare(&self, addr: &str) {
+        self.replica(addr, true);
     }
 
     /// The last known replay position of `addr` (0 if none).
@@ -154,6 +178,42 @@ impl ReplayPositions {
                 _ => return reached(&replicas),
             }
         }
+    }
+
+    /// The current WAL position of the primary at `addr`, from a look-up sent after this
+    /// call began (so it covers every commit acknowledged before), waiting up to `wait`.
+    pub async fn primary_position(&self, addr: &str, wait: Duration) -> Option<u64> {
+        let primary = self.primary(addr)?;
+        let mut answered = primary.answered.subscribe();
+        let mine = primary.asked.fetch_add(1, Ordering::AcqRel) + 1;
+        primary.wanted.notify_one();
+        let answer = tokio::time::timeout(wait, answered.wait_for(|(n, _)| *n >= mine)).await;
+        match answer {
+            Ok(Ok(answer)) => answer.1,
+            _ => None,
+        }
+    }
+
+    fn primary(&self, addr: &str) -> Option<Arc<Primary>> {
+        let mut primaries = self.primaries.lock().ok()?;
+        if let Some(primary) = primaries.get(addr) {
+            return Some(Arc::clone(primary));
+        }
+        let primary = Arc::new(Primary {
+            asked: AtomicU64::new(0),
+            answered: watch::Sender::new((0, None)),
+            wanted: Notify::new(),
+        });
+        primaries.insert(Arc::from(addr), Arc::clone(&primary));
+        let prober = look_up(
+            addr.to_owned(),
+            Arc::clone(&primary),
+            self.settings.clone(),
+            self.tasks.clone(),
+            self.shutdown.clone(),
+        );
+        self.tasks.spawn_on(prober, &self.runtime);
+        Some(primary)
     }
 
     /// The entry for `addr`, created (with its prober) when `create`.
@@ -203,6 +263,10 @@ async fn probe(
     shutdown: CancellationToken,
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
+    // Connected (and a first position known) before any read needs one.
+    if let Ok(Some(position)) = ask(&addr, REPLAY_POSITION, &settings, &tasks, &mut client).await {
+        replica.raise(position);
+    }
     loop {
         if replica.waiters.load(Ordering::Acquire) == 0 {
             tokio::select! {
@@ -213,7 +277,7 @@ async fn probe(
         if shutdown.is_cancelled() {
             return;
         }
-        match ask(&addr, &settings, &tasks, &mut client).await {
+        match ask(&addr, REPLAY_POSITION, &settings, &tasks, &mut client).await {
             Ok(Some(position)) => replica.raise(position),
             Ok(None) => tokio::time::sleep(RETRY_PAUSE).await,
             Err(cause) => {
@@ -222,6 +286,36 @@ async fn probe(
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
         }
+    }
+}
+
+/// Answers look-ups of the primary at `addr`, one query for all that are waiting, until
+/// `shutdown`.
+async fn look_up(
+    addr: String,
+    primary: Arc<Primary>,
+    settings: HealthSettings,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        let asked = primary.asked.load(Ordering::Acquire);
+        if asked <= primary.answered.borrow().0 {
+            tokio::select! {
+                () = primary.wanted.notified() => continue,
+                () = shutdown.cancelled() => return,
+            }
+        }
+        let answer = match ask(&addr, CURRENT_POSITION, &settings, &tasks, &mut client).await {
+            Ok(position) => position,
+            Err(cause) => {
+                debug!(node = %addr, %cause, "primary position look-up failed");
+                client = None;
+                None
+            }
+        };
+        primary.answered.send_replace((asked, answer));
     }
 }
 
@@ -236,9 +330,10 @@ enum ProbeError {
     Query(#[from] tokio_postgres::Error),
 }
 
-/// One replay position query (connecting first if needed). `None`: not replaying.
+/// One position query (connecting first if needed). `None`: NULL (not replaying).
 async fn ask(
     addr: &str,
+    query: &str,
     settings: &HealthSettings,
     tasks: &TaskTracker,
     client: &mut Option<tokio_postgres::Client>,
@@ -251,13 +346,13 @@ async fn ask(
                 user: &settings.user,
                 password: &settings.password,
                 database: &settings.database,
-                application_name: "pgway-replay",
+                application_name: "pgway-positions",
             };
             control::connect(login, settings.timeout, tasks).await?
         }
     };
     let c = client.insert(c);
-    let row = tokio::time::timeout(settings.timeout, c.query_one(REPLAY_POSITION, &[]))
+    let row = tokio::time::timeout(settings.timeout, c.query_one(query, &[]))
         .await
         .map_err(|_| ProbeError::Timeout)??;
     let position: Option<i64> = row.try_get(0)?;

@@ -10,7 +10,7 @@
 use bytes::BytesMut;
 use tracing::debug;
 
-use super::{Copy, Session, SessionError, State};
+use super::{freshness, Copy, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::net::NetError;
 use crate::protocol::messages;
@@ -32,13 +32,7 @@ pub(super) fn target_hint(settings: &ClientSettings) -> Option<Hint> {
 
 /// `Some(hint)` for a valid value of `pgway.target` (SQL text or raw), `None` otherwise.
 fn parse_target(value: &str) -> Option<Option<Hint>> {
-    let value = value.trim();
-    let unquoted = value
-        .strip_prefix('\'')
-        .and_then(|v| v.strip_suffix('\''))
-        .or_else(|| value.strip_prefix('"').and_then(|v| v.strip_suffix('"')))
-        .unwrap_or(value);
-    match unquoted.to_ascii_lowercase().as_str() {
+    match unquoted(value).to_ascii_lowercase().as_str() {
         "primary" => Some(Some(Hint::Primary)),
         "replica" => Some(Some(Hint::Replica)),
         "auto" | "default" => Some(None),
@@ -50,22 +44,35 @@ fn parse_target(value: &str) -> Option<Option<Hint>> {
 /// of its own settings it cannot take. Everything else goes to the server, which answers.
 pub(super) fn refusal(effects: &[SessionEffect]) -> Option<ClientError> {
     effects.iter().find_map(|effect| match effect {
-        SessionEffect::Set { name, value } | SessionEffect::SetConfig { name, value }
-            if name == TARGET_SETTING && parse_target(value).is_none() =>
-        {
-            Some(ClientError::InvalidParameterValue {
-                name: TARGET_SETTING,
-                value: value.clone(),
-            })
+        SessionEffect::Set { name, value } | SessionEffect::SetConfig { name, value } => {
+            if name == TARGET_SETTING && parse_target(value).is_none() {
+                Some(ClientError::InvalidParameterValue {
+                    name: TARGET_SETTING,
+                    value: value.clone(),
+                })
+            } else {
+                freshness::refusal(name, value)
+            }
         }
         _ => None,
     })
+}
+
+/// A pgway setting's value without the quotes of its SQL text.
+pub(super) fn unquoted(value: &str) -> &str {
+    let value = value.trim();
+    value
+        .strip_prefix('\'')
+        .and_then(|v| v.strip_suffix('\''))
+        .or_else(|| value.strip_prefix('"').and_then(|v| v.strip_suffix('"')))
+        .unwrap_or(value)
 }
 
 /// Makes sure `pgway.target` has a value in the client's settings (`auto` unless its
 /// startup options set one), so the server connections it lands on answer
 /// `SHOW pgway.target` in either protocol; an invalid startup value is refused.
 pub fn default_target(settings: &mut ClientSettings) -> Result<(), ClientError> {
+    freshness::check_startup(settings)?;
     match settings.startup.get(TARGET_SETTING) {
         Some(Value::Raw(value) | Value::Sql(value)) => match parse_target(value) {
             Some(_) => Ok(()),
@@ -210,6 +217,8 @@ impl Session<'_> {
     /// At the end of a request (ReadyForQuery): keep the session effects of what succeeded
     /// and committed, drop the rest.
     pub(super) fn on_request_done(&mut self, status: u8) {
+        self.request.min_position = 0;
+        self.request.kept_writes = !self.request.failed || self.request.commits;
         let wrote = std::mem::take(&mut self.request.may_write);
         self.txn.wrote = status != b'I' && (self.txn.wrote || wrote);
         let mut effects = std::mem::take(&mut self.request.effects);
@@ -300,6 +309,7 @@ impl Session<'_> {
                 // one, so nobody else gets the setting and the client keeps it.
                 SessionEffect::Untracked(_) => self.pin(PinReason::Untracked),
                 SessionEffect::SetLocal
+                | SessionEffect::UsesLastWriteLsn
                 | SessionEffect::EndOfStatement
                 | SessionEffect::Commit
                 | SessionEffect::Rollback
@@ -312,6 +322,7 @@ impl Session<'_> {
         }
         if settings_changed {
             self.target = target_hint(&self.settings);
+            self.min_lsn = freshness::min_lsn(&self.settings);
         }
     }
 

@@ -10,13 +10,94 @@
 
 use std::sync::Arc;
 
+use super::effects::unquoted;
 use super::relay::{Expect, Reply};
 use super::{Session, SessionError};
+use crate::error::ClientError;
 use crate::protocol::messages;
-use crate::route::floors::parse_lsn;
+use crate::route::floors::{format_lsn, parse_lsn};
+use crate::route::{Classification, SessionEffect, Target};
+use crate::settings::{ClientSettings, Value};
+
+/// pgway's setting: the WAL position the session's reads must see at least (a token
+/// from another service's `pgway.last_write_lsn`).
+pub const MIN_LSN_SETTING: &str = "pgway.min_lsn";
+/// pgway's read-only setting: the WAL position of the connection's last write.
+pub const LAST_WRITE_SETTING: &str = "pgway.last_write_lsn";
 
 /// The WAL position query pgway sends after a committing write.
 const WAL_POSITION_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
+
+/// The read-your-writes hints of a request's statements.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct ReadHints {
+    /// The highest `pgway:min_lsn=`.
+    pub min_lsn: u64,
+    /// Some statement says `pgway:fresh`.
+    pub fresh: bool,
+    /// Some statement mentions `pgway.last_write_lsn`.
+    pub last_write: bool,
+}
+
+impl ReadHints {
+    /// Adds one statement's hints.
+    pub fn add(&mut self, c: &Classification) {
+        self.min_lsn = self.min_lsn.max(c.min_lsn);
+        self.fresh |= c.fresh;
+        self.last_write |= !c.session.is_empty()
+            && c.session
+                .iter()
+                .any(|e| matches!(e, SessionEffect::UsesLastWriteLsn));
+    }
+}
+
+/// The session's `pgway.min_lsn` (0 when unset).
+pub(super) fn min_lsn(settings: &ClientSettings) -> u64 {
+    match settings.current.get(MIN_LSN_SETTING) {
+        Some(Value::Raw(value) | Value::Sql(value)) => parse_lsn(unquoted(value)).unwrap_or(0),
+        None => 0,
+    }
+}
+
+/// What pgway refuses of a `SET name = value` of its freshness settings.
+pub(super) fn refusal(name: &str, value: &str) -> Option<ClientError> {
+    if name == LAST_WRITE_SETTING {
+        Some(ClientError::ReadOnlyParameter(LAST_WRITE_SETTING))
+    } else if name == MIN_LSN_SETTING && parse_lsn(unquoted(value)).is_none() {
+        Some(ClientError::InvalidLsn(unquoted(value).to_owned()))
+    } else {
+        None
+    }
+}
+
+/// Refuses a startup `pgway.min_lsn` that is not a WAL position.
+pub(super) fn check_startup(settings: &ClientSettings) -> Result<(), ClientError> {
+    let value = settings.startup.get(MIN_LSN_SETTING);
+    match value {
+        Some(Value::Raw(value) | Value::Sql(value)) => match refusal(MIN_LSN_SETTING, value) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        },
+        None => Ok(()),
+    }
+}
+
+/// The insert position as the end of the last record: right after a page boundary the
+/// insert position points past the next page's header (24 bytes, 40 at the start of a
+/// segment), where no record can end, while a replica that replayed the last record
+/// reports the boundary itself. (Default page and segment sizes; with others a read may
+/// only wait for the next record.)
+fn record_end(position: u64) -> u64 {
+    const PAGE: u64 = 8192;
+    const SEGMENT: u64 = 16 << 20;
+    if position % SEGMENT == 40 {
+        position - 40
+    } else if position % PAGE == 24 {
+        position - 24
+    } else {
+        position
+    }
+}
 
 /// True if `sql` may run a `COPY` (a word scan).
 pub(super) fn may_copy(sql: &[u8]) -> bool {
@@ -102,7 +183,7 @@ impl Session<'_> {
                 let text = frame
                     .get(11..)
                     .and_then(|text| std::str::from_utf8(text).ok());
-                self.request.wal_position = text.and_then(parse_lsn);
+                self.request.wal_position = text.and_then(parse_lsn).map(record_end);
             }
             b'Z' => {
                 self.expected.pop_front();
@@ -110,11 +191,15 @@ impl Session<'_> {
                     return;
                 };
                 let position = self.request.wal_position.take();
-                if let (Some(position), Some(floor), Some(&b'I')) =
-                    (position, &self.floor, ready.get(5))
+                let kept = std::mem::take(&mut self.request.kept_writes);
+                if let (true, Some(position), Some(floor), Some(&b'I')) =
+                    (kept, position, &self.floor, ready.get(5))
                 {
                     floor.raise(position);
                     self.last_write = position;
+                    if self.tracks_last_write {
+                        self.set_last_write();
+                    }
                 }
                 self.out.extend_from_slice(&ready);
             }
@@ -122,9 +207,49 @@ impl Session<'_> {
         }
     }
 
-    /// The position a read must see now (0: none).
+    /// The position a read must see now (0: none): the scope's floor, `pgway.min_lsn`,
+    /// and the statement's own hints.
     pub(super) fn read_floor(&self) -> u64 {
-        self.floor.as_ref().map_or(0, |floor| floor.get())
+        let floor = self.floor.as_ref().map_or(0, |floor| floor.get());
+        floor.max(self.min_lsn).max(self.request.min_position)
+    }
+
+    /// Before a request is sent: where its hints (and the session's floor) send a read.
+    /// `pgway:fresh` looks up the primary's current position (one look-up serves every
+    /// read waiting for one); if that fails, the read goes to the primary.
+    pub(super) async fn apply_read_hints(&mut self, hints: ReadHints, target: Target) -> Target {
+        self.request.min_position = hints.min_lsn;
+        if target != Target::Replica || !hints.fresh {
+            return target;
+        }
+        let shared = self.shared;
+        let Some(primary) = shared.topology.primary() else {
+            return target;
+        };
+        let wait = shared.config.pool.connect_timeout;
+        match shared.replay.primary_position(&primary, wait).await {
+            Some(position) => {
+                self.request.min_position = self.request.min_position.max(position);
+                target
+            }
+            None => Target::Primary,
+        }
+    }
+
+    /// The client reads `pgway.last_write_lsn` (a statement about to run mentions it):
+    /// from now on the setting follows its writes, and it is current on the connection
+    /// the statement runs on.
+    pub(super) fn track_last_write(&mut self) {
+        self.tracks_last_write = true;
+        self.set_last_write();
+        if self.state.status() == b'I' {
+            self.sync_settings();
+        }
+    }
+
+    fn set_last_write(&mut self) {
+        let value = Value::Raw(format_lsn(self.last_write));
+        self.settings.current.set(LAST_WRITE_SETTING, value);
     }
 
     /// For a read under a floor: a readable replica that has replayed it (waiting up to
@@ -146,6 +271,14 @@ impl Session<'_> {
 #[cfg(test)]
 mod tests {
     use super::may_commit;
+
+    #[test]
+    fn an_insert_position_past_a_page_header_is_the_boundary() {
+        use super::record_end;
+        assert_eq!(record_end(3 * 8192 + 24), 3 * 8192);
+        assert_eq!(record_end((5 << 24) + 40), 5 << 24);
+        assert_eq!(record_end(3 * 8192 + 48), 3 * 8192 + 48);
+    }
 
     #[test]
     fn commits_are_found_by_word() {

@@ -207,8 +207,12 @@ struct Request {
     completed: usize,
     /// It may change data (read-your-writes). Kept until the request is done.
     may_write: bool,
-    /// Inside a transaction: it may commit it (`COMMIT`, `END`).
+    /// It may commit a transaction (`COMMIT`, `END`): asked inside transactions and of
+    /// writes.
     commits: bool,
+    /// What it wrote may have committed: it succeeded, or it failed after a `COMMIT`.
+    /// Set at its ReadyForQuery.
+    kept_writes: bool,
     /// It may run a `COPY` (no query may follow it before it is answered).
     copies: bool,
     /// The WAL position query waits until the request is answered.
@@ -217,6 +221,8 @@ struct Request {
     held_ready: Option<BytesMut>,
     /// The answer to the WAL position query.
     wal_position: Option<u64>,
+    /// A position this request's reads must see (hints `pgway:min_lsn=`, `pgway:fresh`).
+    min_position: u64,
 }
 
 impl Request {
@@ -303,6 +309,10 @@ pub struct Session<'a> {
     floor: Option<Floor>,
     /// The WAL position of this connection's last write (0: none yet).
     last_write: u64,
+    /// The client has read `pgway.last_write_lsn`: it is kept in its settings.
+    tracks_last_write: bool,
+    /// `pgway.min_lsn`: a position every read of the session must see (0: none).
+    min_lsn: u64,
 }
 
 impl<'a> Session<'a> {
@@ -322,6 +332,7 @@ impl<'a> Session<'a> {
             .unwrap_or_default();
         let target = effects::target_hint(&settings);
         let floor = shared.floors.for_client(&database, &user);
+        let min_lsn = freshness::min_lsn(&settings);
         Self {
             shared,
             span,
@@ -346,6 +357,8 @@ impl<'a> Session<'a> {
             pools: Vec::new(),
             floor,
             last_write: 0,
+            tracks_last_write: false,
+            min_lsn,
         }
     }
 

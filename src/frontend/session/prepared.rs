@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::freshness::{self, ReadHints};
 use super::relay::{local_reply, Expect, Reply};
-use super::{effects, freshness, Session, SessionError, State};
+use super::{effects, Session, SessionError, State};
 use crate::backend::server::statement_name;
 use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
@@ -30,6 +31,10 @@ pub(super) struct Prepared {
     effects: Vec<SessionEffect>,
     /// Executing it may change data (see [`Classification::writes`]).
     writes: bool,
+    /// Its `pgway:min_lsn=` hint (0: none).
+    min_lsn: u64,
+    /// Its `pgway:fresh` hint.
+    fresh: bool,
 }
 
 impl Prepared {
@@ -39,32 +44,38 @@ impl Prepared {
 }
 
 impl Session<'_> {
-    /// The target of every Parse in the batch (in order).
+    /// The target of every Parse in the batch (in order), and the read-your-writes hints of
+    /// the batch's Parse messages.
     pub(super) async fn parse_targets(
         &self,
         batch: &[BytesMut],
-    ) -> Result<Vec<Target>, SessionError> {
+    ) -> Result<(Vec<Target>, ReadHints), SessionError> {
         let mut targets = Vec::new();
+        let mut hints = ReadHints::default();
         for frame in batch.iter().filter(|f| f[0] == b'P') {
             let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
             targets.push(match std::str::from_utf8(parse.sql) {
                 Ok(sql) => {
-                    self.shared
-                        .router
-                        .route(sql, &self.database, &self.user, self.target)
+                    let router = &self.shared.router;
+                    let c = router.classification(sql);
+                    hints.add(&c);
+                    router
+                        .target(&c, &self.database, &self.user, self.target)
                         .await
                 }
                 Err(_) => Target::Primary,
             });
         }
-        Ok(targets)
+        Ok((targets, hints))
     }
 
-    /// The target for a whole batch: the primary if any statement in it needs it.
+    /// Where the batch goes (a replica only if every statement it parses or executes may
+    /// go there), adding the hints of the statements it executes to `hints`.
     pub(super) fn batch_target(
         &self,
         batch: &[BytesMut],
         parse_targets: &[Target],
+        hints: &mut ReadHints,
     ) -> Result<Target, SessionError> {
         let mut target = Target::Replica;
         // Statements parsed earlier in this batch, by name (the unnamed one too).
@@ -80,10 +91,15 @@ impl Session<'_> {
                 }
                 b'B' => {
                     let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
+                    let prepared = self.statement(bind.statement);
+                    if let Some(prepared) = prepared {
+                        hints.min_lsn = hints.min_lsn.max(prepared.min_lsn);
+                        hints.fresh |= prepared.fresh;
+                    }
                     parsed
                         .get(bind.statement)
                         .copied()
-                        .or(self.statement(bind.statement).map(|p| p.target))
+                        .or(prepared.map(|p| p.target))
                         .unwrap_or(Target::Primary)
                 }
                 _ => continue,
@@ -137,7 +153,7 @@ impl Session<'_> {
                     }
                     self.request.may_write |= prepared.writes;
                     self.request.copies |= prepared.writes && freshness::may_copy(&prepared.sql);
-                    if in_transaction && freshness::may_commit(&prepared.sql) {
+                    if (in_transaction || prepared.writes) && freshness::may_commit(&prepared.sql) {
                         self.request.commits = true;
                     }
                 }
@@ -187,12 +203,13 @@ impl Session<'_> {
 
     fn translate_parse(&mut self, frame: &BytesMut, target: Target) -> Result<(), SessionError> {
         let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
-        let (effects, writes) = std::str::from_utf8(parse.sql)
-            .map(|sql| {
-                let c = self.shared.router.classification(sql);
-                (c.session.clone(), c.writes)
-            })
-            .unwrap_or((Vec::new(), true));
+        let classification = std::str::from_utf8(parse.sql)
+            .map(|sql| self.shared.router.classification(sql))
+            .ok();
+        let effects = classification
+            .as_ref()
+            .map(|c| c.session.clone())
+            .unwrap_or_default();
         let refused = if !parse.name.is_empty() && self.statements.contains_key(parse.name) {
             Some(ClientError::DuplicatePreparedStatement(
                 String::from_utf8_lossy(parse.name).into_owned(),
@@ -211,7 +228,7 @@ impl Session<'_> {
         if !parse.name.is_empty() {
             self.request.named.push(parse.name.to_vec());
         }
-        let prepared = self.remember(&parse, target, effects, writes);
+        let prepared = self.remember(&parse, target, effects, classification.as_deref());
         if parse.name.is_empty() {
             let client_id = self.cancel.pid as u64;
             self.to_server.extend_from_slice(frame);
@@ -235,7 +252,7 @@ impl Session<'_> {
         parse: &Parse<'_>,
         target: Target,
         effects: Vec<SessionEffect>,
-        writes: bool,
+        classification: Option<&Classification>,
     ) -> Arc<Prepared> {
         let mut hasher = DefaultHasher::new();
         parse.sql.hash(&mut hasher);
@@ -247,7 +264,9 @@ impl Session<'_> {
             hash,
             target,
             effects,
-            writes,
+            writes: classification.is_none_or(|c| c.writes),
+            min_lsn: classification.map_or(0, |c| c.min_lsn),
+            fresh: classification.is_some_and(|c| c.fresh),
         });
         if parse.name.is_empty() {
             self.unnamed = Some(Arc::clone(&prepared));

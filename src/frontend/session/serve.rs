@@ -3,7 +3,8 @@
 
 use bytes::BytesMut;
 
-use super::{effects, freshness, Session, SessionError, State};
+use super::freshness::{self, ReadHints};
+use super::{effects, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::net::{recycle_buffer, take_buffer};
 use crate::protocol::messages::{self, query_text};
@@ -117,7 +118,9 @@ impl Session<'_> {
             .ok()
             .map(|sql| self.shared.router.classification(sql));
         let mut target = Target::Primary;
+        let mut hints = ReadHints::default();
         if let Some(c) = &classification {
+            hints.add(c);
             if let Some(e) = effects::refusal(&c.session) {
                 return self.report(e, true).await;
             }
@@ -132,12 +135,16 @@ impl Session<'_> {
                     .await;
             }
         }
+        let target = self.apply_read_hints(hints, target).await;
         let plan = Plan {
             retry: true,
             relay: true,
             ready: true,
         };
         self.send_or_report(target, plan, |session| {
+            if hints.last_write {
+                session.track_last_write();
+            }
             match &classification {
                 Some(c) => {
                     session.request.effects.clone_from(&c.session);
@@ -149,7 +156,7 @@ impl Session<'_> {
                 }
             }
             let sql = query_text(&frame).unwrap_or_default();
-            if session.state.status() != b'I' {
+            if session.request.may_write || session.state.status() != b'I' {
                 session.request.commits = freshness::may_commit(sql);
             }
             session.request.copies = session.request.may_write && freshness::may_copy(sql);
@@ -198,11 +205,12 @@ impl Session<'_> {
             return Ok(());
         }
         let complete = sync || batch.last().is_some_and(|f| f[0] == b'H');
-        let parse_targets = self.parse_targets(&batch).await?;
+        let (parse_targets, mut hints) = self.parse_targets(&batch).await?;
         let target = match self.state {
-            State::Idle if complete => self.batch_target(&batch, &parse_targets)?,
+            State::Idle if complete => self.batch_target(&batch, &parse_targets, &mut hints)?,
             _ => Target::Primary,
         };
+        let target = self.apply_read_hints(hints, target).await;
         let plan = Plan {
             retry: sync,
             relay: complete,
@@ -210,6 +218,9 @@ impl Session<'_> {
         };
         let sent = self
             .send_request(target, plan, |session| {
+                if hints.last_write {
+                    session.track_last_write();
+                }
                 let mut targets = parse_targets.iter();
                 for frame in &batch {
                     let target = if frame[0] == b'P' {

@@ -119,6 +119,9 @@ pub enum SessionEffect {
     /// goes to the server, which gives its own answer; if it succeeds, the client
     /// is pinned to that connection ([`PinReason::Untracked`]).
     Untracked(&'static str),
+    /// The string mentions `pgway.last_write_lsn`: pgway makes the setting current on the
+    /// server connection before the string runs (not a change to the session).
+    UsesLastWriteLsn,
     /// Markers, only in a string of several statements with other effects, so that the
     /// effects of what completed before a failing statement are known: the end of each
     /// statement, after its effects.
@@ -169,6 +172,14 @@ pub(super) fn session_effects(sql: &str, tokens: &[TokenWithSpan]) -> Vec<Sessio
     }
     if statements < 2 || effects.iter().all(SessionEffect::is_marker) {
         effects.retain(|effect| !effect.is_marker());
+    }
+    const LAST_WRITE: &[u8] = b"pgway.last_write_lsn";
+    if sql
+        .as_bytes()
+        .windows(LAST_WRITE.len())
+        .any(|w| w.eq_ignore_ascii_case(LAST_WRITE))
+    {
+        effects.push(SessionEffect::UsesLastWriteLsn);
     }
     effects
 }

@@ -65,7 +65,9 @@
 //!
 //! A leading comment `/* pgway:primary */`, `/* pgway:replica */` (spaces
 //! inside the comment are optional) or a leading line comment
-//! `-- pgway:primary` sets [`Classification::hint`]. Hints do not change
+//! `-- pgway:primary` sets [`Classification::hint`]; `pgway:fresh` and
+//! `pgway:min_lsn=<position>` set [`Classification::fresh`] and
+//! [`Classification::min_lsn`] (read-your-writes). Hints do not change
 //! [`Classification::kind`]; the caller applies them, and a
 //! [`Hint::Replica`] must only be honoured for [`StatementKind::Read`]:
 //! it never sends a `Write` to a replica.
@@ -159,7 +161,7 @@ pub use effects::{PinReason, SessionEffect};
 pub use tokens::Hint;
 
 use effects::{session_effects, untokenized_session_effects};
-use tokens::{is_trivia, leading_hint, tokenize, too_deep};
+use tokens::{is_trivia, leading_hints, tokenize, too_deep};
 
 /// What a statement (or a multi-statement string) is, for routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +181,12 @@ pub struct Classification {
     pub kind: StatementKind,
     /// Hint from a leading comment, if any.
     pub hint: Option<Hint>,
+    /// `pgway:min_lsn=<position>` in a leading comment: the WAL position the read must
+    /// see (0: none).
+    pub min_lsn: u64,
+    /// `pgway:fresh` in a leading comment: the read must see everything committed on the
+    /// primary before it arrived.
+    pub fresh: bool,
     /// Functions called by a Read statement whose volatility must be looked up in pg_proc
     /// before it may go to a replica: lower-cased, schema-qualified if written so ("accounts.get_user_by_identifier_v1", "my_func"),
     /// deduplicated, sorted. Excludes functions on the built-in safe list. Empty for Write.
@@ -375,6 +383,8 @@ impl Classification {
         Classification {
             kind: StatementKind::Write,
             hint,
+            min_lsn: 0,
+            fresh: false,
             functions: Vec::new(),
             session: Vec::new(),
             writes: true,
@@ -388,7 +398,8 @@ impl Classification {
 /// only on `sql`, so it may be cached per SQL text.
 #[must_use]
 pub fn classify(sql: &str) -> Classification {
-    let hint = leading_hint(sql);
+    let hints = leading_hints(sql);
+    let hint = hints.target;
     // Nothing below panics on its own; `catch_unwind` only guards against a
     // bug inside sqlparser. For routing a panic means "unsure", which means
     // primary.
@@ -407,6 +418,8 @@ pub fn classify(sql: &str) -> Classification {
         Some((kind, functions)) => Classification {
             kind,
             hint,
+            min_lsn: hints.min_lsn,
+            fresh: hints.fresh,
             // A volatile function may write; a stable one sends the read to a replica,
             // where nothing is written anyway.
             writes: !functions.is_empty(),
@@ -416,6 +429,8 @@ pub fn classify(sql: &str) -> Classification {
         None => Classification {
             session,
             writes: std::panic::catch_unwind(|| writes::may_write(sql)).unwrap_or(true),
+            min_lsn: hints.min_lsn,
+            fresh: hints.fresh,
             ..Classification::write(hint)
         },
     }

@@ -183,48 +183,76 @@ pub(super) fn skip_leading_comments(sql: &str) -> Option<&str> {
     }
 }
 
-/// The hint in the leading comments of `sql`, if any. Leading whitespace and
-/// comments are skipped until the first hint or the first other text.
-pub(super) fn leading_hint(sql: &str) -> Option<Hint> {
+/// What the comments in front of a statement ask for: `pgway:primary` or
+/// `pgway:replica` (the first one counts), `pgway:fresh`, `pgway:min_lsn=<position>`
+/// (the highest counts; a malformed position is ignored). Several may share a comment
+/// (`/* pgway:fresh pgway:replica */`) or come in several comments, block or line;
+/// case-insensitive, spaces allowed around the colon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Hints {
+    pub target: Option<Hint>,
+    pub min_lsn: u64,
+    pub fresh: bool,
+}
+
+/// The [`Hints`] in the comments that start `sql`.
+pub(super) fn leading_hints(sql: &str) -> Hints {
+    let mut hints = Hints::default();
     let mut rest = sql;
     loop {
         rest = rest.trim_start();
         let (body, after) = if let Some(inner) = rest.strip_prefix("/*") {
-            let end = inner.find("*/")?;
-            (inner.get(..end)?, inner.get(end + 2..)?)
+            let Some(end) = inner.find("*/") else {
+                return hints;
+            };
+            (&inner[..end], &inner[end + 2..])
         } else if let Some(inner) = rest.strip_prefix("--") {
             let end = inner.find('\n').unwrap_or(inner.len());
-            (inner.get(..end)?, inner.get(end..)?)
+            (&inner[..end], &inner[end..])
         } else {
-            return None;
+            return hints;
         };
-        if let Some(hint) = parse_hint(body) {
-            return Some(hint);
-        }
+        parse_hints(body, &mut hints);
         rest = after;
     }
 }
 
-/// Parse a comment body such as ` pgway:replica ` (case-insensitive, spaces
-/// allowed around the words and the colon).
-fn parse_hint(body: &str) -> Option<Hint> {
-    let body = body.trim();
-    let prefix = "pgway";
-    if !body.get(..prefix.len())?.eq_ignore_ascii_case(prefix) {
-        return None;
+/// Adds the `pgway:<word>` items of one comment body to `hints`.
+fn parse_hints(body: &str, hints: &mut Hints) {
+    const PREFIX: &str = "pgway";
+    let mut rest = body;
+    while let Some(at) = find_ignore_case(rest, PREFIX) {
+        let after = rest[at + PREFIX.len()..].trim_start();
+        let Some(item) = after.strip_prefix(':') else {
+            rest = &rest[at + PREFIX.len()..];
+            continue;
+        };
+        let item = item.trim_start();
+        let end = item.find(char::is_whitespace).unwrap_or(item.len());
+        let (word, tail) = item.split_at(end);
+        rest = tail;
+        if word.eq_ignore_ascii_case("primary") {
+            hints.target.get_or_insert(Hint::Primary);
+        } else if word.eq_ignore_ascii_case("replica") {
+            hints.target.get_or_insert(Hint::Replica);
+        } else if word.eq_ignore_ascii_case("fresh") {
+            hints.fresh = true;
+        } else if let Some((key, value)) = word.split_once('=') {
+            if key.eq_ignore_ascii_case("min_lsn") {
+                if let Some(position) = crate::route::floors::parse_lsn(value) {
+                    hints.min_lsn = hints.min_lsn.max(position);
+                }
+            }
+        }
     }
-    let target = body
-        .get(prefix.len()..)?
-        .trim_start()
-        .strip_prefix(':')?
-        .trim();
-    if target.eq_ignore_ascii_case("primary") {
-        Some(Hint::Primary)
-    } else if target.eq_ignore_ascii_case("replica") {
-        Some(Hint::Replica)
-    } else {
-        None
-    }
+}
+
+/// Byte offset of `needle` (ASCII) in `haystack`, ignoring ASCII case.
+fn find_ignore_case(haystack: &str, needle: &str) -> Option<usize> {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .position(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 #[cfg(test)]

@@ -38,7 +38,9 @@ const NO_WRITE_STATEMENTS: &[&str] = &[
 ];
 
 /// Built-ins on the write list (they need the primary) that change no data: advisory
-/// locks, settings, notifications, WAL positions, signals to other backends.
+/// locks, settings, notifications, WAL positions, transaction ids (a transaction that only
+/// took one commits without waiting for its WAL to be flushed, so a replica could not
+/// show it for a while), signals to other backends.
 const SESSION_FUNCTIONS: &[&str] = &[
     "set_config",
     "pg_notify",
@@ -47,7 +49,9 @@ const SESSION_FUNCTIONS: &[&str] = &[
     "pg_current_wal_lsn",
     "pg_current_wal_insert_lsn",
     "pg_current_wal_flush_lsn",
+    "txid_current",
     "txid_current_if_assigned",
+    "pg_current_xact_id",
     "pg_current_xact_id_if_assigned",
     "pg_terminate_backend",
     "pg_cancel_backend",
@@ -155,6 +159,7 @@ mod tests {
             "select pg_advisory_lock(1)",
             "select set_config('a.b', 'c', false)",
             "select pg_current_wal_insert_lsn()",
+            "select inet_server_port(), txid_current()",
             "set search_path = app",
             "show work_mem",
             "show transaction_read_only",
