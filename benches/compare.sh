@@ -17,6 +17,8 @@
 #   CLIENT_CONNS=5000 idle client connections for the memory measurement (0 skips it)
 #   SCALE=10          pgbench scale (the tables are re-initialised when it changes)
 #   ROUTE_BENCH=1     also run `cargo bench --bench route` (the cached route decision); 0 skips
+#   RYW_BENCH=1       also run benches/read-your-writes.sh (each read-your-writes scope under
+#                     a write-then-read load; writes benches/READ_YOUR_WRITES.md); 0 skips
 #   PGWAY_BENCH_DIR   where the servers, configs and logs live (default: ./.bench, or
 #                     /tmp/pgway-bench when the postgres user cannot use ./.bench)
 # Quick check of the harness:  ROUNDS=1 DURATION=3 CLIENT_CONNS=500 benches/compare.sh
@@ -37,6 +39,7 @@ DURATION=${DURATION:-10}
 CLIENT_CONNS=${CLIENT_CONNS:-5000}
 SCALE=${SCALE:-10}
 ROUTE_BENCH=${ROUTE_BENCH:-1}
+RYW_BENCH=${RYW_BENCH:-1}
 
 PRIMARY_PORT=5461
 REPLICA_PORT=5462
@@ -639,6 +642,11 @@ run() {
         echo "compare: !!! $nfail pgbench run(s) FAILED; they are listed at the top of benches/RESULTS.md" >&2
         awk -F '\t' 'NR > 1 && $9 != "ok" {printf "compare: !!!   round %s %s via %s: %s\n", $1, $2, $3, $10}' \
             "$RUN_DIR/results.tsv" >&2
+    fi
+    if [[ $RYW_BENCH == 1 ]]; then
+        say "read-your-writes scopes under load (benches/read-your-writes.sh)"
+        DURATION=$DURATION PGWAY_BENCH_DIR=$BENCH_DIR bash "$REPO/benches/read-your-writes.sh" "$PGWAY_BIN" ||
+            warn "benches/read-your-writes.sh failed"
     fi
     say "done: benches/RESULTS.md, benches/results.png (raw logs in $RUN_DIR)"
 }

@@ -195,7 +195,10 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
     }
     background.spawn(admin::serve(
         admin_listener,
-        Arc::clone(&shared.topology),
+        admin::Views {
+            topology: Arc::clone(&shared.topology),
+            replay: Arc::clone(&shared.replay),
+        },
         shared.shutdown.clone(),
     ));
     Ok(())

@@ -11,10 +11,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn example_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config/static.toml")
@@ -95,23 +93,6 @@ fn unknown_keys_and_bad_values_are_rejected_by_name() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-async fn http_get(port: u16, path: &str) -> Result<String, String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .map_err(|e| format!("write: {e}"))?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .map_err(|_| "no complete HTTP response within 10 s".to_string())?
-        .map_err(|e| format!("read: {e}"))?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// Starts the binary with the config in a file (by `--config` or by `PGWAY_CONFIG`) and

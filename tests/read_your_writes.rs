@@ -81,13 +81,17 @@ fn psql(gw: &Gateway, sql: &str) -> String {
 }
 
 fn gateway(cluster: &Cluster, scope: &str) -> Gateway {
-    Gateway::start_with(
-        cluster,
-        GatewayOptions {
-            extra: format!("[routing]\nread_your_writes = \"{scope}\"\n"),
-            ..GatewayOptions::default()
-        },
-    )
+    gateway_with_admin(cluster, scope, free_loopback_port())
+}
+
+fn gateway_with_admin(cluster: &Cluster, scope: &str, admin: u16) -> Gateway {
+    let opts = GatewayOptions {
+        extra: format!("[routing]\nread_your_writes = \"{scope}\"\n"),
+        ..GatewayOptions::default()
+    };
+    Gateway::start_toml(|listen| {
+        gateway_toml(cluster, listen, &format!("127.0.0.1:{admin}"), &opts)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +99,8 @@ async fn a_writer_reads_its_writes_at_once_and_others_keep_the_replica() {
     let cluster = Cluster::start(1);
     let primary = cluster.primary_port();
     let replica = cluster.replica_ports()[0];
-    let gw = gateway(&cluster, "user");
+    let admin = free_loopback_port();
+    let gw = gateway_with_admin(&cluster, "user", admin);
     gw.wait_for_replica_reads(&cluster).await;
     pause_replay(&cluster);
 
@@ -174,6 +179,27 @@ async fn a_writer_reads_its_writes_at_once_and_others_keep_the_replica() {
         },
     )
     .await;
+
+    // /topology shows the replica's replay position and how reads under a floor went.
+    let response = http_get(admin, "/topology").await.expect("GET /topology");
+    let body = response.split("\r\n\r\n").nth(1).expect("an HTTP body");
+    let topology: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    let node = topology["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["addr"] == format!("127.0.0.1:{replica}"))
+        .expect("the replica")
+        .clone();
+    assert_eq!(node["role"], "replica", "{topology}");
+    assert!(node["replay_lsn"].is_string(), "{topology}");
+    let outcomes = &topology["read_your_writes"];
+    let count = |name: &str| outcomes[name].as_u64().unwrap_or(0);
+    assert!(count("primary") >= 3, "{topology}");
+    assert!(
+        count("replica") + count("replica_after_wait") >= 1,
+        "{topology}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

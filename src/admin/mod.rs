@@ -1,27 +1,72 @@
-//! HTTP admin port: `GET /health` answers 200 while pgway runs. The operations issue adds
-//! `/ready`, `/topology` and `/metrics`.
+//! HTTP admin port: `GET /health` answers 200 while pgway runs; `GET /topology` is JSON of
+//! the nodes (role, health, WAL position at the last check, last known replay position)
+//! and of how reads under a read-your-writes floor were served. The operations issue adds
+//! `/ready` and `/metrics`.
 
 use std::sync::Arc;
 
+use axum::extract::State;
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::topology::TopologyHandle;
+use crate::route::floors::format_lsn;
+use crate::topology::replay::ReplayPositions;
+use crate::topology::{Role, TopologyHandle};
+
+/// What the admin endpoints read.
+#[derive(Debug, Clone)]
+pub struct Views {
+    /// The topology.
+    pub topology: Arc<TopologyHandle>,
+    /// Replay positions and read-your-writes outcomes.
+    pub replay: Arc<ReplayPositions>,
+}
 
 /// Serves the admin endpoints until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    _topology: Arc<TopologyHandle>,
-    shutdown: CancellationToken,
-) {
-    let app = Router::new().route("/health", get(|| async { "ok\n" }));
+pub async fn serve(listener: TcpListener, views: Views, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/topology", get(topology))
+        .with_state(views);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
     if let Err(cause) = result {
         warn!(%cause, "admin HTTP server stopped");
     }
+}
+
+async fn topology(State(views): State<Views>) -> Json<Value> {
+    let snapshot = views.topology.snapshot();
+    let nodes: Vec<Value> = snapshot
+        .nodes
+        .iter()
+        .map(|node| {
+            let replay = views.replay.known(&node.addr);
+            json!({
+                "addr": &*node.addr,
+                "role": match node.role {
+                    Role::Primary => "primary",
+                    Role::Replica => "replica",
+                    Role::Unknown => "unknown",
+                },
+                "healthy": node.healthy,
+                "lsn": node.lsn.map(format_lsn),
+                "replay_lsn": (replay > 0).then(|| format_lsn(replay)),
+                "may_be_primary": node.may_be_primary,
+                "may_take_reads": node.may_take_reads,
+            })
+        })
+        .collect();
+    let outcomes: serde_json::Map<String, Value> = views
+        .replay
+        .outcomes()
+        .into_iter()
+        .map(|(name, count)| (name.to_owned(), json!(count)))
+        .collect();
+    Json(json!({ "nodes": nodes, "read_your_writes": outcomes }))
 }

@@ -65,9 +65,19 @@ struct Primary {
     wanted: Notify,
 }
 
+/// How reads under a floor were served: by a replica at once, by a replica after waiting
+/// for it to replay, by the primary because no replica had caught up in time.
+#[derive(Debug, Default)]
+struct Outcomes {
+    replica: AtomicU64,
+    replica_after_wait: AtomicU64,
+    primary: AtomicU64,
+}
+
 /// Replay positions of every replica pgway has needed one for, and current positions of
 /// primaries for `pgway:fresh` reads.
 pub struct ReplayPositions {
+    outcomes: Outcomes,
     replicas: Mutex<HashMap<Arc<str>, Arc<Replica>>>,
     primaries: Mutex<HashMap<Arc<str>, Arc<Primary>>>,
     any_raised: Arc<watch::Sender<u64>>,
@@ -113,6 +123,7 @@ impl ReplayPositions {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
+            outcomes: Outcomes::default(),
             replicas: Mutex::new(HashMap::new()),
             primaries: Mutex::new(HashMap::new()),
             any_raised: Arc::new(watch::Sender::new(0)),
@@ -143,13 +154,43 @@ impl ReplayPositions {
     }
 
     /// The first of `candidates` that has replayed `position`, waiting up to `wait` for
-    /// one (and asking them meanwhile). `None`: none got there in time.
+    /// one (and asking them meanwhile), and whether it had to wait. `None`: none got there
+    /// in time.
     pub async fn first_at(
         &self,
         candidates: &[Arc<str>],
         position: u64,
         wait: Duration,
-    ) -> Option<Arc<str>> {
+    ) -> Option<(Arc<str>, bool)> {
+        let replica = self.find_at(candidates, position, wait).await;
+        let counter = match &replica {
+            Some((_, false)) => &self.outcomes.replica,
+            Some((_, true)) => &self.outcomes.replica_after_wait,
+            None => &self.outcomes.primary,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        replica
+    }
+
+    /// How reads under a floor were served so far.
+    pub fn outcomes(&self) -> [(&'static str, u64); 3] {
+        let o = &self.outcomes;
+        [
+            ("replica", o.replica.load(Ordering::Relaxed)),
+            (
+                "replica_after_wait",
+                o.replica_after_wait.load(Ordering::Relaxed),
+            ),
+            ("primary", o.primary.load(Ordering::Relaxed)),
+        ]
+    }
+
+    async fn find_at(
+        &self,
+        candidates: &[Arc<str>],
+        position: u64,
+        wait: Duration,
+    ) -> Option<(Arc<str>, bool)> {
         let replicas: Vec<(Arc<str>, Arc<Replica>)> = candidates
             .iter()
             .filter_map(|addr| Some((Arc::clone(addr), self.replica(addr, true)?)))
@@ -161,7 +202,7 @@ impl ReplayPositions {
                 .map(|(addr, _)| Arc::clone(addr))
         };
         if let Some(addr) = reached(&replicas) {
-            return Some(addr);
+            return Some((addr, false));
         }
         if wait.is_zero() || replicas.is_empty() {
             return None;
@@ -171,11 +212,11 @@ impl ReplayPositions {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             if let Some(addr) = reached(&replicas) {
-                return Some(addr);
+                return Some((addr, true));
             }
             match tokio::time::timeout_at(deadline, raised.changed()).await {
                 Ok(Ok(())) => continue,
-                _ => return reached(&replicas),
+                _ => return reached(&replicas).map(|addr| (addr, true)),
             }
         }
     }

@@ -1288,3 +1288,24 @@ pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     msg.extend_from_slice(body);
     msg
 }
+
+pub async fn http_get(port: u16, path: &str) -> Result<String, String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
+    )
+    .await
+    .map_err(|_| "no complete HTTP response within 10 s".to_string())?
+    .map_err(|e| format!("read: {e}"))?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}

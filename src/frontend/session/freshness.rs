@@ -257,14 +257,9 @@ impl Session<'_> {
     pub(super) async fn replica_at(&self, position: u64) -> Option<Arc<str>> {
         let shared = self.shared;
         let candidates = shared.topology.readable_replicas();
-        shared
-            .replay
-            .first_at(
-                &candidates,
-                position,
-                shared.config.routing.read_your_writes_wait,
-            )
-            .await
+        let wait = shared.config.routing.read_your_writes_wait;
+        let found = shared.replay.first_at(&candidates, position, wait).await;
+        found.map(|(addr, _)| addr)
     }
 }
 
