@@ -231,6 +231,22 @@ impl Session<'_> {
             }
             effects = committed_before_failure(effects, self.request.completed);
         }
+        if effects.is_empty() {
+            // The common case: nothing to keep.
+        } else {
+            self.keep_effects(effects);
+        }
+        if status == b'I' && !self.txn.effects.is_empty() {
+            let events = std::mem::take(&mut self.txn.effects);
+            if !self.txn.rolled_back {
+                self.apply_effects(committed_effects(events));
+            }
+        }
+    }
+
+    /// A finished request's effects join its transaction's; at each transaction end
+    /// marked in a string, the transaction's are applied or dropped.
+    fn keep_effects(&mut self, effects: Vec<SessionEffect>) {
         for effect in effects {
             match effect {
                 SessionEffect::Commit => {
@@ -240,12 +256,6 @@ impl Session<'_> {
                 SessionEffect::Rollback => self.txn.effects.clear(),
                 SessionEffect::EndOfStatement => {}
                 effect => self.txn.effects.push(effect),
-            }
-        }
-        if status == b'I' && !self.txn.effects.is_empty() {
-            let events = std::mem::take(&mut self.txn.effects);
-            if !self.txn.rolled_back {
-                self.apply_effects(committed_effects(events));
             }
         }
     }

@@ -155,9 +155,17 @@ impl Session<'_> {
         self.send_and_relay(true).await
     }
 
-    /// The client's ReadyForQuery, if the WAL position query follows it: held until that
-    /// answer is in. True if held.
-    pub(super) fn hold_ready(&mut self, frame: &[u8]) -> bool {
+    /// Before the client's ReadyForQuery goes out: the ParameterStatus its resets owe it
+    /// first; and if the WAL position query follows, it is held until that answer is in.
+    /// True if held.
+    pub(super) fn before_ready(&mut self, frame: &[u8]) -> bool {
+        if !self.request.effects.is_empty() {
+            self.report_resets();
+        }
+        (self.expected.len() > 1 || self.request.wal_deferred) && self.hold_ready(frame)
+    }
+
+    fn hold_ready(&mut self, frame: &[u8]) -> bool {
         let follows = matches!(
             self.expected.get(1),
             Some(Expect::Server {
@@ -214,14 +222,17 @@ impl Session<'_> {
         floor.max(self.min_lsn).max(self.request.min_position)
     }
 
-    /// Before a request is sent: where its hints (and the session's floor) send a read.
-    /// `pgway:fresh` looks up the primary's current position (one look-up serves every
-    /// read waiting for one); if that fails, the read goes to the primary.
-    pub(super) async fn apply_read_hints(&mut self, hints: ReadHints, target: Target) -> Target {
+    /// Before a request is sent: its hints' position for its reads. True if it is a
+    /// `pgway:fresh` read, for which [`Self::fresh_target`] looks up the primary's
+    /// current position.
+    pub(super) fn apply_read_hints(&mut self, hints: ReadHints, target: Target) -> bool {
         self.request.min_position = hints.min_lsn;
-        if target != Target::Replica || !hints.fresh {
-            return target;
-        }
+        target == Target::Replica && hints.fresh
+    }
+
+    /// A `pgway:fresh` read: under the primary's current position (one look-up serves
+    /// every read waiting for one), or, if that fails, on the primary.
+    pub(super) async fn fresh_target(&mut self, target: Target) -> Target {
         let shared = self.shared;
         let Some(primary) = shared.topology.primary() else {
             return target;

@@ -228,13 +228,9 @@ impl Session<'_> {
                 Some((kind, forward, _)) => {
                     if forward {
                         self.request.answered = true;
-                        if tag != b'Z' {
+                        let held = tag == b'Z' && self.before_ready(frame);
+                        if !held {
                             self.out.extend_from_slice(frame);
-                        } else {
-                            self.report_resets();
-                            if !self.hold_ready(frame) {
-                                self.out.extend_from_slice(frame);
-                            }
                         }
                         if tag == b'C' {
                             self.txn.rolled_back = messages::body(frame).starts_with(b"ROLLBACK");

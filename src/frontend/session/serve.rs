@@ -135,7 +135,11 @@ impl Session<'_> {
                     .await;
             }
         }
-        let target = self.apply_read_hints(hints, target).await;
+        let target = if self.apply_read_hints(hints, target) {
+            self.fresh_target(target).await
+        } else {
+            target
+        };
         let plan = Plan {
             retry: true,
             relay: true,
@@ -155,11 +159,11 @@ impl Session<'_> {
                     session.request.may_write = true;
                 }
             }
-            let sql = query_text(&frame).unwrap_or_default();
             if session.request.may_write || session.state.status() != b'I' {
+                let sql = query_text(&frame).unwrap_or_default();
                 session.request.commits = freshness::may_commit(sql);
+                session.request.copies = session.request.may_write && freshness::may_copy(sql);
             }
-            session.request.copies = session.request.may_write && freshness::may_copy(sql);
             // Pinned, or about to be by what its transaction did (a temporary table ON
             // COMMIT DROP is gone again at the COMMIT that pins the client).
             session.request.check_pins = (session.is_pinned() || session.state.status() != b'I')
@@ -210,7 +214,11 @@ impl Session<'_> {
             State::Idle if complete => self.batch_target(&batch, &parse_targets, &mut hints)?,
             _ => Target::Primary,
         };
-        let target = self.apply_read_hints(hints, target).await;
+        let target = if self.apply_read_hints(hints, target) {
+            self.fresh_target(target).await
+        } else {
+            target
+        };
         let plan = Plan {
             retry: sync,
             relay: complete,
@@ -293,7 +301,9 @@ impl Session<'_> {
                 }
                 other => {
                     other?;
-                    self.ask_deferred_wal_position().await?;
+                    if self.request.wal_deferred {
+                        self.ask_deferred_wal_position().await?;
+                    }
                     if plan.relay {
                         if self.request.check_pins {
                             self.unpin_if_unbound().await?;
