@@ -133,6 +133,27 @@ async fn asyncpg_with_a_pool() {
     .await;
 }
 
+/// Read-your-writes: the statements asyncpg's pool runs at every release write nothing, so
+/// a pool that only reads keeps all its reads on the replica, even while the replica's
+/// replay is paused (a raised floor would send them to the primary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_pool_that_only_reads_stays_on_the_replica() {
+    setup("python").await;
+    let (gw, cluster) = start().await;
+    let replica = cluster.replica_ports()[0];
+    cluster.psql_admin(replica, "select pg_wal_replay_pause()");
+    let python = drivers_dir().join(".venv/bin/python");
+    run_driver(
+        &gw,
+        &cluster,
+        "asyncpg_reads",
+        python.to_str().expect("utf-8 path"),
+        &["python/asyncpg_reads_only.py"],
+    )
+    .await;
+    cluster.psql_admin(replica, "select pg_wal_replay_resume()");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg3_with_prepare_true() {
     setup("python").await;
