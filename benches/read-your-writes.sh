@@ -116,17 +116,27 @@ share() { # reads, primary reads
     awk -v r="$1" -v p="$2" 'BEGIN { if (r == 0) print "-"; else printf "%.1f%%", 100 * (r - p) / r }'
 }
 
+percent() { # part, whole
+    awk -v p="$1" -v w="$2" 'BEGIN { if (w == 0) print "-"; else printf "%.1f%%", 100 * p / w }'
+}
+
 half=$((CLIENTS / 2))
 ROWS=()
+WARM=yes
 for scope in off session user global; do
     say "scope $scope"
     start_pgway "$scope"
+    if [[ $WARM == yes ]]; then
+        # The first run warms the servers' caches; it is not reported.
+        pgbench_run warm-up "$scope" "$CLIENTS" -S
+        WARM=no
+    fi
     pgbench_run select-only "$scope" "$CLIENTS" -S
     s_tps=$(tps "$WORK/select-only-$scope.log")
 
-    read -r _ _ p0 <<<"$(outcomes)"
+    read -r _ w0 p0 <<<"$(outcomes)"
     pgbench_run write-read "$scope" "$CLIENTS" -f "$WORK/write-read.sql"
-    read -r _ _ p1 <<<"$(outcomes)"
+    read -r _ w1 p1 <<<"$(outcomes)"
     wr_tps=$(tps "$WORK/write-read-$scope.log")
     wr_reads=$(txns "$WORK/write-read-$scope.log")
     wr_stale=$(stale "$scope")
@@ -135,14 +145,14 @@ for scope in off session user global; do
     writers=$!
     pgbench_run mixed-readers "$scope" "$half" -f "$WORK/read.sql"
     wait "$writers"
-    read -r _ _ p2 <<<"$(outcomes)"
+    read -r _ w2 p2 <<<"$(outcomes)"
     m_tps=$(awk -v a="$(tps "$WORK/mixed-writers-$scope.log")" -v b="$(tps "$WORK/mixed-readers-$scope.log")" \
         'BEGIN {printf "%.0f", a + b}')
     m_reads=$(($(txns "$WORK/mixed-writers-$scope.log") + $(txns "$WORK/mixed-readers-$scope.log")))
     m_stale=$(($(stale "$scope") - wr_stale))
     stop_pgway
 
-    ROWS+=("| \`$scope\` | $(printf '%.0f' "$wr_tps") | $(share "$wr_reads" $((p1 - p0))) | $wr_stale | $m_tps | $(share "$m_reads" $((p2 - p1))) | $m_stale | $(printf '%.0f' "$s_tps") |")
+    ROWS+=("| \`$scope\` | $(printf '%.0f' "$wr_tps") | $(share "$wr_reads" $((p1 - p0))) | $(percent $((w1 - w0)) "$wr_reads") | $wr_stale | $m_tps | $(share "$m_reads" $((p2 - p1))) | $(percent $((w2 - w1)) "$m_reads") | $m_stale | $(printf '%.0f' "$s_tps") |")
 done
 
 {
@@ -155,11 +165,12 @@ done
     echo "- **write-read**: each transaction inserts a row and reads it back (autocommit, two statements)."
     echo "- **mixed**: half the clients run write-read, half only read (same user)."
     echo "- **replica share**: reads a replica served; the rest went to the primary because no replica had replayed the floor in time."
+    echo "- **waited**: reads that waited for a replica to replay their floor (then served by it)."
     echo "- **stale**: reads that did not find the row their client had just written (the target is 0 for every scope but \`off\`)."
     echo "- **-S**: \`pgbench -S\` throughput with the scope on (no client writes, so no read waits)."
     echo
-    echo "| scope | write-read tps | replica share | stale | mixed tps | replica share | stale | -S tps |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    echo "| scope | write-read tps | replica share | waited | stale | mixed tps | replica share | waited | stale | -S tps |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     printf '%s\n' "${ROWS[@]}"
 } >"$OUT_MD"
 say "wrote $OUT_MD"

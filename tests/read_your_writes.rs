@@ -36,6 +36,15 @@ fn resume_replay(cluster: &Cluster) {
     }
 }
 
+/// A primary and one replica, with `schema` run on the primary (as superuser, in the test
+/// database) and replayed.
+fn cluster_with(schema: &str) -> Cluster {
+    let cluster = Cluster::start(1);
+    cluster.psql_admin_db(cluster.primary_port(), DB, schema);
+    cluster.wait_replay();
+    cluster
+}
+
 /// `select count(*) from <table>` and the port of the server that answered, in one
 /// statement (simple protocol).
 async fn count_and_port(client: &Client, table: &str) -> Result<(i64, u16), String> {
@@ -204,15 +213,8 @@ async fn a_writer_reads_its_writes_at_once_and_others_keep_the_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_scope_covers_only_the_writing_connection_and_off_reads_stale() {
-    let cluster = Cluster::start(1);
-    let primary = cluster.primary_port();
-    let replica = cluster.replica_ports()[0];
-    cluster.psql_admin_db(
-        primary,
-        DB,
-        "create table shared_t(i int); alter table shared_t owner to app;",
-    );
-    cluster.wait_replay();
+    let cluster = cluster_with("create table shared_t(i int); alter table shared_t owner to app;");
+    let (primary, replica) = (cluster.primary_port(), cluster.replica_ports()[0]);
     let session_gw = gateway(&cluster, "session");
     let off_gw = gateway(&cluster, "off");
     session_gw.wait_for_replica_reads(&cluster).await;
@@ -295,15 +297,10 @@ async fn connect_with_options(gw: &Gateway, options: &str) -> Result<Client, Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_hints_carry_positions_across_users() {
-    let cluster = Cluster::start(1);
-    let primary = cluster.primary_port();
-    let replica = cluster.replica_ports()[0];
-    cluster.psql_admin_db(
-        primary,
-        DB,
+    let cluster = cluster_with(
         "create table tok(i int); alter table tok owner to app; grant select on tok to md5user;",
     );
-    cluster.wait_replay();
+    let (primary, replica) = (cluster.primary_port(), cluster.replica_ports()[0]);
     let gw = gateway(&cluster, "user");
     gw.wait_for_replica_reads(&cluster).await;
     pause_replay(&cluster);
@@ -339,6 +336,30 @@ async fn tokens_and_hints_carry_positions_across_users() {
         .expect("set min_lsn");
     assert_eq!(count_and_port(&b, "tok").await.expect("read"), (1, primary));
     b.batch_execute("reset pgway.min_lsn").await.expect("reset");
+    assert_eq!(count_and_port(&b, "tok").await.expect("read"), (0, replica));
+    // The same in the extended protocol, and for a read-only transaction.
+    b.execute(&format!("set pgway.min_lsn = '{token}'"), &[])
+        .await
+        .expect("set min_lsn, extended");
+    let shown: String = b
+        .query_one("show pgway.min_lsn", &[])
+        .await
+        .expect("show min_lsn, extended")
+        .get(0);
+    assert_eq!(shown, token);
+    let rows = simple_rows(
+        &b,
+        "begin read only; select count(*), inet_server_port() from tok; commit",
+    )
+    .await
+    .expect("a read-only transaction");
+    assert_eq!(
+        rows[0],
+        vec![Some("1".to_owned()), Some(primary.to_string())]
+    );
+    b.execute("reset pgway.min_lsn", &[])
+        .await
+        .expect("reset, extended");
     assert_eq!(count_and_port(&b, "tok").await.expect("read"), (0, replica));
     // The token as a hint, in both protocols.
     let rows = simple_rows(
@@ -412,6 +433,70 @@ async fn tokens_and_hints_carry_positions_across_users() {
                 Ok(())
             } else {
                 Err(format!("{rows:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+/// A write under a floor, then the primary dies and a replica that never received that
+/// write is promoted; a second replica follows the new primary. The floor lies on the old
+/// primary's timeline, beyond anything the new one will have for a long time: after the
+/// promotion it counts as the new primary's position, so the writer's reads go to the new
+/// replica instead of waiting in vain and falling back to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_promotion_the_old_primarys_positions_make_no_read_wait() {
+    let mut cluster = Cluster::start(2);
+    cluster.psql_admin_db(
+        cluster.primary_port(),
+        DB,
+        "create table big(i int, pad text); alter table big owner to app;",
+    );
+    cluster.wait_replay();
+    let [new_primary, new_replica] = cluster.replica_ports()[..] else {
+        panic!("two replicas");
+    };
+    let gw = gateway(&cluster, "user");
+    gw.wait_for_replica_reads(&cluster).await;
+
+    // Neither replica receives the write.
+    cluster.stop_replica(0);
+    cluster.stop_replica(1);
+    let writer = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    writer
+        .batch_execute(
+            "insert into big select g, repeat('x', 200) from generate_series(1, 20000) g",
+        )
+        .await
+        .expect("a write of some megabytes of WAL");
+    cluster.stop_primary();
+    cluster.start_replica(0);
+    cluster.promote_replica(0);
+    cluster.repoint_replica(1, new_primary);
+    cluster.start_replica(1);
+
+    let probe = connect(gw.port(), MD5_USER, MD5_PASSWORD).await;
+    eventually("pgway to find the new primary", WAIT, async || {
+        let rows = simple_rows(&probe, "begin; select inet_server_port(); commit")
+            .await
+            .map_err(|e| describe_error(&e))?;
+        let port = rows.first().and_then(|r| r[0].clone()).unwrap_or_default();
+        if port == new_primary.to_string() {
+            Ok(())
+        } else {
+            Err(format!("a transaction ran on {port}"))
+        }
+    })
+    .await;
+    eventually(
+        "the writer's reads to reach the new primary's replica",
+        WAIT,
+        async || {
+            let (count, port) = count_and_port(&writer, "big").await?;
+            if (count, port) == (0, new_replica) {
+                Ok(())
+            } else {
+                Err(format!("{count} rows from {}", cluster.name_of(port)))
             }
         },
     )

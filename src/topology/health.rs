@@ -52,6 +52,33 @@ impl std::fmt::Debug for HealthSettings {
     }
 }
 
+impl HealthSettings {
+    /// The control connection to `addr` in `client`, connected first (as
+    /// `application_name`, its connection's task on `tasks`) if it is missing or closed.
+    pub async fn control_client<'c>(
+        &self,
+        addr: &str,
+        application_name: &str,
+        tasks: &TaskTracker,
+        client: &'c mut Option<tokio_postgres::Client>,
+    ) -> Result<&'c mut tokio_postgres::Client, ControlError> {
+        let c = match client.take().filter(|c| !c.is_closed()) {
+            Some(c) => c,
+            None => {
+                let login = ControlLogin {
+                    addr,
+                    user: &self.user,
+                    password: &self.password,
+                    database: &self.database,
+                    application_name,
+                };
+                control::connect(login, self.timeout, tasks).await?
+            }
+        };
+        Ok(client.insert(c))
+    }
+}
+
 /// What one check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observation {
@@ -90,20 +117,9 @@ pub async fn check_node(
     tasks: &TaskTracker,
     client: &mut Option<tokio_postgres::Client>,
 ) -> Result<Observation, HealthError> {
-    let c = match client.take().filter(|c| !c.is_closed()) {
-        Some(c) => c,
-        None => {
-            let login = ControlLogin {
-                addr,
-                user: &settings.user,
-                password: &settings.password,
-                database: &settings.database,
-                application_name: "pgway-health",
-            };
-            control::connect(login, settings.timeout, tasks).await?
-        }
-    };
-    let c = client.insert(c);
+    let c = settings
+        .control_client(addr, "pgway-health", tasks, client)
+        .await?;
     let row = tokio::time::timeout(settings.timeout, c.query_one(CHECK, &[]))
         .await
         .map_err(|_| HealthError::Timeout)?

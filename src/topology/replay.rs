@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::health::HealthSettings;
-use crate::backend::control::{self, ControlLogin};
+use crate::backend::control;
 
 /// The replay position query: bytes since `0/0`, NULL on a node that is not replaying.
 const REPLAY_POSITION: &str = "select (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8";
@@ -379,20 +379,9 @@ async fn ask(
     tasks: &TaskTracker,
     client: &mut Option<tokio_postgres::Client>,
 ) -> Result<Option<u64>, ProbeError> {
-    let c = match client.take().filter(|c| !c.is_closed()) {
-        Some(c) => c,
-        None => {
-            let login = ControlLogin {
-                addr,
-                user: &settings.user,
-                password: &settings.password,
-                database: &settings.database,
-                application_name: "pgway-positions",
-            };
-            control::connect(login, settings.timeout, tasks).await?
-        }
-    };
-    let c = client.insert(c);
+    let c = settings
+        .control_client(addr, "pgway-positions", tasks, client)
+        .await?;
     let row = tokio::time::timeout(settings.timeout, c.query_one(query, &[]))
         .await
         .map_err(|_| ProbeError::Timeout)??;

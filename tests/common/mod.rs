@@ -493,6 +493,25 @@ impl Cluster {
         self.primary.running = false;
     }
 
+    /// Makes stopped replica `i` stream from the server at `port` (a promoted replica) when
+    /// it starts again: its `primary_conninfo` (written by `pg_basebackup -R`) names that
+    /// port instead of the first primary's.
+    pub fn repoint_replica(&mut self, i: usize, port: u16) {
+        let node = &self.replicas[i];
+        assert!(!node.running, "replica{i} must be stopped to be repointed");
+        let conf = node.data.join("postgresql.auto.conf");
+        let text = std::fs::read_to_string(&conf)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", conf.display()));
+        let from = format!("port={}", self.primary.port);
+        assert!(
+            text.contains(&from),
+            "no {from} in {}:\n{text}",
+            conf.display()
+        );
+        std::fs::write(&conf, text.replace(&from, &format!("port={port}")))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
+    }
+
     /// Promotes replica `i` (`pg_ctl promote`, waiting until it accepts writes).
     pub fn promote_replica(&mut self, i: usize) {
         run_ok(
