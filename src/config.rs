@@ -87,11 +87,31 @@ pub struct RoutingConfig {
         with = "humantime_serde"
     )]
     pub read_your_writes_wait: Duration,
+    /// Functions that may go to a replica whatever pgway finds in their body:
+    /// schema-qualified names (every overload, `"accounts.lookup"`) or one overload
+    /// (`"accounts.lookup(int, text)"`). _Default:_ none
+    #[serde(default)]
+    pub read_only_functions: Vec<String>,
+    /// Functions that stay on the primary whatever pgway finds in their body, named as in
+    /// `read_only_functions`. _Default:_ none
+    #[serde(default)]
+    pub write_functions: Vec<String>,
+    /// How long pgway keeps what it learned about a function (volatility, body analysis)
+    /// before it reads the catalog again. _Default:_ `"5m"`
+    #[serde(
+        default = "RoutingConfig::default_function_analysis_ttl",
+        with = "humantime_serde"
+    )]
+    pub function_analysis_ttl: Duration,
 }
 
 impl RoutingConfig {
     fn default_read_your_writes_wait() -> Duration {
         Duration::from_millis(20)
+    }
+
+    fn default_function_analysis_ttl() -> Duration {
+        Duration::from_secs(300)
     }
 }
 
@@ -101,6 +121,9 @@ impl Default for RoutingConfig {
             max_replica_lag: None,
             read_your_writes: ReadYourWrites::default(),
             read_your_writes_wait: Self::default_read_your_writes_wait(),
+            read_only_functions: Vec::new(),
+            write_functions: Vec::new(),
+            function_analysis_ttl: Self::default_function_analysis_ttl(),
         }
     }
 }
@@ -434,6 +457,26 @@ impl Config {
         }
         if self.client.max_connections == 0 {
             return Err(invalid("client.max_connections", "must be at least 1"));
+        }
+        for (key, list) in [
+            (
+                "routing.read_only_functions",
+                &self.routing.read_only_functions,
+            ),
+            ("routing.write_functions", &self.routing.write_functions),
+        ] {
+            for (i, entry) in list.iter().enumerate() {
+                let name = entry.split('(').next().unwrap_or_default();
+                let qualified = name
+                    .split_once('.')
+                    .is_some_and(|(schema, f)| !schema.trim().is_empty() && !f.trim().is_empty());
+                if !qualified || entry.contains('(') && !entry.trim_end().ends_with(')') {
+                    return Err(invalid(
+                        &format!("{key}[{i}]"),
+                        &format!("{entry:?} is not schema.function or schema.function(types)"),
+                    ));
+                }
+            }
         }
         match &self.topology {
             TopologyConfig::Static(s) => {

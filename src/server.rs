@@ -30,6 +30,7 @@ use crate::error::ClientError;
 use crate::frontend::auth::ScramVerifier;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{startup, Shared, User};
+use crate::route::catalog::FunctionRules;
 use crate::route::floors::Floors;
 use crate::route::{Catalog, Router};
 use crate::topology::health::{supervise, HealthSettings};
@@ -117,12 +118,18 @@ pub(crate) fn build_shared(
             )
         })
         .collect();
+    let routing = &config.routing;
     let catalog = Catalog::new(
         Arc::clone(&topology),
         credentials,
         config.pool.connect_timeout,
     )
-    .with_tasks(background.clone());
+    .with_tasks(background.clone())
+    .with_rules(FunctionRules {
+        read_only: routing.read_only_functions.clone(),
+        write: routing.write_functions.clone(),
+        ttl: routing.function_analysis_ttl,
+    });
     Arc::new(Shared {
         router: Router::new(catalog),
         users,

@@ -1,4 +1,12 @@
-//! Function volatility from `pg_proc`, looked up once per (database, function name).
+//! Whether a function may run on a replica, from `pg_proc`, looked up once per (database,
+//! function name) and kept for `routing.function_analysis_ttl`.
+//!
+//! Every overload of the name must qualify: `STABLE` or `IMMUTABLE`; or `VOLATILE` (the
+//! default, so most plpgsql functions) with a `LANGUAGE sql` or `plpgsql` body that
+//! [`body::analyze`] proves read-only and whose callees qualify in turn (up to
+//! [`MAX_DEPTH`] calls deep); or a volatile built-in that is harmless on a replica
+//! (`random`, `clock_timestamp`, ...). `routing.read_only_functions` and
+//! `routing.write_functions` override this either way.
 //!
 //! Look-ups go over a tokio-postgres control connection per (database, user) to whichever
 //! node is usable (the catalog is the same on every node). Anything pgway cannot find out
@@ -16,7 +24,54 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::backend::control::{self, ControlError, ControlLogin};
+use crate::route::classify::body;
 use crate::topology::TopologyHandle;
+
+/// How many calls deep the analysis follows a function's callees.
+pub const MAX_DEPTH: usize = 8;
+
+/// Volatile built-ins (in `pg_catalog`) that are harmless on a replica: they read no
+/// node-local state and write nothing.
+const HARMLESS_VOLATILE: &[&str] = &[
+    "random",
+    "random_normal",
+    "clock_timestamp",
+    "timeofday",
+    "gen_random_uuid",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+];
+
+/// `routing.read_only_functions` and `routing.write_functions`: schema-qualified names
+/// (every overload) or names with an argument list (that overload).
+#[derive(Debug, Clone, Default)]
+pub struct FunctionRules {
+    /// Functions that may go to a replica whatever their body.
+    pub read_only: Vec<String>,
+    /// Functions that stay on the primary whatever their body.
+    pub write: Vec<String>,
+    /// How long an answer is kept.
+    pub ttl: Duration,
+}
+
+impl FunctionRules {
+    /// Name-only entries (`schema.name`) matching `schema`.`name`.
+    fn names(list: &[String], schema: &str, name: &str) -> bool {
+        list.iter().any(|entry| {
+            !entry.contains('(')
+                && entry.rsplit_once('.').is_some_and(|(s, n)| {
+                    s.eq_ignore_ascii_case(schema) && n.eq_ignore_ascii_case(name)
+                })
+        })
+    }
+
+    /// Entries with an argument list, which PostgreSQL resolves to overloads
+    /// (`to_regprocedure`).
+    fn overloads(list: &[String]) -> Vec<String> {
+        list.iter().filter(|e| e.contains('(')).cloned().collect()
+    }
+}
 
 /// Whether a function may run on a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +117,7 @@ pub struct Catalog {
     cache: moka::sync::Cache<(String, String), Volatility>,
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
     tasks: TaskTracker,
+    rules: FunctionRules,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -76,10 +132,28 @@ impl std::fmt::Debug for Catalog {
     }
 }
 
+/// Every overload of a name: its identity, volatility, language and body, and whether an
+/// overload-specific rule names it ($3: read-only entries, $4: write entries).
 const LOOKUP: &str =
-    "select coalesce(max(case p.provolatile when 'v' then 2 when 's' then 1 else 0 end), 2)::int4 \
+    "select n.nspname::text, p.proname::text, p.provolatile::text, l.lanname::text, \
+       case when p.prosqlbody is not null then pg_catalog.pg_get_function_sqlbody(p.oid) \
+            else p.prosrc end, \
+       p.oid = any(array(select pg_catalog.to_regprocedure(x) from unnest($3::text[]) x)), \
+       p.oid = any(array(select pg_catalog.to_regprocedure(x) from unnest($4::text[]) x)) \
      from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
+     join pg_catalog.pg_language l on l.oid = p.prolang \
      where p.proname = $1 and ($2::text is null or n.nspname = $2)";
+
+/// One overload, as [`LOOKUP`] returns it.
+struct Overload {
+    schema: String,
+    name: String,
+    volatility: String,
+    language: String,
+    body: Option<String>,
+    forced_read_only: bool,
+    forced_write: bool,
+}
 
 impl Catalog {
     /// A catalog that connects with `credentials` to nodes from `topology`. Its control
@@ -92,6 +166,7 @@ impl Catalog {
             cache: moka::sync::Cache::new(100_000),
             clients: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
+            rules: FunctionRules::default(),
         }
     }
 
@@ -100,22 +175,103 @@ impl Catalog {
         Self { tasks, ..self }
     }
 
-    /// The volatility of `function` (lower-case, `schema.name` or `name`) in `database`.
+    /// Applies `routing.read_only_functions`, `routing.write_functions` and
+    /// `routing.function_analysis_ttl`.
+    pub fn with_rules(self, rules: FunctionRules) -> Self {
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(rules.ttl)
+            .build();
+        Self {
+            rules,
+            cache,
+            ..self
+        }
+    }
+
+    /// Forgets every answer: a function was created, replaced, altered or dropped (its
+    /// callers may have changed with it).
+    pub fn functions_changed(&self) {
+        self.cache.invalidate_all();
+    }
+
+    /// Whether `function` (lower-case, `schema.name` or `name`) may run on a replica in
+    /// `database`.
     pub async fn volatility(&self, database: &str, user: &str, function: &str) -> Volatility {
-        let key = (database.to_owned(), function.to_owned());
-        if let Some(v) = self.cache.get(&key) {
-            return v;
-        }
-        match self.lookup(database, user, function).await {
-            Ok(v) => {
-                self.cache.insert(key, v);
-                v
+        self.volatility_at(database, user, function, 0).await
+    }
+
+    fn volatility_at<'s>(
+        &'s self,
+        database: &'s str,
+        user: &'s str,
+        function: &'s str,
+        depth: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Volatility> + Send + 's>> {
+        Box::pin(async move {
+            let key = (database.to_owned(), function.to_owned());
+            if let Some(v) = self.cache.get(&key) {
+                return v;
             }
-            Err(cause) => {
-                debug!(%function, %cause, "volatility look-up failed; routing to the primary");
-                Volatility::Volatile
+            if depth > MAX_DEPTH {
+                return Volatility::Volatile;
+            }
+            match self.lookup(database, user, function).await {
+                Ok(overloads) => {
+                    let v = self.judge(database, user, &overloads, depth).await;
+                    self.cache.insert(key, v);
+                    v
+                }
+                Err(cause) => {
+                    debug!(%function, %cause, "function look-up failed; routing to the primary");
+                    Volatility::Volatile
+                }
+            }
+        })
+    }
+
+    /// Every overload must qualify (see the module doc); no overload: volatile.
+    async fn judge(
+        &self,
+        database: &str,
+        user: &str,
+        overloads: &[Overload],
+        depth: usize,
+    ) -> Volatility {
+        if overloads.is_empty() {
+            return Volatility::Volatile;
+        }
+        for o in overloads {
+            let rules = &self.rules;
+            if o.forced_write || FunctionRules::names(&rules.write, &o.schema, &o.name) {
+                return Volatility::Volatile;
+            }
+            if o.forced_read_only
+                || FunctionRules::names(&rules.read_only, &o.schema, &o.name)
+                || o.volatility != "v"
+                || o.schema == "pg_catalog" && HARMLESS_VOLATILE.contains(&o.name.as_str())
+            {
+                continue;
+            }
+            let analysis = match &o.body {
+                Some(text) => body::analyze(&o.language, text),
+                None => Err("its body is not readable".to_owned()),
+            };
+            let calls = match analysis {
+                Ok(reads) => reads.calls,
+                Err(why) => {
+                    debug!(function = %format!("{}.{}", o.schema, o.name), %why, "function may write");
+                    return Volatility::Volatile;
+                }
+            };
+            for call in &calls {
+                let v = self.volatility_at(database, user, call, depth + 1).await;
+                if v == Volatility::Volatile {
+                    return Volatility::Volatile;
+                }
             }
         }
+        Volatility::NotVolatile
     }
 
     async fn lookup(
@@ -123,11 +279,13 @@ impl Catalog {
         database: &str,
         user: &str,
         function: &str,
-    ) -> Result<Volatility, CatalogError> {
+    ) -> Result<Vec<Overload>, CatalogError> {
         let (schema, name) = match function.rsplit_once('.') {
             Some((schema, name)) => (Some(schema), name),
             None => (None, function),
         };
+        let read_only = FunctionRules::overloads(&self.rules.read_only);
+        let write = FunctionRules::overloads(&self.rules.write);
         let mut clients = self.clients.lock().await;
         let key = (database.to_owned(), user.to_owned());
         let client = match clients.remove(&key).filter(|c| !c.is_closed()) {
@@ -135,16 +293,27 @@ impl Catalog {
             None => self.connect(database, user).await?,
         };
         let client = clients.entry(key).or_insert(client);
-        let row = tokio::time::timeout(self.timeout, client.query_one(LOOKUP, &[&name, &schema]))
-            .await
-            .map_err(|_| CatalogError::Timeout)?
-            .map_err(CatalogError::Query)?;
-        let level: i32 = row.try_get(0).map_err(CatalogError::UnexpectedRow)?;
-        Ok(if level < 2 {
-            Volatility::NotVolatile
-        } else {
-            Volatility::Volatile
-        })
+        let rows = tokio::time::timeout(
+            self.timeout,
+            client.query(LOOKUP, &[&name, &schema, &read_only, &write]),
+        )
+        .await
+        .map_err(|_| CatalogError::Timeout)?
+        .map_err(CatalogError::Query)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Overload {
+                    schema: row.try_get(0)?,
+                    name: row.try_get(1)?,
+                    volatility: row.try_get(2)?,
+                    language: row.try_get(3)?,
+                    body: row.try_get(4)?,
+                    forced_read_only: row.try_get::<_, Option<bool>>(5)?.unwrap_or(false),
+                    forced_write: row.try_get::<_, Option<bool>>(6)?.unwrap_or(false),
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(CatalogError::UnexpectedRow)
     }
 
     async fn connect(

@@ -128,6 +128,12 @@ impl Router {
         }
     }
 
+    /// A function was created, replaced, altered or dropped: forget what was learned
+    /// about functions.
+    pub fn functions_changed(&self) {
+        self.catalog.functions_changed();
+    }
+
     /// The target for a SQL text: classification (cached) then [`Self::target`].
     pub async fn route(
         &self,

@@ -318,6 +318,7 @@ impl Session<'_> {
                 // pgway cannot follow it to another connection: the client stays on this
                 // one, so nobody else gets the setting and the client keeps it.
                 SessionEffect::Untracked(_) => self.pin(PinReason::Untracked),
+                SessionEffect::FunctionsChanged => self.shared.router.functions_changed(),
                 SessionEffect::SetLocal
                 | SessionEffect::UsesLastWriteLsn
                 | SessionEffect::EndOfStatement

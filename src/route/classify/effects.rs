@@ -119,6 +119,9 @@ pub enum SessionEffect {
     /// goes to the server, which gives its own answer; if it succeeds, the client
     /// is pinned to that connection ([`PinReason::Untracked`]).
     Untracked(&'static str),
+    /// `CREATE [OR REPLACE]`, `ALTER` or `DROP` of a function or procedure: what pgway
+    /// learned about functions (volatility, body analysis) is forgotten once it commits.
+    FunctionsChanged,
     /// The string mentions `pgway.last_write_lsn`: pgway makes the setting current on the
     /// server connection before the string runs (not a change to the session).
     UsesLastWriteLsn,
@@ -221,11 +224,27 @@ fn statement_effect(
         Some(SessionEffect::Unlisten)
     } else if is_kw(first, "DO") {
         do_block_effect(words)
+    } else if changes_functions(words) {
+        Some(SessionEffect::FunctionsChanged)
     } else if let Some(effect) = savepoint_effect(words) {
         Some(effect)
     } else {
         pin_effect(words, tokens).map(SessionEffect::Pin)
     }
+}
+
+/// `CREATE [OR REPLACE] FUNCTION|PROCEDURE`, `ALTER` or `DROP` of a function, procedure
+/// or routine: what pgway learned about functions may be out of date.
+fn changes_functions(words: &[&TokenWithSpan]) -> bool {
+    let Some(first) = words.first() else {
+        return false;
+    };
+    (is_kw(&first.token, "CREATE") || is_kw(&first.token, "ALTER") || is_kw(&first.token, "DROP"))
+        && words.iter().skip(1).take(3).any(|w| {
+            ["FUNCTION", "PROCEDURE", "ROUTINE"]
+                .iter()
+                .any(|k| is_kw(&w.token, k))
+        })
 }
 
 /// A `DO` block whose body may change settings (it has the word `set`, `reset`,
@@ -1218,6 +1237,24 @@ mod tests {
     }
 
     #[test]
+    fn function_ddl_is_an_effect() {
+        for sql in [
+            "create or replace function f() returns int language sql as 'select 1'",
+            "CREATE FUNCTION f() RETURNS int AS $$ select 1 $$ LANGUAGE sql",
+            "alter function f() stable",
+            "drop function if exists f(int)",
+            "create procedure p() language sql as 'select 1'",
+            "drop routine r",
+            // A body's statements belong to the CREATE: no pin for this lock.
+            "create function f() returns void language sql as $$ select pg_advisory_lock(1) $$",
+            "create or replace function f() returns bigint language sql return 1",
+        ] {
+            assert_eq!(effects(sql), vec![SessionEffect::FunctionsChanged], "{sql}");
+        }
+        assert!(effects("create table function_log(i int)").is_empty());
+    }
+
+    #[test]
     fn a_do_block_is_untracked() {
         assert_eq!(
             effects("do $$ begin perform set_config('a.b', 'c', false); end $$"),
@@ -1393,8 +1430,6 @@ mod tests {
             "begin read only",
             "prepare transaction 'gid'",
             "commit prepared 'gid'",
-            "create function f() returns void language sql as $$ select pg_advisory_lock(1) $$",
-            "create or replace function f() returns bigint language sql return 1",
             "update t set a = 1",
             "",
             "-- set x = 1",
@@ -1506,11 +1541,14 @@ mod tests {
                 "create function f() returns void language sql begin atomic \
                  select pg_advisory_lock(1); select 2; end; set x = 1"
             ),
-            vec![set("x", "1")]
+            vec![SessionEffect::FunctionsChanged, set("x", "1")]
         );
         assert_eq!(
             effects("create procedure p() begin atomic end; listen a"),
-            pin(PinReason::Listen)
+            vec![
+                SessionEffect::FunctionsChanged,
+                SessionEffect::Pin(PinReason::Listen)
+            ]
         );
         // Outside CREATE, BEGIN ATOMIC does not hide later statements.
         assert_eq!(effects("begin atomic; set x = 1; end"), vec![set("x", "1")]);

@@ -142,6 +142,7 @@
 //! `tokens.rs` holds the tokenizer, the statement splitter and the hint
 //! comments that both use.
 
+pub mod body;
 mod effects;
 mod tokens;
 mod writes;

@@ -1,0 +1,197 @@
+//! Functions that only read go to replicas even when nobody declared them STABLE: pgway
+//! reads a volatile function's body and proves it read-only, or keeps it on the primary.
+//! Every function here returns `inet_server_port()`, so a call says which node ran it.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test step that cannot go on fails the test, with its message"
+)]
+
+mod common;
+
+use common::*;
+
+/// Functions owned by `app`, created directly on the primary, none with a volatility
+/// clause (so all VOLATILE).
+const SCHEMA: &str = r#"
+SET ROLE app;
+CREATE SCHEMA accounts;
+CREATE TABLE accounts.users (id uuid PRIMARY KEY, email text, group_id int);
+CREATE TABLE accounts.user_groups (id int PRIMARY KEY, name text);
+CREATE TABLE accounts.contacts (user_id uuid, value text);
+INSERT INTO accounts.user_groups VALUES (1, 'staff');
+INSERT INTO accounts.users VALUES ('6f1c1ae4-3a54-4a35-8e5c-2f1d6b4f0a11', 'alice@example.com', 1);
+CREATE TABLE log (v text);
+CREATE SEQUENCE s;
+
+-- The services' look-up function: a UUID cast in an exception block, then RETURN QUERY.
+CREATE FUNCTION accounts.get_user_by_identifier_v1(p_identifier text)
+RETURNS TABLE (email text, group_name text, port int) LANGUAGE plpgsql AS $$
+DECLARE
+  v_uuid uuid;
+BEGIN
+  BEGIN
+    v_uuid := p_identifier::uuid;
+  EXCEPTION WHEN invalid_text_representation THEN
+    v_uuid := NULL;
+  END;
+  RETURN QUERY
+    SELECT u.email, g.name, inet_server_port()
+      FROM accounts.users u
+      LEFT JOIN accounts.user_groups g ON g.id = u.group_id
+      LEFT JOIN accounts.contacts c ON c.user_id = u.id
+     WHERE u.id = v_uuid OR u.email = p_identifier OR c.value = p_identifier;
+END;
+$$;
+
+CREATE FUNCTION sql_reader() RETURNS int LANGUAGE sql AS $$ SELECT inet_server_port() $$;
+CREATE FUNCTION says_insert() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE NOTICE 'INSERT INTO log is only words';
+  RETURN inet_server_port();
+END $$;
+CREATE FUNCTION definer_reader() RETURNS int LANGUAGE sql SECURITY DEFINER AS $$
+  SELECT inet_server_port() FROM accounts.user_groups LIMIT 1 $$;
+CREATE FUNCTION calls_reader() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN RETURN sql_reader(); END $$;
+
+CREATE FUNCTION inserts() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO log VALUES ('x'); RETURN inet_server_port(); END $$;
+CREATE FUNCTION updates() RETURNS int LANGUAGE sql AS $$
+  UPDATE log SET v = v; SELECT inet_server_port() $$;
+CREATE FUNCTION takes_nextval() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN PERFORM nextval('s'); RETURN inet_server_port(); END $$;
+CREATE FUNCTION dynamic() RETURNS int LANGUAGE plpgsql AS $$
+DECLARE r int;
+BEGIN EXECUTE 'select inet_server_port()' INTO r; RETURN r; END $$;
+CREATE FUNCTION calls_writer() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN RETURN inserts(); END $$;
+CREATE FUNCTION writing_cte() RETURNS int LANGUAGE sql AS $$
+  WITH d AS (DELETE FROM log RETURNING 1) SELECT inet_server_port() FROM (SELECT count(*) FROM d) x $$;
+CREATE FUNCTION locks_rows() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN PERFORM * FROM log FOR UPDATE; RETURN inet_server_port(); END $$;
+CREATE FUNCTION terminates() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_terminate_backend(0); RETURN inet_server_port(); END $$;
+RESET ROLE;
+"#;
+
+/// Runs `sql` (whose first column is a port) through pgway and names the node that ran it.
+async fn node_of(client: &tokio_postgres::Client, cluster: &Cluster, sql: &str) -> String {
+    let rows = simple_rows(client, sql)
+        .await
+        .unwrap_or_else(|e| panic!("`{sql}`: {}", describe_error(&e)));
+    let port: u16 = rows[0][0]
+        .as_deref()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("`{sql}`: no port in {rows:?}"));
+    cluster.name_of(port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_bodies_go_to_the_replica_and_writing_ones_stay_on_the_primary() {
+    let cluster = Cluster::start(1);
+    cluster.psql_admin(cluster.primary_port(), SCHEMA);
+    cluster.wait_replay();
+    let gw = Gateway::start(&cluster);
+    gw.wait_for_replica_reads(&cluster).await;
+    let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    let primary = cluster.name_of(cluster.primary_port());
+    let replica = cluster.name_of(cluster.replica_ports()[0]);
+
+    let mut wrong = Vec::new();
+    for (sql, want) in [
+        (
+            "select port from accounts.get_user_by_identifier_v1('alice@example.com')",
+            &replica,
+        ),
+        (
+            "select port from accounts.get_user_by_identifier_v1('6f1c1ae4-3a54-4a35-8e5c-2f1d6b4f0a11')",
+            &replica,
+        ),
+        ("select sql_reader()", &replica),
+        ("select says_insert()", &replica),
+        ("select definer_reader()", &replica),
+        ("select calls_reader()", &replica),
+        ("select inserts()", &primary),
+        ("select updates()", &primary),
+        ("select takes_nextval()", &primary),
+        ("select dynamic()", &primary),
+        ("select calls_writer()", &primary),
+        ("select writing_cte()", &primary),
+        ("select locks_rows()", &primary),
+        ("select terminates()", &primary),
+    ] {
+        let got = node_of(&client, &cluster, sql).await;
+        if got != *want {
+            wrong.push(format!("`{sql}`: ran on {got}, expected {want}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+
+    // The look-up function still answers right on the replica.
+    let rows = simple_rows(
+        &client,
+        "select email, group_name from accounts.get_user_by_identifier_v1('6f1c1ae4-3a54-4a35-8e5c-2f1d6b4f0a11')",
+    )
+    .await
+    .expect("the look-up");
+    assert_eq!(
+        rows,
+        vec![vec![
+            Some("alice@example.com".to_owned()),
+            Some("staff".to_owned())
+        ]]
+    );
+
+    // Redefining the callee to write, through pgway, moves it and its caller to the
+    // primary at once.
+    client
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION sql_reader() RETURNS int LANGUAGE sql AS $$ \
+             INSERT INTO log VALUES ('now I write'); SELECT inet_server_port() $$",
+        )
+        .await
+        .expect("redefining sql_reader");
+    assert_eq!(
+        node_of(&client, &cluster, "select sql_reader()").await,
+        primary
+    );
+    assert_eq!(
+        node_of(&client, &cluster, "select calls_reader()").await,
+        primary
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_lists_override_the_analysis() {
+    let cluster = Cluster::start(1);
+    cluster.psql_admin(cluster.primary_port(), SCHEMA);
+    cluster.wait_replay();
+    let gw = Gateway::start_with(
+        &cluster,
+        GatewayOptions {
+            extra: "[routing]\n\
+                    read_only_functions = [\"public.dynamic\"]\n\
+                    write_functions = [\"public.sql_reader()\"]\n"
+                .into(),
+            ..GatewayOptions::default()
+        },
+    );
+    gw.wait_for_replica_reads(&cluster).await;
+    let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    let primary = cluster.name_of(cluster.primary_port());
+    let replica = cluster.name_of(cluster.replica_ports()[0]);
+    assert_eq!(
+        node_of(&client, &cluster, "select dynamic()").await,
+        replica
+    );
+    assert_eq!(
+        node_of(&client, &cluster, "select sql_reader()").await,
+        primary
+    );
+    assert_eq!(
+        node_of(&client, &cluster, "select calls_reader()").await,
+        primary
+    );
+}
