@@ -41,6 +41,10 @@ pub mod sqlstate {
     pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
     /// A parameter that cannot be set (`pgway.last_write_lsn`).
     pub const CANT_CHANGE_RUNTIME_PARAM: &str = "55P02";
+    /// A write refused by a read-only transaction (a hot standby).
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+    /// For example "recovery is in progress" on a hot standby.
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
     /// `57014` query_canceled.
     pub const QUERY_CANCELED: &str = "57014";
     /// `08`: the class connection_exception (`08000`, `08006`, `08P01`, ...).
@@ -197,6 +201,14 @@ impl From<PoolError> for ClientError {
             PoolError::Connect(other) => Self::ConnectFailed(other.to_string()),
         }
     }
+}
+
+/// True for an ErrorResponse in which a hot standby refuses to write: `25006` ("cannot
+/// execute ... in a read-only transaction") or `55000` "... recovery is in progress".
+pub fn is_read_only_refusal(frame: &[u8]) -> bool {
+    let (code, message) = messages::error_fields(frame);
+    code == sqlstate::READ_ONLY_SQL_TRANSACTION
+        || code == sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE && message.contains("recovery")
 }
 
 /// True for a FATAL ErrorResponse by which a server says it is shutting down (or cannot

@@ -131,7 +131,7 @@ pub(crate) fn build_shared(
         ttl: routing.function_analysis_ttl,
     });
     Arc::new(Shared {
-        router: Router::new(catalog),
+        router: Arc::new(Router::new(catalog)),
         users,
         pools,
         topology,
@@ -205,6 +205,7 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
         admin::Views {
             topology: Arc::clone(&shared.topology),
             replay: Arc::clone(&shared.replay),
+            router: Arc::clone(&shared.router),
         },
         shared.shutdown.clone(),
     ));

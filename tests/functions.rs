@@ -168,16 +168,17 @@ async fn config_lists_override_the_analysis() {
     let cluster = Cluster::start(1);
     cluster.psql_admin(cluster.primary_port(), SCHEMA);
     cluster.wait_replay();
-    let gw = Gateway::start_with(
-        &cluster,
-        GatewayOptions {
-            extra: "[routing]\n\
-                    read_only_functions = [\"public.dynamic\"]\n\
-                    write_functions = [\"public.sql_reader()\"]\n"
-                .into(),
-            ..GatewayOptions::default()
-        },
-    );
+    let admin = free_loopback_port();
+    let opts = GatewayOptions {
+        extra: "[routing]\n\
+                read_only_functions = [\"public.dynamic\", \"public.inserts\", \"public.updates\"]\n\
+                write_functions = [\"public.sql_reader()\"]\n"
+            .into(),
+        ..GatewayOptions::default()
+    };
+    let gw = Gateway::start_toml(|listen| {
+        gateway_toml(&cluster, listen, &format!("127.0.0.1:{admin}"), &opts)
+    });
     gw.wait_for_replica_reads(&cluster).await;
     let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
     let primary = cluster.name_of(cluster.primary_port());
@@ -193,5 +194,34 @@ async fn config_lists_override_the_analysis() {
     assert_eq!(
         node_of(&client, &cluster, "select calls_reader()").await,
         primary
+    );
+
+    // Listed as read-only, but they write: the replica refuses, and the client gets the
+    // primary's answer instead of the error, in both protocols.
+    assert_eq!(
+        node_of(&client, &cluster, "select inserts()").await,
+        primary
+    );
+    let row = client
+        .query_one("select updates()", &[])
+        .await
+        .expect("a writing function through the extended protocol");
+    let port = u16::try_from(row.get::<_, i32>(0)).expect("a port");
+    assert_eq!(cluster.name_of(port), primary);
+    // The simple-protocol text is remembered as a write: a second call goes to the
+    // primary at once, without a refusal.
+    assert_eq!(
+        node_of(&client, &cluster, "select inserts()").await,
+        primary
+    );
+    let response = http_get(admin, "/topology").await.expect("GET /topology");
+    let body = response.split("\r\n\r\n").nth(1).expect("an HTTP body");
+    let topology: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(topology["replica_retries"], 2, "{topology}");
+    let rows = cluster.psql_admin(cluster.primary_port(), "select count(*) from log");
+    assert_eq!(
+        rows.trim(),
+        "2",
+        "each call of inserts() inserted once, on the primary"
     );
 }

@@ -1,6 +1,7 @@
 //! HTTP admin port: `GET /health` answers 200 while pgway runs; `GET /topology` is JSON of
-//! the nodes (role, health, WAL position at the last check, last known replay position)
-//! and of how reads under a read-your-writes floor were served. The operations issue adds
+//! the nodes (role, health, WAL position at the last check, last known replay position),
+//! of how reads under a read-your-writes floor were served, and of how many statements a
+//! replica refused as writes (each sent again to the primary). The operations issue adds
 //! `/ready` and `/metrics`.
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::route::floors::format_lsn;
+use crate::route::Router as StatementRouter;
 use crate::topology::replay::ReplayPositions;
 use crate::topology::{Role, TopologyHandle};
 
@@ -24,6 +26,8 @@ pub struct Views {
     pub topology: Arc<TopologyHandle>,
     /// Replay positions and read-your-writes outcomes.
     pub replay: Arc<ReplayPositions>,
+    /// Routing counters.
+    pub router: Arc<StatementRouter>,
 }
 
 /// Serves the admin endpoints until `shutdown`.
@@ -68,5 +72,9 @@ async fn topology(State(views): State<Views>) -> Json<Value> {
         .into_iter()
         .map(|(name, count)| (name.to_owned(), json!(count)))
         .collect();
-    Json(json!({ "nodes": nodes, "read_your_writes": outcomes }))
+    Json(json!({
+        "nodes": nodes,
+        "read_your_writes": outcomes,
+        "replica_retries": views.router.replica_retries(),
+    }))
 }

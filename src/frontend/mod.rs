@@ -45,7 +45,7 @@ pub struct Shared {
     /// Current topology.
     pub topology: Arc<TopologyHandle>,
     /// Statement routing.
-    pub router: Router,
+    pub router: Arc<Router>,
     /// Cancel keys handed out to clients.
     pub cancels: CancelRegistry,
     /// Cancelled when pgway is stopping.

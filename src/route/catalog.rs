@@ -195,6 +195,15 @@ impl Catalog {
         self.cache.invalidate_all();
     }
 
+    /// A replica refused a statement calling `function`: it stays on the primary until
+    /// its answer expires.
+    pub fn learn_write(&self, database: &str, function: &str) {
+        self.cache.insert(
+            (database.to_owned(), function.to_owned()),
+            Volatility::Volatile,
+        );
+    }
+
     /// Whether `function` (lower-case, `schema.name` or `name`) may run on a replica in
     /// `database`.
     pub async fn volatility(&self, database: &str, user: &str, function: &str) -> Volatility {

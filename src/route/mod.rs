@@ -35,6 +35,8 @@ pub struct Router {
     catalog: Catalog,
     /// The classification of every statement [`fast::is_plain_select`] accepts.
     plain_read: Arc<Classification>,
+    /// Statements a replica refused as writes, sent again to the primary.
+    replica_retries: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Router {
@@ -60,6 +62,7 @@ impl Router {
                 session: Vec::new(),
                 writes: false,
             }),
+            replica_retries: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -125,6 +128,40 @@ impl Router {
                 }
                 Target::Replica
             }
+        }
+    }
+
+    /// A replica refused a statement pgway had taken for a read; it was sent again to the
+    /// primary.
+    pub fn count_replica_retry(&self) {
+        self.replica_retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many statements replicas refused as writes (each sent again to the primary).
+    pub fn replica_retries(&self) -> u64 {
+        self.replica_retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A replica refused `sql` as a write: from now on the text, and the functions it
+    /// calls, go to the primary (until the function answers expire).
+    pub fn learn_write(&self, database: &str, sql: &str, classification: &Classification) {
+        tracing::info!(
+            functions = ?classification.functions,
+            "a replica refused a statement as a write; it ran on the primary, which its \
+             text and functions now go to"
+        );
+        for function in &classification.functions {
+            self.catalog.learn_write(database, function);
+        }
+        if sql.len() <= CLASSIFICATION_CACHE_MAX_SQL {
+            let write = Classification {
+                kind: StatementKind::Write,
+                writes: true,
+                ..classification.clone()
+            };
+            self.classifications.insert(Arc::from(sql), Arc::new(write));
         }
     }
 

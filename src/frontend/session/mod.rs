@@ -223,6 +223,14 @@ struct Request {
     wal_position: Option<u64>,
     /// A position this request's reads must see (hints `pgway:min_lsn=`, `pgway:fresh`).
     min_position: u64,
+    /// This attempt went to a replica.
+    on_replica: bool,
+    /// Part of its answer was sent to the client.
+    flushed: bool,
+    /// The replica refused it as a write before the client saw any of its answer.
+    refused_by_replica: bool,
+    /// It was sent again to the primary after a replica refused it.
+    retried_on_primary: bool,
 }
 
 impl Request {
@@ -238,6 +246,9 @@ impl Request {
         self.check_pins = false;
         self.reported.clear();
         self.completed = 0;
+        self.on_replica = false;
+        self.flushed = false;
+        self.refused_by_replica = false;
         self.commits = false;
         self.copies = false;
         self.wal_deferred = false;

@@ -10,7 +10,7 @@
 use bytes::{Buf, BytesMut};
 
 use super::{Copy, Session, SessionError, State};
-use crate::error::{is_shutdown, ClientError};
+use crate::error::{is_read_only_refusal, is_shutdown, ClientError};
 use crate::net::NetError;
 use crate::protocol::frame::{frame_len, put_frame};
 use crate::protocol::messages;
@@ -204,6 +204,33 @@ impl Session<'_> {
                 self.request.retry_pending = true;
                 return;
             }
+            b'E' if self.request.on_replica
+                && self.request.can_retry
+                && !self.request.flushed
+                && is_read_only_refusal(frame) =>
+            {
+                // A replica refused what pgway took for a read, before the client saw any
+                // of it: the rest of the answer is swallowed, and the request goes to the
+                // primary (see `send_request`).
+                self.request.refused_by_replica = true;
+                if let Some((kind, _, _)) = head {
+                    if !kind.survives_error() {
+                        self.expected.pop_front();
+                        self.skip_to_sync();
+                    }
+                }
+            }
+            _ if self.request.refused_by_replica => {
+                if let Some((kind, _, _)) = head {
+                    if kind.ends_with(tag) {
+                        self.expected.pop_front();
+                        if let (b'Z', Some(link)) = (tag, self.state.link_mut()) {
+                            link.status = frame.get(5).copied().unwrap_or(b'I');
+                            link.unsynced = false;
+                        }
+                    }
+                }
+            }
             b'E' => {
                 // Errors always reach the client, even for a message pgway injected.
                 self.request.answered = true;
@@ -332,7 +359,12 @@ impl Session<'_> {
             let done = self.expected.is_empty() && !in_copy;
             // Replies pgway made itself wait for the server's first answer, so a request
             // can still be sent elsewhere if the server shuts down without answering.
-            if done || self.request.answered || !self.request.can_retry {
+            if !self.request.refused_by_replica
+                && (done || self.request.answered || !self.request.can_retry)
+            {
+                if self.out.len() > self.request.out_mark {
+                    self.request.flushed = true;
+                }
                 self.flush().await?;
             }
             if done {

@@ -174,7 +174,13 @@ impl Session<'_> {
             session.expect(super::relay::Reply::Query, true, None);
             Ok(())
         })
-        .await
+        .await?;
+        if std::mem::take(&mut self.request.retried_on_primary) {
+            if let (Some(c), Ok(text)) = (&classification, std::str::from_utf8(sql)) {
+                self.shared.router.learn_write(&self.database, text, c);
+            }
+        }
+        Ok(())
     }
 
     async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), SessionError> {
@@ -244,6 +250,7 @@ impl Session<'_> {
                 Ok(())
             })
             .await?;
+        self.request.retried_on_primary = false;
         match sent {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -282,10 +289,12 @@ impl Session<'_> {
         mut queue: impl FnMut(&mut Self) -> Result<(), SessionError>,
     ) -> Result<Result<(), ClientError>, SessionError> {
         let mut attempt = 0;
+        let mut target = target;
         loop {
             let can_retry = plan.retry && self.can_retry_now();
             self.request.begin_attempt(can_retry, self.out.len());
             if let State::Idle = self.state {
+                self.request.on_replica = target == Target::Replica;
                 if let Err(e) = self.attach(target).await {
                     return Ok(Err(e));
                 }
@@ -298,6 +307,11 @@ impl Session<'_> {
                 Err(SessionError::Retry) if attempt < MAX_RETRIES => {
                     attempt += 1;
                     self.abandon_server();
+                }
+                Ok(()) if self.request.refused_by_replica && attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    self.give_back_refused();
+                    target = Target::Primary;
                 }
                 other => {
                     other?;
@@ -314,6 +328,20 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// A replica refused the request as a write: nothing of it reached the client. The
+    /// connection (idle again) goes back to its pool, what the attempt noted is forgotten,
+    /// and the request is counted, logged and remembered as a write.
+    fn give_back_refused(&mut self) {
+        self.out.truncate(self.request.out_mark);
+        for name in self.request.named.drain(..) {
+            self.statements.remove(&name);
+        }
+        self.request.reset();
+        self.request.retried_on_primary = true;
+        self.maybe_release();
+        self.shared.router.count_replica_retry();
     }
 
     /// Nothing of a request sent now can have taken effect if its server shuts down before
