@@ -203,7 +203,8 @@ pub fn parse_options(options: &str) -> Vec<(String, String)> {
     out
 }
 
-fn quote_literal(s: &str) -> String {
+/// `s` as an SQL string literal.
+pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 

@@ -144,6 +144,53 @@ async fn read_only_bodies_go_to_the_replica_and_writing_ones_stay_on_the_primary
         ]]
     );
 
+    // SHOW pgway.last_route says where the statement before went, and why.
+    for (sql, want) in [
+        ("select 1", "replica: plain read"),
+        (
+            "select sql_reader()",
+            "replica: a read whose functions only read",
+        ),
+        (
+            "select inserts()",
+            "primary: calls public.inserts, which may write (INSERT in its body)",
+        ),
+        (
+            "select calls_writer()",
+            "primary: calls public.calls_writer, which calls public.inserts, which may write \
+             (INSERT in its body)",
+        ),
+        (
+            "/* pgway:primary */ select 1",
+            "primary: /* pgway:primary */ hint",
+        ),
+        (
+            "/* pgway:replica */ select 2",
+            "replica: /* pgway:replica */ hint",
+        ),
+        ("insert into log values ('x')", "primary: not a read"),
+    ] {
+        client.batch_execute(sql).await.expect(sql);
+        let got = simple_value(&client, "show pgway.last_route")
+            .await
+            .expect("show pgway.last_route");
+        assert!(got.starts_with(want), "after `{sql}`: {got}");
+        // Asking again (and in the extended protocol) still names that statement.
+        let again: String = client
+            .query_one("show pgway.last_route", &[])
+            .await
+            .expect("show pgway.last_route, extended")
+            .get(0);
+        assert_eq!(again, got, "after `{sql}`, asked again");
+    }
+    client.batch_execute("begin").await.expect("begin");
+    client.batch_execute("select 1").await.expect("select 1");
+    let inside = simple_value(&client, "show pgway.last_route")
+        .await
+        .expect("show pgway.last_route in a transaction");
+    client.batch_execute("commit").await.expect("commit");
+    assert_eq!(inside, "primary: inside a transaction");
+
     // Redefining the callee to write, through pgway, moves it and its caller to the
     // primary at once.
     client
@@ -201,6 +248,12 @@ async fn config_lists_override_the_analysis() {
     assert_eq!(
         node_of(&client, &cluster, "select inserts()").await,
         primary
+    );
+    assert_eq!(
+        simple_value(&client, "show pgway.last_route")
+            .await
+            .expect("show pgway.last_route"),
+        "primary: a replica refused it as a write, so it ran here"
     );
     let row = client
         .query_one("select updates()", &[])

@@ -129,6 +129,12 @@ async fn a_writer_reads_its_writes_at_once_and_others_keep_the_replica() {
         port, primary,
         "the replica has not replayed it: the primary answers"
     );
+    assert_eq!(
+        simple_value(&writer, "show pgway.last_route")
+            .await
+            .expect("show pgway.last_route"),
+        "primary: read-your-writes floor not replayed by any replica within 20ms"
+    );
 
     // SELECT ... INTO, then a read of the new table; prepared statements (extended).
     writer

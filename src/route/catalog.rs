@@ -115,6 +115,8 @@ pub struct Catalog {
     credentials: Credentials,
     timeout: Duration,
     cache: moka::sync::Cache<(String, String), Volatility>,
+    /// Why a function counts as volatile, by the same key.
+    reasons: moka::sync::Cache<(String, String), Arc<str>>,
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
     tasks: TaskTracker,
     rules: FunctionRules,
@@ -164,6 +166,7 @@ impl Catalog {
             credentials,
             timeout,
             cache: moka::sync::Cache::new(100_000),
+            reasons: moka::sync::Cache::new(100_000),
             clients: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             rules: FunctionRules::default(),
@@ -182,9 +185,14 @@ impl Catalog {
             .max_capacity(100_000)
             .time_to_live(rules.ttl)
             .build();
+        let reasons = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(rules.ttl)
+            .build();
         Self {
             rules,
             cache,
+            reasons,
             ..self
         }
     }
@@ -193,6 +201,7 @@ impl Catalog {
     /// callers may have changed with it).
     pub fn functions_changed(&self) {
         self.cache.invalidate_all();
+        self.reasons.invalidate_all();
     }
 
     /// A replica refused a statement calling `function`: it stays on the primary until
@@ -227,33 +236,44 @@ impl Catalog {
             }
             match self.lookup(database, user, function).await {
                 Ok(overloads) => {
-                    let v = self.judge(database, user, &overloads, depth).await;
+                    let (v, why) = self
+                        .judge(database, user, function, &overloads, depth)
+                        .await;
+                    if let Some(why) = why {
+                        self.reasons.insert(key.clone(), Arc::from(why));
+                    }
                     self.cache.insert(key, v);
                     v
                 }
                 Err(cause) => {
                     debug!(%function, %cause, "function look-up failed; routing to the primary");
+                    let why = format!("{function}, which pgway could not look up ({cause})");
+                    self.reasons.insert(key, Arc::from(why));
                     Volatility::Volatile
                 }
             }
         })
     }
 
-    /// Every overload must qualify (see the module doc); no overload: volatile.
+    /// Every overload must qualify (see the module doc); no overload: volatile. A volatile
+    /// answer comes with why, in words for `SHOW pgway.last_route`.
     async fn judge(
         &self,
         database: &str,
         user: &str,
+        function: &str,
         overloads: &[Overload],
         depth: usize,
-    ) -> Volatility {
+    ) -> (Volatility, Option<String>) {
+        let volatile = |why: String| (Volatility::Volatile, Some(why));
         if overloads.is_empty() {
-            return Volatility::Volatile;
+            return volatile(format!("{function}, which pgway cannot find"));
         }
         for o in overloads {
             let rules = &self.rules;
+            let name = format!("{}.{}", o.schema, o.name);
             if o.forced_write || FunctionRules::names(&rules.write, &o.schema, &o.name) {
-                return Volatility::Volatile;
+                return volatile(format!("{name}, listed in routing.write_functions"));
             }
             if o.forced_read_only
                 || FunctionRules::names(&rules.read_only, &o.schema, &o.name)
@@ -269,18 +289,26 @@ impl Catalog {
             let calls = match analysis {
                 Ok(reads) => reads.calls,
                 Err(why) => {
-                    debug!(function = %format!("{}.{}", o.schema, o.name), %why, "function may write");
-                    return Volatility::Volatile;
+                    debug!(function = %name, %why, "function may write");
+                    return volatile(format!("{name}, which may write ({why})"));
                 }
             };
             for call in &calls {
                 let v = self.volatility_at(database, user, call, depth + 1).await;
                 if v == Volatility::Volatile {
-                    return Volatility::Volatile;
+                    let callee = self.why(database, call);
+                    let callee = callee.as_deref().unwrap_or(call.as_str());
+                    return volatile(format!("{name}, which calls {callee}"));
                 }
             }
         }
-        Volatility::NotVolatile
+        (Volatility::NotVolatile, None)
+    }
+
+    /// Why `function` counts as volatile, if pgway knows.
+    pub fn why(&self, database: &str, function: &str) -> Option<Arc<str>> {
+        self.reasons
+            .get(&(database.to_owned(), function.to_owned()))
     }
 
     async fn lookup(

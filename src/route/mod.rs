@@ -9,11 +9,13 @@ pub mod catalog;
 pub mod classify;
 pub mod fast;
 pub mod floors;
+pub mod why;
 
 use std::sync::Arc;
 
 pub use catalog::{Catalog, Volatility};
 pub use classify::{classify, Classification, Hint, PinReason, SessionEffect, StatementKind};
+pub use why::Why;
 
 /// Where a statement goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,12 +100,7 @@ impl Router {
         parsed
     }
 
-    /// The target for `classification` in `database` (as `user`), outside a transaction.
-    /// Inside a transaction the caller keeps the connection it has.
-    ///
-    /// `session_hint` is the session's `pgway.target` (`None` for `auto`); it applies to a
-    /// statement without a hint of its own. Like a statement's hint, it sends a
-    /// read to a replica without looking at its functions, and never sends a write there.
+    /// Where a statement goes, outside a transaction.
     pub async fn target(
         &self,
         classification: &Classification,
@@ -111,22 +108,57 @@ impl Router {
         user: &str,
         session_hint: Option<Hint>,
     ) -> Target {
+        self.decide(classification, database, user, session_hint)
+            .await
+            .0
+    }
+
+    /// Where a statement goes, outside a transaction, and why.
+    pub async fn decide(
+        &self,
+        classification: &Classification,
+        database: &str,
+        user: &str,
+        session_hint: Option<Hint>,
+    ) -> (Target, Why) {
         let hint = classification.hint.or(session_hint);
+        let from_statement = classification.hint.is_some();
         if hint == Some(Hint::Primary) {
-            return Target::Primary;
+            let why = if from_statement {
+                Why::PrimaryHint
+            } else {
+                Why::PrimaryTarget
+            };
+            return (Target::Primary, why);
         }
         match classification.kind {
-            StatementKind::Write => Target::Primary,
-            StatementKind::BeginReadOnly => Target::Replica,
-            StatementKind::Read if hint == Some(Hint::Replica) => Target::Replica,
+            StatementKind::Write => (Target::Primary, Why::NotARead),
+            StatementKind::BeginReadOnly => (Target::Replica, Why::ReadOnlyTransaction),
+            StatementKind::Read if hint == Some(Hint::Replica) => {
+                let why = if from_statement {
+                    Why::ReplicaHint
+                } else {
+                    Why::ReplicaTarget
+                };
+                (Target::Replica, why)
+            }
             StatementKind::Read => {
                 for function in &classification.functions {
                     let volatility = self.catalog.volatility(database, user, function).await;
                     if volatility != Volatility::NotVolatile {
-                        return Target::Primary;
+                        let why = self
+                            .catalog
+                            .why(database, function)
+                            .unwrap_or_else(|| Arc::from(format!("{function}, which may write")));
+                        return (Target::Primary, Why::Function(why));
                     }
                 }
-                Target::Replica
+                let why = if classification.functions.is_empty() {
+                    Why::PlainRead
+                } else {
+                    Why::ReadOnlyFunctions
+                };
+                (Target::Replica, why)
             }
         }
     }

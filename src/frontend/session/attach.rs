@@ -14,7 +14,7 @@ use crate::frontend::cancel::CancelTarget;
 use crate::net::NetError;
 use crate::protocol::messages;
 use crate::protocol::MAX_MESSAGE_LEN;
-use crate::route::Target;
+use crate::route::{Target, Why};
 use crate::topology::Want;
 
 impl Session<'_> {
@@ -39,6 +39,8 @@ impl Session<'_> {
                         let replica = self.replica_at(floor).await;
                         if replica.is_none() {
                             want = Want::Primary;
+                            let wait = shared.config.routing.read_your_writes_wait;
+                            self.reroute(Why::FloorNotReplayed(wait));
                         }
                         replica
                     }

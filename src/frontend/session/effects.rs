@@ -321,6 +321,7 @@ impl Session<'_> {
                 SessionEffect::FunctionsChanged => self.shared.router.functions_changed(),
                 SessionEffect::SetLocal
                 | SessionEffect::UsesLastWriteLsn
+                | SessionEffect::UsesLastRoute
                 | SessionEffect::EndOfStatement
                 | SessionEffect::Commit
                 | SessionEffect::Rollback

@@ -12,23 +12,26 @@ use std::sync::Arc;
 
 use super::effects::unquoted;
 use super::relay::{Expect, Reply};
-use super::{Session, SessionError};
+use super::{Session, SessionError, State};
 use crate::error::ClientError;
 use crate::protocol::messages;
 use crate::route::floors::{format_lsn, parse_lsn};
-use crate::route::{Classification, SessionEffect, Target};
-use crate::settings::{ClientSettings, Value};
+use crate::route::{Classification, SessionEffect, Target, Why};
+use crate::settings::{quote_literal, ClientSettings, Value};
 
 /// pgway's setting: the WAL position the session's reads must see at least (a token
 /// from another service's `pgway.last_write_lsn`).
 pub const MIN_LSN_SETTING: &str = "pgway.min_lsn";
 /// pgway's read-only setting: the WAL position of the connection's last write.
 pub const LAST_WRITE_SETTING: &str = "pgway.last_write_lsn";
+/// pgway's read-only setting: where the client's previous statement went and why.
+pub const LAST_ROUTE_SETTING: &str = "pgway.last_route";
 
 /// The WAL position query pgway sends after a committing write.
 const WAL_POSITION_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
 
-/// The read-your-writes hints of a request's statements.
+/// The read-your-writes hints of a request's statements, and whether they read pgway's
+/// own per-statement settings.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct ReadHints {
     /// The highest `pgway:min_lsn=`.
@@ -37,17 +40,39 @@ pub(super) struct ReadHints {
     pub fresh: bool,
     /// Some statement mentions `pgway.last_write_lsn`.
     pub last_write: bool,
+    /// Some statement mentions `pgway.last_route`.
+    pub last_route: bool,
 }
 
 impl ReadHints {
+    /// One statement's hints.
+    pub fn of(c: &Classification) -> Self {
+        let mut hints = Self::default();
+        hints.add(c);
+        hints
+    }
+
     /// Adds one statement's hints.
     pub fn add(&mut self, c: &Classification) {
         self.min_lsn = self.min_lsn.max(c.min_lsn);
         self.fresh |= c.fresh;
-        self.last_write |= !c.session.is_empty()
-            && c.session
-                .iter()
-                .any(|e| matches!(e, SessionEffect::UsesLastWriteLsn));
+        if !c.session.is_empty() {
+            for effect in &c.session {
+                match effect {
+                    SessionEffect::UsesLastWriteLsn => self.last_write = true,
+                    SessionEffect::UsesLastRoute => self.last_route = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Adds another request part's hints.
+    pub fn merge(&mut self, other: Self) {
+        self.min_lsn = self.min_lsn.max(other.min_lsn);
+        self.fresh |= other.fresh;
+        self.last_write |= other.last_write;
+        self.last_route |= other.last_route;
     }
 }
 
@@ -63,6 +88,8 @@ pub(super) fn min_lsn(settings: &ClientSettings) -> u64 {
 pub(super) fn refusal(name: &str, value: &str) -> Option<ClientError> {
     if name == LAST_WRITE_SETTING {
         Some(ClientError::ReadOnlyParameter(LAST_WRITE_SETTING))
+    } else if name == LAST_ROUTE_SETTING {
+        Some(ClientError::ReadOnlyParameter(LAST_ROUTE_SETTING))
     } else if name == MIN_LSN_SETTING && parse_lsn(unquoted(value)).is_none() {
         Some(ClientError::InvalidLsn(unquoted(value).to_owned()))
     } else {
@@ -247,14 +274,80 @@ impl Session<'_> {
         }
     }
 
+    /// Why a statement of a client that holds its server connection goes there.
+    pub(super) fn held_why(&self) -> Why {
+        match &self.state {
+            State::Pinned(..) => Why::Pinned,
+            State::Attached(link)
+                if link.status != b'I' && self.last_route == Why::ReadOnlyTransaction =>
+            {
+                Why::ReadOnlyTransaction
+            }
+            _ => Why::InTransaction,
+        }
+    }
+
+    /// Records where the request about to be sent goes and why (unless it asks about the
+    /// last route itself, which must stay the previous statement's).
+    pub(super) fn note_route(&mut self, why: Why, hints: ReadHints) {
+        if !hints.last_route {
+            self.last_route = why;
+        }
+    }
+
+    /// The request's route changed on the way (the floor, a refusal).
+    pub(super) fn reroute(&mut self, why: Why) {
+        if !self.request.quiet_route {
+            self.last_route = why;
+        }
+    }
+
+    /// Before a request that reads pgway's per-statement settings runs: they are made
+    /// current on the connection it runs on.
+    pub(super) fn track_pgway_settings(&mut self, hints: ReadHints) {
+        self.request.quiet_route = hints.last_route;
+        if hints.last_route {
+            let value = self.last_route.to_string();
+            self.settings
+                .current
+                .set(LAST_ROUTE_SETTING, Value::Raw(value.clone()));
+            match self.state.status() {
+                b'I' if !hints.last_write => self.sync_settings(),
+                // Inside a transaction a session-level SET could be rolled back behind
+                // pgway's back: the value is set for the transaction only.
+                b'T' => self.set_for_transaction(LAST_ROUTE_SETTING, &value),
+                _ => {}
+            }
+        }
+        if hints.last_write {
+            self.track_last_write();
+        }
+    }
+
+    /// `set_config(name, value, true)` in front of the request, its answer swallowed.
+    fn set_for_transaction(&mut self, name: &str, value: &str) {
+        let sql = format!(
+            "SELECT pg_catalog.set_config({}, {}, true)",
+            quote_literal(name),
+            quote_literal(value)
+        );
+        messages::query(&mut self.to_server, &sql);
+        self.expect(Reply::Query, false, None);
+    }
+
     /// The client reads `pgway.last_write_lsn` (a statement about to run mentions it):
     /// from now on the setting follows its writes, and it is current on the connection
     /// the statement runs on.
     pub(super) fn track_last_write(&mut self) {
         self.tracks_last_write = true;
         self.set_last_write();
-        if self.state.status() == b'I' {
-            self.sync_settings();
+        match self.state.status() {
+            b'I' => self.sync_settings(),
+            b'T' => {
+                let value = format_lsn(self.last_write);
+                self.set_for_transaction(LAST_WRITE_SETTING, &value);
+            }
+            _ => {}
         }
     }
 

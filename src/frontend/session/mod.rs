@@ -74,7 +74,7 @@ use crate::net::{FramedStream, NetError};
 use crate::protocol::messages;
 use crate::protocol::FrameError;
 use crate::route::floors::Floor;
-use crate::route::{Hint, PinReason, SessionEffect};
+use crate::route::{Hint, PinReason, SessionEffect, Why};
 use crate::settings::ClientSettings;
 
 pub use effects::{default_target, followed_reports};
@@ -231,6 +231,8 @@ struct Request {
     refused_by_replica: bool,
     /// It was sent again to the primary after a replica refused it.
     retried_on_primary: bool,
+    /// It asks about `pgway.last_route`: its own route is not recorded.
+    quiet_route: bool,
 }
 
 impl Request {
@@ -324,6 +326,8 @@ pub struct Session<'a> {
     tracks_last_write: bool,
     /// `pgway.min_lsn`: a position every read of the session must see (0: none).
     min_lsn: u64,
+    /// Where the last statement went and why (`SHOW pgway.last_route`).
+    last_route: Why,
 }
 
 impl<'a> Session<'a> {
@@ -370,6 +374,7 @@ impl<'a> Session<'a> {
             last_write: 0,
             tracks_last_write: false,
             min_lsn,
+            last_route: Why::Nothing,
         }
     }
 

@@ -18,7 +18,7 @@ use crate::backend::server::statement_name;
 use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse};
-use crate::route::{Classification, SessionEffect, Target};
+use crate::route::{Classification, SessionEffect, Target, Why};
 
 /// A client's named (or unnamed) prepared statement.
 #[derive(Debug)]
@@ -31,10 +31,10 @@ pub(super) struct Prepared {
     effects: Vec<SessionEffect>,
     /// Executing it may change data (see [`Classification::writes`]).
     writes: bool,
-    /// Its `pgway:min_lsn=` hint (0: none).
-    min_lsn: u64,
-    /// Its `pgway:fresh` hint.
-    fresh: bool,
+    /// Its read-your-writes hints (and whether it reads pgway's own settings).
+    hints: ReadHints,
+    /// Why it runs where `target` says.
+    why: Why,
 }
 
 impl Prepared {
@@ -44,72 +44,73 @@ impl Prepared {
 }
 
 impl Session<'_> {
-    /// The target of every Parse in the batch (in order), and the read-your-writes hints of
-    /// the batch's Parse messages.
+    /// Where every Parse in the batch would run and why (in order), and the batch's
+    /// read-your-writes hints.
     pub(super) async fn parse_targets(
         &self,
         batch: &[BytesMut],
-    ) -> Result<(Vec<Target>, ReadHints), SessionError> {
-        let mut targets = Vec::new();
+    ) -> Result<(Vec<(Target, Why)>, ReadHints), SessionError> {
+        let mut routes = Vec::new();
         let mut hints = ReadHints::default();
         for frame in batch.iter().filter(|f| f[0] == b'P') {
             let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
-            targets.push(match std::str::from_utf8(parse.sql) {
+            routes.push(match std::str::from_utf8(parse.sql) {
                 Ok(sql) => {
                     let router = &self.shared.router;
                     let c = router.classification(sql);
                     hints.add(&c);
                     router
-                        .target(&c, &self.database, &self.user, self.target)
+                        .decide(&c, &self.database, &self.user, self.target)
                         .await
                 }
-                Err(_) => Target::Primary,
+                Err(_) => (Target::Primary, Why::NotARead),
             });
         }
-        Ok((targets, hints))
+        Ok((routes, hints))
     }
 
     /// Where the batch goes (a replica only if every statement it parses or executes may
-    /// go there), adding the hints of the statements it executes to `hints`.
+    /// go there) and why, adding the hints of the statements it executes to `hints`.
     pub(super) fn batch_target(
         &self,
         batch: &[BytesMut],
-        parse_targets: &[Target],
+        routes: &[(Target, Why)],
         hints: &mut ReadHints,
-    ) -> Result<Target, SessionError> {
-        let mut target = Target::Replica;
+    ) -> Result<(Target, Why), SessionError> {
+        let mut route = (Target::Replica, Why::PlainRead);
         // Statements parsed earlier in this batch, by name (the unnamed one too).
-        let mut parsed: HashMap<&[u8], Target> = HashMap::new();
-        let mut parse_targets = parse_targets.iter();
+        let mut parsed: HashMap<&[u8], &(Target, Why)> = HashMap::new();
+        let mut routes = routes.iter();
         for frame in batch {
             let this = match frame[0] {
                 b'P' => {
                     let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
-                    let t = parse_targets.next().copied().unwrap_or(Target::Primary);
-                    parsed.insert(parse.name, t);
-                    t
+                    let Some(r) = routes.next() else {
+                        return Ok((Target::Primary, Why::NotARead));
+                    };
+                    parsed.insert(parse.name, r);
+                    r.clone()
                 }
                 b'B' => {
                     let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
                     let prepared = self.statement(bind.statement);
                     if let Some(prepared) = prepared {
-                        hints.min_lsn = hints.min_lsn.max(prepared.min_lsn);
-                        hints.fresh |= prepared.fresh;
+                        hints.merge(prepared.hints);
                     }
-                    parsed
-                        .get(bind.statement)
-                        .copied()
-                        .or(prepared.map(|p| p.target))
-                        .unwrap_or(Target::Primary)
+                    match (parsed.get(bind.statement), prepared) {
+                        (Some(r), _) => (*r).clone(),
+                        (None, Some(p)) => (p.target, p.why.clone()),
+                        (None, None) => (Target::Primary, Why::NotARead),
+                    }
                 }
                 _ => continue,
             };
-            if this == Target::Primary {
-                return Ok(Target::Primary);
+            if this.0 == Target::Primary {
+                return Ok(this);
             }
-            target = this;
+            route = this;
         }
-        Ok(target)
+        Ok(route)
     }
 
     /// The client's statement `name` (`""`: the unnamed one).
@@ -127,14 +128,17 @@ impl Session<'_> {
     pub(super) fn translate(
         &mut self,
         frame: &BytesMut,
-        target: Target,
+        route: Option<&(Target, Why)>,
     ) -> Result<(), SessionError> {
         if self.request.batch_failed && frame[0] != b'S' {
             // PostgreSQL skips everything after an error until Sync.
             return Ok(());
         }
         match frame[0] {
-            b'P' => self.translate_parse(frame, target)?,
+            b'P' => {
+                let route = route.cloned().unwrap_or((Target::Primary, Why::NotARead));
+                self.translate_parse(frame, route)?;
+            }
             b'B' => {
                 let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
                 let prepared = if bind.statement.is_empty() {
@@ -201,7 +205,11 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn translate_parse(&mut self, frame: &BytesMut, target: Target) -> Result<(), SessionError> {
+    fn translate_parse(
+        &mut self,
+        frame: &BytesMut,
+        route: (Target, Why),
+    ) -> Result<(), SessionError> {
         let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
         let classification = std::str::from_utf8(parse.sql)
             .map(|sql| self.shared.router.classification(sql))
@@ -228,7 +236,7 @@ impl Session<'_> {
         if !parse.name.is_empty() {
             self.request.named.push(parse.name.to_vec());
         }
-        let prepared = self.remember(&parse, target, effects, classification.as_deref());
+        let prepared = self.remember(&parse, route, effects, classification.as_deref());
         if parse.name.is_empty() {
             let client_id = self.cancel.pid as u64;
             self.to_server.extend_from_slice(frame);
@@ -250,7 +258,7 @@ impl Session<'_> {
     fn remember(
         &mut self,
         parse: &Parse<'_>,
-        target: Target,
+        (target, why): (Target, Why),
         effects: Vec<SessionEffect>,
         classification: Option<&Classification>,
     ) -> Arc<Prepared> {
@@ -265,8 +273,8 @@ impl Session<'_> {
             target,
             effects,
             writes: classification.is_none_or(|c| c.writes),
-            min_lsn: classification.map_or(0, |c| c.min_lsn),
-            fresh: classification.is_some_and(|c| c.fresh),
+            hints: classification.map(ReadHints::of).unwrap_or_default(),
+            why,
         });
         if parse.name.is_empty() {
             self.unnamed = Some(Arc::clone(&prepared));

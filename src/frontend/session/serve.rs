@@ -9,7 +9,7 @@ use crate::error::ClientError;
 use crate::net::{recycle_buffer, take_buffer};
 use crate::protocol::messages::{self, query_text};
 use crate::protocol::MAX_MESSAGE_LEN;
-use crate::route::Target;
+use crate::route::{Target, Why};
 
 /// Extended-protocol bytes collected without a Sync before pgway stops waiting for one and
 /// sends them on (to the primary, since the batch cannot be judged whole).
@@ -118,6 +118,7 @@ impl Session<'_> {
             .ok()
             .map(|sql| self.shared.router.classification(sql));
         let mut target = Target::Primary;
+        let mut why = self.held_why();
         let mut hints = ReadHints::default();
         if let Some(c) = &classification {
             hints.add(c);
@@ -128,13 +129,14 @@ impl Session<'_> {
                 return Ok(());
             }
             if let State::Idle = self.state {
-                target = self
+                (target, why) = self
                     .shared
                     .router
-                    .target(c, &self.database, &self.user, self.target)
+                    .decide(c, &self.database, &self.user, self.target)
                     .await;
             }
         }
+        self.note_route(why, hints);
         let target = if self.apply_read_hints(hints, target) {
             self.fresh_target(target).await
         } else {
@@ -146,9 +148,7 @@ impl Session<'_> {
             ready: true,
         };
         self.send_or_report(target, plan, |session| {
-            if hints.last_write {
-                session.track_last_write();
-            }
+            session.track_pgway_settings(hints);
             match &classification {
                 Some(c) => {
                     session.request.effects.clone_from(&c.session);
@@ -216,10 +216,13 @@ impl Session<'_> {
         }
         let complete = sync || batch.last().is_some_and(|f| f[0] == b'H');
         let (parse_targets, mut hints) = self.parse_targets(&batch).await?;
-        let target = match self.state {
+        let (target, why) = match self.state {
             State::Idle if complete => self.batch_target(&batch, &parse_targets, &mut hints)?,
-            _ => Target::Primary,
+            _ => (Target::Primary, self.held_why()),
         };
+        if batch.iter().any(|f| f[0] == b'E') {
+            self.note_route(why, hints);
+        }
         let target = if self.apply_read_hints(hints, target) {
             self.fresh_target(target).await
         } else {
@@ -232,17 +235,15 @@ impl Session<'_> {
         };
         let sent = self
             .send_request(target, plan, |session| {
-                if hints.last_write {
-                    session.track_last_write();
-                }
-                let mut targets = parse_targets.iter();
+                session.track_pgway_settings(hints);
+                let mut routes = parse_targets.iter();
                 for frame in &batch {
-                    let target = if frame[0] == b'P' {
-                        targets.next().copied()
+                    let route = if frame[0] == b'P' {
+                        routes.next()
                     } else {
                         None
                     };
-                    session.translate(frame, target.unwrap_or(Target::Primary))?;
+                    session.translate(frame, route)?;
                 }
                 if let Some(link) = session.state.link_mut() {
                     link.unsynced = !sync;
@@ -312,6 +313,7 @@ impl Session<'_> {
                     attempt += 1;
                     self.give_back_refused();
                     target = Target::Primary;
+                    self.reroute(Why::RefusedByReplica);
                 }
                 other => {
                     other?;

@@ -125,6 +125,9 @@ pub enum SessionEffect {
     /// The string mentions `pgway.last_write_lsn`: pgway makes the setting current on the
     /// server connection before the string runs (not a change to the session).
     UsesLastWriteLsn,
+    /// The string mentions `pgway.last_route`: pgway makes the setting current on the
+    /// server connection before the string runs (not a change to the session).
+    UsesLastRoute,
     /// Markers, only in a string of several statements with other effects, so that the
     /// effects of what completed before a failing statement are known: the end of each
     /// statement, after its effects.
@@ -176,13 +179,16 @@ pub(super) fn session_effects(sql: &str, tokens: &[TokenWithSpan]) -> Vec<Sessio
     if statements < 2 || effects.iter().all(SessionEffect::is_marker) {
         effects.retain(|effect| !effect.is_marker());
     }
-    const LAST_WRITE: &[u8] = b"pgway.last_write_lsn";
-    if sql
-        .as_bytes()
-        .windows(LAST_WRITE.len())
-        .any(|w| w.eq_ignore_ascii_case(LAST_WRITE))
-    {
+    let mentions = |name: &[u8]| {
+        sql.as_bytes()
+            .windows(name.len())
+            .any(|w| w.eq_ignore_ascii_case(name))
+    };
+    if mentions(b"pgway.last_write_lsn") {
         effects.push(SessionEffect::UsesLastWriteLsn);
+    }
+    if mentions(b"pgway.last_route") {
+        effects.push(SessionEffect::UsesLastRoute);
     }
     effects
 }
