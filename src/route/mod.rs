@@ -113,6 +113,37 @@ impl Router {
             .0
     }
 
+    /// [`Self::decide`] without waiting, for every statement that needs no function
+    /// look-up (`None`: it does).
+    pub fn decide_now(
+        &self,
+        classification: &Classification,
+        session_hint: Option<Hint>,
+    ) -> Option<(Target, Why)> {
+        let hint = classification.hint.or(session_hint);
+        let needs_lookup = classification.kind == StatementKind::Read
+            && hint.is_none()
+            && !classification.functions.is_empty();
+        if needs_lookup {
+            return None;
+        }
+        Some(Self::without_functions(classification, hint))
+    }
+
+    /// The decision for a statement whose functions need no look-up (none, or a hint).
+    fn without_functions(classification: &Classification, hint: Option<Hint>) -> (Target, Why) {
+        let from_statement = classification.hint.is_some();
+        match (hint, classification.kind) {
+            (Some(Hint::Primary), _) if from_statement => (Target::Primary, Why::PrimaryHint),
+            (Some(Hint::Primary), _) => (Target::Primary, Why::PrimaryTarget),
+            (_, StatementKind::Write) => (Target::Primary, Why::NotARead),
+            (_, StatementKind::BeginReadOnly) => (Target::Replica, Why::ReadOnlyTransaction),
+            (Some(Hint::Replica), _) if from_statement => (Target::Replica, Why::ReplicaHint),
+            (Some(Hint::Replica), _) => (Target::Replica, Why::ReplicaTarget),
+            (None, StatementKind::Read) => (Target::Replica, Why::PlainRead),
+        }
+    }
+
     /// Where a statement goes, outside a transaction, and why.
     pub async fn decide(
         &self,
@@ -121,46 +152,20 @@ impl Router {
         user: &str,
         session_hint: Option<Hint>,
     ) -> (Target, Why) {
-        let hint = classification.hint.or(session_hint);
-        let from_statement = classification.hint.is_some();
-        if hint == Some(Hint::Primary) {
-            let why = if from_statement {
-                Why::PrimaryHint
-            } else {
-                Why::PrimaryTarget
-            };
-            return (Target::Primary, why);
+        if let Some(decision) = self.decide_now(classification, session_hint) {
+            return decision;
         }
-        match classification.kind {
-            StatementKind::Write => (Target::Primary, Why::NotARead),
-            StatementKind::BeginReadOnly => (Target::Replica, Why::ReadOnlyTransaction),
-            StatementKind::Read if hint == Some(Hint::Replica) => {
-                let why = if from_statement {
-                    Why::ReplicaHint
-                } else {
-                    Why::ReplicaTarget
-                };
-                (Target::Replica, why)
-            }
-            StatementKind::Read => {
-                for function in &classification.functions {
-                    let volatility = self.catalog.volatility(database, user, function).await;
-                    if volatility != Volatility::NotVolatile {
-                        let why = self
-                            .catalog
-                            .why(database, function)
-                            .unwrap_or_else(|| Arc::from(format!("{function}, which may write")));
-                        return (Target::Primary, Why::Function(why));
-                    }
-                }
-                let why = if classification.functions.is_empty() {
-                    Why::PlainRead
-                } else {
-                    Why::ReadOnlyFunctions
-                };
-                (Target::Replica, why)
+        for function in &classification.functions {
+            let volatility = self.catalog.volatility(database, user, function).await;
+            if volatility != Volatility::NotVolatile {
+                let why = self
+                    .catalog
+                    .why(database, function)
+                    .unwrap_or_else(|| Arc::from(format!("{function}, which may write")));
+                return (Target::Primary, Why::Function(why));
             }
         }
+        (Target::Replica, Why::ReadOnlyFunctions)
     }
 
     /// A replica refused a statement pgway had taken for a read; it was sent again to the

@@ -129,11 +129,15 @@ impl Session<'_> {
                 return Ok(());
             }
             if let State::Idle = self.state {
-                (target, why) = self
-                    .shared
-                    .router
-                    .decide(c, &self.database, &self.user, self.target)
-                    .await;
+                let router = &self.shared.router;
+                (target, why) = match router.decide_now(c, self.target) {
+                    Some(decision) => decision,
+                    None => {
+                        router
+                            .decide(c, &self.database, &self.user, self.target)
+                            .await
+                    }
+                };
             }
         }
         self.note_route(why, hints);
