@@ -190,6 +190,16 @@ async fn read_only_bodies_go_to_the_replica_and_writing_ones_stay_on_the_primary
         .expect("show pgway.last_route in a transaction");
     client.batch_execute("commit").await.expect("commit");
     assert_eq!(inside, "primary: inside a transaction");
+    client
+        .batch_execute("begin read only")
+        .await
+        .expect("begin read only");
+    client.batch_execute("select 1").await.expect("select 1");
+    let inside = simple_value(&client, "show pgway.last_route")
+        .await
+        .expect("show pgway.last_route in a read-only transaction");
+    client.batch_execute("commit").await.expect("commit");
+    assert_eq!(inside, "replica: read-only transaction");
 
     // Redefining the callee to write, through pgway, moves it and its caller to the
     // primary at once.

@@ -56,6 +56,11 @@ impl Session<'_> {
             };
             let (addr, pool) = &self.pools[index];
             let addr = Arc::clone(addr);
+            // A read may land on the primary when no replica takes reads.
+            let replica = want == Want::Replica
+                && !topology
+                    .with_primary(|primary| *primary == *addr)
+                    .unwrap_or(false);
             match pool.acquire().await {
                 Ok(conn) => {
                     self.cancel.point_to(CancelTarget {
@@ -67,6 +72,7 @@ impl Session<'_> {
                         conn,
                         status: b'I',
                         unsynced: false,
+                        replica,
                     });
                     self.sync_settings();
                     return Ok(());
@@ -150,6 +156,7 @@ impl Session<'_> {
             mut conn,
             status,
             unsynced,
+            ..
         } = link;
         if unsynced {
             // The client left in the middle of an extended-protocol batch: what it ran is

@@ -7,6 +7,10 @@
 //! request, right after it, on the same connection (no extra round trip): the insert
 //! position covers the commit record even under `synchronous_commit = off`, where the
 //! write position can lag it. The client's ReadyForQuery is held until that answer is in.
+//!
+//! pgway's own settings for it live here too: `pgway.min_lsn` (a token), and the read-only
+//! `pgway.last_write_lsn` and `pgway.last_route`, made current on the server connection only
+//! for the statements that read them.
 
 use std::sync::Arc;
 
@@ -149,6 +153,10 @@ impl Session<'_> {
         let Some(link) = self.state.link() else {
             return;
         };
+        if link.replica {
+            // Nothing written there; the position query would only fail.
+            return;
+        }
         let commits = if link.status == b'I' {
             self.request.may_write
         } else {
@@ -278,11 +286,7 @@ impl Session<'_> {
     pub(super) fn held_why(&self) -> Why {
         match &self.state {
             State::Pinned(..) => Why::Pinned,
-            State::Attached(link)
-                if link.status != b'I' && self.last_route == Why::ReadOnlyTransaction =>
-            {
-                Why::ReadOnlyTransaction
-            }
+            State::Attached(link) if link.replica => Why::ReadOnlyTransaction,
             _ => Why::InTransaction,
         }
     }

@@ -130,6 +130,8 @@ struct Link {
     status: u8,
     /// Extended-protocol messages were sent since the last Sync was answered.
     unsynced: bool,
+    /// The connection is to a replica (nothing on it can write).
+    replica: bool,
 }
 
 /// A `COPY ... FROM STDIN` in progress.

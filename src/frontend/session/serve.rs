@@ -299,10 +299,10 @@ impl Session<'_> {
             let can_retry = plan.retry && self.can_retry_now();
             self.request.begin_attempt(can_retry, self.out.len());
             if let State::Idle = self.state {
-                self.request.on_replica = target == Target::Replica;
                 if let Err(e) = self.attach(target).await {
                     return Ok(Err(e));
                 }
+                self.request.on_replica = self.state.link().is_some_and(|link| link.replica);
             }
             queue(self)?;
             if plan.ready {
