@@ -117,6 +117,8 @@ pub struct Catalog {
     cache: moka::sync::Cache<(String, String), Volatility>,
     /// Why a function counts as volatile, by the same key.
     reasons: moka::sync::Cache<(String, String), Arc<str>>,
+    /// The tables a read-only function reads, by the same key.
+    tables: moka::sync::Cache<(String, String), Arc<[String]>>,
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
     tasks: TaskTracker,
     rules: FunctionRules,
@@ -167,6 +169,7 @@ impl Catalog {
             timeout,
             cache: moka::sync::Cache::new(100_000),
             reasons: moka::sync::Cache::new(100_000),
+            tables: moka::sync::Cache::new(100_000),
             clients: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             rules: FunctionRules::default(),
@@ -189,10 +192,15 @@ impl Catalog {
             .max_capacity(100_000)
             .time_to_live(rules.ttl)
             .build();
+        let tables = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(rules.ttl)
+            .build();
         Self {
             rules,
             cache,
             reasons,
+            tables,
             ..self
         }
     }
@@ -202,6 +210,7 @@ impl Catalog {
     pub fn functions_changed(&self) {
         self.cache.invalidate_all();
         self.reasons.invalidate_all();
+        self.tables.invalidate_all();
     }
 
     /// A replica refused a statement calling `function`: it stays on the primary until
@@ -269,6 +278,7 @@ impl Catalog {
         if overloads.is_empty() {
             return volatile(format!("{function}, which pgway cannot find"));
         }
+        let mut tables: Vec<String> = Vec::new();
         for o in overloads {
             let rules = &self.rules;
             let name = format!("{}.{}", o.schema, o.name);
@@ -287,7 +297,10 @@ impl Catalog {
                 None => Err("its body is not readable".to_owned()),
             };
             let calls = match analysis {
-                Ok(reads) => reads.calls,
+                Ok(reads) => {
+                    tables.extend(reads.tables);
+                    reads.calls
+                }
                 Err(why) => {
                     debug!(function = %name, %why, "function may write");
                     return volatile(format!("{name}, which may write ({why})"));
@@ -300,9 +313,24 @@ impl Catalog {
                     let callee = callee.as_deref().unwrap_or(call.as_str());
                     return volatile(format!("{name}, which calls {callee}"));
                 }
+                if let Some(read) = self.tables(database, call) {
+                    tables.extend(read.iter().cloned());
+                }
             }
         }
+        tables.sort_unstable();
+        tables.dedup();
+        self.tables.insert(
+            (database.to_owned(), function.to_owned()),
+            Arc::from(tables),
+        );
         (Volatility::NotVolatile, None)
+    }
+
+    /// The tables a read-only `function` with an analysed body reads (its callees'
+    /// included), if pgway analysed it: what a cached result of a call depends on.
+    pub fn tables(&self, database: &str, function: &str) -> Option<Arc<[String]>> {
+        self.tables.get(&(database.to_owned(), function.to_owned()))
     }
 
     /// Why `function` counts as volatile, if pgway knows.

@@ -24,6 +24,10 @@ pub struct Reads {
     /// Functions it calls that are not on the built-in safe list (as the classifier names
     /// them): each must be read-only too.
     pub calls: Vec<String>,
+    /// Tables (and views) it reads, as written (lower-cased unless quoted, qualified if
+    /// written so), without the names of its CTEs: what a cached result of a call depends
+    /// on.
+    pub tables: Vec<String>,
 }
 
 /// Why a body may write (words a user can act on: "INSERT in its body").
@@ -39,7 +43,52 @@ pub fn analyze(language: &str, body: &str) -> Result<Reads, Why> {
     }
     reads.calls.sort_unstable();
     reads.calls.dedup();
+    reads.tables.sort_unstable();
+    reads.tables.dedup();
     Ok(reads)
+}
+
+/// Adds the relations `sql` (one or more statements that classified as reads) reads to
+/// `tables`, leaving out its CTEs' names.
+fn add_tables(sql: &str, tables: &mut Vec<String>) {
+    use sqlparser::ast::{visit_relations, Query, Visit, Visitor};
+    use sqlparser::parser::Parser;
+    use std::ops::ControlFlow;
+
+    struct Ctes(Vec<String>);
+    impl Visitor for Ctes {
+        type Break = ();
+        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+            if let Some(with) = &query.with {
+                for cte in &with.cte_tables {
+                    self.0.push(cte.alias.name.value.to_ascii_lowercase());
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+
+    let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+        return;
+    };
+    let mut ctes = Ctes(Vec::new());
+    let _ = statements.visit(&mut ctes);
+    let _ = visit_relations(&statements, |name| {
+        let parts: Vec<String> = name
+            .0
+            .iter()
+            .filter_map(|part| part.as_ident())
+            .map(|ident| match ident.quote_style {
+                Some(_) => ident.value.clone(),
+                None => ident.value.to_ascii_lowercase(),
+            })
+            .collect();
+        let full = parts.join(".");
+        if !(parts.len() == 1 && ctes.0.contains(&full)) && !full.is_empty() {
+            tables.push(full);
+        }
+        ControlFlow::<()>::Continue(())
+    });
 }
 
 /// The statements of a SQL-standard body (`BEGIN ATOMIC ... END`, as
@@ -73,6 +122,7 @@ fn check_sql(sql: &str, reads: &mut Reads) -> Result<(), Why> {
     match c.kind {
         StatementKind::Read => {
             reads.calls.extend(c.functions);
+            add_tables(&statement, &mut reads.tables);
             Ok(())
         }
         _ => Err(describe_write(text)),
@@ -485,7 +535,16 @@ END;
 
     #[test]
     fn the_seed_function_only_reads() {
-        assert_eq!(plpgsql(SEED), Ok(Reads::default()));
+        let reads = plpgsql(SEED).expect("read-only");
+        assert!(reads.calls.is_empty(), "{reads:?}");
+        assert_eq!(
+            reads.tables,
+            vec![
+                "accounts.contacts",
+                "accounts.user_groups",
+                "accounts.users"
+            ]
+        );
     }
 
     #[test]
@@ -565,6 +624,12 @@ END;
     fn words_in_strings_and_comments_are_not_statements() {
         let body = "BEGIN RAISE NOTICE 'INSERT INTO t'; -- UPDATE t\n RETURN 'DELETE'; END";
         assert_eq!(plpgsql(body), Ok(Reads::default()));
+        let ctes =
+            "BEGIN RETURN QUERY WITH recent AS (SELECT * FROM s.events) SELECT * FROM recent; END";
+        assert_eq!(
+            plpgsql(ctes).map(|r| r.tables),
+            Ok(vec!["s.events".to_owned()])
+        );
     }
 
     #[test]
@@ -572,7 +637,8 @@ END;
         assert_eq!(
             analyze("sql", "select id from t where id = $1; select f2($1)"),
             Ok(Reads {
-                calls: vec!["f2".to_owned()]
+                calls: vec!["f2".to_owned()],
+                tables: vec!["t".to_owned()],
             })
         );
         assert_eq!(
