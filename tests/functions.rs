@@ -277,9 +277,7 @@ async fn config_lists_override_the_analysis() {
         node_of(&client, &cluster, "select inserts()").await,
         primary
     );
-    let response = http_get(admin, "/topology").await.expect("GET /topology");
-    let body = response.split("\r\n\r\n").nth(1).expect("an HTTP body");
-    let topology: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    let topology = topology_json(admin).await;
     assert_eq!(topology["replica_retries"], 2, "{topology}");
     let rows = cluster.psql_admin(cluster.primary_port(), "select count(*) from log");
     assert_eq!(

@@ -196,9 +196,7 @@ async fn a_writer_reads_its_writes_at_once_and_others_keep_the_replica() {
     .await;
 
     // /topology shows the replica's replay position and how reads under a floor went.
-    let response = http_get(admin, "/topology").await.expect("GET /topology");
-    let body = response.split("\r\n\r\n").nth(1).expect("an HTTP body");
-    let topology: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    let topology = topology_json(admin).await;
     let node = topology["nodes"]
         .as_array()
         .expect("nodes")

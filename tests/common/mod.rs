@@ -1328,3 +1328,13 @@ pub async fn http_get(port: u16, path: &str) -> Result<String, String> {
     .map_err(|e| format!("read: {e}"))?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
+
+/// `GET /topology` on the admin port, as JSON.
+pub async fn topology_json(admin: u16) -> serde_json::Value {
+    let response = http_get(admin, "/topology").await.expect("GET /topology");
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no HTTP body in {response}"));
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("/topology is not JSON ({e}): {body}"))
+}

@@ -84,7 +84,8 @@ fn add_tables(sql: &str, tables: &mut Vec<String>) {
             })
             .collect();
         let full = parts.join(".");
-        if !(parts.len() == 1 && ctes.0.contains(&full)) && !full.is_empty() {
+        let a_cte = parts.len() == 1 && ctes.0.contains(&full);
+        if !a_cte && !full.is_empty() {
             tables.push(full);
         }
         ControlFlow::<()>::Continue(())
