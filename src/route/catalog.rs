@@ -114,11 +114,8 @@ pub struct Catalog {
     topology: Arc<TopologyHandle>,
     credentials: Credentials,
     timeout: Duration,
-    cache: moka::sync::Cache<(String, String), Volatility>,
-    /// Why a function counts as volatile, by the same key.
-    reasons: moka::sync::Cache<(String, String), Arc<str>>,
-    /// The tables a read-only function reads, by the same key.
-    tables: moka::sync::Cache<(String, String), Arc<[String]>>,
+    /// What pgway learned per (database, function).
+    answers: moka::sync::Cache<(String, String), Answer>,
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
     tasks: TaskTracker,
     rules: FunctionRules,
@@ -131,7 +128,7 @@ impl std::fmt::Debug for Catalog {
         f.debug_struct("Catalog")
             .field("users", &users)
             .field("timeout", &self.timeout)
-            .field("cached", &self.cache.entry_count())
+            .field("cached", &self.answers.entry_count())
             .finish_non_exhaustive()
     }
 }
@@ -147,6 +144,28 @@ const LOOKUP: &str =
      from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
      join pg_catalog.pg_language l on l.oid = p.prolang \
      where p.proname = $1 and ($2::text is null or n.nspname = $2)";
+
+/// What pgway learned about a function name.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Whether it may run on a replica.
+    pub volatility: Volatility,
+    /// Why it may not, in words for `SHOW pgway.last_route`.
+    pub why: Option<Arc<str>>,
+    /// The tables it reads (callees included), when its body was analysed: what a cached
+    /// result of a call depends on.
+    pub tables: Arc<[String]>,
+}
+
+impl Answer {
+    fn volatile(why: String) -> Self {
+        Self {
+            volatility: Volatility::Volatile,
+            why: Some(Arc::from(why)),
+            tables: Arc::from([]),
+        }
+    }
+}
 
 /// One overload, as [`LOOKUP`] returns it.
 struct Overload {
@@ -167,9 +186,7 @@ impl Catalog {
             topology,
             credentials,
             timeout,
-            cache: moka::sync::Cache::new(100_000),
-            reasons: moka::sync::Cache::new(100_000),
-            tables: moka::sync::Cache::new(100_000),
+            answers: moka::sync::Cache::new(100_000),
             clients: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             rules: FunctionRules::default(),
@@ -184,23 +201,13 @@ impl Catalog {
     /// Applies `routing.read_only_functions`, `routing.write_functions` and
     /// `routing.function_analysis_ttl`.
     pub fn with_rules(self, rules: FunctionRules) -> Self {
-        let cache = moka::sync::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(rules.ttl)
-            .build();
-        let reasons = moka::sync::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(rules.ttl)
-            .build();
-        let tables = moka::sync::Cache::builder()
+        let answers = moka::sync::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(rules.ttl)
             .build();
         Self {
             rules,
-            cache,
-            reasons,
-            tables,
+            answers,
             ..self
         }
     }
@@ -208,64 +215,65 @@ impl Catalog {
     /// Forgets every answer: a function was created, replaced, altered or dropped (its
     /// callers may have changed with it).
     pub fn functions_changed(&self) {
-        self.cache.invalidate_all();
-        self.reasons.invalidate_all();
-        self.tables.invalidate_all();
+        self.answers.invalidate_all();
     }
 
     /// A replica refused a statement calling `function`: it stays on the primary until
     /// its answer expires.
     pub fn learn_write(&self, database: &str, function: &str) {
-        self.cache.insert(
+        let why = format!("{function}, which a replica refused to run");
+        self.answers.insert(
             (database.to_owned(), function.to_owned()),
-            Volatility::Volatile,
+            Answer::volatile(why),
         );
     }
 
     /// Whether `function` (lower-case, `schema.name` or `name`) may run on a replica in
     /// `database`.
     pub async fn volatility(&self, database: &str, user: &str, function: &str) -> Volatility {
-        self.volatility_at(database, user, function, 0).await
+        self.answer(database, user, function).await.volatility
     }
 
-    fn volatility_at<'s>(
+    /// What pgway knows about `function` (looked up and analysed if it is not cached).
+    pub async fn answer(&self, database: &str, user: &str, function: &str) -> Answer {
+        self.answer_at(database, user, function, 0).await
+    }
+
+    fn answer_at<'s>(
         &'s self,
         database: &'s str,
         user: &'s str,
         function: &'s str,
         depth: usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Volatility> + Send + 's>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 's>> {
         Box::pin(async move {
             let key = (database.to_owned(), function.to_owned());
-            if let Some(v) = self.cache.get(&key) {
-                return v;
+            if let Some(answer) = self.answers.get(&key) {
+                return answer;
             }
             if depth > MAX_DEPTH {
-                return Volatility::Volatile;
+                return Answer::volatile(format!("{function}, called more than {MAX_DEPTH} deep"));
             }
             match self.lookup(database, user, function).await {
                 Ok(overloads) => {
-                    let (v, why) = self
+                    let answer = self
                         .judge(database, user, function, &overloads, depth)
                         .await;
-                    if let Some(why) = why {
-                        self.reasons.insert(key.clone(), Arc::from(why));
-                    }
-                    self.cache.insert(key, v);
-                    v
+                    self.answers.insert(key, answer.clone());
+                    answer
                 }
                 Err(cause) => {
+                    // Not kept: the next statement asks again.
                     debug!(%function, %cause, "function look-up failed; routing to the primary");
-                    let why = format!("{function}, which pgway could not look up ({cause})");
-                    self.reasons.insert(key, Arc::from(why));
-                    Volatility::Volatile
+                    Answer::volatile(format!(
+                        "{function}, which pgway could not look up ({cause})"
+                    ))
                 }
             }
         })
     }
 
-    /// Every overload must qualify (see the module doc); no overload: volatile. A volatile
-    /// answer comes with why, in words for `SHOW pgway.last_route`.
+    /// Every overload must qualify (see the module doc); no overload: volatile.
     async fn judge(
         &self,
         database: &str,
@@ -273,17 +281,16 @@ impl Catalog {
         function: &str,
         overloads: &[Overload],
         depth: usize,
-    ) -> (Volatility, Option<String>) {
-        let volatile = |why: String| (Volatility::Volatile, Some(why));
+    ) -> Answer {
         if overloads.is_empty() {
-            return volatile(format!("{function}, which pgway cannot find"));
+            return Answer::volatile(format!("{function}, which pgway cannot find"));
         }
         let mut tables: Vec<String> = Vec::new();
         for o in overloads {
             let rules = &self.rules;
             let name = format!("{}.{}", o.schema, o.name);
             if o.forced_write || FunctionRules::names(&rules.write, &o.schema, &o.name) {
-                return volatile(format!("{name}, listed in routing.write_functions"));
+                return Answer::volatile(format!("{name}, listed in routing.write_functions"));
             }
             if o.forced_read_only
                 || FunctionRules::names(&rules.read_only, &o.schema, &o.name)
@@ -303,40 +310,25 @@ impl Catalog {
                 }
                 Err(why) => {
                     debug!(function = %name, %why, "function may write");
-                    return volatile(format!("{name}, which may write ({why})"));
+                    return Answer::volatile(format!("{name}, which may write ({why})"));
                 }
             };
             for call in &calls {
-                let v = self.volatility_at(database, user, call, depth + 1).await;
-                if v == Volatility::Volatile {
-                    let callee = self.why(database, call);
-                    let callee = callee.as_deref().unwrap_or(call.as_str());
-                    return volatile(format!("{name}, which calls {callee}"));
+                let callee = self.answer_at(database, user, call, depth + 1).await;
+                if callee.volatility == Volatility::Volatile {
+                    let why = callee.why.as_deref().unwrap_or(call.as_str());
+                    return Answer::volatile(format!("{name}, which calls {why}"));
                 }
-                if let Some(read) = self.tables(database, call) {
-                    tables.extend(read.iter().cloned());
-                }
+                tables.extend(callee.tables.iter().cloned());
             }
         }
         tables.sort_unstable();
         tables.dedup();
-        self.tables.insert(
-            (database.to_owned(), function.to_owned()),
-            Arc::from(tables),
-        );
-        (Volatility::NotVolatile, None)
-    }
-
-    /// The tables a read-only `function` with an analysed body reads (its callees'
-    /// included), if pgway analysed it: what a cached result of a call depends on.
-    pub fn tables(&self, database: &str, function: &str) -> Option<Arc<[String]>> {
-        self.tables.get(&(database.to_owned(), function.to_owned()))
-    }
-
-    /// Why `function` counts as volatile, if pgway knows.
-    pub fn why(&self, database: &str, function: &str) -> Option<Arc<str>> {
-        self.reasons
-            .get(&(database.to_owned(), function.to_owned()))
+        Answer {
+            volatility: Volatility::NotVolatile,
+            why: None,
+            tables: Arc::from(tables),
+        }
     }
 
     async fn lookup(

@@ -156,11 +156,10 @@ impl Router {
             return decision;
         }
         for function in &classification.functions {
-            let volatility = self.catalog.volatility(database, user, function).await;
-            if volatility != Volatility::NotVolatile {
-                let why = self
-                    .catalog
-                    .why(database, function)
+            let answer = self.catalog.answer(database, user, function).await;
+            if answer.volatility != Volatility::NotVolatile {
+                let why = answer
+                    .why
                     .unwrap_or_else(|| Arc::from(format!("{function}, which may write")));
                 return (Target::Primary, Why::Function(why));
             }

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use super::effects::unquoted;
+use super::effects::{unquoted, words};
 use super::relay::{Expect, Reply};
 use super::{Session, SessionError, State};
 use crate::error::ClientError;
@@ -132,15 +132,13 @@ fn record_end(position: u64) -> u64 {
 
 /// True if `sql` may run a `COPY` (a word scan).
 pub(super) fn may_copy(sql: &[u8]) -> bool {
-    sql.split(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
-        .any(|word| word.eq_ignore_ascii_case(b"copy"))
+    words(sql).any(|word| word.eq_ignore_ascii_case(b"copy"))
 }
 
 /// True if `sql` may end a transaction with a commit (`COMMIT`, `END`): a word scan, run
 /// only inside transactions that wrote.
 pub(super) fn may_commit(sql: &[u8]) -> bool {
-    sql.split(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
-        .any(|word| word.eq_ignore_ascii_case(b"commit") || word.eq_ignore_ascii_case(b"end"))
+    words(sql).any(|word| word.eq_ignore_ascii_case(b"commit") || word.eq_ignore_ascii_case(b"end"))
 }
 
 impl Session<'_> {
@@ -240,9 +238,6 @@ impl Session<'_> {
                 {
                     floor.raise(position);
                     self.last_write = position;
-                    if self.tracks_last_write {
-                        self.set_last_write();
-                    }
                 }
                 self.out.extend_from_slice(&ready);
             }
@@ -311,20 +306,22 @@ impl Session<'_> {
     pub(super) fn track_pgway_settings(&mut self, hints: ReadHints) {
         self.request.quiet_route = hints.last_route;
         if hints.last_route {
-            let value = self.last_route.to_string();
-            self.settings
-                .current
-                .set(LAST_ROUTE_SETTING, Value::Raw(value.clone()));
-            match self.state.status() {
-                b'I' if !hints.last_write => self.sync_settings(),
-                // Inside a transaction a session-level SET could be rolled back behind
-                // pgway's back: the value is set for the transaction only.
-                b'T' => self.set_for_transaction(LAST_ROUTE_SETTING, &value),
-                _ => {}
-            }
+            self.make_current(LAST_ROUTE_SETTING, self.last_route.to_string());
         }
         if hints.last_write {
-            self.track_last_write();
+            self.make_current(LAST_WRITE_SETTING, format_lsn(self.last_write));
+        }
+    }
+
+    /// Sets one of pgway's read-only settings for the client and on its connection.
+    fn make_current(&mut self, name: &str, value: String) {
+        self.settings.current.set(name, Value::Raw(value.clone()));
+        match self.state.status() {
+            b'I' => self.sync_settings(),
+            // Inside a transaction a session-level SET could be rolled back behind pgway's
+            // back: the value is set for the transaction only.
+            b'T' => self.set_for_transaction(name, &value),
+            _ => {}
         }
     }
 
@@ -337,27 +334,6 @@ impl Session<'_> {
         );
         messages::query(&mut self.to_server, &sql);
         self.expect(Reply::Query, false, None);
-    }
-
-    /// The client reads `pgway.last_write_lsn` (a statement about to run mentions it):
-    /// from now on the setting follows its writes, and it is current on the connection
-    /// the statement runs on.
-    pub(super) fn track_last_write(&mut self) {
-        self.tracks_last_write = true;
-        self.set_last_write();
-        match self.state.status() {
-            b'I' => self.sync_settings(),
-            b'T' => {
-                let value = format_lsn(self.last_write);
-                self.set_for_transaction(LAST_WRITE_SETTING, &value);
-            }
-            _ => {}
-        }
-    }
-
-    fn set_last_write(&mut self) {
-        let value = Value::Raw(format_lsn(self.last_write));
-        self.settings.current.set(LAST_WRITE_SETTING, value);
     }
 
     /// For a read under a floor: a readable replica that has replayed it (waiting up to

@@ -324,8 +324,6 @@ pub struct Session<'a> {
     floor: Option<Floor>,
     /// The WAL position of this connection's last write (0: none yet).
     last_write: u64,
-    /// The client has read `pgway.last_write_lsn`: it is kept in its settings.
-    tracks_last_write: bool,
     /// `pgway.min_lsn`: a position every read of the session must see (0: none).
     min_lsn: u64,
     /// Where the last statement went and why (`SHOW pgway.last_route`).
@@ -374,7 +372,6 @@ impl<'a> Session<'a> {
             pools: Vec::new(),
             floor,
             last_write: 0,
-            tracks_last_write: false,
             min_lsn,
             last_route: Why::Nothing,
         }
