@@ -90,9 +90,7 @@ async fn node_of(client: &tokio_postgres::Client, cluster: &Cluster, sql: &str) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_bodies_go_to_the_replica_and_writing_ones_stay_on_the_primary() {
-    let cluster = Cluster::start(1);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
+    let cluster = Cluster::start_with_schema(1, SCHEMA);
     let gw = Gateway::start(&cluster);
     gw.wait_for_replica_reads(&cluster).await;
     let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
@@ -222,9 +220,7 @@ async fn read_only_bodies_go_to_the_replica_and_writing_ones_stay_on_the_primary
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_lists_override_the_analysis() {
-    let cluster = Cluster::start(1);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
+    let cluster = Cluster::start_with_schema(1, SCHEMA);
     let admin = free_loopback_port();
     let opts = GatewayOptions {
         extra: "[routing]\n\
@@ -233,9 +229,7 @@ async fn config_lists_override_the_analysis() {
             .into(),
         ..GatewayOptions::default()
     };
-    let gw = Gateway::start_toml(|listen| {
-        gateway_toml(&cluster, listen, &format!("127.0.0.1:{admin}"), &opts)
-    });
+    let gw = Gateway::start_with_admin(&cluster, opts, admin);
     gw.wait_for_replica_reads(&cluster).await;
     let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
     let primary = cluster.name_of(cluster.primary_port());

@@ -21,9 +21,7 @@ const SCHEMA: &str = "SET ROLE app;\n\
 /// A primary and one replica with [`SCHEMA`], and pgway in front with `pool.size =
 /// pool_size`, once reads reach the replica.
 async fn pooled_gateway(pool_size: usize, wait_timeout: &str) -> (Cluster, Gateway) {
-    let cluster = Cluster::start(1);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
+    let cluster = Cluster::start_with_schema(1, SCHEMA);
     let gw = Gateway::start_with(
         &cluster,
         GatewayOptions {
@@ -158,9 +156,7 @@ async fn many_clients_share_a_pool_bounded_by_pool_size() {
 /// Starts a client in a transaction with an uncommitted insert, then lets it go away with
 /// `leave`, and checks that the transaction was rolled back and released its locks.
 async fn disconnect_in_transaction_rolls_back(abrupt: bool) {
-    let cluster = Cluster::start(1);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
+    let cluster = Cluster::start_with_schema(1, SCHEMA);
     let gw = Gateway::start(&cluster);
     let primary = cluster.primary_port();
 

@@ -36,15 +36,6 @@ fn resume_replay(cluster: &Cluster) {
     }
 }
 
-/// A primary and one replica, with `schema` run on the primary (as superuser, in the test
-/// database) and replayed.
-fn cluster_with(schema: &str) -> Cluster {
-    let cluster = Cluster::start(1);
-    cluster.psql_admin_db(cluster.primary_port(), DB, schema);
-    cluster.wait_replay();
-    cluster
-}
-
 /// `select count(*) from <table>` and the port of the server that answered, in one
 /// statement (simple protocol).
 async fn count_and_port(client: &Client, table: &str) -> Result<(i64, u16), String> {
@@ -98,9 +89,7 @@ fn gateway_with_admin(cluster: &Cluster, scope: &str, admin: u16) -> Gateway {
         extra: format!("[routing]\nread_your_writes = \"{scope}\"\n"),
         ..GatewayOptions::default()
     };
-    Gateway::start_toml(|listen| {
-        gateway_toml(cluster, listen, &format!("127.0.0.1:{admin}"), &opts)
-    })
+    Gateway::start_with_admin(cluster, opts, admin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +206,10 @@ async fn a_writer_reads_its_writes_at_once_and_others_keep_the_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_scope_covers_only_the_writing_connection_and_off_reads_stale() {
-    let cluster = cluster_with("create table shared_t(i int); alter table shared_t owner to app;");
+    let cluster = Cluster::start_with_schema(
+        1,
+        "create table shared_t(i int); alter table shared_t owner to app;",
+    );
     let (primary, replica) = (cluster.primary_port(), cluster.replica_ports()[0]);
     let session_gw = gateway(&cluster, "session");
     let off_gw = gateway(&cluster, "off");
@@ -301,7 +293,8 @@ async fn connect_with_options(gw: &Gateway, options: &str) -> Result<Client, Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_hints_carry_positions_across_users() {
-    let cluster = cluster_with(
+    let cluster = Cluster::start_with_schema(
+        1,
         "create table tok(i int); alter table tok owner to app; grant select on tok to md5user;",
     );
     let (primary, replica) = (cluster.primary_port(), cluster.replica_ports()[0]);

@@ -89,9 +89,7 @@ fn assert_no_failures(what: &str, failures: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_reads_outside_transactions_go_to_a_replica() {
-    let cluster = Cluster::start(1);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
+    let cluster = Cluster::start_with_schema(1, SCHEMA);
     let gw = Gateway::start(&cluster);
     gw.wait_for_replica_reads(&cluster).await;
     let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
@@ -145,9 +143,7 @@ async fn plain_reads_outside_transactions_go_to_a_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_locking_reads_and_write_functions_go_to_the_primary() {
-    let cluster = Cluster::start(1);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
+    let cluster = Cluster::start_with_schema(1, SCHEMA);
     let gw = Gateway::start(&cluster);
     gw.wait_for_replica_reads(&cluster).await;
     let primary = [cluster.primary_port()];
@@ -290,9 +286,7 @@ async fn where_am_i_extended(client: &Client) -> Result<(u16, i32, bool), String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explicit_transactions_run_on_the_primary_on_one_server_connection() {
-    let cluster = Cluster::start(1);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
+    let cluster = Cluster::start_with_schema(1, SCHEMA);
     let gw = Gateway::start(&cluster);
     gw.wait_for_replica_reads(&cluster).await;
     let mut client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
@@ -408,9 +402,7 @@ async fn explicit_transactions_run_on_the_primary_on_one_server_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_transactions_run_on_one_replica() {
-    let cluster = Cluster::start(2);
-    cluster.psql_admin(cluster.primary_port(), SCHEMA);
-    cluster.wait_replay();
+    let cluster = Cluster::start_with_schema(2, SCHEMA);
     let gw = Gateway::start(&cluster);
     gw.wait_for_replica_reads(&cluster).await;
     let mut client = connect(gw.port(), APP_USER, APP_PASSWORD).await;

@@ -51,9 +51,7 @@ impl Env {
 
     /// `pool_extra`: more keys for the `[pool]` table.
     async fn start_with(pool_size: usize, pool_extra: &str) -> Env {
-        let cluster = Cluster::start(1);
-        cluster.psql_admin(cluster.primary_port(), SETUP);
-        cluster.wait_replay();
+        let cluster = Cluster::start_with_schema(1, SETUP);
         let gw = Gateway::start_with(
             &cluster,
             GatewayOptions {

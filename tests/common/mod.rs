@@ -281,6 +281,15 @@ impl Cluster {
         Cluster::start_with_conf(replicas, "")
     }
 
+    /// [`Cluster::start`], then `schema` run on the primary (as superuser, in `appdb`) and
+    /// replayed by every replica.
+    pub fn start_with_schema(replicas: usize, schema: &str) -> Cluster {
+        let cluster = Cluster::start(replicas);
+        cluster.psql_admin(cluster.primary_port(), schema);
+        cluster.wait_replay();
+        cluster
+    }
+
     /// [`Cluster::start`] with `extra_conf` appended to the primary's `postgresql.conf`
     /// before it first starts (e.g. `"max_prepared_transactions = 10\n"`). Replicas are
     /// base backups of the primary, so they start with the same lines.
@@ -761,6 +770,13 @@ impl Gateway {
     /// [`Gateway::wait_for_replica_reads`]).
     pub fn start_with(cluster: &Cluster, opts: GatewayOptions) -> Gateway {
         Gateway::start_toml(|listen| gateway_toml(cluster, listen, "127.0.0.1:0", &opts))
+    }
+
+    /// [`Gateway::start_with`] with the admin HTTP port on `admin`.
+    pub fn start_with_admin(cluster: &Cluster, opts: GatewayOptions, admin: u16) -> Gateway {
+        Gateway::start_toml(|listen| {
+            gateway_toml(cluster, listen, &format!("127.0.0.1:{admin}"), &opts)
+        })
     }
 
     /// Starts pgway in-process with the config `toml(listen)`, where `listen` is the
