@@ -46,6 +46,7 @@ init_primary() {
 local all         all                     trust
 local replication all                     trust
 host  replication postgres 127.0.0.1/32   trust
+host  replication all      127.0.0.1/32   scram-sha-256
 host  all         postgres 127.0.0.1/32   trust
 host  all         all      127.0.0.1/32   scram-sha-256
 EOF

@@ -146,7 +146,7 @@ bootstrap:
       use_pg_rewind: true
       use_slots: true
       parameters:
-        wal_level: replica
+        wal_level: logical
         hot_standby: "on"
         max_connections: 200
         max_wal_senders: 10

@@ -65,6 +65,94 @@ pub struct Config {
     /// `nbthread`). _Default:_ one per CPU core the process may use
     #[serde(default)]
     pub workers: Option<usize>,
+    /// The result cache (off unless `enabled = true`).
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the result cache.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Serve repeated reads from memory. _Default:_ `false`
+    #[serde(default)]
+    pub enabled: bool,
+    /// Bound on the memory all entries take (`"256MB"`). _Default:_ `"256MB"`
+    #[serde(
+        default = "CacheConfig::default_max_memory",
+        deserialize_with = "deserialize_byte_size"
+    )]
+    pub max_memory: Option<u64>,
+    /// Results larger than this are not cached. _Default:_ `"1MB"`
+    #[serde(
+        default = "CacheConfig::default_max_entry_size",
+        deserialize_with = "deserialize_byte_size"
+    )]
+    pub max_entry_size: Option<u64>,
+    /// How long an entry lives when neither its rule nor its hint says. _Default:_ `"60s"`
+    #[serde(default = "CacheConfig::default_ttl", with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// A role with `REPLICATION` for the invalidation stream (logical decoding on the
+    /// primary). _Default:_ none (invalidation on the writes pgway sees, plus TTL)
+    #[serde(default)]
+    pub wal_user: Option<String>,
+    /// Its password.
+    #[serde(default)]
+    pub wal_password: String,
+    /// Which reads are cached, by the tables they read.
+    #[serde(default)]
+    pub rules: Vec<CacheRule>,
+}
+
+impl std::fmt::Debug for CacheConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheConfig")
+            .field("enabled", &self.enabled)
+            .field("max_memory", &self.max_memory)
+            .field("max_entry_size", &self.max_entry_size)
+            .field("default_ttl", &self.default_ttl)
+            .field("wal_user", &self.wal_user)
+            .field("wal_password", &"***")
+            .field("rules", &self.rules)
+            .finish()
+    }
+}
+
+impl CacheConfig {
+    fn default_max_memory() -> Option<u64> {
+        Some(256 << 20)
+    }
+    fn default_max_entry_size() -> Option<u64> {
+        Some(1 << 20)
+    }
+    fn default_ttl() -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_memory: Self::default_max_memory(),
+            max_entry_size: Self::default_max_entry_size(),
+            default_ttl: Self::default_ttl(),
+            wal_user: None,
+            wal_password: String::new(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One `[[cache.rules]]` entry: reads whose every table is listed are cached for `ttl`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    /// Tables, `schema.name` (or `name`: that table in any schema).
+    pub tables: Vec<String>,
+    /// How long entries live. _Default:_ `cache.default_ttl`
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
 }
 
 /// `[routing]`.
@@ -453,6 +541,23 @@ impl Config {
             return Err(invalid(
                 "workers",
                 &format!("must be between 1 and {MAX_WORKERS}"),
+            ));
+        }
+        for (i, rule) in self.cache.rules.iter().enumerate() {
+            if rule.tables.is_empty() || rule.tables.iter().any(|t| t.trim().is_empty()) {
+                return Err(invalid(
+                    &format!("cache.rules[{i}].tables"),
+                    "must list at least one table, none empty",
+                ));
+            }
+        }
+        if self.cache.wal_user.as_deref().is_some_and(str::is_empty) {
+            return Err(invalid("cache.wal_user", "must not be empty"));
+        }
+        if self.cache.max_entry_size > self.cache.max_memory {
+            return Err(invalid(
+                "cache.max_entry_size",
+                "must not be larger than cache.max_memory",
             ));
         }
         if self.client.max_connections == 0 {

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod frontend;

@@ -57,6 +57,11 @@ pub const MD5_USER: &str = "md5user";
 pub const MD5_PASSWORD: &str = "md5-secret";
 /// Database owned by [`APP_USER`]; `md5user` may connect and create in `public`.
 pub const DB: &str = "appdb";
+/// A role with `REPLICATION` (SCRAM, allowed replication connections on loopback), for
+/// the result cache's invalidation stream (`cache.wal_user`).
+pub const WAL_USER: &str = "pgway_wal";
+/// Password of [`WAL_USER`].
+pub const WAL_PASSWORD: &str = "wal-secret";
 
 /// Deadline for every "wait until" loop in the harness.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -379,6 +384,7 @@ impl Cluster {
              local all         all                     trust\n\
              local replication all                     trust\n\
              host  replication postgres 127.0.0.1/32   trust\n\
+             host  replication all      127.0.0.1/32   scram-sha-256\n\
              host  all         postgres 127.0.0.1/32   trust\n\
              host  all         md5user  127.0.0.1/32   md5\n\
              host  all         all      127.0.0.1/32   scram-sha-256\n",
@@ -390,7 +396,8 @@ impl Cluster {
              unix_socket_directories = '{sock}'\n\
              shared_buffers = 16MB\n\
              max_connections = 200\n\
-             wal_level = replica\n\
+             wal_level = logical\n\
+             max_replication_slots = 20\n\
              max_wal_senders = 10\n\
              wal_keep_size = 256MB\n\
              hot_standby = on\n\
@@ -415,6 +422,7 @@ impl Cluster {
              SET password_encryption = 'md5';\n\
              CREATE ROLE md5user LOGIN PASSWORD 'md5-secret';\n\
              RESET password_encryption;\n\
+             CREATE ROLE pgway_wal LOGIN REPLICATION PASSWORD 'wal-secret';\n\
              CREATE DATABASE appdb OWNER app;\n\
              GRANT CONNECT ON DATABASE appdb TO md5user;\n\
              \\connect appdb\n\

@@ -372,7 +372,7 @@ impl PatroniCluster {
              \x20     use_pg_rewind: true\n\
              \x20     use_slots: true\n\
              \x20     parameters:\n\
-             \x20       wal_level: replica\n\
+             \x20       wal_level: logical\n\
              \x20       hot_standby: \"on\"\n\
              \x20       max_connections: 200\n\
              \x20       max_wal_senders: 10\n\

@@ -1,0 +1,1 @@
+//! Following the primary's changes by logical decoding (being written).
