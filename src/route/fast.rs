@@ -216,8 +216,19 @@ pub fn shape(sql: &str) -> Option<String> {
                     // E'..', U&'..', B'..', X'..', N'..'.
                     return None;
                 }
+                let start = i;
                 i = skip_quoted(bytes, i)?;
-                out.push_str("''");
+                // Date/time inputs that read the clock ('now', 'today') keep their text:
+                // the result cache tells them apart.
+                let inner = sql.get(start + 1..i - 1)?.trim();
+                if ["now", "today", "tomorrow", "yesterday"]
+                    .iter()
+                    .any(|w| inner.eq_ignore_ascii_case(w))
+                {
+                    out.push_str(sql.get(start..i)?);
+                } else {
+                    out.push_str("''");
+                }
             }
             b'"' => {
                 let start = i;

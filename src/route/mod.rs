@@ -39,6 +39,9 @@ pub struct Router {
     plain_read: Arc<Classification>,
     /// Statements a replica refused as writes, sent again to the primary.
     replica_retries: std::sync::atomic::AtomicU64,
+    /// The result cache is on: every statement is classified in full (the fast path knows
+    /// no tables).
+    cache_facts: bool,
 }
 
 impl std::fmt::Debug for Router {
@@ -63,14 +66,29 @@ impl Router {
                 functions: Vec::new(),
                 session: Vec::new(),
                 writes: false,
+                cache: crate::route::classify::CacheFacts::default(),
             }),
+            cache_facts: false,
             replica_retries: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
+    /// Classifies every statement in full, tables included (for the result cache).
+    pub fn with_cache_facts(self) -> Self {
+        Self {
+            cache_facts: true,
+            ..self
+        }
+    }
+
+    /// The catalog look-ups (functions, relations).
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
     /// The classification of `sql`, parsed once and then served from the cache.
     pub fn classification(&self, sql: &str) -> Arc<Classification> {
-        if fast::is_plain_select(sql) {
+        if !self.cache_facts && fast::is_plain_select(sql) {
             return Arc::clone(&self.plain_read);
         }
         if sql.len() > CLASSIFICATION_CACHE_MAX_SQL {

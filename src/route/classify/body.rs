@@ -51,45 +51,9 @@ pub fn analyze(language: &str, body: &str) -> Result<Reads, Why> {
 /// Adds the relations `sql` (one or more statements that classified as reads) reads to
 /// `tables`, leaving out its CTEs' names.
 fn add_tables(sql: &str, tables: &mut Vec<String>) {
-    use sqlparser::ast::{visit_relations, Query, Visit, Visitor};
-    use sqlparser::parser::Parser;
-    use std::ops::ControlFlow;
-
-    struct Ctes(Vec<String>);
-    impl Visitor for Ctes {
-        type Break = ();
-        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
-            if let Some(with) = &query.with {
-                for cte in &with.cte_tables {
-                    self.0.push(cte.alias.name.value.to_ascii_lowercase());
-                }
-            }
-            ControlFlow::Continue(())
-        }
+    if let Ok(statements) = sqlparser::parser::Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        super::cache::add_tables(&statements, tables);
     }
-
-    let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-        return;
-    };
-    let mut ctes = Ctes(Vec::new());
-    let _ = statements.visit(&mut ctes);
-    let _ = visit_relations(&statements, |name| {
-        let parts: Vec<String> = name
-            .0
-            .iter()
-            .filter_map(|part| part.as_ident())
-            .map(|ident| match ident.quote_style {
-                Some(_) => ident.value.clone(),
-                None => ident.value.to_ascii_lowercase(),
-            })
-            .collect();
-        let full = parts.join(".");
-        let a_cte = parts.len() == 1 && ctes.0.contains(&full);
-        if !a_cte && !full.is_empty() {
-            tables.push(full);
-        }
-        ControlFlow::<()>::Continue(())
-    });
 }
 
 /// The statements of a SQL-standard body (`BEGIN ATOMIC ... END`, as

@@ -143,6 +143,7 @@
 //! comments that both use.
 
 pub mod body;
+mod cache;
 mod effects;
 mod tokens;
 mod writes;
@@ -158,6 +159,7 @@ use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
 use sqlparser::tokenizer::{Token, TokenWithSpan};
 
+pub use cache::{cache_hint, table_name, CacheFacts, CacheHint};
 pub use effects::{PinReason, SessionEffect};
 pub use tokens::Hint;
 
@@ -207,6 +209,9 @@ pub struct Classification {
     /// transaction control, cursors, `LISTEN`, and calls of built-ins that only touch the
     /// session (advisory locks, `set_config`, `pg_notify`). See [`writes::may_write`].
     pub writes: bool,
+    /// What the result cache needs: whether it is one query, the tables it reads or
+    /// names, whether it reads the clock, its `pgway:cache` hint.
+    pub cache: CacheFacts,
 }
 
 /// Built-in functions that write, take locks, assign a transaction id or only
@@ -389,6 +394,7 @@ impl Classification {
             functions: Vec::new(),
             session: Vec::new(),
             writes: true,
+            cache: CacheFacts::default(),
         }
     }
 }
@@ -410,11 +416,22 @@ pub fn classify(sql: &str) -> Classification {
             .unwrap_or_else(|_| untokenized_session_effects(sql)),
         None => untokenized_session_effects(sql),
     };
+    let clock = tokens.as_deref().is_some_and(cache::reads_clock);
+    let mut parsed = None;
     let routing = tokens.and_then(|tokens| {
-        std::panic::catch_unwind(move || classify_tokens(tokens))
-            .ok()
-            .flatten()
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            classify_tokens(tokens, &mut parsed)
+        }))
+        .ok()
+        .flatten()
     });
+    let read = routing
+        .as_ref()
+        .is_some_and(|(kind, _)| *kind == StatementKind::Read);
+    let cache = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cache::facts(sql, parsed.as_deref(), clock, read)
+    }))
+    .unwrap_or_default();
     match routing {
         Some((kind, functions)) => Classification {
             kind,
@@ -426,20 +443,25 @@ pub fn classify(sql: &str) -> Classification {
             writes: !functions.is_empty(),
             functions,
             session,
+            cache,
         },
         None => Classification {
             session,
             writes: std::panic::catch_unwind(|| writes::may_write(sql)).unwrap_or(true),
             min_lsn: hints.min_lsn,
             fresh: hints.fresh,
+            cache,
             ..Classification::write(hint)
         },
     }
 }
 
 /// Returns `None` for Write, otherwise the kind and (for Read) the sorted,
-/// deduplicated functions to look up.
-fn classify_tokens(tokens: Vec<TokenWithSpan>) -> Option<(StatementKind, Vec<String>)> {
+/// deduplicated functions to look up. The statements, if they parse, are left in `parsed`.
+fn classify_tokens(
+    tokens: Vec<TokenWithSpan>,
+    parsed: &mut Option<Vec<Statement>>,
+) -> Option<(StatementKind, Vec<String>)> {
     let dialect = PostgreSqlDialect {};
     if tokens.iter().all(|t| is_trivia(&t.token)) {
         // Empty, or only whitespace and comments: nothing will be executed.
@@ -457,11 +479,11 @@ fn classify_tokens(tokens: Vec<TokenWithSpan>) -> Option<(StatementKind, Vec<Str
     }
 
     let tokens = rewrite_table_commands(tokens)?;
-    let statements = parse_statements(dialect, tokens).ok()?;
+    let statements: &[Statement] = parsed.insert(parse_statements(dialect, tokens).ok()?);
 
     let mut functions = Vec::new();
     let mut kinds = Vec::with_capacity(statements.len());
-    for statement in &statements {
+    for statement in statements {
         match classify_statement(statement, &mut functions) {
             StatementKind::Write => return None,
             kind => kinds.push(kind),

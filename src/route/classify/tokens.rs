@@ -198,21 +198,28 @@ pub(super) struct Hints {
 /// The [`Hints`] in the comments that start `sql`.
 pub(super) fn leading_hints(sql: &str) -> Hints {
     let mut hints = Hints::default();
+    leading_comments(sql, |body| parse_hints(body, &mut hints));
+    hints
+}
+
+/// Calls `f` with the body of each comment, block or line, in front of the first token
+/// of `sql`.
+pub(super) fn leading_comments(sql: &str, mut f: impl FnMut(&str)) {
     let mut rest = sql;
     loop {
         rest = rest.trim_start();
         let (body, after) = if let Some(inner) = rest.strip_prefix("/*") {
             let Some(end) = inner.find("*/") else {
-                return hints;
+                return;
             };
             (&inner[..end], &inner[end + 2..])
         } else if let Some(inner) = rest.strip_prefix("--") {
             let end = inner.find('\n').unwrap_or(inner.len());
             (&inner[..end], &inner[end..])
         } else {
-            return hints;
+            return;
         };
-        parse_hints(body, &mut hints);
+        f(body);
         rest = after;
     }
 }
