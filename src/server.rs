@@ -25,11 +25,14 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::backend::Pools;
+use crate::cache::stream::Streams;
+use crate::cache::ResultCache;
 use crate::config::{Config, ReadYourWrites, TopologyConfig};
 use crate::error::ClientError;
 use crate::frontend::auth::ScramVerifier;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{startup, Shared, User};
+use crate::net::TcpConnector;
 use crate::route::catalog::FunctionRules;
 use crate::route::floors::Floors;
 use crate::route::{Catalog, Router};
@@ -130,8 +133,20 @@ pub(crate) fn build_shared(
         write: routing.write_functions.clone(),
         ttl: routing.function_analysis_ttl,
     });
+    let router = Router::new(catalog);
+    let (router, cache) = if config.cache.enabled {
+        (
+            router.with_cache_facts(),
+            Some(Arc::new(build_cache(
+                &config, &topology, background, shutdown,
+            ))),
+        )
+    } else {
+        (router, None)
+    };
     Arc::new(Shared {
-        router: Arc::new(Router::new(catalog)),
+        router: Arc::new(router),
+        cache,
         users,
         pools,
         topology,
@@ -147,6 +162,35 @@ pub(crate) fn build_shared(
         )),
         config,
     })
+}
+
+/// The result cache, following each database's WAL as `cache.wal_user` if one is set.
+fn build_cache(
+    config: &Config,
+    topology: &Arc<TopologyHandle>,
+    background: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> ResultCache {
+    let cache = ResultCache::new(&config.cache);
+    match &config.cache.wal_user {
+        Some(user) => cache.with_streams(Streams {
+            topology: Arc::clone(topology),
+            user: user.clone(),
+            password: config.cache.wal_password.clone(),
+            connector: Arc::new(TcpConnector),
+            timeout: config.pool.connect_timeout,
+            tasks: background.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            shutdown: shutdown.clone(),
+        }),
+        None => {
+            warn!(
+                "cache.wal_user is not set: the result cache is invalidated only by writes \
+                 through pgway, and by its TTL"
+            );
+            cache
+        }
+    }
 }
 
 /// Starts the worker threads that run client sessions ([`startup::handle`]), each session
@@ -206,6 +250,7 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
             topology: Arc::clone(&shared.topology),
             replay: Arc::clone(&shared.replay),
             router: Arc::clone(&shared.router),
+            cache: shared.cache.clone(),
         },
         shared.shutdown.clone(),
     ));

@@ -75,6 +75,11 @@ impl Settings {
         self.values.get(name)
     }
 
+    /// Every setting, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.values.iter()
+    }
+
     /// Content hash.
     pub fn hash(&self) -> u64 {
         self.hash

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::cache::ResultCache;
 use crate::route::floors::format_lsn;
 use crate::route::Router as StatementRouter;
 use crate::topology::replay::ReplayPositions;
@@ -28,6 +29,8 @@ pub struct Views {
     pub replay: Arc<ReplayPositions>,
     /// Routing counters.
     pub router: Arc<StatementRouter>,
+    /// The result cache, when it is on.
+    pub cache: Option<Arc<ResultCache>>,
 }
 
 /// Serves the admin endpoints until `shutdown`.
@@ -35,6 +38,7 @@ pub async fn serve(listener: TcpListener, views: Views, shutdown: CancellationTo
     let app = Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/topology", get(topology))
+        .route("/cache", get(cache))
         .with_state(views);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -76,5 +80,45 @@ async fn topology(State(views): State<Views>) -> Json<Value> {
         "nodes": nodes,
         "read_your_writes": outcomes,
         "replica_retries": views.router.replica_retries(),
+        "cache_streams": views.cache.as_deref().map(streams),
     }))
+}
+
+/// The result cache's counters and its invalidation streams.
+async fn cache(State(views): State<Views>) -> Json<Value> {
+    let Some(cache) = views.cache.as_deref() else {
+        return Json(json!({ "enabled": false }));
+    };
+    let (entries, bytes) = cache.size();
+    let stats = cache.stats();
+    let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    Json(json!({
+        "enabled": true,
+        "entries": entries,
+        "bytes": bytes,
+        "hits": count(&stats.hits),
+        "misses": count(&stats.misses),
+        "bypassed": count(&stats.bypassed),
+        "fills": count(&stats.fills),
+        "fills_refused": count(&stats.fills_refused),
+        "evictions": count(&stats.evictions),
+        "invalidations": count(&stats.invalidations),
+        "streams": streams(cache),
+    }))
+}
+
+/// Each database's invalidation stream: state, slot, position decoded.
+fn streams(cache: &ResultCache) -> Value {
+    let mut dbs = cache.dbs();
+    dbs.sort_by(|a, b| a.name().cmp(b.name()));
+    dbs.iter()
+        .map(|db| {
+            json!({
+                "database": db.name(),
+                "state": db.state().name(),
+                "slot": db.slot(),
+                "position": format_lsn(db.position()),
+            })
+        })
+        .collect()
 }

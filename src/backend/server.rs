@@ -185,12 +185,27 @@ impl ServerConn {
         connector: &dyn Connector,
         timeout: Duration,
     ) -> Result<Self, BackendError> {
-        tokio::time::timeout(timeout, Self::do_connect(login.clone(), connector))
+        Self::connect_with(login, &[], connector, timeout).await
+    }
+
+    /// [`ServerConn::connect`] with `extra` startup parameters after `user` and `database`
+    /// (e.g. `replication=database` for a walsender connection).
+    pub async fn connect_with(
+        login: Login<'_>,
+        extra: &[(&str, &str)],
+        connector: &dyn Connector,
+        timeout: Duration,
+    ) -> Result<Self, BackendError> {
+        tokio::time::timeout(timeout, Self::do_connect(login.clone(), extra, connector))
             .await
             .map_err(|_| BackendError::Timeout(login.addr.to_owned()))?
     }
 
-    async fn do_connect(login: Login<'_>, connector: &dyn Connector) -> Result<Self, BackendError> {
+    async fn do_connect(
+        login: Login<'_>,
+        extra: &[(&str, &str)],
+        connector: &dyn Connector,
+    ) -> Result<Self, BackendError> {
         let stream = connector
             .connect(login.addr)
             .await
@@ -198,7 +213,9 @@ impl ServerConn {
         let mut io = FramedStream::new(stream);
         let mut out = BytesMut::new();
         frontend::startup_message(
-            [("user", login.user), ("database", login.database)],
+            [("user", login.user), ("database", login.database)]
+                .into_iter()
+                .chain(extra.iter().copied()),
             &mut out,
         )
         .map_err(|e| BackendError::Protocol(e.to_string()))?;

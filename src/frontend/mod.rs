@@ -56,6 +56,8 @@ pub struct Shared {
     pub floors: Arc<Floors>,
     /// Replay positions of replicas, for reads under a floor.
     pub replay: Arc<ReplayPositions>,
+    /// The result cache, when `cache.enabled`.
+    pub cache: Option<Arc<crate::cache::ResultCache>>,
 }
 
 /// A cached greeting: the ParameterStatus values for clients with these startup settings,

@@ -116,6 +116,9 @@ pub struct Catalog {
     timeout: Duration,
     /// What pgway learned per (database, function).
     answers: moka::sync::Cache<(String, String), Answer>,
+    /// Per (database, relation name): a table logical decoding reports (see
+    /// [`Catalog::is_decoded_table`]).
+    relations: moka::sync::Cache<(String, String), bool>,
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
     tasks: TaskTracker,
     rules: FunctionRules,
@@ -145,6 +148,16 @@ const LOOKUP: &str =
      join pg_catalog.pg_language l on l.oid = p.prolang \
      where p.proname = $1 and ($2::text is null or n.nspname = $2)";
 
+/// How many relations are called `$1` (in schema `$2`, or any), and whether all of them
+/// are tables logical decoding reports.
+const RELATION: &str = "select count(*)::int8, coalesce(bool_and(c.relkind in ('r', 'p') \
+       and c.relpersistence = 'p' \
+       and n.nspname not in ('pg_catalog', 'information_schema') \
+       and n.nspname !~ '^pg_toast'), false) \
+     from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
+     where c.relname = $1 and ($2::text is null or n.nspname = $2) \
+       and c.relkind in ('r', 'p', 'v', 'm', 'f')";
+
 /// What pgway learned about a function name.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -155,6 +168,20 @@ pub struct Answer {
     /// The tables it reads (callees included), when its body was analysed: what a cached
     /// result of a call depends on.
     pub tables: Arc<[String]>,
+    /// Whether a call's result may be cached, and under which tables.
+    pub cacheable: Cacheable,
+}
+
+/// Whether a function call's result may be kept by the result cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Cacheable {
+    /// Never: it is volatile (or calls something that is), or it may write.
+    No,
+    /// Only under tables a `pgway:cache tables=...` hint names: pgway cannot see which
+    /// tables it reads (a body it cannot analyse, a rule that forces it read-only).
+    TablesUnknown,
+    /// Under [`Answer::tables`].
+    Yes,
 }
 
 impl Answer {
@@ -163,6 +190,7 @@ impl Answer {
             volatility: Volatility::Volatile,
             why: Some(Arc::from(why)),
             tables: Arc::from([]),
+            cacheable: Cacheable::No,
         }
     }
 }
@@ -187,6 +215,7 @@ impl Catalog {
             credentials,
             timeout,
             answers: moka::sync::Cache::new(100_000),
+            relations: moka::sync::Cache::new(100_000),
             clients: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             rules: FunctionRules::default(),
@@ -205,9 +234,14 @@ impl Catalog {
             .max_capacity(100_000)
             .time_to_live(rules.ttl)
             .build();
+        let relations = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(rules.ttl)
+            .build();
         Self {
             rules,
             answers,
+            relations,
             ..self
         }
     }
@@ -216,6 +250,11 @@ impl Catalog {
     /// callers may have changed with it).
     pub fn functions_changed(&self) {
         self.answers.invalidate_all();
+    }
+
+    /// Forgets what it learned about relations (DDL went through pgway).
+    pub fn relations_changed(&self) {
+        self.relations.invalidate_all();
     }
 
     /// A replica refused a statement calling `function`: it stays on the primary until
@@ -286,17 +325,30 @@ impl Catalog {
             return Answer::volatile(format!("{function}, which pgway cannot find"));
         }
         let mut tables: Vec<String> = Vec::new();
+        let mut cacheable = Cacheable::Yes;
         for o in overloads {
             let rules = &self.rules;
             let name = format!("{}.{}", o.schema, o.name);
             if o.forced_write || FunctionRules::names(&rules.write, &o.schema, &o.name) {
                 return Answer::volatile(format!("{name}, listed in routing.write_functions"));
             }
-            if o.forced_read_only
-                || FunctionRules::names(&rules.read_only, &o.schema, &o.name)
-                || o.volatility != "v"
-                || o.schema == "pg_catalog" && HARMLESS_VOLATILE.contains(&o.name.as_str())
-            {
+            let volatile = o.volatility == "v";
+            if o.schema == "pg_catalog" {
+                if volatile && HARMLESS_VOLATILE.contains(&o.name.as_str()) {
+                    cacheable = Cacheable::No;
+                    continue;
+                }
+                if !volatile {
+                    // A built-in: it reads no table of the user's.
+                    continue;
+                }
+            }
+            if o.forced_read_only || FunctionRules::names(&rules.read_only, &o.schema, &o.name) {
+                cacheable = cacheable.min(if volatile {
+                    Cacheable::No
+                } else {
+                    Cacheable::TablesUnknown
+                });
                 continue;
             }
             let analysis = match &o.body {
@@ -308,17 +360,28 @@ impl Catalog {
                     tables.extend(reads.tables);
                     reads.calls
                 }
-                Err(why) => {
+                Err(why) if volatile => {
                     debug!(function = %name, %why, "function may write");
                     return Answer::volatile(format!("{name}, which may write ({why})"));
+                }
+                Err(_) => {
+                    // Stable or immutable: it may run on a replica whatever its body;
+                    // only the tables it reads are unknown.
+                    cacheable = cacheable.min(Cacheable::TablesUnknown);
+                    continue;
                 }
             };
             for call in &calls {
                 let callee = self.answer_at(database, user, call, depth + 1).await;
                 if callee.volatility == Volatility::Volatile {
+                    if !volatile {
+                        cacheable = Cacheable::No;
+                        continue;
+                    }
                     let why = callee.why.as_deref().unwrap_or(call.as_str());
                     return Answer::volatile(format!("{name}, which calls {why}"));
                 }
+                cacheable = cacheable.min(callee.cacheable);
                 tables.extend(callee.tables.iter().cloned());
             }
         }
@@ -328,7 +391,67 @@ impl Catalog {
             volatility: Volatility::NotVolatile,
             why: None,
             tables: Arc::from(tables),
+            cacheable,
         }
+    }
+
+    /// Whether every relation named `name` (`schema.name`, or `name` in any schema) is a
+    /// table whose changes logical decoding reports: a plain or partitioned table, logged,
+    /// not a system catalog (views, materialized views, foreign, temporary and unlogged
+    /// tables are not). Kept like function answers; a failed look-up says no and is not
+    /// kept.
+    pub async fn is_decoded_table(&self, database: &str, user: &str, name: &str) -> bool {
+        let key = (database.to_owned(), name.to_owned());
+        if let Some(known) = self.relations.get(&key) {
+            return known;
+        }
+        let parts: Vec<&str> = name.split('.').collect();
+        let (schema, relation) = match parts.as_slice() {
+            [relation] => (None, *relation),
+            [.., schema, relation] => (Some(*schema), *relation),
+            [] => return false,
+        };
+        let answer = self
+            .query_one(database, user, RELATION, &[&relation, &schema])
+            .await
+            .and_then(|row| {
+                let (count, tables): (i64, bool) = (
+                    row.try_get(0).map_err(CatalogError::UnexpectedRow)?,
+                    row.try_get(1).map_err(CatalogError::UnexpectedRow)?,
+                );
+                Ok(count > 0 && tables)
+            });
+        match answer {
+            Ok(known) => {
+                self.relations.insert(key, known);
+                known
+            }
+            Err(cause) => {
+                debug!(relation = %name, %cause, "relation look-up failed; not caching");
+                false
+            }
+        }
+    }
+
+    /// Runs one query that returns one row on the control connection for (database, user).
+    async fn query_one(
+        &self,
+        database: &str,
+        user: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, CatalogError> {
+        let mut clients = self.clients.lock().await;
+        let key = (database.to_owned(), user.to_owned());
+        let client = match clients.remove(&key).filter(|c| !c.is_closed()) {
+            Some(client) => client,
+            None => self.connect(database, user).await?,
+        };
+        let client = clients.entry(key).or_insert(client);
+        tokio::time::timeout(self.timeout, client.query_one(sql, params))
+            .await
+            .map_err(|_| CatalogError::Timeout)?
+            .map_err(CatalogError::Query)
     }
 
     async fn lookup(

@@ -38,6 +38,8 @@ pub enum Why {
     FloorNotReplayed(Duration),
     /// A replica refused it as a write; it ran on the primary.
     RefusedByReplica,
+    /// Answered from the result cache.
+    Cache,
 }
 
 impl std::fmt::Display for Why {
@@ -68,6 +70,7 @@ impl std::fmt::Display for Why {
             Why::RefusedByReplica => {
                 f.write_str("primary: a replica refused it as a write, so it ran here")
             }
+            Why::Cache => f.write_str("cache: answered from pgway's result cache"),
         }
     }
 }

@@ -224,6 +224,10 @@ impl Session<'_> {
     pub(super) fn on_request_done(&mut self, status: u8) {
         self.request.min_position = 0;
         self.request.kept_writes = !self.request.failed || self.request.commits;
+        if status == b'I' && self.request.held_ready.is_none() && !self.request.wal_deferred {
+            let kept = self.request.kept_writes && !self.txn.rolled_back;
+            self.end_written(kept, 0);
+        }
         let wrote = std::mem::take(&mut self.request.may_write);
         self.txn.wrote = status != b'I' && (self.txn.wrote || wrote);
         let mut effects = std::mem::take(&mut self.request.effects);

@@ -34,6 +34,11 @@ pub const LAST_ROUTE_SETTING: &str = "pgway.last_route";
 /// The WAL position query pgway sends after a committing write.
 const WAL_POSITION_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
 
+/// The position a read just made saw: a replica's replay position, the primary's insert
+/// position (sent after a cacheable read that missed).
+const SEEN_POSITION_QUERY: &str = "SELECT coalesce(pg_catalog.pg_last_wal_replay_lsn(), \
+     pg_catalog.pg_current_wal_insert_lsn())";
+
 /// The read-your-writes hints of a request's statements, and whether they read pgway's
 /// own per-statement settings.
 #[derive(Debug, Default, Clone, Copy)]
@@ -145,6 +150,11 @@ impl Session<'_> {
     /// After a request that ends with ReadyForQuery is queued: if it may commit a write,
     /// the WAL position query follows it.
     pub(super) fn queue_wal_position(&mut self) {
+        if self.request.ask_seen && self.state.link().is_some() {
+            messages::query(&mut self.to_server, SEEN_POSITION_QUERY);
+            self.expect(Reply::WalPosition, false, None);
+            return;
+        }
         if self.floor.is_none() {
             return;
         }
@@ -232,7 +242,15 @@ impl Session<'_> {
                     return;
                 };
                 let position = self.request.wal_position.take();
-                let kept = std::mem::take(&mut self.request.kept_writes);
+                if std::mem::take(&mut self.request.ask_seen) {
+                    self.seen = self.seen.max(position.unwrap_or(0));
+                    self.out.extend_from_slice(&ready);
+                    return;
+                }
+                let kept = std::mem::take(&mut self.request.kept_writes) && !self.txn.rolled_back;
+                if ready.get(5) == Some(&b'I') {
+                    self.end_written(kept, position.unwrap_or(0));
+                }
                 if let (true, Some(position), Some(floor), Some(&b'I')) =
                     (kept, position, &self.floor, ready.get(5))
                 {

@@ -50,6 +50,7 @@
 //!   when the client leaves.
 
 mod attach;
+mod cache;
 mod effects;
 mod freshness;
 mod prepared;
@@ -235,6 +236,9 @@ struct Request {
     retried_on_primary: bool,
     /// It asks about `pgway.last_route`: its own route is not recorded.
     quiet_route: bool,
+    /// A cacheable read sent to a server: the position it saw is asked with it (see
+    /// `Session::seen`).
+    ask_seen: bool,
 }
 
 impl Request {
@@ -263,6 +267,7 @@ impl Request {
     /// Forgets everything (the request is sent again elsewhere).
     fn reset(&mut self) {
         self.effects.clear();
+        self.ask_seen = false;
         self.failed = false;
         self.may_write = false;
         self.begin_attempt(false, 0);
@@ -278,6 +283,8 @@ struct Transaction {
     rolled_back: bool,
     /// A request of the open transaction may have changed data.
     wrote: bool,
+    /// The tables its requests may have changed, for the result cache.
+    written: cache::Written,
 }
 
 /// One client's session.
@@ -328,6 +335,13 @@ pub struct Session<'a> {
     min_lsn: u64,
     /// Where the last statement went and why (`SHOW pgway.last_route`).
     last_route: Why,
+    /// The result cache, when it is on.
+    cache: Option<cache::SessionCache>,
+    /// The reply of the request in flight, for the result cache.
+    fill: Option<crate::cache::Fill>,
+    /// The highest WAL position a cacheable read of this client saw on a server: later
+    /// hits need the invalidation stream at least there, so its reads never go back.
+    seen: u64,
 }
 
 impl<'a> Session<'a> {
@@ -348,6 +362,10 @@ impl<'a> Session<'a> {
         let target = effects::target_hint(&settings);
         let floor = shared.floors.for_client(&database, &user);
         let min_lsn = freshness::min_lsn(&settings);
+        let cache = shared
+            .cache
+            .as_ref()
+            .map(|cache| cache::SessionCache::new(cache.db(&database), &user));
         Self {
             shared,
             span,
@@ -374,6 +392,9 @@ impl<'a> Session<'a> {
             last_write: 0,
             min_lsn,
             last_route: Why::Nothing,
+            cache,
+            fill: None,
+            seen: 0,
         }
     }
 

@@ -23,14 +23,16 @@ use crate::route::{Classification, SessionEffect, Target, Why};
 /// A client's named (or unnamed) prepared statement.
 #[derive(Debug)]
 pub(super) struct Prepared {
-    sql: Vec<u8>,
-    param_types: Vec<u8>,
+    pub(super) sql: Vec<u8>,
+    pub(super) param_types: Vec<u8>,
     pub(super) hash: u64,
     target: Target,
     /// Session effects of executing it (SET, LISTEN, ...).
     effects: Vec<SessionEffect>,
     /// Executing it may change data (see [`Classification::writes`]).
     writes: bool,
+    /// The tables it names, for the result cache (`None`: pgway cannot tell).
+    tables: Option<Vec<String>>,
     /// Its read-your-writes hints (and whether it reads pgway's own settings).
     hints: ReadHints,
     /// Why it runs where `target` says.
@@ -114,7 +116,7 @@ impl Session<'_> {
     }
 
     /// The client's statement `name` (`""`: the unnamed one).
-    fn statement(&self, name: &[u8]) -> Option<&Arc<Prepared>> {
+    pub(super) fn statement(&self, name: &[u8]) -> Option<&Arc<Prepared>> {
         if name.is_empty() {
             self.unnamed.as_ref()
         } else {
@@ -156,6 +158,10 @@ impl Session<'_> {
                         self.request.check_pins = true;
                     }
                     self.request.may_write |= prepared.writes;
+                    if prepared.writes && self.cache.is_some() {
+                        let tables = prepared.tables.clone();
+                        self.txn.written.add(tables.as_deref());
+                    }
                     self.request.copies |= prepared.writes && freshness::may_copy(&prepared.sql);
                     if (in_transaction || prepared.writes) && freshness::may_commit(&prepared.sql) {
                         self.request.commits = true;
@@ -255,7 +261,7 @@ impl Session<'_> {
     }
 
     /// Records a client's Parse, and where it is to run, in its statement table.
-    fn remember(
+    pub(super) fn remember(
         &mut self,
         parse: &Parse<'_>,
         (target, why): (Target, Why),
@@ -273,6 +279,7 @@ impl Session<'_> {
             target,
             effects,
             writes: classification.is_none_or(|c| c.writes),
+            tables: classification.and_then(|c| c.cache.tables.clone()),
             hints: classification.map(ReadHints::of).unwrap_or_default(),
             why,
         });

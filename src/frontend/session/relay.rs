@@ -182,19 +182,25 @@ impl Session<'_> {
         let forward = head.is_none_or(|(_, forward, _)| forward);
         match tag {
             // Notifications belong to no request and always reach the client.
-            b'A' => self.out.extend_from_slice(frame),
+            b'A' => {
+                self.capture(frame);
+                self.out.extend_from_slice(frame);
+            }
             // Notices and parameter changes from pgway's own queries are not the client's.
             b'N' => {
                 if forward {
+                    self.capture(frame);
                     self.out.extend_from_slice(frame);
                 }
             }
             b'S' => {
                 if forward {
+                    self.capture(frame);
                     self.on_parameter_status(frame);
                 }
             }
             b'G' | b'W' => {
+                self.capture(frame);
                 self.request.answered = true;
                 self.enter_copy(matches!(head, Some((Reply::Execute, ..))));
                 self.out.extend_from_slice(frame);
@@ -233,6 +239,7 @@ impl Session<'_> {
             }
             b'E' => {
                 // Errors always reach the client, even for a message pgway injected.
+                self.capture(frame);
                 self.request.answered = true;
                 self.forward_error(frame);
                 self.end_copy_data();
@@ -254,6 +261,7 @@ impl Session<'_> {
             _ => match head {
                 Some((kind, forward, _)) => {
                     if forward {
+                        self.capture(frame);
                         self.request.answered = true;
                         let held = tag == b'Z' && self.before_ready(frame);
                         if !held {
@@ -283,6 +291,7 @@ impl Session<'_> {
                     }
                 }
                 None => {
+                    self.capture(frame);
                     self.request.answered = true;
                     self.out.extend_from_slice(frame);
                 }

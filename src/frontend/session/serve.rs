@@ -146,39 +146,49 @@ impl Session<'_> {
         } else {
             target
         };
+        if let Some(c) = &classification {
+            if self.cached_query(sql, c, hints).await? {
+                return Ok(());
+            }
+        }
         let plan = Plan {
             retry: true,
             relay: true,
             ready: true,
         };
-        self.send_or_report(target, plan, |session| {
-            session.track_pgway_settings(hints);
-            match &classification {
-                Some(c) => {
-                    session.request.effects.clone_from(&c.session);
-                    session.request.may_write = c.writes;
+        let sent = self
+            .send_or_report(target, plan, |session| {
+                session.track_pgway_settings(hints);
+                match &classification {
+                    Some(c) => {
+                        session.request.effects.clone_from(&c.session);
+                        session.request.may_write = c.writes;
+                    }
+                    None => {
+                        session.request.effects.clear();
+                        session.request.may_write = true;
+                    }
                 }
-                None => {
-                    session.request.effects.clear();
-                    session.request.may_write = true;
+                session.note_written(classification.as_deref());
+                if session.request.may_write || session.state.status() != b'I' {
+                    let sql = query_text(&frame).unwrap_or_default();
+                    session.request.commits = freshness::may_commit(sql);
+                    session.request.copies = session.request.may_write && freshness::may_copy(sql);
                 }
-            }
-            if session.request.may_write || session.state.status() != b'I' {
-                let sql = query_text(&frame).unwrap_or_default();
-                session.request.commits = freshness::may_commit(sql);
-                session.request.copies = session.request.may_write && freshness::may_copy(sql);
-            }
-            // Pinned, or about to be by what its transaction did (a temporary table ON
-            // COMMIT DROP is gone again at the COMMIT that pins the client).
-            session.request.check_pins = (session.is_pinned() || session.state.status() != b'I')
-                && effects::may_release(query_text(&frame).unwrap_or_default());
-            // A simple query replaces the unnamed statement.
-            session.server_mut()?.unnamed = None;
-            session.to_server.extend_from_slice(&frame);
-            session.expect(super::relay::Reply::Query, true, None);
-            Ok(())
-        })
-        .await?;
+                // Pinned, or about to be by what its transaction did (a temporary table ON
+                // COMMIT DROP is gone again at the COMMIT that pins the client).
+                session.request.check_pins = (session.is_pinned()
+                    || session.state.status() != b'I')
+                    && effects::may_release(query_text(&frame).unwrap_or_default());
+                // A simple query replaces the unnamed statement.
+                session.server_mut()?.unnamed = None;
+                session.to_server.extend_from_slice(&frame);
+                session.expect(super::relay::Reply::Query, true, None);
+                Ok(())
+            })
+            .await;
+        self.finish_fill();
+        sent?;
         if std::mem::take(&mut self.request.retried_on_primary) {
             if let (Some(c), Ok(text)) = (&classification, std::str::from_utf8(sql)) {
                 self.shared.router.learn_write(&self.database, text, c);
@@ -198,6 +208,7 @@ impl Session<'_> {
         };
         self.send_or_report(Target::Primary, plan, |session| {
             session.request.may_write = true;
+            session.note_written(None);
             session.to_server.extend_from_slice(&frame);
             session.expect(super::relay::Reply::FunctionCall, true, None);
             Ok(())
@@ -232,6 +243,12 @@ impl Session<'_> {
         } else {
             target
         };
+        if sync && matches!(self.state, State::Idle) {
+            let route = parse_targets.first();
+            if self.cached_batch(&batch, route, hints).await? {
+                return Ok(());
+            }
+        }
         let plan = Plan {
             retry: sync,
             relay: complete,
@@ -254,7 +271,9 @@ impl Session<'_> {
                 }
                 Ok(())
             })
-            .await?;
+            .await;
+        self.finish_fill();
+        let sent = sent?;
         self.request.retried_on_primary = false;
         match sent {
             Ok(()) => Ok(()),
@@ -303,6 +322,9 @@ impl Session<'_> {
                     return Ok(Err(e));
                 }
                 self.request.on_replica = self.state.link().is_some_and(|link| link.replica);
+            }
+            if let Some(fill) = &mut self.fill {
+                fill.restart();
             }
             queue(self)?;
             if plan.ready {

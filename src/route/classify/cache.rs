@@ -5,7 +5,7 @@
 use std::ops::ControlFlow;
 use std::time::Duration;
 
-use sqlparser::ast::{visit_relations, Query, Statement, Visit, Visitor};
+use sqlparser::ast::{visit_relations, ObjectName, Query, Statement, TableFactor, Visit, Visitor};
 use sqlparser::tokenizer::{Token, TokenWithSpan};
 
 use super::tokens::leading_comments;
@@ -118,36 +118,43 @@ pub(super) fn facts(
 
 /// Adds the relations `statements` name to `tables`, leaving out CTE names.
 pub(super) fn add_tables(statements: &[Statement], tables: &mut Vec<String>) {
-    struct Ctes(Vec<String>);
-    impl Visitor for Ctes {
+    /// CTE names, and functions called in `FROM` (which sqlparser names as relations).
+    #[derive(Default)]
+    struct NotTables {
+        ctes: Vec<String>,
+        functions: Vec<String>,
+    }
+    impl Visitor for NotTables {
         type Break = ();
         fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
             if let Some(with) = &query.with {
                 for cte in &with.cte_tables {
-                    self.0.push(cte.alias.name.value.to_ascii_lowercase());
+                    self.ctes.push(cte.alias.name.value.to_ascii_lowercase());
                 }
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+            if let TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } = factor
+            {
+                self.functions.push(folded(name));
             }
             ControlFlow::Continue(())
         }
     }
 
-    let mut ctes = Ctes(Vec::new());
+    let mut not_tables = NotTables::default();
     for statement in statements {
-        let _ = statement.visit(&mut ctes);
+        let _ = statement.visit(&mut not_tables);
     }
-    let mut add = |name: &sqlparser::ast::ObjectName| {
-        let parts: Vec<String> = name
-            .0
-            .iter()
-            .filter_map(|part| part.as_ident())
-            .map(|ident| match ident.quote_style {
-                Some(_) => ident.value.clone(),
-                None => ident.value.to_ascii_lowercase(),
-            })
-            .collect();
-        let full = parts.join(".");
-        let a_cte = parts.len() == 1 && ctes.0.contains(&full);
-        if !a_cte && !full.is_empty() {
+    let mut add = |name: &ObjectName| {
+        let full = folded(name);
+        let a_cte = !full.contains('.') && not_tables.ctes.contains(&full);
+        if !a_cte && !full.is_empty() && !not_tables.functions.contains(&full) {
             tables.push(full);
         }
         ControlFlow::<()>::Continue(())
@@ -155,6 +162,19 @@ pub(super) fn add_tables(statements: &[Statement], tables: &mut Vec<String>) {
     for statement in statements {
         let _ = visit_relations(statement, &mut add);
     }
+}
+
+/// A name as PostgreSQL folds it: unquoted parts lower-cased, joined with `.`.
+fn folded(name: &ObjectName) -> String {
+    name.0
+        .iter()
+        .filter_map(|part| part.as_ident())
+        .map(|ident| match ident.quote_style {
+            Some(_) => ident.value.clone(),
+            None => ident.value.to_ascii_lowercase(),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// The `pgway:cache` hint in the comments that start `sql`, with its `ttl=` and
@@ -231,6 +251,8 @@ mod tests {
             Some(&["accounts.groups".to_owned(), "users".to_owned()][..])
         );
         assert!(!c.cache.clock);
+        let c = classify("select * from accounts.get_user(1) u join t using (id)");
+        assert_eq!(c.cache.tables.as_deref(), Some(&["t".to_owned()][..]));
         let c = classify("select * from \"Odd\".t where x > now()");
         assert_eq!(c.cache.tables.as_deref(), Some(&["Odd.t".to_owned()][..]));
         assert!(c.cache.clock);
