@@ -117,6 +117,9 @@ pub struct Db {
     tables: Mutex<HashMap<String, Arc<TableState>>>,
     /// Bumped to drop every entry of the database.
     generation: AtomicU64,
+    /// Bumped each time a stream becomes consistent (a new slot, perhaps on a new primary):
+    /// positions learned before are of another stream.
+    epoch: AtomicU64,
     state: AtomicU8,
     /// The stream has decoded (and applied) everything before this WAL position.
     position: AtomicU64,
@@ -200,6 +203,11 @@ impl Db {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.plans.invalidate_all();
         stats.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The stream's epoch (see the field).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// The database's name.
@@ -467,6 +475,7 @@ impl ResultCache {
             name: Arc::clone(&name),
             tables: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             state: AtomicU8::new(StreamState::Off as u8),
             position: AtomicU64::new(0),
             waiting: std::sync::atomic::AtomicUsize::new(0),

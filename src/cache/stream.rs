@@ -158,6 +158,7 @@ fn apply(db: &Db, stats: &Stats, event: WalEvent) {
         WalEvent::Consistent { position } => {
             // What changed while no stream was consistent is unknown: start empty.
             db.invalidate_all(stats);
+            db.epoch.fetch_add(1, Ordering::AcqRel);
             db.position.store(position, Ordering::Release);
             db.set_state(StreamState::Following);
             db.advance(position);

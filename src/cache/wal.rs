@@ -1100,6 +1100,213 @@ mod tests {
         assert!(!valid_slot_name(&"a".repeat(64)));
     }
 
+    /// Hands out one in-memory stream, the follower's end of a scripted walsender.
+    #[derive(Debug)]
+    struct OneStream(std::sync::Mutex<Option<tokio::io::DuplexStream>>);
+
+    impl Connector for OneStream {
+        fn connect<'a>(&'a self, _addr: &'a str) -> crate::net::transport::Connecting<'a> {
+            let stream = self.0.lock().unwrap().take();
+            Box::pin(async move {
+                stream
+                    .map(|s| Box::new(s) as Box<dyn crate::net::Transport>)
+                    .ok_or_else(|| std::io::Error::other("connected twice"))
+            })
+        }
+    }
+
+    fn xlog_data(out: &mut BytesMut, position: u64, line: &str) {
+        let mut msg = vec![b'w'];
+        msg.extend_from_slice(&position.to_be_bytes());
+        msg.extend_from_slice(&position.to_be_bytes());
+        msg.extend_from_slice(&0i64.to_be_bytes());
+        msg.extend_from_slice(line.as_bytes());
+        put_frame(out, b'd', &msg);
+    }
+
+    fn keepalive(out: &mut BytesMut, wal_end: u64, reply: bool) {
+        let mut msg = vec![b'k'];
+        msg.extend_from_slice(&wal_end.to_be_bytes());
+        msg.extend_from_slice(&0i64.to_be_bytes());
+        msg.push(u8::from(reply));
+        put_frame(out, b'd', &msg);
+    }
+
+    fn data_row_frame(out: &mut BytesMut, values: &[Option<&str>]) {
+        let mut msg = (values.len() as i16).to_be_bytes().to_vec();
+        for v in values {
+            match v {
+                Some(v) => {
+                    msg.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    msg.extend_from_slice(v.as_bytes());
+                }
+                None => msg.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        put_frame(out, b'D', &msg);
+    }
+
+    /// Reads frames until a standby status update confirming `position`; checks that
+    /// every update confirms one position three times and that they never go back.
+    async fn confirmed(io: &mut FramedStream, position: u64, last: &mut u64) {
+        loop {
+            let frame = io.read_frame(MAX_MESSAGE_LEN).await.unwrap();
+            assert_eq!(frame[0], b'd', "only CopyData while streaming");
+            let msg = body(&frame);
+            assert_eq!((msg[0], msg.len()), (b'r', 34));
+            let at = |i: usize| u64::from_be_bytes(msg[1 + i * 8..9 + i * 8].try_into().unwrap());
+            assert!(
+                at(0) == at(1) && at(1) == at(2),
+                "written = flushed = applied"
+            );
+            assert!(at(0) >= *last, "confirmations never go back");
+            *last = at(0);
+            if at(0) == position {
+                return;
+            }
+            assert!(at(0) < position, "confirmed {} past {position}", at(0));
+        }
+    }
+
+    /// A scripted walsender: login, SHOW, CREATE_REPLICATION_SLOT, START_REPLICATION,
+    /// then the lines the real one cannot be made to send.
+    async fn fake_walsender(stream: tokio::io::DuplexStream) {
+        let mut io = FramedStream::new(Box::new(stream));
+        let startup = io.read_startup().await.unwrap();
+        let text = String::from_utf8_lossy(&startup).into_owned();
+        assert!(text.contains("replication\0database\0"), "{text:?}");
+        assert!(text.contains("application_name\0pgway_cache\0"), "{text:?}");
+        let mut out = BytesMut::new();
+        put_frame(&mut out, b'R', &0i32.to_be_bytes());
+        put_frame(&mut out, b'Z', b"I");
+        io.send(&mut out).await.unwrap();
+
+        let sql = |frame: &[u8]| String::from_utf8_lossy(query_text_of(frame)).into_owned();
+        let frame = io.read_frame(MAX_MESSAGE_LEN).await.unwrap();
+        assert_eq!(sql(&frame), "SHOW wal_level");
+        data_row_frame(&mut out, &[Some("logical")]);
+        put_frame(&mut out, b'C', b"SHOW\0");
+        put_frame(&mut out, b'Z', b"I");
+        io.send(&mut out).await.unwrap();
+
+        let frame = io.read_frame(MAX_MESSAGE_LEN).await.unwrap();
+        assert!(sql(&frame).starts_with("CREATE_REPLICATION_SLOT pgway_t TEMPORARY LOGICAL"));
+        data_row_frame(
+            &mut out,
+            &[Some("pgway_t"), Some("0/100"), None, Some("test_decoding")],
+        );
+        put_frame(&mut out, b'C', b"CREATE_REPLICATION_SLOT\0");
+        put_frame(&mut out, b'Z', b"I");
+        io.send(&mut out).await.unwrap();
+
+        let frame = io.read_frame(MAX_MESSAGE_LEN).await.unwrap();
+        assert!(
+            sql(&frame).starts_with("START_REPLICATION SLOT pgway_t LOGICAL 0/100 ("),
+            "{}",
+            sql(&frame)
+        );
+        put_frame(&mut out, b'W', &[0, 0, 0]);
+        io.send(&mut out).await.unwrap();
+        let mut last = 0;
+        confirmed(&mut io, 0x100, &mut last).await;
+
+        // A transaction with a line nobody can read, and a keepalive inside it.
+        xlog_data(&mut out, 0x200, "BEGIN");
+        keepalive(&mut out, 0x150, false);
+        xlog_data(&mut out, 0x210, "something new: table public.b: INSERT: x");
+        xlog_data(&mut out, 0x300, "COMMIT");
+        // A transaction whose table cannot be looked up (no catalog connection).
+        xlog_data(&mut out, 0x310, "BEGIN");
+        xlog_data(&mut out, 0x320, "table public.a: INSERT: id[integer]:1");
+        xlog_data(&mut out, 0x380, "COMMIT");
+        io.send(&mut out).await.unwrap();
+        confirmed(&mut io, 0x380, &mut last).await;
+        // Nothing new, but a reply is requested: confirmed at once.
+        keepalive(&mut out, 0x380, true);
+        io.send(&mut out).await.unwrap();
+        confirmed(&mut io, 0x380, &mut last).await;
+        keepalive(&mut out, 0x400, false);
+        io.send(&mut out).await.unwrap();
+        confirmed(&mut io, 0x400, &mut last).await;
+        // The server ends the stream.
+        put_frame(&mut out, b'c', &[]);
+        io.send(&mut out).await.unwrap();
+        // Wait for the follower to hang up.
+        while io.read_frame(MAX_MESSAGE_LEN).await.is_ok() {}
+    }
+
+    fn query_text_of(frame: &[u8]) -> &[u8] {
+        crate::protocol::messages::query_text(frame).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_protocol_against_a_scripted_walsender() {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(fake_walsender(far));
+        let follower = WalFollower {
+            // Nothing listens there: catalog look-ups fail.
+            addr: "127.0.0.1:1",
+            user: "pgway_wal",
+            password: "wal-secret",
+            database: "appdb",
+            slot: "pgway_t",
+            timeout: Duration::from_secs(5),
+        };
+        let mut events = Vec::new();
+        let result = follower
+            .run(
+                &OneStream(std::sync::Mutex::new(Some(near))),
+                CancellationToken::new(),
+                |e| events.push(e),
+            )
+            .await;
+        assert!(
+            matches!(result, Err(WalError::Lost(NetError::Closed))),
+            "{result:?}"
+        );
+        server.await.unwrap();
+        assert_eq!(
+            events,
+            [
+                WalEvent::Consistent { position: 0x100 },
+                WalEvent::Commit {
+                    position: 0x300,
+                    tables: vec![],
+                    unknown: true
+                },
+                WalEvent::Commit {
+                    position: 0x380,
+                    tables: vec![t("public", "a")],
+                    unknown: true
+                },
+                WalEvent::Position(0x400),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalid_slot_name_is_refused_before_connecting() {
+        let follower = WalFollower {
+            addr: "127.0.0.1:1",
+            user: "u",
+            password: "p",
+            database: "d",
+            slot: "x; DROP",
+            timeout: Duration::from_secs(1),
+        };
+        let result = follower
+            .run(
+                &OneStream(std::sync::Mutex::new(None)),
+                CancellationToken::new(),
+                |_| {},
+            )
+            .await;
+        assert!(
+            matches!(result, Err(WalError::InvalidSlot(_))),
+            "{result:?}"
+        );
+    }
+
     #[test]
     fn debug_leaves_the_password_out() {
         let follower = WalFollower {

@@ -185,7 +185,9 @@ impl Session<'_> {
         let handle = self.cache.as_ref()?;
         let (db, user) = (Arc::clone(&handle.db), Arc::clone(&handle.user));
         let cache = self.shared.cache.as_ref()?;
-        let floor = self.read_floor().max(self.seen);
+        let (epoch, seen) = self.seen;
+        let seen = if epoch == db.epoch() { seen } else { 0 };
+        let floor = self.read_floor().max(seen);
         let replicas = self.known_replica_position();
         let request = Request { parts };
         let (mut waited, mut caught_up) = (false, false);
@@ -227,6 +229,19 @@ impl Session<'_> {
                     return None;
                 }
             }
+        }
+    }
+
+    /// A cacheable read saw `position` on its server.
+    pub(super) fn saw(&mut self, position: u64) {
+        if let Some(handle) = &self.cache {
+            let epoch = handle.db.epoch();
+            let (seen_epoch, seen) = self.seen;
+            self.seen = if seen_epoch == epoch {
+                (epoch, seen.max(position))
+            } else {
+                (epoch, position)
+            };
         }
     }
 

@@ -34,10 +34,12 @@ pub const LAST_ROUTE_SETTING: &str = "pgway.last_route";
 /// The WAL position query pgway sends after a committing write.
 const WAL_POSITION_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
 
-/// The position a read just made saw: a replica's replay position, the primary's insert
-/// position (sent after a cacheable read that missed).
+/// The position a read just made saw (sent after a cacheable read that missed): a
+/// replica's replay position, the primary's flush position (every commit acknowledged by
+/// then is flushed, and the invalidation stream decodes only flushed WAL; the insert
+/// position can run ahead of it by records the WAL writer flushes later).
 const SEEN_POSITION_QUERY: &str = "SELECT coalesce(pg_catalog.pg_last_wal_replay_lsn(), \
-     pg_catalog.pg_current_wal_insert_lsn())";
+     pg_catalog.pg_current_wal_flush_lsn())";
 
 /// The read-your-writes hints of a request's statements, and whether they read pgway's
 /// own per-statement settings.
@@ -243,7 +245,7 @@ impl Session<'_> {
                 };
                 let position = self.request.wal_position.take();
                 if std::mem::take(&mut self.request.ask_seen) {
-                    self.seen = self.seen.max(position.unwrap_or(0));
+                    self.saw(position.unwrap_or(0));
                     self.out.extend_from_slice(&ready);
                     return;
                 }

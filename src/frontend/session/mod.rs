@@ -339,9 +339,10 @@ pub struct Session<'a> {
     cache: Option<cache::SessionCache>,
     /// The reply of the request in flight, for the result cache.
     fill: Option<crate::cache::Fill>,
-    /// The highest WAL position a cacheable read of this client saw on a server: later
-    /// hits need the invalidation stream at least there, so its reads never go back.
-    seen: u64,
+    /// The highest WAL position a cacheable read of this client saw on a server, and the
+    /// stream epoch it was seen in: later hits need the invalidation stream at least there,
+    /// so its reads never go back (a new stream, after a failover, starts afresh).
+    seen: (u64, u64),
 }
 
 impl<'a> Session<'a> {
@@ -394,7 +395,7 @@ impl<'a> Session<'a> {
             last_route: Why::Nothing,
             cache,
             fill: None,
-            seen: 0,
+            seen: (0, 0),
         }
     }
 
