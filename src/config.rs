@@ -651,6 +651,48 @@ health_interval = "1s"
 "#;
 
     #[test]
+    fn the_cache_section_parses_and_is_checked() {
+        let with = |cache: &str| Config::from_toml_str(&format!("{EXAMPLE}\n{cache}"));
+        let config = with(
+            r#"[cache]
+enabled = true
+max_memory = "256MB"
+max_entry_size = "1MB"
+default_ttl = "60s"
+wal_user = "pgway_wal"
+wal_password = "secret"
+[[cache.rules]]
+tables = ["accounts.user_groups", "accounts.contact_type"]
+ttl = "3h"
+"#,
+        )
+        .expect("cache config");
+        assert!(config.cache.enabled);
+        assert_eq!(config.cache.max_memory, Some(256 << 20));
+        assert_eq!(
+            config.cache.rules[0].ttl,
+            Some(Duration::from_secs(3 * 3600))
+        );
+        assert!(!format!("{:?}", config.cache).contains("secret"));
+        assert!(
+            !Config::from_toml_str(EXAMPLE)
+                .expect("example")
+                .cache
+                .enabled
+        );
+        let refused = |cache: &str, key: &str| match with(cache) {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
+            other => panic!("{cache}: {other:?}"),
+        };
+        refused("[[cache.rules]]\ntables = []\n", "cache.rules[0].tables");
+        refused(
+            "[cache]\nmax_memory = \"1MB\"\nmax_entry_size = \"2MB\"\n",
+            "cache.max_entry_size",
+        );
+        assert!(with("[cache]\nttl = \"1s\"\n").is_err());
+    }
+
+    #[test]
     fn example_parses() {
         let config = Config::from_toml_str(EXAMPLE).expect("example config");
         assert_eq!(config.pool.size, 20);

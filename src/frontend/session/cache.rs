@@ -11,11 +11,11 @@ use bytes::BytesMut;
 use super::freshness::ReadHints;
 use super::prepared::Prepared;
 use super::{Session, SessionError, State};
-use crate::cache::{Db, Lookup, Plan, Request, FILL_WAIT};
+use crate::cache::{Db, Lookup, Plan, Request, StreamState, FILL_WAIT};
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, Bind, Parse};
 use crate::route::catalog::{Cacheable, Volatility};
-use crate::route::{Classification, StatementKind, Target, Why};
+use crate::route::{Classification, Hint, StatementKind, Target, Why};
 use crate::topology::Role;
 
 /// The session's handle on the cache.
@@ -88,13 +88,16 @@ impl<'a> CachedBatch<'a> {
 }
 
 impl Session<'_> {
-    /// Whether the request about to be sent may use the cache at all.
-    fn may_cache(&self, hints: ReadHints) -> bool {
+    /// Whether the request about to be sent may use the cache at all: outside a
+    /// transaction, not asking for the primary's freshness (`pgway:fresh`, a primary
+    /// target), not reading pgway's per-statement settings.
+    fn may_cache(&self, hints: ReadHints, hint: Option<Hint>) -> bool {
         self.cache.is_some()
             && matches!(self.state, State::Idle)
             && !hints.fresh
             && !hints.last_route
             && !hints.last_write
+            && hint.or(self.target) != Some(Hint::Primary)
     }
 
     /// A simple query: answered from the cache (true), or sent with a fill (or without).
@@ -104,7 +107,7 @@ impl Session<'_> {
         c: &Classification,
         hints: ReadHints,
     ) -> Result<bool, SessionError> {
-        if !self.may_cache(hints) || !c.cache.query {
+        if !self.may_cache(hints, c.hint) || !c.cache.query {
             return Ok(false);
         }
         let Some(plan) = self.cache_plan(sql, c).await else {
@@ -125,7 +128,7 @@ impl Session<'_> {
         route: Option<&(Target, Why)>,
         hints: ReadHints,
     ) -> Result<bool, SessionError> {
-        if !self.may_cache(hints) {
+        if !self.may_cache(hints, None) {
             return Ok(false);
         }
         let Some(shape) = CachedBatch::of(batch) else {
@@ -144,7 +147,7 @@ impl Session<'_> {
             return Ok(false);
         };
         let c = self.shared.router.classification(text);
-        if !c.cache.query {
+        if !c.cache.query || c.hint == Some(Hint::Primary) {
             return Ok(false);
         }
         if let Some(parse) = &shape.parse {
@@ -342,6 +345,9 @@ impl Session<'_> {
     /// tables it named are dropped, or all of the database's if pgway cannot tell which
     /// (`position`: its WAL position, 0 if unknown).
     pub(super) fn end_written(&mut self, kept: bool, position: u64) {
+        if self.cache.is_none() {
+            return;
+        }
         let written = std::mem::take(&mut self.txn.written);
         if !kept {
             return;
@@ -349,13 +355,19 @@ impl Session<'_> {
         let (Some(cache), Some(handle)) = (&self.shared.cache, &self.cache) else {
             return;
         };
-        match written {
-            Written::Nothing => {}
-            Written::Tables(tables) => cache.invalidate(&handle.db, &tables, position),
-            Written::Unknown => {
-                cache.invalidate_all(&handle.db);
-                self.shared.router.catalog().relations_changed();
-            }
+        if !written.any {
+            return;
+        }
+        if written.schema {
+            cache.invalidate_all(&handle.db);
+            self.shared.router.catalog().relations_changed();
+            return;
+        }
+        match written.tables {
+            Some(tables) => cache.invalidate(&handle.db, &tables, position),
+            // The stream reports which tables changed; without it, everything goes.
+            None if handle.db.state() == StreamState::Following => {}
+            None => cache.invalidate_all(&handle.db),
         }
     }
 
@@ -364,35 +376,47 @@ impl Session<'_> {
         if self.cache.is_none() {
             return;
         }
-        let tables = match c {
-            Some(c) if !c.writes => return,
-            Some(c) => c.cache.tables.as_deref(),
-            None => None,
-        };
-        self.txn.written.add(tables);
+        match c {
+            Some(c) if !c.writes => {}
+            Some(c) => self
+                .txn
+                .written
+                .add(c.cache.tables.as_deref(), c.cache.changes_schema),
+            None => self.txn.written.add(None, true),
+        }
     }
 }
 
 /// What the open transaction (or request) may have changed, for the cache.
-#[derive(Debug, Default)]
-pub(super) enum Written {
-    #[default]
-    Nothing,
-    /// These tables (names as written).
-    Tables(Vec<String>),
-    /// pgway cannot tell (DDL, functions, SQL it cannot parse).
-    Unknown,
+#[derive(Debug)]
+pub(super) struct Written {
+    /// Something may have been written.
+    any: bool,
+    /// The tables named (names as written); `None`: pgway cannot tell.
+    tables: Option<Vec<String>>,
+    /// DDL and the like, which the invalidation stream does not report.
+    schema: bool,
+}
+
+impl Default for Written {
+    fn default() -> Self {
+        Self {
+            any: false,
+            tables: Some(Vec::new()),
+            schema: false,
+        }
+    }
 }
 
 impl Written {
-    pub(super) fn add(&mut self, tables: Option<&[String]>) {
-        *self = match (std::mem::take(self), tables) {
-            (Written::Unknown, _) | (_, None) => Written::Unknown,
-            (Written::Nothing, Some(tables)) => Written::Tables(tables.to_vec()),
-            (Written::Tables(mut known), Some(tables)) => {
-                known.extend(tables.iter().cloned());
-                Written::Tables(known)
-            }
-        };
+    /// A statement that may write `tables` (`None`: unknown) was sent; `schema`: it may
+    /// change what the stream does not report.
+    pub(super) fn add(&mut self, tables: Option<&[String]>, schema: bool) {
+        self.any = true;
+        self.schema |= schema;
+        match (&mut self.tables, tables) {
+            (Some(known), Some(tables)) => known.extend(tables.iter().cloned()),
+            (known, _) => *known = None,
+        }
     }
 }

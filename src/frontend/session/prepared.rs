@@ -33,6 +33,8 @@ pub(super) struct Prepared {
     writes: bool,
     /// The tables it names, for the result cache (`None`: pgway cannot tell).
     tables: Option<Vec<String>>,
+    /// It may change what the cache's invalidation stream does not report (DDL, ...).
+    changes_schema: bool,
     /// Its read-your-writes hints (and whether it reads pgway's own settings).
     hints: ReadHints,
     /// Why it runs where `target` says.
@@ -159,8 +161,8 @@ impl Session<'_> {
                     }
                     self.request.may_write |= prepared.writes;
                     if prepared.writes && self.cache.is_some() {
-                        let tables = prepared.tables.clone();
-                        self.txn.written.add(tables.as_deref());
+                        let (tables, schema) = (prepared.tables.clone(), prepared.changes_schema);
+                        self.txn.written.add(tables.as_deref(), schema);
                     }
                     self.request.copies |= prepared.writes && freshness::may_copy(&prepared.sql);
                     if (in_transaction || prepared.writes) && freshness::may_commit(&prepared.sql) {
@@ -280,6 +282,7 @@ impl Session<'_> {
             effects,
             writes: classification.is_none_or(|c| c.writes),
             tables: classification.and_then(|c| c.cache.tables.clone()),
+            changes_schema: classification.is_none_or(|c| c.cache.changes_schema),
             hints: classification.map(ReadHints::of).unwrap_or_default(),
             why,
         });

@@ -208,7 +208,10 @@ impl Session<'_> {
         };
         self.send_or_report(Target::Primary, plan, |session| {
             session.request.may_write = true;
-            session.note_written(None);
+            if session.cache.is_some() {
+                // A function call by OID: pgway cannot tell what it does.
+                session.txn.written.add(None, true);
+            }
             session.to_server.extend_from_slice(&frame);
             session.expect(super::relay::Reply::FunctionCall, true, None);
             Ok(())

@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlparser::ast::{visit_relations, ObjectName, Query, Statement, TableFactor, Visit, Visitor};
 use sqlparser::tokenizer::{Token, TokenWithSpan};
 
-use super::tokens::leading_comments;
+use super::tokens::{is_kw, is_trivia, leading_comments, split_statements};
 
 /// `/* pgway:cache [ttl=30s] [tables=a.b,c.d] */`: cache this statement's result.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -36,6 +36,10 @@ pub struct CacheFacts {
     pub clock: bool,
     /// `pgway:cache` in a leading comment.
     pub hint: Option<CacheHint>,
+    /// It may change what logical decoding does not report: DDL, `GRANT`/`REVOKE`,
+    /// policies, `REFRESH MATERIALIZED VIEW`, comments, and `DO`/`CALL`, which may run
+    /// any of them (a word scan of each statement's first word; unparseable text counts).
+    pub changes_schema: bool,
 }
 
 /// Words that read the clock when used as a function or a keyword, and date/time input
@@ -53,6 +57,26 @@ const CLOCK_WORDS: &[&str] = &[
     "timeofday",
 ];
 const CLOCK_STRINGS: &[&str] = &["now", "today", "tomorrow", "yesterday"];
+
+/// Statements that change what logical decoding does not report (or may run such).
+const SCHEMA_CHANGES: &[&str] = &[
+    "create", "alter", "drop", "grant", "revoke", "refresh", "comment", "security", "reindex",
+    "cluster", "import", "do", "call",
+];
+
+/// True if a statement of `tokens` starts with one of [`SCHEMA_CHANGES`], or `tokens` is
+/// `None` (the text did not tokenize).
+pub(super) fn changes_schema(tokens: Option<&[TokenWithSpan]>) -> bool {
+    let Some(tokens) = tokens else {
+        return true;
+    };
+    split_statements(tokens).iter().any(|statement| {
+        statement
+            .iter()
+            .find(|t| !is_trivia(&t.token))
+            .is_some_and(|t| SCHEMA_CHANGES.iter().any(|w| is_kw(&t.token, w)))
+    })
+}
 
 /// True if the tokens read the clock (a word scan: a column named `now` counts too).
 pub(super) fn reads_clock(tokens: &[TokenWithSpan]) -> bool {
@@ -73,12 +97,14 @@ pub(super) fn facts(
     statements: Option<&[Statement]>,
     clock: bool,
     read: bool,
+    changes_schema: bool,
 ) -> CacheFacts {
     let hint = cache_hint(sql);
     let Some(statements) = statements else {
         return CacheFacts {
             hint,
             clock,
+            changes_schema,
             ..CacheFacts::default()
         };
     };
@@ -113,6 +139,7 @@ pub(super) fn facts(
         tables,
         clock,
         hint,
+        changes_schema,
     }
 }
 
@@ -287,6 +314,12 @@ mod tests {
         assert_eq!(tables("call p()"), None);
         assert_eq!(tables("do $$ begin end $$"), None);
         assert_eq!(tables("garbage !!"), None);
+        let schema = |sql: &str| classify(sql).cache.changes_schema;
+        assert!(schema("alter table t add column y int"));
+        assert!(schema("update t set x = 1; grant select on t to x"));
+        assert!(schema("do $$ begin end $$"));
+        assert!(!schema("update t set x = 1"));
+        assert!(!schema("select f()"));
     }
 
     #[test]

@@ -417,6 +417,7 @@ pub fn classify(sql: &str) -> Classification {
         None => untokenized_session_effects(sql),
     };
     let clock = tokens.as_deref().is_some_and(cache::reads_clock);
+    let changes_schema = cache::changes_schema(tokens.as_deref());
     let mut parsed = None;
     let routing = tokens.and_then(|tokens| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -429,7 +430,7 @@ pub fn classify(sql: &str) -> Classification {
         .as_ref()
         .is_some_and(|(kind, _)| *kind == StatementKind::Read);
     let cache = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        cache::facts(sql, parsed.as_deref(), clock, read)
+        cache::facts(sql, parsed.as_deref(), clock, read, changes_schema)
     }))
     .unwrap_or_default();
     match routing {
