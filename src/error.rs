@@ -45,6 +45,9 @@ pub mod sqlstate {
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     /// For example "recovery is in progress" on a hot standby.
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    /// `feature_not_supported` (a standby's "cannot access temporary or unlogged relations
+    /// during recovery").
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// `57014` query_canceled.
     pub const QUERY_CANCELED: &str = "57014";
     /// `08`: the class connection_exception (`08000`, `08006`, `08P01`, ...).
@@ -203,12 +206,15 @@ impl From<PoolError> for ClientError {
     }
 }
 
-/// True for an ErrorResponse in which a hot standby refuses to write: `25006` ("cannot
-/// execute ... in a read-only transaction") or `55000` "... recovery is in progress".
+/// True for an ErrorResponse in which a hot standby refuses what only a primary can do:
+/// `25006` ("cannot execute ... in a read-only transaction"), `55000` "... recovery is in
+/// progress", or `0A000` "cannot access temporary or unlogged relations during recovery"
+/// (an unlogged table has no rows on a standby).
 pub fn is_read_only_refusal(frame: &[u8]) -> bool {
     let (code, message) = messages::error_fields(frame);
     code == sqlstate::READ_ONLY_SQL_TRANSACTION
         || code == sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE && message.contains("recovery")
+        || code == sqlstate::FEATURE_NOT_SUPPORTED && message.contains("during recovery")
 }
 
 /// True for a FATAL ErrorResponse by which a server says it is shutting down (or cannot

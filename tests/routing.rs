@@ -743,3 +743,45 @@ async fn pgway_target_routes_the_rest_of_the_session() {
         .expect_err("an invalid startup pgway.target");
     assert_eq!(sqlstate(&err), "22023", "{}", describe_error(&err));
 }
+
+/// An unlogged table has no rows on a standby, which refuses to read it (`0A000 cannot
+/// access temporary or unlogged relations during recovery`): pgway sends the read to the
+/// primary instead of handing the client that error, in both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_an_unlogged_table_are_answered_by_the_primary() {
+    let cluster = Cluster::start_with_schema(
+        1,
+        "SET ROLE app;\n\
+         CREATE UNLOGGED TABLE scratch (id int);\n\
+         INSERT INTO scratch VALUES (1), (2), (3);\n",
+    );
+    let gw = Gateway::start(&cluster);
+    gw.wait_for_replica_reads(&cluster).await;
+    let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    let sql = "select inet_server_port(), count(*)::int from scratch";
+    for proto in [Proto::Simple, Proto::Extended] {
+        let (port, count) = match proto {
+            Proto::Simple => {
+                let rows = simple_rows(&client, sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("simple read: {}", describe_error(&e)));
+                (
+                    rows[0][0].clone().unwrap_or_default(),
+                    rows[0][1].clone().unwrap_or_default(),
+                )
+            }
+            Proto::Extended => {
+                let row = client
+                    .query_one(sql, &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("extended read: {}", describe_error(&e)));
+                (
+                    row.get::<_, i32>(0).to_string(),
+                    row.get::<_, i32>(1).to_string(),
+                )
+            }
+        };
+        assert_eq!(port, cluster.primary_port().to_string(), "{proto:?}");
+        assert_eq!(count, "3", "{proto:?}");
+    }
+}

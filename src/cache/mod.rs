@@ -128,6 +128,8 @@ pub struct Db {
     advanced: tokio::sync::Notify,
     /// The temporary slot's name, while there is one.
     slot: Mutex<Option<String>>,
+    /// Its stream was started (on the first cacheable statement).
+    started: std::sync::atomic::AtomicBool,
     /// Plans by statement text (`None`: not cacheable).
     plans: moka::sync::Cache<Box<[u8]>, Option<Arc<Plan>>>,
 }
@@ -464,7 +466,8 @@ impl ResultCache {
         dbs.values().cloned().collect()
     }
 
-    /// The state of `database` (made, and its stream started, on first use).
+    /// The state of `database`, made on first use. With a stream configured it starts
+    /// out bypassed; [`Self::follow`] starts its stream.
     pub fn db(&self, database: &str) -> Arc<Db> {
         let mut dbs = self.dbs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(db) = dbs.get(database) {
@@ -481,17 +484,27 @@ impl ResultCache {
             waiting: std::sync::atomic::AtomicUsize::new(0),
             advanced: tokio::sync::Notify::new(),
             slot: Mutex::new(None),
+            started: std::sync::atomic::AtomicBool::new(false),
             plans: moka::sync::Cache::builder()
                 .max_capacity(20_000)
                 .time_to_live(Duration::from_secs(300))
                 .build(),
         });
         dbs.insert(name, Arc::clone(&db));
-        if let Some(streams) = &self.streams {
+        if self.streams.is_some() {
             db.set_state(StreamState::Starting);
-            streams.start(Arc::clone(&db), Arc::clone(&self.stats));
         }
         db
+    }
+
+    /// Starts following `db`'s WAL, unless it is followed already: called for its first
+    /// cacheable statement, so a database nothing is cached for has no slot.
+    pub fn follow(&self, db: &Arc<Db>) {
+        if let Some(streams) = &self.streams {
+            if !db.started.swap(true, Ordering::AcqRel) {
+                streams.start(Arc::clone(db), Arc::clone(&self.stats));
+            }
+        }
     }
 
     /// How long entries over `tables` (names as written) live if rules cover every one of

@@ -42,6 +42,13 @@ pub enum Why {
     Cache,
 }
 
+impl Why {
+    /// The statement is a read whose functions (if any) were shown not to write.
+    pub fn is_proven_read(&self) -> bool {
+        matches!(self, Why::PlainRead | Why::ReadOnlyFunctions)
+    }
+}
+
 impl std::fmt::Display for Why {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -194,8 +194,11 @@ impl Session<'_> {
         let replicas = self.known_replica_position();
         let request = Request { parts };
         let (mut waited, mut caught_up) = (false, false);
-        // What the read sees is asked with it, so a later hit is no older.
+        // What the read sees is asked with it, so a later hit is no older; and if it goes
+        // to a server, that server must have replayed what earlier reads saw: the client's
+        // reads never go back, from the cache or not.
         self.request.ask_seen = true;
+        self.request.min_position = self.request.min_position.max(seen);
         loop {
             match cache.lookup(
                 &db,
@@ -270,6 +273,9 @@ impl Session<'_> {
         }
         let plan = self.work_out_plan(&handle.db, c).await;
         handle.db.remember_plan(sql, plan.clone());
+        if let (Some(_), Some(cache)) = (&plan, &self.shared.cache) {
+            cache.follow(&handle.db);
+        }
         plan
     }
 
@@ -319,10 +325,14 @@ impl Session<'_> {
         Some(db.plan(&tables, ttl))
     }
 
-    /// A message the client is sent, for the fill in progress.
+    /// A message the client is sent, for the fill in progress; at its ReadyForQuery the
+    /// fill is stored (before the client has the reply, so its next read can hit).
     pub(super) fn capture(&mut self, frame: &[u8]) {
         if let Some(fill) = &mut self.fill {
             fill.capture(frame);
+            if fill.complete {
+                self.finish_fill();
+            }
         }
     }
 
@@ -371,13 +381,14 @@ impl Session<'_> {
         }
     }
 
-    /// Notes what a request about to be sent may write.
-    pub(super) fn note_written(&mut self, c: Option<&Classification>) {
+    /// Notes what a request about to be sent may write (`read`: its functions were shown
+    /// not to write, or it goes to a replica).
+    pub(super) fn note_written(&mut self, c: Option<&Classification>, read: bool) {
         if self.cache.is_none() {
             return;
         }
         match c {
-            Some(c) if !c.writes => {}
+            Some(c) if !c.writes || read => {}
             Some(c) => self
                 .txn
                 .written

@@ -160,7 +160,9 @@ impl Session<'_> {
                         self.request.check_pins = true;
                     }
                     self.request.may_write |= prepared.writes;
-                    if prepared.writes && self.cache.is_some() {
+                    let proven_read =
+                        prepared.target == Target::Replica || prepared.why.is_proven_read();
+                    if prepared.writes && !proven_read && self.cache.is_some() {
                         let (tables, schema) = (prepared.tables.clone(), prepared.changes_schema);
                         self.txn.written.add(tables.as_deref(), schema);
                     }

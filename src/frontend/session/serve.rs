@@ -140,6 +140,7 @@ impl Session<'_> {
                 };
             }
         }
+        let proven_read = target == Target::Replica || why.is_proven_read();
         self.note_route(why, hints);
         let target = if self.apply_read_hints(hints, target) {
             self.fresh_target(target).await
@@ -169,7 +170,7 @@ impl Session<'_> {
                         session.request.may_write = true;
                     }
                 }
-                session.note_written(classification.as_deref());
+                session.note_written(classification.as_deref(), proven_read);
                 if session.request.may_write || session.state.status() != b'I' {
                     let sql = query_text(&frame).unwrap_or_default();
                     session.request.commits = freshness::may_commit(sql);
