@@ -77,6 +77,10 @@ async fn start() -> (Gateway, Cluster) {
         GatewayOptions {
             pool_size: 4,
             wait_timeout: "30s".into(),
+            // A read right after a write waits for the replica to replay it; on a loaded
+            // machine that can take longer than the default 20ms, and these tests check
+            // where reads go, not the wait.
+            extra: "[routing]\nread_your_writes_wait = \"5s\"\n".into(),
             ..GatewayOptions::default()
         },
     );

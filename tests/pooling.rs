@@ -27,6 +27,10 @@ async fn pooled_gateway(pool_size: usize, wait_timeout: &str) -> (Cluster, Gatew
         GatewayOptions {
             pool_size,
             wait_timeout: wait_timeout.into(),
+            // A read right after a write waits for the replica to replay it; on a loaded
+            // machine that can take longer than the default 20ms, and these tests check
+            // where reads go, not the wait.
+            extra: "[routing]\nread_your_writes_wait = \"5s\"\n".into(),
             ..GatewayOptions::default()
         },
     );
