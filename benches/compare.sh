@@ -19,6 +19,9 @@
 #   ROUTE_BENCH=1     also run `cargo bench --bench route` (the cached route decision); 0 skips
 #   RYW_BENCH=1       also run benches/read-your-writes.sh (each read-your-writes scope under
 #                     a write-then-read load; writes benches/READ_YOUR_WRITES.md); 0 skips
+#   CACHE_BENCH=1     also run benches/cache.sh (the result cache: select-only throughput at
+#                     32 clients direct / pgway / pgway with the cache, and the invalidation
+#                     delay; writes benches/CACHE.md); 0 skips
 #   PGWAY_BENCH_DIR   where the servers, configs and logs live (default: ./.bench, or
 #                     /tmp/pgway-bench when the postgres user cannot use ./.bench)
 # Quick check of the harness:  ROUNDS=1 DURATION=3 CLIENT_CONNS=500 benches/compare.sh
@@ -40,6 +43,7 @@ CLIENT_CONNS=${CLIENT_CONNS:-5000}
 SCALE=${SCALE:-10}
 ROUTE_BENCH=${ROUTE_BENCH:-1}
 RYW_BENCH=${RYW_BENCH:-1}
+CACHE_BENCH=${CACHE_BENCH:-1}
 
 PRIMARY_PORT=5461
 REPLICA_PORT=5462
@@ -648,6 +652,11 @@ run() {
         DURATION=$DURATION PGWAY_BENCH_DIR=$BENCH_DIR bash "$REPO/benches/read-your-writes.sh" "$PGWAY_BIN" ||
             warn "benches/read-your-writes.sh failed"
     fi
+    if [[ $CACHE_BENCH == 1 ]]; then
+        say "the result cache (benches/cache.sh)"
+        DURATION=$DURATION PGWAY_BENCH_DIR=$BENCH_DIR bash "$REPO/benches/cache.sh" "$PGWAY_BIN" ||
+            warn "benches/cache.sh failed"
+    fi
     say "done: benches/RESULTS.md, benches/results.png (raw logs in $RUN_DIR)"
 }
 
@@ -673,7 +682,7 @@ destroy)
     say "deleting $BENCH_DIR"
     rm -rf "$BENCH_DIR"
     ;;
--h | --help | help) sed -n '2,25p' "$0" ;;
+-h | --help | help) sed -n '2,28p' "$0" ;;
 *)
     echo "usage: $0 [run|status|stop|destroy]" >&2
     exit 2
