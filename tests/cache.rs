@@ -1493,19 +1493,7 @@ async fn a_failover_empties_the_cache_and_invalidation_resumes_on_the_new_primar
     cluster.stop_primary();
     cluster.start_replica(0);
     cluster.promote_replica(0);
-    let probe = connect(gw.port(), MD5_USER, MD5_PASSWORD).await;
-    eventually("pgway to find the new primary", WAIT, async || {
-        let rows = simple_rows(&probe, "begin; select inet_server_port(); commit")
-            .await
-            .map_err(|e| describe_error(&e))?;
-        let port = rows.first().and_then(|r| r[0].clone()).unwrap_or_default();
-        if port == new_primary.to_string() {
-            Ok(())
-        } else {
-            Err(format!("a transaction ran on {port}"))
-        }
-    })
-    .await;
+    wait_for_new_primary(gw.port(), new_primary).await;
     let s = stats(admin).await;
     eprintln!("/cache once the new primary is found: {s}");
 

@@ -472,19 +472,7 @@ async fn after_a_promotion_the_old_primarys_positions_make_no_read_wait() {
     cluster.repoint_replica(1, new_primary);
     cluster.start_replica(1);
 
-    let probe = connect(gw.port(), MD5_USER, MD5_PASSWORD).await;
-    eventually("pgway to find the new primary", WAIT, async || {
-        let rows = simple_rows(&probe, "begin; select inet_server_port(); commit")
-            .await
-            .map_err(|e| describe_error(&e))?;
-        let port = rows.first().and_then(|r| r[0].clone()).unwrap_or_default();
-        if port == new_primary.to_string() {
-            Ok(())
-        } else {
-            Err(format!("a transaction ran on {port}"))
-        }
-    })
-    .await;
+    wait_for_new_primary(gw.port(), new_primary).await;
     eventually(
         "the writer's reads to reach the new primary's replica",
         WAIT,

@@ -442,12 +442,7 @@ impl Catalog {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<tokio_postgres::Row, CatalogError> {
         let mut clients = self.clients.lock().await;
-        let key = (database.to_owned(), user.to_owned());
-        let client = match clients.remove(&key).filter(|c| !c.is_closed()) {
-            Some(client) => client,
-            None => self.connect(database, user).await?,
-        };
-        let client = clients.entry(key).or_insert(client);
+        let client = self.client(&mut clients, database, user).await?;
         tokio::time::timeout(self.timeout, client.query_one(sql, params))
             .await
             .map_err(|_| CatalogError::Timeout)?
@@ -467,12 +462,7 @@ impl Catalog {
         let read_only = FunctionRules::overloads(&self.rules.read_only);
         let write = FunctionRules::overloads(&self.rules.write);
         let mut clients = self.clients.lock().await;
-        let key = (database.to_owned(), user.to_owned());
-        let client = match clients.remove(&key).filter(|c| !c.is_closed()) {
-            Some(client) => client,
-            None => self.connect(database, user).await?,
-        };
-        let client = clients.entry(key).or_insert(client);
+        let client = self.client(&mut clients, database, user).await?;
         let rows = tokio::time::timeout(
             self.timeout,
             client.query(LOOKUP, &[&name, &schema, &read_only, &write]),
@@ -494,6 +484,21 @@ impl Catalog {
             })
             .collect::<Result<_, tokio_postgres::Error>>()
             .map_err(CatalogError::UnexpectedRow)
+    }
+
+    /// The control connection for (database, user), connected again if it closed.
+    async fn client<'c>(
+        &self,
+        clients: &'c mut HashMap<(String, String), tokio_postgres::Client>,
+        database: &str,
+        user: &str,
+    ) -> Result<&'c tokio_postgres::Client, CatalogError> {
+        let key = (database.to_owned(), user.to_owned());
+        let client = match clients.remove(&key).filter(|c| !c.is_closed()) {
+            Some(client) => client,
+            None => self.connect(database, user).await?,
+        };
+        Ok(clients.entry(key).or_insert(client))
     }
 
     async fn connect(

@@ -1362,3 +1362,21 @@ pub async fn topology_json(admin: u16) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no HTTP body in {response}"));
     serde_json::from_str(body).unwrap_or_else(|e| panic!("/topology is not JSON ({e}): {body}"))
 }
+
+/// Waits until pgway runs transactions on the node at `new_primary` (after a promotion),
+/// asking through a connection of its own as `md5user`.
+pub async fn wait_for_new_primary(gateway_port: u16, new_primary: u16) {
+    let probe = connect(gateway_port, MD5_USER, MD5_PASSWORD).await;
+    eventually("pgway to find the new primary", WAIT, async || {
+        let rows = simple_rows(&probe, "begin; select inet_server_port(); commit")
+            .await
+            .map_err(|e| describe_error(&e))?;
+        let port = rows.first().and_then(|r| r[0].clone()).unwrap_or_default();
+        if port == new_primary.to_string() {
+            Ok(())
+        } else {
+            Err(format!("a transaction ran on {port}"))
+        }
+    })
+    .await;
+}
