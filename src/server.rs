@@ -244,6 +244,9 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
             shared.shutdown.clone(),
         ));
     }
+    if let Some(cache) = &shared.cache {
+        cache.check_wal_level(config.topology.health_database());
+    }
     background.spawn(admin::serve(
         admin_listener,
         admin::Views {

@@ -497,6 +497,13 @@ impl ResultCache {
         db
     }
 
+    /// With a stream configured: checks the primary's `wal_level` now, in `database`.
+    pub fn check_wal_level(&self, database: &str) {
+        if let Some(streams) = &self.streams {
+            streams.check_wal_level(database.to_owned());
+        }
+    }
+
     /// Starts following `db`'s WAL, unless it is followed already: called for its first
     /// cacheable statement, so a database nothing is cached for has no slot.
     pub fn follow(&self, db: &Arc<Db>) {

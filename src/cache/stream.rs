@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::wal::{slot_name, WalError, WalEvent, WalFollower};
 use super::{Db, Stats, StreamState};
+use crate::backend::control::{self, ControlLogin};
 use crate::net::Connector;
 use crate::topology::TopologyHandle;
 
@@ -51,6 +52,55 @@ impl std::fmt::Debug for Streams {
 }
 
 impl Streams {
+    /// At start: tells the operator at once if the primary's `wal_level` is not `logical`
+    /// (streams start with the first cacheable statement of each database), asking in
+    /// `database` as `cache.wal_user`.
+    pub fn check_wal_level(&self, database: String) {
+        let streams = self.clone();
+        self.tasks.spawn_on(
+            async move {
+                let Some(primary) = streams.topology.wait_primary(streams.timeout * 6).await else {
+                    return;
+                };
+                let login = ControlLogin {
+                    addr: &primary,
+                    user: &streams.user,
+                    password: &streams.password,
+                    database: &database,
+                    application_name: "pgway_cache",
+                };
+                let client = match control::connect(login, streams.timeout, &streams.tasks).await {
+                    Ok(client) => client,
+                    Err(cause) => {
+                        warn!(%cause, "cannot log in as cache.wal_user to check wal_level");
+                        return;
+                    }
+                };
+                let level =
+                    tokio::time::timeout(streams.timeout, client.query_one("SHOW wal_level", &[]))
+                        .await;
+                match level
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|row| row.try_get::<_, String>(0).ok())
+                {
+                    Some(level) if level == "logical" => {
+                        info!(
+                            "the primary's wal_level is logical: the result cache follows its WAL"
+                        );
+                    }
+                    Some(wal_level) => warn!(
+                        %wal_level,
+                        "the primary's wal_level is not logical: the result cache is \
+                         invalidated only by writes through pgway, and by its TTL"
+                    ),
+                    None => warn!("could not read the primary's wal_level"),
+                }
+            },
+            &self.runtime,
+        );
+    }
+
     /// Starts following `db`'s changes.
     pub fn start(&self, db: Arc<Db>, stats: Arc<Stats>) {
         let streams = self.clone();
