@@ -147,7 +147,8 @@ impl Session<'_> {
         } else {
             target
         };
-        if let Some(c) = &classification {
+        // Checked here, not in `cached_query`: without a cache, its future is not even made.
+        if let (Some(c), Some(_)) = (&classification, &self.cache) {
             if self.cached_query(sql, c, hints).await? {
                 return Ok(());
             }
@@ -247,7 +248,7 @@ impl Session<'_> {
         } else {
             target
         };
-        if sync && matches!(self.state, State::Idle) {
+        if sync && self.cache.is_some() && matches!(self.state, State::Idle) {
             let route = parse_targets.first();
             if self.cached_batch(&batch, route, hints).await? {
                 return Ok(());
