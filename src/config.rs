@@ -5,7 +5,7 @@
 //! (non-empty node lists, unique user names, sane sizes) before a config is used.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -68,6 +68,10 @@ pub struct Config {
     /// The result cache (off unless `enabled = true`).
     #[serde(default)]
     pub cache: CacheConfig,
+    /// `[server_tls]`: TLS on pgway's connections to the servers. _Default:_ plain TCP
+    /// (`mode = "disable"`)
+    #[serde(default)]
+    pub server_tls: ServerTlsConfig,
 }
 
 /// `[cache]`: the result cache.
@@ -364,6 +368,70 @@ pub struct ClientConfig {
     /// Most client connections served at once; more are refused with 53300. _Default:_ 10000
     #[serde(default = "ClientConfig::default_max_connections")]
     pub max_connections: usize,
+    /// `[client.tls]`: TLS for clients. _Default:_ none (an SSLRequest is answered `N`)
+    #[serde(default)]
+    pub tls: Option<ClientTlsConfig>,
+}
+
+/// `[client.tls]`: the certificate pgway shows clients, and whether they must use it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// PEM file with the certificate chain, the server's own certificate first (relative
+    /// paths are relative to pgway's working directory). Required unless `mode = "disable"`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1). Required
+    /// unless `mode = "disable"`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// _Default:_ `"allow"`
+    #[serde(default)]
+    pub mode: ClientTlsMode,
+}
+
+/// Whether clients may, must or cannot use TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    /// An SSLRequest is answered `N`: clients go on in plain text.
+    Disable,
+    /// TLS for clients that ask for it (libpq's `sslmode=prefer` and above), plain text for
+    /// the others.
+    #[default]
+    Allow,
+    /// TLS only: a client that starts without an SSLRequest is refused (FATAL 28000)
+    /// before authentication.
+    Require,
+}
+
+/// `[server_tls]`: TLS from pgway to the PostgreSQL servers, in libpq's words.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// _Default:_ `"disable"`
+    #[serde(default)]
+    pub mode: ServerTlsMode,
+    /// PEM file with the certificate authorities that sign the servers' certificates.
+    /// Required by `verify-ca` and `verify-full`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+/// How pgway checks the servers' certificates (libpq's `sslmode` values).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS, the certificate not checked (protects against eavesdropping only).
+    Require,
+    /// TLS, the certificate chain checked against `ca`.
+    VerifyCa,
+    /// TLS, the chain checked against `ca` and the certificate's names against the
+    /// node's host (name or IP address, as the topology gives it).
+    VerifyFull,
 }
 
 impl ClientConfig {
@@ -380,6 +448,7 @@ impl Default for ClientConfig {
         Self {
             login_timeout: Self::default_login_timeout(),
             max_connections: Self::default_max_connections(),
+            tls: None,
         }
     }
 }
@@ -563,6 +632,7 @@ impl Config {
         if self.client.max_connections == 0 {
             return Err(invalid("client.max_connections", "must be at least 1"));
         }
+        self.check_tls()?;
         for (key, list) in [
             (
                 "routing.read_only_functions",
@@ -611,6 +681,48 @@ impl Config {
         }
         if self.topology.health_interval().is_zero() {
             return Err(invalid("topology.health_interval", "must be more than 0"));
+        }
+        Ok(())
+    }
+
+    /// `[client.tls]` and `[server_tls]`: the files each mode needs are named (they are
+    /// read when pgway starts).
+    fn check_tls(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if let Some(tls) = &self.client.tls {
+            if tls.mode != ClientTlsMode::Disable {
+                for (key, path) in [("client.tls.cert", &tls.cert), ("client.tls.key", &tls.key)] {
+                    if path.as_ref().is_none_or(|p| p.as_os_str().is_empty()) {
+                        return Err(invalid(
+                            key,
+                            "is required unless client.tls.mode = \"disable\"",
+                        ));
+                    }
+                }
+            }
+        }
+        let server = &self.server_tls;
+        match server.mode {
+            ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull => {
+                if server.ca.as_ref().is_none_or(|p| p.as_os_str().is_empty()) {
+                    return Err(invalid(
+                        "server_tls.ca",
+                        "is required by mode \"verify-ca\" and \"verify-full\"",
+                    ));
+                }
+            }
+            ServerTlsMode::Disable | ServerTlsMode::Require => {
+                if server.ca.is_some() {
+                    return Err(invalid(
+                        "server_tls.ca",
+                        "is used only by mode \"verify-ca\" or \"verify-full\" (mode \"require\" \
+                         checks no certificate)",
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -781,6 +893,74 @@ ttl = "3h"
         assert_eq!(parse_byte_size("1 GB"), Some(1 << 30));
         assert_eq!(parse_byte_size("MB"), None);
         assert_eq!(parse_byte_size("1XB"), None);
+    }
+
+    #[test]
+    fn tls_sections_parse_and_are_checked() {
+        let with = |tls: &str| Config::from_toml_str(&format!("{EXAMPLE}\n{tls}"));
+        let config = Config::from_toml_str(EXAMPLE).expect("example");
+        assert!(config.client.tls.is_none());
+        assert_eq!(config.server_tls.mode, ServerTlsMode::Disable);
+
+        let config = with(
+            r#"[client]
+login_timeout = "5s"
+[client.tls]
+cert = "server.crt"
+key = "server.key"
+mode = "require"
+[server_tls]
+mode = "verify-full"
+ca = "root.crt"
+"#,
+        )
+        .expect("tls config");
+        let tls = config.client.tls.as_ref().expect("client.tls");
+        assert_eq!(tls.mode, ClientTlsMode::Require);
+        assert_eq!(tls.cert.as_deref(), Some(Path::new("server.crt")));
+        assert_eq!(config.server_tls.mode, ServerTlsMode::VerifyFull);
+        assert_eq!(config.server_tls.ca.as_deref(), Some(Path::new("root.crt")));
+
+        let tls = with("[client.tls]\ncert = \"c\"\nkey = \"k\"\n").expect("default mode");
+        assert_eq!(
+            tls.client.tls.map(|t| t.mode),
+            Some(ClientTlsMode::Allow),
+            "[client.tls] defaults to allow"
+        );
+        for mode in ["disable", "require", "verify-ca", "verify-full"] {
+            let ca = if mode.starts_with("verify") {
+                "ca = \"root.crt\"\n"
+            } else {
+                ""
+            };
+            with(&format!("[server_tls]\nmode = \"{mode}\"\n{ca}")).expect(mode);
+        }
+        with("[client.tls]\nmode = \"disable\"\n").expect("disable needs no files");
+
+        let refused = |tls: &str, key: &str| match with(tls) {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{tls}"),
+            other => panic!("{tls}: {other:?}"),
+        };
+        refused("[client.tls]\nkey = \"k\"\n", "client.tls.cert");
+        refused(
+            "[client.tls]\ncert = \"c\"\nmode = \"require\"\n",
+            "client.tls.key",
+        );
+        refused("[server_tls]\nmode = \"verify-ca\"\n", "server_tls.ca");
+        refused("[server_tls]\nmode = \"verify-full\"\n", "server_tls.ca");
+        refused(
+            "[server_tls]\nmode = \"require\"\nca = \"root.crt\"\n",
+            "server_tls.ca",
+        );
+        for (tls, named) in [
+            ("[server_tls]\nmode = \"prefer\"\n", "prefer"),
+            ("[client.tls]\nmode = \"verify-full\"\n", "verify-full"),
+            ("[server_tls]\nmode = \"require\"\ncert = \"x\"\n", "cert"),
+            ("[client.tls]\ncrt = \"x\"\n", "crt"),
+        ] {
+            let err = with(tls).expect_err(tls);
+            assert!(err.to_string().contains(named), "{tls}: {err}");
+        }
     }
 
     #[test]

@@ -113,6 +113,9 @@ pub enum ClientError {
     /// No user in the StartupMessage.
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
+    /// A client started without TLS while `client.tls.mode = "require"`.
+    #[error("SSL required: pgway accepts only encrypted connections (connect with sslmode=require or stronger)")]
+    SslRequired,
     /// Startup and authentication did not finish within `client.login_timeout`.
     #[error("startup and authentication did not finish in time")]
     LoginTimeout,
@@ -148,7 +151,7 @@ impl ClientError {
             Self::InvalidLsn(_) => INVALID_TEXT_REPRESENTATION,
             Self::ReadOnlyParameter(_) => CANT_CHANGE_RUNTIME_PARAM,
             Self::BadPassword(_) => INVALID_PASSWORD,
-            Self::NoUser => INVALID_AUTHORIZATION,
+            Self::NoUser | Self::SslRequired => INVALID_AUTHORIZATION,
             Self::Server { code, .. } => code,
         }
     }
@@ -166,6 +169,7 @@ impl ClientError {
             | Self::TooManyClients
             | Self::BadPassword(_)
             | Self::NoUser
+            | Self::SslRequired
             | Self::LoginTimeout => Severity::Fatal,
             Self::NoPrimary(_)
             | Self::ConnectFailed(_)

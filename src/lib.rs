@@ -18,6 +18,8 @@
 //! - [`settings`]: session settings that follow a client across server connections.
 //! - [`topology`]: which node is primary; health checks.
 //! - [`admin`]: the HTTP admin port.
+//! - [`metrics`]: Prometheus metrics for `/metrics`.
+//! - [`cache`]: the result cache and its invalidation from the WAL.
 //!
 //! Data flows one way: frontend → route → topology picks a node → backend pool → server;
 //! the server's bytes flow back untouched except for the messages pgway must read.
@@ -30,6 +32,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod frontend;
+pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod route;

@@ -32,7 +32,9 @@ use crate::error::ClientError;
 use crate::frontend::auth::ScramVerifier;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{startup, Shared, User};
-use crate::net::TcpConnector;
+use crate::metrics::Metrics;
+use crate::net::tls::{self, ClientTls, ClientTlsPolicy, TlsError};
+use crate::net::Connector;
 use crate::route::catalog::FunctionRules;
 use crate::route::floors::Floors;
 use crate::route::{Catalog, Router};
@@ -56,6 +58,9 @@ pub enum ServerError {
     /// The worker threads could not be started.
     #[error(transparent)]
     Workers(#[from] WorkerError),
+    /// `[client.tls]` or `[server_tls]` names files that cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// How long sessions get to finish after shutdown begins.
@@ -72,8 +77,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let background = TaskTracker::new();
-    let pools = Arc::new(Pools::new(config.pool.clone()));
+    // TLS material is read before anything starts: a bad file stops pgway here.
+    let client_tls = ClientTlsPolicy::from_config(config.client.tls.as_ref())?;
+    let server_connector = tls::server_connector(&config.server_tls)?;
+    let pools = Arc::new(Pools::over(config.pool.clone(), server_connector));
     let shared = build_shared(Arc::new(config), pools, &background, &shutdown);
+    shared.client_tls.replace(client_tls);
     let sessions = TaskTracker::new();
     // On an error below, dropping `workers` stops their threads.
     let workers = start_workers(&shared, &sessions)?;
@@ -97,6 +106,8 @@ pub(crate) fn build_shared(
     shutdown: &CancellationToken,
 ) -> Arc<Shared> {
     let max_lag = config.routing.max_replica_lag;
+    // How control connections reach the servers: `[server_tls]`, as the pools.
+    let control = pools.control_connector();
     let topology = match &config.topology {
         TopologyConfig::Static(s) => TopologyHandle::with_max_lag(&s.nodes, max_lag),
         TopologyConfig::Patroni(_) => TopologyHandle::with_max_lag(&[], max_lag),
@@ -128,6 +139,7 @@ pub(crate) fn build_shared(
         config.pool.connect_timeout,
     )
     .with_tasks(background.clone())
+    .with_connector(Arc::clone(&control))
     .with_rules(FunctionRules {
         read_only: routing.read_only_functions.clone(),
         write: routing.write_functions.clone(),
@@ -138,7 +150,7 @@ pub(crate) fn build_shared(
         (
             router.with_cache_facts(),
             Some(Arc::new(build_cache(
-                &config, &topology, background, shutdown,
+                &config, &topology, &control, background, shutdown,
             ))),
         )
     } else {
@@ -147,6 +159,8 @@ pub(crate) fn build_shared(
     Arc::new(Shared {
         router: Arc::new(router),
         cache,
+        client_tls: Arc::new(ClientTls::default()),
+        metrics: Arc::new(Metrics::new()),
         users,
         pools,
         topology,
@@ -155,7 +169,7 @@ pub(crate) fn build_shared(
         greetings: moka::sync::Cache::new(10_000),
         floors: Arc::new(Floors::new(config.routing.read_your_writes)),
         replay: Arc::new(ReplayPositions::new(
-            health_settings(&config),
+            health_settings(&config, &control),
             background.clone(),
             tokio::runtime::Handle::current(),
             shutdown.clone(),
@@ -168,6 +182,7 @@ pub(crate) fn build_shared(
 fn build_cache(
     config: &Config,
     topology: &Arc<TopologyHandle>,
+    connector: &Arc<dyn Connector>,
     background: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> ResultCache {
@@ -177,7 +192,7 @@ fn build_cache(
             topology: Arc::clone(topology),
             user: user.clone(),
             password: config.cache.wal_password.clone(),
-            connector: Arc::new(TcpConnector),
+            connector: Arc::clone(connector),
             timeout: config.pool.connect_timeout,
             tasks: background.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -230,7 +245,7 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
         ));
     }
     background.spawn(supervise(
-        health_settings(config),
+        health_settings(config, &shared.pools.control_connector()),
         Arc::clone(&shared.topology),
         Arc::clone(&shared.pools),
         background.clone(),
@@ -247,6 +262,11 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
     if let Some(cache) = &shared.cache {
         cache.check_wal_level(config.topology.health_database());
     }
+    background.spawn(count_failovers(
+        Arc::clone(&shared.topology),
+        Arc::clone(&shared.metrics),
+        shared.shutdown.clone(),
+    ));
     background.spawn(admin::serve(
         admin_listener,
         admin::Views {
@@ -254,10 +274,41 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
             replay: Arc::clone(&shared.replay),
             router: Arc::clone(&shared.router),
             cache: shared.cache.clone(),
+            metrics: Arc::clone(&shared.metrics),
+            pools: Arc::clone(&shared.pools),
         },
         shared.shutdown.clone(),
     ));
     Ok(())
+}
+
+/// Counts failovers (a primary other than the last one known) and the time without a
+/// primary, for `/metrics`.
+async fn count_failovers(
+    topology: Arc<TopologyHandle>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = topology.subscribe();
+    let mut last: Option<Arc<str>> = None;
+    loop {
+        let primary = topology.primary();
+        metrics.primary_present(primary.is_some());
+        if let Some(primary) = primary {
+            if last.as_ref().is_some_and(|last| *last != primary) {
+                metrics.failover();
+            }
+            last = Some(primary);
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Read-your-writes follows the topology: every readable replica gets its replay prober
@@ -294,8 +345,8 @@ async fn follow_for_freshness(
     }
 }
 
-/// Health checks log in as the first `[[users]]` entry.
-fn health_settings(config: &Config) -> HealthSettings {
+/// Health checks log in as the first `[[users]]` entry, through `connector`.
+fn health_settings(config: &Config, connector: &Arc<dyn Connector>) -> HealthSettings {
     let first_user = &config.users[0];
     HealthSettings {
         user: first_user.name.clone(),
@@ -303,6 +354,7 @@ fn health_settings(config: &Config) -> HealthSettings {
         database: config.topology.health_database().to_owned(),
         interval: config.topology.health_interval(),
         timeout: config.pool.connect_timeout,
+        connector: Arc::clone(connector),
     }
 }
 

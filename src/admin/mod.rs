@@ -14,7 +14,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::cache::ResultCache;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use prometheus_client::registry::Registry;
+
+use crate::backend::Pools;
+use crate::cache::{ResultCache, StreamState};
+use crate::metrics::{self, Metrics, Sources};
 use crate::route::floors::format_lsn;
 use crate::route::Router as StatementRouter;
 use crate::topology::replay::ReplayPositions;
@@ -31,14 +37,33 @@ pub struct Views {
     pub router: Arc<StatementRouter>,
     /// The result cache, when it is on.
     pub cache: Option<Arc<ResultCache>>,
+    /// pgway's own counters.
+    pub metrics: Arc<Metrics>,
+    /// Server connection pools.
+    pub pools: Arc<Pools>,
 }
 
 /// Serves the admin endpoints until `shutdown`.
 pub async fn serve(listener: TcpListener, views: Views, shutdown: CancellationToken) {
+    let registry = Arc::new(metrics::registry(Sources {
+        metrics: Arc::clone(&views.metrics),
+        replay: Arc::clone(&views.replay),
+        router: Arc::clone(&views.router),
+        pools: Arc::clone(&views.pools),
+        cache: views.cache.clone(),
+    }));
     let app = Router::new()
         .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
         .route("/topology", get(topology))
         .route("/cache", get(cache))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = Arc::clone(&registry);
+                async move { prometheus(&registry) }
+            }),
+        )
         .with_state(views);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -46,6 +71,58 @@ pub async fn serve(listener: TcpListener, views: Views, shutdown: CancellationTo
     if let Err(cause) = result {
         warn!(%cause, "admin HTTP server stopped");
     }
+}
+
+/// `/metrics`: the Prometheus (OpenMetrics) text.
+fn prometheus(registry: &Registry) -> impl IntoResponse {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "metrics could not be encoded\n".to_owned(),
+        ),
+    }
+}
+
+/// `/ready`: 200 while pgway can serve (it knows its nodes and reaches at least one, so
+/// reads flow and writes wait through a failover), 503 before that or when no node is
+/// reachable. The body names what is degraded.
+async fn ready(State(views): State<Views>) -> impl IntoResponse {
+    let snapshot = views.topology.snapshot();
+    let reachable = snapshot.nodes.iter().filter(|n| n.healthy).count();
+    let mut degraded = Vec::new();
+    if snapshot.primary().is_none() {
+        degraded.push("no primary".to_owned());
+    }
+    if let Some(cache) = &views.cache {
+        for db in cache.dbs() {
+            let state = db.state();
+            if matches!(state, StreamState::Down | StreamState::NotLogical) {
+                degraded.push(format!("cache stream for {} {}", db.name(), state.name()));
+            }
+        }
+    }
+    let status = if reachable == 0 {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = match (reachable, degraded.is_empty()) {
+        (0, _) if snapshot.nodes.is_empty() => "not ready: no topology yet\n".to_owned(),
+        (0, _) => "not ready: no node is reachable\n".to_owned(),
+        (_, true) => "ready\n".to_owned(),
+        (_, false) => format!("ready, degraded: {}\n", degraded.join("; ")),
+    };
+    (status, body)
 }
 
 async fn topology(State(views): State<Views>) -> Json<Value> {

@@ -1,6 +1,9 @@
 //! Control connections: tokio-postgres clients pgway uses for its own queries (health,
 //! roles, WAL positions, catalog look-ups), never for clients' statements.
 //!
+//! They reach the servers through the same [`Connector`] as the pools (so `[server_tls]`
+//! covers them: pgway's own TLS, then tokio-postgres speaks the protocol over the stream).
+//!
 //! Each connection's I/O runs in a task of its own, on the [`TaskTracker`] the caller
 //! passes (the one [`crate::server::run`] waits for at shutdown). That task ends when the
 //! [`tokio_postgres::Client`] is dropped, so whoever holds the client decides when it ends.
@@ -11,6 +14,7 @@ use tokio_postgres::NoTls;
 use tokio_util::task::TaskTracker;
 
 use crate::config::split_host_port;
+use crate::net::Connector;
 
 /// Who a control connection logs in as, and where. Its `Debug` leaves the password out.
 #[derive(Clone, Copy)]
@@ -25,6 +29,8 @@ pub struct ControlLogin<'a> {
     pub database: &'a str,
     /// `application_name`, so the connection is recognisable in `pg_stat_activity`.
     pub application_name: &'a str,
+    /// Opens the stream (plain TCP, or TLS as `[server_tls]` says).
+    pub connector: &'a dyn Connector,
 }
 
 impl std::fmt::Debug for ControlLogin<'_> {
@@ -35,6 +41,7 @@ impl std::fmt::Debug for ControlLogin<'_> {
             .field("password", &"***")
             .field("database", &self.database)
             .field("application_name", &self.application_name)
+            .field("connector", &self.connector)
             .finish()
     }
 }
@@ -48,6 +55,9 @@ pub enum ControlError {
     /// Connect plus login did not finish within the timeout.
     #[error("connect timed out")]
     Timeout,
+    /// The stream could not be opened (refused, unreachable, TLS failed).
+    #[error("cannot connect: {0}")]
+    Io(std::io::Error),
     /// tokio-postgres could not connect or log in (refused, wrong password, no such
     /// database, ...).
     #[error(transparent)]
@@ -61,21 +71,30 @@ pub async fn connect(
     timeout: Duration,
     tasks: &TaskTracker,
 ) -> Result<tokio_postgres::Client, ControlError> {
-    let (host, port) = split_host_port(login.addr)
-        .ok_or_else(|| ControlError::BadAddress(login.addr.to_owned()))?;
+    if split_host_port(login.addr).is_none() {
+        return Err(ControlError::BadAddress(login.addr.to_owned()));
+    }
     let mut config = tokio_postgres::Config::new();
     config
-        .host(host)
-        .port(port)
         .user(login.user)
         .password(login.password)
         .dbname(login.database)
-        .application_name(login.application_name)
-        .connect_timeout(timeout);
-    let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+        .application_name(login.application_name);
+    let connecting = async {
+        let stream = login
+            .connector
+            .connect(login.addr)
+            .await
+            .map_err(ControlError::Io)?;
+        // The connector did any TLS already: tokio-postgres speaks plain protocol over it.
+        config
+            .connect_raw(stream, NoTls)
+            .await
+            .map_err(ControlError::Connect)
+    };
+    let (client, connection) = tokio::time::timeout(timeout, connecting)
         .await
-        .map_err(|_| ControlError::Timeout)?
-        .map_err(ControlError::Connect)?;
+        .map_err(|_| ControlError::Timeout)??;
     tasks.spawn(connection);
     Ok(client)
 }
@@ -92,6 +111,7 @@ mod tests {
             password: "app-secret",
             database: "postgres",
             application_name: "pgway-health",
+            connector: &crate::net::TcpConnector,
         };
         let text = format!("{login:?}");
         assert!(
@@ -108,6 +128,7 @@ mod tests {
             password: "app-secret",
             database: "postgres",
             application_name: "pgway-health",
+            connector: &crate::net::TcpConnector,
         };
         let err = connect(login, Duration::from_millis(10), &TaskTracker::new())
             .await

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use super::server::{BackendError, Login, ServerConn};
 use crate::config::PoolConfig;
+use crate::metrics::WaitHistogram;
 use crate::net::{Connector, TcpConnector};
 
 /// Errors when borrowing a server connection.
@@ -61,6 +62,8 @@ pub struct Pool {
     /// no reference count besides the pool's own.
     permits: Semaphore,
     params: OnceLock<Arc<Vec<(String, String)>>>,
+    /// Shared by every pool: how long clients waited for a slot.
+    waits: Arc<WaitHistogram>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -80,8 +83,10 @@ impl Pool {
         password: String,
         settings: PoolConfig,
         connector: Arc<dyn Connector>,
+        waits: Arc<WaitHistogram>,
     ) -> Self {
         Self {
+            waits,
             permits: Semaphore::new(settings.size),
             key,
             password,
@@ -106,16 +111,24 @@ impl Pool {
     /// Waits at most `pool.wait_timeout` for a free slot.
     pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
         let permit = match self.permits.try_acquire() {
-            Ok(permit) => permit,
+            Ok(permit) => {
+                self.waits.no_wait();
+                permit
+            }
             // Only a client that has to wait sets up a timer.
-            Err(_) => tokio::time::timeout(self.settings.wait_timeout, self.permits.acquire())
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .ok_or_else(|| PoolError::Timeout {
+            Err(_) => {
+                let started = std::time::Instant::now();
+                let permit =
+                    tokio::time::timeout(self.settings.wait_timeout, self.permits.acquire())
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                self.waits.observe(started.elapsed());
+                permit.ok_or_else(|| PoolError::Timeout {
                     addr: self.key.addr.clone(),
                     waited: self.settings.wait_timeout,
-                })?,
+                })?
+            }
         };
         // From here the permit belongs to the PooledConn made below (its Drop returns it),
         // or is returned by `Permit` if making one fails.
@@ -254,6 +267,11 @@ impl DerefMut for PooledConn {
 pub struct Pools {
     settings: PoolConfig,
     connector: Arc<dyn Connector>,
+    /// How pgway's own control connections (health checks, catalog, the cache's stream)
+    /// reach the servers.
+    control: Arc<dyn Connector>,
+    /// How long clients waited for a slot, over every pool.
+    waits: Arc<WaitHistogram>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
@@ -264,13 +282,36 @@ impl Pools {
         Self::with_connector(settings, Arc::new(TcpConnector))
     }
 
-    /// Pools whose connections `connector` opens (tests: in-memory streams).
+    /// Pools whose connections `connector` opens, and so does every other connection
+    /// pgway makes to the servers ([`Self::control_connector`]): `[server_tls]`'s choice.
+    pub fn over(settings: PoolConfig, connector: Arc<dyn Connector>) -> Self {
+        Self {
+            control: Arc::clone(&connector),
+            ..Self::with_connector(settings, connector)
+        }
+    }
+
+    /// Pools whose connections `connector` opens (tests: in-memory streams), while
+    /// control connections use plain TCP.
     pub fn with_connector(settings: PoolConfig, connector: Arc<dyn Connector>) -> Self {
         Self {
             settings,
             connector,
+            control: Arc::new(TcpConnector),
+            waits: Arc::new(WaitHistogram::default()),
             pools: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How pgway's control connections reach the servers (the pools' connector, unless
+    /// the pools were made [`Self::with_connector`]).
+    pub fn control_connector(&self) -> Arc<dyn Connector> {
+        Arc::clone(&self.control)
+    }
+
+    /// How long clients waited for a slot.
+    pub fn waits(&self) -> &WaitHistogram {
+        &self.waits
     }
 
     /// The pool for (node, database, user); `password` logs in to the server.
@@ -290,8 +331,30 @@ impl Pools {
                 password.to_owned(),
                 self.settings.clone(),
                 Arc::clone(&self.connector),
+                Arc::clone(&self.waits),
             ))
         }))
+    }
+
+    /// Every pool's node with its active (lent) and idle connections.
+    pub fn connections(&self) -> Vec<(String, i64, i64)> {
+        let pools = match self.pools.lock() {
+            Ok(pools) => pools,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        pools
+            .values()
+            .map(|pool| {
+                let open = pool.settings.size - pool.permits.available_permits();
+                let idle = pool.idle_count();
+                let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+                (
+                    pool.key.addr.clone(),
+                    count(open.saturating_sub(idle)),
+                    count(idle),
+                )
+            })
+            .collect()
     }
 
     /// Closes the idle connections of every pool on node `addr`.

@@ -77,6 +77,9 @@ pub struct Plan {
 pub enum StreamState {
     /// No `cache.wal_user`: writes through pgway and TTL only.
     Off = 0,
+    /// Configured, not started yet: it starts with the database's first cacheable
+    /// statement, and the cache is bypassed until it is consistent.
+    Idle = 5,
     /// Connecting, or creating the slot (waiting for running transactions).
     Starting = 1,
     /// Consistent and following: the cache serves.
@@ -94,6 +97,7 @@ impl StreamState {
             2 => Self::Following,
             3 => Self::Down,
             4 => Self::NotLogical,
+            5 => Self::Idle,
             _ => Self::Off,
         }
     }
@@ -102,6 +106,7 @@ impl StreamState {
     pub fn name(self) -> &'static str {
         match self {
             Self::Off => "off",
+            Self::Idle => "idle",
             Self::Starting => "starting",
             Self::Following => "following",
             Self::Down => "down",
@@ -492,7 +497,7 @@ impl ResultCache {
         });
         dbs.insert(name, Arc::clone(&db));
         if self.streams.is_some() {
-            db.set_state(StreamState::Starting);
+            db.set_state(StreamState::Idle);
         }
         db
     }
@@ -509,6 +514,7 @@ impl ResultCache {
     pub fn follow(&self, db: &Arc<Db>) {
         if let Some(streams) = &self.streams {
             if !db.started.swap(true, Ordering::AcqRel) {
+                db.set_state(StreamState::Starting);
                 streams.start(Arc::clone(db), Arc::clone(&self.stats));
             }
         }
@@ -552,7 +558,7 @@ impl ResultCache {
                 }
             }
             StreamState::Off | StreamState::NotLogical => {}
-            StreamState::Starting | StreamState::Down => {
+            StreamState::Idle | StreamState::Starting | StreamState::Down => {
                 self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Bypass;
             }

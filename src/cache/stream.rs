@@ -68,6 +68,7 @@ impl Streams {
                     password: &streams.password,
                     database: &database,
                     application_name: "pgway_cache",
+                    connector: &*streams.connector,
                 };
                 let client = match control::connect(login, streams.timeout, &streams.tasks).await {
                     Ok(client) => client,

@@ -314,6 +314,7 @@ impl WalFollower<'_> {
                 password: self.password,
                 database: self.database,
                 application_name: APPLICATION_NAME,
+                connector,
             },
             self.timeout,
             tasks.clone(),

@@ -58,6 +58,10 @@ pub struct Shared {
     pub replay: Arc<ReplayPositions>,
     /// The result cache, when `cache.enabled`.
     pub cache: Option<Arc<crate::cache::ResultCache>>,
+    /// What clients are offered after an SSLRequest (`[client.tls]`), swappable.
+    pub client_tls: Arc<crate::net::tls::ClientTls>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A cached greeting: the ParameterStatus values for clients with these startup settings,

@@ -1,8 +1,16 @@
 //! A new client connection: SSLRequest / CancelRequest / StartupMessage, authentication,
 //! then the greeting (ParameterStatus, BackendKeyData, ReadyForQuery) and the session.
+//!
+//! An SSLRequest is answered `S` when `[client.tls]` offers TLS: the handshake runs (within
+//! `client.login_timeout`, like the rest of the login) and the connection's
+//! [`FramedStream`] goes on over the TLS stream, so the session never knows. With
+//! `mode = "require"` a StartupMessage that arrives unencrypted is refused (FATAL 28000)
+//! before authentication; a CancelRequest is served either way (libpq sends it on a fresh
+//! connection, plain unless its `sslmode` asks for TLS).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use rand::RngCore;
@@ -16,6 +24,7 @@ use super::{Greeting, Shared};
 use crate::backend::{BackendError, PoolError};
 use crate::config::AuthMethod;
 use crate::error::ClientError;
+use crate::net::tls::{self, Detached};
 use crate::net::{FramedStream, NetError};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages::{self, body, Severity, StartupPacket};
@@ -32,6 +41,10 @@ pub enum LoginError {
     /// The client sent a CancelRequest; the connection ends after it.
     #[error("cancel request")]
     Cancel,
+    /// The TLS handshake failed (the client refused the certificate, spoke no TLS, ...);
+    /// the TLS layer told the client what it could.
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
     /// pgway refuses the login and tells the client why (bad password, no user, broken
     /// protocol, login timeout, no server, or a server's own refusal such as a database
     /// that does not exist).
@@ -60,7 +73,7 @@ impl LoginError {
     /// is no one to tell.
     pub fn client_error(&self) -> Option<&ClientError> {
         match self {
-            Self::Net(_) | Self::Cancel => None,
+            Self::Net(_) | Self::Cancel | Self::Handshake(_) => None,
             Self::Refused(e) => Some(e),
         }
     }
@@ -92,6 +105,9 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 .run(out)
                 .await;
         }
+        Err(LoginError::Handshake(cause)) => {
+            span.in_scope(|| info!(%cause, "TLS handshake failed"));
+        }
         Err(e) => {
             if let Some(reply) = e.client_error() {
                 span.in_scope(|| info!(cause = %e, "login failed"));
@@ -107,11 +123,33 @@ async fn login(
     io: &mut FramedStream,
     out: &mut BytesMut,
 ) -> Result<(String, String, ClientSettings), LoginError> {
+    // Read once: a reload that swaps the certificate affects connections that start later.
+    let tls = shared.client_tls.load();
+    let mut encrypted = false;
     let params = loop {
         let packet = io.read_startup().await?;
         match StartupPacket::decode(&packet)? {
-            StartupPacket::Ssl | StartupPacket::GssEnc => {
-                // No TLS yet: 'N' tells the client to go on in plain text.
+            StartupPacket::Ssl if encrypted => {
+                return Err(ClientError::Protocol(
+                    "SSLRequest on a connection that is encrypted already".into(),
+                )
+                .into());
+            }
+            StartupPacket::Ssl => match tls.acceptor() {
+                Some(acceptor) => {
+                    start_tls(io, out, acceptor).await?;
+                    encrypted = true;
+                }
+                None => {
+                    // 'N' tells the client to go on in plain text (or to give up, if its
+                    // sslmode insists).
+                    out.extend_from_slice(b"N");
+                    io.send(out).await?;
+                }
+            },
+            StartupPacket::GssEnc => {
+                // No GSSAPI encryption: 'N', and the client goes on (libpq then tries
+                // SSLRequest or plain text).
                 out.extend_from_slice(b"N");
                 io.send(out).await?;
             }
@@ -124,6 +162,9 @@ async fn login(
                     }
                 }
                 return Err(LoginError::Cancel);
+            }
+            StartupPacket::Startup(_) if !encrypted && !tls.allows_plain() => {
+                return Err(ClientError::SslRequired.into());
             }
             StartupPacket::Startup(params) => break params,
         }
@@ -159,6 +200,30 @@ async fn login(
     settings.at_login = super::session::followed_reports(&greeting.params);
     settings.told = settings.at_login.clone();
     Ok((user, database, settings))
+}
+
+/// Answers an SSLRequest with `S` and runs the handshake; from then on `io` reads and
+/// writes through TLS.
+async fn start_tls(
+    io: &mut FramedStream,
+    out: &mut BytesMut,
+    acceptor: &tokio_rustls::TlsAcceptor,
+) -> Result<(), LoginError> {
+    if !io.rbuf.is_empty() {
+        // Bytes sent before the handshake would be taken as if they had come encrypted
+        // (PostgreSQL refuses them too: CVE-2021-23214).
+        return Err(
+            ClientError::Protocol("received unencrypted data after SSL request".into()).into(),
+        );
+    }
+    out.extend_from_slice(b"S");
+    io.send(out).await?;
+    io.release_buffer();
+    let plain = std::mem::replace(&mut io.stream, Box::new(Detached));
+    io.stream = tls::accept(acceptor, plain)
+        .await
+        .map_err(LoginError::Handshake)?;
+    Ok(())
 }
 
 async fn authenticate(
@@ -273,13 +338,26 @@ async fn greeting(
         .map(|u| u.config.password.as_str())
         .unwrap_or_default();
     let wait = shared.config.topology.failover_timeout();
-    let pool = shared
+    let pool_for = |addr: &str| shared.pools.get(addr, database, user, password);
+    let pool = match shared
         .topology
-        .with_node(Want::Any, wait, |addr| {
-            shared.pools.get(addr, database, user, password)
-        })
+        .with_node(Want::Any, Duration::ZERO, pool_for)
         .await
-        .ok_or_else(|| ClientError::NoServer("no healthy node".into()))?;
+    {
+        Some(pool) => pool,
+        None => {
+            // No node is usable now. If pgway cannot reach them for a reason waiting will
+            // not cure (a server certificate it does not trust), say so at once.
+            if let Some(failure) = lasting_failure(shared) {
+                return Err(ClientError::NoServer(failure).into());
+            }
+            shared
+                .topology
+                .with_node(Want::Any, wait, pool_for)
+                .await
+                .ok_or_else(|| ClientError::NoServer("no healthy node".into()))?
+        }
+    };
     let addr = &pool.key().addr;
     let mut conn = pool.acquire().await.map_err(|e| match e {
         // At login a node that cannot be reached is "no server available", as it is when
@@ -330,6 +408,17 @@ async fn greeting(
     });
     shared.greetings.insert(key, Arc::clone(&greeting));
     Ok(greeting)
+}
+
+/// Why the last connection to a node failed, if it failed for a reason of the server
+/// connector's own (TLS): the first such node's.
+fn lasting_failure(shared: &Shared) -> Option<String> {
+    let connector = shared.pools.control_connector();
+    let snapshot = shared.topology.snapshot();
+    snapshot
+        .nodes
+        .iter()
+        .find_map(|node| connector.lasting_failure(&node.addr))
 }
 
 /// Runs the startup-settings query; returns the ParameterStatus changes it caused, or the

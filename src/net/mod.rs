@@ -1,5 +1,6 @@
 //! A byte stream ([`Transport`]) with a read buffer that yields whole protocol frames.
 
+pub mod tls;
 pub mod transport;
 
 use bytes::BytesMut;
@@ -165,6 +166,8 @@ impl FramedStream {
     pub async fn send(&mut self, buf: &mut BytesMut) -> Result<(), NetError> {
         if !buf.is_empty() {
             self.stream.write_all(buf).await?;
+            // TLS may keep records buffered after a write; plain TCP is flushed already.
+            self.stream.flush().await?;
             buf.clear();
         }
         Ok(())
@@ -173,6 +176,7 @@ impl FramedStream {
     /// Writes `bytes` as they are.
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), NetError> {
         self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! What pgway needs of a byte stream, for clients and servers alike: TCP in production,
-//! in-memory duplex streams in tests, TLS later. The session and the pools see only
-//! [`Transport`], so a test can drive a whole session without a socket.
+//! in-memory duplex streams in tests, TLS ([`super::tls`]) over either. The session and
+//! the pools see only [`Transport`], so a test can drive a whole session without a socket.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -64,6 +64,14 @@ pub type Connecting<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn Transpo
 pub trait Connector: Send + Sync + Debug {
     /// Connects to `addr` (`host:port`).
     fn connect<'a>(&'a self, addr: &'a str) -> Connecting<'a>;
+
+    /// Why the last connect to `addr` failed, if it failed for a reason of this
+    /// connector's own that waiting will not cure (a TLS certificate pgway does not
+    /// trust), so a client can be told that rather than wait for a healthy node.
+    fn lasting_failure(&self, addr: &str) -> Option<String> {
+        let _ = addr;
+        None
+    }
 }
 
 /// Plain TCP, with Nagle off (every message is latency).

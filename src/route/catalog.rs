@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::backend::control::{self, ControlError, ControlLogin};
+use crate::net::{Connector, TcpConnector};
 use crate::route::classify::body;
 use crate::topology::TopologyHandle;
 
@@ -122,6 +123,8 @@ pub struct Catalog {
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
     tasks: TaskTracker,
     rules: FunctionRules,
+    /// Opens the control connections.
+    connector: Arc<dyn Connector>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -219,7 +222,14 @@ impl Catalog {
             clients: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             rules: FunctionRules::default(),
+            connector: Arc::new(TcpConnector),
         }
+    }
+
+    /// Opens the control connections through `connector` (`[server_tls]`'s) instead of
+    /// plain TCP.
+    pub fn with_connector(self, connector: Arc<dyn Connector>) -> Self {
+        Self { connector, ..self }
     }
 
     /// Runs the control connections' tasks on `tasks` (the tracker shutdown waits for).
@@ -521,6 +531,7 @@ impl Catalog {
             password,
             database,
             application_name: "pgway-catalog",
+            connector: &*self.connector,
         };
         Ok(control::connect(login, self.timeout, &self.tasks).await?)
     }

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use super::{Role, TopologyHandle};
 use crate::backend::control::{self, ControlError, ControlLogin};
 use crate::backend::Pools;
+use crate::net::Connector;
 
 /// Check interval for a node that should become the primary but is not one yet.
 pub const PROMOTION_PROBE: Duration = Duration::from_millis(50);
@@ -38,6 +39,8 @@ pub struct HealthSettings {
     pub interval: Duration,
     /// Limit on connect and on each query.
     pub timeout: Duration,
+    /// Opens the control connections (plain TCP, or TLS as `[server_tls]` says).
+    pub connector: Arc<dyn Connector>,
 }
 
 impl std::fmt::Debug for HealthSettings {
@@ -48,6 +51,7 @@ impl std::fmt::Debug for HealthSettings {
             .field("database", &self.database)
             .field("interval", &self.interval)
             .field("timeout", &self.timeout)
+            .field("connector", &self.connector)
             .finish()
     }
 }
@@ -71,6 +75,7 @@ impl HealthSettings {
                     password: &self.password,
                     database: &self.database,
                     application_name,
+                    connector: &*self.connector,
                 };
                 control::connect(login, self.timeout, tasks).await?
             }
@@ -255,6 +260,7 @@ mod tests {
             database: "postgres".into(),
             interval: Duration::from_millis(20),
             timeout: Duration::from_secs(5),
+            connector: Arc::new(crate::net::TcpConnector),
         }
     }
 

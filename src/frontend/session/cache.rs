@@ -176,6 +176,7 @@ impl Session<'_> {
 
     async fn answered_from_cache(&mut self) -> Result<bool, SessionError> {
         self.last_route = Why::Cache;
+        self.shared.metrics.query(crate::metrics::Route::Cache);
         messages::ready_for_query(&mut self.out, b'I');
         self.flush().await?;
         Ok(true)

@@ -403,6 +403,7 @@ impl<'a> Session<'a> {
     /// ParameterStatus messages) and serves it until it leaves.
     pub async fn run(mut self, greeting: BytesMut) {
         self.out = greeting;
+        self.shared.metrics.client(1);
         messages::backend_key_data(&mut self.out, self.cancel.pid, self.cancel.secret);
         messages::ready_for_query(&mut self.out, b'I');
         let result = match self.flush().await {
@@ -420,6 +421,7 @@ impl<'a> Session<'a> {
                 Err(SessionError::Fatal(e)) => self.close_with(e).await,
             }
             self.cleanup().await;
+            self.shared.metrics.client(-1);
         }
         .instrument(span)
         .await;
@@ -428,6 +430,7 @@ impl<'a> Session<'a> {
     /// Ends the connection with a FATAL error.
     async fn close_with(&mut self, e: ClientError) {
         debug!(code = e.sqlstate(), message = %e, "closing client connection");
+        self.shared.metrics.error(e.sqlstate());
         self.out.clear();
         e.write_as(&mut self.out, messages::Severity::Fatal);
         let _ = self.flush().await;

@@ -240,6 +240,7 @@ impl Session<'_> {
             b'E' => {
                 // Errors always reach the client, even for a message pgway injected.
                 self.capture(frame);
+                self.shared.metrics.error(&messages::error_fields(frame).0);
                 self.request.answered = true;
                 self.forward_error(frame);
                 self.end_copy_data();

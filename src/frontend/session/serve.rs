@@ -6,6 +6,7 @@ use bytes::BytesMut;
 use super::freshness::{self, ReadHints};
 use super::{effects, Session, SessionError, State};
 use crate::error::ClientError;
+use crate::metrics::Route;
 use crate::net::{recycle_buffer, take_buffer};
 use crate::protocol::messages::{self, query_text};
 use crate::protocol::MAX_MESSAGE_LEN;
@@ -102,6 +103,7 @@ impl Session<'_> {
 
     /// Reports a pgway-raised error for a statement; `ready` adds ReadyForQuery.
     async fn report(&mut self, e: ClientError, ready: bool) -> Result<(), SessionError> {
+        self.shared.metrics.error(e.sqlstate());
         e.write(&mut self.out);
         if ready {
             messages::ready_for_query(&mut self.out, self.state.status());
@@ -348,6 +350,13 @@ impl Session<'_> {
                 }
                 other => {
                     other?;
+                    if plan.ready {
+                        self.shared.metrics.query(if self.request.on_replica {
+                            Route::Replica
+                        } else {
+                            Route::Primary
+                        });
+                    }
                     if self.request.wal_deferred {
                         self.ask_deferred_wal_position().await?;
                     }

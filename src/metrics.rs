@@ -1,0 +1,417 @@
+//! Prometheus metrics (`GET /metrics` on the admin port), with `prometheus-client`.
+//!
+//! What pgway counts on its own paths lives here ([`Metrics`]): statements by where they
+//! were answered, errors sent to clients by SQLSTATE class, pool waits, client
+//! connections, failovers and time without a primary. The rest is read when scraped from
+//! where it is kept anyway ([`Sources`]): read-your-writes outcomes, replica retries, the
+//! result cache's counters and each pool's server connections. Names and units follow
+//! Prometheus conventions (`_total` counters, `_seconds`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::backend::Pools;
+use crate::cache::ResultCache;
+use crate::route::Router;
+use crate::topology::replay::ReplayPositions;
+
+/// Upper bounds of the pool-wait histogram's buckets, in seconds.
+const WAIT_BUCKETS: [f64; 12] = [
+    0.0, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
+/// Where a statement was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The primary.
+    Primary,
+    /// A replica.
+    Replica,
+    /// The result cache.
+    Cache,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    node: String,
+    state: &'static str,
+}
+
+/// How long clients waited for a pool slot: a histogram kept in atomics, so an observation
+/// takes no lock (most take a free slot at once: one atomic add).
+#[derive(Debug, Default)]
+pub struct WaitHistogram {
+    /// Per bucket (not cumulative); the last is `+Inf`.
+    buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl WaitHistogram {
+    /// A slot was free at once.
+    pub fn no_wait(&self) {
+        self.buckets[0].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client waited `waited`.
+    pub fn observe(&self, waited: Duration) {
+        let seconds = waited.as_secs_f64();
+        let at = WAIT_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(WAIT_BUCKETS.len());
+        self.buckets[at].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let buckets = WAIT_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(counts.iter().copied())
+            .collect();
+        let sum = Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed)).as_secs_f64();
+        (sum, counts.iter().sum(), buckets)
+    }
+}
+
+/// Time without a primary: closed spans, and the start of the open one.
+#[derive(Debug, Default)]
+struct Outage {
+    closed: Duration,
+    since: Option<Instant>,
+}
+
+/// What pgway counts itself.
+#[derive(Debug)]
+pub struct Metrics {
+    queries: [Counter; 3],
+    errors: Family<ClassLabels, Counter>,
+    clients: Gauge,
+    failovers: Counter,
+    outage: Mutex<Outage>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Zeroed counters.
+    pub fn new() -> Self {
+        Self {
+            queries: Default::default(),
+            errors: Family::default(),
+            clients: Gauge::default(),
+            failovers: Counter::default(),
+            outage: Mutex::new(Outage::default()),
+        }
+    }
+
+    /// A request was answered by `route`.
+    pub fn query(&self, route: Route) {
+        self.queries[route as usize].inc();
+    }
+
+    /// An ErrorResponse with `sqlstate` went to a client.
+    pub fn error(&self, sqlstate: &str) {
+        let class = sqlstate.get(..2).unwrap_or("??").to_owned();
+        self.errors.get_or_create(&ClassLabels { class }).inc();
+    }
+
+    /// A client connected (`+1`) or left (`-1`).
+    pub fn client(&self, delta: i64) {
+        self.clients.inc_by(delta);
+    }
+
+    /// A new primary took over.
+    pub fn failover(&self) {
+        self.failovers.inc();
+    }
+
+    /// Whether the topology has a primary now (called on every topology change).
+    pub fn primary_present(&self, present: bool) {
+        let mut outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        match (present, outage.since) {
+            (true, Some(since)) => {
+                outage.closed += since.elapsed();
+                outage.since = None;
+            }
+            (false, None) => outage.since = Some(Instant::now()),
+            _ => {}
+        }
+    }
+
+    fn no_primary_seconds(&self) -> f64 {
+        let outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        let open = outage
+            .since
+            .map(|since| since.elapsed())
+            .unwrap_or_default();
+        (outage.closed + open).as_secs_f64()
+    }
+}
+
+/// What the scrape reads from elsewhere.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// pgway's own counters.
+    pub metrics: Arc<Metrics>,
+    /// Read-your-writes outcomes.
+    pub replay: Arc<ReplayPositions>,
+    /// Replica retries.
+    pub router: Arc<Router>,
+    /// Server connections.
+    pub pools: Arc<Pools>,
+    /// The result cache, when on.
+    pub cache: Option<Arc<ResultCache>>,
+}
+
+/// The registry `/metrics` encodes: everything is read from `sources` when scraped.
+pub fn registry(sources: Sources) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(sources));
+    registry
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.metrics;
+        counter_family(
+            &mut encoder,
+            "pgway_queries",
+            "Requests answered, by where: the primary, a replica, or the result cache.",
+            [Route::Primary, Route::Replica, Route::Cache]
+                .iter()
+                .map(|r| {
+                    let route = match r {
+                        Route::Primary => "primary",
+                        Route::Replica => "replica",
+                        Route::Cache => "cache",
+                    };
+                    (RouteLabels { route }, m.queries[*r as usize].get())
+                }),
+        )?;
+        let outcomes = self
+            .replay
+            .outcomes()
+            .map(|(outcome, n)| (OutcomeLabels { outcome }, n));
+        counter_family(
+            &mut encoder,
+            "pgway_read_your_writes",
+            "Reads under a read-your-writes floor, by who served them.",
+            outcomes.into_iter(),
+        )?;
+        m.errors.encode(encoder.encode_descriptor(
+            "pgway_errors",
+            "ErrorResponses sent to clients, by SQLSTATE class.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let (sum, count, buckets) = self.pools.waits().snapshot();
+        encoder
+            .encode_descriptor(
+                "pgway_pool_wait_seconds",
+                "How long clients waited for a server connection slot.",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        let connections = self.pools.connections();
+        let mut per_node: Vec<(ConnectionLabels, i64)> = Vec::new();
+        for (node, active, idle) in connections {
+            for (state, n) in [("active", active), ("idle", idle)] {
+                let labels = ConnectionLabels {
+                    node: node.clone(),
+                    state,
+                };
+                match per_node.iter_mut().find(|(l, _)| *l == labels) {
+                    Some((_, total)) => *total += n,
+                    None => per_node.push((labels, n)),
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "pgway_server_connections",
+            "Server connections, by node and state.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, n) in &per_node {
+            ConstGauge::new(*n).encode(family.encode_family(labels)?)?;
+        }
+        gauge(
+            &mut encoder,
+            "pgway_client_connections",
+            "Clients connected.",
+            m.clients.get(),
+        )?;
+        counter(
+            &mut encoder,
+            "pgway_failovers",
+            "Times a new primary took over.",
+            m.failovers.get(),
+        )?;
+        let no_primary = ConstCounter::new(m.no_primary_seconds());
+        no_primary.encode(encoder.encode_descriptor(
+            "pgway_no_primary_seconds",
+            "Time the topology had no primary.",
+            None,
+            no_primary.metric_type(),
+        )?)?;
+        counter(
+            &mut encoder,
+            "pgway_replica_retries",
+            "Statements a replica refused, sent again to the primary.",
+            self.router.replica_retries(),
+        )?;
+        if let Some(cache) = &self.cache {
+            let stats = cache.stats();
+            let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+            for (name, help, value) in [
+                (
+                    "pgway_cache_hits",
+                    "Reads answered from the result cache.",
+                    load(&stats.hits),
+                ),
+                (
+                    "pgway_cache_misses",
+                    "Cacheable reads sent to a server to fill an entry.",
+                    load(&stats.misses),
+                ),
+                (
+                    "pgway_cache_bypassed",
+                    "Cacheable reads sent to a server while the cache could not serve them.",
+                    load(&stats.bypassed),
+                ),
+                (
+                    "pgway_cache_evictions",
+                    "Entries evicted for room.",
+                    load(&stats.evictions),
+                ),
+                (
+                    "pgway_cache_invalidations",
+                    "Table changes (and whole-database drops) applied to the cache.",
+                    load(&stats.invalidations),
+                ),
+                (
+                    "pgway_cache_fills_refused",
+                    "Results not kept (failed, too large, or a table changed meanwhile).",
+                    load(&stats.fills_refused),
+                ),
+            ] {
+                counter(&mut encoder, name, help, value)?;
+            }
+            let (entries, bytes) = cache.size();
+            gauge(
+                &mut encoder,
+                "pgway_cache_entries",
+                "Entries in the result cache.",
+                i64::try_from(entries).unwrap_or(i64::MAX),
+            )?;
+            gauge(
+                &mut encoder,
+                "pgway_cache_bytes",
+                "Memory the result cache's entries take.",
+                i64::try_from(bytes).unwrap_or(i64::MAX),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let counter = ConstCounter::new(value);
+    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+fn counter_family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in values {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_fall_in_their_buckets() {
+        let h = WaitHistogram::default();
+        h.no_wait();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 3);
+        assert!((sum - 60.003).abs() < 1e-6, "{sum}");
+        assert_eq!(buckets[0], (0.0, 1));
+        assert_eq!(buckets[4], (0.005, 1));
+        assert_eq!(buckets.last(), Some(&(f64::INFINITY, 1)));
+    }
+
+    #[test]
+    fn time_without_a_primary_adds_up() {
+        let m = Metrics::new();
+        m.primary_present(false);
+        std::thread::sleep(Duration::from_millis(20));
+        m.primary_present(true);
+        let closed = m.no_primary_seconds();
+        assert!(closed >= 0.02, "{closed}");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(m.no_primary_seconds(), closed, "no open span");
+    }
+}
