@@ -72,6 +72,25 @@ pub struct Config {
     /// (`mode = "disable"`)
     #[serde(default)]
     pub server_tls: ServerTlsConfig,
+    /// How long open transactions get to finish after SIGTERM; clients still inside one
+    /// then get FATAL 57P01. (SIGINT allows a tenth of it, at most 1 s.) _Default:_ `"30s"`
+    #[serde(default = "Config::default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// How log lines are written to stderr: `"text"` or `"json"` (one object a line).
+    /// _Default:_ `"text"`
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// `log_format`: how log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object a line, with the span's fields (client address, user, database).
+    Json,
 }
 
 /// `[cache]`: the result cache.
@@ -296,6 +315,10 @@ pub struct UserConfig {
     /// Client authentication method. _Default:_ `scram-sha-256`
     #[serde(default)]
     pub auth: AuthMethod,
+    /// May use the admin console (database `pgway`: `SHOW POOLS`, `PAUSE`, ...).
+    /// _Default:_ `false`
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl std::fmt::Debug for UserConfig {
@@ -304,6 +327,7 @@ impl std::fmt::Debug for UserConfig {
             .field("name", &self.name)
             .field("password", &"***")
             .field("auth", &self.auth)
+            .field("admin", &self.admin)
             .finish()
     }
 }
@@ -327,6 +351,20 @@ pub struct PoolConfig {
     /// Named statements kept prepared per server connection (LRU). _Default:_ 500
     #[serde(default = "PoolConfig::default_statement_cache")]
     pub statement_cache: usize,
+    /// A server connection older than this is closed when its client releases it, instead
+    /// of being parked (never in the middle of a transaction); `"0s"`: never. _Default:_ 1h
+    #[serde(
+        default = "PoolConfig::default_server_lifetime",
+        with = "humantime_serde"
+    )]
+    pub server_lifetime: Duration,
+    /// A parked server connection unused for this long is closed; `"0s"`: never.
+    /// _Default:_ 10m
+    #[serde(
+        default = "PoolConfig::default_server_idle_timeout",
+        with = "humantime_serde"
+    )]
+    pub server_idle_timeout: Duration,
 }
 
 impl PoolConfig {
@@ -342,6 +380,12 @@ impl PoolConfig {
     fn default_statement_cache() -> usize {
         500
     }
+    fn default_server_lifetime() -> Duration {
+        Duration::from_secs(3600)
+    }
+    fn default_server_idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
 }
 
 impl Default for PoolConfig {
@@ -351,6 +395,8 @@ impl Default for PoolConfig {
             wait_timeout: Self::default_wait_timeout(),
             connect_timeout: Self::default_connect_timeout(),
             statement_cache: Self::default_statement_cache(),
+            server_lifetime: Self::default_server_lifetime(),
+            server_idle_timeout: Self::default_server_idle_timeout(),
         }
     }
 }
@@ -559,6 +605,9 @@ impl Config {
     }
     fn default_admin_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9930))
+    }
+    fn default_shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
     }
 
     /// Parses and validates a config from TOML text.
@@ -802,6 +851,20 @@ ttl = "3h"
             "cache.max_entry_size",
         );
         assert!(with("[cache]\nttl = \"1s\"\n").is_err());
+    }
+
+    #[test]
+    fn users_are_not_admins_unless_marked() {
+        let config = Config::from_toml_str(&format!(
+            "{EXAMPLE}\n[[users]]\nname = \"ops\"\npassword = \"x\"\nadmin = true\n"
+        ))
+        .expect("config with an admin");
+        assert!(!config.users[0].admin);
+        assert!(config.users[1].admin);
+        assert!(Config::from_toml_str(&format!(
+            "{EXAMPLE}\n[[users]]\nname = \"ops\"\npassword = \"x\"\nadmin = \"yes\"\n"
+        ))
+        .is_err());
     }
 
     #[test]

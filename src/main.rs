@@ -1,11 +1,18 @@
 //! The `pgway` binary: CLI, logging, config, runtime, then [`pgway::server::run`].
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
+
+use pgway::config::LogFormat;
+
+/// The most a SIGINT lets open transactions run on (a tenth of `shutdown_timeout` if that
+/// is shorter).
+const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
 
 // Every transaction allocates and frees a few buffers, from whichever worker thread runs
 // the client; mimalloc's per-thread free lists make that cheaper than the system allocator.
@@ -44,9 +51,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    init_logging(colour);
+    init_logging(config.log_format, colour);
 
     // This runtime accepts clients and runs health checks, the etcd watch and the admin
     // port; client sessions run on pgway's own worker threads (see `pgway::workers`).
@@ -59,25 +66,71 @@ fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            info!("stop requested");
-            signals.cancel();
-        });
-        pgway::server::run(config, listener, shutdown).await?;
+        let hard_stop = CancellationToken::new();
+        let interrupt_grace = (config.shutdown_timeout / 10).min(INTERRUPT_GRACE);
+        let signals = Signals::new().context("cannot install signal handlers")?;
+        tokio::spawn(signals.handle(shutdown.clone(), hard_stop.clone(), interrupt_grace));
+        pgway::server::run_with_hard_stop(config, listener, shutdown, hard_stop).await?;
+        info!("pgway stopped");
         Ok(())
     })
 }
 
-/// Logs to stdout, filtered by `RUST_LOG` (default `info`).
+/// SIGTERM and SIGINT, installed before pgway accepts anyone.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// SIGTERM cancels `shutdown`: no new clients, idle ones are told 57P01, open
+    /// transactions get up to `shutdown_timeout`. SIGINT does the same, but cancels
+    /// `hard_stop` after `interrupt_grace`. A second signal of either kind cancels
+    /// `hard_stop` at once: clients still inside a transaction are told 57P01.
+    async fn handle(
+        mut self,
+        shutdown: CancellationToken,
+        hard_stop: CancellationToken,
+        interrupt_grace: Duration,
+    ) {
+        let interrupted = tokio::select! {
+            _ = self.term.recv() => false,
+            _ = self.int.recv() => true,
+        };
+        if interrupted {
+            info!(grace = ?interrupt_grace, "SIGINT: stopping; open transactions get the grace");
+        } else {
+            info!("SIGTERM: stopping; open transactions get up to shutdown_timeout");
+        }
+        shutdown.cancel();
+        tokio::select! {
+            _ = self.term.recv() => warn!("second signal: stopping now"),
+            _ = self.int.recv() => warn!("second signal: stopping now"),
+            () = tokio::time::sleep(interrupt_grace), if interrupted => {}
+            () = hard_stop.cancelled() => return,
+        }
+        hard_stop.cancel();
+    }
+}
+
+/// Logs to stderr, as text or one JSON object a line (`log_format`), filtered by
+/// `RUST_LOG` (default `info`). JSON lines carry the current span's fields and its
+/// parents' (a client's `addr`, `user`, `database`).
 ///
 /// Each client session runs inside a tracing span that is entered and left on every poll.
 /// `EnvFilter` takes a lock shared by all threads on each enter and exit, to track
 /// span-field directives; a plain `target=level` list (`Targets`) does not. So `RUST_LOG`
 /// is read as such a list, and only one that uses span or field directives (`[span]`,
 /// `{field}`) falls back to `EnvFilter`.
-fn init_logging(colour: bool) {
+fn init_logging(format: LogFormat, colour: bool) {
     use tracing_subscriber::filter::{EnvFilter, Targets};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -92,21 +145,30 @@ fn init_logging(colour: bool) {
         Ok(targets) if !spec.contains(['[', '{']) => (Some(targets), None),
         _ => (None, Some(EnvFilter::new(spec))),
     };
+    let (text, json) = match format {
+        LogFormat::Text => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(colour),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(std::io::stderr),
+            ),
+        ),
+    };
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_ansi(colour))
+        .with(text)
+        .with(json)
         .with(targets)
         .with(env_filter)
         .init();
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

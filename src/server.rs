@@ -6,7 +6,9 @@
 //! 2. `start_workers`: the threads that run client sessions;
 //! 3. `start_background`: the topology watcher, the health checks and the admin port;
 //! 4. `accept_loop`: hands clients to the workers until `shutdown` is cancelled;
-//! 5. `drain`: lets open sessions finish their transactions, up to 30 s;
+//! 5. `drain`: lets open sessions finish their transactions, up to `shutdown_timeout`
+//!    (or until the caller's hard stop, see [`run_with_hard_stop`]), then tells clients
+//!    still inside one 57P01;
 //! 6. `stop_background`: waits for the background tasks, up to 5 s.
 //!
 //! Two [`TaskTracker`]s hold every task `run` starts: one for client connections (sessions
@@ -63,18 +65,33 @@ pub enum ServerError {
     Tls(#[from] TlsError),
 }
 
-/// How long sessions get to finish after shutdown begins.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long sessions get, once the drain deadline has passed, to tell their clients 57P01
+/// and close. A session still running then (one waiting on its server for a long
+/// statement) is dropped with its task: its client's socket closes without a message.
+const HARD_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// How long background tasks (health checks, the etcd watch, the admin port, control
 /// connections) get to end once the sessions are gone.
 const BACKGROUND_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs the gateway on `listener` until `shutdown` is cancelled, then drains.
+/// Runs the gateway on `listener` until `shutdown` is cancelled, then drains: open
+/// transactions get up to `shutdown_timeout` to finish.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    run_with_hard_stop(config, listener, shutdown, CancellationToken::new()).await
+}
+
+/// [`run`], with a way to cut the drain short: once `shutdown` is cancelled, cancelling
+/// `hard_stop` ends the drain as the `shutdown_timeout` deadline would (SIGINT, or a second
+/// signal: clients still inside a transaction are told 57P01 at once).
+pub async fn run_with_hard_stop(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
 ) -> Result<(), ServerError> {
     let background = TaskTracker::new();
     // TLS material is read before anything starts: a bad file stops pgway here.
@@ -87,8 +104,9 @@ pub async fn run(
     // On an error below, dropping `workers` stops their threads.
     let workers = start_workers(&shared, &sessions)?;
     start_background(&shared, &background).await?;
+    background.spawn(Arc::clone(&shared.pools).sweep(shutdown.clone()));
     accept_loop(listener, &workers, &sessions, &shared).await;
-    drain(workers, sessions).await;
+    drain(workers, sessions, &shared, &hard_stop).await;
     // The catalog's control connections end when the last holder of `shared` lets go.
     drop(shared);
     stop_background(background).await;
@@ -161,11 +179,13 @@ pub(crate) fn build_shared(
         cache,
         client_tls: Arc::new(ClientTls::default()),
         metrics: Arc::new(Metrics::new()),
+        clients: Arc::default(),
         users,
         pools,
         topology,
         cancels: CancelRegistry::default(),
         shutdown: shutdown.clone(),
+        hard_stop: CancellationToken::new(),
         greetings: moka::sync::Cache::new(10_000),
         floors: Arc::new(Floors::new(config.routing.read_your_writes)),
         replay: Arc::new(ReplayPositions::new(
@@ -395,17 +415,43 @@ async fn accept_loop(
 }
 
 /// Lets open sessions finish their transactions (they end between transactions once the
-/// shutdown token is cancelled), up to [`DRAIN_TIMEOUT`], then stops the workers and
-/// whatever session is still running.
-async fn drain(mut workers: Workers, sessions: TaskTracker) {
-    info!("shutting down: no new clients; waiting for open transactions");
+/// shutdown token is cancelled), up to `shutdown_timeout` or until `hard_stop` is
+/// cancelled. Then `shared.hard_stop` tells the sessions still waiting for their client
+/// inside a transaction to end with 57P01; after [`HARD_STOP_GRACE`] the workers stop,
+/// with whatever session is still running.
+async fn drain(
+    mut workers: Workers,
+    sessions: TaskTracker,
+    shared: &Shared,
+    hard_stop: &CancellationToken,
+) {
+    let timeout = shared.config.shutdown_timeout;
+    info!(
+        ?timeout,
+        "shutting down: no new clients; waiting for open transactions"
+    );
     workers.close();
     sessions.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, sessions.wait())
-        .await
-        .is_err()
-    {
-        warn!("sessions still open after the drain timeout; stopping anyway");
+    let finished = tokio::select! {
+        () = sessions.wait() => true,
+        () = tokio::time::sleep(timeout) => false,
+        () = hard_stop.cancelled() => false,
+    };
+    if !finished {
+        warn!(
+            open = sessions.len(),
+            "drain deadline: closing sessions still inside a transaction (57P01)"
+        );
+        shared.hard_stop.cancel();
+        if tokio::time::timeout(HARD_STOP_GRACE, sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = sessions.len(),
+                "sessions still waiting on a server; stopping them"
+            );
+        }
     }
     workers.shutdown().await;
 }

@@ -3,6 +3,10 @@
 //! of how reads under a read-your-writes floor were served, and of how many statements a
 //! replica refused as writes (each sent again to the primary). The operations issue adds
 //! `/ready` and `/metrics`.
+//!
+//! [`console`] is the other admin surface: database `pgway` on the client port.
+
+pub mod console;
 
 use std::sync::Arc;
 

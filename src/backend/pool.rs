@@ -5,12 +5,19 @@
 //! connection is a [`PooledConn`]: [`PooledConn::release`] parks it for the next client;
 //! dropping it instead closes the connection (which makes the server roll back anything
 //! open) and frees the permit.
+//!
+//! Connections are recycled as pgbouncer does, never in the middle of a transaction: one
+//! older than `pool.server_lifetime` is closed when it is released instead of parked, and
+//! parked ones unused for `pool.server_idle_timeout` (or past their lifetime) are closed
+//! by the next [`Pool::acquire`] that looks at them and by [`Pools::sweep`].
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::server::{BackendError, Login, ServerConn};
 use crate::config::PoolConfig;
@@ -150,6 +157,11 @@ impl Pool {
                 })
                 .unwrap_or(None);
             let Some(mut conn) = candidate else { break };
+            // Past its lifetime or parked too long: closed (dropped) instead of lent.
+            if self.expired(&conn, Instant::now()) {
+                tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing an expired server connection");
+                continue;
+            }
             // Closed by the server while parked (or it sent something unprompted): drop it.
             // Checked on the reactor it is registered with, before any move.
             if conn.io.is_stale() {
@@ -189,6 +201,38 @@ impl Pool {
         }
     }
 
+    /// Older than `pool.server_lifetime` (`0s`: never).
+    fn too_old(&self, conn: &ServerConn, now: Instant) -> bool {
+        let lifetime = self.settings.server_lifetime;
+        !lifetime.is_zero() && now.saturating_duration_since(conn.created) >= lifetime
+    }
+
+    /// A parked connection to close rather than lend: past its lifetime, or unused for
+    /// `pool.server_idle_timeout` (`0s`: never).
+    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
+        let idle_timeout = self.settings.server_idle_timeout;
+        self.too_old(conn, now)
+            || (!idle_timeout.is_zero()
+                && now.saturating_duration_since(conn.parked) >= idle_timeout)
+    }
+
+    /// Closes the parked connections that [`Self::expired`] says are due; returns how
+    /// many. The sockets are closed after the list is unlocked.
+    pub fn close_expired(&self) -> usize {
+        let now = Instant::now();
+        let expired: Vec<Box<ServerConn>> = match self.idle.lock() {
+            Ok(mut idle) => {
+                let (gone, keep) = std::mem::take(&mut *idle)
+                    .into_iter()
+                    .partition(|conn| self.expired(conn, now));
+                *idle = keep;
+                gone
+            }
+            Err(_) => Vec::new(),
+        };
+        expired.len()
+    }
+
     /// Connections parked and ready.
     pub fn idle_count(&self) -> usize {
         self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
@@ -225,7 +269,14 @@ impl PooledConn {
     /// Parks the connection for the next client. Call only when the server is idle
     /// (ReadyForQuery `I`) and nothing is outstanding on it.
     pub fn release(mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(mut conn) = self.conn.take() {
+            let now = Instant::now();
+            if self.pool.too_old(&conn, now) {
+                // Dropped: closed, its slot freed by our own drop.
+                tracing::debug!(addr = %self.pool.key.addr, pid = conn.pid, "closing a server connection past pool.server_lifetime");
+                return;
+            }
+            conn.parked = now;
             if let Ok(mut idle) = self.pool.idle.lock() {
                 idle.push(conn);
             }
@@ -355,6 +406,42 @@ impl Pools {
                 )
             })
             .collect()
+    }
+
+    /// Every pool, for a moment.
+    fn all(&self) -> Vec<Arc<Pool>> {
+        match self.pools.lock() {
+            Ok(pools) => pools.values().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+        }
+    }
+
+    /// Closes parked connections that are past `pool.server_lifetime` or unused for
+    /// `pool.server_idle_timeout`, at a quarter of the shorter of the two (between 100 ms
+    /// and 30 s), until `shutdown`. Returns at once if both are `0s`.
+    pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(shortest) = [
+            self.settings.server_lifetime,
+            self.settings.server_idle_timeout,
+        ]
+        .into_iter()
+        .filter(|d| !d.is_zero())
+        .min() else {
+            return;
+        };
+        let period = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let closed: usize = self.all().iter().map(|pool| pool.close_expired()).sum();
+            if closed > 0 {
+                tracing::debug!(closed, "closed expired idle server connections");
+            }
+        }
     }
 
     /// Closes the idle connections of every pool on node `addr`.

@@ -2,7 +2,7 @@
 //! server told us (parameters, cancel key) and which statements are prepared on it.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::net::{Connector, FramedStream, NetError};
 use crate::protocol::frame::Reader;
@@ -160,6 +160,11 @@ pub struct ServerConn {
     pub applied: crate::settings::Applied,
     /// The reactor the socket is registered with ([`crate::workers::current`]).
     pub reactor: usize,
+    /// When the connection was made (`pool.server_lifetime` counts from here).
+    pub created: Instant,
+    /// When the connection was last parked in its pool (`pool.server_idle_timeout` counts
+    /// from here); its creation until then.
+    pub parked: Instant,
 }
 
 impl ServerConn {
@@ -232,6 +237,8 @@ impl ServerConn {
             unnamed: None,
             applied: Default::default(),
             reactor: crate::workers::current(),
+            created: Instant::now(),
+            parked: Instant::now(),
         };
         loop {
             let frame = conn.io.read_frame(MAX_MESSAGE_LEN).await?;

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod registry;
 pub mod session;
 pub mod startup;
 
@@ -50,6 +51,9 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// Cancelled when pgway is stopping.
     pub shutdown: CancellationToken,
+    /// Cancelled when the drain deadline (`shutdown_timeout`) passes: clients still inside
+    /// a transaction are told 57P01 and closed.
+    pub hard_stop: CancellationToken,
     /// What new clients are greeted with, per (database, user, startup settings hash).
     pub greetings: moka::sync::Cache<GreetingKey, Arc<Greeting>>,
     /// Read-your-writes floors by scope.
@@ -62,6 +66,8 @@ pub struct Shared {
     pub client_tls: Arc<crate::net::tls::ClientTls>,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Connected clients and the `PAUSE` gate, for the admin console.
+    pub clients: Arc<registry::Clients>,
 }
 
 /// A cached greeting: the ParameterStatus values for clients with these startup settings,

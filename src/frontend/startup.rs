@@ -7,6 +7,10 @@
 //! `mode = "require"` a StartupMessage that arrives unencrypted is refused (FATAL 28000)
 //! before authentication; a CancelRequest is served either way (libpq sends it on a fresh
 //! connection, plain unless its `sslmode` asks for TLS).
+//!
+//! A login to database `pgway` opens the admin console ([`crate::admin::console`]) for a
+//! user with `admin = true`, and is refused with 42501 for any other; other logins are
+//! listed in the client registry ([`super::registry`]) for the console to see.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,8 +23,10 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::auth::{md5_matches, AuthError, ScramExchange, ScramVerifier};
 use super::cancel::send_cancel;
+use super::registry;
 use super::session::Session;
 use super::{Greeting, Shared};
+use crate::admin::console;
 use crate::backend::{BackendError, PoolError};
 use crate::config::AuthMethod;
 use crate::error::ClientError;
@@ -29,7 +35,7 @@ use crate::net::{FramedStream, NetError};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages::{self, body, Severity, StartupPacket};
 use crate::protocol::{FrameError, MAX_STARTUP_LEN};
-use crate::settings::{sync_query, ClientSettings};
+use crate::settings::{sync_query, ClientSettings, Value};
 use crate::topology::Want;
 
 /// Why a login did not reach a session.
@@ -87,6 +93,7 @@ impl LoginError {
 pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let span =
         info_span!("client", %peer, user = tracing::field::Empty, db = tracing::field::Empty);
+    let local = stream.local_addr().ok();
     let mut io = FramedStream::tcp(stream);
     let mut out = BytesMut::new();
     let login = tokio::time::timeout(
@@ -97,11 +104,30 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     .await
     .unwrap_or(Err(ClientError::LoginTimeout.into()));
     match login {
+        Ok((user, database, _)) if database == console::DATABASE => {
+            span.record("user", user.as_str());
+            span.record("db", database.as_str());
+            console::serve(&shared, io, out, &user)
+                .instrument(span)
+                .await;
+        }
         Ok((user, database, settings)) => {
             span.record("user", user.as_str());
             span.record("db", database.as_str());
             span.in_scope(|| debug!("client logged in"));
+            let application_name = match settings.startup.get("application_name") {
+                Some(Value::Raw(name) | Value::Sql(name)) => name.clone(),
+                None => String::new(),
+            };
+            let login = registry::Login {
+                user: user.clone(),
+                database: database.clone(),
+                addr: peer,
+                local,
+                application_name,
+            };
             Session::new(&shared, io, user, database, settings, span)
+                .registered(login)
                 .run(out)
                 .await;
         }
@@ -189,6 +215,15 @@ async fn login(
     }
 
     authenticate(shared, io, out, &user).await?;
+    if database == console::DATABASE {
+        // The admin console: no server behind it, so no greeting to learn. Refused only
+        // now, after the password: the refusal does not tell who is an admin.
+        if !shared.users.get(&user).is_some_and(|u| u.config.admin) {
+            return Err(console::not_admin(&user).into());
+        }
+        messages::authentication(out, 0, &[]);
+        return Ok((user, database, ClientSettings::default()));
+    }
     messages::authentication(out, 0, &[]);
 
     let mut settings = ClientSettings::from_startup(&params);

@@ -11,6 +11,7 @@ use super::{Link, Session, State};
 use crate::backend::PoolError;
 use crate::error::ClientError;
 use crate::frontend::cancel::CancelTarget;
+use crate::frontend::registry::Clients as Registry;
 use crate::net::NetError;
 use crate::protocol::messages;
 use crate::protocol::MAX_MESSAGE_LEN;
@@ -21,6 +22,27 @@ impl Session<'_> {
     /// Takes a server connection for `target` (Idle -> Attached), trying another node when
     /// one is down.
     pub(super) async fn attach(&mut self, target: Target) -> Result<(), ClientError> {
+        let shared = self.shared;
+        // `PAUSE` holds new transactions here (a client ended by `KILL_CLIENT` or pgway's
+        // shutdown meanwhile stops waiting).
+        let entry = self.registered.as_ref().map(|r| &*r.entry);
+        tokio::select! {
+            biased;
+            () = shared.clients.gate(entry) => {}
+            () = self.stopping.as_mut() => {
+                Registry::not_attached(self.registered.as_ref().map(|r| &*r.entry));
+                return Err(ClientError::Shutdown);
+            }
+        }
+        let attached = self.take_connection(target).await;
+        if attached.is_err() {
+            Registry::not_attached(self.registered.as_ref().map(|r| &*r.entry));
+        }
+        attached
+    }
+
+    /// [`Self::attach`] once past the pause gate.
+    async fn take_connection(&mut self, target: Target) -> Result<(), ClientError> {
         let shared = self.shared;
         let topology = &shared.topology;
         let wait = shared.config.topology.failover_timeout();
@@ -63,6 +85,10 @@ impl Session<'_> {
                     .unwrap_or(false);
             match pool.acquire().await {
                 Ok(conn) => {
+                    let active = self
+                        .registered
+                        .as_ref()
+                        .map(|r| r.entry.attached(Arc::clone(&addr), conn.pid));
                     self.cancel.point_to(CancelTarget {
                         addr,
                         pid: conn.pid,
@@ -73,6 +99,7 @@ impl Session<'_> {
                         status: b'I',
                         unsynced: false,
                         replica,
+                        _active: active,
                     });
                     self.sync_settings();
                     return Ok(());
@@ -98,6 +125,7 @@ impl Session<'_> {
             .shared
             .pools
             .get(addr, &self.database, &self.user, &self.password);
+        self.shared.clients.note_pool(&pool);
         self.pools.push((Arc::from(addr), pool));
         self.pools.len() - 1
     }

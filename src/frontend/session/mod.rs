@@ -68,6 +68,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, Instrument};
 
 use super::cancel::CancelKey;
+use super::registry::{self, Registered};
 use super::Shared;
 use crate::backend::{Pool, PooledConn};
 use crate::error::ClientError;
@@ -133,6 +134,9 @@ struct Link {
     unsynced: bool,
     /// The connection is to a replica (nothing on it can write).
     replica: bool,
+    /// Marks the client active in the registry while the connection is held (`None` for
+    /// a session that is not registered).
+    _active: Option<registry::Attached>,
 }
 
 /// A `COPY ... FROM STDIN` in progress.
@@ -296,6 +300,10 @@ pub struct Session<'a> {
     /// with the token, so waiting between requests touches no state shared with other
     /// sessions.
     stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Resolves when pgway's drain deadline (`shutdown_timeout`) passes: a client still
+    /// inside a transaction is then told 57P01 while pgway waits for it. Made once per
+    /// session, like `stopping`.
+    hard_stop: Pin<Box<WaitForCancellationFutureOwned>>,
     client: FramedStream,
     /// What goes to the client next.
     out: BytesMut,
@@ -343,6 +351,8 @@ pub struct Session<'a> {
     /// stream epoch it was seen in: later hits need the invalidation stream at least there,
     /// so its reads never go back (a new stream, after a failover, starts afresh).
     seen: (u64, u64),
+    /// Its place in the admin console's client registry, when [`Self::registered`].
+    registered: Option<Registered>,
 }
 
 impl<'a> Session<'a> {
@@ -371,6 +381,7 @@ impl<'a> Session<'a> {
             shared,
             span,
             stopping: Box::pin(thread_shutdown(shared).cancelled_owned()),
+            hard_stop: Box::pin(thread_hard_stop(shared).cancelled_owned()),
             client,
             out: BytesMut::new(),
             to_server: BytesMut::new(),
@@ -396,6 +407,29 @@ impl<'a> Session<'a> {
             cache,
             fill: None,
             seen: (0, 0),
+            registered: None,
+        }
+    }
+
+    /// Lists the session in the client registry (`SHOW CLIENTS`), where `KILL_CLIENT`
+    /// can end it: its wait between requests then ends on the registry's token, a child of
+    /// the shutdown token it waited on before.
+    pub fn registered(mut self, login: registry::Login) -> Self {
+        let parent = thread_shutdown(self.shared);
+        let registered = self.shared.clients.register(login, &parent);
+        self.stopping = Box::pin(registered.entry.kill.clone().cancelled_owned());
+        self.registered = Some(registered);
+        self
+    }
+
+    /// The error a session ends with when its wait between requests is cancelled: pgway's
+    /// shutdown, or `KILL_CLIENT`.
+    fn stop_reason(&self, e: ClientError) -> ClientError {
+        match (&e, &self.registered) {
+            (ClientError::Shutdown, Some(_)) if !self.shared.shutdown.is_cancelled() => {
+                crate::admin::console::killed()
+            }
+            _ => e,
         }
     }
 
@@ -418,7 +452,10 @@ impl<'a> Session<'a> {
                 Err(SessionError::Retry) => {
                     self.close_with(ClientError::ServerKeptShuttingDown).await
                 }
-                Err(SessionError::Fatal(e)) => self.close_with(e).await,
+                Err(SessionError::Fatal(e)) => {
+                    let e = self.stop_reason(e);
+                    self.close_with(e).await
+                }
             }
             self.cleanup().await;
             self.shared.metrics.client(-1);
@@ -449,6 +486,23 @@ impl<'a> Session<'a> {
             None => Err(no_server()),
         }
     }
+}
+
+/// A child of `shared.hard_stop`, made once per thread as [`thread_shutdown`] is.
+fn thread_hard_stop(shared: &Shared) -> CancellationToken {
+    thread_local! {
+        static CHILD: std::cell::RefCell<Option<(usize, CancellationToken)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let key = std::ptr::from_ref(shared) as usize;
+    CHILD.with_borrow_mut(|child| match child {
+        Some((k, token)) if *k == key => token.clone(),
+        _ => {
+            let token = shared.hard_stop.child_token();
+            *child = Some((key, token.clone()));
+            token
+        }
+    })
 }
 
 /// A child of `shared.shutdown` made once per thread (per gateway), for the sessions that

@@ -478,7 +478,13 @@ impl Session<'_> {
             if self.forward_unprompted().await? {
                 return Err(SessionError::ClientGone(NetError::Closed));
             }
-            let Session { state, client, .. } = self;
+            let Session {
+                state,
+                client,
+                stopping,
+                hard_stop,
+                ..
+            } = self;
             let Some(link) = state.link_mut() else {
                 return client
                     .read_frame(MAX_MESSAGE_LEN)
@@ -490,6 +496,12 @@ impl Session<'_> {
                     return frame.map_err(SessionError::from_client);
                 }
                 filled = link.conn.io.fill() => filled.map_err(SessionError::server_lost)?,
+                // A stopping pgway closes a pinned client between transactions, and one
+                // inside a transaction at the drain deadline.
+                _ = stopping.as_mut(), if link.status == b'I' => {
+                    return Err(SessionError::Fatal(ClientError::Shutdown));
+                }
+                _ = hard_stop.as_mut() => return Err(SessionError::Fatal(ClientError::Shutdown)),
             }
         }
     }

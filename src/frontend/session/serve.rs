@@ -68,11 +68,25 @@ impl Session<'_> {
             State::Idle | State::SkipToSync if self.batch.is_empty() => {
                 self.next_frame_idle().await
             }
-            _ => self
-                .client
-                .read_frame(MAX_MESSAGE_LEN)
-                .await
-                .map_err(SessionError::from_client),
+            _ => self.next_frame_attached().await,
+        }
+    }
+
+    /// Waits for the client's next message while it holds a server connection (inside a
+    /// transaction, a batch or a COPY). Once pgway's drain deadline has passed, a client
+    /// that keeps pgway waiting here is told 57P01 and closed.
+    async fn next_frame_attached(&mut self) -> Result<BytesMut, SessionError> {
+        if let Some(frame) = self
+            .client
+            .try_frame(MAX_MESSAGE_LEN)
+            .map_err(SessionError::from_client)?
+        {
+            return Ok(frame);
+        }
+        tokio::select! {
+            biased;
+            frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
+            _ = self.hard_stop.as_mut() => Err(SessionError::Fatal(ClientError::Shutdown)),
         }
     }
 
