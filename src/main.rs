@@ -76,10 +76,13 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// SIGTERM and SIGINT, installed before pgway accepts anyone.
+/// SIGTERM, SIGINT and SIGHUP, installed before pgway accepts anyone.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// Caught so that it does not end the process (its default action) while reload is
+    /// not built: pgway says so and keeps its config.
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -88,6 +91,7 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -101,9 +105,14 @@ impl Signals {
         hard_stop: CancellationToken,
         interrupt_grace: Duration,
     ) {
-        let interrupted = tokio::select! {
-            _ = self.term.recv() => false,
-            _ = self.int.recv() => true,
+        let interrupted = loop {
+            tokio::select! {
+                _ = self.term.recv() => break false,
+                _ = self.int.recv() => break true,
+                _ = self.hup.recv() => {
+                    warn!("SIGHUP: config reload is not supported yet; the running config stays");
+                }
+            }
         };
         if interrupted {
             info!(grace = ?interrupt_grace, "SIGINT: stopping; open transactions get the grace");

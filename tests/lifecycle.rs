@@ -248,12 +248,17 @@ impl Drop for Binary {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_tells_idle_clients_and_exits_zero() {
+async fn sighup_keeps_serving_and_sigterm_tells_idle_clients_and_exits_zero() {
     let cluster = Cluster::start(0);
     let mut pgway = Binary::start(&cluster, &GatewayOptions::default(), "info");
     pgway.wait_ready().await;
     let mut idle = RawConn::login(pgway.port, APP_USER, APP_PASSWORD).await;
     assert_eq!(run_ok(&mut idle, "select 1").await, b'I');
+
+    // SIGHUP (reload, for pgbouncer users) must not end the process: the config stays.
+    pgway.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(run_ok(&mut idle, "select 1").await, b'I', "after SIGHUP");
 
     pgway.signal("TERM");
     assert_eq!(fatal_then_close(&mut idle).await, ADMIN_SHUTDOWN);
