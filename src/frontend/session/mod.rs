@@ -490,38 +490,38 @@ impl<'a> Session<'a> {
 
 /// A child of `shared.hard_stop`, made once per thread as [`thread_shutdown`] is.
 fn thread_hard_stop(shared: &Shared) -> CancellationToken {
-    thread_local! {
-        static CHILD: std::cell::RefCell<Option<(usize, CancellationToken)>> =
-            const { std::cell::RefCell::new(None) };
-    }
-    let key = std::ptr::from_ref(shared) as usize;
-    CHILD.with_borrow_mut(|child| match child {
-        Some((k, token)) if *k == key => token.clone(),
-        _ => {
-            let token = shared.hard_stop.child_token();
-            *child = Some((key, token.clone()));
-            token
-        }
-    })
+    thread_child(&shared.hard_stop)
 }
 
 /// A child of `shared.shutdown` made once per thread (per gateway), for the sessions that
 /// run there. Polling a cancellation token locks its node; with one node per worker, a
 /// session's wait between requests locks nothing that other worker threads also lock.
 fn thread_shutdown(shared: &Shared) -> CancellationToken {
+    thread_child(&shared.shutdown)
+}
+
+/// This thread's child of `parent`, made on first use. Keyed by the parent's address: a
+/// thread serves one gateway, but tests run several in one process.
+fn thread_child(parent: &CancellationToken) -> CancellationToken {
     thread_local! {
-        static CHILD: std::cell::RefCell<Option<(usize, CancellationToken)>> =
-            const { std::cell::RefCell::new(None) };
+        static CHILDREN: std::cell::RefCell<Vec<(usize, CancellationToken)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
-    // Keyed by the gateway's address: a thread serves one gateway, but tests run several
-    // in one process.
-    let key = std::ptr::from_ref(shared) as usize;
-    CHILD.with_borrow_mut(|child| match child {
-        Some((k, token)) if *k == key => token.clone(),
-        _ => {
-            let token = shared.shutdown.child_token();
-            *child = Some((key, token.clone()));
-            token
+    let key = std::ptr::from_ref(parent) as usize;
+    CHILDREN.with_borrow_mut(|children| {
+        // A cancelled child under a parent that is not cancelled belongs to a gateway
+        // that stopped and whose memory this one reuses: it is replaced.
+        children.retain(|(k, token)| *k != key || !token.is_cancelled() || parent.is_cancelled());
+        if let Some((_, token)) = children.iter().find(|(k, _)| *k == key) {
+            return token.clone();
         }
+        let token = parent.child_token();
+        // A thread keeps the children of the last few gateways it served (tests start
+        // many in one process).
+        if children.len() >= 8 {
+            children.remove(0);
+        }
+        children.push((key, token.clone()));
+        token
     })
 }
