@@ -133,8 +133,6 @@ pub struct Db {
     advanced: tokio::sync::Notify,
     /// The temporary slot's name, while there is one.
     slot: Mutex<Option<String>>,
-    /// Its stream was started (on the first cacheable statement).
-    started: std::sync::atomic::AtomicBool,
     /// Plans by statement text (`None`: not cacheable).
     plans: moka::sync::Cache<Box<[u8]>, Option<Arc<Plan>>>,
 }
@@ -489,7 +487,6 @@ impl ResultCache {
             waiting: std::sync::atomic::AtomicUsize::new(0),
             advanced: tokio::sync::Notify::new(),
             slot: Mutex::new(None),
-            started: std::sync::atomic::AtomicBool::new(false),
             plans: moka::sync::Cache::builder()
                 .max_capacity(20_000)
                 .time_to_live(Duration::from_secs(300))
@@ -513,8 +510,14 @@ impl ResultCache {
     /// cacheable statement, so a database nothing is cached for has no slot.
     pub fn follow(&self, db: &Arc<Db>) {
         if let Some(streams) = &self.streams {
-            if !db.started.swap(true, Ordering::AcqRel) {
-                db.set_state(StreamState::Starting);
+            // Idle -> Starting happens once: only the caller that makes it starts the stream.
+            let started = db.state.compare_exchange(
+                StreamState::Idle as u8,
+                StreamState::Starting as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            if started.is_ok() {
                 streams.start(Arc::clone(db), Arc::clone(&self.stats));
             }
         }

@@ -16,7 +16,6 @@ use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, Bind, Parse};
 use crate::route::catalog::{Cacheable, Volatility};
 use crate::route::{Classification, Hint, StatementKind, Target, Why};
-use crate::topology::Role;
 
 /// The session's handle on the cache.
 #[derive(Debug)]
@@ -134,15 +133,20 @@ impl Session<'_> {
         let Some(shape) = CachedBatch::of(batch) else {
             return Ok(false);
         };
-        let (sql, types): (&[u8], &[u8]) =
-            match (&shape.parse, self.statement(shape.bind.statement)) {
-                (Some(parse), _) => (parse.sql, parse.param_types),
-                (None, Some(prepared)) => {
-                    let prepared: &Prepared = prepared;
-                    (&prepared.sql, &prepared.param_types)
-                }
-                (None, None) => return Ok(false),
-            };
+        // The statement parsed in this batch, else the client's prepared one (its own
+        // handle, so the session can be borrowed again below).
+        let prepared: Option<Arc<Prepared>> = match &shape.parse {
+            Some(_) => None,
+            None => match self.statement(shape.bind.statement) {
+                Some(prepared) => Some(Arc::clone(prepared)),
+                None => return Ok(false),
+            },
+        };
+        let (sql, types): (&[u8], &[u8]) = match (&shape.parse, &prepared) {
+            (Some(parse), _) => (parse.sql, parse.param_types),
+            (None, Some(prepared)) => (&prepared.sql, &prepared.param_types),
+            (None, None) => return Ok(false),
+        };
         let Ok(text) = std::str::from_utf8(sql) else {
             return Ok(false);
         };
@@ -160,8 +164,7 @@ impl Session<'_> {
             return Ok(false);
         };
         let describe: &[u8] = if shape.describe { b"D" } else { b"-" };
-        let (sql, types) = (sql.to_vec(), types.to_vec());
-        let parts: [&[u8]; 6] = [b"E", &sql, b"\0", &types, shape.bind.rest, describe];
+        let parts: [&[u8]; 6] = [b"E", sql, b"\0", types, shape.bind.rest, describe];
         let Some(reply) = self.look_up(&parts, &plan).await else {
             return Ok(false);
         };
@@ -257,9 +260,7 @@ impl Session<'_> {
         self.shared
             .topology
             .snapshot()
-            .nodes
-            .iter()
-            .filter(|n| n.healthy && n.role == Role::Replica && n.may_take_reads)
+            .readable_replicas(None)
             .filter_map(|n| n.lsn)
             .max()
             .unwrap_or(0)
