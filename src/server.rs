@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -180,7 +181,7 @@ pub(crate) fn build_shared(
         client_tls: Arc::new(ClientTls::default()),
         metrics: Arc::new(Metrics::new()),
         clients: Arc::default(),
-        users,
+        users: ArcSwap::from_pointee(users),
         pools,
         topology,
         cancels: CancelRegistry::default(),
@@ -194,7 +195,7 @@ pub(crate) fn build_shared(
             tokio::runtime::Handle::current(),
             shutdown.clone(),
         )),
-        config,
+        config: ArcSwap::new(config),
     })
 }
 
@@ -231,7 +232,11 @@ fn build_cache(
 /// Starts the worker threads that run client sessions ([`startup::handle`]), each session
 /// tracked by `sessions`.
 fn start_workers(shared: &Arc<Shared>, sessions: &TaskTracker) -> Result<Workers, ServerError> {
-    let count = shared.config.workers.unwrap_or_else(workers::default_count);
+    let count = shared
+        .config
+        .load()
+        .workers
+        .unwrap_or_else(workers::default_count);
     let shared = Arc::clone(shared);
     let workers = Workers::start(count, sessions.clone(), move |stream, peer| {
         startup::handle(Arc::clone(&shared), stream, peer)
@@ -244,7 +249,7 @@ fn start_workers(shared: &Arc<Shared>, sessions: &TaskTracker) -> Result<Workers
 /// node) and the admin HTTP port. The admin port is bound first, so a failure to bind it
 /// leaves nothing running.
 async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(), ServerError> {
-    let config = &shared.config;
+    let config = shared.config.load();
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -265,7 +270,7 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
         ));
     }
     background.spawn(supervise(
-        health_settings(config, &shared.pools.control_connector()),
+        health_settings(&config, &shared.pools.control_connector()),
         Arc::clone(&shared.topology),
         Arc::clone(&shared.pools),
         background.clone(),
@@ -388,7 +393,7 @@ async fn accept_loop(
     shared: &Shared,
 ) {
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgway accepting clients");
-    let limit = Arc::new(Semaphore::new(shared.config.client.max_connections));
+    let limit = Arc::new(Semaphore::new(shared.config.load().client.max_connections));
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
@@ -425,7 +430,7 @@ async fn drain(
     shared: &Shared,
     hard_stop: &CancellationToken,
 ) {
-    let timeout = shared.config.shutdown_timeout;
+    let timeout = shared.config.load().shutdown_timeout;
     info!(
         ?timeout,
         "shutting down: no new clients; waiting for open transactions"

@@ -248,7 +248,7 @@ async fn run(shared: &Shared, command: &str, out: &mut BytesMut) -> Result<(), C
 async fn pause(shared: &Shared, out: &mut BytesMut) -> Result<(), CommandError> {
     shared.clients.pause();
     info!("admin console: PAUSE");
-    let timeout = shared.config.pool.wait_timeout;
+    let timeout = shared.config.load().pool.wait_timeout;
     if !shared.clients.drained(timeout).await {
         let active = shared.clients.active_count();
         notice(
@@ -685,7 +685,7 @@ fn cache(shared: &Shared) -> Table {
 /// `SHOW CONFIG`: the settings in force (passwords left out). Nothing can be changed
 /// from the console yet (`changeable = no`).
 fn config(shared: &Shared) -> Table {
-    let c = &shared.config;
+    let c = shared.config.load();
     let mut table = Table::new(&["key", "value", "changeable"]);
     let mut row = |k: &str, v: String| table.rows.push(vec![k.to_owned(), v, "no".to_owned()]);
     let duration = |d: Duration| humantime_serde::re::humantime::format_duration(d).to_string();

@@ -10,6 +10,8 @@ pub mod startup;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Pools;
@@ -37,10 +39,11 @@ pub type GreetingKey = (String, String, u64);
 /// What every client task shares.
 #[derive(Debug)]
 pub struct Shared {
-    /// The configuration in force.
-    pub config: Arc<Config>,
-    /// Users by name.
-    pub users: HashMap<String, User>,
+    /// The configuration in force, swapped whole by a reload: read it with `load()` where
+    /// it is used rather than keeping a copy, so the next use sees the reloaded one.
+    pub config: ArcSwap<Config>,
+    /// Users by name, swapped whole by a reload.
+    pub users: ArcSwap<HashMap<String, User>>,
     /// Server pools.
     pub pools: Arc<Pools>,
     /// Current topology.

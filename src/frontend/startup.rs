@@ -97,7 +97,7 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let mut io = FramedStream::tcp(stream);
     let mut out = BytesMut::new();
     let login = tokio::time::timeout(
-        shared.config.client.login_timeout,
+        shared.config.load().client.login_timeout,
         login(&shared, &mut io, &mut out),
     )
     .instrument(span.clone())
@@ -182,7 +182,7 @@ async fn login(
             StartupPacket::Cancel { pid, secret } => {
                 if let Some(target) = shared.cancels.target(pid, secret) {
                     if let Err(cause) =
-                        send_cancel(&target, shared.config.pool.connect_timeout).await
+                        send_cancel(&target, shared.config.load().pool.connect_timeout).await
                     {
                         warn!(%cause, "could not forward cancel request");
                     }
@@ -218,7 +218,12 @@ async fn login(
     if database == console::DATABASE {
         // The admin console: no server behind it, so no greeting to learn. Refused only
         // now, after the password: the refusal does not tell who is an admin.
-        if !shared.users.get(&user).is_some_and(|u| u.config.admin) {
+        if !shared
+            .users
+            .load()
+            .get(&user)
+            .is_some_and(|u| u.config.admin)
+        {
             return Err(console::not_admin(&user).into());
         }
         messages::authentication(out, 0, &[]);
@@ -267,7 +272,8 @@ async fn authenticate(
     out: &mut BytesMut,
     user: &str,
 ) -> Result<(), LoginError> {
-    let entry = shared.users.get(user);
+    let users = shared.users.load();
+    let entry = users.get(user);
     let method = entry.map(|u| u.config.auth).unwrap_or_default();
     let bad_password = || LoginError::from(ClientError::BadPassword(user.to_owned()));
     match method {
@@ -367,12 +373,12 @@ async fn greeting(
             return Ok(hit);
         }
     }
-    let password = shared
-        .users
+    let users = shared.users.load();
+    let password = users
         .get(user)
         .map(|u| u.config.password.as_str())
         .unwrap_or_default();
-    let wait = shared.config.topology.failover_timeout();
+    let wait = shared.config.load().topology.failover_timeout();
     let pool_for = |addr: &str| shared.pools.get(addr, database, user, password);
     let pool = match shared
         .topology
@@ -414,7 +420,7 @@ async fn greeting(
     if let Some(sql) = sync_query(&mut conn.applied, &settings.current) {
         let mut out = BytesMut::new();
         messages::query(&mut out, &sql);
-        let timeout = shared.config.pool.connect_timeout;
+        let timeout = shared.config.load().pool.connect_timeout;
         let reported = tokio::time::timeout(timeout, apply_startup(&mut conn.io, out))
             .await
             .map_err(|_| ClientError::NoServer("timed out applying startup settings".into()))?

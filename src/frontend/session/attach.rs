@@ -45,7 +45,7 @@ impl Session<'_> {
     async fn take_connection(&mut self, target: Target) -> Result<(), ClientError> {
         let shared = self.shared;
         let topology = &shared.topology;
-        let wait = shared.config.topology.failover_timeout();
+        let wait = shared.config.load().topology.failover_timeout();
         let mut want = match target {
             Target::Replica => Want::Replica,
             Target::Primary => Want::Primary,
@@ -61,7 +61,7 @@ impl Session<'_> {
                         let replica = self.replica_at(floor).await;
                         if replica.is_none() {
                             want = Want::Primary;
-                            let wait = shared.config.routing.read_your_writes_wait;
+                            let wait = shared.config.load().routing.read_your_writes_wait;
                             self.reroute(Why::FloorNotReplayed(wait));
                         }
                         replica
@@ -207,7 +207,7 @@ impl Session<'_> {
                 }
             }
         };
-        match tokio::time::timeout(self.shared.config.pool.connect_timeout, rollback).await {
+        match tokio::time::timeout(self.shared.config.load().pool.connect_timeout, rollback).await {
             Ok(Ok(b'I')) => {
                 debug!("rolled back the open transaction of a client that left");
                 conn.release();

@@ -228,7 +228,7 @@ impl Session<'_> {
                 }
                 Lookup::Behind(position) if !caught_up => {
                     caught_up = true;
-                    let wait = self.shared.config.routing.read_your_writes_wait;
+                    let wait = self.shared.config.load().routing.read_your_writes_wait;
                     if !db.wait_for(position, wait).await {
                         cache.count_bypass();
                         return None;

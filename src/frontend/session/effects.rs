@@ -492,7 +492,7 @@ impl Session<'_> {
                 }
             }
         };
-        let bound = tokio::time::timeout(self.shared.config.pool.connect_timeout, check)
+        let bound = tokio::time::timeout(self.shared.config.load().pool.connect_timeout, check)
             .await
             .map_err(|_| {
                 SessionError::Fatal(ClientError::ServerLost(

@@ -287,7 +287,7 @@ impl Session<'_> {
         let Some(primary) = shared.topology.primary() else {
             return target;
         };
-        let wait = shared.config.pool.connect_timeout;
+        let wait = shared.config.load().pool.connect_timeout;
         match shared.replay.primary_position(&primary, wait).await {
             Some(position) => {
                 self.request.min_position = self.request.min_position.max(position);
@@ -361,7 +361,7 @@ impl Session<'_> {
     pub(super) async fn replica_at(&self, position: u64) -> Option<Arc<str>> {
         let shared = self.shared;
         let candidates = shared.topology.readable_replicas();
-        let wait = shared.config.routing.read_your_writes_wait;
+        let wait = shared.config.load().routing.read_your_writes_wait;
         let found = shared.replay.first_at(&candidates, position, wait).await;
         found.map(|(addr, _)| addr)
     }

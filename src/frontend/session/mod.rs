@@ -367,6 +367,7 @@ impl<'a> Session<'a> {
     ) -> Self {
         let password = shared
             .users
+            .load()
             .get(&user)
             .map(|u| u.config.password.clone())
             .unwrap_or_default();

@@ -304,7 +304,7 @@ impl Session<'_> {
         prepared: &Prepared,
         forward: bool,
     ) -> Result<(), SessionError> {
-        let capacity = self.shared.config.pool.statement_cache;
+        let capacity = self.shared.config.load().pool.statement_cache;
         let name = prepared.server_name();
         write_parse(
             &mut self.to_server,
