@@ -3,9 +3,7 @@
 //!
 //! Run: `cargo bench --bench route`
 
-use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -40,7 +38,7 @@ fn router() -> Router {
     let topology = TopologyHandle::new(&["127.0.0.1:1".to_owned()]);
     Router::new(Catalog::new(
         topology,
-        Arc::new(HashMap::new()),
+        pgway::route::catalog::Credentials::default(),
         Duration::from_millis(10),
     ))
 }

@@ -80,6 +80,14 @@ pub struct Config {
     /// _Default:_ `"text"`
     #[serde(default)]
     pub log_format: LogFormat,
+    /// `[auth_query]`: look up users not in `[[users]]` on the primary. _Default:_ none
+    /// (only `[[users]]` may log in)
+    #[serde(default)]
+    pub auth_query: Option<AuthQueryConfig>,
+    /// The file this config was loaded from (`None`: built from text), which a reload
+    /// reads again.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 /// `log_format`: how log lines are written.
@@ -168,7 +176,7 @@ impl Default for CacheConfig {
 }
 
 /// One `[[cache.rules]]` entry: reads whose every table is listed are cached for `ttl`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheRule {
     /// Tables, `schema.name` (or `name`: that table in any schema).
@@ -319,6 +327,13 @@ pub struct UserConfig {
     /// _Default:_ `false`
     #[serde(default)]
     pub admin: bool,
+    /// Server connections per node for this user's pools, instead of `pool.size`.
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+    /// Most client connections this user may hold at once (beyond it: 53300).
+    /// _Default:_ only `client.max_connections` applies
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 impl std::fmt::Debug for UserConfig {
@@ -328,6 +343,47 @@ impl std::fmt::Debug for UserConfig {
             .field("password", &"***")
             .field("auth", &self.auth)
             .field("admin", &self.admin)
+            .field("pool_size", &self.pool_size)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// `[auth_query]`: users not in `[[users]]` log in with the SCRAM verifier this query
+/// returns from the primary (as pgbouncer's `auth_query`). Its `Debug` hides the password.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthQueryConfig {
+    /// The role pgway runs the query as.
+    pub user: String,
+    /// Its password.
+    #[serde(default)]
+    pub password: String,
+    /// Takes the user name as `$1`, returns (name, verifier).
+    /// _Default:_ `SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1`
+    #[serde(default = "AuthQueryConfig::default_query")]
+    pub query: String,
+    /// The database the query runs in. _Default:_ `postgres`
+    #[serde(default = "AuthQueryConfig::default_database")]
+    pub database: String,
+}
+
+impl AuthQueryConfig {
+    fn default_query() -> String {
+        "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1".to_owned()
+    }
+    fn default_database() -> String {
+        "postgres".to_owned()
+    }
+}
+
+impl std::fmt::Debug for AuthQueryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthQueryConfig")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .field("query", &self.query)
+            .field("database", &self.database)
             .finish()
     }
 }
@@ -623,7 +679,9 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml_str(&text)
+        let mut config = Self::from_toml_str(&text)?;
+        config.path = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Checks what serde cannot: sizes, lists and uniqueness.
@@ -643,6 +701,18 @@ impl Config {
                 return Err(invalid(
                     &format!("users[{i}].name"),
                     &format!("user {:?} is listed twice", user.name),
+                ));
+            }
+            if user.pool_size == Some(0) {
+                return Err(invalid(
+                    &format!("users[{i}].pool_size"),
+                    "must be at least 1",
+                ));
+            }
+            if user.max_connections == Some(0) {
+                return Err(invalid(
+                    &format!("users[{i}].max_connections"),
+                    "must be at least 1",
                 ));
             }
         }
@@ -682,6 +752,20 @@ impl Config {
             return Err(invalid("client.max_connections", "must be at least 1"));
         }
         self.check_tls()?;
+        if let Some(aq) = &self.auth_query {
+            for (key, value) in [
+                ("auth_query.user", &aq.user),
+                ("auth_query.query", &aq.query),
+                ("auth_query.database", &aq.database),
+            ] {
+                if value.trim().is_empty() {
+                    return Err(invalid(key, "must not be empty"));
+                }
+            }
+            if !aq.query.contains("$1") {
+                return Err(invalid("auth_query.query", "must take the user name as $1"));
+            }
+        }
         for (key, list) in [
             (
                 "routing.read_only_functions",

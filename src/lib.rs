@@ -29,12 +29,14 @@
 pub mod admin;
 pub mod backend;
 pub mod cache;
+pub mod capacity;
 pub mod config;
 pub mod error;
 pub mod frontend;
 pub mod metrics;
 pub mod net;
 pub mod protocol;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod settings;

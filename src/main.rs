@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use pgway::config::LogFormat;
+use pgway::server::Triggers;
 
 /// The most a SIGINT lets open transactions run on (a tenth of `shutdown_timeout` if that
 /// is shorter).
@@ -65,12 +65,11 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let shutdown = CancellationToken::new();
-        let hard_stop = CancellationToken::new();
+        let triggers = pgway::server::Triggers::default();
         let interrupt_grace = (config.shutdown_timeout / 10).min(INTERRUPT_GRACE);
         let signals = Signals::new().context("cannot install signal handlers")?;
-        tokio::spawn(signals.handle(shutdown.clone(), hard_stop.clone(), interrupt_grace));
-        pgway::server::run_with_hard_stop(config, listener, shutdown, hard_stop).await?;
+        tokio::spawn(signals.handle(triggers.clone(), interrupt_grace));
+        pgway::server::run_with(config, listener, triggers).await?;
         info!("pgway stopped");
         Ok(())
     })
@@ -80,8 +79,7 @@ fn main() -> anyhow::Result<()> {
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
-    /// Caught so that it does not end the process (its default action) while reload is
-    /// not built: pgway says so and keeps its config.
+    /// Reloads the config.
     hup: tokio::signal::unix::Signal,
 }
 
@@ -99,18 +97,19 @@ impl Signals {
     /// transactions get up to `shutdown_timeout`. SIGINT does the same, but cancels
     /// `hard_stop` after `interrupt_grace`. A second signal of either kind cancels
     /// `hard_stop` at once: clients still inside a transaction are told 57P01.
-    async fn handle(
-        mut self,
-        shutdown: CancellationToken,
-        hard_stop: CancellationToken,
-        interrupt_grace: Duration,
-    ) {
+    async fn handle(mut self, triggers: Triggers, interrupt_grace: Duration) {
+        let Triggers {
+            shutdown,
+            hard_stop,
+            reload,
+        } = triggers;
         let interrupted = loop {
             tokio::select! {
                 _ = self.term.recv() => break false,
                 _ = self.int.recv() => break true,
                 _ = self.hup.recv() => {
-                    warn!("SIGHUP: config reload is not supported yet; the running config stays");
+                    info!("SIGHUP: reloading the config");
+                    reload.notify_one();
                 }
             }
         };

@@ -7,7 +7,7 @@
 //! 3. `start_background`: the topology watcher, the health checks and the admin port;
 //! 4. `accept_loop`: hands clients to the workers until `shutdown` is cancelled;
 //! 5. `drain`: lets open sessions finish their transactions, up to `shutdown_timeout`
-//!    (or until the caller's hard stop, see [`run_with_hard_stop`]), then tells clients
+//!    (or until the caller's hard stop, see [`Triggers`]), then tells clients
 //!    still inside one 57P01;
 //! 6. `stop_background`: waits for the background tasks, up to 5 s.
 //!
@@ -21,28 +21,29 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin;
-use crate::backend::Pools;
+use crate::backend::{Account, Pools, Secret};
 use crate::cache::stream::Streams;
 use crate::cache::ResultCache;
-use crate::config::{Config, ReadYourWrites, TopologyConfig};
+use crate::config::{Config, ReadYourWrites, TopologyConfig, UserConfig};
 use crate::error::ClientError;
 use crate::frontend::auth::ScramVerifier;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{startup, Shared, User};
 use crate::metrics::Metrics;
 use crate::net::tls::{self, ClientTls, ClientTlsPolicy, TlsError};
-use crate::net::Connector;
+use crate::net::{Connector, SwapConnector};
+use crate::reload::{self, Reloader};
+use crate::route::catalog::Credentials;
 use crate::route::catalog::FunctionRules;
 use crate::route::floors::Floors;
 use crate::route::{Catalog, Router};
 use crate::topology::health::{supervise, HealthSettings};
-use crate::topology::patroni::{self, PatroniSettings};
 use crate::topology::replay::ReplayPositions;
 use crate::topology::TopologyHandle;
 use crate::workers::{self, WorkerError, Workers};
@@ -82,36 +83,81 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    run_with_hard_stop(config, listener, shutdown, CancellationToken::new()).await
+    let triggers = Triggers {
+        shutdown,
+        ..Triggers::default()
+    };
+    run_with(config, listener, triggers).await
 }
 
-/// [`run`], with a way to cut the drain short: once `shutdown` is cancelled, cancelling
-/// `hard_stop` ends the drain as the `shutdown_timeout` deadline would (SIGINT, or a second
-/// signal: clients still inside a transaction are told 57P01 at once).
-pub async fn run_with_hard_stop(
+/// What ends or reloads a running gateway, besides its config.
+#[derive(Debug, Clone, Default)]
+pub struct Triggers {
+    /// Cancelled: stop accepting, let open transactions finish (up to
+    /// `shutdown_timeout`).
+    pub shutdown: CancellationToken,
+    /// Once `shutdown` is cancelled, cancelling this ends the drain as the deadline would
+    /// (SIGINT, or a second signal: clients still inside a transaction are told 57P01 at
+    /// once).
+    pub hard_stop: CancellationToken,
+    /// Notified: read the config file again and apply it (SIGHUP).
+    pub reload: Arc<Notify>,
+}
+
+/// [`run`], with a hard stop and a reload trigger (see [`Triggers`]).
+pub async fn run_with(
     config: Config,
     listener: TcpListener,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
+    triggers: Triggers,
 ) -> Result<(), ServerError> {
+    let Triggers {
+        shutdown,
+        hard_stop,
+        reload,
+    } = triggers;
     let background = TaskTracker::new();
     // TLS material is read before anything starts: a bad file stops pgway here.
     let client_tls = ClientTlsPolicy::from_config(config.client.tls.as_ref())?;
-    let server_connector = tls::server_connector(&config.server_tls)?;
-    let pools = Arc::new(Pools::over(config.pool.clone(), server_connector));
-    let shared = build_shared(Arc::new(config), pools, &background, &shutdown);
+    let server_connector = Arc::new(SwapConnector::new(tls::server_connector(
+        &config.server_tls,
+    )?));
+    let pools = Arc::new(Pools::over(
+        config.pool.clone(),
+        Arc::clone(&server_connector) as Arc<dyn Connector>,
+    ));
+    let reloader = Reloader::new(
+        config.path.clone(),
+        server_connector,
+        config.client.max_connections,
+    );
+    let shared = build_shared(Arc::new(config), pools, reloader, &background, &shutdown);
     shared.client_tls.replace(client_tls);
     let sessions = TaskTracker::new();
     // On an error below, dropping `workers` stops their threads.
     let workers = start_workers(&shared, &sessions)?;
     start_background(&shared, &background).await?;
     background.spawn(Arc::clone(&shared.pools).sweep(shutdown.clone()));
+    background.spawn(reload_on(Arc::clone(&shared), reload));
     accept_loop(listener, &workers, &sessions, &shared).await;
     drain(workers, sessions, &shared, &hard_stop).await;
     // The catalog's control connections end when the last holder of `shared` lets go.
     drop(shared);
     stop_background(background).await;
     Ok(())
+}
+
+/// Reloads the config each time `trigger` is notified (SIGHUP), until shutdown. A refused
+/// reload is logged; the running config stays.
+async fn reload_on(shared: Arc<Shared>, trigger: Arc<Notify>) {
+    loop {
+        tokio::select! {
+            () = trigger.notified() => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        if let Err(cause) = reload::reload(&shared).await {
+            warn!(%cause, "SIGHUP: reload refused; the running config stays");
+        }
+    }
 }
 
 /// The state every session shares: users with their SCRAM verifiers, `pools`, the
@@ -121,6 +167,7 @@ pub async fn run_with_hard_stop(
 pub(crate) fn build_shared(
     config: Arc<Config>,
     pools: Arc<Pools>,
+    reloader: Reloader,
     background: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Arc<Shared> {
@@ -131,26 +178,9 @@ pub(crate) fn build_shared(
         TopologyConfig::Static(s) => TopologyHandle::with_max_lag(&s.nodes, max_lag),
         TopologyConfig::Patroni(_) => TopologyHandle::with_max_lag(&[], max_lag),
     };
-    let credentials = Arc::new(
-        config
-            .users
-            .iter()
-            .map(|u| (u.name.clone(), u.password.clone()))
-            .collect::<HashMap<_, _>>(),
-    );
-    let users = config
-        .users
-        .iter()
-        .map(|u| {
-            (
-                u.name.clone(),
-                User {
-                    config: u.clone(),
-                    verifier: ScramVerifier::new(&u.password),
-                },
-            )
-        })
-        .collect();
+    let credentials = Credentials::of(&config.users);
+    let users = users_of(&config.users, &HashMap::new());
+    pools.reconfigure(config.pool.clone(), accounts_of(&config.users));
     let routing = &config.routing;
     let catalog = Catalog::new(
         Arc::clone(&topology),
@@ -175,6 +205,7 @@ pub(crate) fn build_shared(
     } else {
         (router, None)
     };
+    let health = Arc::new(ArcSwap::from_pointee(health_settings(&config, &control)));
     Arc::new(Shared {
         router: Arc::new(router),
         cache,
@@ -190,11 +221,13 @@ pub(crate) fn build_shared(
         greetings: moka::sync::Cache::new(10_000),
         floors: Arc::new(Floors::new(config.routing.read_your_writes)),
         replay: Arc::new(ReplayPositions::new(
-            health_settings(&config, &control),
+            Arc::clone(&health),
             background.clone(),
             tokio::runtime::Handle::current(),
             shutdown.clone(),
         )),
+        health,
+        reloader,
         config: ArcSwap::new(config),
     })
 }
@@ -248,7 +281,10 @@ fn start_workers(shared: &Arc<Shared>, sessions: &TaskTracker) -> Result<Workers
 /// Patroni watcher (for `kind = "patroni"`), the health-check supervisor (a monitor per
 /// node) and the admin HTTP port. The admin port is bound first, so a failure to bind it
 /// leaves nothing running.
-async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(), ServerError> {
+async fn start_background(
+    shared: &Arc<Shared>,
+    background: &TaskTracker,
+) -> Result<(), ServerError> {
     let config = shared.config.load();
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
@@ -257,20 +293,17 @@ async fn start_background(shared: &Shared, background: &TaskTracker) -> Result<(
             source,
         })?;
     if let TopologyConfig::Patroni(p) = &config.topology {
-        background.spawn(patroni::watch(
-            PatroniSettings {
-                endpoints: p.etcd.clone(),
-                namespace: p.namespace.clone(),
-                scope: p.scope.clone(),
-                timeout: config.pool.connect_timeout,
-            },
-            Arc::clone(&shared.topology),
-            Arc::clone(&shared.pools),
-            shared.shutdown.clone(),
-        ));
+        // Before the admin port serves: `/topology` says "etcd" from the start.
+        shared.topology.etcd().started(&p.etcd);
+        shared.reloader.start_watch(
+            shared,
+            reload::patroni_settings(&config),
+            background,
+            &shared.shutdown,
+        );
     }
     background.spawn(supervise(
-        health_settings(&config, &shared.pools.control_connector()),
+        Arc::clone(&shared.health),
         Arc::clone(&shared.topology),
         Arc::clone(&shared.pools),
         background.clone(),
@@ -370,8 +403,48 @@ async fn follow_for_freshness(
     }
 }
 
+/// Users by name with their SCRAM verifiers, reusing those of `before` whose password
+/// did not change (deriving one takes 4096 rounds of HMAC).
+pub(crate) fn users_of(
+    entries: &[UserConfig],
+    before: &HashMap<String, User>,
+) -> HashMap<String, User> {
+    entries
+        .iter()
+        .map(|u| {
+            let verifier = match before.get(&u.name) {
+                Some(old) if old.config.password == u.password => old.verifier.clone(),
+                _ => ScramVerifier::new(&u.password),
+            };
+            (
+                u.name.clone(),
+                User {
+                    config: u.clone(),
+                    verifier,
+                },
+            )
+        })
+        .collect()
+}
+
+/// How the pools log in as each `[[users]]` entry, and its pool size.
+pub(crate) fn accounts_of(entries: &[UserConfig]) -> Vec<(String, Account)> {
+    entries
+        .iter()
+        .map(|u| {
+            (
+                u.name.clone(),
+                Account {
+                    secret: Secret::Password(Arc::from(u.password.as_str())),
+                    pool_size: u.pool_size,
+                },
+            )
+        })
+        .collect()
+}
+
 /// Health checks log in as the first `[[users]]` entry, through `connector`.
-fn health_settings(config: &Config, connector: &Arc<dyn Connector>) -> HealthSettings {
+pub(crate) fn health_settings(config: &Config, connector: &Arc<dyn Connector>) -> HealthSettings {
     let first_user = &config.users[0];
     HealthSettings {
         user: first_user.name.clone(),
@@ -393,7 +466,7 @@ async fn accept_loop(
     shared: &Shared,
 ) {
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgway accepting clients");
-    let limit = Arc::new(Semaphore::new(shared.config.load().client.max_connections));
+    let limit = &shared.reloader.client_limit.permits;
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
@@ -407,7 +480,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        match Arc::clone(&limit).try_acquire_owned() {
+        match Arc::clone(limit).try_acquire_owned() {
             Ok(permit) => {
                 // The permit is held until the client's session ends (on its worker).
                 workers.dispatch(stream, peer, permit);

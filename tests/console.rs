@@ -1,7 +1,9 @@
 //! The admin console (database `pgway`) against real servers: psql runs every SHOW
-//! command and gets pgbouncer's column names, a non-admin is refused with 42501, PAUSE
-//! holds new transactions until RESUME while clients loop short transactions, and
-//! KILL_CLIENT ends the listed client only.
+//! command and gets pgbouncer's column names (SHOW CLIENTS lists the console itself, SHOW
+//! STATS counts statements), a non-admin is refused with 42501, PAUSE holds new
+//! transactions until RESUME while clients loop short transactions, PAUSE <db> holds only
+//! that database's clients, and KILL_CLIENT ends the listed client only (a console
+//! connection, itself included).
 
 #![allow(
     clippy::unwrap_used,
@@ -84,6 +86,26 @@ async fn show(port: u16, what: &str) -> Vec<HashMap<String, String>> {
     records(&header, &rows)
 }
 
+/// `SHOW CLIENTS` without console connections (database `pgway`).
+async fn app_clients(port: u16) -> Vec<HashMap<String, String>> {
+    let mut clients = show(port, "CLIENTS").await;
+    clients.retain(|c| c["database"] != "pgway");
+    clients
+}
+
+/// `SHOW STATS`' `total_query_count` of `database` (0 when it has no row yet).
+async fn query_count(port: u16, database: &str) -> u64 {
+    show(port, "STATS")
+        .await
+        .iter()
+        .find(|s| s["database"] == database)
+        .map_or(0, |s| {
+            s["total_query_count"]
+                .parse()
+                .unwrap_or_else(|e| panic!("total_query_count of {database}: {e}: {s:?}"))
+        })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_commands_answer_with_pgbouncer_columns() {
     let cluster = Cluster::start(1);
@@ -136,7 +158,18 @@ async fn show_commands_answer_with_pgbouncer_columns() {
             "type", "user", "database", "state", "addr", "port", "link", "id",
         ],
     );
-    let clients = records(&header, &rows);
+    let mut clients = records(&header, &rows);
+    // The console connection that asks is listed too, as pgbouncer lists its own.
+    let consoles: Vec<_> = clients
+        .iter()
+        .filter(|c| c["database"] == "pgway")
+        .cloned()
+        .collect();
+    assert_eq!(consoles.len(), 1, "{clients:?}");
+    assert_eq!(consoles[0]["user"], ADMIN_USER);
+    assert_eq!(consoles[0]["type"], "C");
+    assert!(consoles[0]["id"].parse::<u64>().is_ok(), "{consoles:?}");
+    clients.retain(|c| c["database"] != "pgway");
     assert_eq!(clients.len(), 1, "{clients:?}");
     assert_eq!(clients[0]["user"], APP_USER);
     assert_eq!(clients[0]["database"], DB);
@@ -176,6 +209,18 @@ async fn show_commands_answer_with_pgbouncer_columns() {
     assert!(
         db["total_xact_count"].parse::<u64>().unwrap() >= 1,
         "{db:?}"
+    );
+    expect_columns(
+        "STATS",
+        &db.keys().cloned().collect::<Vec<_>>(),
+        &[
+            "total_server_assignment_count",
+            "total_xact_count",
+            "total_query_count",
+            "total_xact_time",
+            "total_wait_time",
+            "avg_xact_time",
+        ],
     );
 
     let topology = show(port, "TOPOLOGY").await;
@@ -306,7 +351,8 @@ async fn pause_holds_new_transactions_until_resume() {
         .expect("app pool");
     assert_eq!(app["cl_waiting"], "4", "{app:?}");
     assert_eq!(app["sv_active"], "0", "{app:?}");
-    let clients = show(port, "CLIENTS").await;
+    let clients = app_clients(port).await;
+    assert_eq!(clients.len(), 4, "{clients:?}");
     assert!(
         clients.iter().all(|c| c["state"] == "waiting"),
         "{clients:?}"
@@ -336,7 +382,7 @@ async fn kill_client_ends_the_listed_client() {
     let port = gw.port();
     let victim = connect(port, APP_USER, APP_PASSWORD).await;
     victim.simple_query("select 1").await.expect("a read");
-    let clients = show(port, "CLIENTS").await;
+    let clients = app_clients(port).await;
     assert_eq!(clients.len(), 1, "{clients:?}");
     let id = clients[0]["id"].clone();
     let other = connect(port, APP_USER, APP_PASSWORD).await;
@@ -346,7 +392,7 @@ async fn kill_client_ends_the_listed_client() {
         .await
         .expect("KILL_CLIENT");
     eventually("the client gone from SHOW CLIENTS", WAIT, async || {
-        let clients = show(port, "CLIENTS").await;
+        let clients = app_clients(port).await;
         if clients.len() == 1 && clients[0]["id"] != id {
             Ok(())
         } else {
@@ -364,4 +410,192 @@ async fn kill_client_ends_the_listed_client() {
         .expect("the other client carries on");
     let unknown = console_async(port, "KILL_CLIENT 999999").await.unwrap_err();
     assert!(unknown.contains("42704"), "{unknown}");
+
+    // A console connection can be killed too: this one kills itself. The command
+    // completes, then the connection ends with 57P01.
+    let admin = try_session(port, ADMIN_USER, ADMIN_PASSWORD, "pgway")
+        .await
+        .expect("admin login")
+        .client;
+    let own: Vec<String> = admin
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS")
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) if r.get("database") == Some("pgway") => {
+                r.get("id").map(str::to_owned)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(own.len(), 1, "only this console connection: {own:?}");
+    admin
+        .simple_query(&format!("KILL_CLIENT {}", own[0]))
+        .await
+        .expect("KILL_CLIENT of itself completes");
+    let e = eventually("the console connection to end", WAIT, async || match admin
+        .simple_query("SHOW CLIENTS")
+        .await
+    {
+        Err(e) => Ok(e),
+        Ok(_) => Err("still served".to_owned()),
+    })
+    .await;
+    assert!(admin.is_closed(), "{}", describe_error(&e));
+    eventually(
+        "the console connection gone from SHOW CLIENTS",
+        WAIT,
+        async || {
+            let clients = show(port, "CLIENTS").await;
+            if clients.iter().any(|c| c["id"] == own[0]) {
+                Err(format!("{clients:?}"))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stats_counts_each_statement() {
+    let cluster = Cluster::start(0);
+    let gw = gateway(&cluster, GatewayOptions::default());
+    let port = gw.port();
+    let client = connect(port, APP_USER, APP_PASSWORD).await;
+    client.simple_query("select 1").await.expect("warm-up");
+    let before = query_count(port, DB).await;
+    // Simple queries, one statement each, in and outside a transaction.
+    client.simple_query("select 1").await.expect("a read");
+    client.simple_query("begin").await.expect("begin");
+    client.simple_query("select 2").await.expect("a read");
+    client.simple_query("commit").await.expect("commit");
+    // The extended protocol: each Execute is a statement (preparing one is not).
+    let statement = client.prepare("select $1::int").await.expect("prepare");
+    for i in 0..3i32 {
+        let row = client.query_one(&statement, &[&i]).await.expect("execute");
+        assert_eq!(row.get::<_, i32>(0), i);
+    }
+    // A statement the server refuses is a statement run too.
+    client
+        .simple_query("select * from no_such_table")
+        .await
+        .expect_err("an undefined table");
+    let ran = 4 + 3 + 1;
+    let after = query_count(port, DB).await;
+    assert_eq!(after, before + ran, "{before} -> {after}");
+    // A client that leaves keeps its count.
+    drop(client);
+    eventually("the client to leave", WAIT, async || {
+        match app_clients(port).await.len() {
+            0 => Ok(()),
+            n => Err(format!("{n} clients")),
+        }
+    })
+    .await;
+    assert_eq!(query_count(port, DB).await, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_of_one_database_holds_only_its_clients() {
+    let cluster = Cluster::start(0);
+    let gw = gateway(&cluster, GatewayOptions::default());
+    let port = gw.port();
+    let held = connect(port, APP_USER, APP_PASSWORD).await;
+    held.simple_query("select 1").await.expect("a read");
+    let other = try_session(port, APP_USER, APP_PASSWORD, "postgres")
+        .await
+        .expect("a client of database postgres")
+        .client;
+    other.simple_query("select 1").await.expect("a read");
+
+    console_async(port, &format!("PAUSE {DB}"))
+        .await
+        .expect("PAUSE <db>");
+    let waiting = tokio::spawn(async move {
+        let rows = simple_rows(&held, "select 42").await;
+        (held, rows)
+    });
+    // A client of another database goes on.
+    let value = tokio::time::timeout(WAIT, simple_value(&other, "select 7"))
+        .await
+        .expect("a client of another database is not held")
+        .expect("a read on database postgres");
+    assert_eq!(value, "7");
+    eventually(
+        "the client of the paused database to wait",
+        WAIT,
+        async || {
+            let clients = app_clients(port).await;
+            let mine: Vec<_> = clients.iter().filter(|c| c["database"] == DB).collect();
+            if mine.len() == 1 && mine[0]["state"] == "waiting" {
+                Ok(())
+            } else {
+                Err(format!("{clients:?}"))
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the paused database's client waits");
+    let pools = show(port, "POOLS").await;
+    let paused = pools
+        .iter()
+        .find(|p| p["database"] == DB && p["user"] == APP_USER)
+        .unwrap_or_else(|| panic!("no pool for {DB}: {pools:?}"));
+    assert_eq!(paused["cl_waiting"], "1", "{pools:?}");
+    let postgres = pools
+        .iter()
+        .find(|p| p["database"] == "postgres")
+        .unwrap_or_else(|| panic!("no pool for postgres: {pools:?}"));
+    assert_eq!(postgres["cl_waiting"], "0", "{pools:?}");
+    assert!(
+        show(port, "STATS")
+            .await
+            .iter()
+            .any(|s| s["database"] == DB),
+        "SHOW STATS answers while paused"
+    );
+    // Neither the console nor a database that is not paused can be resumed one by one.
+    let e = console_async(port, "RESUME postgres").await.unwrap_err();
+    assert!(e.contains("55000") && e.contains("not paused"), "{e}");
+    let e = console_async(port, "PAUSE pgway").await.unwrap_err();
+    assert!(e.contains("55000"), "{e}");
+
+    console_async(port, &format!("RESUME {DB}"))
+        .await
+        .expect("RESUME <db>");
+    let (held, rows) = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the held client goes on after RESUME <db>")
+        .expect("the held client's task");
+    let rows = rows.expect("no error for the held client");
+    assert_eq!(rows, vec![vec![Some("42".to_owned())]]);
+    held.simple_query("select 1").await.expect("and goes on");
+
+    // PAUSE without a database still holds every database; RESUME lets all go.
+    console_async(port, &format!("PAUSE {DB}"))
+        .await
+        .expect("PAUSE <db>");
+    console_async(port, "PAUSE").await.expect("PAUSE");
+    let e = console_async(port, &format!("RESUME {DB}"))
+        .await
+        .unwrap_err();
+    assert!(e.contains("55000") && e.contains("as a whole"), "{e}");
+    let other_waits = tokio::spawn(async move {
+        let value = simple_value(&other, "select 8").await;
+        (other, value)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!other_waits.is_finished(), "PAUSE holds every database");
+    console_async(port, "RESUME").await.expect("RESUME");
+    let (_, value) = tokio::time::timeout(WAIT, other_waits)
+        .await
+        .expect("RESUME lets every client go")
+        .expect("the client's task");
+    assert_eq!(value.expect("no error after RESUME"), "8");
+    held.simple_query("select 1")
+        .await
+        .expect("the database paused one by one is resumed too");
 }

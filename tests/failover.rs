@@ -937,6 +937,7 @@ async fn switchover_under_load_without_errors() {
 }
 
 /// etcd down for 10 s under load: pgway keeps serving reads and writes without an error.
+/// While etcd is down, `/ready` says so (still 200); `/topology` says the source is etcd.
 /// After etcd is back, pgway watches again: a switchover is followed, and a `noloadbalance`
 /// tag (which only etcd tells) takes the replica out of the read rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -946,14 +947,39 @@ async fn etcd_outage_then_rewatch() {
     let old = pc.leader_name();
     pc.psql(&old, LEDGER_DDL);
     pc.wait_replay();
-    let gw = pc.gateway(PatroniGatewayOptions::default());
+    let admin = free_loopback_port();
+    let opts = PatroniGatewayOptions::default();
+    let gw = Gateway::start_toml(|listen| {
+        pc.gateway_toml(listen, &opts).replace(
+            "admin_listen = \"127.0.0.1:0\"",
+            &format!("admin_listen = \"127.0.0.1:{admin}\""),
+        )
+    });
     pc.wait_for_replica_reads(&gw).await;
+    let topology = topology_json(admin).await;
+    assert_eq!(topology["source"], "etcd", "{topology}");
+    assert_eq!(topology["etcd"]["state"], "watching", "{topology}");
     let mut load = Load::start(gw.port(), 4, 4).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let t0 = Instant::now();
     pc.stop_etcd();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // pgway says etcd is unreachable, and stays ready on the topology it last learned.
+    let ready = eventually(
+        "/ready to say etcd is unreachable",
+        Duration::from_secs(9),
+        async || {
+            let response = http_get(admin, "/ready").await?;
+            if response.contains("etcd unreachable") {
+                Ok(response)
+            } else {
+                Err(response)
+            }
+        },
+    )
+    .await;
+    assert!(ready.contains("200 OK"), "{ready}");
+    tokio::time::sleep_until((t0 + Duration::from_secs(10)).into()).await;
     let outage_end = Instant::now();
     let writes_during = load.acks_between(t0, outage_end);
     let reads_during = load.reads_between(t0, outage_end);
@@ -987,6 +1013,8 @@ async fn etcd_outage_then_rewatch() {
         },
     )
     .await;
+    let topology = topology_json(admin).await;
+    assert_eq!(topology["etcd"]["state"], "watching", "{topology}");
     pc.wait_replica(&old);
     let old_port = pc.member_port(&old);
     eventually(

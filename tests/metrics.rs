@@ -1,5 +1,5 @@
-//! `/metrics` and `/ready` on the admin port, against real servers: the counters a
-//! dashboard reads move as clients use pgway.
+//! `/metrics`, `/ready` and `/topology` on the admin port, against real servers: the
+//! counters a dashboard reads move as clients use pgway, and `/topology` names its source.
 
 #![allow(
     clippy::unwrap_used,
@@ -44,6 +44,16 @@ async fn counters_move_as_clients_use_pgway() {
     assert!(
         ready.contains("200 OK") && ready.contains("ready"),
         "{ready}"
+    );
+    assert!(!ready.contains("etcd"), "{ready}");
+    // A static topology says so, with no etcd watch.
+    let topology = topology_json(admin).await;
+    assert_eq!(topology["source"], "static", "{topology}");
+    assert!(topology["etcd"].is_null(), "{topology}");
+    assert_eq!(
+        topology["nodes"].as_array().map(Vec::len),
+        Some(2),
+        "{topology}"
     );
 
     let before = scrape(admin).await;

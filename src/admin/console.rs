@@ -1,7 +1,9 @@
 //! The admin console: database `pgway` on the client port, as pgbouncer's `pgbouncer`
 //! database. `psql -U <admin user> pgway`, then `SHOW POOLS`, `SHOW CLIENTS`,
-//! `SHOW SERVERS`, `SHOW STATS`, `SHOW TOPOLOGY`, `SHOW CACHE`, `SHOW CONFIG`, `PAUSE`,
-//! `RESUME`, `KILL_CLIENT <id>` (`RELOAD` is refused until reload exists).
+//! `SHOW SERVERS`, `SHOW STATS`, `SHOW TOPOLOGY`, `SHOW CACHE`, `SHOW CONFIG`,
+//! `PAUSE [<db>]`, `RESUME [<db>]`, `KILL_CLIENT <id>` (`RELOAD` is refused until reload
+//! exists). Console connections are clients too: `SHOW CLIENTS` lists them (database
+//! `pgway`) and `KILL_CLIENT` ends them, the one asking included.
 //!
 //! Users log in as any user does (`[[users]]`, their password, TLS as configured); only
 //! those with `admin = true` may open database `pgway`, others get FATAL 42501 after
@@ -23,6 +25,7 @@
 //! extended protocol is answered with 0A000 at its Sync.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -37,6 +40,7 @@ use crate::protocol::frame::{begin_frame, end_frame, put_frame};
 use crate::protocol::messages::{self, query_text, Severity};
 use crate::protocol::MAX_MESSAGE_LEN;
 use crate::route::floors::format_lsn;
+use crate::topology::patroni::WatchState;
 use crate::topology::Role;
 
 /// The database name that opens the console.
@@ -50,6 +54,8 @@ const SYNTAX_ERROR: &str = "42601";
 const UNDEFINED_OBJECT: &str = "42704";
 /// `0A000` feature_not_supported.
 const FEATURE_NOT_SUPPORTED: &str = "0A000";
+/// `55000` object_not_in_prerequisite_state.
+const NOT_IN_PREREQUISITE_STATE: &str = "55000";
 
 /// What a session ended by `KILL_CLIENT` is told (FATAL 57P01, as PostgreSQL's
 /// `pg_terminate_backend`).
@@ -87,24 +93,48 @@ impl CommandError {
     }
 }
 
-/// Serves a logged-in admin: `out` holds AuthenticationOk. Ends when the client leaves or
-/// pgway stops.
-pub async fn serve(shared: &Shared, mut io: FramedStream, mut out: BytesMut, user: &str) {
+/// Serves a logged-in admin: `out` holds AuthenticationOk. Ends when the client leaves,
+/// `KILL_CLIENT` ends it, or pgway stops. [`serve_at`] with the connection's addresses
+/// unknown (`SHOW CLIENTS` then leaves `addr` and `port` empty).
+pub async fn serve(shared: &Shared, io: FramedStream, out: BytesMut, user: &str) {
+    serve_at(shared, io, out, user, None, None).await;
+}
+
+/// [`serve`] for a connection from `peer` to pgway's `local` address, as `SHOW CLIENTS`
+/// lists it.
+pub async fn serve_at(
+    shared: &Shared,
+    mut io: FramedStream,
+    mut out: BytesMut,
+    user: &str,
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+) {
     greet(&mut out);
     if io.send(&mut out).await.is_err() {
         return;
     }
-    info!(user, "admin console opened");
+    let registered = shared
+        .clients
+        .register_console(user, DATABASE, peer, local, &shared.shutdown);
+    let kill = registered.entry.kill.clone();
+    info!(user, id = %registered.entry.id, "admin console opened");
     // The extended protocol is refused once per batch, at its first message.
     let mut refused = false;
     loop {
         let frame = tokio::select! {
-            frame = io.read_frame(MAX_MESSAGE_LEN) => frame,
-            () = shared.shutdown.cancelled() => {
-                ClientError::Shutdown.write_as(&mut out, Severity::Fatal);
+            biased;
+            () = kill.cancelled() => {
+                let e = if shared.shutdown.is_cancelled() {
+                    ClientError::Shutdown
+                } else {
+                    killed()
+                };
+                e.write_as(&mut out, Severity::Fatal);
                 let _ = io.send(&mut out).await;
                 return;
             }
+            frame = io.read_frame(MAX_MESSAGE_LEN) => frame,
         };
         let frame = match frame {
             Ok(frame) => frame,
@@ -199,20 +229,16 @@ async fn run_query(shared: &Shared, sql: &str, out: &mut BytesMut) {
 }
 
 async fn run(shared: &Shared, command: &str, out: &mut BytesMut) -> Result<(), CommandError> {
-    let words: Vec<String> = command
-        .split_whitespace()
-        .map(str::to_ascii_uppercase)
-        .collect();
+    // Keywords are matched in upper case; a database name keeps its case.
+    let raw: Vec<&str> = command.split_whitespace().collect();
+    let words: Vec<String> = raw.iter().map(|w| w.to_ascii_uppercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["SHOW", what] => show(shared, what, out),
-        ["PAUSE"] => pause(shared, out).await,
-        ["RESUME"] => {
-            shared.clients.resume();
-            info!("admin console: RESUME");
-            command_complete(out, "RESUME");
-            Ok(())
-        }
+        ["PAUSE"] => pause(shared, None, out).await,
+        ["PAUSE", _] => pause(shared, Some(&database_name(raw[1])?), out).await,
+        ["RESUME"] => resume(shared, None, out),
+        ["RESUME", _] => resume(shared, Some(&database_name(raw[1])?), out),
         ["KILL_CLIENT", id] => {
             let id = id
                 .parse()
@@ -233,7 +259,7 @@ async fn run(shared: &Shared, command: &str, out: &mut BytesMut) -> Result<(), C
             message: "RELOAD is not supported yet".to_owned(),
         }),
         ["PAUSE" | "RESUME", ..] => Err(CommandError::syntax(
-            "PAUSE and RESUME take no database: pgway pauses every pool",
+            "PAUSE and RESUME take at most one database",
         )),
         _ => Err(CommandError::syntax(format!(
             "unrecognized admin command \"{command}\": the console knows SHOW POOLS, \
@@ -243,23 +269,64 @@ async fn run(shared: &Shared, command: &str, out: &mut BytesMut) -> Result<(), C
     }
 }
 
-/// `PAUSE`: new transactions wait; returns once no client holds a server connection, or
-/// after `pool.wait_timeout` with a NOTICE (the pause stays in force).
-async fn pause(shared: &Shared, out: &mut BytesMut) -> Result<(), CommandError> {
-    shared.clients.pause();
-    info!("admin console: PAUSE");
+/// A database name as `PAUSE` and `RESUME` take it: as written, or double-quoted (`""`
+/// inside stands for `"`).
+fn database_name(word: &str) -> Result<String, CommandError> {
+    let name = match word.strip_prefix('"') {
+        Some(rest) => rest
+            .strip_suffix('"')
+            .filter(|inner| !inner.is_empty())
+            .map(|inner| inner.replace("\"\"", "\""))
+            .ok_or_else(|| CommandError::syntax(format!("invalid database name {word}")))?,
+        None => word.to_owned(),
+    };
+    if name == DATABASE {
+        return Err(CommandError {
+            code: NOT_IN_PREREQUISITE_STATE,
+            message: format!("the admin console (database \"{DATABASE}\") cannot be paused"),
+        });
+    }
+    Ok(name)
+}
+
+/// `PAUSE [<db>]`: new transactions (of `database`'s clients, or of every client) wait;
+/// returns once none of those clients holds a server connection, or after
+/// `pool.wait_timeout` with a NOTICE (the pause stays in force).
+async fn pause(
+    shared: &Shared,
+    database: Option<&str>,
+    out: &mut BytesMut,
+) -> Result<(), CommandError> {
+    shared.clients.pause(database);
+    info!(database, "admin console: PAUSE");
     let timeout = shared.config.load().pool.wait_timeout;
-    if !shared.clients.drained(timeout).await {
-        let active = shared.clients.active_count();
+    if !shared.clients.drained(timeout, database).await {
+        let active = shared.clients.active_count(database);
+        let what = database.map_or_else(
+            || "pgway is".to_owned(),
+            |db| format!("database \"{db}\" is"),
+        );
         notice(
             out,
             &format!(
-                "pgway is paused, but {active} client(s) still held a server connection after \
+                "{what} paused, but {active} client(s) still held a server connection after \
                  {timeout:?} (pinned sessions keep theirs)"
             ),
         );
     }
     command_complete(out, "PAUSE");
+    Ok(())
+}
+
+/// `RESUME [<db>]`: the waiting clients (of `database`, or all, every database paused one
+/// by one included) go on.
+fn resume(shared: &Shared, database: Option<&str>, out: &mut BytesMut) -> Result<(), CommandError> {
+    shared.clients.resume(database).map_err(|e| CommandError {
+        code: NOT_IN_PREREQUISITE_STATE,
+        message: e.to_string(),
+    })?;
+    info!(database, "admin console: RESUME");
+    command_complete(out, "RESUME");
     Ok(())
 }
 
@@ -279,8 +346,35 @@ fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), CommandEr
             )))
         }
     };
+    if what == "TOPOLOGY" {
+        if let Some(source) = etcd_notice(shared) {
+            notice(out, &source);
+        }
+    }
     table.write(out);
     Ok(())
+}
+
+/// For a Patroni topology, where the etcd watch stands (a NOTICE before `SHOW TOPOLOGY`'s
+/// rows).
+fn etcd_notice(shared: &Shared) -> Option<String> {
+    let etcd = shared.topology.etcd().report();
+    if etcd.state == WatchState::Off {
+        return None;
+    }
+    let mut text = format!(
+        "topology source: etcd ({}), {} for {}s",
+        etcd.endpoints.join(", "),
+        etcd.state.name(),
+        etcd.since.as_secs()
+    );
+    if let Some(revision) = etcd.revision {
+        let _ = write!(text, ", revision {revision}");
+    }
+    if let Some(error) = &etcd.last_error {
+        let _ = write!(text, "; last error: {error}");
+    }
+    Some(text)
 }
 
 /// A result set: column names and text rows.
@@ -463,8 +557,9 @@ const CONNECTION_COLUMNS: &[&str] = &[
     "id",
 ];
 
-/// `SHOW CLIENTS`: one row per client session (console connections are not listed).
-/// `link` is the server connection it holds (`node/pid`), `id` what `KILL_CLIENT` takes.
+/// `SHOW CLIENTS`: one row per client session and console connection (database
+/// `pgway`). `link` is the server connection it holds (`node/pid`), `id` what
+/// `KILL_CLIENT` takes.
 fn clients(shared: &Shared) -> Table {
     let mut table = Table::new(CONNECTION_COLUMNS);
     for client in shared.clients.list() {
@@ -486,8 +581,11 @@ fn client_row(client: &ClientEntry) -> Vec<String> {
         client.database.clone(),
         "none".into(),
         state.into(),
-        client.addr.ip().to_string(),
-        client.addr.port().to_string(),
+        client.addr.map(|a| a.ip().to_string()).unwrap_or_default(),
+        client
+            .addr
+            .map(|a| a.port().to_string())
+            .unwrap_or_default(),
         client.local.map(|a| a.ip().to_string()).unwrap_or_default(),
         client
             .local
@@ -576,7 +674,8 @@ fn servers(shared: &Shared) -> Table {
 
 /// `SHOW STATS`: per database, since pgway started (clients that left included).
 /// A transaction is a server assignment (transaction pooling: a statement outside a
-/// transaction counts as one); times are in microseconds.
+/// transaction counts as one); a query is a simple Query, a function call or an Execute
+/// answered (by a server or the result cache); times are in microseconds.
 fn stats(shared: &Shared) -> Table {
     let mut totals = std::collections::BTreeMap::new();
     for (database, t) in shared.clients.left() {
@@ -586,6 +685,7 @@ fn stats(shared: &Shared) -> Table {
         let t = Clients::totals_of(&client);
         let sum = totals.entry(client.database.clone()).or_default();
         sum.xacts += t.xacts;
+        sum.queries += t.queries;
         sum.xact_us += t.xact_us;
         sum.wait_us += t.wait_us;
     }
@@ -593,6 +693,7 @@ fn stats(shared: &Shared) -> Table {
         "database",
         "total_server_assignment_count",
         "total_xact_count",
+        "total_query_count",
         "total_xact_time",
         "total_wait_time",
         "avg_xact_time",
@@ -603,6 +704,7 @@ fn stats(shared: &Shared) -> Table {
             database,
             t.xacts.to_string(),
             t.xacts.to_string(),
+            t.queries.to_string(),
             t.xact_us.to_string(),
             t.wait_us.to_string(),
             avg.to_string(),

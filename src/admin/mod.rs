@@ -1,8 +1,9 @@
 //! HTTP admin port: `GET /health` answers 200 while pgway runs; `GET /topology` is JSON of
 //! the nodes (role, health, WAL position at the last check, last known replay position),
-//! of how reads under a read-your-writes floor were served, and of how many statements a
-//! replica refused as writes (each sent again to the primary). The operations issue adds
-//! `/ready` and `/metrics`.
+//! of where they come from (`source`: `static` or `etcd`, with the etcd watch's state), of
+//! how reads under a read-your-writes floor were served, and of how many statements a
+//! replica refused as writes (each sent again to the primary); `/ready` says whether
+//! pgway can serve and what is degraded; `/cache` and `/metrics` give the counters.
 //!
 //! [`console`] is the other admin surface: database `pgway` on the client port.
 
@@ -27,6 +28,7 @@ use crate::cache::{ResultCache, StreamState};
 use crate::metrics::{self, Metrics, Sources};
 use crate::route::floors::format_lsn;
 use crate::route::Router as StatementRouter;
+use crate::topology::patroni::{WatchReport, WatchState};
 use crate::topology::replay::ReplayPositions;
 use crate::topology::{Role, TopologyHandle};
 
@@ -99,13 +101,17 @@ fn prometheus(registry: &Registry) -> impl IntoResponse {
 
 /// `/ready`: 200 while pgway can serve (it knows its nodes and reaches at least one, so
 /// reads flow and writes wait through a failover), 503 before that or when no node is
-/// reachable. The body names what is degraded.
+/// reachable. The body names what is degraded (no primary, etcd unreachable: the
+/// topology last learned keeps serving, a cache stream down).
 async fn ready(State(views): State<Views>) -> impl IntoResponse {
     let snapshot = views.topology.snapshot();
     let reachable = snapshot.nodes.iter().filter(|n| n.healthy).count();
     let mut degraded = Vec::new();
     if snapshot.primary().is_none() {
         degraded.push("no primary".to_owned());
+    }
+    if views.topology.etcd().state() == WatchState::Unreachable {
+        degraded.push("etcd unreachable".to_owned());
     }
     if let Some(cache) = &views.cache {
         for db in cache.dbs() {
@@ -120,15 +126,24 @@ async fn ready(State(views): State<Views>) -> impl IntoResponse {
     } else {
         StatusCode::OK
     };
+    // Not ready: the reason, then anything else degraded except the missing primary (no
+    // node at all implies it).
+    let also: String = degraded
+        .iter()
+        .filter(|d| *d != "no primary")
+        .map(|d| format!("; {d}"))
+        .collect();
     let body = match (reachable, degraded.is_empty()) {
-        (0, _) if snapshot.nodes.is_empty() => "not ready: no topology yet\n".to_owned(),
-        (0, _) => "not ready: no node is reachable\n".to_owned(),
+        (0, _) if snapshot.nodes.is_empty() => format!("not ready: no topology yet{also}\n"),
+        (0, _) => format!("not ready: no node is reachable{also}\n"),
         (_, true) => "ready\n".to_owned(),
         (_, false) => format!("ready, degraded: {}\n", degraded.join("; ")),
     };
     (status, body)
 }
 
+/// `/topology`: the source (`static`, or `etcd` with its watch), the nodes, and routing's
+/// read-your-writes and replica-retry counters.
 async fn topology(State(views): State<Views>) -> Json<Value> {
     let snapshot = views.topology.snapshot();
     let nodes: Vec<Value> = snapshot
@@ -157,12 +172,30 @@ async fn topology(State(views): State<Views>) -> Json<Value> {
         .into_iter()
         .map(|(name, count)| (name.to_owned(), json!(count)))
         .collect();
+    let etcd = views.topology.etcd().report();
+    let (source, etcd) = match etcd.state {
+        WatchState::Off => ("static", Value::Null),
+        _ => ("etcd", watch_json(&etcd)),
+    };
     Json(json!({
+        "source": source,
+        "etcd": etcd,
         "nodes": nodes,
         "read_your_writes": outcomes,
         "replica_retries": views.router.replica_retries(),
         "cache_streams": views.cache.as_deref().map(streams),
     }))
+}
+
+/// The etcd watch: endpoints, state, whole seconds in it, last error, last revision seen.
+fn watch_json(report: &WatchReport) -> Value {
+    json!({
+        "endpoints": report.endpoints,
+        "state": report.state.name(),
+        "since": report.since.as_secs(),
+        "last_error": report.last_error,
+        "revision": report.revision,
+    })
 }
 
 /// The result cache's counters and its invalidation streams.

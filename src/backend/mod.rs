@@ -4,5 +4,5 @@ pub mod control;
 pub mod pool;
 pub mod server;
 
-pub use pool::{Pool, PoolError, PoolKey, PooledConn, Pools};
-pub use server::{BackendError, ServerConn};
+pub use pool::{Account, Pool, PoolError, PoolKey, PooledConn, Pools};
+pub use server::{BackendError, Secret, ServerConn};

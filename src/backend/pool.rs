@@ -14,12 +14,14 @@
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::server::{BackendError, Login, ServerConn};
+use super::server::{BackendError, Login, Secret, ServerConn};
+use crate::capacity::Capacity;
 use crate::config::PoolConfig;
 use crate::metrics::WaitHistogram;
 use crate::net::{Connector, TcpConnector};
@@ -54,8 +56,11 @@ pub struct PoolKey {
 /// One pool.
 pub struct Pool {
     key: PoolKey,
-    password: String,
-    settings: PoolConfig,
+    /// How to log in as `key.user`: replaced by a reload or by the user's next login
+    /// through `auth_query`; read for each new connection.
+    secret: Mutex<Secret>,
+    /// `[pool]`, shared by every pool and swapped by a reload.
+    settings: Arc<ArcSwap<PoolConfig>>,
     connector: Arc<dyn Connector>,
     /// Parked connections, the most recently parked last. Boxed, like a lent one, so
     /// lending and parking move a pointer rather than the whole connection.
@@ -64,10 +69,12 @@ pub struct Pool {
         reason = "a connection moves between this list and PooledConn on every transaction"
     )]
     idle: Mutex<Vec<Box<ServerConn>>>,
-    /// One permit per connection, lent or parked. A lent connection's permit is
-    /// `forget`-ed and handed back when the [`PooledConn`] is dropped, so lending touches
-    /// no reference count besides the pool's own.
-    permits: Semaphore,
+    /// One permit per connection that may be lent: the pool's size (`pool.size`, or the
+    /// user's `pool_size`) less the lent ones. A lent connection's permit is `forget`-ed
+    /// and handed back when the [`PooledConn`] is dropped, so lending touches no reference
+    /// count besides the pool's own. (Parked connections hold none: one is made only when
+    /// none is parked.)
+    capacity: Capacity,
     params: OnceLock<Arc<Vec<(String, String)>>>,
     /// Shared by every pool: how long clients waited for a slot.
     waits: Arc<WaitHistogram>,
@@ -78,7 +85,7 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("key", &self.key)
-            .field("size", &self.settings.size)
+            .field("size", &self.size())
             .field("idle", &self.idle_count())
             .finish_non_exhaustive()
     }
@@ -87,16 +94,17 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     fn new(
         key: PoolKey,
-        password: String,
-        settings: PoolConfig,
+        account: &Account,
+        settings: Arc<ArcSwap<PoolConfig>>,
         connector: Arc<dyn Connector>,
         waits: Arc<WaitHistogram>,
     ) -> Self {
+        let size = account.pool_size.unwrap_or(settings.load().size);
         Self {
             waits,
-            permits: Semaphore::new(settings.size),
+            capacity: Capacity::new(size),
             key,
-            password,
+            secret: Mutex::new(account.secret.clone()),
             settings,
             connector,
             idle: Mutex::new(Vec::new()),
@@ -109,6 +117,38 @@ impl Pool {
         &self.key
     }
 
+    /// Server connections this pool may hold.
+    pub fn size(&self) -> usize {
+        self.capacity.size()
+    }
+
+    /// Server connections lent to clients now.
+    pub fn lent(&self) -> usize {
+        self.capacity.held()
+    }
+
+    /// Changes how many connections the pool may hold (see [`Capacity::resize`]), and
+    /// closes parked connections beyond the new size.
+    fn resize(&self, size: usize) {
+        self.capacity.resize(size);
+        let extra: Vec<Box<ServerConn>> = match self.idle.lock() {
+            Ok(mut idle) => {
+                // The least recently parked go.
+                let extra = idle.len().saturating_sub(size);
+                idle.drain(..extra).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(extra);
+    }
+
+    /// How new connections log in from now on.
+    fn set_secret(&self, secret: &Secret) {
+        if let Ok(mut current) = self.secret.lock() {
+            *current = secret.clone();
+        }
+    }
+
     /// ParameterStatus values from the first connection this pool made, once one was made.
     pub fn params(&self) -> Option<Arc<Vec<(String, String)>>> {
         self.params.get().cloned()
@@ -117,7 +157,7 @@ impl Pool {
     /// Borrows a connection: an idle one, or a new one if the pool is below its size.
     /// Waits at most `pool.wait_timeout` for a free slot.
     pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        let permit = match self.permits.try_acquire() {
+        let permit = match self.capacity.permits.try_acquire() {
             Ok(permit) => {
                 self.waits.no_wait();
                 permit
@@ -125,15 +165,15 @@ impl Pool {
             // Only a client that has to wait sets up a timer.
             Err(_) => {
                 let started = std::time::Instant::now();
-                let permit =
-                    tokio::time::timeout(self.settings.wait_timeout, self.permits.acquire())
-                        .await
-                        .ok()
-                        .and_then(Result::ok);
+                let wait = self.settings.load().wait_timeout;
+                let permit = tokio::time::timeout(wait, self.capacity.permits.acquire())
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
                 self.waits.observe(started.elapsed());
                 permit.ok_or_else(|| PoolError::Timeout {
                     addr: self.key.addr.clone(),
-                    waited: self.settings.wait_timeout,
+                    waited: wait,
                 })?
             }
         };
@@ -158,7 +198,7 @@ impl Pool {
                 .unwrap_or(None);
             let Some(mut conn) = candidate else { break };
             // Past its lifetime or parked too long: closed (dropped) instead of lent.
-            if self.expired(&conn, Instant::now()) {
+            if self.expired(&self.settings.load(), &conn, Instant::now()) {
                 tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing an expired server connection");
                 continue;
             }
@@ -174,14 +214,18 @@ impl Pool {
                 }
             }
         }
+        let secret = match self.secret.lock() {
+            Ok(secret) => secret.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
         let login = Login {
             addr: &self.key.addr,
             user: &self.key.user,
-            password: &self.password,
+            secret: &secret,
             database: &self.key.database,
         };
-        let conn =
-            ServerConn::connect(login, &*self.connector, self.settings.connect_timeout).await?;
+        let timeout = self.settings.load().connect_timeout;
+        let conn = ServerConn::connect(login, &*self.connector, timeout).await?;
         let _ = self.params.set(Arc::new(conn.params.clone()));
         Ok(self.lend(Box::new(conn), permit))
     }
@@ -202,16 +246,16 @@ impl Pool {
     }
 
     /// Older than `pool.server_lifetime` (`0s`: never).
-    fn too_old(&self, conn: &ServerConn, now: Instant) -> bool {
-        let lifetime = self.settings.server_lifetime;
+    fn too_old(&self, settings: &PoolConfig, conn: &ServerConn, now: Instant) -> bool {
+        let lifetime = settings.server_lifetime;
         !lifetime.is_zero() && now.saturating_duration_since(conn.created) >= lifetime
     }
 
     /// A parked connection to close rather than lend: past its lifetime, or unused for
     /// `pool.server_idle_timeout` (`0s`: never).
-    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
-        let idle_timeout = self.settings.server_idle_timeout;
-        self.too_old(conn, now)
+    fn expired(&self, settings: &PoolConfig, conn: &ServerConn, now: Instant) -> bool {
+        let idle_timeout = settings.server_idle_timeout;
+        self.too_old(settings, conn, now)
             || (!idle_timeout.is_zero()
                 && now.saturating_duration_since(conn.parked) >= idle_timeout)
     }
@@ -220,11 +264,12 @@ impl Pool {
     /// many. The sockets are closed after the list is unlocked.
     pub fn close_expired(&self) -> usize {
         let now = Instant::now();
+        let settings = self.settings.load();
         let expired: Vec<Box<ServerConn>> = match self.idle.lock() {
             Ok(mut idle) => {
                 let (gone, keep) = std::mem::take(&mut *idle)
                     .into_iter()
-                    .partition(|conn| self.expired(conn, now));
+                    .partition(|conn| self.expired(&settings, conn, now));
                 *idle = keep;
                 gone
             }
@@ -251,7 +296,7 @@ impl Drop for PooledConn {
     fn drop(&mut self) {
         // A lent connection was dropped (closing it) or parked by `release`: either way its
         // slot in the pool is free again.
-        self.pool.permits.add_permits(1);
+        self.pool.capacity.permits.add_permits(1);
     }
 }
 
@@ -261,7 +306,7 @@ struct Permit<'p>(&'p Pool);
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        self.0.permits.add_permits(1);
+        self.0.capacity.permits.add_permits(1);
     }
 }
 
@@ -271,14 +316,17 @@ impl PooledConn {
     pub fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
             let now = Instant::now();
-            if self.pool.too_old(&conn, now) {
+            if self.pool.too_old(&self.pool.settings.load(), &conn, now) {
                 // Dropped: closed, its slot freed by our own drop.
                 tracing::debug!(addr = %self.pool.key.addr, pid = conn.pid, "closing a server connection past pool.server_lifetime");
                 return;
             }
             conn.parked = now;
             if let Ok(mut idle) = self.pool.idle.lock() {
-                idle.push(conn);
+                // Parked ones beyond the size (the pool shrank) are closed.
+                if idle.len() < self.pool.size() {
+                    idle.push(conn);
+                }
             }
         }
     }
@@ -313,10 +361,22 @@ impl DerefMut for PooledConn {
     }
 }
 
+/// How pgway logs in to the servers as one user, and that user's pool size.
+#[derive(Clone, Debug)]
+pub struct Account {
+    /// Password or SCRAM keys.
+    pub secret: Secret,
+    /// `pool_size` from the user's `[[users]]` entry, else `pool.size`.
+    pub pool_size: Option<usize>,
+}
+
 /// Every pool, created on first use.
 #[derive(Debug)]
 pub struct Pools {
-    settings: PoolConfig,
+    settings: Arc<ArcSwap<PoolConfig>>,
+    /// How each user logs in to the servers (users pgway has no account for log in with
+    /// an empty password, which a server that wants one refuses).
+    accounts: Mutex<HashMap<String, Account>>,
     connector: Arc<dyn Connector>,
     /// How pgway's own control connections (health checks, catalog, the cache's stream)
     /// reach the servers.
@@ -346,11 +406,39 @@ impl Pools {
     /// control connections use plain TCP.
     pub fn with_connector(settings: PoolConfig, connector: Arc<dyn Connector>) -> Self {
         Self {
-            settings,
+            settings: Arc::new(ArcSwap::from_pointee(settings)),
+            accounts: Mutex::new(HashMap::new()),
             connector,
             control: Arc::new(TcpConnector),
             waits: Arc::new(WaitHistogram::default()),
             pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets how `user` logs in and the size of its pools, for pools made from now on and
+    /// those that exist (their next connections; a smaller size applies as connections
+    /// come back).
+    pub fn set_account(&self, user: &str, account: Account) {
+        let size = account.pool_size.unwrap_or(self.settings.load().size);
+        for pool in self.all().iter().filter(|p| p.key.user == user) {
+            pool.set_secret(&account.secret);
+            if pool.size() != size {
+                pool.resize(size);
+            }
+        }
+        lock(&self.accounts).insert(user.to_owned(), account);
+    }
+
+    /// A reload: new `[pool]` settings, and the accounts of the `[[users]]` entries (the
+    /// accounts of other users, learned through `auth_query`, stay).
+    pub fn reconfigure(&self, settings: PoolConfig, accounts: Vec<(String, Account)>) {
+        self.settings.store(Arc::new(settings));
+        let mut known: HashMap<String, Account> = lock(&self.accounts).clone();
+        for (user, account) in accounts {
+            known.insert(user, account);
+        }
+        for (user, account) in known {
+            self.set_account(&user, account);
         }
     }
 
@@ -365,26 +453,33 @@ impl Pools {
         &self.waits
     }
 
-    /// The pool for (node, database, user); `password` logs in to the server.
-    pub fn get(&self, addr: &str, database: &str, user: &str, password: &str) -> Arc<Pool> {
+    /// The pool for (node, database, user), logging in with the user's account.
+    pub fn get(&self, addr: &str, database: &str, user: &str) -> Arc<Pool> {
         let key = PoolKey {
             addr: addr.to_owned(),
             database: database.to_owned(),
             user: user.to_owned(),
         };
-        let mut pools = match self.pools.lock() {
-            Ok(pools) => pools,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        Arc::clone(pools.entry(key.clone()).or_insert_with(|| {
-            Arc::new(Pool::new(
-                key,
-                password.to_owned(),
-                self.settings.clone(),
-                Arc::clone(&self.connector),
-                Arc::clone(&self.waits),
-            ))
-        }))
+        let mut pools = lock(&self.pools);
+        if let Some(pool) = pools.get(&key) {
+            return Arc::clone(pool);
+        }
+        let account = lock(&self.accounts)
+            .get(user)
+            .cloned()
+            .unwrap_or_else(|| Account {
+                secret: Secret::Password(Arc::from("")),
+                pool_size: None,
+            });
+        let pool = Arc::new(Pool::new(
+            key.clone(),
+            &account,
+            Arc::clone(&self.settings),
+            Arc::clone(&self.connector),
+            Arc::clone(&self.waits),
+        ));
+        pools.insert(key, Arc::clone(&pool));
+        pool
     }
 
     /// Every pool's node with its active (lent) and idle connections.
@@ -396,13 +491,11 @@ impl Pools {
         pools
             .values()
             .map(|pool| {
-                let open = pool.settings.size - pool.permits.available_permits();
-                let idle = pool.idle_count();
                 let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
                 (
                     pool.key.addr.clone(),
-                    count(open.saturating_sub(idle)),
-                    count(idle),
+                    count(pool.lent()),
+                    count(pool.idle_count()),
                 )
             })
             .collect()
@@ -410,31 +503,24 @@ impl Pools {
 
     /// Every pool, for a moment.
     fn all(&self) -> Vec<Arc<Pool>> {
-        match self.pools.lock() {
-            Ok(pools) => pools.values().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
-        }
+        lock(&self.pools).values().cloned().collect()
     }
 
     /// Closes parked connections that are past `pool.server_lifetime` or unused for
     /// `pool.server_idle_timeout`, at a quarter of the shorter of the two (between 100 ms
-    /// and 30 s), until `shutdown`. Returns at once if both are `0s`.
+    /// and 30 s; every 30 s if both are `0s`), until `shutdown`.
     pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
-        let Some(shortest) = [
-            self.settings.server_lifetime,
-            self.settings.server_idle_timeout,
-        ]
-        .into_iter()
-        .filter(|d| !d.is_zero())
-        .min() else {
-            return;
-        };
-        let period = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let settings = self.settings.load_full();
+            // Both `0s` (until a reload says otherwise): look again in 30 s.
+            let shortest = [settings.server_lifetime, settings.server_idle_timeout]
+                .into_iter()
+                .filter(|d| !d.is_zero())
+                .min()
+                .unwrap_or(Duration::from_secs(120));
+            let period = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
             tokio::select! {
-                _ = tick.tick() => {}
+                () = tokio::time::sleep(period) => {}
                 () = shutdown.cancelled() => return,
             }
             let closed: usize = self.all().iter().map(|pool| pool.close_expired()).sum();
@@ -452,4 +538,12 @@ impl Pools {
             }
         }
     }
+}
+
+/// The mutex's value, also after a panic elsewhere poisoned it (the maps it guards stay
+/// consistent: every change is one insert or remove).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -2,6 +2,7 @@
 //! server told us (parameters, cancel key) and which statements are prepared on it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::net::{Connector, FramedStream, NetError};
@@ -56,15 +57,39 @@ impl BackendError {
     }
 }
 
-/// Where and how to log in. Its `Debug` leaves the password out.
+/// How pgway proves who it is to a server. Its `Debug` shows neither.
+#[derive(Clone)]
+pub enum Secret {
+    /// A password, for whatever method the server asks.
+    Password(Arc<str>),
+}
+
+impl Secret {
+    /// The password, if this is one.
+    fn password(&self) -> &str {
+        match self {
+            Self::Password(password) => password,
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Password(_) => f.write_str("Password(***)"),
+        }
+    }
+}
+
+/// Where and how to log in. Its `Debug` leaves the secret out.
 #[derive(Clone)]
 pub struct Login<'a> {
     /// `host:port`.
     pub addr: &'a str,
     /// Role name.
     pub user: &'a str,
-    /// Password, for whatever method the server asks.
-    pub password: &'a str,
+    /// Password or keys.
+    pub secret: &'a Secret,
     /// Database name.
     pub database: &'a str,
 }
@@ -74,7 +99,7 @@ impl std::fmt::Debug for Login<'_> {
         f.debug_struct("Login")
             .field("addr", &self.addr)
             .field("user", &self.user)
-            .field("password", &"***")
+            .field("secret", &self.secret)
             .field("database", &self.database)
             .finish()
     }
@@ -248,8 +273,10 @@ impl ServerConn {
                     let code = r.i32()?;
                     match code {
                         0 => {}
-                        3 => frontend::password_message(login.password.as_bytes(), &mut out)
-                            .map_err(|e| BackendError::Protocol(e.to_string()))?,
+                        3 => {
+                            frontend::password_message(login.secret.password().as_bytes(), &mut out)
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?
+                        }
                         5 => {
                             let salt: [u8; 4] = r
                                 .bytes(4)?
@@ -257,7 +284,7 @@ impl ServerConn {
                                 .map_err(|_| BackendError::Protocol("bad md5 salt".into()))?;
                             let hash = postgres_protocol::authentication::md5_hash(
                                 login.user.as_bytes(),
-                                login.password.as_bytes(),
+                                login.secret.password().as_bytes(),
                                 salt,
                             );
                             frontend::password_message(hash.as_bytes(), &mut out)
@@ -277,7 +304,7 @@ impl ServerConn {
                                 ));
                             }
                             let s = ScramSha256::new(
-                                login.password.as_bytes(),
+                                login.secret.password().as_bytes(),
                                 ChannelBinding::unsupported(),
                             );
                             frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)

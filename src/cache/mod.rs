@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::watch;
 
@@ -316,9 +317,10 @@ pub struct Request<'a> {
 
 /// The result cache.
 pub struct ResultCache {
-    config: CacheConfig,
-    /// Rule tables, folded, with their TTL.
-    rules: Vec<(Vec<String>, Duration)>,
+    /// `[cache]`, swapped by a reload (which changes only `default_ttl` and `rules`).
+    config: ArcSwap<CacheConfig>,
+    /// Rule tables, folded, with their TTL; swapped by a reload.
+    rules: ArcSwap<Vec<(Vec<String>, Duration)>>,
     entries: moka::sync::Cache<u64, Arc<Entry>>,
     dbs: Mutex<HashMap<Arc<str>, Arc<Db>>>,
     /// Fills in progress, by key hash: a read of the same key waits for the fill.
@@ -418,19 +420,9 @@ impl ResultCache {
                 }
             })
             .build();
-        let rules = config
-            .rules
-            .iter()
-            .map(|rule| {
-                (
-                    rule.tables.iter().map(|t| table_name(t)).collect(),
-                    rule.ttl.unwrap_or(config.default_ttl),
-                )
-            })
-            .collect();
         Self {
-            config: config.clone(),
-            rules,
+            config: ArcSwap::from_pointee(config.clone()),
+            rules: ArcSwap::from_pointee(folded_rules(config)),
             entries,
             dbs: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -448,8 +440,27 @@ impl ResultCache {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &CacheConfig {
-        &self.config
+    pub fn config(&self) -> arc_swap::Guard<Arc<CacheConfig>> {
+        self.config.load()
+    }
+
+    /// A reload: `cache.default_ttl` and `[[cache.rules]]` from `next` (its other keys
+    /// need a restart and are kept). If either changed, every database's entries are
+    /// dropped: they were stored under the old rules and TTLs.
+    pub fn reconfigure(&self, next: &CacheConfig) -> bool {
+        let current = self.config.load_full();
+        if current.default_ttl == next.default_ttl && current.rules == next.rules {
+            return false;
+        }
+        let mut config = (*current).clone();
+        config.default_ttl = next.default_ttl;
+        config.rules = next.rules.clone();
+        self.rules.store(Arc::new(folded_rules(&config)));
+        self.config.store(Arc::new(config));
+        for db in self.dbs() {
+            db.invalidate_all(&self.stats);
+        }
+        true
     }
 
     /// The counters.
@@ -526,10 +537,10 @@ impl ResultCache {
     /// How long entries over `tables` (names as written) live if rules cover every one of
     /// them (`None`: some table is not covered).
     pub fn rule_ttl(&self, tables: &[String]) -> Option<Duration> {
+        let rules = self.rules.load();
         let mut ttl: Option<Duration> = None;
         for table in tables {
-            let covering = self
-                .rules
+            let covering = rules
                 .iter()
                 .filter(|(names, _)| names.iter().any(|rule| covers(rule, table)))
                 .map(|(_, ttl)| *ttl)
@@ -616,7 +627,7 @@ impl ResultCache {
             reply: bytes::BytesMut::new(),
             refused: false,
             complete: false,
-            max: usize::try_from(self.config.max_entry_size.unwrap_or(u64::MAX))
+            max: usize::try_from(self.config.load().max_entry_size.unwrap_or(u64::MAX))
                 .unwrap_or(usize::MAX),
             floor,
             _done: done,
@@ -642,7 +653,7 @@ impl ResultCache {
             versions,
             ttl,
         };
-        let max = self.config.max_entry_size.unwrap_or(u64::MAX);
+        let max = self.config.load().max_entry_size.unwrap_or(u64::MAX);
         let fits = u64::try_from(entry.reply.len()).is_ok_and(|n| n <= max);
         let serving = matches!(
             db.state(),
@@ -683,6 +694,20 @@ impl ResultCache {
     pub fn count_bypass(&self) {
         self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// `[[cache.rules]]`: each rule's tables, folded, with its TTL.
+fn folded_rules(config: &CacheConfig) -> Vec<(Vec<String>, Duration)> {
+    config
+        .rules
+        .iter()
+        .map(|rule| {
+            (
+                rule.tables.iter().map(|t| table_name(t)).collect(),
+                rule.ttl.unwrap_or(config.default_ttl),
+            )
+        })
+        .collect()
 }
 
 /// True if the rule's table `rule` covers the statement's `table` (names folded): the same

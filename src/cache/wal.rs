@@ -35,7 +35,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::control::{self, ControlError, ControlLogin};
-use crate::backend::server::{BackendError, Login, ServerConn};
+use crate::backend::server::{BackendError, Login, Secret, ServerConn};
 use crate::net::{Connector, FramedStream, NetError};
 use crate::protocol::frame::{put_frame, Reader};
 use crate::protocol::messages::{body, error_fields, query};
@@ -259,10 +259,11 @@ impl WalFollower<'_> {
         if !valid_slot_name(self.slot) {
             return Err(WalError::InvalidSlot(self.slot.to_owned()));
         }
+        let secret = Secret::Password(Arc::from(self.password));
         let login = Login {
             addr: self.addr,
             user: self.user,
-            password: self.password,
+            secret: &secret,
             database: self.database,
         };
         let extra = [

@@ -67,6 +67,10 @@ pub struct Shared {
     pub cache: Option<Arc<crate::cache::ResultCache>>,
     /// What clients are offered after an SSLRequest (`[client.tls]`), swappable.
     pub client_tls: Arc<crate::net::tls::ClientTls>,
+    /// What health checks and replay probes log in with, swapped by a reload.
+    pub health: crate::topology::health::LiveHealth,
+    /// What a reload swaps besides the fields above.
+    pub reloader: crate::reload::Reloader,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Connected clients and the `PAUSE` gate, for the admin console.

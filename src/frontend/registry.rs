@@ -1,20 +1,25 @@
 //! The connected clients, as the admin console sees them (`SHOW CLIENTS`, `SHOW POOLS`,
-//! `KILL_CLIENT`), and the gate `PAUSE` closes in front of new transactions.
+//! `SHOW STATS`, `KILL_CLIENT`), and the gate `PAUSE` closes in front of new transactions.
 //!
-//! Each session registers once, at login ([`Clients::register`]), and is removed when its
-//! [`Registered`] handle drops. What the session writes afterwards is its own entry's
-//! atomics and one uncontended mutex, once when it takes a server connection and once
-//! when it gives it back ([`ClientEntry::attached`] and the [`Attached`] guard): the
-//! registry's own mutex is taken at connect, disconnect and by the console only.
+//! Each session registers once, at login ([`Clients::register`]; console connections with
+//! [`Clients::register_console`]), and is removed when its [`Registered`] handle drops.
+//! What the session writes afterwards is its own entry's atomics (one relaxed increment
+//! per request for its statement count) and one uncontended mutex, once when it takes a
+//! server connection and once when it gives it back ([`ClientEntry::attached`] and the
+//! [`Attached`] guard): the registry's own mutex is taken at connect, disconnect and by
+//! the console only.
 //!
 //! # Pause protocol
 //!
-//! A session about to take a server connection marks itself `active` and then reads the
-//! pause flag; `PAUSE` sets the flag and then reads every session's mark (both with
-//! `SeqCst`). Whatever the interleaving, either the session sees the flag and waits, or
-//! `PAUSE` sees the session active and waits for it to give its connection back.
+//! `PAUSE` closes the gate for every database, `PAUSE <db>` for one. A session about to
+//! take a server connection marks itself `active` and then reads the pause flag (set while
+//! any pause is in force); `PAUSE` records what it pauses (under the pause mutex), sets
+//! the flag and then reads every session's mark (flag and marks with `SeqCst`). Whatever
+//! the interleaving, either the session sees the flag, looks under the mutex and waits if
+//! its database is paused, or `PAUSE` sees the session active and waits for it to give
+//! its connection back. With no pause in force the gate costs one atomic load.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -87,12 +92,14 @@ pub struct ClientEntry {
     pub user: String,
     /// Database name.
     pub database: String,
-    /// The client's address.
-    pub addr: SocketAddr,
+    /// The client's address (unknown for a console connection opened without it).
+    pub addr: Option<SocketAddr>,
     /// pgway's address on the connection.
     pub local: Option<SocketAddr>,
     /// `application_name` from the StartupMessage.
     pub application_name: String,
+    /// An admin console connection (database `pgway`): never takes a server connection.
+    pub console: bool,
     /// When it logged in.
     pub connected: SystemTime,
     /// Cancelled by `KILL_CLIENT`; the session ends between transactions.
@@ -100,6 +107,8 @@ pub struct ClientEntry {
     state: AtomicU8,
     /// Transactions (server assignments) so far.
     xacts: AtomicU64,
+    /// Statements so far: each simple Query, function call and Execute answered.
+    queries: AtomicU64,
     /// Time spent holding server connections, in microseconds.
     xact_us: AtomicU64,
     /// Time spent waiting behind `PAUSE`, in microseconds.
@@ -132,6 +141,13 @@ impl ClientEntry {
     /// Transactions so far.
     pub fn xacts(&self) -> u64 {
         self.xacts.load(Ordering::Relaxed)
+    }
+
+    /// The client ran `n` more statements (one relaxed increment per request: the
+    /// statement hot path).
+    #[inline]
+    pub fn queried(&self, n: u64) {
+        self.queries.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The session took a server connection (`pid` on `addr`): the returned guard marks it
@@ -170,6 +186,8 @@ impl Drop for Attached {
 pub struct Totals {
     /// Transactions (server assignments).
     pub xacts: u64,
+    /// Statements.
+    pub queries: u64,
     /// Time holding server connections, in microseconds.
     pub xact_us: u64,
     /// Time waiting behind `PAUSE`, in microseconds.
@@ -186,8 +204,44 @@ pub struct Clients {
     /// Pools sessions took connections from, by (node, database, user), for their idle
     /// connection counts.
     pools: Mutex<HashMap<crate::backend::PoolKey, Arc<Pool>>>,
+    /// Some pause is in force (mirrors [`Self::pause`] being non-empty; written under its
+    /// mutex): the gate's fast path.
     paused: AtomicBool,
-    resumed: watch::Sender<bool>,
+    /// What is paused.
+    pause: Mutex<Paused>,
+    /// Bumped at every `PAUSE` and `RESUME`: waiting sessions look again.
+    changed: watch::Sender<u64>,
+}
+
+/// What `PAUSE` holds.
+#[derive(Debug, Default)]
+struct Paused {
+    /// `PAUSE` without a database: everything.
+    all: bool,
+    /// `PAUSE <db>`: these databases.
+    databases: BTreeSet<String>,
+}
+
+impl Paused {
+    fn any(&self) -> bool {
+        self.all || !self.databases.is_empty()
+    }
+
+    /// Clients of `database` (`None`: an unregistered session) must wait.
+    fn holds(&self, database: Option<&str>) -> bool {
+        self.all || database.is_some_and(|db| self.databases.contains(db))
+    }
+}
+
+/// Why `RESUME <db>` did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    /// The database was not paused on its own.
+    #[error("database \"{0}\" is not paused")]
+    NotPaused(String),
+    /// `PAUSE` without a database is in force: only `RESUME` without one lifts it.
+    #[error("pgway is paused as a whole: RESUME without a database resumes it")]
+    PausedAll,
 }
 
 impl Default for Clients {
@@ -198,7 +252,8 @@ impl Default for Clients {
             left: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
-            resumed: watch::Sender::new(false),
+            pause: Mutex::new(Paused::default()),
+            changed: watch::Sender::new(0),
         }
     }
 }
@@ -233,6 +288,7 @@ impl Drop for Registered {
         let mut left = lock(&self.clients.left);
         let totals = left.entry(entry.database.clone()).or_default();
         totals.xacts += entry.xacts.load(Ordering::Relaxed);
+        totals.queries += entry.queries.load(Ordering::Relaxed);
         totals.xact_us += entry.xact_us.load(Ordering::Relaxed);
         totals.wait_us += entry.wait_us.load(Ordering::Relaxed);
     }
@@ -246,18 +302,66 @@ impl Clients {
     /// Adds a logged-in client. Its session is cancelled through `entry.kill`, a child of
     /// `parent` (so pgway's shutdown reaches it too).
     pub fn register(self: &Arc<Self>, login: Login, parent: &CancellationToken) -> Registered {
+        self.add(
+            login.user,
+            login.database,
+            Some(login.addr),
+            login.local,
+            login.application_name,
+            false,
+            parent,
+        )
+    }
+
+    /// Adds an admin console connection (database `database`, `pgway`): listed by
+    /// `SHOW CLIENTS`, ended by `KILL_CLIENT` through `entry.kill` (a child of `parent`).
+    pub fn register_console(
+        self: &Arc<Self>,
+        user: &str,
+        database: &str,
+        addr: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+        parent: &CancellationToken,
+    ) -> Registered {
+        self.add(
+            user.to_owned(),
+            database.to_owned(),
+            addr,
+            local,
+            String::new(),
+            true,
+            parent,
+        )
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the entry's fields, from two callers"
+    )]
+    fn add(
+        self: &Arc<Self>,
+        user: String,
+        database: String,
+        addr: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+        application_name: String,
+        console: bool,
+        parent: &CancellationToken,
+    ) -> Registered {
         let id = ClientId(self.next.fetch_add(1, Ordering::Relaxed));
         let entry = Arc::new(ClientEntry {
             id,
-            user: login.user,
-            database: login.database,
-            addr: login.addr,
-            local: login.local,
-            application_name: login.application_name,
+            user,
+            database,
+            addr,
+            local,
+            application_name,
+            console,
             connected: SystemTime::now(),
             kill: parent.child_token(),
             state: AtomicU8::new(ClientState::Idle as u8),
             xacts: AtomicU64::new(0),
+            queries: AtomicU64::new(0),
             xact_us: AtomicU64::new(0),
             wait_us: AtomicU64::new(0),
             server: Mutex::new(None),
@@ -284,6 +388,7 @@ impl Clients {
     pub fn totals_of(entry: &ClientEntry) -> Totals {
         Totals {
             xacts: entry.xacts.load(Ordering::Relaxed),
+            queries: entry.queries.load(Ordering::Relaxed),
             xact_us: entry.xact_us.load(Ordering::Relaxed),
             wait_us: entry.wait_us.load(Ordering::Relaxed),
         }
@@ -312,37 +417,71 @@ impl Clients {
         lock(&self.pools).values().cloned().collect()
     }
 
-    /// `PAUSE` is in force.
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
+    /// Clients of `database` wait at the gate (`None`: clients of every database do,
+    /// `PAUSE` without a database).
+    pub fn is_paused(&self, database: Option<&str>) -> bool {
+        let pause = lock(&self.pause);
+        match database {
+            Some(db) => pause.holds(Some(db)),
+            None => pause.all,
+        }
     }
 
-    /// Closes the gate: sessions that take a server connection from now on wait.
-    pub fn pause(&self) {
+    /// The databases paused one by one (`PAUSE <db>`).
+    pub fn paused_databases(&self) -> Vec<String> {
+        lock(&self.pause).databases.iter().cloned().collect()
+    }
+
+    /// Closes the gate for `database` (`None`: for every database): sessions that take a
+    /// server connection from now on wait.
+    pub fn pause(&self, database: Option<&str>) {
+        let mut pause = lock(&self.pause);
+        match database {
+            Some(db) => {
+                pause.databases.insert(db.to_owned());
+            }
+            None => pause.all = true,
+        }
         self.paused.store(true, Ordering::SeqCst);
-        self.resumed.send_replace(true);
+        drop(pause);
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Opens the gate; waiting sessions go on.
-    pub fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-        self.resumed.send_replace(false);
+    /// Opens the gate for `database` (`None`: everything, the databases paused one by one
+    /// included); their waiting sessions go on.
+    pub fn resume(&self, database: Option<&str>) -> Result<(), ResumeError> {
+        let mut pause = lock(&self.pause);
+        match database {
+            None => *pause = Paused::default(),
+            Some(_) if pause.all => return Err(ResumeError::PausedAll),
+            Some(db) => {
+                if !pause.databases.remove(db) {
+                    return Err(ResumeError::NotPaused(db.to_owned()));
+                }
+            }
+        }
+        self.paused.store(pause.any(), Ordering::SeqCst);
+        drop(pause);
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
     }
 
-    /// Clients that hold (or are taking) a server connection.
-    pub fn active_count(&self) -> usize {
+    /// Clients of `database` (`None`: of any) that hold (or are taking) a server
+    /// connection.
+    pub fn active_count(&self, database: Option<&str>) -> usize {
         lock(&self.entries)
             .values()
+            .filter(|e| database.is_none_or(|db| e.database == db))
             .filter(|e| e.state() == ClientState::Active)
             .count()
     }
 
-    /// Waits until no client holds a server connection, at most `timeout`; false if some
-    /// still did then.
-    pub async fn drained(&self, timeout: Duration) -> bool {
+    /// Waits until no client of `database` (`None`: of any) holds a server connection, at
+    /// most `timeout`; false if some still did then.
+    pub async fn drained(&self, timeout: Duration, database: Option<&str>) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.active_count() == 0 {
+            if self.active_count(database) == 0 {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -352,15 +491,22 @@ impl Clients {
         }
     }
 
-    /// The gate in front of a new transaction: returns at once unless `PAUSE` is in
-    /// force, else when `RESUME` comes. The session (`entry`, when registered) is marked
-    /// active on return, waiting while it waits (see the module doc's pause protocol).
+    /// The gate in front of a new transaction: returns at once unless a pause holds the
+    /// session's database, else when `RESUME` lets it go. The session (`entry`, when
+    /// registered) is marked active on return, waiting while it waits (see the module
+    /// doc's pause protocol).
     pub async fn gate(&self, entry: Option<&ClientEntry>) {
+        let database = entry.map(|e| e.database.as_str());
         loop {
             if let Some(entry) = entry {
                 entry.set_state(ClientState::Active);
             }
-            if !self.is_paused() {
+            if !self.paused.load(Ordering::SeqCst) {
+                return;
+            }
+            // Subscribed before looking, so a RESUME after the look wakes the wait.
+            let mut changed = self.changed.subscribe();
+            if !lock(&self.pause).holds(database) {
                 return;
             }
             let started = Instant::now();
@@ -368,9 +514,13 @@ impl Clients {
                 *lock(&entry.waiting_since) = Some(started);
                 entry.set_state(ClientState::Waiting);
             }
-            let mut resumed = self.resumed.subscribe();
-            // The sender lives as long as `self`: this cannot fail while we borrow it.
-            let _ = resumed.wait_for(|paused| !*paused).await;
+            loop {
+                // The sender lives as long as `self`: this cannot fail while we borrow it.
+                let _ = changed.changed().await;
+                if !lock(&self.pause).holds(database) {
+                    break;
+                }
+            }
             if let Some(entry) = entry {
                 *lock(&entry.waiting_since) = None;
                 let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -414,17 +564,49 @@ mod tests {
         assert_eq!(clients.list().len(), 2);
         clients.gate(Some(&a.entry)).await;
         let guard = a.entry.attached(Arc::from("n1"), 42);
-        assert_eq!(clients.active_count(), 1);
+        assert_eq!(clients.active_count(None), 1);
+        assert_eq!(clients.active_count(Some("db")), 1);
+        assert_eq!(clients.active_count(Some("other")), 0);
         assert_eq!(a.entry.server().map(|s| s.pid), Some(42));
-        assert!(!clients.drained(Duration::from_millis(20)).await);
+        assert!(!clients.drained(Duration::from_millis(20), None).await);
+        assert!(
+            clients
+                .drained(Duration::from_millis(20), Some("other"))
+                .await
+        );
+        a.entry.queried(1);
+        a.entry.queried(2);
+        assert_eq!(Clients::totals_of(&a.entry).queries, 3);
         drop(guard);
-        assert!(clients.drained(Duration::from_millis(20)).await);
+        assert!(clients.drained(Duration::from_millis(20), None).await);
         assert!(clients.kill(b.entry.id));
         assert!(b.entry.kill.is_cancelled());
         assert!(!clients.kill(ClientId(999)));
         drop(a);
         assert_eq!(clients.list().len(), 1);
         assert_eq!(clients.left().get("db").map(|t| t.xacts), Some(1));
+        assert_eq!(clients.left().get("db").map(|t| t.queries), Some(3));
+    }
+
+    #[tokio::test]
+    async fn console_connections_are_listed_and_can_be_killed() {
+        let clients = Arc::new(Clients::default());
+        let root = CancellationToken::new();
+        let app = clients.register(login("a"), &root);
+        let console = clients.register_console("ops", "pgway", None, None, &root);
+        let listed = clients.list();
+        assert_eq!(listed.len(), 2);
+        assert!(listed
+            .iter()
+            .any(|e| e.console && e.database == "pgway" && e.addr.is_none()));
+        assert!(!app.entry.console);
+        // PAUSE waits for no console connection.
+        clients.pause(None);
+        assert!(clients.drained(Duration::from_millis(20), None).await);
+        assert_eq!(clients.resume(None), Ok(()));
+        assert!(clients.kill(console.entry.id));
+        assert!(console.entry.kill.is_cancelled());
+        assert!(!app.entry.kill.is_cancelled());
     }
 
     #[tokio::test]
@@ -432,7 +614,7 @@ mod tests {
         let clients = Arc::new(Clients::default());
         let root = CancellationToken::new();
         let a = clients.register(login("a"), &root);
-        clients.pause();
+        clients.pause(None);
         let waiting = {
             let clients = Arc::clone(&clients);
             let entry = Arc::clone(&a.entry);
@@ -441,8 +623,86 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert_eq!(a.entry.state(), ClientState::Waiting);
         assert!(!waiting.is_finished());
-        clients.resume();
+        assert_eq!(clients.resume(None), Ok(()));
         waiting.await.expect("the gate opens");
         assert_eq!(a.entry.state(), ClientState::Active);
+    }
+
+    fn login_to(user: &str, database: &str) -> Login {
+        Login {
+            database: database.to_owned(),
+            ..login(user)
+        }
+    }
+
+    /// Waits (a little) until `entry` is `state`.
+    async fn settles(entry: &ClientEntry, state: ClientState) {
+        for _ in 0..100 {
+            if entry.state() == state {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(entry.state(), state);
+    }
+
+    #[tokio::test]
+    async fn pause_of_one_database_holds_only_its_clients() {
+        let clients = Arc::new(Clients::default());
+        let root = CancellationToken::new();
+        let a = clients.register(login_to("a", "one"), &root);
+        let b = clients.register(login_to("b", "two"), &root);
+        let gate = |entry: &Arc<ClientEntry>| {
+            let clients = Arc::clone(&clients);
+            let entry = Arc::clone(entry);
+            tokio::spawn(async move { clients.gate(Some(&entry)).await })
+        };
+        clients.pause(Some("one"));
+        assert!(clients.is_paused(Some("one")));
+        assert!(!clients.is_paused(Some("two")));
+        assert!(!clients.is_paused(None));
+        assert_eq!(clients.paused_databases(), vec!["one".to_owned()]);
+        let held = gate(&a.entry);
+        gate(&b.entry)
+            .await
+            .expect("a client of another database goes on");
+        assert_eq!(b.entry.state(), ClientState::Active);
+        Clients::not_attached(Some(&b.entry));
+        settles(&a.entry, ClientState::Waiting).await;
+        // Pausing or resuming something else wakes it, but it goes on waiting.
+        clients.pause(Some("three"));
+        assert_eq!(
+            clients.resume(Some("two")),
+            Err(ResumeError::NotPaused("two".into()))
+        );
+        assert_eq!(clients.resume(Some("three")), Ok(()));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!held.is_finished());
+        assert_eq!(a.entry.state(), ClientState::Waiting);
+        assert_eq!(clients.resume(Some("one")), Ok(()));
+        held.await.expect("the gate opens");
+        assert_eq!(a.entry.state(), ClientState::Active);
+        assert!(clients.paused_databases().is_empty());
+        assert!(!clients.paused.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn resume_without_a_database_lifts_every_pause() {
+        let clients = Arc::new(Clients::default());
+        let root = CancellationToken::new();
+        let a = clients.register(login_to("a", "one"), &root);
+        clients.pause(Some("one"));
+        clients.pause(None);
+        assert_eq!(clients.resume(Some("one")), Err(ResumeError::PausedAll));
+        let held = {
+            let clients = Arc::clone(&clients);
+            let entry = Arc::clone(&a.entry);
+            tokio::spawn(async move { clients.gate(Some(&entry)).await })
+        };
+        settles(&a.entry, ClientState::Waiting).await;
+        assert_eq!(clients.resume(None), Ok(()));
+        held.await.expect("the gate opens");
+        assert!(!clients.is_paused(Some("one")));
+        assert!(!clients.paused.load(Ordering::SeqCst));
     }
 }

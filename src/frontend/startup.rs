@@ -373,13 +373,8 @@ async fn greeting(
             return Ok(hit);
         }
     }
-    let users = shared.users.load();
-    let password = users
-        .get(user)
-        .map(|u| u.config.password.as_str())
-        .unwrap_or_default();
     let wait = shared.config.load().topology.failover_timeout();
-    let pool_for = |addr: &str| shared.pools.get(addr, database, user, password);
+    let pool_for = |addr: &str| shared.pools.get(addr, database, user);
     let pool = match shared
         .topology
         .with_node(Want::Any, Duration::ZERO, pool_for)

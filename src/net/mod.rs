@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use transport::{Connector, TcpConnector, Transport};
+pub use transport::{Connector, SwapConnector, TcpConnector, Transport};
 
 use crate::protocol::frame::{frame_len, startup_len};
 use crate::protocol::FrameError;

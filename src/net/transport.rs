@@ -6,8 +6,10 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
+use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -71,6 +73,34 @@ pub trait Connector: Send + Sync + Debug {
     fn lasting_failure(&self, addr: &str) -> Option<String> {
         let _ = addr;
         None
+    }
+}
+
+/// A connector that a reload can replace (`[server_tls]`): each connect goes through the
+/// one in force when it starts.
+#[derive(Debug)]
+pub struct SwapConnector(ArcSwap<Arc<dyn Connector>>);
+
+impl SwapConnector {
+    /// Connects through `first` until [`Self::replace`].
+    pub fn new(first: Arc<dyn Connector>) -> Self {
+        Self(ArcSwap::from_pointee(first))
+    }
+
+    /// Connections opened from now on go through `next`.
+    pub fn replace(&self, next: Arc<dyn Connector>) {
+        self.0.store(Arc::new(next));
+    }
+}
+
+impl Connector for SwapConnector {
+    fn connect<'a>(&'a self, addr: &'a str) -> Connecting<'a> {
+        let current = self.0.load_full();
+        Box::pin(async move { current.connect(addr).await })
+    }
+
+    fn lasting_failure(&self, addr: &str) -> Option<String> {
+        self.0.load().lasting_failure(addr)
     }
 }
 

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::Mutex;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
@@ -106,35 +107,94 @@ pub enum CatalogError {
     UnexpectedRow(tokio_postgres::Error),
 }
 
-/// Users' passwords, for the control connections.
-pub type Credentials = Arc<HashMap<String, String>>;
+/// Who the control connections log in as: the client's own user when pgway has its
+/// password, else `fallback` (the first `[[users]]` entry: users known only through
+/// `auth_query` have no password pgway could use).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// Passwords by user.
+    pub passwords: HashMap<String, String>,
+    /// Who logs in for users without a password here.
+    pub fallback: Option<String>,
+}
+
+impl Credentials {
+    /// The `[[users]]` entries' passwords, falling back to the first entry's.
+    pub fn of(users: &[crate::config::UserConfig]) -> Self {
+        Self {
+            passwords: users
+                .iter()
+                .map(|u| (u.name.clone(), u.password.clone()))
+                .collect(),
+            fallback: users.first().map(|u| u.name.clone()),
+        }
+    }
+
+    /// The user a control connection for `user`'s look-ups logs in as, and its password.
+    fn login_for<'c>(&'c self, user: &'c str) -> Option<(&'c str, &'c str)> {
+        let own = self.passwords.get(user).map(|p| (user, p.as_str()));
+        own.or_else(|| {
+            let fallback = self.fallback.as_deref()?;
+            Some((fallback, self.passwords.get(fallback)?.as_str()))
+        })
+    }
+}
+
+/// What the catalog learned, dropped whole when its rules change.
+struct Learned {
+    /// Per (database, function).
+    answers: moka::sync::Cache<(String, String), Answer>,
+    /// Per (database, relation name): a table logical decoding reports (see
+    /// [`Catalog::is_decoded_table`]).
+    relations: moka::sync::Cache<(String, String), bool>,
+}
+
+impl Learned {
+    fn new(ttl: Option<Duration>) -> Self {
+        Self {
+            answers: bounded(ttl),
+            relations: bounded(ttl),
+        }
+    }
+}
+
+/// A cache of 100,000 entries at most, each kept for `ttl` if one is given.
+fn bounded<V: Clone + Send + Sync + 'static>(
+    ttl: Option<Duration>,
+) -> moka::sync::Cache<(String, String), V> {
+    let builder = moka::sync::Cache::builder().max_capacity(100_000);
+    match ttl {
+        Some(ttl) => builder.time_to_live(ttl).build(),
+        None => builder.build(),
+    }
+}
 
 /// The volatility cache and its control connections. Its `Debug` names the users it may
 /// log in as, not their passwords.
 pub struct Catalog {
     topology: Arc<TopologyHandle>,
-    credentials: Credentials,
+    /// Swapped by a reload.
+    credentials: ArcSwap<Credentials>,
     timeout: Duration,
-    /// What pgway learned per (database, function).
-    answers: moka::sync::Cache<(String, String), Answer>,
-    /// Per (database, relation name): a table logical decoding reports (see
-    /// [`Catalog::is_decoded_table`]).
-    relations: moka::sync::Cache<(String, String), bool>,
+    /// What pgway learned under `rules`.
+    learned: ArcSwap<Learned>,
     clients: Mutex<HashMap<(String, String), tokio_postgres::Client>>,
     tasks: TaskTracker,
-    rules: FunctionRules,
+    /// Swapped by a reload (with `learned`).
+    rules: ArcSwap<FunctionRules>,
     /// Opens the control connections.
     connector: Arc<dyn Connector>,
 }
 
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut users: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
+        let credentials = self.credentials.load();
+        let mut users: Vec<&str> = credentials.passwords.keys().map(String::as_str).collect();
         users.sort_unstable();
         f.debug_struct("Catalog")
             .field("users", &users)
             .field("timeout", &self.timeout)
-            .field("cached", &self.answers.entry_count())
+            .field("cached", &self.learned.load().answers.entry_count())
             .finish_non_exhaustive()
     }
 }
@@ -215,13 +275,12 @@ impl Catalog {
     pub fn new(topology: Arc<TopologyHandle>, credentials: Credentials, timeout: Duration) -> Self {
         Self {
             topology,
-            credentials,
+            credentials: ArcSwap::from_pointee(credentials),
             timeout,
-            answers: moka::sync::Cache::new(100_000),
-            relations: moka::sync::Cache::new(100_000),
+            learned: ArcSwap::from_pointee(Learned::new(None)),
             clients: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
-            rules: FunctionRules::default(),
+            rules: ArcSwap::from_pointee(FunctionRules::default()),
             connector: Arc::new(TcpConnector),
         }
     }
@@ -240,38 +299,38 @@ impl Catalog {
     /// Applies `routing.read_only_functions`, `routing.write_functions` and
     /// `routing.function_analysis_ttl`.
     pub fn with_rules(self, rules: FunctionRules) -> Self {
-        let answers = moka::sync::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(rules.ttl)
-            .build();
-        let relations = moka::sync::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(rules.ttl)
-            .build();
-        Self {
-            rules,
-            answers,
-            relations,
-            ..self
-        }
+        self.set_rules(rules);
+        self
+    }
+
+    /// A reload: new function rules, and everything learned under the old ones forgotten
+    /// (answers depend on the rules, and their TTL may have changed).
+    pub fn set_rules(&self, rules: FunctionRules) {
+        self.learned.store(Arc::new(Learned::new(Some(rules.ttl))));
+        self.rules.store(Arc::new(rules));
+    }
+
+    /// A reload: who control connections log in as. Connections open now stay.
+    pub fn set_credentials(&self, credentials: Credentials) {
+        self.credentials.store(Arc::new(credentials));
     }
 
     /// Forgets every answer: a function was created, replaced, altered or dropped (its
     /// callers may have changed with it).
     pub fn functions_changed(&self) {
-        self.answers.invalidate_all();
+        self.learned.load().answers.invalidate_all();
     }
 
     /// Forgets what it learned about relations (DDL went through pgway).
     pub fn relations_changed(&self) {
-        self.relations.invalidate_all();
+        self.learned.load().relations.invalidate_all();
     }
 
     /// A replica refused a statement calling `function`: it stays on the primary until
     /// its answer expires.
     pub fn learn_write(&self, database: &str, function: &str) {
         let why = format!("{function}, which a replica refused to run");
-        self.answers.insert(
+        self.learned.load().answers.insert(
             (database.to_owned(), function.to_owned()),
             Answer::volatile(why),
         );
@@ -297,7 +356,7 @@ impl Catalog {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 's>> {
         Box::pin(async move {
             let key = (database.to_owned(), function.to_owned());
-            if let Some(answer) = self.answers.get(&key) {
+            if let Some(answer) = self.learned.load().answers.get(&key) {
                 return answer;
             }
             if depth > MAX_DEPTH {
@@ -308,7 +367,7 @@ impl Catalog {
                     let answer = self
                         .judge(database, user, function, &overloads, depth)
                         .await;
-                    self.answers.insert(key, answer.clone());
+                    self.learned.load().answers.insert(key, answer.clone());
                     answer
                 }
                 Err(cause) => {
@@ -337,7 +396,7 @@ impl Catalog {
         let mut tables: Vec<String> = Vec::new();
         let mut cacheable = Cacheable::Yes;
         for o in overloads {
-            let rules = &self.rules;
+            let rules = self.rules.load();
             let name = format!("{}.{}", o.schema, o.name);
             if o.forced_write || FunctionRules::names(&rules.write, &o.schema, &o.name) {
                 return Answer::volatile(format!("{name}, listed in routing.write_functions"));
@@ -412,7 +471,7 @@ impl Catalog {
     /// kept.
     pub async fn is_decoded_table(&self, database: &str, user: &str, name: &str) -> bool {
         let key = (database.to_owned(), name.to_owned());
-        if let Some(known) = self.relations.get(&key) {
+        if let Some(known) = self.learned.load().relations.get(&key) {
             return known;
         }
         let parts: Vec<&str> = name.split('.').collect();
@@ -433,7 +492,7 @@ impl Catalog {
             });
         match answer {
             Ok(known) => {
-                self.relations.insert(key, known);
+                self.learned.load().relations.insert(key, known);
                 known
             }
             Err(cause) => {
@@ -469,8 +528,9 @@ impl Catalog {
             Some((schema, name)) => (Some(schema), name),
             None => (None, function),
         };
-        let read_only = FunctionRules::overloads(&self.rules.read_only);
-        let write = FunctionRules::overloads(&self.rules.write);
+        let rules = self.rules.load();
+        let read_only = FunctionRules::overloads(&rules.read_only);
+        let write = FunctionRules::overloads(&rules.write);
         let mut clients = self.clients.lock().await;
         let client = self.client(&mut clients, database, user).await?;
         let rows = tokio::time::timeout(
@@ -503,10 +563,14 @@ impl Catalog {
         database: &str,
         user: &str,
     ) -> Result<&'c tokio_postgres::Client, CatalogError> {
+        let credentials = self.credentials.load_full();
+        let (user, password) = credentials
+            .login_for(user)
+            .ok_or(CatalogError::UnknownUser)?;
         let key = (database.to_owned(), user.to_owned());
         let client = match clients.remove(&key).filter(|c| !c.is_closed()) {
             Some(client) => client,
-            None => self.connect(database, user).await?,
+            None => self.connect(database, user, password).await?,
         };
         Ok(clients.entry(key).or_insert(client))
     }
@@ -515,16 +579,13 @@ impl Catalog {
         &self,
         database: &str,
         user: &str,
+        password: &str,
     ) -> Result<tokio_postgres::Client, CatalogError> {
         let addr = self
             .topology
             .primary()
             .or_else(|| self.topology.replica())
             .ok_or(CatalogError::NoUsableNode)?;
-        let password = self
-            .credentials
-            .get(user)
-            .ok_or(CatalogError::UnknownUser)?;
         let login = ControlLogin {
             addr: &addr,
             user,
@@ -542,8 +603,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn users_without_a_password_look_up_as_the_first_user() {
+        let credentials = Credentials {
+            passwords: HashMap::from([("app".to_owned(), "app-secret".to_owned())]),
+            fallback: Some("app".to_owned()),
+        };
+        assert_eq!(credentials.login_for("app"), Some(("app", "app-secret")));
+        assert_eq!(
+            credentials.login_for("from_auth_query"),
+            Some(("app", "app-secret"))
+        );
+        assert_eq!(Credentials::default().login_for("app"), None);
+    }
+
+    #[test]
     fn debug_names_users_not_passwords() {
-        let credentials = Arc::new(HashMap::from([("app".to_owned(), "app-secret".to_owned())]));
+        let credentials = Credentials {
+            passwords: HashMap::from([("app".to_owned(), "app-secret".to_owned())]),
+            fallback: None,
+        };
         let catalog = Catalog::new(
             TopologyHandle::new(&[]),
             credentials,
@@ -560,7 +638,10 @@ mod tests {
     async fn a_failed_look_up_counts_as_volatile() {
         let catalog = Catalog::new(
             TopologyHandle::new(&[]),
-            Arc::new(HashMap::new()),
+            Credentials {
+                passwords: HashMap::from([("app".to_owned(), "app-secret".to_owned())]),
+                fallback: None,
+            },
             Duration::from_millis(10),
         );
         assert!(matches!(

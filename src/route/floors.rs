@@ -72,7 +72,8 @@ impl Floor {
 /// The floors of every scope key, by `routing.read_your_writes`.
 #[derive(Debug)]
 pub struct Floors {
-    scope: ReadYourWrites,
+    /// `routing.read_your_writes`, set again by a reload (for clients that log in after).
+    scope: Mutex<ReadYourWrites>,
     shared: Mutex<HashMap<(String, String), Floor>>,
     epoch: Arc<Epoch>,
 }
@@ -81,7 +82,7 @@ impl Floors {
     /// Floors for `scope`.
     pub fn new(scope: ReadYourWrites) -> Self {
         Self {
-            scope,
+            scope: Mutex::new(scope),
             shared: Mutex::new(HashMap::new()),
             epoch: Arc::new(Epoch::default()),
         }
@@ -90,7 +91,8 @@ impl Floors {
     /// The floor a new client of `user` on `database` reads under and raises; `None`
     /// with read-your-writes off.
     pub fn for_client(&self, database: &str, user: &str) -> Option<Floor> {
-        let key = match self.scope {
+        let scope = *self.scope.lock().ok()?;
+        let key = match scope {
             ReadYourWrites::Off => return None,
             ReadYourWrites::Session => return Some(Floor::new(&self.epoch)),
             ReadYourWrites::User => (database.to_owned(), user.to_owned()),
@@ -103,6 +105,21 @@ impl Floors {
                 .or_insert_with(|| Floor::new(&self.epoch))
                 .clone(),
         )
+    }
+
+    /// The scope in force.
+    pub fn scope(&self) -> ReadYourWrites {
+        self.scope
+            .lock()
+            .map_or(ReadYourWrites::Off, |scope| *scope)
+    }
+
+    /// A reload: clients that log in from now on read under `scope`'s floors. (Clients
+    /// logged in keep theirs.)
+    pub fn set_scope(&self, scope: ReadYourWrites) {
+        if let Ok(mut current) = self.scope.lock() {
+            *current = scope;
+        }
     }
 
     /// A new primary was found at `position`: every floor raised before counts at most

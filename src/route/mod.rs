@@ -241,7 +241,6 @@ impl Router {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::time::Duration;
 
     use super::*;
@@ -250,7 +249,7 @@ mod tests {
     fn router() -> Router {
         Router::new(Catalog::new(
             TopologyHandle::new(&[]),
-            Arc::new(HashMap::new()),
+            catalog::Credentials::default(),
             Duration::from_millis(10),
         ))
     }

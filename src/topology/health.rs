@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -55,6 +56,11 @@ impl std::fmt::Debug for HealthSettings {
             .finish()
     }
 }
+
+/// The settings in force, swapped whole by a reload; checks and probes read them before
+/// each look (a changed password applies to the next login, a changed interval to the
+/// next pause).
+pub type LiveHealth = Arc<ArcSwap<HealthSettings>>;
 
 impl HealthSettings {
     /// The control connection to `addr` in `client`, connected first (as
@@ -145,7 +151,7 @@ pub async fn check_node(
 /// cancelled is abandoned.
 pub async fn monitor(
     addr: String,
-    settings: HealthSettings,
+    live: LiveHealth,
     topology: Arc<TopologyHandle>,
     pools: Arc<Pools>,
     tasks: TaskTracker,
@@ -154,6 +160,7 @@ pub async fn monitor(
     let mut client = None;
     let wake = topology.waker(&addr, true).unwrap_or_default();
     loop {
+        let settings = live.load_full();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             result = check_node(&addr, &settings, &tasks, &mut client) => result,
@@ -206,7 +213,7 @@ pub async fn monitor(
 /// members come and go, until `shutdown`. The monitors run on `tasks` and end with
 /// `shutdown` too.
 pub async fn supervise(
-    settings: HealthSettings,
+    settings: LiveHealth,
     topology: Arc<TopologyHandle>,
     pools: Arc<Pools>,
     tasks: TaskTracker,
@@ -229,7 +236,7 @@ pub async fn supervise(
                 running.insert(node.addr.to_string(), stop.clone());
                 tasks.spawn(monitor(
                     node.addr.to_string(),
-                    settings.clone(),
+                    Arc::clone(&settings),
                     Arc::clone(&topology),
                     Arc::clone(&pools),
                     tasks.clone(),
@@ -296,7 +303,7 @@ mod tests {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
         tasks.spawn(supervise(
-            settings(),
+            Arc::new(ArcSwap::from_pointee(settings())),
             Arc::clone(&topology),
             pools,
             tasks.clone(),

@@ -13,6 +13,7 @@ pub mod patroni;
 pub mod replay;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,8 +109,11 @@ pub enum Want {
 pub struct TopologyHandle {
     current: ArcSwap<Topology>,
     changed: watch::Sender<u64>,
-    max_lag: Option<u64>,
+    /// `routing.max_replica_lag` (`u64::MAX`: no limit), set again by a reload.
+    max_lag: AtomicU64,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Where the etcd watch stands (off for a static topology).
+    etcd: patroni::WatchStatus,
 }
 
 impl TopologyHandle {
@@ -124,10 +128,30 @@ impl TopologyHandle {
         let handle = Arc::new(Self {
             current: ArcSwap::from_pointee(Topology::default()),
             changed: watch::channel(0).0,
-            max_lag,
+            max_lag: AtomicU64::new(max_lag.unwrap_or(u64::MAX)),
             wakers: Mutex::new(HashMap::new()),
+            etcd: patroni::WatchStatus::default(),
         });
-        handle.set_members(
+        handle.set_static_nodes(addrs);
+        handle
+    }
+
+    /// The replica lag limit in force.
+    fn max_lag(&self) -> Option<u64> {
+        Some(self.max_lag.load(Ordering::Relaxed)).filter(|lag| *lag != u64::MAX)
+    }
+
+    /// A reload: a new replica lag limit for the reads routed from now on.
+    pub fn set_max_lag(&self, max_lag: Option<u64>) {
+        self.max_lag
+            .store(max_lag.unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// A reload of a static topology: `addrs` are the nodes from now on (see
+    /// [`Self::set_members`]).
+    pub fn set_static_nodes(&self, addrs: &[String]) {
+        self.set_members(
             addrs
                 .iter()
                 .map(|addr| Member {
@@ -137,7 +161,6 @@ impl TopologyHandle {
                 })
                 .collect(),
         );
-        handle
     }
 
     /// Replaces the member list, keeping what was observed of nodes already known. New
@@ -184,6 +207,12 @@ impl TopologyHandle {
         wakers.get(addr).cloned()
     }
 
+    /// Where the etcd watch stands ([`patroni::watch`] updates it; off for a static
+    /// topology).
+    pub fn etcd(&self) -> &patroni::WatchStatus {
+        &self.etcd
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Topology> {
         self.current.load_full()
@@ -204,7 +233,7 @@ impl TopologyHandle {
     pub fn readable_replicas(&self) -> Vec<Arc<str>> {
         self.current
             .load()
-            .readable_replicas(self.max_lag)
+            .readable_replicas(self.max_lag())
             .map(|n| Arc::clone(&n.addr))
             .collect()
     }
@@ -222,7 +251,7 @@ impl TopologyHandle {
         thread_local! {
             static NEXT_REPLICA: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         }
-        let count = topology.readable_replicas(self.max_lag).count();
+        let count = topology.readable_replicas(self.max_lag()).count();
         if count == 0 {
             return None;
         }
@@ -231,7 +260,7 @@ impl TopologyHandle {
             next.set(i.wrapping_add(1));
             i % count
         });
-        topology.readable_replicas(self.max_lag).nth(i)
+        topology.readable_replicas(self.max_lag()).nth(i)
     }
 
     /// Calls `f` with the healthy primary's address, if there is one, without copying it.

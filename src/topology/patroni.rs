@@ -8,10 +8,14 @@
 //! `noloadbalance` tag may take reads. When etcd is unreachable the last topology stays in
 //! force (health checks go on) and pgway reconnects with backoff, re-watching from the
 //! last revision it applied, or reading everything again after a compaction.
+//!
+//! Where the watch stands (connecting, watching, unreachable) is kept in a
+//! [`WatchStatus`] on the [`TopologyHandle`], for `/topology`, `/ready` and the console's
+//! `SHOW TOPOLOGY`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use serde::Deserialize;
@@ -57,6 +61,138 @@ impl PatroniSettings {
             self.scope.trim_matches('/')
         )
         .replace("//", "/")
+    }
+}
+
+/// Where the etcd watch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchState {
+    /// No watch: the topology is static (from the config).
+    Off,
+    /// Connecting to etcd for the first time.
+    Connecting,
+    /// Watching Patroni's keys.
+    Watching,
+    /// etcd could not be reached (or the watch failed): the last topology stays in force
+    /// while pgway retries with backoff.
+    Unreachable,
+}
+
+impl WatchState {
+    /// The state's name in `/topology` and `SHOW TOPOLOGY`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Connecting => "connecting",
+            Self::Watching => "watching",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// A copy of a [`WatchStatus`] at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchReport {
+    /// The etcd endpoints, as configured.
+    pub endpoints: Vec<String>,
+    /// The state.
+    pub state: WatchState,
+    /// How long the watch has been in this state.
+    pub since: Duration,
+    /// Why the watch last failed (kept once it watches again), if it ever failed.
+    pub last_error: Option<String>,
+    /// The last etcd revision seen (read, watched or in a progress notification).
+    pub revision: Option<i64>,
+}
+
+/// Where the etcd watch stands, shared between [`watch`] (which updates it as it connects,
+/// watches, fails and retries) and the admin views. Off until a watch starts: a static
+/// topology never leaves it. Updated on etcd events only, never on a client's path.
+#[derive(Debug)]
+pub struct WatchStatus {
+    inner: Mutex<WatchInner>,
+}
+
+#[derive(Debug)]
+struct WatchInner {
+    endpoints: Vec<String>,
+    state: WatchState,
+    since: Instant,
+    last_error: Option<String>,
+    revision: Option<i64>,
+}
+
+impl Default for WatchStatus {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(WatchInner {
+                endpoints: Vec::new(),
+                state: WatchState::Off,
+                since: Instant::now(),
+                last_error: None,
+                revision: None,
+            }),
+        }
+    }
+}
+
+impl WatchInner {
+    /// Moves to `state`; `since` restarts only on a change.
+    fn enter(&mut self, state: WatchState) {
+        if self.state != state {
+            self.state = state;
+            self.since = Instant::now();
+        }
+    }
+}
+
+impl WatchStatus {
+    fn lock(&self) -> MutexGuard<'_, WatchInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A watch of `endpoints` starts: connecting, unless it started already.
+    pub fn started(&self, endpoints: &[String]) {
+        let mut inner = self.lock();
+        if inner.state == WatchState::Off {
+            inner.endpoints = endpoints.to_vec();
+            inner.enter(WatchState::Connecting);
+        }
+    }
+
+    /// The watch is running.
+    pub fn watching(&self) {
+        self.lock().enter(WatchState::Watching);
+    }
+
+    /// The watch failed with `cause`: etcd is unreachable until it watches again.
+    pub fn failed(&self, cause: &PatroniError) {
+        let mut inner = self.lock();
+        inner.last_error = Some(cause.to_string());
+        inner.enter(WatchState::Unreachable);
+    }
+
+    /// etcd answered at `revision`.
+    pub fn saw_revision(&self, revision: i64) {
+        let mut inner = self.lock();
+        inner.revision = Some(inner.revision.map_or(revision, |r| r.max(revision)));
+    }
+
+    /// The state now.
+    pub fn state(&self) -> WatchState {
+        self.lock().state
+    }
+
+    /// Everything, as of now.
+    pub fn report(&self) -> WatchReport {
+        let inner = self.lock();
+        WatchReport {
+            endpoints: inner.endpoints.clone(),
+            state: inner.state,
+            since: inner.since.elapsed(),
+            last_error: inner.last_error.clone(),
+            revision: inner.revision,
+        }
     }
 }
 
@@ -162,6 +298,7 @@ pub async fn watch(
     pools: Arc<Pools>,
     shutdown: CancellationToken,
 ) {
+    topology.etcd().started(&settings.endpoints);
     let mut watcher = Watcher {
         prefix: settings.prefix(),
         settings,
@@ -196,6 +333,7 @@ pub async fn watch(
                 continue;
             }
             Err(cause) => {
+                watcher.topology.etcd().failed(&cause);
                 if !warned {
                     warn!(%cause, "etcd unreachable; keeping the last known topology and retrying");
                     warned = true;
@@ -258,6 +396,7 @@ impl Watcher {
                     }
                 }
                 let revision = response.header().map_or(0, |h| h.revision());
+                self.topology.etcd().saw_revision(revision);
                 self.publish(state);
                 self.revision = Some(revision);
                 revision
@@ -275,6 +414,7 @@ impl Watcher {
             )
             .await?;
         *established = true;
+        self.topology.etcd().watching();
         info!(prefix = %self.prefix, revision, "watching Patroni's keys in etcd");
         loop {
             let Some(response) = stream.message().await? else {
@@ -285,6 +425,9 @@ impl Watcher {
             }
             if response.canceled() {
                 return Err(PatroniError::StreamEnded);
+            }
+            if let Some(header) = response.header() {
+                self.topology.etcd().saw_revision(header.revision());
             }
             let mut state = self.state.clone();
             let mut last = None;
@@ -380,6 +523,51 @@ mod tests {
         assert_eq!(state.members().len(), 2);
         state.apply("members/pg2", Some(b"not json"));
         assert_eq!(state.members().len(), 1);
+    }
+
+    #[test]
+    fn watch_status_transitions() {
+        let status = WatchStatus::default();
+        assert_eq!(status.state(), WatchState::Off);
+        assert_eq!(status.report().endpoints, Vec::<String>::new());
+        let endpoints = vec!["127.0.0.1:2379".to_owned()];
+        status.started(&endpoints);
+        let report = status.report();
+        assert_eq!(report.state, WatchState::Connecting);
+        assert_eq!(report.endpoints, endpoints);
+        assert_eq!((report.last_error, report.revision), (None, None));
+
+        status.failed(&PatroniError::StreamEnded);
+        let report = status.report();
+        assert_eq!(report.state, WatchState::Unreachable);
+        assert_eq!(
+            report.last_error.as_deref(),
+            Some("the etcd watch stream ended")
+        );
+        // Retrying while unreachable: the state (and its `since`) stays.
+        std::thread::sleep(Duration::from_millis(200));
+        status.failed(&PatroniError::Compacted(7));
+        let report = status.report();
+        assert_eq!(report.state, WatchState::Unreachable);
+        assert!(report.since >= Duration::from_millis(200), "{report:?}");
+        assert!(report
+            .last_error
+            .is_some_and(|e| e.contains("compacted revision 7")));
+
+        status.watching();
+        status.saw_revision(12);
+        status.saw_revision(10);
+        let report = status.report();
+        assert_eq!(report.state, WatchState::Watching);
+        assert!(report.since < Duration::from_millis(200), "{report:?}");
+        assert_eq!(report.revision, Some(12));
+        // The last error stays on record.
+        assert!(report.last_error.is_some());
+        // A second start changes nothing.
+        status.started(&[]);
+        assert_eq!(status.state(), WatchState::Watching);
+        assert_eq!(status.report().endpoints, endpoints);
+        assert_eq!(WatchState::Unreachable.name(), "unreachable");
     }
 
     #[test]

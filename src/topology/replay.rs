@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use super::health::HealthSettings;
+use super::health::{HealthSettings, LiveHealth};
 use crate::backend::control;
 
 /// The replay position query: bytes since `0/0`, NULL on a node that is not replaying.
@@ -81,7 +81,7 @@ pub struct ReplayPositions {
     replicas: Mutex<HashMap<Arc<str>, Arc<Replica>>>,
     primaries: Mutex<HashMap<Arc<str>, Arc<Primary>>>,
     any_raised: Arc<watch::Sender<u64>>,
-    settings: HealthSettings,
+    settings: LiveHealth,
     tasks: TaskTracker,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
@@ -117,7 +117,7 @@ impl ReplayPositions {
     /// Probers log in with `settings` (the health checks' credentials) and run on `tasks`
     /// in `runtime` until `shutdown`.
     pub fn new(
-        settings: HealthSettings,
+        settings: LiveHealth,
         tasks: TaskTracker,
         runtime: tokio::runtime::Handle,
         shutdown: CancellationToken,
@@ -249,7 +249,7 @@ impl ReplayPositions {
         let prober = look_up(
             addr.to_owned(),
             Arc::clone(&primary),
-            self.settings.clone(),
+            Arc::clone(&self.settings),
             self.tasks.clone(),
             self.shutdown.clone(),
         );
@@ -276,7 +276,7 @@ impl ReplayPositions {
         let prober = probe(
             addr.to_owned(),
             Arc::clone(&replica),
-            self.settings.clone(),
+            Arc::clone(&self.settings),
             self.tasks.clone(),
             self.shutdown.clone(),
         );
@@ -299,13 +299,21 @@ fn raise(known: &mut u64, position: u64) -> bool {
 async fn probe(
     addr: String,
     replica: Arc<Replica>,
-    settings: HealthSettings,
+    settings: LiveHealth,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
     // Connected (and a first position known) before any read needs one.
-    if let Ok(Some(position)) = ask(&addr, REPLAY_POSITION, &settings, &tasks, &mut client).await {
+    if let Ok(Some(position)) = ask(
+        &addr,
+        REPLAY_POSITION,
+        &settings.load_full(),
+        &tasks,
+        &mut client,
+    )
+    .await
+    {
         replica.raise(position);
     }
     loop {
@@ -318,7 +326,15 @@ async fn probe(
         if shutdown.is_cancelled() {
             return;
         }
-        match ask(&addr, REPLAY_POSITION, &settings, &tasks, &mut client).await {
+        match ask(
+            &addr,
+            REPLAY_POSITION,
+            &settings.load_full(),
+            &tasks,
+            &mut client,
+        )
+        .await
+        {
             Ok(Some(position)) => replica.raise(position),
             Ok(None) => tokio::time::sleep(RETRY_PAUSE).await,
             Err(cause) => {
@@ -335,7 +351,7 @@ async fn probe(
 async fn look_up(
     addr: String,
     primary: Arc<Primary>,
-    settings: HealthSettings,
+    settings: LiveHealth,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -348,7 +364,15 @@ async fn look_up(
                 () = shutdown.cancelled() => return,
             }
         }
-        let answer = match ask(&addr, CURRENT_POSITION, &settings, &tasks, &mut client).await {
+        let answer = match ask(
+            &addr,
+            CURRENT_POSITION,
+            &settings.load_full(),
+            &tasks,
+            &mut client,
+        )
+        .await
+        {
             Ok(position) => position,
             Err(cause) => {
                 debug!(node = %addr, %cause, "primary position look-up failed");

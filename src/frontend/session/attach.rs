@@ -121,10 +121,7 @@ impl Session<'_> {
         if let Some(i) = self.pools.iter().position(|(a, _)| **a == *addr) {
             return i;
         }
-        let pool = self
-            .shared
-            .pools
-            .get(addr, &self.database, &self.user, &self.password);
+        let pool = self.shared.pools.get(addr, &self.database, &self.user);
         self.shared.clients.note_pool(&pool);
         self.pools.push((Arc::from(addr), pool));
         self.pools.len() - 1

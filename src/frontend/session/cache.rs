@@ -180,6 +180,9 @@ impl Session<'_> {
     async fn answered_from_cache(&mut self) -> Result<bool, SessionError> {
         self.last_route = Why::Cache;
         self.shared.metrics.query(crate::metrics::Route::Cache);
+        if let Some(registered) = &self.registered {
+            registered.entry.queried(1);
+        }
         messages::ready_for_query(&mut self.out, b'I');
         self.flush().await?;
         Ok(true)

@@ -311,7 +311,6 @@ pub struct Session<'a> {
     to_server: BytesMut,
     user: String,
     database: String,
-    password: String,
     cancel: CancelKey<'a>,
     state: State,
     /// Replies expected from the server (or due from pgway), one per message sent, in
@@ -365,12 +364,6 @@ impl<'a> Session<'a> {
         settings: ClientSettings,
         span: tracing::Span,
     ) -> Self {
-        let password = shared
-            .users
-            .load()
-            .get(&user)
-            .map(|u| u.config.password.clone())
-            .unwrap_or_default();
         let target = effects::target_hint(&settings);
         let floor = shared.floors.for_client(&database, &user);
         let min_lsn = freshness::min_lsn(&settings);
@@ -388,7 +381,6 @@ impl<'a> Session<'a> {
             to_server: BytesMut::new(),
             user,
             database,
-            password,
             cancel: shared.cancels.register(),
             state: State::Idle,
             expected: VecDeque::new(),

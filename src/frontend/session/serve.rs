@@ -28,6 +28,9 @@ struct Plan {
     relay: bool,
     /// It ends with ReadyForQuery (a simple query, a function call, a batch with Sync).
     ready: bool,
+    /// Statements it runs, for `SHOW STATS`' `total_query_count`: a simple query or a
+    /// function call is one, a batch as many as its Executes.
+    statements: u64,
 }
 
 impl Session<'_> {
@@ -173,6 +176,7 @@ impl Session<'_> {
             retry: true,
             relay: true,
             ready: true,
+            statements: 1,
         };
         let sent = self
             .send_or_report(target, plan, |session| {
@@ -223,6 +227,7 @@ impl Session<'_> {
             retry: false,
             relay: true,
             ready: true,
+            statements: 1,
         };
         self.send_or_report(Target::Primary, plan, |session| {
             session.request.may_write = true;
@@ -256,7 +261,8 @@ impl Session<'_> {
             State::Idle if complete => self.batch_target(&batch, &parse_targets, &mut hints)?,
             _ => (Target::Primary, self.held_why()),
         };
-        if batch.iter().any(|f| f[0] == b'E') {
+        let executes = batch.iter().filter(|f| f[0] == b'E').count() as u64;
+        if executes > 0 {
             self.note_route(why, hints);
         }
         let target = if self.apply_read_hints(hints, target) {
@@ -274,6 +280,7 @@ impl Session<'_> {
             retry: sync,
             relay: complete,
             ready: sync,
+            statements: executes,
         };
         let sent = self
             .send_request(target, plan, |session| {
@@ -364,6 +371,9 @@ impl Session<'_> {
                 }
                 other => {
                     other?;
+                    if let Some(registered) = &self.registered {
+                        registered.entry.queried(plan.statements);
+                    }
                     if plan.ready {
                         self.shared.metrics.query(if self.request.on_replica {
                             Route::Replica

@@ -130,9 +130,17 @@ impl Harness {
             config.pool.clone(),
             Arc::clone(&network) as Arc<dyn Connector>,
         ));
+        let reloader = crate::reload::Reloader::new(
+            None,
+            Arc::new(crate::net::SwapConnector::new(
+                Arc::clone(&network) as Arc<dyn Connector>
+            )),
+            config.client.max_connections,
+        );
         let shared = crate::server::build_shared(
             Arc::new(config),
             pools,
+            reloader,
             &TaskTracker::new(),
             &CancellationToken::new(),
         );
@@ -244,7 +252,7 @@ impl Harness {
 
     /// Idle connections parked in the pool for `addr`.
     pub(super) fn idle(&self, addr: &str) -> usize {
-        self.shared.pools.get(addr, "app", "app", "").idle_count()
+        self.shared.pools.get(addr, "app", "app").idle_count()
     }
 }
 
