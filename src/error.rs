@@ -90,6 +90,9 @@ pub enum ClientError {
     /// `client.max_connections` clients are connected already.
     #[error("sorry, too many clients already")]
     TooManyClients,
+    /// The user's `max_connections` clients are connected already.
+    #[error("too many connections for role \"{0}\"")]
+    TooManyForUser(String),
     /// A Parse under a name the client already uses.
     #[error("prepared statement \"{0}\" already exists")]
     DuplicatePreparedStatement(String),
@@ -145,7 +148,9 @@ impl ClientError {
             | Self::NoServer(_)
             | Self::ConnectFailed(_) => CONNECTION_FAILURE,
             Self::Shutdown => ADMIN_SHUTDOWN,
-            Self::PoolTimeout(_) | Self::TooManyClients => TOO_MANY_CONNECTIONS,
+            Self::PoolTimeout(_) | Self::TooManyClients | Self::TooManyForUser(_) => {
+                TOO_MANY_CONNECTIONS
+            }
             Self::DuplicatePreparedStatement(_) => DUPLICATE_PREPARED_STATEMENT,
             Self::InvalidParameterValue { .. } => INVALID_PARAMETER_VALUE,
             Self::InvalidLsn(_) => INVALID_TEXT_REPRESENTATION,
@@ -167,6 +172,7 @@ impl ClientError {
             | Self::Shutdown
             | Self::NoServer(_)
             | Self::TooManyClients
+            | Self::TooManyForUser(_)
             | Self::BadPassword(_)
             | Self::NoUser
             | Self::SslRequired
@@ -249,6 +255,7 @@ mod tests {
             ClientError::ServerLost("eof".into()),
             ClientError::Shutdown,
             ClientError::TooManyClients,
+            ClientError::TooManyForUser("app".into()),
             ClientError::DuplicatePreparedStatement("s1".into()),
             ClientError::Server {
                 code: "3D000".into(),

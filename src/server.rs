@@ -227,6 +227,7 @@ pub(crate) fn build_shared(
             shutdown.clone(),
         )),
         health,
+        per_user: Arc::default(),
         reloader,
         config: ArcSwap::new(config),
     })

@@ -163,6 +163,8 @@ async fn transaction_open_past_the_deadline_gets_57p01() {
 struct Binary {
     child: Child,
     port: u16,
+    /// The config file (rewritten by reload tests).
+    path: std::path::PathBuf,
     _dir: tempfile_dir::Dir,
 }
 
@@ -192,10 +194,21 @@ impl Binary {
         let dir = base.join(format!("lifecycle-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("config dir");
         let path = dir.join("pgway.toml");
-        std::fs::write(&path, toml).expect("config file");
+        Self::start_toml(&path, &dir, port, &toml, rust_log)
+    }
+
+    /// The binary with `toml` written to `path` (in `dir`, removed on drop).
+    fn start_toml(
+        path: &std::path::Path,
+        dir: &std::path::Path,
+        port: u16,
+        toml: &str,
+        rust_log: &str,
+    ) -> Binary {
+        std::fs::write(path, toml).expect("config file");
         let child = Command::new(env!("CARGO_BIN_EXE_pgway"))
             .arg("--config")
-            .arg(&path)
+            .arg(path)
             .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -206,7 +219,8 @@ impl Binary {
         Binary {
             child,
             port,
-            _dir: tempfile_dir::Dir(dir),
+            path: path.to_owned(),
+            _dir: tempfile_dir::Dir(dir.to_owned()),
         }
     }
 
@@ -255,7 +269,7 @@ async fn sighup_keeps_serving_and_sigterm_tells_idle_clients_and_exits_zero() {
     let mut idle = RawConn::login(pgway.port, APP_USER, APP_PASSWORD).await;
     assert_eq!(run_ok(&mut idle, "select 1").await, b'I');
 
-    // SIGHUP (reload, for pgbouncer users) must not end the process: the config stays.
+    // SIGHUP reloads; the same file changes nothing and ends nothing.
     pgway.signal("HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(run_ok(&mut idle, "select 1").await, b'I', "after SIGHUP");
@@ -406,4 +420,122 @@ async fn server_idle_timeout_closes_parked_connections() {
     .await;
     // The client goes on, on a new connection.
     assert_ne!(backend_pid(&mut client).await, pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_pool_size_and_password_while_a_client_stays_connected() {
+    let cluster = Cluster::start(0);
+    let port = free_loopback_port();
+    let admin = free_loopback_port();
+    let opts = GatewayOptions {
+        pool_size: 1,
+        wait_timeout: "10s".into(),
+        ..GatewayOptions::default()
+    };
+    let toml = gateway_toml(
+        &cluster,
+        &format!("127.0.0.1:{port}"),
+        &format!("127.0.0.1:{admin}"),
+        &opts,
+    )
+    .replace(
+        &format!("password = \"{APP_PASSWORD}\"\n"),
+        &format!("password = \"{APP_PASSWORD}\"\nadmin = true\n"),
+    );
+    let base = std::env::var_os("PGWAY_TEST_TMPDIR")
+        .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+    let dir = base.join(format!("reload-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let mut pgway = Binary::start_toml(&dir.join("pgway.toml"), &dir, port, &toml, "info");
+    let stderr = pgway.child.stderr.take().expect("stderr");
+    let logged = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    pgway.wait_ready().await;
+    let mut stays = RawConn::login(port, APP_USER, APP_PASSWORD).await;
+    assert_eq!(run_ok(&mut stays, "begin; select 1").await, b'T');
+    assert_eq!(run_ok(&mut stays, "commit").await, b'I');
+
+    // pool.size = 1: three transactions at once share one server connection.
+    assert_eq!(concurrent_pids(port, APP_PASSWORD, 3).await.len(), 1);
+
+    // The password changes on the server and in the file, with a bigger pool: SIGHUP.
+    const NEW_PASSWORD: &str = "app-secret-2";
+    cluster.psql_admin(
+        cluster.primary_port(),
+        &format!("alter role {APP_USER} password '{NEW_PASSWORD}'"),
+    );
+    let reloaded = toml
+        .replace(
+            &format!("password = \"{APP_PASSWORD}\""),
+            &format!("password = \"{NEW_PASSWORD}\""),
+        )
+        .replace("size = 1\n", "size = 3\n");
+    std::fs::write(&pgway.path, &reloaded).expect("rewriting the config");
+    pgway.signal("HUP");
+    eventually("the new password to be accepted", WAIT, async || {
+        try_connect(port, APP_USER, NEW_PASSWORD)
+            .await
+            .map(drop)
+            .map_err(|e| describe_error(&e))
+    })
+    .await;
+    let refused = try_connect(port, APP_USER, APP_PASSWORD)
+        .await
+        .expect_err("the old password after the reload");
+    assert_eq!(sqlstate(&refused), "28P01", "{refused:?}");
+    // New server connections log in with the new password; three at once now.
+    assert_eq!(concurrent_pids(port, NEW_PASSWORD, 3).await.len(), 3);
+    // The client connected before the reload carried on throughout.
+    assert_eq!(run_ok(&mut stays, "begin; select 2").await, b'T');
+    assert_eq!(run_ok(&mut stays, "commit").await, b'I');
+
+    // A bad file is refused with the key named; the running config stays.
+    std::fs::write(&pgway.path, format!("bogus_key = 1\n{reloaded}")).expect("bad config");
+    pgway.signal("HUP");
+    // The console's RELOAD says the same, as an error.
+    let console = try_session(port, APP_USER, NEW_PASSWORD, "pgway")
+        .await
+        .expect("console login");
+    let error = console
+        .client
+        .simple_query("RELOAD")
+        .await
+        .expect_err("RELOAD of a bad file");
+    assert_eq!(sqlstate(&error), "F0000", "{error:?}");
+    assert!(describe_error(&error).contains("bogus_key"), "{error:?}");
+    assert_eq!(concurrent_pids(port, NEW_PASSWORD, 3).await.len(), 3);
+
+    // RELOAD of a good file: the pool shrinks back to one connection.
+    std::fs::write(&pgway.path, reloaded.replace("size = 3\n", "size = 1\n"))
+        .expect("rewriting the config");
+    console
+        .client
+        .simple_query("RELOAD")
+        .await
+        .expect("RELOAD of a good file");
+    eventually("the pool to be back to one connection", WAIT, async || {
+        let pids = concurrent_pids(port, NEW_PASSWORD, 3).await;
+        (pids.len() == 1)
+            .then_some(())
+            .ok_or(format!("{} connections", pids.len()))
+    })
+    .await;
+    assert_eq!(run_ok(&mut stays, "select 3").await, b'I');
+
+    pgway.signal("TERM");
+    assert!(pgway.wait_exit(Duration::from_secs(10)).success());
+    let lines = logged.join().expect("stderr reader");
+    // The refusal, then the parser's message naming the key (on lines of its own).
+    let log = lines.join("\n");
+    let refused = log
+        .find("reload refused")
+        .unwrap_or_else(|| panic!("no refusal:\n{log}"));
+    assert!(
+        log[refused..].contains("unknown field `bogus_key`"),
+        "the key is not named:\n{log}"
+    );
 }

@@ -401,3 +401,62 @@ async fn idle_clients_are_told_when_pgway_stops() {
         describe_error(&err)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_pool_size_and_max_connections_override_the_defaults() {
+    let cluster = Cluster::start(0);
+    let gw = Gateway::start_toml(|listen| {
+        gateway_toml(
+            &cluster,
+            listen,
+            "127.0.0.1:0",
+            &GatewayOptions {
+                pool_size: 10,
+                wait_timeout: "10s".into(),
+                ..GatewayOptions::default()
+            },
+        )
+        .replace(
+            &format!("password = \"{APP_PASSWORD}\"\n"),
+            &format!("password = \"{APP_PASSWORD}\"\npool_size = 2\nmax_connections = 3\n"),
+        )
+    });
+    let port = gw.port();
+
+    // Three transactions at once, over this user's two server connections.
+    assert_eq!(concurrent_pids(port, APP_PASSWORD, 3).await.len(), 2);
+
+    // Three clients at most; the fourth gets PostgreSQL's own refusal.
+    // (The clients above may still be on their way out: their slots free as they go.)
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            eventually("a client slot", WAIT, async || {
+                try_connect(port, APP_USER, APP_PASSWORD)
+                    .await
+                    .map_err(|e| describe_error(&e))
+            })
+            .await,
+        );
+    }
+    let refused = try_connect(port, APP_USER, APP_PASSWORD)
+        .await
+        .expect_err("a fourth client of the user");
+    assert_eq!(refused.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
+    assert!(
+        describe_error(&refused).contains("too many connections for role \"app\""),
+        "{refused:?}"
+    );
+    // Another user is not counted with this one.
+    let other = connect(port, MD5_USER, MD5_PASSWORD).await;
+    assert_eq!(served_by(&other).await, cluster.primary_port());
+    // A slot comes free when a client leaves.
+    drop(held.pop());
+    eventually("a slot to come free", WAIT, async || {
+        try_connect(port, APP_USER, APP_PASSWORD)
+            .await
+            .map(drop)
+            .map_err(|e| describe_error(&e))
+    })
+    .await;
+}

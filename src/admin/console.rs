@@ -1,8 +1,8 @@
 //! The admin console: database `pgway` on the client port, as pgbouncer's `pgbouncer`
 //! database. `psql -U <admin user> pgway`, then `SHOW POOLS`, `SHOW CLIENTS`,
 //! `SHOW SERVERS`, `SHOW STATS`, `SHOW TOPOLOGY`, `SHOW CACHE`, `SHOW CONFIG`,
-//! `PAUSE [<db>]`, `RESUME [<db>]`, `KILL_CLIENT <id>` (`RELOAD` is refused until reload
-//! exists). Console connections are clients too: `SHOW CLIENTS` lists them (database
+//! `PAUSE [<db>]`, `RESUME [<db>]`, `KILL_CLIENT <id>` and `RELOAD` (see
+//! [`crate::reload`]). Console connections are clients too: `SHOW CLIENTS` lists them (database
 //! `pgway`) and `KILL_CLIENT` ends them, the one asking included.
 //!
 //! Users log in as any user does (`[[users]]`, their password, TLS as configured); only
@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use rand::RngCore;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::error::{sqlstate, ClientError};
 use crate::frontend::registry::{ClientEntry, ClientId, ClientState, Clients};
@@ -56,6 +56,8 @@ const UNDEFINED_OBJECT: &str = "42704";
 const FEATURE_NOT_SUPPORTED: &str = "0A000";
 /// `55000` object_not_in_prerequisite_state.
 const NOT_IN_PREREQUISITE_STATE: &str = "55000";
+/// `F0000` config_file_error.
+const CONFIG_FILE_ERROR: &str = "F0000";
 
 /// What a session ended by `KILL_CLIENT` is told (FATAL 57P01, as PostgreSQL's
 /// `pg_terminate_backend`).
@@ -93,15 +95,9 @@ impl CommandError {
     }
 }
 
-/// Serves a logged-in admin: `out` holds AuthenticationOk. Ends when the client leaves,
-/// `KILL_CLIENT` ends it, or pgway stops. [`serve_at`] with the connection's addresses
-/// unknown (`SHOW CLIENTS` then leaves `addr` and `port` empty).
-pub async fn serve(shared: &Shared, io: FramedStream, out: BytesMut, user: &str) {
-    serve_at(shared, io, out, user, None, None).await;
-}
-
-/// [`serve`] for a connection from `peer` to pgway's `local` address, as `SHOW CLIENTS`
-/// lists it.
+/// Serves a logged-in admin connected from `peer` to pgway's `local` address (as
+/// `SHOW CLIENTS` lists it): `out` holds AuthenticationOk. Ends when the client leaves,
+/// `KILL_CLIENT` ends it, or pgway stops.
 pub async fn serve_at(
     shared: &Shared,
     mut io: FramedStream,
@@ -233,12 +229,14 @@ async fn run(shared: &Shared, command: &str, out: &mut BytesMut) -> Result<(), C
     let raw: Vec<&str> = command.split_whitespace().collect();
     let words: Vec<String> = raw.iter().map(|w| w.to_ascii_uppercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    // The second word as written (a database for PAUSE and RESUME).
+    let argument = raw.get(1).copied().unwrap_or_default();
     match words.as_slice() {
         ["SHOW", what] => show(shared, what, out),
         ["PAUSE"] => pause(shared, None, out).await,
-        ["PAUSE", _] => pause(shared, Some(&database_name(raw[1])?), out).await,
+        ["PAUSE", _] => pause(shared, Some(&database_name(argument)?), out).await,
         ["RESUME"] => resume(shared, None, out),
-        ["RESUME", _] => resume(shared, Some(&database_name(raw[1])?), out),
+        ["RESUME", _] => resume(shared, Some(&database_name(argument)?), out),
         ["KILL_CLIENT", id] => {
             let id = id
                 .parse()
@@ -254,10 +252,7 @@ async fn run(shared: &Shared, command: &str, out: &mut BytesMut) -> Result<(), C
             command_complete(out, "KILL_CLIENT");
             Ok(())
         }
-        ["RELOAD"] => Err(CommandError {
-            code: FEATURE_NOT_SUPPORTED,
-            message: "RELOAD is not supported yet".to_owned(),
-        }),
+        ["RELOAD"] => reload(shared, out).await,
         ["PAUSE" | "RESUME", ..] => Err(CommandError::syntax(
             "PAUSE and RESUME take at most one database",
         )),
@@ -287,6 +282,31 @@ fn database_name(word: &str) -> Result<String, CommandError> {
         });
     }
     Ok(name)
+}
+
+/// `RELOAD`: reads the config file again and applies it (see [`crate::reload`]). A NOTICE
+/// names each changed key that needs a restart; a refused file is an error naming the
+/// key (the running config stays).
+async fn reload(shared: &Shared, out: &mut BytesMut) -> Result<(), CommandError> {
+    info!("admin console: RELOAD");
+    let report = crate::reload::reload(shared).await.map_err(|e| {
+        warn!(cause = %e, "admin console: reload refused; the running config stays");
+        CommandError {
+            code: match e {
+                crate::reload::ReloadError::Busy => NOT_IN_PREREQUISITE_STATE,
+                _ => CONFIG_FILE_ERROR,
+            },
+            message: e.to_string(),
+        }
+    })?;
+    for key in report.need_restart {
+        notice(
+            out,
+            &format!("{key} changed, but it needs a restart: the running value stays"),
+        );
+    }
+    command_complete(out, "RELOAD");
+    Ok(())
 }
 
 /// `PAUSE [<db>]`: new transactions (of `database`'s clients, or of every client) wait;

@@ -8,7 +8,7 @@ pub mod session;
 pub mod startup;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
@@ -31,6 +31,46 @@ pub struct User {
     pub config: UserConfig,
     /// Derived once at start-up.
     pub verifier: ScramVerifier,
+}
+
+/// Client connections per user, for `max_connections` in `[[users]]`.
+#[derive(Debug, Default)]
+pub struct PerUser(Mutex<HashMap<String, usize>>);
+
+impl PerUser {
+    /// Counts a client of `user` while the slot lives; `None` if `limit` of them are
+    /// connected already.
+    pub fn enter(self: &Arc<Self>, user: &str, limit: Option<usize>) -> Option<UserSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(user.to_owned()).or_default();
+        if limit.is_some_and(|limit| *count >= limit) {
+            return None;
+        }
+        *count += 1;
+        Some(UserSlot {
+            counts: Arc::clone(self),
+            user: user.to_owned(),
+        })
+    }
+}
+
+/// One client of a user, counted until dropped.
+#[derive(Debug)]
+pub struct UserSlot {
+    counts: Arc<PerUser>,
+    user: String,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// (database, user, hash of the startup settings).
@@ -69,6 +109,8 @@ pub struct Shared {
     pub client_tls: Arc<crate::net::tls::ClientTls>,
     /// What health checks and replay probes log in with, swapped by a reload.
     pub health: crate::topology::health::LiveHealth,
+    /// Client connections per user.
+    pub per_user: Arc<PerUser>,
     /// What a reload swaps besides the fields above.
     pub reloader: crate::reload::Reloader,
     /// Counters for `/metrics`.
@@ -86,4 +128,25 @@ pub struct Greeting {
     pub params: Vec<(String, String)>,
     /// The startup settings they were learned with.
     pub settings: Settings,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_limit_counts_connected_clients_only() {
+        let per_user = Arc::new(PerUser::default());
+        let first = per_user.enter("app", Some(2)).expect("1 of 2");
+        let second = per_user.enter("app", Some(2)).expect("2 of 2");
+        assert!(
+            per_user.enter("app", Some(2)).is_none(),
+            "a third is refused"
+        );
+        assert!(per_user.enter("other", Some(1)).is_some(), "per user");
+        drop(first);
+        let _third = per_user.enter("app", Some(2)).expect("a slot came free");
+        drop(second);
+        assert!(per_user.enter("app", None).is_some(), "no limit");
+    }
 }

@@ -103,11 +103,27 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     .instrument(span.clone())
     .await
     .unwrap_or(Err(ClientError::LoginTimeout.into()));
+    // The user's own connection limit (`max_connections` in its `[[users]]` entry).
+    let mut _slot = None;
+    let login = login.and_then(|(user, database, settings)| {
+        let limit = shared
+            .users
+            .load()
+            .get(&user)
+            .and_then(|u| u.config.max_connections);
+        _slot = Some(
+            shared
+                .per_user
+                .enter(&user, limit)
+                .ok_or_else(|| ClientError::TooManyForUser(user.clone()))?,
+        );
+        Ok((user, database, settings))
+    });
     match login {
         Ok((user, database, _)) if database == console::DATABASE => {
             span.record("user", user.as_str());
             span.record("db", database.as_str());
-            console::serve(&shared, io, out, &user)
+            console::serve_at(&shared, io, out, &user, Some(peer), local)
                 .instrument(span)
                 .await;
         }

@@ -1380,3 +1380,35 @@ pub async fn wait_for_new_primary(gateway_port: u16, new_primary: u16) {
     })
     .await;
 }
+
+/// Backend pids seen by `clients` transactions run at once, each holding its server
+/// connection for a moment (on the primary: `begin` pins it there).
+pub async fn concurrent_pids(
+    port: u16,
+    password: &str,
+    clients: usize,
+) -> std::collections::HashSet<i32> {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let password = password.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let client = connect(port, APP_USER, &password).await;
+            let rows = simple_rows(
+                &client,
+                "begin; select pg_backend_pid(); select pg_sleep(0.4); commit",
+            )
+            .await
+            .expect("a transaction through pgway");
+            rows[0][0]
+                .clone()
+                .expect("a pid")
+                .parse::<i32>()
+                .expect("an int")
+        }));
+    }
+    let mut pids = std::collections::HashSet::new();
+    for task in tasks {
+        pids.insert(task.await.expect("client task"));
+    }
+    pids
+}
