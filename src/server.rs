@@ -228,6 +228,7 @@ pub(crate) fn build_shared(
         )),
         health,
         per_user: Arc::default(),
+        auth_query: Default::default(),
         reloader,
         config: ArcSwap::new(config),
     })

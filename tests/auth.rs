@@ -118,3 +118,91 @@ async fn wrong_passwords_and_unknown_users_get_28p01() {
     let client = connect(port, MD5_USER, MD5_PASSWORD).await;
     assert_eq!(served_by(&client).await, cluster.primary_port());
 }
+
+/// Roles only the servers know, and a SECURITY DEFINER look-up as pgbouncer's docs
+/// recommend (`pgway_auth` may run it, not read `pg_authid`).
+const AUTH_QUERY_SCHEMA: &str = "\
+    CREATE ROLE pgway_auth LOGIN PASSWORD 'auth-secret';\n\
+    CREATE SCHEMA pgway_auth;\n\
+    CREATE FUNCTION pgway_auth.get_auth(p_usename text)\n\
+      RETURNS TABLE(username text, password text) LANGUAGE sql SECURITY DEFINER\n\
+      AS $$ SELECT rolname::text, rolpassword::text FROM pg_authid WHERE rolname = p_usename $$;\n\
+    REVOKE ALL ON FUNCTION pgway_auth.get_auth(text) FROM PUBLIC;\n\
+    GRANT USAGE ON SCHEMA pgway_auth TO pgway_auth;\n\
+    GRANT EXECUTE ON FUNCTION pgway_auth.get_auth(text) TO pgway_auth;\n\
+    CREATE ROLE dyn LOGIN PASSWORD 'dyn-secret';\n\
+    SET password_encryption = 'md5';\n\
+    CREATE ROLE dyn_md5 LOGIN PASSWORD 'dyn-md5-secret';\n\
+    RESET password_encryption;\n\
+    CREATE ROLE dyn_nopass LOGIN;\n\
+    CREATE TABLE dyn_t (i int);\n\
+    GRANT ALL ON dyn_t TO dyn;\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_known_only_through_auth_query_logs_in_and_is_routed() {
+    let cluster = Cluster::start_with_schema(1, AUTH_QUERY_SCHEMA);
+    let gw = Gateway::start_with(
+        &cluster,
+        GatewayOptions {
+            extra: "[auth_query]\n\
+                    user = \"pgway_auth\"\n\
+                    password = \"auth-secret\"\n\
+                    query = \"SELECT username, password FROM pgway_auth.get_auth($1)\"\n\
+                    database = \"appdb\"\n"
+                .into(),
+            ..GatewayOptions::default()
+        },
+    );
+    gw.wait_for_replica_reads(&cluster).await;
+
+    // `dyn` is in no [[users]] entry: pgway reads its verifier and checks the proof.
+    let client = connect(gw.port(), "dyn", "dyn-secret").await;
+    let who = simple_value(&client, "select current_user")
+        .await
+        .expect("current_user");
+    assert_eq!(
+        who, "dyn",
+        "the servers were logged in to as the client's user"
+    );
+    client
+        .batch_execute("insert into dyn_t values (1)")
+        .await
+        .expect("a write as dyn");
+    let written = simple_value(
+        &client,
+        "select inet_server_port()::text || ' ' || pg_is_in_recovery()::text || ' ' || \
+         (select count(*) from dyn_t)::text",
+    )
+    .await
+    .expect("a read as dyn");
+    let replica = cluster.replica_ports()[0];
+    assert_eq!(
+        written,
+        format!("{replica} true 1"),
+        "a read on the replica, with the write"
+    );
+    // A second client of the same user, while the first is still connected.
+    let again = connect(gw.port(), "dyn", "dyn-secret").await;
+    assert_eq!(
+        simple_value(&again, "select count(*) from dyn_t")
+            .await
+            .expect("second client"),
+        "1"
+    );
+
+    // Wrong password, md5 or no verifier, no such role: 28P01, as for [[users]].
+    assert_rejected(gw.port(), "dyn", "wrong").await;
+    assert_rejected(gw.port(), "dyn_md5", "dyn-md5-secret").await;
+    assert_rejected(gw.port(), "dyn_nopass", "").await;
+    assert_rejected(gw.port(), "nobody", "x").await;
+    // pgway_auth may run the look-up only: pg_authid itself stays closed to it.
+    let direct = try_session(cluster.primary_port(), "pgway_auth", "auth-secret", DB)
+        .await
+        .expect("pgway_auth logs in to the primary");
+    let denied = direct
+        .client
+        .simple_query("select count(*) from pg_authid")
+        .await
+        .expect_err("pg_authid is not readable by pgway_auth");
+    assert_eq!(denied.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+}

@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod pool;
+pub mod scram;
 pub mod server;
 
 pub use pool::{Account, Pool, PoolError, PoolKey, PooledConn, Pools};

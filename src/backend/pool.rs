@@ -370,6 +370,19 @@ pub struct Account {
     pub pool_size: Option<usize>,
 }
 
+impl Account {
+    /// The same secret and size (a user from `auth_query` logging in again with the
+    /// same password).
+    fn same_as(&self, other: &Account) -> bool {
+        self.pool_size == other.pool_size
+            && match (&self.secret, &other.secret) {
+                (Secret::Password(a), Secret::Password(b)) => a == b,
+                (Secret::Scram(a), Secret::Scram(b)) => a == b,
+                _ => false,
+            }
+    }
+}
+
 /// Every pool, created on first use.
 #[derive(Debug)]
 pub struct Pools {
@@ -419,6 +432,18 @@ impl Pools {
     /// those that exist (their next connections; a smaller size applies as connections
     /// come back).
     pub fn set_account(&self, user: &str, account: Account) {
+        if lock(&self.accounts)
+            .get(user)
+            .is_some_and(|known| known.same_as(&account))
+        {
+            return;
+        }
+        self.apply_account(user, account);
+    }
+
+    /// [`Self::set_account`], also when the account is the one known (`pool.size` may
+    /// have changed).
+    fn apply_account(&self, user: &str, account: Account) {
         let size = account.pool_size.unwrap_or(self.settings.load().size);
         for pool in self.all().iter().filter(|p| p.key.user == user) {
             pool.set_secret(&account.secret);
@@ -438,7 +463,7 @@ impl Pools {
             known.insert(user, account);
         }
         for (user, account) in known {
-            self.set_account(&user, account);
+            self.apply_account(&user, account);
         }
     }
 

@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::scram::{ScramClient, ScramKeys};
 use crate::net::{Connector, FramedStream, NetError};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages::{body, error_fields};
 use crate::protocol::MAX_MESSAGE_LEN;
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 
 /// Errors talking to a server.
@@ -62,13 +62,29 @@ impl BackendError {
 pub enum Secret {
     /// A password, for whatever method the server asks.
     Password(Arc<str>),
+    /// SCRAM keys from a client's proof (a user known through `auth_query`): the server
+    /// must ask for SCRAM-SHA-256 and hold the verifier they came from.
+    Scram(Arc<ScramKeys>),
 }
 
 impl Secret {
-    /// The password, if this is one.
-    fn password(&self) -> &str {
+    /// The password, for a server that asks for one in clear text or md5.
+    fn password(&self) -> Result<&str, BackendError> {
         match self {
-            Self::Password(password) => password,
+            Self::Password(password) => Ok(password),
+            Self::Scram(_) => Err(BackendError::Protocol(
+                "the server asks for a password, and pgway has only SCRAM keys for this \
+                 user (auth_query): the server must use scram-sha-256"
+                    .into(),
+            )),
+        }
+    }
+
+    /// A SCRAM exchange for this secret.
+    fn scram(&self) -> ScramClient {
+        match self {
+            Self::Password(password) => ScramClient::with_password(password),
+            Self::Scram(keys) => ScramClient::with_keys(Arc::clone(keys)),
         }
     }
 }
@@ -77,6 +93,7 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Password(_) => f.write_str("Password(***)"),
+            Self::Scram(_) => f.write_str("Scram(***)"),
         }
     }
 }
@@ -251,7 +268,7 @@ impl ServerConn {
         .map_err(|e| BackendError::Protocol(e.to_string()))?;
         io.send(&mut out).await?;
 
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ScramClient> = None;
         let mut conn = Self {
             io,
             addr: login.addr.to_owned(),
@@ -273,10 +290,11 @@ impl ServerConn {
                     let code = r.i32()?;
                     match code {
                         0 => {}
-                        3 => {
-                            frontend::password_message(login.secret.password().as_bytes(), &mut out)
-                                .map_err(|e| BackendError::Protocol(e.to_string()))?
-                        }
+                        3 => frontend::password_message(
+                            login.secret.password()?.as_bytes(),
+                            &mut out,
+                        )
+                        .map_err(|e| BackendError::Protocol(e.to_string()))?,
                         5 => {
                             let salt: [u8; 4] = r
                                 .bytes(4)?
@@ -284,7 +302,7 @@ impl ServerConn {
                                 .map_err(|_| BackendError::Protocol("bad md5 salt".into()))?;
                             let hash = postgres_protocol::authentication::md5_hash(
                                 login.user.as_bytes(),
-                                login.secret.password().as_bytes(),
+                                login.secret.password()?.as_bytes(),
                                 salt,
                             );
                             frontend::password_message(hash.as_bytes(), &mut out)
@@ -303,10 +321,7 @@ impl ServerConn {
                                     "server offers no SASL mechanism pgway supports".into(),
                                 ));
                             }
-                            let s = ScramSha256::new(
-                                login.secret.password().as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
+                            let s = login.secret.scram();
                             frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
                                 .map_err(|e| BackendError::Protocol(e.to_string()))?;
                             scram = Some(s);

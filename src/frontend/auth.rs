@@ -58,8 +58,19 @@ impl ScramVerifier {
         }
     }
 
-    /// Parses `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
-    fn parse(encoded: &str) -> Option<Self> {
+    /// The keys to log in to servers with, given the `client_key` a client's proof gave
+    /// (see [`ScramExchange::finish`]).
+    pub fn keys(&self, client_key: [u8; 32]) -> crate::backend::scram::ScramKeys {
+        crate::backend::scram::ScramKeys {
+            client_key,
+            server_key: self.server_key,
+            salt_b64: self.salt_b64.clone(),
+            iterations: self.iterations,
+        }
+    }
+
+    /// Parses `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>` (as in `pg_authid`).
+    pub fn parse(encoded: &str) -> Option<Self> {
         let rest = encoded.strip_prefix("SCRAM-SHA-256$")?;
         let (iter_salt, keys) = rest.split_once('$')?;
         let (iterations, salt_b64) = iter_salt.split_once(':')?;
@@ -73,7 +84,8 @@ impl ScramVerifier {
     }
 }
 
-fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+/// HMAC-SHA-256.
+pub(crate) fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length, so new_from_slice cannot fail here.
     let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
         Ok(mac) => mac,
@@ -139,8 +151,9 @@ impl ScramExchange {
         ))
     }
 
-    /// Checks the client-final-message; returns the server-final-message on success.
-    pub fn finish(self, client_final: &[u8]) -> Result<String, AuthError> {
+    /// Checks the client-final-message; returns the server-final-message and the client's
+    /// `ClientKey` (proof XOR ClientSignature, whose hash the proof was checked against).
+    pub fn finish(self, client_final: &[u8]) -> Result<(String, [u8; 32]), AuthError> {
         let text =
             std::str::from_utf8(client_final).map_err(|_| AuthError::Protocol("not UTF-8"))?;
         let (without_proof, proof_b64) = text
@@ -172,13 +185,16 @@ impl ScramExchange {
             self.client_first_bare, self.server_first, without_proof
         );
         let signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
-        let client_key: Vec<u8> = proof.iter().zip(signature).map(|(p, s)| p ^ s).collect();
-        let computed: [u8; 32] = Sha256::digest(&client_key).into();
+        let mut client_key = [0u8; 32];
+        for ((key, p), s) in client_key.iter_mut().zip(&proof).zip(signature) {
+            *key = p ^ s;
+        }
+        let computed: [u8; 32] = Sha256::digest(client_key).into();
         if !constant_time_eq(&computed, &self.verifier.stored_key) {
             return Err(AuthError::BadPassword);
         }
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        Ok((format!("v={}", B64.encode(server_signature)), client_key))
     }
 }
 
@@ -206,7 +222,7 @@ mod tests {
         client
             .update(server_first.as_bytes())
             .map_err(|_| AuthError::Protocol("client rejected server-first"))?;
-        let server_final = exchange.finish(client.message())?;
+        let (server_final, _) = exchange.finish(client.message())?;
         client
             .finish(server_final.as_bytes())
             .map_err(|_| AuthError::Protocol("client rejected server signature"))

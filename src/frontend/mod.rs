@@ -2,6 +2,7 @@
 //! ([`session`], a state machine).
 
 pub mod auth;
+pub mod auth_query;
 pub mod cancel;
 pub mod registry;
 pub mod session;
@@ -111,6 +112,8 @@ pub struct Shared {
     pub health: crate::topology::health::LiveHealth,
     /// Client connections per user.
     pub per_user: Arc<PerUser>,
+    /// Look-ups of users not in `[[users]]`, when `[auth_query]` is set.
+    pub auth_query: auth_query::AuthQuery,
     /// What a reload swaps besides the fields above.
     pub reloader: crate::reload::Reloader,
     /// Counters for `/metrics`.

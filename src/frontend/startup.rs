@@ -22,12 +22,13 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::auth::{md5_matches, AuthError, ScramExchange, ScramVerifier};
+use super::auth_query::Lookup;
 use super::cancel::send_cancel;
 use super::registry;
 use super::session::Session;
 use super::{Greeting, Shared};
 use crate::admin::console;
-use crate::backend::{BackendError, PoolError};
+use crate::backend::{Account, BackendError, PoolError, Secret};
 use crate::config::AuthMethod;
 use crate::error::ClientError;
 use crate::net::tls::{self, Detached};
@@ -294,6 +295,23 @@ async fn authenticate(
     let bad_password = || LoginError::from(ClientError::BadPassword(user.to_owned()));
     match method {
         AuthMethod::ScramSha256 => {
+            // A user pgway does not know may be known to the servers (`auth_query`).
+            let looked_up = match (entry, &shared.config.load().auth_query) {
+                (None, Some(config)) => Some(
+                    shared
+                        .auth_query
+                        .lookup(shared, config, user)
+                        .await
+                        .map_err(|e| ClientError::NoServer(e.to_string()))?,
+                ),
+                _ => None,
+            };
+            let verifier = match (&looked_up, entry) {
+                (Some(Lookup::Verifier(verifier)), _) => verifier.clone(),
+                (_, Some(entry)) => entry.verifier.clone(),
+                // Unknown or refused: the same exchange, which no password passes.
+                _ => ScramVerifier::random(),
+            };
             messages::authentication(out, 10, b"SCRAM-SHA-256\0\0");
             io.send(out).await?;
             let first = expect_password_message(io).await?;
@@ -311,20 +329,33 @@ async fn authenticate(
             } else {
                 r.bytes(len as usize)?
             };
-            let verifier = entry
-                .map(|u| u.verifier.clone())
-                .unwrap_or_else(ScramVerifier::random);
             let (exchange, server_first) =
-                ScramExchange::start(verifier, data).map_err(scram_error)?;
+                ScramExchange::start(verifier.clone(), data).map_err(scram_error)?;
             messages::authentication(out, 11, server_first.as_bytes());
             io.send(out).await?;
             let last = expect_password_message(io).await?;
-            let server_final = exchange.finish(body(&last)).map_err(|e| match e {
+            let (server_final, client_key) = exchange.finish(body(&last)).map_err(|e| match e {
                 AuthError::BadPassword => bad_password(),
                 other => scram_error(other),
             })?;
-            if entry.is_none() {
-                return Err(bad_password());
+            match looked_up {
+                Some(Lookup::Verifier(_)) => {
+                    // The servers are logged in to with the keys this proof gave.
+                    let keys = verifier.keys(client_key);
+                    shared.pools.set_account(
+                        user,
+                        Account {
+                            secret: Secret::Scram(Arc::new(keys)),
+                            pool_size: None,
+                        },
+                    );
+                }
+                Some(Lookup::Refused(why)) => {
+                    info!(user, why, "auth_query: login refused");
+                    return Err(bad_password());
+                }
+                None if entry.is_none() => return Err(bad_password()),
+                None => {}
             }
             messages::authentication(out, 12, server_final.as_bytes());
         }
