@@ -265,7 +265,7 @@ mod tests {
         let codes: Vec<_> = errors.iter().map(ClientError::sqlstate).collect();
         assert_eq!(
             codes,
-            ["08P01", "08P01", "08006", "57P01", "53300", "42P05", "3D000"]
+            ["08P01", "08P01", "08006", "57P01", "53300", "53300", "42P05", "3D000"]
         );
         let mut out = BytesMut::new();
         ClientError::Shutdown.write(&mut out);
