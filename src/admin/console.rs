@@ -804,12 +804,21 @@ fn cache(shared: &Shared) -> Table {
     table
 }
 
-/// `SHOW CONFIG`: the settings in force (passwords left out). Nothing can be changed
-/// from the console yet (`changeable = no`).
+/// `SHOW CONFIG`: the settings in force (passwords left out); `changeable` says whether a
+/// reload (SIGHUP, `RELOAD`) changes it or it needs a restart.
 fn config(shared: &Shared) -> Table {
     let c = shared.config.load();
     let mut table = Table::new(&["key", "value", "changeable"]);
-    let mut row = |k: &str, v: String| table.rows.push(vec![k.to_owned(), v, "no".to_owned()]);
+    let mut row = |k: &str, v: String| {
+        let changeable = if crate::reload::RESTART_KEYS.contains(&k) {
+            "no"
+        } else {
+            "yes"
+        };
+        table
+            .rows
+            .push(vec![k.to_owned(), v, changeable.to_owned()]);
+    };
     let duration = |d: Duration| humantime_serde::re::humantime::format_duration(d).to_string();
     let bytes = |b: Option<u64>| b.map_or_else(|| "unlimited".to_owned(), |b| b.to_string());
     row("listen", c.listen.to_string());
@@ -852,5 +861,11 @@ fn config(shared: &Shared) -> Table {
         let _ = write!(users, "{}{}", u.name, if u.admin { " (admin)" } else { "" });
     }
     row("users", users);
+    row(
+        "auth_query.user",
+        c.auth_query
+            .as_ref()
+            .map_or_else(|| "(off)".to_owned(), |a| a.user.clone()),
+    );
     table
 }
