@@ -253,13 +253,10 @@ async fn show_commands_answer_with_pgbouncer_columns() {
         "passwords stay out: {config:?}"
     );
 
-    let reload = console_async(port, "RELOAD").await.unwrap_err();
-    assert!(
-        // In-process pgway has no config file to read again (the binary's RELOAD is
-        // tested in tests/lifecycle.rs).
-        reload.contains("F0000") && reload.contains("not started from a config file"),
-        "{reload}"
-    );
+    // The same file again: nothing changes, the console says RELOAD.
+    console_async(port, "RELOAD")
+        .await
+        .unwrap_or_else(|e| panic!("RELOAD: {e}"));
     let unknown = console_async(port, "SHOW NONSENSE").await.unwrap_err();
     assert!(unknown.contains("42601"), "{unknown}");
     let unknown = console_async(port, "DROP TABLE t").await.unwrap_err();
@@ -444,7 +441,13 @@ async fn kill_client_ends_the_listed_client() {
         Ok(_) => Err("still served".to_owned()),
     })
     .await;
-    assert!(admin.is_closed(), "{}", describe_error(&e));
+    // FATAL 57P01, then the connection closes: the next query sees one or the other,
+    // depending on whether tokio-postgres read the FATAL before it sent the query.
+    let text = describe_error(&e);
+    assert!(
+        text.contains("57P01") || text.contains("connection closed"),
+        "{text}"
+    );
     eventually(
         "the console connection gone from SHOW CLIENTS",
         WAIT,

@@ -58,14 +58,7 @@ impl Certs {
         };
         let (ca_cert, ca_key) = ca("pgway test CA");
         let (other_cert, _) = ca("some other CA");
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "localhost");
-        let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        let (cert, key) = server_cert(&ca_cert, &ca_key);
 
         let certs = Certs {
             ca: dir.path().join("ca.crt"),
@@ -94,6 +87,24 @@ impl Certs {
             assert!(status.success(), "chown of the certificate files");
         }
         certs
+    }
+
+    /// Writes a new server certificate, from a new CA, over `cert` and `key`; returns
+    /// the new CA's file.
+    fn reissue(&self) -> PathBuf {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pgway test CA, second");
+        let new_ca = params.self_signed(&key).unwrap();
+        let (cert, cert_key) = server_cert(&new_ca, &key);
+        let path = self.ca.with_file_name("second-ca.crt");
+        std::fs::write(&path, new_ca.pem()).unwrap();
+        std::fs::write(&self.cert, cert.pem()).unwrap();
+        std::fs::write(&self.key, cert_key.serialize_pem()).unwrap();
+        path
     }
 
     /// `postgresql.conf` lines for a server with TLS on.
@@ -141,6 +152,21 @@ impl Certs {
 
 /// Runs `sql` then `\conninfo` with psql, connected with the libpq `conninfo`; returns
 /// stdout, or stderr on failure.
+/// A certificate for `localhost` and `127.0.0.1` signed by `ca`, and its key.
+fn server_cert(
+    ca: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    (params.signed_by(&key, ca, ca_key).unwrap(), key)
+}
+
 fn psql(conninfo: &str, sql: &str) -> Result<String, String> {
     let out = Command::new(pg_bin("psql"))
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
@@ -452,4 +478,63 @@ async fn server_tls_with_a_wrong_ca_fails_clearly() {
             && text.contains(&cluster.primary_port().to_string()),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_shows_new_clients_the_new_certificate() {
+    let certs = Certs::new();
+    let cluster = Cluster::start(0);
+    let gw = Gateway::start_toml(|listen| {
+        gateway_toml(
+            &cluster,
+            listen,
+            "127.0.0.1:0",
+            &GatewayOptions {
+                // "allow": the console (plain text) reloads it.
+                extra: certs.client_tls("allow"),
+                ..GatewayOptions::default()
+            },
+        )
+        .replace(
+            &format!("password = \"{APP_PASSWORD}\"\n"),
+            &format!("password = \"{APP_PASSWORD}\"\nadmin = true\n"),
+        )
+    });
+    let before = tls_client(&gw, &certs.ca, SslMode::Require)
+        .await
+        .expect("TLS client, first certificate");
+
+    // The files change under pgway: nothing changes until the reload.
+    let second_ca = certs.reissue();
+    tls_client(&gw, &certs.ca, SslMode::Require)
+        .await
+        .expect("still the first certificate before the reload");
+    gw.reload(gw.toml(), APP_USER, APP_PASSWORD)
+        .await
+        .expect("RELOAD");
+
+    let after = tls_client(&gw, &second_ca, SslMode::Require)
+        .await
+        .expect("TLS client trusting the second CA");
+    assert_eq!(simple_value(&after, "select 1").await.unwrap(), "1");
+    tls_client(&gw, &certs.ca, SslMode::Require)
+        .await
+        .expect_err("the first CA no longer vouches for pgway");
+    let settings = format!("sslmode=verify-full sslrootcert={}", second_ca.display());
+    let out = psql(&conninfo(&gw, &settings), "select 40 + 2")
+        .unwrap_or_else(|e| panic!("psql with {settings}: {e}"));
+    assert!(out.starts_with("42\n"), "{out}");
+    // The client connected before the reload keeps its session.
+    assert_eq!(simple_value(&before, "select 2").await.unwrap(), "2");
+
+    // A key that does not parse refuses the reload; the second certificate stays.
+    std::fs::write(&certs.key, "not a key").unwrap();
+    let refused = gw
+        .reload(gw.toml(), APP_USER, APP_PASSWORD)
+        .await
+        .expect_err("a reload with a broken key");
+    assert!(refused.contains("client.tls.key"), "{refused}");
+    tls_client(&gw, &second_ca, SslMode::Require)
+        .await
+        .expect("the second certificate is still served");
 }

@@ -239,3 +239,55 @@ async fn a_promoted_replica_takes_the_writes() {
         .unwrap();
     assert_eq!(rows[0][0].as_deref(), Some("3"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_a_replica() {
+    let cluster = Cluster::start(1);
+    let replica = cluster.replica_ports()[0];
+    let full = gateway_toml(
+        &cluster,
+        "LISTEN",
+        "127.0.0.1:0",
+        &GatewayOptions::default(),
+    )
+    .replace(
+        &format!("password = \"{APP_PASSWORD}\"\n"),
+        &format!("password = \"{APP_PASSWORD}\"\nadmin = true\n"),
+    );
+    let primary_only = full.replace(&format!(", \"127.0.0.1:{replica}\""), "");
+    assert_ne!(primary_only, full, "the replica is in the node list");
+    let gw = Gateway::start_toml(|listen| primary_only.replace("LISTEN", listen));
+    let listen = format!("127.0.0.1:{}", gw.port());
+    let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    for _ in 0..5 {
+        assert_eq!(served_by(&client).await, cluster.primary_port());
+    }
+
+    // The replica joins the node list: once checked, it takes the reads.
+    gw.reload(&full.replace("LISTEN", &listen), APP_USER, APP_PASSWORD)
+        .await
+        .expect("RELOAD with the replica");
+    eventually("reads to reach the added replica", WAIT, async || {
+        let port = served_by(&client).await;
+        (port == replica)
+            .then_some(())
+            .ok_or(format!("served by {port}"))
+    })
+    .await;
+
+    // And leaves it again: reads go back to the primary, on the same client.
+    gw.reload(
+        &primary_only.replace("LISTEN", &listen),
+        APP_USER,
+        APP_PASSWORD,
+    )
+    .await
+    .expect("RELOAD without the replica");
+    eventually("reads to leave the removed replica", WAIT, async || {
+        let ports = read_ports(std::slice::from_ref(&client), 5).await;
+        (ports.keys().eq([&cluster.primary_port()]))
+            .then_some(())
+            .ok_or(format!("{:?}", names(&cluster, &ports)))
+    })
+    .await;
+}

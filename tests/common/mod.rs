@@ -762,6 +762,8 @@ pub struct Gateway {
     token: CancellationToken,
     thread: Option<std::thread::JoinHandle<Result<(), String>>>,
     toml: String,
+    /// The config file (removed on drop).
+    path: PathBuf,
 }
 
 /// How long the gateway may take to return from `run` after its token is cancelled.
@@ -797,7 +799,12 @@ impl Gateway {
             .expect("making the listener non-blocking");
         let port = listener.local_addr().expect("listener address").port();
         let toml = toml(&format!("127.0.0.1:{port}"));
-        let config = pgway::config::Config::from_toml_str(&toml)
+        // From a file, as the binary reads it: the console's RELOAD reads it again.
+        let path = std::env::var_os("PGWAY_TEST_TMPDIR")
+            .map_or_else(std::env::temp_dir, PathBuf::from)
+            .join(format!("pgway-{}-{port}.toml", std::process::id()));
+        std::fs::write(&path, &toml).expect("writing the gateway config");
+        let config = pgway::config::Config::load(&path)
             .unwrap_or_else(|e| panic!("pgway rejected the test config: {e:?}\n{toml}"));
         let token = CancellationToken::new();
         let thread_token = token.clone();
@@ -837,6 +844,7 @@ impl Gateway {
             token,
             thread: Some(thread),
             toml,
+            path,
         };
         // Surface an immediate startup failure (e.g. a config the server rejects) here rather
         // than as a connection that is never accepted.
@@ -856,9 +864,24 @@ impl Gateway {
         self.port
     }
 
-    /// The TOML the gateway runs with.
+    /// The TOML the gateway started with.
     pub fn toml(&self) -> &str {
         &self.toml
+    }
+
+    /// Writes `toml` to the gateway's config file and has it reloaded (the console's
+    /// `RELOAD`, as `user`, who must be `admin = true`); the error text if refused.
+    pub async fn reload(&self, toml: &str, user: &str, password: &str) -> Result<(), String> {
+        std::fs::write(&self.path, toml).expect("rewriting the gateway config");
+        let console = try_session(self.port, user, password, "pgway")
+            .await
+            .map_err(|e| describe_error(&e))?;
+        console
+            .client
+            .simple_query("RELOAD")
+            .await
+            .map(drop)
+            .map_err(|e| describe_error(&e))
     }
 
     /// A libpq URL for this gateway, e.g. for `psql` and `pgbench`.
@@ -896,6 +919,7 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
         self.token.cancel();
         if let Some(t) = self.thread.take() {
             match t.join() {
@@ -1411,4 +1435,162 @@ pub async fn concurrent_pids(
         pids.insert(task.await.expect("client task"));
     }
     pids
+}
+
+// ---------------------------------------------------------------------------------------
+// The pgway binary as its own process (for measuring its memory), and raw reads
+// ---------------------------------------------------------------------------------------
+
+/// The `pgway` binary (`CARGO_BIN_EXE_pgway`) running as a child process with its config in
+/// a file, stderr in `pgway.log` next to it (printed when a test fails). Dropping it kills
+/// the process and removes the directory.
+pub struct GatewayProcess {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts the binary in front of `cluster` with [`gateway_toml`] for `opts`. The child
+    /// inherits this process's limits (see [`raise_open_files`]).
+    pub fn start(cluster: &Cluster, opts: &GatewayOptions) -> GatewayProcess {
+        let port = free_loopback_port();
+        let admin = free_loopback_port();
+        let toml = gateway_toml(
+            cluster,
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{admin}"),
+            opts,
+        );
+        let parent = std::env::var_os("PGWAY_TEST_TMPDIR")
+            .map_or_else(std::env::temp_dir, PathBuf::from);
+        let dir = tempfile::Builder::new()
+            .prefix("pgway-bin-")
+            .tempdir_in(&parent)
+            .expect("creating the binary's temp dir");
+        let config = dir.path().join("pgway.toml");
+        std::fs::write(&config, &toml).expect("writing the config file");
+        let log = std::fs::File::create(dir.path().join("pgway.log")).expect("creating the log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pgway"))
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting pgway");
+        GatewayProcess { child, port, dir }
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgway.log")).unwrap_or_default()
+    }
+
+    /// Waits until a client can log in and, if `cluster` has replicas, a plain read is
+    /// answered by one of them (pgway has found the replicas' roles).
+    pub async fn wait_ready(&mut self, cluster: &Cluster) {
+        let (port, replicas) = (self.port, cluster.replica_ports());
+        let child = &mut self.child;
+        eventually("the pgway binary to serve reads", WAIT, async || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("pgway exited with {status}");
+            }
+            let client = try_connect(port, APP_USER, APP_PASSWORD)
+                .await
+                .map_err(|e| describe_error(&e))?;
+            let served = try_served_by(&client)
+                .await
+                .map_err(|e| describe_error(&e))?;
+            if replicas.is_empty() || replicas.contains(&served) {
+                Ok(())
+            } else {
+                Err(format!("a read was served by port {served}"))
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- pgway binary log tail\n{}",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
+    }
+}
+
+/// Raises this process's open-file limit (`RLIMIT_NOFILE`) to at least `need`, with
+/// `prlimit` (tests forbid `unsafe`, so no `setrlimit` call). Child processes started
+/// afterwards, such as a [`GatewayProcess`], inherit it. Panics if the hard limit is lower
+/// and cannot be raised (that needs root or `CAP_SYS_RESOURCE`).
+pub fn raise_open_files(need: u64) {
+    let limits = |what: &str| -> (u64, u64) {
+        let text = std::fs::read_to_string("/proc/self/limits").expect("reading /proc/self/limits");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap_or_else(|| panic!("no open-files line in /proc/self/limits {what}"));
+        let mut values = line["Max open files".len()..].split_whitespace().map(|v| {
+            if v == "unlimited" {
+                u64::MAX
+            } else {
+                v.parse::<u64>().expect("a limit")
+            }
+        });
+        (values.next().expect("soft"), values.next().expect("hard"))
+    };
+    let (soft, hard) = limits("before");
+    if soft >= need {
+        return;
+    }
+    let hard = hard.max(need);
+    let status = Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={need}:{hard}"))
+        .status()
+        .expect("running prlimit (util-linux)");
+    let (now, _) = limits("after");
+    assert!(
+        status.success() && now >= need,
+        "the open-files limit is {soft} and could not be raised to {need} ({status}); \
+         raise it (ulimit -n {need}) before running this test"
+    );
+}
+
+impl RawConn {
+    /// Reads raw bytes (what was already buffered first), without parsing them: for a
+    /// client that reads its results slowly. 0 means the server closed the connection.
+    pub async fn read_raw(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if !self.buf.is_empty() {
+            let n = out.len().min(self.buf.len());
+            out[..n].copy_from_slice(&self.buf[..n]);
+            self.buf.drain(..n);
+            return Ok(n);
+        }
+        self.stream.read(out).await
+    }
 }
