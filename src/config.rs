@@ -334,6 +334,9 @@ pub struct UserConfig {
     /// _Default:_ only `client.max_connections` applies
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// The databases this user may connect to (others: FATAL 28000). _Default:_ any
+    #[serde(default)]
+    pub databases: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for UserConfig {
@@ -345,6 +348,7 @@ impl std::fmt::Debug for UserConfig {
             .field("admin", &self.admin)
             .field("pool_size", &self.pool_size)
             .field("max_connections", &self.max_connections)
+            .field("databases", &self.databases)
             .finish()
     }
 }
@@ -473,6 +477,23 @@ pub struct ClientConfig {
     /// `[client.tls]`: TLS for clients. _Default:_ none (an SSLRequest is answered `N`)
     #[serde(default)]
     pub tls: Option<ClientTlsConfig>,
+    /// A client that holds no open transaction and sends nothing for this long is closed
+    /// (FATAL 08P01); `"0s"`: never. _Default:_ `"0s"`
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A client that leaves a transaction open and sends nothing for this long is closed
+    /// (FATAL 25P03), its transaction rolled back and its server connection returned;
+    /// `"0s"`: never. _Default:_ `"0s"`
+    #[serde(default, with = "humantime_serde")]
+    pub idle_in_transaction_timeout: Duration,
+    /// A request the server has not answered after this long is cancelled on the server
+    /// (the client gets its 57014); `"0s"`: never. _Default:_ `"0s"`
+    #[serde(default, with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// Named prepared statements pgway remembers per client; a Parse beyond it gets 53400.
+    /// _Default:_ 10000
+    #[serde(default = "ClientConfig::default_max_prepared_statements")]
+    pub max_prepared_statements: usize,
 }
 
 /// `[client.tls]`: the certificate pgway shows clients, and whether they must use it.
@@ -543,6 +564,9 @@ impl ClientConfig {
     fn default_max_connections() -> usize {
         10_000
     }
+    fn default_max_prepared_statements() -> usize {
+        10_000
+    }
 }
 
 impl Default for ClientConfig {
@@ -551,6 +575,10 @@ impl Default for ClientConfig {
             login_timeout: Self::default_login_timeout(),
             max_connections: Self::default_max_connections(),
             tls: None,
+            idle_timeout: Duration::ZERO,
+            idle_in_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
+            max_prepared_statements: Self::default_max_prepared_statements(),
         }
     }
 }
@@ -750,6 +778,12 @@ impl Config {
         }
         if self.client.max_connections == 0 {
             return Err(invalid("client.max_connections", "must be at least 1"));
+        }
+        if self.client.max_prepared_statements == 0 {
+            return Err(invalid(
+                "client.max_prepared_statements",
+                "must be at least 1",
+            ));
         }
         self.check_tls()?;
         if let Some(aq) = &self.auth_query {

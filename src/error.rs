@@ -48,6 +48,10 @@ pub mod sqlstate {
     /// `feature_not_supported` (a standby's "cannot access temporary or unlogged relations
     /// during recovery").
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// `25P03` idle_in_transaction_session_timeout.
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    /// `53400` configuration_limit_exceeded.
+    pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
     /// `57014` query_canceled.
     pub const QUERY_CANCELED: &str = "57014";
     /// `08`: the class connection_exception (`08000`, `08006`, `08P01`, ...).
@@ -122,6 +126,27 @@ pub enum ClientError {
     /// Startup and authentication did not finish within `client.login_timeout`.
     #[error("startup and authentication did not finish in time")]
     LoginTimeout,
+    /// The client sent nothing for `client.idle_timeout` outside a transaction.
+    #[error("terminating connection due to client idle timeout ({0:?})")]
+    IdleTimeout(std::time::Duration),
+    /// The client left a transaction open and sent nothing for
+    /// `client.idle_in_transaction_timeout`.
+    #[error("terminating connection due to idle-in-transaction timeout ({0:?})")]
+    IdleInTransactionTimeout(std::time::Duration),
+    /// A Parse beyond `client.max_prepared_statements` named statements.
+    #[error(
+        "too many prepared statements: this client keeps {0} (client.max_prepared_statements); \
+         close some with Close or DEALLOCATE"
+    )]
+    TooManyPreparedStatements(usize),
+    /// The user's `databases` list leaves this database out.
+    #[error("user \"{user}\" may not connect to database \"{database}\"")]
+    DatabaseNotAllowed {
+        /// The role.
+        user: String,
+        /// The database it asked for.
+        database: String,
+    },
     /// A server's own refusal (at login, or when a connection for the client was made),
     /// passed on with the server's SQLSTATE.
     #[error("{message}")]
@@ -141,7 +166,11 @@ impl ClientError {
             Self::Protocol(_)
             | Self::UnexpectedMessage(_)
             | Self::UnexpectedInCopy(_)
-            | Self::LoginTimeout => PROTOCOL_VIOLATION,
+            | Self::LoginTimeout
+            | Self::IdleTimeout(_) => PROTOCOL_VIOLATION,
+            Self::IdleInTransactionTimeout(_) => IDLE_IN_TRANSACTION_TIMEOUT,
+            Self::TooManyPreparedStatements(_) => CONFIGURATION_LIMIT_EXCEEDED,
+            Self::DatabaseNotAllowed { .. } => INVALID_AUTHORIZATION,
             Self::ServerLost(_)
             | Self::ServerKeptShuttingDown
             | Self::NoPrimary(_)
@@ -176,11 +205,15 @@ impl ClientError {
             | Self::BadPassword(_)
             | Self::NoUser
             | Self::SslRequired
-            | Self::LoginTimeout => Severity::Fatal,
+            | Self::LoginTimeout
+            | Self::IdleTimeout(_)
+            | Self::IdleInTransactionTimeout(_)
+            | Self::DatabaseNotAllowed { .. } => Severity::Fatal,
             Self::NoPrimary(_)
             | Self::ConnectFailed(_)
             | Self::PoolTimeout(_)
             | Self::DuplicatePreparedStatement(_)
+            | Self::TooManyPreparedStatements(_)
             | Self::InvalidParameterValue { .. }
             | Self::InvalidLsn(_)
             | Self::ReadOnlyParameter(_) => Severity::Error,

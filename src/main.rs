@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
     init_logging(config.log_format, colour);
+    raise_open_file_limit(config.client.max_connections);
 
     // This runtime accepts clients and runs health checks, the etcd watch and the admin
     // port; client sessions run on pgway's own worker threads (see `pgway::workers`).
@@ -73,6 +74,28 @@ fn main() -> anyhow::Result<()> {
         info!("pgway stopped");
         Ok(())
     })
+}
+
+/// Descriptors pgway needs besides one per client: server connections, listeners, logs.
+const SPARE_FILES: u64 = 1024;
+
+/// Raises the soft limit on open files to the hard limit (a client is a descriptor, and
+/// the usual soft limit of 1,024 is below `client.max_connections`), and warns if even
+/// that is short of `max_connections` plus [`SPARE_FILES`].
+fn raise_open_file_limit(max_connections: usize) {
+    let wanted = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(SPARE_FILES);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => warn!(
+            limit,
+            wanted,
+            "the open-file limit is below client.max_connections plus server connections: \
+             raise the hard limit (ulimit -Hn, systemd LimitNOFILE=)"
+        ),
+        Ok(limit) => info!(limit, "open-file limit"),
+        Err(cause) => warn!(%cause, "cannot raise the open-file limit"),
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, installed before pgway accepts anyone.

@@ -31,7 +31,6 @@ use crate::backend::{Account, Pools, Secret};
 use crate::cache::stream::Streams;
 use crate::cache::ResultCache;
 use crate::config::{Config, ReadYourWrites, TopologyConfig, UserConfig};
-use crate::error::ClientError;
 use crate::frontend::auth::ScramVerifier;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{startup, Shared, User};
@@ -465,7 +464,7 @@ async fn accept_loop(
     listener: TcpListener,
     workers: &Workers,
     sessions: &TaskTracker,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) {
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgway accepting clients");
     let limit = &shared.reloader.client_limit.permits;
@@ -488,7 +487,8 @@ async fn accept_loop(
                 workers.dispatch(stream, peer, permit);
             }
             Err(_) => {
-                sessions.spawn(refuse(stream));
+                let timeout = shared.config.load().client.login_timeout;
+                sessions.spawn(startup::refuse(Arc::clone(shared), stream, timeout));
             }
         }
     }
@@ -549,13 +549,4 @@ async fn stop_background(background: TaskTracker) {
             "background tasks still running after the stop timeout; stopping anyway"
         );
     }
-}
-
-/// Tells a client over `client.max_connections` that it is refused (FATAL 53300), giving
-/// the write a second at most, then closes the connection.
-async fn refuse(mut stream: tokio::net::TcpStream) {
-    use tokio::io::AsyncWriteExt;
-    let mut out = bytes::BytesMut::new();
-    ClientError::TooManyClients.write(&mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
 }

@@ -119,25 +119,6 @@ async fn wrong_passwords_and_unknown_users_get_28p01() {
     assert_eq!(served_by(&client).await, cluster.primary_port());
 }
 
-/// Roles only the servers know, and a SECURITY DEFINER look-up as pgbouncer's docs
-/// recommend (`pgway_auth` may run it, not read `pg_authid`).
-const AUTH_QUERY_SCHEMA: &str = "\
-    CREATE ROLE pgway_auth LOGIN PASSWORD 'auth-secret';\n\
-    CREATE SCHEMA pgway_auth;\n\
-    CREATE FUNCTION pgway_auth.get_auth(p_usename text)\n\
-      RETURNS TABLE(username text, password text) LANGUAGE sql SECURITY DEFINER\n\
-      AS $$ SELECT rolname::text, rolpassword::text FROM pg_authid WHERE rolname = p_usename $$;\n\
-    REVOKE ALL ON FUNCTION pgway_auth.get_auth(text) FROM PUBLIC;\n\
-    GRANT USAGE ON SCHEMA pgway_auth TO pgway_auth;\n\
-    GRANT EXECUTE ON FUNCTION pgway_auth.get_auth(text) TO pgway_auth;\n\
-    CREATE ROLE dyn LOGIN PASSWORD 'dyn-secret';\n\
-    SET password_encryption = 'md5';\n\
-    CREATE ROLE dyn_md5 LOGIN PASSWORD 'dyn-md5-secret';\n\
-    RESET password_encryption;\n\
-    CREATE ROLE dyn_nopass LOGIN;\n\
-    CREATE TABLE dyn_t (i int);\n\
-    GRANT ALL ON dyn_t TO dyn;\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_known_only_through_auth_query_logs_in_and_is_routed() {
     let cluster = Cluster::start_with_schema(1, AUTH_QUERY_SCHEMA);

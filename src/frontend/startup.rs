@@ -161,15 +161,18 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn login(
+/// The packets before the StartupMessage: SSLRequest (answered `S` and a TLS handshake,
+/// or `N`), GSSENCRequest (`N`) and CancelRequest (forwarded; the connection then ends).
+/// Returns the StartupMessage's parameters.
+async fn negotiate(
     shared: &Shared,
     io: &mut FramedStream,
     out: &mut BytesMut,
-) -> Result<(String, String, ClientSettings), LoginError> {
+) -> Result<Vec<(String, String)>, LoginError> {
     // Read once: a reload that swaps the certificate affects connections that start later.
     let tls = shared.client_tls.load();
     let mut encrypted = false;
-    let params = loop {
+    loop {
         let packet = io.read_startup().await?;
         match StartupPacket::decode(&packet)? {
             StartupPacket::Ssl if encrypted => {
@@ -209,9 +212,30 @@ async fn login(
             StartupPacket::Startup(_) if !encrypted && !tls.allows_plain() => {
                 return Err(ClientError::SslRequired.into());
             }
-            StartupPacket::Startup(params) => break params,
+            StartupPacket::Startup(params) => return Ok(params),
         }
-    };
+    }
+}
+
+/// Refuses a client over `client.max_connections` the way it can read: its SSLRequest
+/// answered first (a TLS handshake if pgway has a certificate), then FATAL 53300 after
+/// its StartupMessage. A CancelRequest is still forwarded. Bounded by `timeout`.
+pub async fn refuse(shared: Arc<Shared>, stream: TcpStream, timeout: Duration) {
+    let mut io = FramedStream::tcp(stream);
+    let mut out = BytesMut::new();
+    let negotiated = tokio::time::timeout(timeout, negotiate(&shared, &mut io, &mut out)).await;
+    if let Ok(Ok(_)) = negotiated {
+        ClientError::TooManyClients.write(&mut out);
+        let _ = tokio::time::timeout(timeout, io.send(&mut out)).await;
+    }
+}
+
+async fn login(
+    shared: &Shared,
+    io: &mut FramedStream,
+    out: &mut BytesMut,
+) -> Result<(String, String, ClientSettings), LoginError> {
+    let params = negotiate(shared, io, out).await?;
     let param = |name: &str| {
         params
             .iter()
@@ -232,6 +256,17 @@ async fn login(
     }
 
     authenticate(shared, io, out, &user).await?;
+    // The databases the user may reach (`databases` in its `[[users]]` entry), checked
+    // before any server hears of the database.
+    let allowed = shared
+        .users
+        .load()
+        .get(&user)
+        .and_then(|u| u.config.databases.clone())
+        .is_none_or(|list| database == console::DATABASE || list.contains(&database));
+    if !allowed {
+        return Err(ClientError::DatabaseNotAllowed { user, database }.into());
+    }
     if database == console::DATABASE {
         // The admin console: no server behind it, so no greeting to learn. Refused only
         // now, after the password: the refusal does not tell who is an admin.

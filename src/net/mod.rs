@@ -143,10 +143,14 @@ impl FramedStream {
             }
             if self.rbuf.len() >= 5 {
                 // try_frame checked the length field: the frame is larger than what we hold.
+                // Room for the rest of it, but at most as much again as has arrived: memory
+                // follows the bytes a client sends, not the length it announces (a header
+                // saying 1 GiB takes no 1 GiB buffer).
                 let len =
                     i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
-                let total = len as usize + 1;
-                self.rbuf.reserve(total.saturating_sub(self.rbuf.len()));
+                let missing = (len as usize + 1).saturating_sub(self.rbuf.len());
+                self.rbuf
+                    .reserve(missing.min(self.rbuf.len().max(READ_CAPACITY)));
             }
             self.fill().await?;
         }

@@ -5,6 +5,8 @@
 //! never a panic. Decoders work on copies of just the fields pgway needs.
 
 pub mod frame;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod messages;
 
 pub use frame::{FrameError, MAX_MESSAGE_LEN, MAX_STARTUP_LEN};

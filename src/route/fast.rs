@@ -7,7 +7,8 @@
 //! starting with `SELECT`, no comments (hints need the full parser), no function calls or
 //! other parenthesised constructs except after a few keywords, no `INTO`, no locking
 //! clause, no `WITH`, no dollar quotes, no backslashes in strings, no `pg_` names (some
-//! system views have rows only on the primary). Anything else, however
+//! system views have rows only on the primary), no mention of a `pgway.` setting (the
+//! classifier reports it as a session effect). Anything else, however
 //! harmless, is left to the parser: a "no" here costs only the parse.
 
 /// What a word means to the scan.
@@ -100,7 +101,7 @@ pub fn is_plain_select(sql: &str) -> bool {
     let starts = bytes.len() >= i + 7
         && bytes[i..i + 6].eq_ignore_ascii_case(b"select")
         && (class(bytes[i + 6]) == SPACE || bytes[i + 6] == b'*');
-    if !starts {
+    if !starts || names_pgway(bytes) {
         return false;
     }
     // What the last word was, if the previous token was a word.
@@ -125,8 +126,13 @@ pub fn is_plain_select(sql: &str) -> bool {
             }
             last_word = Some(word);
         } else if c & DIGIT != 0 {
+            let start = i;
             while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
                 i += 1;
+            }
+            // `1into t` is `1 INTO t` to the parser (and to PostgreSQL before 15).
+            if !is_number(&bytes[start..i]) {
+                return false;
             }
             last_word = None;
         } else {
@@ -179,6 +185,29 @@ pub fn is_plain_select(sql: &str) -> bool {
         }
     }
     true
+}
+
+/// True if `run` (digits, letters and dots, starting with a digit) is one numeric literal:
+/// digits and dots with an optional exponent (`1.5e3`), or `0x`/`0o`/`0b` and digits.
+/// Anything else (`1into`, `2for`) is a number followed by a word to the parser.
+fn is_number(run: &[u8]) -> bool {
+    if let [b'0', b'x' | b'X' | b'o' | b'O' | b'b' | b'B', digits @ ..] = run {
+        return !digits.is_empty() && digits.iter().all(u8::is_ascii_hexdigit);
+    }
+    let (mantissa, exponent) = match run.iter().position(|&b| b == b'e' || b == b'E') {
+        Some(at) => (&run[..at], Some(&run[at + 1..])),
+        None => (run, None),
+    };
+    mantissa.iter().all(|&b| b.is_ascii_digit() || b == b'.')
+        && exponent.is_none_or(|e| !e.is_empty() && e.iter().all(u8::is_ascii_digit))
+}
+
+/// True if `text` mentions a `pgway.` setting, which the classifier reports as a session
+/// effect ([`super::SessionEffect::UsesLastRoute`], ...) wherever it appears, inside a
+/// word or a string too. Dots are few: only they are looked at.
+fn names_pgway(text: &[u8]) -> bool {
+    memchr::memchr_iter(b'.', text)
+        .any(|dot| dot >= 5 && text[dot - 5..dot].eq_ignore_ascii_case(b"pgway"))
 }
 
 /// The index just past the string literal (`'`) or quoted identifier (`"`) that starts at
@@ -249,8 +278,13 @@ pub fn shape(sql: &str) -> Option<String> {
             b'-' if bytes.get(i + 1) == Some(&b'-') => return None,
             b'/' if bytes.get(i + 1) == Some(&b'*') => return None,
             b if b.is_ascii_digit() && !in_word => {
+                let start = i;
                 while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
                     i += 1;
+                }
+                // Not a number alone (`1into`): a keyword may hide in it, keep the text.
+                if !is_number(&bytes[start..i]) {
+                    return None;
                 }
                 out.push('0');
             }
@@ -298,6 +332,14 @@ mod tests {
 
     const NO: &[&str] = &[
         "select nextval('s')",
+        // Found by `fuzz_fast_path_accepts_only_reads`: the classifier reports a session
+        // effect for any mention of a pgway setting.
+        "select not pgway.last_route",
+        "select * from t where name = 'PGWAY.last_write_lsn'",
+        "select selectpgway.last_route",
+        // Found by `fuzz_fast_path_accepts_only_reads`: `1 INTO u` to the parser.
+        "select 1into u",
+        "select * from t where id = 2for update",
         "select count(*) from t",
         "select * from t for update",
         "select * from t for no key update",
@@ -395,6 +437,8 @@ mod tests {
         );
         for sql in [
             "select E'x'",
+            // Found by `fuzz_classifier`: it shared an entry with `select 5 u`, a read.
+            "select 1into u",
             "select 'a\\'",
             "select 1 -- c",
             "/* h */ select 1",

@@ -9,6 +9,8 @@ pub mod catalog;
 pub mod classify;
 pub mod fast;
 pub mod floors;
+#[cfg(test)]
+mod fuzz;
 pub mod why;
 
 use std::sync::Arc;

@@ -1451,9 +1451,21 @@ pub struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// Starts the binary in front of `cluster` with [`gateway_toml`] for `opts`. The child
-    /// inherits this process's limits (see [`raise_open_files`]).
+    /// Starts the binary in front of `cluster` with [`gateway_toml`] for `opts`, logging
+    /// at `RUST_LOG` (default `warn`). The child inherits this process's limits (see
+    /// [`raise_open_files`]).
     pub fn start(cluster: &Cluster, opts: &GatewayOptions) -> GatewayProcess {
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        GatewayProcess::start_logging(cluster, opts, &rust_log)
+    }
+
+    /// [`GatewayProcess::start`] with the tracing filter `rust_log` (see
+    /// [`GatewayProcess::log`]).
+    pub fn start_logging(
+        cluster: &Cluster,
+        opts: &GatewayOptions,
+        rust_log: &str,
+    ) -> GatewayProcess {
         let port = free_loopback_port();
         let admin = free_loopback_port();
         let toml = gateway_toml(
@@ -1462,8 +1474,8 @@ impl GatewayProcess {
             &format!("127.0.0.1:{admin}"),
             opts,
         );
-        let parent = std::env::var_os("PGWAY_TEST_TMPDIR")
-            .map_or_else(std::env::temp_dir, PathBuf::from);
+        let parent =
+            std::env::var_os("PGWAY_TEST_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
         let dir = tempfile::Builder::new()
             .prefix("pgway-bin-")
             .tempdir_in(&parent)
@@ -1474,10 +1486,7 @@ impl GatewayProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_pgway"))
             .arg("--config")
             .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1594,3 +1603,22 @@ impl RawConn {
         self.stream.read(out).await
     }
 }
+
+/// Roles only the servers know, and a SECURITY DEFINER look-up as pgbouncer's docs
+/// recommend (`pgway_auth` may run it, not read `pg_authid`).
+pub const AUTH_QUERY_SCHEMA: &str = "\
+    CREATE ROLE pgway_auth LOGIN PASSWORD 'auth-secret';\n\
+    CREATE SCHEMA pgway_auth;\n\
+    CREATE FUNCTION pgway_auth.get_auth(p_usename text)\n\
+      RETURNS TABLE(username text, password text) LANGUAGE sql SECURITY DEFINER\n\
+      AS $$ SELECT rolname::text, rolpassword::text FROM pg_authid WHERE rolname = p_usename $$;\n\
+    REVOKE ALL ON FUNCTION pgway_auth.get_auth(text) FROM PUBLIC;\n\
+    GRANT USAGE ON SCHEMA pgway_auth TO pgway_auth;\n\
+    GRANT EXECUTE ON FUNCTION pgway_auth.get_auth(text) TO pgway_auth;\n\
+    CREATE ROLE dyn LOGIN PASSWORD 'dyn-secret';\n\
+    SET password_encryption = 'md5';\n\
+    CREATE ROLE dyn_md5 LOGIN PASSWORD 'dyn-md5-secret';\n\
+    RESET password_encryption;\n\
+    CREATE ROLE dyn_nopass LOGIN;\n\
+    CREATE TABLE dyn_t (i int);\n\
+    GRANT ALL ON dyn_t TO dyn;\n";

@@ -98,6 +98,7 @@ impl Session<'_> {
                         conn,
                         status: b'I',
                         unsynced: false,
+                        skipping: false,
                         replica,
                         _active: active,
                     });

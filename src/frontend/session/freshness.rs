@@ -336,6 +336,11 @@ impl Session<'_> {
     /// Sets one of pgway's read-only settings for the client and on its connection.
     fn make_current(&mut self, name: &str, value: String) {
         self.settings.current.set(name, Value::Raw(value.clone()));
+        if self.state.link().is_some_and(|link| link.skipping) {
+            // The server discards everything until Sync (an earlier error of the batch):
+            // it would not answer a settings query, and the statement will not run.
+            return;
+        }
         match self.state.status() {
             b'I' => self.sync_settings(),
             // Inside a transaction a session-level SET could be rolled back behind pgway's

@@ -62,6 +62,7 @@ mod tests;
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -132,6 +133,9 @@ struct Link {
     status: u8,
     /// Extended-protocol messages were sent since the last Sync was answered.
     unsynced: bool,
+    /// An extended-protocol message failed since the last Sync: the server discards
+    /// everything but Sync (a Query too) until then, answering none of it.
+    skipping: bool,
     /// The connection is to a replica (nothing on it can write).
     replica: bool,
     /// Marks the client active in the registry while the connection is held (`None` for
@@ -243,6 +247,11 @@ struct Request {
     /// A cacheable read sent to a server: the position it saw is asked with it (see
     /// `Session::seen`).
     ask_seen: bool,
+    /// When `client.query_timeout` runs out for the request on its server (set at its
+    /// first wait for the server; `None` with the timeout off or once the cancel is sent).
+    deadline: Option<tokio::time::Instant>,
+    /// The server was asked to cancel it (`client.query_timeout`).
+    cancel_sent: bool,
 }
 
 impl Request {
@@ -266,6 +275,8 @@ impl Request {
         self.wal_deferred = false;
         self.held_ready = None;
         self.wal_position = None;
+        self.deadline = None;
+        self.cancel_sent = false;
     }
 
     /// Forgets everything (the request is sent again elsewhere).
@@ -275,6 +286,49 @@ impl Request {
         self.failed = false;
         self.may_write = false;
         self.begin_attempt(false, 0);
+    }
+}
+
+/// `[client]` timeouts of a session, `Duration::ZERO` where off.
+#[derive(Debug, Clone, Copy, Default)]
+struct Timeouts {
+    /// `client.idle_timeout`: silent outside a transaction.
+    idle: Duration,
+    /// `client.idle_in_transaction_timeout`: silent while holding a server connection.
+    idle_in_transaction: Duration,
+    /// `client.query_timeout`: a request unanswered by its server.
+    query: Duration,
+}
+
+impl Timeouts {
+    fn of(client: &crate::config::ClientConfig) -> Self {
+        Self {
+            idle: client.idle_timeout,
+            idle_in_transaction: client.idle_in_transaction_timeout,
+            query: client.query_timeout,
+        }
+    }
+
+    /// The wait for the client's next message ends with an error after this long: idle
+    /// outside a transaction, idle inside one (server status `T` or `E`).
+    fn client_wait(&self, status: u8) -> (Duration, ClientError) {
+        if status == b'I' {
+            (self.idle, ClientError::IdleTimeout(self.idle))
+        } else {
+            (
+                self.idle_in_transaction,
+                ClientError::IdleInTransactionTimeout(self.idle_in_transaction),
+            )
+        }
+    }
+}
+
+/// Resolves after `timeout`; never if it is zero (off), at no cost.
+async fn expire(timeout: Duration) {
+    if timeout.is_zero() {
+        std::future::pending::<()>().await;
+    } else {
+        tokio::time::sleep(timeout).await;
     }
 }
 
@@ -325,6 +379,8 @@ pub struct Session<'a> {
     /// Extended-protocol messages collected until Sync or Flush.
     batch: Vec<BytesMut>,
     batch_bytes: usize,
+    /// `[client]` timeouts, read at login (`Duration::ZERO`: off).
+    timeouts: Timeouts,
     /// Session settings (startup and SET) that follow the client.
     settings: ClientSettings,
     /// `SET pgway.target`: the routing hint for every statement without one of its own.
@@ -390,6 +446,7 @@ impl<'a> Session<'a> {
             unnamed: None,
             batch: Vec::new(),
             batch_bytes: 0,
+            timeouts: Timeouts::of(&shared.config.load().client),
             settings,
             target,
             pools: Vec::new(),

@@ -134,8 +134,10 @@ impl Session<'_> {
         frame: &BytesMut,
         route: Option<&(Target, Why)>,
     ) -> Result<(), SessionError> {
-        if self.request.batch_failed && frame[0] != b'S' {
-            // PostgreSQL skips everything after an error until Sync.
+        let server_skips = self.state.link().is_some_and(|link| link.skipping);
+        if (self.request.batch_failed || server_skips) && frame[0] != b'S' {
+            // PostgreSQL skips everything after an error until Sync: nothing is sent, and
+            // no reply awaited, that the server would not give.
             return Ok(());
         }
         match frame[0] {
@@ -228,10 +230,14 @@ impl Session<'_> {
             .as_ref()
             .map(|c| c.session.clone())
             .unwrap_or_default();
+        let limit = self.shared.config.load().client.max_prepared_statements;
         let refused = if !parse.name.is_empty() && self.statements.contains_key(parse.name) {
             Some(ClientError::DuplicatePreparedStatement(
                 String::from_utf8_lossy(parse.name).into_owned(),
             ))
+        } else if !parse.name.is_empty() && self.statements.len() >= limit {
+            // What pgway remembers per client is bounded (`client.max_prepared_statements`).
+            Some(ClientError::TooManyPreparedStatements(limit))
         } else {
             effects::refusal(&effects)
         };

@@ -7,10 +7,14 @@
 //! injected (a Parse of a statement the connection lacks, the settings sync) are
 //! swallowed.
 
-use bytes::{Buf, BytesMut};
+use std::sync::Arc;
 
-use super::{Copy, Session, SessionError, State};
+use bytes::{Buf, BytesMut};
+use tracing::{info, warn};
+
+use super::{expire, Copy, Session, SessionError, State};
 use crate::error::{is_read_only_refusal, is_shutdown, ClientError};
+use crate::frontend::cancel::{send_cancel, CancelTarget};
 use crate::net::NetError;
 use crate::protocol::frame::{frame_len, put_frame};
 use crate::protocol::messages;
@@ -233,6 +237,7 @@ impl Session<'_> {
                         if let (b'Z', Some(link)) = (tag, self.state.link_mut()) {
                             link.status = frame.get(5).copied().unwrap_or(b'I');
                             link.unsynced = false;
+                            link.skipping = false;
                         }
                     }
                 }
@@ -251,8 +256,11 @@ impl Session<'_> {
                 }
                 if let Some((kind, _, prepared)) = head {
                     if !kind.survives_error() {
-                        if let (Some(hash), Some(link)) = (prepared, self.state.link_mut()) {
-                            link.conn.statements.remove(hash);
+                        if let Some(link) = self.state.link_mut() {
+                            link.skipping = true;
+                            if let Some(hash) = prepared {
+                                link.conn.statements.remove(hash);
+                            }
                         }
                         self.expected.pop_front();
                         self.skip_to_sync();
@@ -283,6 +291,7 @@ impl Session<'_> {
                                 link.status = status;
                                 if kind == Reply::Sync {
                                     link.unsynced = false;
+                                    link.skipping = false;
                                 }
                             }
                             if forward {
@@ -382,11 +391,47 @@ impl Session<'_> {
             }
             if in_copy {
                 self.relay_copy().await?;
-            } else {
+            } else if self.timeouts.query.is_zero() || self.request.cancel_sent {
                 let filled = self.server_mut()?.io.fill().await;
                 if let Err(e) = filled {
                     return Err(self.lost(e));
                 }
+            } else {
+                self.fill_or_cancel().await?;
+            }
+        }
+    }
+
+    /// Waits for the server's next bytes until `client.query_timeout` after the request's
+    /// first wait; then asks the server to cancel it (its answer, 57014, is relayed as
+    /// any error) and returns, to wait without a deadline.
+    async fn fill_or_cancel(&mut self) -> Result<(), SessionError> {
+        let deadline = *self
+            .request
+            .deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + self.timeouts.query);
+        let filled = tokio::time::timeout_at(deadline, self.server_mut()?.io.fill()).await;
+        match filled {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.lost(e)),
+            Err(_) => {
+                self.request.cancel_sent = true;
+                let server = self.server_mut()?;
+                let target = CancelTarget {
+                    addr: Arc::from(server.addr.as_str()),
+                    pid: server.pid,
+                    secret: server.secret,
+                };
+                let wait = self.shared.config.load().pool.connect_timeout;
+                self.span.in_scope(|| {
+                    info!(node = %target.addr, pid = target.pid, timeout = ?self.timeouts.query, "query_timeout: cancelling the request on its server");
+                });
+                tokio::spawn(async move {
+                    if let Err(cause) = send_cancel(&target, wait).await {
+                        warn!(%cause, "query_timeout: the cancel request failed");
+                    }
+                });
+                Ok(())
             }
         }
     }
@@ -483,6 +528,7 @@ impl Session<'_> {
                 client,
                 stopping,
                 hard_stop,
+                timeouts,
                 ..
             } = self;
             let Some(link) = state.link_mut() else {
@@ -491,6 +537,7 @@ impl Session<'_> {
                     .await
                     .map_err(SessionError::from_client);
             };
+            let (timeout, expired) = timeouts.client_wait(link.status);
             tokio::select! {
                 frame = client.read_frame(MAX_MESSAGE_LEN) => {
                     return frame.map_err(SessionError::from_client);
@@ -502,6 +549,7 @@ impl Session<'_> {
                     return Err(SessionError::Fatal(ClientError::Shutdown));
                 }
                 _ = hard_stop.as_mut() => return Err(SessionError::Fatal(ClientError::Shutdown)),
+                () = expire(timeout) => return Err(SessionError::Fatal(expired)),
             }
         }
     }

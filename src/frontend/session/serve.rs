@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 
 use super::freshness::{self, ReadHints};
-use super::{effects, Session, SessionError, State};
+use super::{effects, expire, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
 use crate::net::{recycle_buffer, take_buffer};
@@ -77,7 +77,9 @@ impl Session<'_> {
 
     /// Waits for the client's next message while it holds a server connection (inside a
     /// transaction, a batch or a COPY). Once pgway's drain deadline has passed, a client
-    /// that keeps pgway waiting here is told 57P01 and closed.
+    /// that keeps pgway waiting here is told 57P01 and closed; one silent for
+    /// `client.idle_in_transaction_timeout` inside a transaction (or `client.idle_timeout`
+    /// outside one) is closed too, and its transaction rolled back.
     async fn next_frame_attached(&mut self) -> Result<BytesMut, SessionError> {
         if let Some(frame) = self
             .client
@@ -86,10 +88,12 @@ impl Session<'_> {
         {
             return Ok(frame);
         }
+        let (timeout, expired) = self.timeouts.client_wait(self.state.status());
         tokio::select! {
             biased;
             frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
             _ = self.hard_stop.as_mut() => Err(SessionError::Fatal(ClientError::Shutdown)),
+            () = expire(timeout) => Err(SessionError::Fatal(expired)),
         }
     }
 
@@ -107,15 +111,27 @@ impl Session<'_> {
         self.client.release_buffer();
         recycle_buffer(&mut self.out);
         recycle_buffer(&mut self.to_server);
-        // Between transactions a stopping pgway may close the connection.
+        // Between transactions a stopping pgway may close the connection, and
+        // `client.idle_timeout` does.
+        let timeout = self.timeouts.idle;
         let frame = tokio::select! {
             biased;
             frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
             _ = self.stopping.as_mut() => Err(SessionError::Fatal(ClientError::Shutdown)),
+            () = expire(timeout) => Err(SessionError::Fatal(ClientError::IdleTimeout(timeout))),
         }?;
         self.out = take_buffer();
         self.to_server = take_buffer();
         Ok(frame)
+    }
+
+    /// After an error in an extended-protocol batch, PostgreSQL discards every message but
+    /// Sync, a Query or FunctionCall too, and answers none of them; so does pgway, whether
+    /// it raised the error (SkipToSync) or the server did (the server would never answer
+    /// a Query sent to it now).
+    fn skips_to_sync(&self) -> bool {
+        matches!(self.state, State::SkipToSync)
+            || self.state.link().is_some_and(|link| link.skipping)
     }
 
     /// Reports a pgway-raised error for a statement; `ready` adds ReadyForQuery.
@@ -129,7 +145,7 @@ impl Session<'_> {
     }
 
     async fn on_query(&mut self, frame: BytesMut) -> Result<(), SessionError> {
-        if let State::SkipToSync = self.state {
+        if self.skips_to_sync() {
             return Ok(());
         }
         let sql = query_text(&frame).map_err(SessionError::protocol)?;
@@ -220,7 +236,7 @@ impl Session<'_> {
     }
 
     async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), SessionError> {
-        if let State::SkipToSync = self.state {
+        if self.skips_to_sync() {
             return Ok(());
         }
         let plan = Plan {

@@ -13,6 +13,7 @@
 )]
 
 mod copy;
+mod fuzz;
 mod pinning;
 mod pipeline;
 mod pooling;

@@ -413,3 +413,49 @@ async fn deallocate_of_a_protocol_statement_is_answered_locally() {
         .await;
     assert_eq!(tags(&client.until_ready().await), "1Z");
 }
+
+/// After a server error in a batch not yet synced, PostgreSQL discards every message up
+/// to Sync, a Query too, and answers none: pgway does not send the Query (whose answer
+/// would never come), and the client's Sync gets its ReadyForQuery. Found by
+/// `fuzz_session`: the session waited for the Query's answer for ever.
+#[tokio::test]
+async fn a_query_after_an_unsynced_error_is_skipped_as_postgres_does() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client
+        .send(wire::batch(&[
+            wire::parse("", "insert into t values (1)"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::flush(),
+        ]))
+        .await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(tags(&primary.recv_n(4).await), "PBEH");
+    let mut out = wire::frame(b'1', &[]);
+    out.extend_from_slice(&wire::frame(b'2', &[]));
+    out.extend_from_slice(&wire::error(
+        Severity::Error,
+        "23505",
+        "duplicate key value",
+    ));
+    primary.send(out).await;
+    assert_eq!(tags(&[client.recv().await, client.recv().await]), "12");
+    assert_eq!(sqlstate(&client.recv().await), "23505");
+    client
+        .send(wire::batch(&[
+            wire::query("select 1"),
+            wire::parse("", "select 2"),
+            wire::flush(),
+            wire::sync(),
+        ]))
+        .await;
+    assert_eq!(
+        primary.recv().await.0,
+        b'S',
+        "only the Sync reaches the server"
+    );
+    primary.send(wire::ready(b'I')).await;
+    assert_eq!(tags(&client.until_ready().await), "Z");
+    h.read_on_replica(&mut client).await;
+}
