@@ -48,6 +48,10 @@ pub mod sqlstate {
     /// `feature_not_supported` (a standby's "cannot access temporary or unlogged relations
     /// during recovery").
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// `08007` transaction_resolution_unknown.
+    pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
+    /// `25P02` in_failed_sql_transaction.
+    pub const IN_FAILED_TRANSACTION: &str = "25P02";
     /// `25P03` idle_in_transaction_session_timeout.
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     /// `53400` configuration_limit_exceeded.
@@ -73,6 +77,20 @@ pub enum ClientError {
     /// The server connection under the client's request failed; the connection ends.
     #[error("server connection lost: {0}")]
     ServerLost(String),
+    /// The server died under a request that may have committed (a COMMIT, or a write
+    /// outside a transaction): nobody can say whether it did.
+    #[error("server connection lost while committing: {0}; the transaction may or may not have committed")]
+    TransactionResolutionUnknown(String),
+    /// The server of the client's open transaction died under a request: the transaction
+    /// is gone (rolled back).
+    #[error("server connection lost: {0}; the transaction was rolled back")]
+    TransactionLost(String),
+    /// The server died under a read outside a transaction whose answer had begun.
+    #[error("server connection lost: {0}; the statement did not complete")]
+    StatementLost(String),
+    /// A statement in a transaction that failed (with its server): only its end is taken.
+    #[error("current transaction is aborted, commands ignored until end of transaction block")]
+    InFailedTransaction,
     /// The server kept shutting down under a request pgway sent again each time.
     #[error("server connection lost: the server kept shutting down")]
     ServerKeptShuttingDown,
@@ -169,6 +187,9 @@ impl ClientError {
             | Self::LoginTimeout
             | Self::IdleTimeout(_) => PROTOCOL_VIOLATION,
             Self::IdleInTransactionTimeout(_) => IDLE_IN_TRANSACTION_TIMEOUT,
+            Self::TransactionResolutionUnknown(_) => TRANSACTION_RESOLUTION_UNKNOWN,
+            Self::TransactionLost(_) | Self::StatementLost(_) => CONNECTION_FAILURE,
+            Self::InFailedTransaction => IN_FAILED_TRANSACTION,
             Self::TooManyPreparedStatements(_) => CONFIGURATION_LIMIT_EXCEEDED,
             Self::DatabaseNotAllowed { .. } => INVALID_AUTHORIZATION,
             Self::ServerLost(_)
@@ -214,6 +235,10 @@ impl ClientError {
             | Self::PoolTimeout(_)
             | Self::DuplicatePreparedStatement(_)
             | Self::TooManyPreparedStatements(_)
+            | Self::TransactionResolutionUnknown(_)
+            | Self::TransactionLost(_)
+            | Self::StatementLost(_)
+            | Self::InFailedTransaction
             | Self::InvalidParameterValue { .. }
             | Self::InvalidLsn(_)
             | Self::ReadOnlyParameter(_) => Severity::Error,

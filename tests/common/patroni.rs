@@ -11,7 +11,9 @@
 //!   section speaks v2, which etcd 3.4 disables), `ttl: 10`, `loop_wait: 2`,
 //!   `retry_timeout: 5`, `use_pg_rewind: true` (with `wal_log_hints`), replication slots,
 //!   `failsafe_mode: true` (the primary keeps running while etcd is down, as long as it reaches
-//!   every member) and optionally `synchronous_mode`.
+//!   every member) and optionally `synchronous_mode` and a `log_line_prefix`. pg_hba lets
+//!   [`super::WAL_USER`] open replication connections (the cache's stream) once a test has
+//!   created that role.
 //! - [`PatroniCluster::start`] bootstraps `node1` first (it becomes the leader), then `node2`
 //!   clones it; it returns when `node1` is primary and `node2` streams from it (and, with
 //!   `synchronous_mode`, is the synchronous standby). The role `app` (password `app-secret`,
@@ -21,7 +23,9 @@
 //!   `/<namespace>/<scope>/leader` the moment etcd reports it: [`PatroniCluster::wait_new_leader_key`]
 //!   returns that instant, which is what failover delays are measured from.
 //! - Failures: [`PatroniCluster::kill_leader`] (SIGKILL to the leader's Patroni and PostgreSQL
-//!   at once), [`PatroniCluster::restart_member`] (it rejoins as a replica, with `pg_rewind`),
+//!   at once; [`PatroniCluster::kill_member`] for any member,
+//!   [`PatroniCluster::kill_member_postgres`] for its PostgreSQL alone),
+//!   [`PatroniCluster::restart_member`] (it rejoins as a replica, with `pg_rewind`),
 //!   [`PatroniCluster::switchover`] (`patronictl switchover --force`),
 //!   [`PatroniCluster::stop_etcd`] / [`PatroniCluster::start_etcd`],
 //!   [`PatroniCluster::set_noloadbalance`] (config rewrite + SIGHUP).
@@ -47,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     describe_error, eventually, free_port, is_root, log_tail, pg_bin_dir, run_ok, try_connect,
-    try_psql, try_served_by, wait_until_blocking, Gateway, APP_PASSWORD, APP_USER, DB,
+    try_psql, try_served_by, wait_until_blocking, Gateway, APP_PASSWORD, APP_USER, DB, WAL_USER,
 };
 
 /// Patroni's `namespace` in every test cluster.
@@ -67,6 +71,10 @@ pub struct PatroniOptions {
     pub synchronous_mode: bool,
     /// Members started with the `noloadbalance` tag.
     pub noloadbalance: Vec<String>,
+    /// PostgreSQL's `log_line_prefix` (PostgreSQL's default when `None`). The servers log
+    /// to their member's Patroni log (`<dir>/nodeN.log`, see [`PatroniCluster::member_log`]);
+    /// `%a` (application_name) tells clients' statements apart from pgway's probes.
+    pub log_line_prefix: Option<String>,
 }
 
 /// One change of the leader key, as the watcher saw it.
@@ -401,10 +409,12 @@ impl PatroniCluster {
              \x20     password: replicator-secret\n\
              \x20 parameters:\n\
              \x20   unix_socket_directories: {root}/sock\n\
+             {prefix}\
              \x20 pg_hba:\n\
              \x20   - local all all trust\n\
              \x20   - local replication all trust\n\
              \x20   - host replication replicator 127.0.0.1/32 scram-sha-256\n\
+             \x20   - host replication {WAL_USER} 127.0.0.1/32 scram-sha-256\n\
              \x20   - host all postgres 127.0.0.1/32 trust\n\
              \x20   - host all all 127.0.0.1/32 scram-sha-256\n\
              tags:\n\
@@ -422,6 +432,12 @@ impl PatroniCluster {
             bin = pg_bin_dir().display(),
             root = self.root.display(),
             nolb = m.noloadbalance,
+            prefix = self
+                .opts
+                .log_line_prefix
+                .as_ref()
+                .map(|p| format!("\x20   log_line_prefix: \"{p}\"\n"))
+                .unwrap_or_default(),
         );
         std::fs::write(&m.config, yaml)
             .unwrap_or_else(|e| panic!("writing {}: {e}", m.config.display()));
@@ -835,14 +851,21 @@ impl PatroniCluster {
     /// when (the instant every signal had been sent).
     pub fn kill_leader(&mut self) -> Killed {
         let name = self.leader_name();
+        self.kill_member(&name)
+    }
+
+    /// [`PatroniCluster::kill_leader`] for any member: SIGKILL to `name`'s Patroni and its
+    /// PostgreSQL at once. [`PatroniCluster::restart_member`] brings it back.
+    pub fn kill_member(&mut self, name: &str) -> Killed {
+        let name = name.to_string();
         let i = self.member_index(&name);
         let m = &mut self.members[i];
         let mut patroni = m
             .patroni
             .take()
             .unwrap_or_else(|| panic!("Patroni {name} is not running"));
-        let pm = postmaster_pid(&m.data)
-            .unwrap_or_else(|| panic!("no running postmaster for leader {name}"));
+        let pm =
+            postmaster_pid(&m.data).unwrap_or_else(|| panic!("no running postmaster for {name}"));
         let own = pgid_of(std::process::id());
         let mut targets = vec![format!("-{}", patroni.id()), pm.to_string()];
         if let Some(pgid) = pgid_of(pm).filter(|&g| g > 1 && Some(g) != own) {
@@ -861,7 +884,7 @@ impl PatroniCluster {
         let _ = patroni.wait();
         kill_postgres(&m.data);
         eprintln!(
-            "killed leader {name} (Patroni and PostgreSQL) within {:.1?}",
+            "killed {name} (Patroni and PostgreSQL) within {:.1?}",
             at - started
         );
         Killed {
@@ -869,6 +892,28 @@ impl PatroniCluster {
             port: m.pg_port,
             at,
         }
+    }
+
+    /// Kills only `name`'s PostgreSQL (the postmaster and its process group, SIGKILL), as a
+    /// crash of the server would, and leaves its Patroni running: Patroni starts PostgreSQL
+    /// again at its next HA loop (a replica goes back to streaming by itself). Returns when
+    /// the postmaster is gone.
+    pub fn kill_member_postgres(&self, name: &str) -> Killed {
+        let m = self.member(name);
+        let at = Instant::now();
+        kill_postgres(&m.data);
+        eprintln!("killed {name}'s PostgreSQL (Patroni keeps running)");
+        Killed {
+            name: name.to_string(),
+            port: m.pg_port,
+            at,
+        }
+    }
+
+    /// The log of member `name`: its Patroni's output and its PostgreSQL server's log (the
+    /// postmaster inherits Patroni's stderr).
+    pub fn member_log(&self, name: &str) -> PathBuf {
+        self.member(name).log.clone()
     }
 
     /// Starts Patroni for `name` again and waits until it runs as a streaming replica (after

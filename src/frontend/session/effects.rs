@@ -470,7 +470,14 @@ impl Session<'_> {
         let State::Pinned(link, reason) = &mut self.state else {
             return Ok(());
         };
-        if *reason == PinReason::Untracked || link.status != b'I' || !self.expected.is_empty() {
+        // Not while the connection owes a Sync: after an error the server discards
+        // everything until then, and would never answer the check.
+        if *reason == PinReason::Untracked
+            || link.status != b'I'
+            || link.unsynced
+            || link.skipping
+            || !self.expected.is_empty()
+        {
             return Ok(());
         }
         let io = &mut link.conn.io;

@@ -21,8 +21,11 @@
 //!   to the server. It remembers whether the client was pinned, and for a COPY sent with
 //!   Execute, it lasts until the client's Sync after CopyDone (or after the error).
 //! - **SkipToSync**: pgway answered an extended-protocol batch with an error before any
-//!   server saw it (no connection could be had); the client's messages are discarded up to
-//!   its Sync, as PostgreSQL does after an error.
+//!   server saw it (no connection could be had), or its server died under it; the
+//!   client's messages are discarded up to its Sync, as PostgreSQL does after an error.
+//! - **Aborted**: the server of the client's open transaction died under a request. The
+//!   client got an ERROR and ReadyForQuery `E`, as for any failed transaction; pgway
+//!   answers its `ROLLBACK` itself (then Idle) and anything else with 25P02.
 //!
 //! Moves between them:
 //!
@@ -34,6 +37,8 @@
 //!   │                 └──CopyInResponse──▶ CopyIn ──CopyDone / CopyFail / error──▶ back
 //!   ├──no connection for an unsynced batch──▶ SkipToSync ──Sync──▶ Idle
 //!   └──server shut down before answering: the request is sent again from Idle
+//! Attached ──server died inside a transaction──▶ Aborted ──ROLLBACK──▶ Idle
+//!          └─server died outside one: ERROR (08007 if it may have committed)──▶ Idle
 //! ```
 //!
 //! A request's bookkeeping (its session effects, whether it failed, whether it may be
@@ -48,11 +53,13 @@
 //! - `effects.rs`: session effects (SET, pins, DISCARD, `pgway.target`).
 //! - `attach.rs`: taking and releasing a server connection, and cleaning up
 //!   when the client leaves.
+//! - `lost.rs`: a server that died under a request (the client is told and goes on).
 
 mod attach;
 mod cache;
 mod effects;
 mod freshness;
+mod lost;
 mod prepared;
 mod relay;
 mod serve;
@@ -97,6 +104,11 @@ enum SessionError {
     /// End the session with this FATAL ErrorResponse.
     #[error(transparent)]
     Fatal(ClientError),
+    /// The server connection under the request failed (it died, or its socket did). The
+    /// request's loop tells the client with an ERROR where the session can go on (see
+    /// `Session::server_died`); elsewhere it ends the session (FATAL 08006).
+    #[error("server connection lost: {0}")]
+    ServerLost(String),
 }
 
 impl SessionError {
@@ -115,7 +127,7 @@ impl SessionError {
     }
 
     fn server_lost(e: NetError) -> Self {
-        Self::Fatal(ClientError::ServerLost(e.to_string()))
+        Self::ServerLost(e.to_string())
     }
 }
 
@@ -160,7 +172,13 @@ struct Copy {
 #[derive(Debug)]
 enum State {
     Idle,
-    SkipToSync,
+    /// Discarding the client's messages up to its Sync, then ReadyForQuery with this
+    /// status (`I`, or `E` for a transaction lost with its server: Aborted follows).
+    SkipToSync(u8),
+    /// The server of the client's open transaction died: the transaction is gone. pgway
+    /// answers its `ROLLBACK` (or `COMMIT`, as PostgreSQL does in a failed transaction)
+    /// itself, and anything else with 25P02, as PostgreSQL does in a failed transaction.
+    Aborted,
     Attached(Link),
     Pinned(Link, PinReason),
     CopyIn(Link, Copy),
@@ -170,20 +188,23 @@ impl State {
     fn link(&self) -> Option<&Link> {
         match self {
             State::Attached(link) | State::Pinned(link, _) | State::CopyIn(link, _) => Some(link),
-            State::Idle | State::SkipToSync => None,
+            State::Idle | State::SkipToSync(_) | State::Aborted => None,
         }
     }
 
     fn link_mut(&mut self) -> Option<&mut Link> {
         match self {
             State::Attached(link) | State::Pinned(link, _) | State::CopyIn(link, _) => Some(link),
-            State::Idle | State::SkipToSync => None,
+            State::Idle | State::SkipToSync(_) | State::Aborted => None,
         }
     }
 
-    /// The transaction status: `I` without a server connection.
+    /// The transaction status: `I` without a server connection, `E` in a lost one.
     fn status(&self) -> u8 {
-        self.link().map_or(b'I', |link| link.status)
+        match self {
+            State::Aborted => b'E',
+            _ => self.link().map_or(b'I', |link| link.status),
+        }
     }
 }
 
@@ -505,6 +526,9 @@ impl<'a> Session<'a> {
                 Err(SessionError::Fatal(e)) => {
                     let e = self.stop_reason(e);
                     self.close_with(e).await
+                }
+                Err(SessionError::ServerLost(cause)) => {
+                    self.close_with(ClientError::ServerLost(cause)).await
                 }
             }
             self.cleanup().await;

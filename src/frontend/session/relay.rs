@@ -312,9 +312,14 @@ impl Session<'_> {
 
     /// Forwards an ErrorResponse, naming statements as the client named them rather than by
     /// pgway's server-side names.
+    /// A FATAL (the server is ending the connection: shut down, terminated) is passed on
+    /// as an ERROR where the session survives its server (see `lost.rs`): the client's
+    /// connection stays.
     fn forward_error(&mut self, frame: &[u8]) {
         const PREFIX: &str = "pgway_";
-        if !frame.windows(PREFIX.len()).any(|w| w == PREFIX.as_bytes()) {
+        let fatal = matches!(self.state, State::Attached(_))
+            && messages::error_severity(frame).is_some_and(|s| s == "FATAL" || s == "PANIC");
+        if !fatal && !frame.windows(PREFIX.len()).any(|w| w == PREFIX.as_bytes()) {
             self.out.extend_from_slice(frame);
             return;
         }
@@ -326,6 +331,9 @@ impl Session<'_> {
                 .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
         };
         messages::rewrite_error(frame, &mut self.out, |value| {
+            if fatal && (value == "FATAL" || value == "PANIC") {
+                return "ERROR".to_owned();
+            }
             let mut text = value.to_owned();
             let mut from = 0;
             while let Some(at) = text[from..].find(PREFIX).map(|i| i + from) {
@@ -472,8 +480,15 @@ impl Session<'_> {
     }
 
     /// The error for a server connection that failed under the request in flight.
+    /// A request goes again to another connection if nothing of it can have taken effect
+    /// and the client has seen nothing of its answer: the server announced its shutdown,
+    /// or the request is a read outside a transaction.
     pub(super) fn lost(&self, e: NetError) -> SessionError {
-        if self.request.retry_pending {
+        let unseen_read = self.request.can_retry
+            && !self.request.may_write
+            && !self.request.answered
+            && !self.request.flushed;
+        if self.request.retry_pending || unseen_read {
             SessionError::Retry
         } else {
             SessionError::server_lost(e)

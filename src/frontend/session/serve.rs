@@ -68,7 +68,7 @@ impl Session<'_> {
         let between_requests = self.batch.is_empty() && self.expected.is_empty();
         match self.state {
             State::Pinned(..) if between_requests => self.next_frame_pinned().await,
-            State::Idle | State::SkipToSync if self.batch.is_empty() => {
+            State::Idle | State::SkipToSync(_) | State::Aborted if self.batch.is_empty() => {
                 self.next_frame_idle().await
             }
             _ => self.next_frame_attached().await,
@@ -130,12 +130,12 @@ impl Session<'_> {
     /// it raised the error (SkipToSync) or the server did (the server would never answer
     /// a Query sent to it now).
     fn skips_to_sync(&self) -> bool {
-        matches!(self.state, State::SkipToSync)
+        matches!(self.state, State::SkipToSync(_))
             || self.state.link().is_some_and(|link| link.skipping)
     }
 
     /// Reports a pgway-raised error for a statement; `ready` adds ReadyForQuery.
-    async fn report(&mut self, e: ClientError, ready: bool) -> Result<(), SessionError> {
+    pub(super) async fn report(&mut self, e: ClientError, ready: bool) -> Result<(), SessionError> {
         self.shared.metrics.error(e.sqlstate());
         e.write(&mut self.out);
         if ready {
@@ -149,6 +149,9 @@ impl Session<'_> {
             return Ok(());
         }
         let sql = query_text(&frame).map_err(SessionError::protocol)?;
+        if let State::Aborted = self.state {
+            return self.answer_aborted_query(sql).await;
+        }
         let classification = std::str::from_utf8(sql)
             .ok()
             .map(|sql| self.shared.router.classification(sql));
@@ -239,6 +242,9 @@ impl Session<'_> {
         if self.skips_to_sync() {
             return Ok(());
         }
+        if let State::Aborted = self.state {
+            return self.report(ClientError::InFailedTransaction, true).await;
+        }
         let plan = Plan {
             retry: false,
             relay: true,
@@ -263,13 +269,20 @@ impl Session<'_> {
     async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        if let State::SkipToSync = self.state {
+        if let State::SkipToSync(status) = self.state {
             if sync {
-                self.state = State::Idle;
-                messages::ready_for_query(&mut self.out, b'I');
+                self.state = if status == b'E' {
+                    State::Aborted
+                } else {
+                    State::Idle
+                };
+                messages::ready_for_query(&mut self.out, status);
                 self.flush().await?;
             }
             return Ok(());
+        }
+        if let State::Aborted = self.state {
+            return self.answer_aborted_batch(&batch, sync).await;
         }
         let complete = sync || batch.last().is_some_and(|f| f[0] == b'H');
         let (parse_targets, mut hints) = self.parse_targets(&batch).await?;
@@ -323,7 +336,7 @@ impl Session<'_> {
             Ok(()) => Ok(()),
             Err(e) => {
                 if !sync {
-                    self.state = State::SkipToSync;
+                    self.state = State::SkipToSync(b'I');
                 }
                 self.report(e, sync).await
             }
@@ -385,6 +398,10 @@ impl Session<'_> {
                     target = Target::Primary;
                     self.reroute(Why::RefusedByReplica);
                 }
+                Err(SessionError::ServerLost(cause)) if self.survives_server_loss() => {
+                    self.server_died(&cause, plan.ready).await?;
+                    return Ok(Ok(()));
+                }
                 other => {
                     other?;
                     if let Some(registered) = &self.registered {
@@ -432,7 +449,7 @@ impl Session<'_> {
         match &self.state {
             State::Idle => true,
             State::Attached(link) => link.status == b'I' && !link.unsynced,
-            State::Pinned(..) | State::CopyIn(..) | State::SkipToSync => false,
+            State::Pinned(..) | State::CopyIn(..) | State::SkipToSync(_) | State::Aborted => false,
         }
     }
 

@@ -1,6 +1,8 @@
-//! When a server goes away: a request its server shut down before answering is sent again
-//! elsewhere (outside a transaction only), a node that refuses connects is skipped, and a
-//! server lost mid-answer or mid-transaction ends the session with FATAL 08006.
+//! When a server goes away: a request its server shut down before answering (or a read it
+//! died under before answering) is sent again elsewhere (outside a transaction only), a
+//! node that refuses connects is skipped, and a server lost mid-answer or mid-transaction
+//! fails the statement or the transaction with an ERROR while the client stays connected
+//! (08007 for a COMMIT in flight).
 
 use super::*;
 
@@ -108,19 +110,28 @@ async fn no_retry_inside_a_transaction() {
         .await;
     drop(primary);
 
-    // The transaction is gone with its server: the client hears it, and the session ends.
-    let got = client.until_closed().await;
-    assert_eq!(tags(&got), "EE");
+    // The transaction is gone with its server: the client hears the server's own error,
+    // as an ERROR, and its transaction is failed ('E'); its connection stays.
+    let got = client.until_ready().await;
+    assert_eq!(tags(&got), "EZ");
     assert_eq!(sqlstate(&got[0]), "57P01");
-    assert_eq!(sqlstate(&got[1]), "08006");
-    assert_eq!(severity(&got[1]), "FATAL");
+    assert_eq!(severity(&got[0]), "ERROR");
+    assert_eq!(got[1].1, b"E");
     // Sent nowhere else.
     assert!(!h.has_pending_connection(PRIMARY));
     assert!(!h.has_pending_connection(REPLICA));
+    // pgway answers the ROLLBACK itself; then the client goes on.
+    client.query("rollback").await;
+    let got = client.until_ready().await;
+    assert_eq!(tags(&got), "CZ");
+    assert_eq!(text(&got[0].1), "ROLLBACK");
+    assert_eq!(got[1].1, b"I");
+    assert!(!h.has_pending_connection(PRIMARY));
+    h.read_on_replica(&mut client).await;
 }
 
 #[tokio::test]
-async fn a_server_that_dies_mid_answer_ends_the_session_with_08006() {
+async fn a_server_that_dies_mid_answer_fails_the_statement_with_08006() {
     let mut h = Harness::new(2);
     let mut client = h.client().await;
     client.query("select 1").await;
@@ -131,11 +142,13 @@ async fn a_server_that_dies_mid_answer_ends_the_session_with_08006() {
     replica.send(out).await;
     drop(replica);
 
-    let got = client.until_closed().await;
-    assert_eq!(tags(&got), "TDE");
+    // Half answered: the statement fails, the connection stays.
+    let got = client.until_ready().await;
+    assert_eq!(tags(&got), "TDEZ");
     assert_eq!(sqlstate(&got[2]), "08006");
-    assert_eq!(severity(&got[2]), "FATAL");
-    // Half answered: not sent again anywhere.
+    assert_eq!(severity(&got[2]), "ERROR");
+    assert_eq!(got[3].1, b"I");
+    // Not sent again anywhere.
     assert!(!h.has_pending_connection(PRIMARY));
     assert!(!h.has_pending_connection(REPLICA));
     assert_eq!(h.idle(REPLICA), 0);
@@ -161,4 +174,91 @@ async fn a_read_goes_to_the_primary_when_the_replica_refuses_connects() {
     assert_eq!(tags(&client.until_ready().await), "TDCZ");
     assert!(!healthy(&h, REPLICA));
     assert_eq!(h.idle(PRIMARY), 1);
+}
+
+#[tokio::test]
+async fn a_read_whose_server_dies_before_answering_goes_elsewhere() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client.query("select 1").await;
+    let replica = h.accept(REPLICA).await;
+    // Killed: no message, the socket closes.
+    drop(replica);
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "select 1");
+    primary.answer_select("1", b'I').await;
+    assert_eq!(
+        tags(&client.until_ready().await),
+        "TDCZ",
+        "no error reaches the client"
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_whose_server_dies_fails_and_pgway_answers_its_rollback() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "begin");
+    primary.answer("BEGIN", b'T').await;
+    client.until_ready().await;
+    client.query("insert into t values (1)").await;
+    assert_eq!(primary.recv_query().await, "insert into t values (1)");
+    drop(primary);
+
+    let got = client.until_ready().await;
+    assert_eq!(tags(&got), "EZ");
+    assert_eq!(sqlstate(&got[0]), "08006");
+    assert_eq!(severity(&got[0]), "ERROR");
+    assert_eq!(got[1].1, b"E");
+    // Anything but the end of the transaction: 25P02, as PostgreSQL answers.
+    client.query("select 1").await;
+    let got = client.until_ready().await;
+    assert_eq!(tags(&got), "EZ");
+    assert_eq!(sqlstate(&got[0]), "25P02");
+    assert_eq!(got[1].1, b"E");
+    // A ROLLBACK sent with the extended protocol, as drivers do.
+    client
+        .send(wire::batch(&[
+            wire::parse("", "ROLLBACK"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ]))
+        .await;
+    let got = client.until_ready().await;
+    assert_eq!(tags(&got), "12CZ");
+    assert_eq!(text(&got[2].1), "ROLLBACK");
+    assert_eq!(got[3].1, b"I");
+    assert!(!h.has_pending_connection(PRIMARY));
+    // And on: a new transaction on a new connection.
+    client.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "begin");
+    primary.answer("BEGIN", b'T').await;
+    assert_eq!(client.until_ready().await[1].1, b"T");
+}
+
+#[tokio::test]
+async fn a_commit_whose_server_dies_is_resolution_unknown() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "begin");
+    primary.answer("BEGIN", b'T').await;
+    client.until_ready().await;
+    client.query("commit").await;
+    assert_eq!(primary.recv_query().await, "commit");
+    drop(primary);
+
+    let got = client.until_ready().await;
+    assert_eq!(tags(&got), "EZ");
+    assert_eq!(sqlstate(&got[0]), "08007");
+    assert_eq!(
+        got[1].1, b"I",
+        "the transaction is over, whatever its outcome"
+    );
+    h.read_on_replica(&mut client).await;
 }
