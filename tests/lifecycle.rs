@@ -80,29 +80,6 @@ fn with_shutdown_timeout(timeout: &str) -> GatewayOptions {
     }
 }
 
-/// The SQLSTATE of an ErrorResponse the client gets, followed by the connection closing.
-async fn fatal_then_close(conn: &mut RawConn) -> String {
-    let fields = conn
-        .expect_error_then_close()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        fields.get(&b'S').map(String::as_str),
-        Some("FATAL"),
-        "{fields:?}"
-    );
-    fields.get(&b'C').cloned().unwrap_or_default()
-}
-
-/// Runs `sql` and asserts it succeeded (no ErrorResponse); returns the transaction status.
-async fn run_ok(conn: &mut RawConn, sql: &str) -> u8 {
-    let replies = conn.query(sql).await;
-    if let Some(e) = replies.iter().find(|m| m.tag == b'E') {
-        panic!("{sql}: {:?}", e.fields());
-    }
-    replies.last().expect("ReadyForQuery").body[0]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_closes_idle_clients_and_lets_transactions_commit() {
     let cluster = Cluster::start_with_schema(0, "SET ROLE app;\nCREATE TABLE t (i int);\n");
@@ -110,7 +87,7 @@ async fn drain_closes_idle_clients_and_lets_transactions_commit() {
     let mut busy = RawConn::login(gw.port, APP_USER, APP_PASSWORD).await;
     let mut idle = RawConn::login(gw.port, APP_USER, APP_PASSWORD).await;
     assert_eq!(
-        run_ok(&mut busy, "begin; insert into t values (1)").await,
+        query_ok(&mut busy, "begin; insert into t values (1)").await,
         b'T'
     );
 
@@ -123,8 +100,8 @@ async fn drain_closes_idle_clients_and_lets_transactions_commit() {
         asked.elapsed()
     );
 
-    assert_eq!(run_ok(&mut busy, "insert into t values (2)").await, b'T');
-    assert_eq!(run_ok(&mut busy, "commit").await, b'I');
+    assert_eq!(query_ok(&mut busy, "insert into t values (2)").await, b'T');
+    assert_eq!(query_ok(&mut busy, "commit").await, b'I');
     // Between transactions now: told to go.
     assert_eq!(fatal_then_close(&mut busy).await, ADMIN_SHUTDOWN);
     assert!(
@@ -144,7 +121,7 @@ async fn transaction_open_past_the_deadline_gets_57p01() {
     let cluster = Cluster::start(0);
     let gw = InProcess::start(&cluster, &with_shutdown_timeout("2s"));
     let mut busy = RawConn::login(gw.port, APP_USER, APP_PASSWORD).await;
-    assert_eq!(run_ok(&mut busy, "begin; select 1").await, b'T');
+    assert_eq!(query_ok(&mut busy, "begin; select 1").await, b'T');
 
     gw.token.cancel();
     let asked = Instant::now();
@@ -267,12 +244,12 @@ async fn sighup_keeps_serving_and_sigterm_tells_idle_clients_and_exits_zero() {
     let mut pgway = Binary::start(&cluster, &GatewayOptions::default(), "info");
     pgway.wait_ready().await;
     let mut idle = RawConn::login(pgway.port, APP_USER, APP_PASSWORD).await;
-    assert_eq!(run_ok(&mut idle, "select 1").await, b'I');
+    assert_eq!(query_ok(&mut idle, "select 1").await, b'I');
 
     // SIGHUP reloads; the same file changes nothing and ends nothing.
     pgway.signal("HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(run_ok(&mut idle, "select 1").await, b'I', "after SIGHUP");
+    assert_eq!(query_ok(&mut idle, "select 1").await, b'I', "after SIGHUP");
 
     pgway.signal("TERM");
     assert_eq!(fatal_then_close(&mut idle).await, ADMIN_SHUTDOWN);
@@ -286,7 +263,7 @@ async fn sigint_gives_open_transactions_a_short_grace() {
     let mut pgway = Binary::start(&cluster, &with_shutdown_timeout("30s"), "info");
     pgway.wait_ready().await;
     let mut busy = RawConn::login(pgway.port, APP_USER, APP_PASSWORD).await;
-    assert_eq!(run_ok(&mut busy, "begin; select 1").await, b'T');
+    assert_eq!(query_ok(&mut busy, "begin; select 1").await, b'T');
 
     let asked = Instant::now();
     pgway.signal("INT");
@@ -319,7 +296,7 @@ async fn json_logs_carry_the_client_span() {
     });
     pgway.wait_ready().await;
     let mut client = RawConn::login(pgway.port, APP_USER, APP_PASSWORD).await;
-    run_ok(&mut client, "select 1").await;
+    query_ok(&mut client, "select 1").await;
     client.send_message(b'X', &[]).await;
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -376,13 +353,13 @@ async fn server_lifetime_recycles_connections_between_transactions() {
     );
 
     // Inside a transaction the connection stays, however old it gets.
-    assert_eq!(run_ok(&mut client, "begin").await, b'T');
+    assert_eq!(query_ok(&mut client, "begin").await, b'T');
     let in_txn = backend_pid(&mut client).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(backend_pid(&mut client).await, in_txn);
-    run_ok(&mut client, "select pg_sleep(0.2)").await;
+    query_ok(&mut client, "select pg_sleep(0.2)").await;
     assert_eq!(backend_pid(&mut client).await, in_txn);
-    assert_eq!(run_ok(&mut client, "commit").await, b'I');
+    assert_eq!(query_ok(&mut client, "commit").await, b'I');
     // Released past its lifetime at the COMMIT: closed.
     assert_ne!(backend_pid(&mut client).await, in_txn);
 }
@@ -456,8 +433,8 @@ async fn reload_changes_pool_size_and_password_while_a_client_stays_connected() 
     });
     pgway.wait_ready().await;
     let mut stays = RawConn::login(port, APP_USER, APP_PASSWORD).await;
-    assert_eq!(run_ok(&mut stays, "begin; select 1").await, b'T');
-    assert_eq!(run_ok(&mut stays, "commit").await, b'I');
+    assert_eq!(query_ok(&mut stays, "begin; select 1").await, b'T');
+    assert_eq!(query_ok(&mut stays, "commit").await, b'I');
 
     // pool.size = 1: three transactions at once share one server connection.
     assert_eq!(concurrent_pids(port, APP_PASSWORD, 3).await.len(), 1);
@@ -490,8 +467,8 @@ async fn reload_changes_pool_size_and_password_while_a_client_stays_connected() 
     // New server connections log in with the new password; three at once now.
     assert_eq!(concurrent_pids(port, NEW_PASSWORD, 3).await.len(), 3);
     // The client connected before the reload carried on throughout.
-    assert_eq!(run_ok(&mut stays, "begin; select 2").await, b'T');
-    assert_eq!(run_ok(&mut stays, "commit").await, b'I');
+    assert_eq!(query_ok(&mut stays, "begin; select 2").await, b'T');
+    assert_eq!(query_ok(&mut stays, "commit").await, b'I');
 
     // A bad file is refused with the key named; the running config stays.
     std::fs::write(&pgway.path, format!("bogus_key = 1\n{reloaded}")).expect("bad config");
@@ -524,7 +501,7 @@ async fn reload_changes_pool_size_and_password_while_a_client_stays_connected() 
             .ok_or(format!("{} connections", pids.len()))
     })
     .await;
-    assert_eq!(run_ok(&mut stays, "select 3").await, b'I');
+    assert_eq!(query_ok(&mut stays, "select 3").await, b'I');
 
     pgway.signal("TERM");
     assert!(pgway.wait_exit(Duration::from_secs(10)).success());

@@ -37,29 +37,6 @@ fn gateway(cluster: &Cluster, client: &str, user: &str) -> Gateway {
     })
 }
 
-/// The SQLSTATE of the FATAL a raw client gets before its connection closes.
-async fn fatal_code(conn: &mut RawConn) -> String {
-    let fields = conn
-        .expect_error_then_close()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        fields.get(&b'S').map(String::as_str),
-        Some("FATAL"),
-        "{fields:?}"
-    );
-    fields.get(&b'C').cloned().unwrap_or_default()
-}
-
-/// Runs `sql` on a raw connection; panics on an error; returns the transaction status.
-async fn run_ok(conn: &mut RawConn, sql: &str) -> u8 {
-    let replies = conn.query(sql).await;
-    if let Some(e) = replies.iter().find(|m| m.tag == b'E') {
-        panic!("{sql}: {:?}", e.fields());
-    }
-    replies.last().expect("ReadyForQuery").body[0]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_max_connections_an_ssl_request_is_answered_then_refused_with_53300() {
     let cluster = Cluster::start(0);
@@ -78,7 +55,7 @@ async fn over_max_connections_an_ssl_request_is_answered_then_refused_with_53300
         .expect("the SSLRequest's answer");
     assert_eq!((read, answer[0]), (1, b'N'));
     raw.send_startup(APP_USER, DB).await;
-    assert_eq!(fatal_code(&mut raw).await, "53300");
+    assert_eq!(fatal_then_close(&mut raw).await, "53300");
 
     let refused = try_connect(gw.port(), APP_USER, APP_PASSWORD)
         .await
@@ -110,7 +87,7 @@ async fn idle_timeout_closes_a_silent_client_between_transactions() {
     let cluster = Cluster::start(0);
     let gw = gateway(&cluster, "idle_timeout = \"1s\"", "");
     let mut quiet = RawConn::login(gw.port(), APP_USER, APP_PASSWORD).await;
-    assert_eq!(run_ok(&mut quiet, "select 1").await, b'I');
+    assert_eq!(query_ok(&mut quiet, "select 1").await, b'I');
     // A client that keeps talking stays (each message starts the wait again).
     let busy = connect(gw.port(), APP_USER, APP_PASSWORD).await;
     for _ in 0..6 {
@@ -119,7 +96,7 @@ async fn idle_timeout_closes_a_silent_client_between_transactions() {
             .await
             .expect("a busy client stays");
     }
-    assert_eq!(fatal_code(&mut quiet).await, "08P01");
+    assert_eq!(fatal_then_close(&mut quiet).await, "08P01");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,10 +105,10 @@ async fn idle_in_transaction_timeout_rolls_back_and_returns_the_server_connectio
     let gw = gateway(&cluster, "idle_in_transaction_timeout = \"1s\"", "");
     let mut holder = RawConn::login(gw.port(), APP_USER, APP_PASSWORD).await;
     assert_eq!(
-        run_ok(&mut holder, "begin; insert into t values (1)").await,
+        query_ok(&mut holder, "begin; insert into t values (1)").await,
         b'T'
     );
-    assert_eq!(fatal_code(&mut holder).await, "25P03");
+    assert_eq!(fatal_then_close(&mut holder).await, "25P03");
 
     // Rolled back, and the server connection went back to the pool rather than away:
     // the next client is served by the same backend, which is idle, not in a transaction.
@@ -150,7 +127,7 @@ async fn idle_in_transaction_timeout_rolls_back_and_returns_the_server_connectio
     // Outside a transaction the same client may stay silent (idle_timeout is off).
     let mut idle = RawConn::login(gw.port(), APP_USER, APP_PASSWORD).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(run_ok(&mut idle, "select 1").await, b'I');
+    assert_eq!(query_ok(&mut idle, "select 1").await, b'I');
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1622,3 +1622,26 @@ pub const AUTH_QUERY_SCHEMA: &str = "\
     CREATE ROLE dyn_nopass LOGIN;\n\
     CREATE TABLE dyn_t (i int);\n\
     GRANT ALL ON dyn_t TO dyn;\n";
+
+/// The SQLSTATE of an ErrorResponse the client gets, followed by the connection closing.
+pub async fn fatal_then_close(conn: &mut RawConn) -> String {
+    let fields = conn
+        .expect_error_then_close()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        fields.get(&b'S').map(String::as_str),
+        Some("FATAL"),
+        "{fields:?}"
+    );
+    fields.get(&b'C').cloned().unwrap_or_default()
+}
+
+/// Runs `sql` and asserts it succeeded (no ErrorResponse); returns the transaction status.
+pub async fn query_ok(conn: &mut RawConn, sql: &str) -> u8 {
+    let replies = conn.query(sql).await;
+    if let Some(e) = replies.iter().find(|m| m.tag == b'E') {
+        panic!("{sql}: {:?}", e.fields());
+    }
+    replies.last().expect("ReadyForQuery").body[0]
+}

@@ -482,17 +482,7 @@ fn a_bind_of_an_unknown_statement_then_flush_and_sync() {
         108, 98, 97, 99, 107, 0, 81, 0, 0, 0, 28, 115, 101, 108, 101, 99, 116, 32, 39, 112, 103,
         119, 97, 121, 45, 102, 117, 122, 122, 45, 101, 110, 100, 39, 0,
     ];
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let mut h = Harness::new(2);
-        serve_fake_nodes(&mut h);
-        tokio::time::timeout(CASE, session_case(&h, bytes))
-            .await
-            .expect("the session answers");
-    });
+    replay(bytes);
 }
 
 /// Found by `fuzz_session`: a pinned client (a session advisory lock) whose Bind failed
@@ -523,6 +513,11 @@ fn a_pin_check_waits_for_the_sync_of_a_failed_batch() {
         0, 0, 0, 28, 115, 101, 108, 101, 99, 116, 32, 39, 112, 103, 119, 97, 121, 45, 102, 117,
         122, 122, 45, 101, 110, 100, 39, 0,
     ];
+    replay(bytes);
+}
+
+/// Runs one recorded case against fresh pools, as `fuzz_session` did when it found it.
+fn replay(bytes: &[u8]) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
