@@ -48,6 +48,8 @@ pub mod sqlstate {
     /// `feature_not_supported` (a standby's "cannot access temporary or unlogged relations
     /// during recovery").
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// `40001` serialization_failure (also a standby's "conflict with recovery").
+    pub const SERIALIZATION_FAILURE: &str = "40001";
     /// `08007` transaction_resolution_unknown.
     pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
     /// `25P02` in_failed_sql_transaction.
@@ -283,6 +285,17 @@ pub fn is_read_only_refusal(frame: &[u8]) -> bool {
     code == sqlstate::READ_ONLY_SQL_TRANSACTION
         || code == sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE && message.contains("recovery")
         || code == sqlstate::FEATURE_NOT_SUPPORTED && message.contains("during recovery")
+}
+
+/// True for the ERROR by which a hot standby cancels a statement that holds back the
+/// replay of WAL (`40001` "canceling statement due to conflict with recovery", after
+/// `max_standby_streaming_delay`): the statement did not run to its end and may run
+/// elsewhere.
+pub fn is_recovery_conflict(frame: &[u8]) -> bool {
+    let (code, message) = messages::error_fields(frame);
+    code == sqlstate::SERIALIZATION_FAILURE
+        && message.contains("conflict with recovery")
+        && messages::error_severity(frame).is_some_and(|s| s == "ERROR")
 }
 
 /// True for a FATAL ErrorResponse by which a server says it is shutting down (or cannot

@@ -297,6 +297,12 @@ impl Collector for Sources {
             "Statements a replica refused, sent again to the primary.",
             self.router.replica_retries(),
         )?;
+        counter(
+            &mut encoder,
+            "pgway_recovery_conflict_retries",
+            "Reads a replica cancelled for a conflict with recovery, sent again to the primary.",
+            self.router.conflict_retries(),
+        )?;
         if let Some(cache) = &self.cache {
             let stats = cache.stats();
             let load = |n: &AtomicU64| n.load(Ordering::Relaxed);

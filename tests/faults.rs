@@ -1,8 +1,10 @@
-//! Server connections that die under pgway, against real servers: a pooled connection
-//! terminated while idle is replaced without the client noticing; one terminated under a
-//! statement fails that statement (an ERROR, not a closed connection) and the session goes
-//! on; one terminated inside a transaction fails the transaction, pgway answers its
-//! ROLLBACK and the session goes on.
+//! Server connections and servers that die under pgway, against real servers: a pooled
+//! connection terminated while idle is replaced without the client noticing; one
+//! terminated under a statement fails that statement (an ERROR, not a closed connection)
+//! and the session goes on; one terminated inside a transaction fails the transaction,
+//! pgway answers its ROLLBACK and the session goes on. A primary that dies under a
+//! transaction, or under a COMMIT, in a static topology; a replica killed under load; a
+//! read cancelled by a recovery conflict.
 
 #![allow(
     clippy::unwrap_used,
@@ -11,6 +13,10 @@
 )]
 
 mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use common::*;
 
@@ -132,4 +138,321 @@ async fn a_connection_terminated_inside_a_transaction_fails_it_and_pgway_answers
         "select string_agg(i::text, ',') from t",
     );
     assert_eq!(rows, "3");
+}
+
+/// The ErrorResponse among `replies`, its fields by code; and the transaction status of
+/// the ReadyForQuery that ends them.
+fn error_and_status(replies: &[BackendMessage]) -> (std::collections::HashMap<u8, String>, u8) {
+    let error = replies
+        .iter()
+        .find(|m| m.tag == b'E')
+        .unwrap_or_else(|| panic!("no ErrorResponse in {replies:?}"));
+    let last = replies.last().expect("ReadyForQuery");
+    assert_eq!(last.tag, b'Z', "{replies:?}");
+    (error.fields(), last.body[0])
+}
+
+/// Waits until `count` backends on the server at `port` run a statement starting with
+/// `prefix`, and returns their pids.
+async fn running(cluster: &Cluster, port: u16, prefix: &str, count: usize) -> Vec<String> {
+    eventually("the statements to run", WAIT, async || {
+        let pids = cluster.psql_admin(
+            port,
+            &format!(
+                "select string_agg(pid::text, ',') from pg_stat_activity \
+                 where state = 'active' and query like '{prefix}%'"
+            ),
+        );
+        let pids: Vec<String> = pids
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect();
+        (pids.len() >= count)
+            .then_some(pids.clone())
+            .ok_or(format!("{pids:?}"))
+    })
+    .await
+}
+
+/// pgway in front of `cluster` (static topology) that waits at most 2 s for a primary.
+fn gateway_short_failover(cluster: &Cluster) -> Gateway {
+    Gateway::start_toml(|listen| {
+        gateway_toml(cluster, listen, "127.0.0.1:0", &GatewayOptions::default())
+            + "failover_timeout = \"2s\"\n"
+    })
+}
+
+/// The primary dies (killed: `pg_ctl stop -m immediate`) with a statement of a transaction
+/// in flight: the client gets an ERROR and ReadyForQuery 'E', pgway answers its ROLLBACK;
+/// reads go on at the replica while writes get a clear error; once the replica is
+/// promoted the same session writes again, and nothing of the lost transaction exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_dying_under_a_transaction_fails_it_and_the_session_goes_on() {
+    let mut cluster = Cluster::start_with_schema(1, "SET ROLE app;\nCREATE TABLE t (i int);\n");
+    let gw = gateway_short_failover(&cluster);
+    gw.wait_for_replica_reads(&cluster).await;
+    let replica = cluster.replica_ports()[0];
+    let mut raw = RawConn::login(gw.port(), APP_USER, APP_PASSWORD).await;
+    assert_eq!(
+        query_ok(&mut raw, "begin; insert into t values (1)").await,
+        b'T'
+    );
+    raw.send_message(b'Q', b"select pg_sleep(60)\0").await;
+    running(&cluster, cluster.primary_port(), "select pg_sleep(60)", 1).await;
+
+    cluster.kill_primary();
+
+    let (fields, status) = error_and_status(&raw.until_ready().await);
+    assert_eq!(
+        fields.get(&b'S').map(String::as_str),
+        Some("ERROR"),
+        "{fields:?}"
+    );
+    assert_eq!(
+        fields.get(&b'C').map(String::as_str),
+        Some("08006"),
+        "{fields:?}"
+    );
+    assert_eq!(status, b'E');
+    let (fields, status) = error_and_status(&raw.query("select 1").await);
+    assert_eq!(
+        fields.get(&b'C').map(String::as_str),
+        Some("25P02"),
+        "{fields:?}"
+    );
+    assert_eq!(status, b'E');
+    assert_eq!(query_ok(&mut raw, "rollback").await, b'I');
+
+    // Reads go on at the replica; a write finds no primary and says so.
+    let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    for _ in 0..5 {
+        assert_eq!(served_by(&client).await, replica);
+    }
+    let e = client
+        .batch_execute("insert into t values (2)")
+        .await
+        .expect_err("no primary to write to");
+    assert_eq!(sqlstate(&e), "08006", "{e:?}");
+    assert!(
+        describe_error(&e).contains("no primary"),
+        "{}",
+        describe_error(&e)
+    );
+
+    // A promoted replica takes the writes, from the same session.
+    cluster.promote_replica(0);
+    let rows = eventually("a write after the promotion", WAIT, async || {
+        let replies = raw
+            .query("insert into t values (3) returning inet_server_port()")
+            .await;
+        match replies.iter().find(|m| m.tag == b'E') {
+            Some(e) => Err(format!("{:?}", e.fields())),
+            None => Ok(replies),
+        }
+    })
+    .await;
+    let port = rows
+        .iter()
+        .find(|m| m.tag == b'D')
+        .map(|m| String::from_utf8_lossy(&m.body[6..]).into_owned());
+    assert_eq!(port, Some(replica.to_string()));
+    let rows = cluster.psql_admin(replica, "select string_agg(i::text, ',') from t");
+    assert_eq!(rows, "3", "the lost transaction left nothing behind");
+}
+
+/// The primary dies while a COMMIT, and an autocommit INSERT, wait for a synchronous
+/// standby: both may have committed, so both get 08007 (transaction resolution unknown),
+/// not a plain connection error. Once the primary is back, the rows are there: committed
+/// locally before it died, as PostgreSQL's own warning would have said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_in_flight_when_the_primary_dies_gets_08007() {
+    let mut cluster = Cluster::start_with_schema(1, "SET ROLE app;\nCREATE TABLE t (i int);\n");
+    let gw = gateway_short_failover(&cluster);
+    gw.wait_for_replica_reads(&cluster).await;
+    let primary = cluster.primary_port();
+    let mut raw = RawConn::login(gw.port(), APP_USER, APP_PASSWORD).await;
+    assert_eq!(
+        query_ok(&mut raw, "begin; insert into t values (1)").await,
+        b'T'
+    );
+    // Commits now wait for a synchronous standby that never comes.
+    cluster.psql_admin(
+        primary,
+        "alter system set synchronous_standby_names = 'nobody';\nselect pg_reload_conf();",
+    );
+    eventually("synchronous_standby_names to apply", WAIT, async || {
+        let value = cluster.psql_admin(primary, "show synchronous_standby_names");
+        (value == "nobody").then_some(()).ok_or(value)
+    })
+    .await;
+    raw.send_message(b'Q', b"commit\0").await;
+    let writer = {
+        let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+        tokio::spawn(async move {
+            let result = client.batch_execute("insert into t values (2)").await;
+            (client, result)
+        })
+    };
+    eventually("both to wait for the standby", WAIT, async || {
+        let waiting = cluster.psql_admin(
+            primary,
+            "select count(*) from pg_stat_activity where wait_event = 'SyncRep'",
+        );
+        (waiting == "2").then_some(()).ok_or(waiting)
+    })
+    .await;
+
+    cluster.kill_primary();
+
+    let (fields, status) = error_and_status(&raw.until_ready().await);
+    assert_eq!(
+        fields.get(&b'C').map(String::as_str),
+        Some("08007"),
+        "{fields:?}"
+    );
+    assert_eq!(status, b'I');
+    let (writer, result) = writer.await.unwrap();
+    let e = result.expect_err("the write's outcome is unknown");
+    assert_eq!(sqlstate(&e), "08007", "{e:?}");
+    // Both sessions go on.
+    assert_eq!(query_ok(&mut raw, "select 1").await, b'I');
+    assert_eq!(simple_value(&writer, "select 2").await.unwrap(), "2");
+
+    cluster.start_primary();
+    let rows = cluster.psql_admin(primary, "select string_agg(i::text, ',' order by i) from t");
+    assert_eq!(
+        rows, "1,2",
+        "both had committed locally before the primary died"
+    );
+}
+
+/// Clients reading through pgway while the replica is killed: reads in flight on it and
+/// new ones go to the primary, and not one client sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_under_load_costs_no_client_an_error() {
+    let mut cluster = Cluster::start(1);
+    let gw = Gateway::start(&cluster);
+    gw.wait_for_replica_reads(&cluster).await;
+    let primary = cluster.primary_port();
+    let replica = cluster.replica_ports()[0];
+    let stop = Arc::new(AtomicBool::new(false));
+    let served: Arc<Mutex<BTreeMap<u16, usize>>> = Arc::default();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut readers = Vec::new();
+    for r in 0..8 {
+        let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+        let (stop, served, errors) = (stop.clone(), served.clone(), errors.clone());
+        readers.push(tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                // Simple and extended protocol in turn.
+                let port = if (r + i).is_multiple_of(2) {
+                    try_served_by(&client).await
+                } else {
+                    client
+                        .query_one("select inet_server_port()", &[])
+                        .await
+                        .map(|row| row.get::<_, i32>(0) as u16)
+                };
+                match port {
+                    Ok(port) => *served.lock().unwrap().entry(port).or_default() += 1,
+                    Err(e) => errors.lock().unwrap().push(describe_error(&e)),
+                }
+                i += 1;
+            }
+        }));
+    }
+    let count = |port: u16| served.lock().unwrap().get(&port).copied().unwrap_or(0);
+    eventually("reads on the replica", WAIT, async || {
+        (count(replica) >= 200)
+            .then_some(())
+            .ok_or(count(replica).to_string())
+    })
+    .await;
+
+    cluster.kill_replica(0);
+
+    let before = count(primary);
+    eventually("reads to go on at the primary", WAIT, async || {
+        let after = count(primary) - before;
+        (after >= 500).then_some(()).ok_or(after.to_string())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} client errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+}
+
+/// A read cancelled on the replica by a recovery conflict (the replica must replay a lock
+/// its relation is held under; `max_standby_streaming_delay = 0` cancels at once) before
+/// any of its answer reached the client runs again on the primary: the client gets the
+/// primary's answer and no error, in both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cancelled_by_a_recovery_conflict_runs_again_on_the_primary() {
+    let cluster = Cluster::start_with_conf(1, "max_standby_streaming_delay = 0\n");
+    cluster.psql_admin(
+        cluster.primary_port(),
+        "SET ROLE app;\nCREATE TABLE t (i int);\nINSERT INTO t VALUES (1);\n",
+    );
+    cluster.wait_replay();
+    let gw = Gateway::start(&cluster);
+    gw.wait_for_replica_reads(&cluster).await;
+    let replica = cluster.replica_ports()[0];
+    let client = Arc::new(connect(gw.port(), APP_USER, APP_PASSWORD).await);
+    let sql = "/* pgway:replica */ select pg_is_in_recovery()::text, count(*)::text \
+               from t, pg_sleep(2)";
+    for extended in [false, true] {
+        let read = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                if extended {
+                    client
+                        .query_one(sql, &[])
+                        .await
+                        .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
+                } else {
+                    simple_rows(&client, sql).await.map(|rows| {
+                        (
+                            rows[0][0].clone().unwrap_or_default(),
+                            rows[0][1].clone().unwrap_or_default(),
+                        )
+                    })
+                }
+            })
+        };
+        running(&cluster, replica, "/* pgway:replica */", 1).await;
+        // The replica replays an ACCESS EXCLUSIVE lock on t, which its read holds.
+        cluster.psql_admin(
+            cluster.primary_port(),
+            "begin;\nlock table t in access exclusive mode;\ncommit;",
+        );
+        let answer = read
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("extended {extended}: {}", describe_error(&e)));
+        assert_eq!(
+            answer,
+            ("false".to_owned(), "1".to_owned()),
+            "extended {extended}: answered by the primary"
+        );
+        let why = simple_value(&client, "show pgway.last_route")
+            .await
+            .unwrap();
+        assert!(why.contains("recovery"), "{why}");
+    }
+    let replica_log =
+        std::fs::read_to_string(cluster.dir().join("replica0.log")).unwrap_or_default();
+    assert!(
+        replica_log.contains("conflict with recovery"),
+        "the replica cancelled the reads"
+    );
 }

@@ -183,6 +183,7 @@ async fn topology(State(views): State<Views>) -> Json<Value> {
         "nodes": nodes,
         "read_your_writes": outcomes,
         "replica_retries": views.router.replica_retries(),
+        "recovery_conflict_retries": views.router.conflict_retries(),
         "cache_streams": views.cache.as_deref().map(streams),
     }))
 }

@@ -41,6 +41,7 @@ pub struct Router {
     plain_read: Arc<Classification>,
     /// Statements a replica refused as writes, sent again to the primary.
     replica_retries: std::sync::atomic::AtomicU64,
+    conflict_retries: std::sync::atomic::AtomicU64,
     /// The result cache is on: every statement is classified in full (the fast path knows
     /// no tables).
     cache_facts: bool,
@@ -72,6 +73,7 @@ impl Router {
             }),
             cache_facts: false,
             replica_retries: std::sync::atomic::AtomicU64::new(0),
+            conflict_retries: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -197,6 +199,20 @@ impl Router {
     /// How many statements replicas refused as writes (each sent again to the primary).
     pub fn replica_retries(&self) -> u64 {
         self.replica_retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A replica cancelled a read for a conflict with recovery; it was sent again to the
+    /// primary.
+    pub fn count_conflict_retry(&self) {
+        self.conflict_retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many reads replicas cancelled for recovery conflicts (each sent again to the
+    /// primary).
+    pub fn conflict_retries(&self) -> u64 {
+        self.conflict_retries
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 

@@ -38,6 +38,8 @@ pub enum Why {
     FloorNotReplayed(Duration),
     /// A replica refused it as a write; it ran on the primary.
     RefusedByReplica,
+    /// A replica cancelled it for a conflict with recovery; it ran here.
+    RecoveryConflict,
     /// Answered from the result cache.
     Cache,
 }
@@ -77,6 +79,9 @@ impl std::fmt::Display for Why {
             Why::RefusedByReplica => {
                 f.write_str("primary: a replica refused it as a write, so it ran here")
             }
+            Why::RecoveryConflict => f.write_str(
+                "primary: a replica cancelled it for a conflict with recovery, so it ran here",
+            ),
             Why::Cache => f.write_str("cache: answered from pgway's result cache"),
         }
     }

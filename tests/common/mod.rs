@@ -483,14 +483,14 @@ impl Cluster {
     /// Stops replica `i` (`pg_ctl stop -m fast`).
     pub fn stop_replica(&mut self, i: usize) {
         let root = self.root.clone();
-        let node = &mut self.replicas[i];
-        run_ok(
-            server_command("pg_ctl", &root)
-                .arg("-D")
-                .arg(&node.data)
-                .args(["-m", "fast", "-w", "-t", "60", "stop"]),
-        );
-        node.running = false;
+        stop_node(&root, &mut self.replicas[i], "fast");
+    }
+
+    /// Kills replica `i` as a crash would (`pg_ctl stop -m immediate`: its backends exit
+    /// at once, without a shutdown checkpoint).
+    pub fn kill_replica(&mut self, i: usize) {
+        let root = self.root.clone();
+        stop_node(&root, &mut self.replicas[i], "immediate");
     }
 
     /// Starts replica `i` again (on the same port) and waits until it accepts connections.
@@ -501,13 +501,20 @@ impl Cluster {
 
     /// Stops the primary (`pg_ctl stop -m fast`).
     pub fn stop_primary(&mut self) {
-        run_ok(
-            server_command("pg_ctl", &self.root)
-                .arg("-D")
-                .arg(&self.primary.data)
-                .args(["-m", "fast", "-w", "-t", "60", "stop"]),
-        );
-        self.primary.running = false;
+        let root = self.root.clone();
+        stop_node(&root, &mut self.primary, "fast");
+    }
+
+    /// Kills the primary as a crash would (`pg_ctl stop -m immediate`).
+    pub fn kill_primary(&mut self) {
+        let root = self.root.clone();
+        stop_node(&root, &mut self.primary, "immediate");
+    }
+
+    /// Starts the primary again (on the same port) and waits until it accepts connections.
+    pub fn start_primary(&mut self) {
+        let root = self.root.clone();
+        start_node(&root, &mut self.primary);
     }
 
     /// Makes stopped replica `i` stream from the server at `port` (a promoted replica) when
@@ -609,6 +616,17 @@ fn append(path: &Path, text: &str) {
 }
 
 /// Writes the node's port (the last `port =` line wins) and starts it with `pg_ctl -w`.
+/// Stops `node` with `pg_ctl stop -m <mode>` (`fast` or `immediate`).
+fn stop_node(root: &Path, node: &mut Node, mode: &str) {
+    run_ok(
+        server_command("pg_ctl", root)
+            .arg("-D")
+            .arg(&node.data)
+            .args(["-m", mode, "-w", "-t", "60", "stop"]),
+    );
+    node.running = false;
+}
+
 fn start_node(root: &Path, node: &mut Node) {
     append(
         &node.data.join("postgresql.conf"),

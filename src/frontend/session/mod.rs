@@ -259,8 +259,10 @@ struct Request {
     on_replica: bool,
     /// Part of its answer was sent to the client.
     flushed: bool,
-    /// The replica refused it as a write before the client saw any of its answer.
-    refused_by_replica: bool,
+    /// The replica gave it up before the client saw any of its answer (refused it as a
+    /// write, or cancelled it for a recovery conflict): the rest of the answer is
+    /// swallowed and the request goes to the primary.
+    redo: Option<Redo>,
     /// It was sent again to the primary after a replica refused it.
     retried_on_primary: bool,
     /// It asks about `pgway.last_route`: its own route is not recorded.
@@ -290,7 +292,7 @@ impl Request {
         self.completed = 0;
         self.on_replica = false;
         self.flushed = false;
-        self.refused_by_replica = false;
+        self.redo = None;
         self.commits = false;
         self.copies = false;
         self.wal_deferred = false;
@@ -308,6 +310,17 @@ impl Request {
         self.may_write = false;
         self.begin_attempt(false, 0);
     }
+}
+
+/// Why a replica's answer to a request was swallowed, to send the request to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redo {
+    /// The replica refused it as a write (`25006`, "recovery is in progress"): pgway took
+    /// a write for a read, and learns from it.
+    Write,
+    /// The replica cancelled it for a conflict with recovery (`40001`). The primary has no
+    /// such conflicts, and every replica replays the same WAL that caused this one.
+    RecoveryConflict,
 }
 
 /// `[client]` timeouts of a session, `Duration::ZERO` where off.

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use tracing::{info, warn};
 
-use super::{expire, Copy, Session, SessionError, State};
-use crate::error::{is_read_only_refusal, is_shutdown, ClientError};
+use super::{expire, Copy, Redo, Session, SessionError, State};
+use crate::error::{is_read_only_refusal, is_recovery_conflict, is_shutdown, ClientError};
 use crate::frontend::cancel::{send_cancel, CancelTarget};
 use crate::net::NetError;
 use crate::protocol::frame::{frame_len, put_frame};
@@ -73,6 +73,17 @@ pub(super) enum Expect {
     /// the statement exists. Skipped after an error (the Parse failed, or the server
     /// skipped it), the client's name is forgotten again, as PostgreSQL never created it.
     Defines(Vec<u8>),
+}
+
+/// Whether a replica's ErrorResponse gives the request up to the primary, and why.
+fn redo_of(frame: &[u8]) -> Option<Redo> {
+    if is_read_only_refusal(frame) {
+        Some(Redo::Write)
+    } else if is_recovery_conflict(frame) {
+        Some(Redo::RecoveryConflict)
+    } else {
+        None
+    }
 }
 
 /// A reply pgway gives itself: a message with an empty body (ParseComplete, CloseComplete).
@@ -217,12 +228,13 @@ impl Session<'_> {
             b'E' if self.request.on_replica
                 && self.request.can_retry
                 && !self.request.flushed
-                && is_read_only_refusal(frame) =>
+                && redo_of(frame).is_some() =>
             {
-                // A replica refused what pgway took for a read, before the client saw any
-                // of it: the rest of the answer is swallowed, and the request goes to the
-                // primary (see `send_request`).
-                self.request.refused_by_replica = true;
+                // A replica refused what pgway took for a read, or cancelled it for a
+                // recovery conflict, before the client saw any of it: the rest of the
+                // answer is swallowed, and the request goes to the primary (see
+                // `send_request`).
+                self.request.redo = redo_of(frame);
                 if let Some((kind, _, _)) = head {
                     if !kind.survives_error() {
                         self.expected.pop_front();
@@ -230,7 +242,7 @@ impl Session<'_> {
                     }
                 }
             }
-            _ if self.request.refused_by_replica => {
+            _ if self.request.redo.is_some() => {
                 if let Some((kind, _, _)) = head {
                     if kind.ends_with(tag) {
                         self.expected.pop_front();
@@ -386,7 +398,7 @@ impl Session<'_> {
             let done = self.expected.is_empty() && !in_copy;
             // Replies pgway made itself wait for the server's first answer, so a request
             // can still be sent elsewhere if the server shuts down without answering.
-            if !self.request.refused_by_replica
+            if self.request.redo.is_none()
                 && (done || self.request.answered || !self.request.can_retry)
             {
                 if self.out.len() > self.request.out_mark {

@@ -2,9 +2,10 @@
 //! another connection, if its server shut down before answering), relay the answer.
 
 use bytes::BytesMut;
+use tracing::info;
 
 use super::freshness::{self, ReadHints};
-use super::{effects, expire, Session, SessionError, State};
+use super::{effects, expire, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
 use crate::net::{recycle_buffer, take_buffer};
@@ -392,11 +393,17 @@ impl Session<'_> {
                     attempt += 1;
                     self.abandon_server();
                 }
-                Ok(()) if self.request.refused_by_replica && attempt < MAX_RETRIES => {
+                Ok(()) if attempt < MAX_RETRIES => {
+                    let Some(redo) = self.request.redo else {
+                        return self.request_done(plan).await;
+                    };
                     attempt += 1;
-                    self.give_back_refused();
+                    self.give_back_refused(redo);
                     target = Target::Primary;
-                    self.reroute(Why::RefusedByReplica);
+                    self.reroute(match redo {
+                        Redo::Write => Why::RefusedByReplica,
+                        Redo::RecoveryConflict => Why::RecoveryConflict,
+                    });
                 }
                 Err(SessionError::ServerLost(cause)) if self.survives_server_loss() => {
                     self.server_died(&cause, plan.ready).await?;
@@ -404,43 +411,59 @@ impl Session<'_> {
                 }
                 other => {
                     other?;
-                    if let Some(registered) = &self.registered {
-                        registered.entry.queried(plan.statements);
-                    }
-                    if plan.ready {
-                        self.shared.metrics.query(if self.request.on_replica {
-                            Route::Replica
-                        } else {
-                            Route::Primary
-                        });
-                    }
-                    if self.request.wal_deferred {
-                        self.ask_deferred_wal_position().await?;
-                    }
-                    if plan.relay {
-                        if self.request.check_pins {
-                            self.unpin_if_unbound().await?;
-                        }
-                        self.maybe_release();
-                    }
-                    return Ok(Ok(()));
+                    return self.request_done(plan).await;
                 }
             }
         }
     }
 
-    /// A replica refused the request as a write: nothing of it reached the client. The
+    /// A request answered: counted, its WAL position asked if deferred, and its server
+    /// connection released if nothing holds it.
+    async fn request_done(&mut self, plan: Plan) -> Result<Result<(), ClientError>, SessionError> {
+        if let Some(registered) = &self.registered {
+            registered.entry.queried(plan.statements);
+        }
+        if plan.ready {
+            self.shared.metrics.query(if self.request.on_replica {
+                Route::Replica
+            } else {
+                Route::Primary
+            });
+        }
+        if self.request.wal_deferred {
+            self.ask_deferred_wal_position().await?;
+        }
+        if plan.relay {
+            if self.request.check_pins {
+                self.unpin_if_unbound().await?;
+            }
+            self.maybe_release();
+        }
+        Ok(Ok(()))
+    }
+
+    /// A replica gave the request up (see [`Redo`]): nothing of it reached the client. The
     /// connection (idle again) goes back to its pool, what the attempt noted is forgotten,
-    /// and the request is counted, logged and remembered as a write.
-    fn give_back_refused(&mut self) {
+    /// and the request is counted; one refused as a write is remembered as a write.
+    fn give_back_refused(&mut self, redo: Redo) {
         self.out.truncate(self.request.out_mark);
         for name in self.request.named.drain(..) {
             self.statements.remove(&name);
         }
         self.request.reset();
-        self.request.retried_on_primary = true;
         self.maybe_release();
-        self.shared.router.count_replica_retry();
+        match redo {
+            Redo::Write => {
+                self.request.retried_on_primary = true;
+                self.shared.router.count_replica_retry();
+            }
+            Redo::RecoveryConflict => {
+                self.span.in_scope(|| {
+                    info!("a replica cancelled a read for a recovery conflict; sending it to the primary");
+                });
+                self.shared.router.count_conflict_retry();
+            }
+        }
     }
 
     /// Nothing of a request sent now can have taken effect if its server shuts down before
