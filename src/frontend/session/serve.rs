@@ -34,6 +34,18 @@ struct Plan {
     statements: u64,
 }
 
+/// A malformed Parse, Describe or Close is refused as it arrives (FATAL 08P01), as
+/// PostgreSQL refuses it, not when its batch runs: its length may have swallowed the Sync
+/// that would run the batch.
+fn check_batch_frame(frame: &[u8]) -> Result<(), SessionError> {
+    match frame[0] {
+        b'P' => messages::Parse::decode(frame).map(drop),
+        b'D' | b'C' => messages::Target::decode(frame).map(drop),
+        _ => Ok(()),
+    }
+    .map_err(SessionError::protocol)
+}
+
 impl Session<'_> {
     pub(super) async fn serve(&mut self) -> Result<(), SessionError> {
         loop {
@@ -42,6 +54,7 @@ impl Session<'_> {
                 b'Q' => self.on_query(frame).await?,
                 b'F' => self.on_function_call(frame).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    check_batch_frame(&frame)?;
                     self.batch_bytes += frame.len();
                     self.batch.push(frame);
                     if self.batch_bytes > MAX_BATCH_BYTES {
