@@ -44,13 +44,19 @@ impl From<crate::protocol::FrameError> for BackendError {
 impl BackendError {
     /// True when the node itself is unreachable (not a refusal of these credentials).
     pub fn is_node_down(&self) -> bool {
-        use crate::error::sqlstate::{CANNOT_CONNECT_NOW, CONNECTION_EXCEPTION_CLASS};
+        use crate::error::sqlstate::{
+            ADMIN_SHUTDOWN, CANNOT_CONNECT_NOW, CONNECTION_EXCEPTION_CLASS, CRASH_SHUTDOWN,
+        };
         match self {
             Self::Net(_) | Self::Timeout(_) => true,
             // Cannot connect now (starting up, shutting down, in recovery without hot
-            // standby), or a connection exception.
+            // standby), a shutdown that caught the login half-way, or a connection
+            // exception.
             Self::Server { code, .. } => {
-                code == CANNOT_CONNECT_NOW || code.starts_with(CONNECTION_EXCEPTION_CLASS)
+                code == CANNOT_CONNECT_NOW
+                    || code == ADMIN_SHUTDOWN
+                    || code == CRASH_SHUTDOWN
+                    || code.starts_with(CONNECTION_EXCEPTION_CLASS)
             }
             Self::Protocol(_) => false,
         }
@@ -379,6 +385,22 @@ impl ServerConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_login_cut_short_by_a_shutdown_means_the_node_is_down() {
+        let refusal = |code: &str| BackendError::Server {
+            code: code.to_owned(),
+            message: String::new(),
+        };
+        // Shutting down or starting up, a shutdown during the login, a crash.
+        for down in ["57P03", "57P01", "57P02", "08006"] {
+            assert!(refusal(down).is_node_down(), "{down}");
+        }
+        // A refusal of these credentials or this database says nothing of the node.
+        for up in ["28P01", "3D000", "53300"] {
+            assert!(!refusal(up).is_node_down(), "{up}");
+        }
+    }
 
     #[test]
     fn statement_cache_evicts_least_recently_used() {

@@ -258,6 +258,7 @@ impl Session<'_> {
                 {
                     floor.raise(position);
                     self.last_write = position;
+                    self.position_lost = false;
                 }
                 self.out.extend_from_slice(&ready);
             }
@@ -277,11 +278,12 @@ impl Session<'_> {
     /// current position.
     pub(super) fn apply_read_hints(&mut self, hints: ReadHints, target: Target) -> bool {
         self.request.min_position = hints.min_lsn;
-        target == Target::Replica && hints.fresh
+        target == Target::Replica && (hints.fresh || self.position_lost)
     }
 
-    /// A `pgway:fresh` read: under the primary's current position (one look-up serves
-    /// every read waiting for one), or, if that fails, on the primary.
+    /// A `pgway:fresh` read (or the first read after a write whose position was lost):
+    /// under the primary's current position (one look-up serves every read waiting for
+    /// one), or, if that fails, on the primary.
     pub(super) async fn fresh_target(&mut self, target: Target) -> Target {
         let shared = self.shared;
         let Some(primary) = shared.topology.primary() else {
@@ -291,6 +293,13 @@ impl Session<'_> {
         match shared.replay.primary_position(&primary, wait).await {
             Some(position) => {
                 self.request.min_position = self.request.min_position.max(position);
+                if std::mem::take(&mut self.position_lost) {
+                    // The primary's position now covers the write whose own was lost.
+                    if let Some(floor) = &self.floor {
+                        floor.raise(position);
+                    }
+                    self.last_write = self.last_write.max(position);
+                }
                 target
             }
             None => Target::Primary,

@@ -11,6 +11,10 @@
 //!   whether the server committed before it died.
 //! - Anything else (a read whose answer had started) gets 08006 and ReadyForQuery `I`.
 //!
+//! - A request answered whole whose server died under pgway's own WAL position query
+//!   after it (read-your-writes) gets its ReadyForQuery: it succeeded. The next read looks
+//!   up the primary's position before it goes to a replica.
+//!
 //! An unsynced batch gets the error now and its ReadyForQuery at its Sync (SkipToSync).
 //! A pinned client (session state on that server) or one in COPY still loses its
 //! connection (FATAL 08006): what it relied on is gone.
@@ -38,6 +42,14 @@ impl Session<'_> {
         cause: &str,
         ready: bool,
     ) -> Result<(), SessionError> {
+        if self
+            .request
+            .held_ready
+            .as_ref()
+            .is_some_and(|ready| ready.get(5) == Some(&b'I'))
+        {
+            return self.position_lost(cause).await;
+        }
         let status = self.state.status();
         let unknown = self.request.commits || (status == b'I' && self.request.may_write);
         let error = if unknown {
@@ -52,18 +64,7 @@ impl Session<'_> {
         } else {
             b'I'
         };
-        if let Some(link) = std::mem::replace(&mut self.state, State::Idle).link() {
-            let addr = &link.conn.addr;
-            self.span.in_scope(|| {
-                warn!(node = %addr, %cause, code = error.sqlstate(), "server connection lost under a request; the client is told and goes on");
-            });
-            // One backend may have been terminated on a healthy node: the node's health
-            // check runs now and takes it out of rotation only if it is down.
-            self.shared.topology.wake(addr);
-        }
-        self.cancel.clear();
-        self.expected.clear();
-        self.to_server.clear();
+        self.drop_lost_server(cause, error.sqlstate());
         for name in self.request.named.drain(..) {
             self.statements.remove(&name);
         }
@@ -86,6 +87,41 @@ impl Session<'_> {
         } else {
             self.state = State::SkipToSync(after);
         }
+        self.flush().await
+    }
+
+    /// Lets go of the server connection lost under the request (`code`: what the client is
+    /// told) and of what was owed to it.
+    fn drop_lost_server(&mut self, cause: &str, code: &str) {
+        if let Some(link) = std::mem::replace(&mut self.state, State::Idle).link() {
+            let addr = &link.conn.addr;
+            self.span.in_scope(|| {
+                warn!(node = %addr, %cause, code, "server connection lost under a request; the client is told and goes on");
+            });
+            // One backend may have been terminated on a healthy node: the node's health
+            // check runs now and takes it out of rotation only if it is down.
+            self.shared.topology.wake(addr);
+        }
+        self.cancel.clear();
+        self.expected.clear();
+        self.to_server.clear();
+    }
+
+    /// The request was answered whole, its transaction over (its ReadyForQuery `I` is
+    /// held), and only pgway's WAL position query after it went with the server: the
+    /// client gets its ReadyForQuery, not an error. What it wrote committed at a position
+    /// pgway does not know, so the next read looks up the primary's (`position_lost`).
+    async fn position_lost(&mut self, cause: &str) -> Result<(), SessionError> {
+        self.drop_lost_server(cause, "none: the request was answered");
+        let Some(ready) = self.request.held_ready.take() else {
+            return Ok(());
+        };
+        let kept = std::mem::take(&mut self.request.kept_writes) && !self.txn.rolled_back;
+        self.end_written(kept, 0);
+        self.position_lost |= kept && self.floor.is_some();
+        self.request.reset();
+        self.txn = Transaction::default();
+        self.out.extend_from_slice(&ready);
         self.flush().await
     }
 

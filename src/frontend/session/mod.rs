@@ -428,6 +428,10 @@ pub struct Session<'a> {
     floor: Option<Floor>,
     /// The WAL position of this connection's last write (0: none yet).
     last_write: u64,
+    /// A write committed but its WAL position went with its server (see `lost.rs`): the
+    /// next read looks up the primary's position first, as `pgway:fresh` does, and raises
+    /// the floor to it.
+    position_lost: bool,
     /// `pgway.min_lsn`: a position every read of the session must see (0: none).
     min_lsn: u64,
     /// Where the last statement went and why (`SHOW pgway.last_route`).
@@ -486,6 +490,7 @@ impl<'a> Session<'a> {
             pools: Vec::new(),
             floor,
             last_write: 0,
+            position_lost: false,
             min_lsn,
             last_route: Why::Nothing,
             cache,

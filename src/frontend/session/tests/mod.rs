@@ -92,7 +92,17 @@ impl Harness {
     /// Read-your-writes is off (its WAL position queries would be in every script);
     /// `freshness.rs` tests it.
     pub(super) fn with_wait_timeout(pool_size: usize, wait_timeout: &str) -> Self {
-        Self::with_config(&format!(
+        Self::with_config(&Self::config(pool_size, wait_timeout, "off"))
+    }
+
+    /// Like [`Self::new`] with read-your-writes on (scope `read_your_writes`): every
+    /// committing write is followed by pgway's WAL position query.
+    pub(super) fn with_read_your_writes(read_your_writes: &str) -> Self {
+        Self::with_config(&Self::config(2, "300ms", read_your_writes))
+    }
+
+    fn config(pool_size: usize, wait_timeout: &str, read_your_writes: &str) -> String {
+        format!(
             r#"
             listen = "127.0.0.1:0"
             admin_listen = "127.0.0.1:0"
@@ -108,9 +118,9 @@ impl Harness {
             nodes = ["{PRIMARY}", "{REPLICA}"]
             failover_timeout = "300ms"
             [routing]
-            read_your_writes = "off"
+            read_your_writes = "{read_your_writes}"
             "#
-        ))
+        )
     }
 
     /// The nodes of `config` (a static topology), primary and replica as their names say.

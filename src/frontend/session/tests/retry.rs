@@ -262,3 +262,32 @@ async fn a_commit_whose_server_dies_is_resolution_unknown() {
     );
     h.read_on_replica(&mut client).await;
 }
+
+#[tokio::test]
+async fn a_write_whose_position_query_dies_with_its_server_succeeds() {
+    let mut h = Harness::with_read_your_writes("user");
+    let mut client = h.client().await;
+    client.query("insert into t values (1)").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "insert into t values (1)");
+    assert_eq!(
+        primary.recv_query().await,
+        "SELECT pg_catalog.pg_current_wal_insert_lsn()"
+    );
+    // The write commits and is answered; the server dies under the position query.
+    primary.answer("INSERT 0 1", b'I').await;
+    drop(primary);
+
+    let got = client.until_ready().await;
+    assert_eq!(tags(&got), "CZ", "the write succeeded: no error");
+    assert_eq!(got[1].1, b"I");
+    // Its position is unknown: the next read looks the primary's up first (no primary
+    // answers it here), and goes to the primary rather than to a replica that may not
+    // have the write.
+    client.query("select 1").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "select 1");
+    primary.answer_select("1", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    assert!(!h.has_pending_connection(REPLICA));
+}
