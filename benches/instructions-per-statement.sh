@@ -10,6 +10,8 @@
 #
 # Run it after benches/compare.sh, which leaves its configs in .bench/run; the PostgreSQL
 # pair is started if it is stopped. PGWAY_BINARY defaults to target/release/pgway.
+# With PROFILE_OUT=FILE, the callgrind dump of the measured 20,000 statements is kept
+# there: `callgrind_annotate --inclusive=yes FILE` shows where they went, by function.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -66,5 +68,8 @@ count_after 500
 short=$COUNT
 count_after 2500
 long=$COUNT
+if [[ -n ${PROFILE_OUT:-} ]]; then
+    cp "$OUT/cg.$VPID.$DUMPS" "$PROFILE_OUT"
+fi
 awk -v s="$short" -v l="$long" -v b="$(basename "$BIN")" \
     'BEGIN {printf "%s: %.0f instructions per statement (pgbench -S -c 8, callgrind)\n", b, (l - s) / 16000}'
