@@ -10,7 +10,8 @@
 #
 # Run it after benches/compare.sh, which leaves its configs in .bench/run; the PostgreSQL
 # pair is started if it is stopped. PGWAY_BINARY defaults to target/release/pgway.
-# With PROFILE_OUT=FILE, the callgrind dump of the measured 20,000 statements is kept
+# PROTOCOL=prepared (or extended) runs pgbench with -M PROTOCOL instead of the simple
+# protocol. With PROFILE_OUT=FILE, the callgrind dump of the measured 20,000 statements is kept
 # there: `callgrind_annotate --inclusive=yes FILE` shows where they went, by function.
 set -euo pipefail
 
@@ -21,6 +22,7 @@ PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
 BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 BIN=${1:-$REPO/target/release/pgway}
+PROTOCOL=${PROTOCOL:-simple}
 
 die() {
     echo "instructions-per-statement: ERROR: $*" >&2
@@ -55,7 +57,7 @@ done
 # pgbench -S -c 8 -t TRANSACTIONS.
 DUMPS=0
 count_after() {
-    PGPASSWORD=app-secret pgbench -n -S -c 8 -j 2 -t "$1" -h 127.0.0.1 -p "$PORT" -U app bench \
+    PGPASSWORD=app-secret pgbench -n -S -M "$PROTOCOL" -c 8 -j 2 -t "$1" -h 127.0.0.1 -p "$PORT" -U app bench \
         >"$OUT/pgbench.log" 2>&1 || die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
     callgrind_control -d "$VPID" >/dev/null
     DUMPS=$((DUMPS + 1))
@@ -71,5 +73,5 @@ long=$COUNT
 if [[ -n ${PROFILE_OUT:-} ]]; then
     cp "$OUT/cg.$VPID.$DUMPS" "$PROFILE_OUT"
 fi
-awk -v s="$short" -v l="$long" -v b="$(basename "$BIN")" \
-    'BEGIN {printf "%s: %.0f instructions per statement (pgbench -S -c 8, callgrind)\n", b, (l - s) / 16000}'
+awk -v s="$short" -v l="$long" -v b="$(basename "$BIN")" -v m="$PROTOCOL" \
+    'BEGIN {printf "%s: %.0f instructions per statement (pgbench -S -M %s -c 8, callgrind)\n", b, (l - s) / 16000, m}'
