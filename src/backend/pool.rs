@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -78,6 +79,34 @@ pub struct Pool {
     params: OnceLock<Arc<Vec<(String, String)>>>,
     /// Shared by every pool: how long clients waited for a slot.
     waits: Arc<WaitHistogram>,
+    /// `pool.server_lifetime` and `pool.server_idle_timeout`, read on every lend and
+    /// return: kept here (set again by a reload) rather than read through `settings`.
+    lifetimes: Lifetimes,
+}
+
+/// `pool.server_lifetime` and `pool.server_idle_timeout` in nanoseconds (0: never).
+#[derive(Debug, Default)]
+struct Lifetimes {
+    lifetime: AtomicU64,
+    idle_timeout: AtomicU64,
+}
+
+impl Lifetimes {
+    fn set(&self, settings: &PoolConfig) {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.lifetime
+            .store(nanos(settings.server_lifetime), Ordering::Relaxed);
+        self.idle_timeout
+            .store(nanos(settings.server_idle_timeout), Ordering::Relaxed);
+    }
+
+    fn lifetime(&self) -> Duration {
+        Duration::from_nanos(self.lifetime.load(Ordering::Relaxed))
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed))
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -99,8 +128,14 @@ impl Pool {
         connector: Arc<dyn Connector>,
         waits: Arc<WaitHistogram>,
     ) -> Self {
-        let size = account.pool_size.unwrap_or(settings.load().size);
+        let lifetimes = Lifetimes::default();
+        let size = {
+            let settings = settings.load();
+            lifetimes.set(&settings);
+            account.pool_size.unwrap_or(settings.size)
+        };
         Self {
+            lifetimes,
             waits,
             capacity: Capacity::new(size),
             key,
@@ -198,7 +233,7 @@ impl Pool {
                 .unwrap_or(None);
             let Some(mut conn) = candidate else { break };
             // Past its lifetime or parked too long: closed (dropped) instead of lent.
-            if self.expired(&self.settings.load(), &conn, Instant::now()) {
+            if self.expired(&conn, Instant::now()) {
                 tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing an expired server connection");
                 continue;
             }
@@ -246,16 +281,16 @@ impl Pool {
     }
 
     /// Older than `pool.server_lifetime` (`0s`: never).
-    fn too_old(&self, settings: &PoolConfig, conn: &ServerConn, now: Instant) -> bool {
-        let lifetime = settings.server_lifetime;
+    fn too_old(&self, conn: &ServerConn, now: Instant) -> bool {
+        let lifetime = self.lifetimes.lifetime();
         !lifetime.is_zero() && now.saturating_duration_since(conn.created) >= lifetime
     }
 
     /// A parked connection to close rather than lend: past its lifetime, or unused for
     /// `pool.server_idle_timeout` (`0s`: never).
-    fn expired(&self, settings: &PoolConfig, conn: &ServerConn, now: Instant) -> bool {
-        let idle_timeout = settings.server_idle_timeout;
-        self.too_old(settings, conn, now)
+    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
+        let idle_timeout = self.lifetimes.idle_timeout();
+        self.too_old(conn, now)
             || (!idle_timeout.is_zero()
                 && now.saturating_duration_since(conn.parked) >= idle_timeout)
     }
@@ -264,12 +299,11 @@ impl Pool {
     /// many. The sockets are closed after the list is unlocked.
     pub fn close_expired(&self) -> usize {
         let now = Instant::now();
-        let settings = self.settings.load();
         let expired: Vec<Box<ServerConn>> = match self.idle.lock() {
             Ok(mut idle) => {
                 let (gone, keep) = std::mem::take(&mut *idle)
                     .into_iter()
-                    .partition(|conn| self.expired(&settings, conn, now));
+                    .partition(|conn| self.expired(conn, now));
                 *idle = keep;
                 gone
             }
@@ -316,7 +350,7 @@ impl PooledConn {
     pub fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
             let now = Instant::now();
-            if self.pool.too_old(&self.pool.settings.load(), &conn, now) {
+            if self.pool.too_old(&conn, now) {
                 // Dropped: closed, its slot freed by our own drop.
                 tracing::debug!(addr = %self.pool.key.addr, pid = conn.pid, "closing a server connection past pool.server_lifetime");
                 return;
@@ -458,6 +492,10 @@ impl Pools {
     /// accounts of other users, learned through `auth_query`, stay).
     pub fn reconfigure(&self, settings: PoolConfig, accounts: Vec<(String, Account)>) {
         self.settings.store(Arc::new(settings));
+        let settings = self.settings.load();
+        for pool in self.all() {
+            pool.lifetimes.set(&settings);
+        }
         let mut known: HashMap<String, Account> = lock(&self.accounts).clone();
         for (user, account) in accounts {
             known.insert(user, account);

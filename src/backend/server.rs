@@ -1,7 +1,6 @@
 //! One connection from pgway to a PostgreSQL server: connect, log in, remember what the
 //! server told us (parameters, cancel key) and which statements are prepared on it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -131,7 +130,7 @@ impl std::fmt::Debug for Login<'_> {
 /// Least-recently-used set of statements prepared on one server connection, by content hash.
 #[derive(Debug, Default)]
 pub struct StatementCache {
-    entries: HashMap<u64, u64>,
+    entries: foldhash::HashMap<u64, u64>,
     tick: u64,
 }
 
@@ -183,9 +182,17 @@ impl StatementCache {
 }
 
 /// The server-side name pgway gives a statement with this content hash.
-pub fn statement_name(hash: u64) -> Vec<u8> {
-    format!("pgway_{hash:016x}").into_bytes()
+pub fn statement_name(hash: u64) -> [u8; STATEMENT_NAME_LEN] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut name = *b"pgway_0000000000000000";
+    for (i, digit) in name[6..].iter_mut().enumerate() {
+        *digit = HEX[((hash >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    name
 }
+
+/// The length of [`statement_name`]: `pgway_` and 16 hex digits.
+pub const STATEMENT_NAME_LEN: usize = 22;
 
 /// A logged-in server connection.
 #[derive(Debug)]
@@ -385,6 +392,16 @@ impl ServerConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statement_names_are_pgway_and_the_hash_in_hex() {
+        for hash in [0, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
+            assert_eq!(
+                statement_name(hash).to_vec(),
+                format!("pgway_{hash:016x}").into_bytes()
+            );
+        }
+    }
 
     #[test]
     fn a_login_cut_short_by_a_shutdown_means_the_node_is_down() {

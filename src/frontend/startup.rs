@@ -455,11 +455,11 @@ async fn greeting(
             return Ok(hit);
         }
     }
-    let wait = shared.config.load().topology.failover_timeout();
-    let pool_for = |addr: &str| shared.pools.get(addr, database, user);
+    let wait = || shared.config.load().topology.failover_timeout();
+    let pool_for = |addr: &str, _| shared.pools.get(addr, database, user);
     let pool = match shared
         .topology
-        .with_node(Want::Any, Duration::ZERO, pool_for)
+        .with_node(Want::Any, || Duration::ZERO, pool_for)
         .await
     {
         Some(pool) => pool,

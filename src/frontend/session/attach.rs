@@ -45,12 +45,13 @@ impl Session<'_> {
     async fn take_connection(&mut self, target: Target) -> Result<(), ClientError> {
         let shared = self.shared;
         let topology = &shared.topology;
-        let wait = shared.config.load().topology.failover_timeout();
+        let wait = || shared.config.load().topology.failover_timeout();
         let mut want = match target {
             Target::Replica => Want::Replica,
             Target::Primary => Want::Primary,
         };
-        let mut attempts = topology.node_count() + 1;
+        // Counted down from the number of nodes once a connect fails.
+        let mut attempts: Option<usize> = None;
         loop {
             // A read under a read-your-writes floor: a replica that has replayed it, else
             // the primary.
@@ -69,20 +70,20 @@ impl Session<'_> {
                 },
                 _ => None,
             };
-            let index = match caught_up {
-                Some(addr) => self.pool_index(&addr),
+            let (index, primary) = match caught_up {
+                Some(addr) => {
+                    let primary = topology.with_primary(|primary| *primary == *addr);
+                    (self.pool_index(&addr), primary.unwrap_or(false))
+                }
                 None => topology
-                    .with_node(want, wait, |addr| self.pool_index(addr))
+                    .with_node(want, wait, |addr, primary| (self.pool_index(addr), primary))
                     .await
-                    .ok_or(ClientError::NoPrimary(wait))?,
+                    .ok_or_else(|| ClientError::NoPrimary(wait()))?,
             };
             let (addr, pool) = &self.pools[index];
             let addr = Arc::clone(addr);
             // A read may land on the primary when no replica takes reads.
-            let replica = want == Want::Replica
-                && !topology
-                    .with_primary(|primary| *primary == *addr)
-                    .unwrap_or(false);
+            let replica = want == Want::Replica && !primary;
             match pool.acquire().await {
                 Ok(conn) => {
                     let active = self
@@ -105,12 +106,17 @@ impl Session<'_> {
                     self.sync_settings();
                     return Ok(());
                 }
-                Err(PoolError::Connect(e)) if e.is_node_down() && attempts > 1 => {
+                Err(PoolError::Connect(e))
+                    if e.is_node_down()
+                        && *attempts.get_or_insert_with(|| topology.node_count() + 1) > 1 =>
+                {
                     self.span.in_scope(|| {
                         warn!(node = %addr, cause = %e, "node unreachable; taking it out of rotation");
                     });
                     topology.take_out_of_rotation(&addr, &shared.pools);
-                    attempts -= 1;
+                    if let Some(left) = &mut attempts {
+                        *left -= 1;
+                    }
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -66,7 +66,7 @@ mod serve;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -407,7 +407,7 @@ pub struct Session<'a> {
     request: Request,
     txn: Transaction,
     /// Named prepared statements, by the client's name.
-    statements: HashMap<Vec<u8>, Arc<Prepared>>,
+    statements: foldhash::HashMap<Vec<u8>, Arc<Prepared>>,
     /// The unnamed prepared statement.
     unnamed: Option<Arc<Prepared>>,
     /// Extended-protocol messages collected until Sync or Flush.
@@ -480,7 +480,7 @@ impl<'a> Session<'a> {
             expected: VecDeque::new(),
             request: Request::default(),
             txn: Transaction::default(),
-            statements: HashMap::new(),
+            statements: foldhash::HashMap::default(),
             unnamed: None,
             batch: Vec::new(),
             batch_bytes: 0,

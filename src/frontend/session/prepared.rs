@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use super::freshness::{self, ReadHints};
 use super::relay::{local_reply, Expect, Reply};
 use super::{effects, Session, SessionError, State};
-use crate::backend::server::statement_name;
+use crate::backend::server::{statement_name, STATEMENT_NAME_LEN};
 use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse};
@@ -42,7 +42,7 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    fn server_name(&self) -> Vec<u8> {
+    fn server_name(&self) -> [u8; STATEMENT_NAME_LEN] {
         statement_name(self.hash)
     }
 }
@@ -333,7 +333,10 @@ impl Session<'_> {
     /// The server-side name for the client's statement `name`, preparing it on the
     /// attached connection first if needed. `None`: send the name unchanged (a statement
     /// the client never prepared, for which the server gives its usual error).
-    fn server_statement(&mut self, name: &[u8]) -> Result<Option<Vec<u8>>, SessionError> {
+    fn server_statement(
+        &mut self,
+        name: &[u8],
+    ) -> Result<Option<[u8; STATEMENT_NAME_LEN]>, SessionError> {
         if name.is_empty() {
             let client_id = self.cancel.pid as u64;
             let Some(prepared) = self.unnamed.clone() else {
@@ -352,13 +355,15 @@ impl Session<'_> {
             }
             return Ok(None);
         }
-        let Some(prepared) = self.statements.get(name).cloned() else {
+        let Some(hash) = self.statements.get(name).map(|prepared| prepared.hash) else {
             return Ok(None);
         };
-        if !self.server_mut()?.statements.touch(prepared.hash) {
-            self.prepare_on_server(&prepared, false)?;
+        if !self.server_mut()?.statements.touch(hash) {
+            if let Some(prepared) = self.statements.get(name).cloned() {
+                self.prepare_on_server(&prepared, false)?;
+            }
         }
-        Ok(Some(prepared.server_name()))
+        Ok(Some(statement_name(hash)))
     }
 
     /// `DEALLOCATE name` / `DEALLOCATE ALL` of protocol-level statements, which live in
