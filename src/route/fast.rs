@@ -18,36 +18,70 @@ enum Keyword {
     Reject,
     /// A `(` after it opens a subquery or a list, not a function call.
     ParenOk,
+    /// `CASE`: opens an expression that `END` closes (a `(` after it is fine too).
+    Case,
+    /// `END`: closes a `CASE`; anywhere else it ends a transaction (`select 1 end` is two
+    /// statements to the parser).
+    End,
     /// Anything else: an identifier, or a keyword that changes nothing here.
     Other,
 }
 
-/// The longest keyword [`keyword`] knows (`intersect`).
-const MAX_KEYWORD_LEN: usize = 9;
+/// Packs a word of at most 8 bytes into a `u64`, first byte highest, each byte with its
+/// `0x20` bit set: ASCII letters become lower case, and no other byte that can be part of
+/// a word (digits, `_`, `$`, non-ASCII) becomes a letter, so keywords compare exactly.
+const fn pack(word: &[u8]) -> u64 {
+    let mut key = 0u64;
+    let mut i = 0;
+    while i < word.len() {
+        key = (key << 8) | (word[i] | 0x20) as u64;
+        i += 1;
+    }
+    key
+}
 
-/// Classifies `word` (any case). One `match` on a lower-cased copy on the stack: this runs
-/// for every word of every simple query.
+/// The keywords the scan knows, packed (see [`pack`]), and what each means. One `match`
+/// on an integer: this runs for every word of every simple query.
+macro_rules! keywords {
+    ($($kind:ident: $($name:ident = $word:literal),+;)+) => {
+        mod packed {
+            $($(pub(super) const $name: u64 = super::pack($word);)+)+
+        }
+
+        fn packed_keyword(key: u64) -> Keyword {
+            match key {
+                $($(packed::$name)|+ => Keyword::$kind,)+
+                _ => Keyword::Other,
+            }
+        }
+    };
+}
+
+keywords! {
+    Reject: INTO = b"into", FOR = b"for", WITH = b"with", INSERT = b"insert",
+        UPDATE = b"update", DELETE = b"delete", MERGE = b"merge", COPY = b"copy",
+        LOCK = b"lock", SHARE = b"share", NOWAIT = b"nowait", TABLE = b"table", DO = b"do",
+        CALL = b"call", VALUES = b"values";
+    ParenOk: IN = b"in", ANY = b"any", ALL = b"all", SOME = b"some", EXISTS = b"exists",
+        AND = b"and", OR = b"or", NOT = b"not", ON = b"on", WHERE = b"where", FROM = b"from",
+        JOIN = b"join", SELECT = b"select", AS = b"as", WHEN = b"when", THEN = b"then",
+        ELSE = b"else", BETWEEN = b"between", LATERAL = b"lateral", BY = b"by",
+        HAVING = b"having", DISTINCT = b"distinct", UNION = b"union", EXCEPT = b"except",
+        IS = b"is", LIKE = b"like", ILIKE = b"ilike";
+    Case: CASE = b"case";
+    End: END = b"end";
+}
+
+/// Classifies `word` (any case).
 fn keyword(word: &[u8]) -> Keyword {
     // System catalogs and views (`pg_prepared_xacts`, ...): the parser decides.
     if word.len() > 3 && word[..3].eq_ignore_ascii_case(b"pg_") {
         return Keyword::Reject;
     }
-    if word.len() > MAX_KEYWORD_LEN {
-        return Keyword::Other;
-    }
-    let mut lower = [0u8; MAX_KEYWORD_LEN];
-    for (l, b) in lower.iter_mut().zip(word) {
-        *l = b.to_ascii_lowercase();
-    }
-    match &lower[..word.len()] {
-        b"into" | b"for" | b"with" | b"insert" | b"update" | b"delete" | b"merge" | b"copy"
-        | b"lock" | b"share" | b"nowait" | b"table" | b"do" | b"call" | b"values" => {
-            Keyword::Reject
-        }
-        b"in" | b"any" | b"all" | b"some" | b"exists" | b"and" | b"or" | b"not" | b"on"
-        | b"where" | b"from" | b"join" | b"select" | b"as" | b"when" | b"then" | b"else"
-        | b"case" | b"between" | b"lateral" | b"by" | b"having" | b"distinct" | b"union"
-        | b"except" | b"intersect" | b"is" | b"like" | b"ilike" => Keyword::ParenOk,
+    match word.len() {
+        0..=8 => packed_keyword(pack(word)),
+        // The one longer keyword.
+        9 if word.eq_ignore_ascii_case(b"intersect") => Keyword::ParenOk,
         _ => Keyword::Other,
     }
 }
@@ -106,6 +140,8 @@ pub fn is_plain_select(sql: &str) -> bool {
     }
     // What the last word was, if the previous token was a word.
     let mut last_word: Option<Keyword> = None;
+    // `CASE` expressions open.
+    let mut cases = 0usize;
     while i < bytes.len() {
         let b = bytes[i];
         let c = class(b);
@@ -121,8 +157,14 @@ pub fn is_plain_select(sql: &str) -> bool {
                 return false;
             }
             let word = keyword(&bytes[start..i]);
-            if word == Keyword::Reject {
-                return false;
+            match word {
+                Keyword::Reject => return false,
+                Keyword::Case => cases += 1,
+                Keyword::End => match cases.checked_sub(1) {
+                    Some(open) => cases = open,
+                    None => return false,
+                },
+                _ => {}
             }
             last_word = Some(word);
         } else if c & DIGIT != 0 {
@@ -170,7 +212,9 @@ pub fn is_plain_select(sql: &str) -> bool {
                     return bytes[i + 1..].iter().all(|&b| class(b) == SPACE);
                 }
                 b'(' => {
-                    if last_word.is_some_and(|word| word != Keyword::ParenOk) {
+                    if last_word
+                        .is_some_and(|word| !matches!(word, Keyword::ParenOk | Keyword::Case))
+                    {
                         return false;
                     }
                     i += 1;
@@ -328,10 +372,15 @@ mod tests {
         "select 1",
         "SELECT a FROM t INTERSECT (SELECT b FROM u) UNION\t(select c from v)",
         "select 1.5e3, 0x1F from t where n between 1 and 2",
+        "select case when a then (case b when 1 then 2 end) else 3 END from t",
     ];
 
     const NO: &[&str] = &[
         "select nextval('s')",
+        // Found by `fuzz_fast_path_accepts_only_reads`: `END` outside a `CASE` is a
+        // statement of its own (a COMMIT) to the parser.
+        "select aordeer end ord ordeer e",
+        "select case when a then 1 end end",
         // Found by `fuzz_fast_path_accepts_only_reads`: the classifier reports a session
         // effect for any mention of a pgway setting.
         "select not pgway.last_route",
@@ -376,6 +425,12 @@ mod tests {
         assert_eq!(keyword(b"intersects"), Keyword::Other);
         assert_eq!(keyword(b"int"), Keyword::Other);
         assert_eq!(keyword(b"pgbench_accounts"), Keyword::Other);
+        assert_eq!(keyword(b"Case"), Keyword::Case);
+        assert_eq!(keyword(b"END"), Keyword::End);
+        // Bytes that are not letters never pack to a keyword's letters.
+        assert_eq!(keyword(b"i_"), Keyword::Other);
+        assert_eq!(keyword(b"o\x92"), Keyword::Other);
+        assert_eq!(keyword(b"\0in"), Keyword::Other);
     }
 
     #[test]

@@ -34,14 +34,13 @@ struct Plan {
     statements: u64,
 }
 
-/// A malformed Parse, Describe or Close is refused as it arrives (FATAL 08P01), as
-/// PostgreSQL refuses it, not when its batch runs: its length may have swallowed the Sync
-/// that would run the batch.
+/// A malformed Parse, Describe or Close (the only messages given here) is refused as it
+/// arrives (FATAL 08P01), as PostgreSQL refuses it, not when its batch runs: its length
+/// may have swallowed the Sync that would run the batch.
 fn check_batch_frame(frame: &[u8]) -> Result<(), SessionError> {
     match frame[0] {
         b'P' => messages::Parse::decode(frame).map(drop),
-        b'D' | b'C' => messages::Target::decode(frame).map(drop),
-        _ => Ok(()),
+        _ => messages::Target::decode(frame).map(drop),
     }
     .map_err(SessionError::protocol)
 }
@@ -54,7 +53,9 @@ impl Session<'_> {
                 b'Q' => self.on_query(frame).await?,
                 b'F' => self.on_function_call(frame).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
-                    check_batch_frame(&frame)?;
+                    if matches!(frame[0], b'P' | b'D' | b'C') {
+                        check_batch_frame(&frame)?;
+                    }
                     self.batch_bytes += frame.len();
                     self.batch.push(frame);
                     if self.batch_bytes > MAX_BATCH_BYTES {
