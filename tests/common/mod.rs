@@ -234,13 +234,24 @@ pub async fn eventually<T>(
 /// A free loopback TCP port below the kernel's ephemeral range (32768+), so that a server
 /// restarted on the same port never collides with a client socket's ephemeral port.
 fn free_port(taken: &mut Vec<StdTcpListener>) -> u16 {
+    // Ports handed out in this process: a server may start seconds after its port was
+    // picked (a replica, after initdb and the base backup), and a cluster started meanwhile
+    // by a test running in parallel must not pick the same one.
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let seed = RandomState::new();
     for attempt in 0u64..1000 {
         let mut h = seed.build_hasher();
         h.write_u64(attempt);
         h.write_u32(std::process::id());
         let port = 15000 + (h.finish() % 17000) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
         if let Ok(l) = StdTcpListener::bind(("127.0.0.1", port)) {
+            handed_out.push(port);
             // Keep it bound until the caller has picked all its ports.
             taken.push(l);
             return port;

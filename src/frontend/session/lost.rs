@@ -116,6 +116,13 @@ impl Session<'_> {
         let Some(ready) = self.request.held_ready.take() else {
             return Ok(());
         };
+        if std::mem::take(&mut self.request.ask_seen) {
+            // A cacheable read whose position went with its server: not stored, since
+            // later hits could not be held to what this client saw.
+            if let (Some(fill), Some(cache)) = (self.fill.take(), &self.shared.cache) {
+                cache.abandon(fill);
+            }
+        }
         let kept = std::mem::take(&mut self.request.kept_writes) && !self.txn.rolled_back;
         self.end_written(kept, 0);
         self.position_lost |= kept && self.floor.is_some();
