@@ -10,7 +10,6 @@
 //!   08007, transaction resolution unknown, and ReadyForQuery `I`: pgway cannot know
 //!   whether the server committed before it died.
 //! - Anything else (a read whose answer had started) gets 08006 and ReadyForQuery `I`.
-//!
 //! - A request answered whole whose server died under pgway's own WAL position query
 //!   after it (read-your-writes) gets its ReadyForQuery: it succeeded. The next read looks
 //!   up the primary's position before it goes to a replica.
