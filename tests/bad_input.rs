@@ -296,18 +296,7 @@ impl Framing {
 async fn reach(port: u16, phase: Phase) -> Result<RawConn, String> {
     Ok(match phase {
         Phase::Connected => RawConn::connect(port).await,
-        Phase::AwaitingPassword(user) => {
-            let mut raw = RawConn::connect(port).await;
-            raw.send_startup(user, DB).await;
-            let m = raw.recv_message().await;
-            if m.tag != b'R' || m.auth_code() == 0 {
-                return Err(format!(
-                    "expected a password request, got '{}'",
-                    m.tag as char
-                ));
-            }
-            raw
-        }
+        Phase::AwaitingPassword(user) => RawConn::awaiting_password(port, user).await?,
         Phase::LoggedIn => RawConn::login(port, APP_USER, APP_PASSWORD).await,
         Phase::InTransaction | Phase::MidBatch | Phase::InCopy => {
             let mut raw = RawConn::login(port, APP_USER, APP_PASSWORD).await;

@@ -49,18 +49,7 @@ fn cat(parts: &[&[u8]]) -> Vec<u8> {
 async fn try_bad_input(port: u16, case: &BadInput) -> Result<(), String> {
     let mut raw = match case.phase {
         Phase::Connected => RawConn::connect(port).await,
-        Phase::AwaitingPassword(user) => {
-            let mut raw = RawConn::connect(port).await;
-            raw.send_startup(user, DB).await;
-            let m = raw.recv_message().await;
-            if m.tag != b'R' || m.auth_code() == 0 {
-                return Err(format!(
-                    "expected a password request, got '{}'",
-                    m.tag as char
-                ));
-            }
-            raw
-        }
+        Phase::AwaitingPassword(user) => RawConn::awaiting_password(port, user).await?,
         Phase::LoggedIn => RawConn::login(port, APP_USER, APP_PASSWORD).await,
     };
     raw.send(&case.bytes).await;

@@ -238,13 +238,6 @@ impl TopologyHandle {
             .collect()
     }
 
-    /// Calls `f` with the address of a replica that may take reads (as [`Self::replica`]
-    /// picks it), without taking a reference to the shared address.
-    pub fn with_replica<R>(&self, f: impl FnOnce(&str) -> R) -> Option<R> {
-        let topology = self.current.load();
-        self.pick_replica(&topology).map(|n| f(&n.addr))
-    }
-
     /// Round-robin over the readable replicas. The rotation is counted per thread, so
     /// picking writes nothing that other worker threads share.
     fn pick_replica<'t>(&self, topology: &'t Topology) -> Option<&'t Node> {

@@ -1285,6 +1285,20 @@ impl RawConn {
         }
     }
 
+    /// Connects and sends a StartupMessage for `user`, up to pgway's password request.
+    pub async fn awaiting_password(port: u16, user: &str) -> Result<RawConn, String> {
+        let mut raw = RawConn::connect(port).await;
+        raw.send_startup(user, DB).await;
+        let m = raw.recv_message().await;
+        if m.tag != b'R' || m.auth_code() == 0 {
+            return Err(format!(
+                "expected a password request, got '{}'",
+                m.tag as char
+            ));
+        }
+        Ok(raw)
+    }
+
     /// Connects and logs in as `user` to `appdb` (SCRAM-SHA-256, md5 or cleartext, as the
     /// server asks), reading up to the first ReadyForQuery.
     pub async fn login(port: u16, user: &str, password: &str) -> RawConn {

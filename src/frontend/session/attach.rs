@@ -50,8 +50,8 @@ impl Session<'_> {
             Target::Replica => Want::Replica,
             Target::Primary => Want::Primary,
         };
-        // Counted down from the number of nodes once a connect fails.
-        let mut attempts: Option<usize> = None;
+        // Nodes found down so far: each is tried once.
+        let mut down = 0;
         loop {
             // A read under a read-your-writes floor: a replica that has replayed it, else
             // the primary.
@@ -106,17 +106,12 @@ impl Session<'_> {
                     self.sync_settings();
                     return Ok(());
                 }
-                Err(PoolError::Connect(e))
-                    if e.is_node_down()
-                        && *attempts.get_or_insert_with(|| topology.node_count() + 1) > 1 =>
-                {
+                Err(PoolError::Connect(e)) if e.is_node_down() && down < topology.node_count() => {
                     self.span.in_scope(|| {
                         warn!(node = %addr, cause = %e, "node unreachable; taking it out of rotation");
                     });
                     topology.take_out_of_rotation(&addr, &shared.pools);
-                    if let Some(left) = &mut attempts {
-                        *left -= 1;
-                    }
+                    down += 1;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -165,6 +160,12 @@ impl Session<'_> {
         self.cancel.clear();
         self.expected.clear();
         self.to_server.clear();
+        self.forget_attempt();
+    }
+
+    /// Forgets an attempt the client saw nothing of, to send the request again: its
+    /// replies held back, the statement names it added, what it noted.
+    pub(super) fn forget_attempt(&mut self) {
         self.out.truncate(self.request.out_mark);
         for name in self.request.named.drain(..) {
             self.statements.remove(&name);

@@ -460,11 +460,7 @@ impl Session<'_> {
     /// connection (idle again) goes back to its pool, what the attempt noted is forgotten,
     /// and the request is counted; one refused as a write is remembered as a write.
     fn give_back_refused(&mut self, redo: Redo) {
-        self.out.truncate(self.request.out_mark);
-        for name in self.request.named.drain(..) {
-            self.statements.remove(&name);
-        }
-        self.request.reset();
+        self.forget_attempt();
         self.maybe_release();
         match redo {
             Redo::Write => {
