@@ -2,8 +2,10 @@
 # A/B of two pgway builds on the same machine, interleaved: pgbench -S with 1 client
 # (latency) and with 32 clients (tps) against build A, then build B, round after round, each
 # build started fresh on compare.sh's config and port. Prints every run and, per round, B's
-# ratio to A; the medians at the end. For "did this change move the hot path?", where
-# compare.sh answers "how does pgway stand against the others?".
+# ratio to A; the medians at the end. With 32 clients it also prints each build's user CPU
+# time per statement (from /proc/PID/stat), which moves less from run to run than tps does.
+# For "did this change move the hot path?", where compare.sh answers "how does pgway stand
+# against the others?".
 #
 #   benches/ab.sh OLD_BINARY NEW_BINARY
 #
@@ -57,20 +59,31 @@ stop() {
     PID=
 }
 
-# run BINARY CLIENTS: prints the latency (1 client, ms) or the tps (more clients).
+# User CPU time of the running pgway so far, in clock ticks (field 14 of /proc/PID/stat).
+user_ticks() { awk '{print $14}' "/proc/$PID/stat"; }
+
+# run BINARY CLIENTS: prints the latency (1 client, ms) or the tps and the user CPU time per
+# statement in µs (more clients).
 run() {
+    local before after
     start "$1"
     # A short warm-up fills the pool.
     PGPASSWORD=app-secret pgbench -n -S -c "$2" -j 2 -T 2 -h 127.0.0.1 -p "$PORT" -U app bench \
         >/dev/null 2>&1
+    before=$(user_ticks)
     PGPASSWORD=app-secret pgbench -n -S -c "$2" -j $(($2 > 1 ? 2 : 1)) -T "$DURATION" \
         -h 127.0.0.1 -p "$PORT" -U app bench >"$OUT/pgbench.log" 2>&1 ||
         die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
+    after=$(user_ticks)
     stop
     if (($2 == 1)); then
         sed -nE 's/^latency average = ([0-9.]+) ms/\1/p' "$OUT/pgbench.log"
     else
-        sed -nE 's/^tps = ([0-9.]+) .*/\1/p' "$OUT/pgbench.log"
+        local tps statements
+        tps=$(sed -nE 's/^tps = ([0-9.]+) .*/\1/p' "$OUT/pgbench.log")
+        statements=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' "$OUT/pgbench.log")
+        awk -v t="$tps" -v u=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$statements" \
+            'BEGIN {printf "%s %.2f\n", t, u / hz * 1e6 / n}'
     fi
 }
 
@@ -78,7 +91,7 @@ median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (
 
 echo "A = $A"
 echo "B = $B"
-: >"$OUT/s1" && : >"$OUT/s32"
+: >"$OUT/s1" && : >"$OUT/s32" && : >"$OUT/cpu"
 for ((round = 1; round <= ROUNDS; round++)); do
     # Alternate which build goes first.
     if ((round % 2)); then first=$A second=$B; else first=$B second=$A; fi
@@ -87,12 +100,16 @@ for ((round = 1; round <= ROUNDS; round++)); do
         got[$first.$sc]=$(run "$first" "$sc")
         got[$second.$sc]=$(run "$second" "$sc")
     done
+    read -r tps_a cpu_a <<<"${got[$A.32]}"
+    read -r tps_b cpu_b <<<"${got[$B.32]}"
     r1=$(awk -v a="${got[$A.1]}" -v b="${got[$B.1]}" 'BEGIN {printf "%.3f", b / a}')
-    r32=$(awk -v a="${got[$A.32]}" -v b="${got[$B.32]}" 'BEGIN {printf "%.3f", b / a}')
+    r32=$(awk -v a="$tps_a" -v b="$tps_b" 'BEGIN {printf "%.3f", b / a}')
+    rcpu=$(awk -v a="$cpu_a" -v b="$cpu_b" 'BEGIN {printf "%.3f", b / a}')
     echo "$r1" >>"$OUT/s1"
     echo "$r32" >>"$OUT/s32"
-    printf 'round %d: -S 1 client latency A %s ms, B %s ms (B/A %s); -S 32 clients A %.0f tps, B %.0f tps (B/A %s)\n' \
-        "$round" "${got[$A.1]}" "${got[$B.1]}" "$r1" "${got[$A.32]}" "${got[$B.32]}" "$r32"
+    echo "$rcpu" >>"$OUT/cpu"
+    printf 'round %d: -S 1 client latency A %s ms, B %s ms (B/A %s); -S 32 clients A %.0f tps, B %.0f tps (B/A %s), user CPU per statement A %s µs, B %s µs (B/A %s)\n' \
+        "$round" "${got[$A.1]}" "${got[$B.1]}" "$r1" "$tps_a" "$tps_b" "$r32" "$cpu_a" "$cpu_b" "$rcpu"
     unset got
 done
-echo "median B/A: -S 1 client latency $(median <"$OUT/s1") (lower is better for B); -S 32 clients tps $(median <"$OUT/s32") (higher is better for B)"
+echo "median B/A: -S 1 client latency $(median <"$OUT/s1") (lower is better for B); -S 32 clients tps $(median <"$OUT/s32") (higher is better for B); user CPU per statement $(median <"$OUT/cpu") (lower is better for B)"

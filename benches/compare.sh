@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Load comparison: pgway against HAProxy (two ports), pgbouncer (transaction mode) and direct
-# PostgreSQL, with pgbench, on one machine, in interleaved rounds. Writes benches/RESULTS.md,
-# benches/results.png and (full runs only) the results block of README.md.
+# PostgreSQL, with pgbench, on one machine, in interleaved rounds; and pgway (read-your-writes
+# on, the default) against a second pgway with read_your_writes = "off". Writes
+# benches/RESULTS.md, benches/results.png and (full runs only) the results block of README.md.
 #
 #   benches/compare.sh            install what is missing, build pgway (release), set up or
 #                                 reuse a primary + streaming replica, start HAProxy, pgbouncer
-#                                 and pgway, run the rounds, write the results, stop the three
-#                                 (the PostgreSQL pair keeps running for the next run)
+#                                 and the two pgways, run the rounds, write the results, stop
+#                                 them (the PostgreSQL pair keeps running for the next run)
 #   benches/compare.sh status     show the PostgreSQL pair's state
 #   benches/compare.sh stop       stop the PostgreSQL pair (and any helper left running)
 #   benches/compare.sh destroy    stop it and delete its data
@@ -26,8 +27,9 @@
 #                     /tmp/pgway-bench when the postgres user cannot use ./.bench)
 # Quick check of the harness:  ROUNDS=1 DURATION=3 CLIENT_CONNS=500 benches/compare.sh
 #
-# Ports (loopback): primary 5461, replica 5462, pgway 6462 (admin 9962), pgbouncer 6463,
-# HAProxy 5432 (writes) + 5433 (reads), or 15432 + 15433 when 5432/5433 are taken.
+# Ports (loopback): primary 5461, replica 5462, pgway 6462 (admin 9962), pgway with
+# read_your_writes = "off" 6464 (admin 9964), pgbouncer 6463, HAProxy 5432 (writes) + 5433
+# (reads), or 15432 + 15433 when 5432/5433 are taken.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -49,6 +51,8 @@ PRIMARY_PORT=5461
 REPLICA_PORT=5462
 PGWAY_PORT=6462
 PGWAY_ADMIN_PORT=9962
+PGWAY_RYWOFF_PORT=6464 # the second pgway: the same config with [routing] read_your_writes = "off"
+PGWAY_RYWOFF_ADMIN_PORT=9964
 PGBOUNCER_PORT=6463
 HAPROXY_WRITE_PORT= # chosen at start: 5432/5433 if free, else 15432/15433
 HAPROXY_READ_PORT=
@@ -241,15 +245,16 @@ stop_pidfile() { # pidfile, expected comm, seconds to wait
 
 stop_helpers() {
     [[ -n ${RUN_DIR:-} ]] || return 0
-    local stopped=0
-    for spec in "pgway.pid pgway 40" "pgbouncer.pid pgbouncer 10" "haproxy.pid haproxy 10"; do
-        set -- $spec
-        if [[ -f $RUN_DIR/$1 ]]; then
-            stop_pidfile "$RUN_DIR/$1" "$2" "$3"
+    local stopped=0 spec pidfile comm wait
+    for spec in "pgway.pid pgway 40" "pgway-rywoff.pid pgway 40" "pgbouncer.pid pgbouncer 10" \
+        "haproxy.pid haproxy 10"; do
+        read -r pidfile comm wait <<<"$spec"
+        if [[ -f $RUN_DIR/$pidfile ]]; then
+            stop_pidfile "$RUN_DIR/$pidfile" "$comm" "$wait"
             stopped=1
         fi
     done
-    if ((stopped)); then say "stopped HAProxy, pgbouncer and pgway"; fi
+    if ((stopped)); then say "stopped HAProxy, pgbouncer and the two pgways"; fi
 }
 
 choose_haproxy_ports() {
@@ -344,9 +349,10 @@ EOF
     wait_port "$PGBOUNCER_PORT" pgbouncer 15 "$dir/pgbouncer.log"
 }
 
-start_pgway() {
-    require_free "$PGWAY_PORT" pgway
-    require_free "$PGWAY_ADMIN_PORT" "pgway admin"
+# Writes $RUN_DIR/pgway.toml and $RUN_DIR/pgway-rywoff.toml: the same config but for the
+# ports and, in the second, [routing] read_your_writes = "off" (the first keeps the default,
+# "user").
+write_pgway_configs() {
     local max_clients=10000
     ((CLIENT_CONNS + 1000 <= max_clients)) || max_clients=$((CLIENT_CONNS + 1000))
     cat >"$RUN_DIR/pgway.toml" <<EOF
@@ -370,23 +376,42 @@ kind = "static"
 nodes = ["127.0.0.1:$PRIMARY_PORT", "127.0.0.1:$REPLICA_PORT"]
 health_interval = "1s"
 EOF
-    "$PGWAY_BIN" check --config "$RUN_DIR/pgway.toml" >/dev/null || die "pgway check rejected $RUN_DIR/pgway.toml"
-    say "starting pgway on 127.0.0.1:$PGWAY_PORT (admin $PGWAY_ADMIN_PORT, pool $POOL_SIZE; log: $RUN_DIR/pgway.log)"
-    NO_COLOR=1 "$PGWAY_BIN" --config "$RUN_DIR/pgway.toml" >"$RUN_DIR/pgway.log" 2>&1 9>&- &
-    PGWAY_PID=$!
-    echo "$PGWAY_PID" >"$RUN_DIR/pgway.pid"
-    wait_port "$PGWAY_PORT" pgway 30 "$RUN_DIR/pgway.log"
+    sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$PGWAY_RYWOFF_PORT\"/" \
+        -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$PGWAY_RYWOFF_ADMIN_PORT\"/" \
+        "$RUN_DIR/pgway.toml" >"$RUN_DIR/pgway-rywoff.toml"
+    printf '\n[routing]\nread_your_writes = "off"\n' >>"$RUN_DIR/pgway-rywoff.toml"
+}
+
+start_pgway() { # name (config, log and pidfile: $RUN_DIR/NAME.toml, .log, .pid), port, admin port
+    local name=$1 port=$2 admin=$3 cfg=$RUN_DIR/$1.toml log=$RUN_DIR/$1.log
+    "$PGWAY_BIN" check --config "$cfg" >/dev/null || die "pgway check rejected $cfg"
+    say "starting $name on 127.0.0.1:$port (admin $admin, pool $POOL_SIZE; log: $log)"
+    NO_COLOR=1 "$PGWAY_BIN" --config "$cfg" >"$log" 2>&1 9>&- &
+    echo "$!" >"$RUN_DIR/$name.pid"
+    wait_port "$port" "$name" 30 "$log"
     # Reads must really reach the replica: wait until pgway has found the roles.
     local deadline=$((SECONDS + 30))
-    until [[ $(app_psql "$PGWAY_PORT" -c 'select pg_is_in_recovery()' 2>/dev/null) == t ]]; do
+    until [[ $(app_psql "$port" -c 'select pg_is_in_recovery()' 2>/dev/null) == t ]]; do
         if ((SECONDS >= deadline)); then
-            tail -n 20 "$RUN_DIR/pgway.log" >&2 || true
-            die "after 30 s a read through pgway still does not reach the replica (log above: $RUN_DIR/pgway.log)"
+            tail -n 20 "$log" >&2 || true
+            die "after 30 s a read through $name still does not reach the replica (log above: $log)"
         fi
         sleep 0.5
     done
-    [[ $(app_psql "$PGWAY_PORT" -c begin -c 'select pg_is_in_recovery()' -c commit 2>/dev/null) == f ]] ||
-        die "a transaction through pgway does not reach the primary (log: $RUN_DIR/pgway.log)"
+    [[ $(app_psql "$port" -c begin -c 'select pg_is_in_recovery()' -c commit 2>/dev/null) == f ]] ||
+        die "a transaction through $name does not reach the primary (log: $log)"
+}
+
+start_pgways() {
+    require_free "$PGWAY_PORT" pgway
+    require_free "$PGWAY_ADMIN_PORT" "pgway admin"
+    require_free "$PGWAY_RYWOFF_PORT" pgway-rywoff
+    require_free "$PGWAY_RYWOFF_ADMIN_PORT" "pgway-rywoff admin"
+    write_pgway_configs
+    start_pgway pgway "$PGWAY_PORT" "$PGWAY_ADMIN_PORT"
+    PGWAY_PID=$(cat "$RUN_DIR/pgway.pid")
+    start_pgway pgway-rywoff "$PGWAY_RYWOFF_PORT" "$PGWAY_RYWOFF_ADMIN_PORT"
+    PGWAY_RYWOFF_PID=$(cat "$RUN_DIR/pgway-rywoff.pid")
 }
 
 smoke_test() { # port, what, expected pg_is_in_recovery()
@@ -395,7 +420,21 @@ smoke_test() { # port, what, expected pg_is_in_recovery()
     [[ $got == "$3" ]] || die "a query through $2 (port $1) answered pg_is_in_recovery() = $got, expected $3"
 }
 
-pgway_alive() { [[ -n ${PGWAY_PID:-} ]] && kill -0 "$PGWAY_PID" 2>/dev/null; }
+pgway_alive() { # pgway | pgway-rywoff
+    local pid=${PGWAY_PID:-}
+    if [[ $1 == pgway-rywoff ]]; then pid=${PGWAY_RYWOFF_PID:-}; fi
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
+}
+
+alive_at_end() { # pgway | pgway-rywoff: prints yes or no (and, for no, warns with its log's end)
+    if pgway_alive "$1"; then
+        echo yes
+        return
+    fi
+    echo no
+    warn "$1 exited during the run; last lines of $RUN_DIR/$1.log:"
+    tail -n 20 "$RUN_DIR/$1.log" >&2 || true
+}
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
@@ -431,7 +470,7 @@ measure_memory() {
         return
     fi
     say "memory: $(cat "$out")"
-    pgway_alive || warn "pgway is no longer running after the memory measurement (log: $RUN_DIR/pgway.log)"
+    pgway_alive pgway || warn "pgway is no longer running after the memory measurement (log: $RUN_DIR/pgway.log)"
 }
 
 # scenario -> pgbench options; target -> port
@@ -445,9 +484,9 @@ scenario_opts() {
 }
 scenario_targets() {
     case $1 in
-    s1 | s32) echo "haproxy pgbouncer pgway direct" ;;
+    s1 | s32) echo "haproxy pgbouncer pgway pgway-rywoff direct" ;;
     tpcb) echo "haproxy pgway direct" ;;
-    prep32) echo "pgway direct" ;;
+    prep32) echo "haproxy pgway direct" ;; # pgbouncer 1.18: no prepared statements in transaction mode
     esac
 }
 target_port() { # scenario, target
@@ -455,6 +494,7 @@ target_port() { # scenario, target
     haproxy) if [[ $1 == tpcb ]]; then echo "$HAPROXY_WRITE_PORT"; else echo "$HAPROXY_READ_PORT"; fi ;;
     pgbouncer) echo "$PGBOUNCER_PORT" ;;
     pgway) echo "$PGWAY_PORT" ;;
+    pgway-rywoff) echo "$PGWAY_RYWOFF_PORT" ;;
     direct) if [[ $1 == tpcb ]]; then echo "$PRIMARY_PORT"; else echo "$REPLICA_PORT"; fi ;;
     esac
 }
@@ -468,7 +508,7 @@ run_one() { # round, scenario, target
     local round=$1 sc=$2 tg=$3 port log rc tps lat failed status note
     port=$(target_port "$sc" "$tg")
     log=$RUN_DIR/runs/r$round-$sc-$tg.log
-    printf 'compare: round %s  %-7s %-10s ' "$round" "$sc" "$tg"
+    printf 'compare: round %s  %-7s %-12s ' "$round" "$sc" "$tg"
     rc=0
     # shellcheck disable=SC2046
     PGPASSWORD=$APP_PASSWORD PGCONNECT_TIMEOUT=10 timeout --kill-after=10 $((DURATION + 60)) \
@@ -498,7 +538,7 @@ run_one() { # round, scenario, target
         local err
         err=$(grep -m 1 -E 'error|ERROR|FATAL|abort' "$log" | tr '\t' ' ' | cut -c 1-300 || true)
         [[ -n $err ]] && note="$note: $err"
-        if [[ $tg == pgway ]] && ! pgway_alive; then note="$note (pgway is no longer running)"; fi
+        if [[ $tg == pgway* ]] && ! pgway_alive "$tg"; then note="$note ($tg is no longer running)"; fi
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$sc" "$tg" "$port" "$rc" "${tps:-}" "${lat:-}" \
         "${failed:-}" "$status" "${note//$'\t'/ }" >>"$RUN_DIR/results.tsv"
@@ -566,11 +606,13 @@ write_meta() {
         echo "primary_port=$PRIMARY_PORT"
         echo "replica_port=$REPLICA_PORT"
         echo "pgway_port=$PGWAY_PORT"
+        echo "pgway_rywoff_port=$PGWAY_RYWOFF_PORT"
         echo "pgbouncer_port=$PGBOUNCER_PORT"
         echo "haproxy_write_port=$HAPROXY_WRITE_PORT"
         echo "haproxy_read_port=$HAPROXY_READ_PORT"
         echo "bench_dir=${BENCH_DIR#"$REPO"/}" # relative when inside the checkout
         echo "pgway_alive_end=${PGWAY_ALIVE_END:-unknown}"
+        echo "pgway_rywoff_alive_end=${PGWAY_RYWOFF_ALIVE_END:-unknown}"
         for sc in $SCENARIOS; do
             echo "opts_$sc=$(scenario_opts "$sc")"
             for tg in $(scenario_targets "$sc"); do
@@ -614,26 +656,23 @@ run() {
 
     start_haproxy
     start_pgbouncer
-    start_pgway
+    start_pgways
     smoke_test "$HAPROXY_WRITE_PORT" "HAProxy's write port" f
     smoke_test "$HAPROXY_READ_PORT" "HAProxy's read port" t
     smoke_test "$PGBOUNCER_PORT" pgbouncer t
     smoke_test "$PGWAY_PORT" pgway t
+    smoke_test "$PGWAY_RYWOFF_PORT" "pgway (read_your_writes = \"off\")" t
 
     # On a fresh pgway, before the load runs, so that memory the allocator kept from them is
     # not reused by the idle clients and hidden.
     measure_memory
     run_rounds
-    if pgway_alive; then
-        PGWAY_ALIVE_END=yes
-    else
-        PGWAY_ALIVE_END=no
-        warn "pgway exited during the run; last lines of $RUN_DIR/pgway.log:"
-        tail -n 20 "$RUN_DIR/pgway.log" >&2 || true
-    fi
+    PGWAY_ALIVE_END=$(alive_at_end pgway)
+    PGWAY_RYWOFF_ALIVE_END=$(alive_at_end pgway-rywoff)
     stop_helpers
-    # Warnings and errors pgway logged while it ran (the report lists the first few).
+    # Warnings and errors the pgways logged while they ran (the report lists the first few).
     grep -E '(WARN|ERROR)' "$RUN_DIR/pgway.log" >"$RUN_DIR/pgway-problems.log" || true
+    grep -E '(WARN|ERROR)' "$RUN_DIR/pgway-rywoff.log" >"$RUN_DIR/pgway-rywoff-problems.log" || true
     route_bench
     write_meta
 
@@ -683,7 +722,7 @@ destroy)
     say "deleting $BENCH_DIR"
     rm -rf "$BENCH_DIR"
     ;;
--h | --help | help) sed -n '2,28p' "$0" ;;
+-h | --help | help) sed -n '2,29p' "$0" ;;
 *)
     echo "usage: $0 [run|status|stop|destroy]" >&2
     exit 2

@@ -13,6 +13,8 @@
 # PROTOCOL=prepared (or extended) runs pgbench with -M PROTOCOL instead of the simple
 # protocol. With PROFILE_OUT=FILE, the callgrind dump of the measured 20,000 statements is kept
 # there: `callgrind_annotate --inclusive=yes FILE` shows where they went, by function.
+# GATEWAY=pgbouncer counts pgbouncer instead (compare.sh's pgbouncer.ini on port 6473, run as
+# the postgres user: pgbouncer does not run as root), for the same figure side by side.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,19 +25,28 @@ BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 BIN=${1:-$REPO/target/release/pgway}
 PROTOCOL=${PROTOCOL:-simple}
+GATEWAY=${GATEWAY:-pgway}
 
 die() {
     echo "instructions-per-statement: ERROR: $*" >&2
     exit 1
 }
-[[ -f $RUN/pgway.toml ]] || die "no config in $RUN: run benches/compare.sh first"
-[[ -x $BIN ]] || die "no pgway binary at $BIN: cargo build --release"
+case $GATEWAY in
+pgway)
+    [[ -f $RUN/pgway.toml ]] || die "no config in $RUN: run benches/compare.sh first"
+    [[ -x $BIN ]] || die "no pgway binary at $BIN: cargo build --release"
+    ;;
+pgbouncer)
+    [[ -f $RUN/pgbouncer/pgbouncer.ini ]] || die "no pgbouncer.ini in $RUN: run benches/compare.sh first"
+    BIN=/usr/sbin/pgbouncer
+    ;;
+*) die "GATEWAY must be pgway or pgbouncer" ;;
+esac
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 command -v callgrind_control >/dev/null || die "callgrind_control is missing (Debian package valgrind)"
 
 start_bench_pair "$BENCH_DIR"
 
-PORT=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
 OUT=$(mktemp -d)
 VPID=
 cleanup() {
@@ -44,22 +55,45 @@ cleanup() {
 }
 trap cleanup EXIT
 
-NO_COLOR=1 valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
-    "$BIN" --config "$RUN/pgway.toml" >"$OUT/pgway.log" 2>&1 &
-VPID=$!
+# Runs a command as the gateway's user (callgrind_control must be that user too).
+as_gateway_user() {
+    if [[ $GATEWAY == pgbouncer ]]; then as_pg "$@"; else "$@"; fi
+}
+
+if [[ $GATEWAY == pgway ]]; then
+    PORT=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
+    NO_COLOR=1 valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
+        "$BIN" --config "$RUN/pgway.toml" >"$OUT/pgway.log" 2>&1 &
+    VPID=$!
+else
+    PORT=6473
+    ! ss -ltn | grep -q "127.0.0.1:$PORT " || die "port $PORT is taken (a pgbouncer left running?)"
+    chmod 755 "$OUT"
+    sed -E -e "s/^listen_port = .*/listen_port = $PORT/" -e "s#^logfile = .*#logfile = $OUT/pgbouncer.log#" \
+        -e "s#^pidfile = .*#pidfile = $OUT/pgbouncer.pid#" "$RUN/pgbouncer/pgbouncer.ini" >"$OUT/pgbouncer.ini"
+    chown -R postgres "$OUT"
+    as_pg valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
+        "$BIN" "$OUT/pgbouncer.ini" >"$OUT/vg.log" 2>&1 &
+    # The process callgrind runs, not the runuser in front of it.
+    for _ in $(seq 1 50); do
+        VPID=$(pgrep -n -f "^[^ ]*valgrind[^ ]* .*$OUT/cg" || true)
+        [[ -n $VPID ]] && break
+        sleep 0.1
+    done
+    [[ -n $VPID ]] || die "pgbouncer did not start under callgrind (see $OUT/vg.log)"
+fi
 for _ in $(seq 1 120); do
     PGPASSWORD=app-secret psql -h 127.0.0.1 -p "$PORT" -U app -d bench -Atqc 'select 1' \
         >/dev/null 2>&1 && break
     sleep 1
 done
-
 # Instructions since the previous dump (callgrind numbers its dumps 1, 2, ...), after
 # pgbench -S -c 8 -t TRANSACTIONS.
 DUMPS=0
 count_after() {
     PGPASSWORD=app-secret pgbench -n -S -M "$PROTOCOL" -c 8 -j 2 -t "$1" -h 127.0.0.1 -p "$PORT" -U app bench \
         >"$OUT/pgbench.log" 2>&1 || die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
-    callgrind_control -d "$VPID" >/dev/null
+    as_gateway_user callgrind_control -d "$VPID" >/dev/null
     DUMPS=$((DUMPS + 1))
     COUNT=$(sed -nE 's/^summary: ([0-9]+)/\1/p' "$OUT/cg.$VPID.$DUMPS")
     [[ -n $COUNT ]] || die "no callgrind dump $OUT/cg.$VPID.$DUMPS"

@@ -11,6 +11,8 @@ use pgway::route::{classify, Catalog, Router};
 use pgway::topology::TopologyHandle;
 
 const SIMPLE: &str = "SELECT * FROM accounts WHERE id = $1";
+/// What `pgbench -S` sends: its value differs on every call, so only the fast path serves it.
+const PGBENCH_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 76543;";
 
 const JOIN_20_LINES: &str = "WITH recent AS (
     SELECT o.account_id, max(o.created_at) AS last_order
@@ -49,6 +51,9 @@ fn bench_route(c: &mut Criterion) {
     });
     c.bench_function("classify/join_20_lines/first", |b| {
         b.iter(|| classify(black_box(JOIN_20_LINES)))
+    });
+    c.bench_function("fast/pgbench_select", |b| {
+        b.iter(|| pgway::route::fast::is_plain_select(black_box(PGBENCH_SELECT)))
     });
     let router = router();
     router.classification(SIMPLE);

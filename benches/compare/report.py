@@ -23,11 +23,22 @@ SCENARIOS = [
     ("tpcb", "TPC-B, 16 clients", "tps"),
     ("prep32", "`-S -M prepared`, 32 clients", "tps"),
 ]
-TARGET_ORDER = ["haproxy", "pgbouncer", "pgway", "direct"]
-COLORS = {"haproxy": "#8c8c8c", "pgbouncer": "#e69f00", "pgway": "#0072b2", "direct": "#009e73"}
+# pgway-rywoff: a second pgway, the same config with [routing] read_your_writes = "off"
+# (pgway's default, and the first pgway's, is "user").
+TARGET_ORDER = ["haproxy", "pgbouncer", "pgway", "pgway-rywoff", "direct"]
+COLORS = {"haproxy": "#8c8c8c", "pgbouncer": "#e69f00", "pgway": "#0072b2",
+          "pgway-rywoff": "#cc79a7", "direct": "#009e73"}
+RYWOFF_LABEL = "pgway, read-your-writes off"
+# Targets of issue #16.
+S1_HAPROXY_TARGET = 0.95  # -S 1 client: pgway latency <= 0.95x HAProxy's read port (medians)
+S32_PGBOUNCER_TARGET = 1.05  # -S 32 clients: pgway tps >= 1.05x pgbouncer's in the same round,
+S32_PGBOUNCER_SHARE = (4, 5)  # in at least 4 of 5 rounds (ceil(4/5 of the rounds))
+TPCB_HAPROXY_TARGET = 1.0  # TPC-B 16 clients: pgway >= 1.0x HAProxy's write port (medians)
+PREP32_DIRECT_TARGET = 0.8  # -S -M prepared 32 clients: pgway >= 0.8x direct (medians)
+RYW_S1_LAT_TARGET = 1.03  # read-your-writes on / off, median of the rounds' ratios: latency <=
+RYW_S32_TPS_TARGET = 0.97  # ... and tps >= ("nothing measurable": within 3%)
 MEMORY_TARGET_KIB = 16.0
 ROUTE_TARGET_NS = 1000.0
-S32_DIRECT_TARGET = 0.85
 
 
 def read_meta(path):
@@ -55,9 +66,17 @@ def target_label(meta, sc, tg, short=False):
         return "pgbouncer" if short else f"pgbouncer (:{meta['pgbouncer_port']}, transaction mode)"
     if tg == "pgway":
         return "pgway" if short else f"pgway (:{meta['pgway_port']})"
+    if tg == "pgway-rywoff":
+        return RYWOFF_LABEL if short else f"{RYWOFF_LABEL} (:{meta['pgway_rywoff_port']})"
     if sc == "tpcb":
         return "direct" if short else f"direct to the primary (:{meta['primary_port']})"
     return "direct" if short else f"direct to the replica (:{meta['replica_port']})"
+
+
+def rounds_needed(n):
+    """ceil(4/5 of n) for S32_PGBOUNCER_SHARE = (4, 5), in integers (4 of 5, 8 of 10, 3 of 3)."""
+    a, b = S32_PGBOUNCER_SHARE
+    return (a * n + b - 1) // b
 
 
 def fmt_num(metric, v):
@@ -133,6 +152,31 @@ def main():
     def all_ok(*cells):
         return all(medians.get(c) and medians[c]["ok"] == medians[c]["n"] for c in cells)
 
+    def per_round(sc, tg, other):
+        """[(round, tg's value / other's in the same round, or None, why)] over the rounds;
+        a round where either run failed (or is missing) has None and says which."""
+        a, b = medians.get((sc, tg)), medians.get((sc, other))
+        if not a or not b:
+            return []
+        ra = {int(r["round"]): r for r in a["rows"]}
+        rb = {int(r["round"]): r for r in b["rows"]}
+        out = []
+        for rnd in sorted(set(ra) | set(rb)):
+            bad = [target_label(meta, sc, t, short=True) for t, rows in ((tg, ra), (other, rb))
+                   if rnd not in rows or rows[rnd]["status"] != "ok"]
+            if not bad and not float(rb[rnd][a["key"]]):
+                bad = [target_label(meta, sc, other, short=True) + " (0)"]
+            if bad:
+                out.append((rnd, None, " and ".join(bad) + " failed"))
+            else:
+                out.append((rnd, float(ra[rnd][a["key"]]) / float(rb[rnd][a["key"]]), ""))
+        return out
+
+    def fmt_rounds(rs, digits):
+        """'1.07x, 1.02x, round 3 left out (pgbouncer failed), ...'"""
+        return ", ".join(f"{v:.{digits}f}x" if v is not None else f"round {rnd} left out ({why})"
+                         for rnd, v, why in rs)
+
     def ratio_to_direct(sc, tg):
         """As the table shows it: latency ratio for s1 (lower is better), tps ratio otherwise."""
         v, d = med(sc, tg), med(sc, "direct")
@@ -171,22 +215,23 @@ def main():
                      f"({'; '.join(memory.get('first_errors', []))})"
                      + ("; pgway was no longer running" if memory.get("gateway_alive") is False else "")))
         md.append("")
-    if meta.get("pgway_alive_end") == "no":
-        md.append(f"> **⚠ pgway exited during the run** (log: `{meta['bench_dir']}/run/pgway.log`).")
-        md.append("")
-    problems = []
-    ppath = os.path.join(args.run_dir, "pgway-problems.log")
-    if os.path.exists(ppath):
-        problems = [line.rstrip("\n") for line in open(ppath, errors="replace") if line.strip()]
-    if problems:
-        md.append(f"> **⚠ pgway logged {len(problems)} warning/error line(s)** during the run "
-                  f"(`{meta['bench_dir']}/run/pgway.log`); the first ones:")
-        md.append(">")
-        md.append("> ```")
-        for line in problems[:5]:
-            md.append(f"> {line[:300]}")
-        md.append("> ```")
-        md.append("")
+    for name, what in (("pgway", "pgway"), ("pgway-rywoff", f"the second pgway ({RYWOFF_LABEL})")):
+        if meta.get(f"{name.replace('-', '_')}_alive_end") == "no":
+            md.append(f"> **⚠ {what} exited during the run** (log: `{meta['bench_dir']}/run/{name}.log`).")
+            md.append("")
+        problems = []
+        ppath = os.path.join(args.run_dir, f"{name}-problems.log")
+        if os.path.exists(ppath):
+            problems = [line.rstrip("\n") for line in open(ppath, errors="replace") if line.strip()]
+        if problems:
+            md.append(f"> **⚠ {what} logged {len(problems)} warning/error line(s)** during the run "
+                      f"(`{meta['bench_dir']}/run/{name}.log`); the first ones:")
+            md.append(">")
+            md.append("> ```")
+            for line in problems[:5]:
+                md.append(f"> {line[:300]}")
+            md.append("> ```")
+            md.append("")
     if quick:
         md.append(f"> **Quick run** ({rounds} round(s) of {duration} s): a check of the harness; the "
                   "numbers are not representative. The reference run is `benches/compare.sh` "
@@ -209,8 +254,15 @@ def main():
               f":{meta['haproxy_write_port']} → primary, reads on :{meta['haproxy_read_port']} → replica;")
     md.append(f"  pgbouncer :{meta['pgbouncer_port']}, `pool_mode = transaction`, `default_pool_size = "
               f"{meta['pool_size']}`, → replica;")
+    rywoff = "pgway_rywoff_port" in meta
     md.append(f"  pgway :{meta['pgway_port']}, static topology over both nodes, `pool.size = "
-              f"{meta['pool_size']}` (reads outside transactions → replica, the rest → primary).")
+              f"{meta['pool_size']}` (reads outside transactions → replica, the rest → primary), "
+              "read-your-writes on (`read_your_writes = \"user\"`, the default)"
+              + (";" if rywoff else "."))
+    if rywoff:
+        md.append(f"  a second pgway :{meta['pgway_rywoff_port']}, the same config with `[routing] "
+                  "read_your_writes = \"off\"` (\"pgway, read-your-writes off\"; in the `-S` "
+                  "scenarios).")
     md.append(f"- {rounds} round(s); in each round every scenario runs once against each of its targets "
               f"(the order of targets rotates from round to round), `-T {duration}` per run. "
               "Medians over the rounds. Every run must exit 0 and report `number of failed "
@@ -289,7 +341,7 @@ def main():
     md.append("")
 
     # Targets from the issue.
-    md.append("## Targets (issue #5)")
+    md.append("## Targets (issue #16)")
     md.append("")
     targets_at = len(md)
     md.append("| Target | Measured | Result |")
@@ -305,22 +357,57 @@ def main():
             s += " (⚠ some runs failed)"
         return s
 
+    def round_verdict(ok, cells, rs):
+        """verdict() for a target judged round by round: no round with both runs ok, no result."""
+        if ok is None and rs and all(v is None for _, v, _ in rs):
+            return "**no result** (⚠ no round where both runs succeeded)"
+        return verdict(ok, cells)
+
     p, h = med("s1", "pgway"), med("s1", "haproxy")
-    md.append("| `-S` 1 client: pgway latency ≤ HAProxy's | "
+    md.append(f"| `-S` 1 client: pgway latency ≤ {S1_HAPROXY_TARGET}x HAProxy's read port (medians) | "
               + (f"pgway {p:.3f} ms, HAProxy {h:.3f} ms ({p / h:.2f}x)" if p and h else "—")
-              + f" | {verdict(None if not (p and h) else p <= h, [('s1', 'pgway'), ('s1', 'haproxy')])} |")
-    p, b = med("s32", "pgway"), med("s32", "pgbouncer")
-    md.append("| `-S` 32 clients: pgway ≥ pgbouncer | "
-              + (f"pgway {p:,.0f} tps, pgbouncer {b:,.0f} tps ({p / b:.2f}x)" if p and b else "—")
-              + f" | {verdict(None if not (p and b) else p >= b, [('s32', 'pgway'), ('s32', 'pgbouncer')])} |")
-    d = med("s32", "direct")
-    md.append(f"| `-S` 32 clients: pgway ≥ {S32_DIRECT_TARGET}x direct | "
-              + (f"pgway {p:,.0f} tps, direct {d:,.0f} tps ({p / d:.2f}x)" if p and d else "—")
-              + f" | {verdict(None if not (p and d) else p >= S32_DIRECT_TARGET * d, [('s32', 'pgway'), ('s32', 'direct')])} |")
+              + f" | {verdict(None if not (p and h) else p <= S1_HAPROXY_TARGET * h, [('s1', 'pgway'), ('s1', 'haproxy')])} |")
+
+    rs = per_round("s32", "pgway", "pgbouncer")
+    judged = [v for _, v, _ in rs if v is not None]
+    need = rounds_needed(len(judged))
+    good = sum(v >= S32_PGBOUNCER_TARGET for v in judged)
+    ok = None if not judged else good >= need
+    measured = "—"
+    if judged:
+        measured = (f"tps ratio per round: {fmt_rounds(rs, 2)}; {good} of {len(judged)} "
+                    + ("round" if len(judged) == 1 else "rounds")
+                    + ("" if len(judged) == len(rs) else " judged")
+                    + f" ≥ {S32_PGBOUNCER_TARGET}x (needed: {need})")
+    md.append(f"| `-S` 32 clients: pgway ≥ {S32_PGBOUNCER_TARGET}x pgbouncer in at least "
+              f"{rounds_needed(rounds)} of {rounds} round{'s' if rounds != 1 else ''} (tps in the same "
+              f"round) | {measured} | "
+              f"{round_verdict(ok, [('s32', 'pgway'), ('s32', 'pgbouncer')], rs)} |")
+
     p, h = med("tpcb", "pgway"), med("tpcb", "haproxy")
-    md.append("| TPC-B 16 clients: pgway ≥ HAProxy's write port | "
+    md.append(f"| TPC-B 16 clients: pgway ≥ {TPCB_HAPROXY_TARGET}x HAProxy's write port (medians) | "
               + (f"pgway {p:,.0f} tps, HAProxy {h:,.0f} tps ({p / h:.2f}x)" if p and h else "—")
-              + f" | {verdict(None if not (p and h) else p >= h, [('tpcb', 'pgway'), ('tpcb', 'haproxy')])} |")
+              + f" | {verdict(None if not (p and h) else p >= TPCB_HAPROXY_TARGET * h, [('tpcb', 'pgway'), ('tpcb', 'haproxy')])} |")
+    p, d = med("prep32", "pgway"), med("prep32", "direct")
+    md.append(f"| `-S -M prepared` 32 clients: pgway ≥ {PREP32_DIRECT_TARGET}x direct (medians) | "
+              + (f"pgway {p:,.0f} tps, direct {d:,.0f} tps ({p / d:.2f}x)" if p and d else "—")
+              + f" | {verdict(None if not (p and d) else p >= PREP32_DIRECT_TARGET * d, [('prep32', 'pgway'), ('prep32', 'direct')])} |")
+
+    for sc, what, limit in (("s1", "latency on / off ≤", RYW_S1_LAT_TARGET),
+                            ("s32", "tps on / off ≥", RYW_S32_TPS_TARGET)):
+        rs = per_round(sc, "pgway", "pgway-rywoff")
+        judged = [v for _, v, _ in rs if v is not None]
+        m = statistics.median(judged) if judged else None
+        ok = None if m is None else (m <= limit if sc == "s1" else m >= limit)
+        measured = "—"
+        if judged:
+            measured = (f"{'latency' if sc == 's1' else 'tps'} ratio per round: {fmt_rounds(rs, 3)}; "
+                        f"median {m:.3f}x" + ("" if len(judged) == len(rs) else
+                                              f" (of the {len(judged)} rounds judged)"))
+        md.append(f"| `-S` {'1 client' if sc == 's1' else '32 clients'}: read-your-writes on (pgway) "
+                  f"costs nothing measurable against off (:{meta.get('pgway_rywoff_port', '?')}): "
+                  f"{what} {limit}, median of the per-round ratios | {measured} | "
+                  f"{round_verdict(ok, [(sc, 'pgway'), (sc, 'pgway-rywoff')], rs)} |")
     mem_ok = None if per_conn is None else per_conn <= MEMORY_TARGET_KIB
     mem_v = "met" if mem_ok else ("not measured" if mem_ok is None else "**NOT met**")
     if mem_ok is not None and memory.get("failed"):
@@ -355,7 +442,7 @@ def main():
             if p and o:
                 parts.append(f"{p / o:.2f}x {target_label(meta, sc, tg, short=True)}")
         if parts:
-            md.append(f"- {title}: pgway = " + ", ".join(parts))
+            md.append(f"- {title}: pgway = " + "; ".join(parts))
     md.append("")
     md.append("![Chart: throughput relative to direct per scenario and target](results.png)")
     md.append("")
@@ -433,7 +520,7 @@ def draw_chart(args, meta, medians, speed_to_direct, per_conn, memory, quick):
             f.write("\n\n")
     ymax = max([y for vals in data.values() for _, y in vals] + [1.0]) * 1.12
     labels = {"haproxy": "HAProxy (read / write port)", "pgbouncer": "pgbouncer (transaction mode)",
-              "pgway": "pgway", "direct": "direct to PostgreSQL"}
+              "pgway": "pgway", "pgway-rywoff": RYWOFF_LABEL, "direct": "direct to PostgreSQL"}
     title = (f"pgway load comparison, {meta['date']}: {meta['nproc']} cores, "
              f"{meta['rounds']} round(s) x {meta['duration']} s, medians")
     if quick:
