@@ -15,6 +15,8 @@
 # there: `callgrind_annotate --inclusive=yes FILE` shows where they went, by function.
 # GATEWAY=pgbouncer counts pgbouncer instead (compare.sh's pgbouncer.ini on port 6473, run as
 # the postgres user: pgbouncer does not run as root), for the same figure side by side.
+# GATEWAY=relay-tokio and GATEWAY=relay-mio count examples/relay_floor.rs (a plain TCP relay
+# to the replica on tokio or on mio, port 6473): the floor an event loop alone costs.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,7 +42,11 @@ pgbouncer)
     [[ -f $RUN/pgbouncer/pgbouncer.ini ]] || die "no pgbouncer.ini in $RUN: run benches/compare.sh first"
     BIN=/usr/sbin/pgbouncer
     ;;
-*) die "GATEWAY must be pgway or pgbouncer" ;;
+relay-tokio | relay-mio)
+    (cd "$REPO" && cargo build --release --example relay_floor) || die "cannot build examples/relay_floor.rs"
+    BIN=$REPO/target/release/examples/relay_floor
+    ;;
+*) die "GATEWAY must be pgway, pgbouncer, relay-tokio or relay-mio" ;;
 esac
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 command -v callgrind_control >/dev/null || die "callgrind_control is missing (Debian package valgrind)"
@@ -64,6 +70,13 @@ if [[ $GATEWAY == pgway ]]; then
     PORT=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
     NO_COLOR=1 valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
         "$BIN" --config "$RUN/pgway.toml" >"$OUT/pgway.log" 2>&1 &
+    VPID=$!
+elif [[ $GATEWAY == relay-* ]]; then
+    PORT=6473
+    ! ss -ltn | grep -q "127.0.0.1:$PORT " || die "port $PORT is taken"
+    valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
+        "$BIN" "${GATEWAY#relay-}" "127.0.0.1:$PORT" "127.0.0.1:$(sed -nE 's/^nodes = \["[^"]+", "[^:]+:([0-9]+)"\]/\1/p' "$RUN/pgway.toml")" \
+        >"$OUT/relay.log" 2>&1 &
     VPID=$!
 else
     PORT=6473
@@ -107,5 +120,7 @@ long=$COUNT
 if [[ -n ${PROFILE_OUT:-} ]]; then
     cp "$OUT/cg.$VPID.$DUMPS" "$PROFILE_OUT"
 fi
-awk -v s="$short" -v l="$long" -v b="$(basename "$BIN")" -v m="$PROTOCOL" \
+NAME=$(basename "$BIN")
+[[ $GATEWAY == relay-* ]] && NAME=$GATEWAY
+awk -v s="$short" -v l="$long" -v b="$NAME" -v m="$PROTOCOL" \
     'BEGIN {printf "%s: %.0f instructions per statement (pgbench -S -M %s -c 8, callgrind)\n", b, (l - s) / 16000, m}'

@@ -1,0 +1,201 @@
+//! The floor under a gateway's cost per statement: a plain TCP relay (each client
+//! connection paired with one server connection, bytes copied both ways, as HAProxy in
+//! `mode tcp`), with nothing parsed, routed or pooled. Two of them, to tell what the event
+//! loop costs from what pgway's session does:
+//!
+//! - `tokio`: one current-thread tokio runtime, a task per client running
+//!   `tokio::io::copy_bidirectional` (the futures, wakers and readiness layers pgway's
+//!   sessions run on);
+//! - `mio`: one thread polling every socket with mio, a hand-written state per connection
+//!   pair (what a per-worker event loop would run on, as pgbouncer runs on libevent).
+//!
+//! Not part of pgway. benches/PROFILE.md counts their instructions per statement with
+//! callgrind against pgway's and pgbouncer's:
+//!
+//! ```sh
+//! cargo build --release --example relay_floor
+//! valgrind --tool=callgrind target/release/examples/relay_floor mio 127.0.0.1:6475 127.0.0.1:5462
+//! ```
+//!
+//! (then `pgbench -S -c 8` through 6475, as benches/instructions-per-statement.sh does with
+//! `GATEWAY=relay-mio` or `GATEWAY=relay-tokio`).
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+fn main() -> io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "usage: relay_floor tokio|mio LISTEN_ADDR UPSTREAM_ADDR",
+        )
+    };
+    let (kind, listen, upstream) = match args.as_slice() {
+        [_, kind, listen, upstream] => (kind.as_str(), listen, upstream),
+        _ => return Err(usage()),
+    };
+    let listen: SocketAddr = listen.parse().map_err(|_| usage())?;
+    let upstream: SocketAddr = upstream.parse().map_err(|_| usage())?;
+    match kind {
+        "tokio" => tokio_relay(listen, upstream),
+        "mio" => mio_relay(listen, upstream),
+        _ => Err(usage()),
+    }
+}
+
+fn tokio_relay(listen: SocketAddr, upstream: SocketAddr) -> io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        loop {
+            let (mut client, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    })
+}
+
+/// One side of a pair: its socket, and bytes read from the other side not yet written.
+struct Side {
+    stream: mio::net::TcpStream,
+    pending: Vec<u8>,
+}
+
+const LISTENER: mio::Token = mio::Token(usize::MAX);
+
+fn mio_relay(listen: SocketAddr, upstream: SocketAddr) -> io::Result<()> {
+    use mio::{Events, Interest, Poll, Token};
+
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(256);
+    let mut listener = mio::net::TcpListener::bind(listen)?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    // Token 2n is a client, 2n + 1 its server.
+    let mut sides: HashMap<usize, Side> = HashMap::new();
+    let mut next = 0usize;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match poll.poll(&mut events, None) {
+            Ok(()) => {}
+            // callgrind_control interrupts the wait when it asks for a dump.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for event in &events {
+            if event.token() == LISTENER {
+                loop {
+                    let (mut client, _) = match listener.accept() {
+                        Ok(accepted) => accepted,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    };
+                    // A blocking connect on loopback: set-up cost, not per statement.
+                    let server = std::net::TcpStream::connect(upstream)?;
+                    server.set_nonblocking(true)?;
+                    let mut server = mio::net::TcpStream::from_std(server);
+                    client.set_nodelay(true)?;
+                    server.set_nodelay(true)?;
+                    let (c, s) = (2 * next, 2 * next + 1);
+                    next += 1;
+                    poll.registry().register(
+                        &mut client,
+                        Token(c),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )?;
+                    poll.registry().register(
+                        &mut server,
+                        Token(s),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )?;
+                    sides.insert(
+                        c,
+                        Side {
+                            stream: client,
+                            pending: Vec::new(),
+                        },
+                    );
+                    sides.insert(
+                        s,
+                        Side {
+                            stream: server,
+                            pending: Vec::new(),
+                        },
+                    );
+                }
+                continue;
+            }
+            let me = event.token().0;
+            let peer = me ^ 1;
+            if relay(&mut sides, me, peer, &mut buf).is_err() {
+                for token in [me, peer] {
+                    if let Some(mut side) = sides.remove(&token) {
+                        let _ = poll.registry().deregister(&mut side.stream);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads what `me` has and writes it to `peer` (keeping what the socket does not take),
+/// and writes what `me` still owes from before. `Err` when either side is closed.
+fn relay(
+    sides: &mut HashMap<usize, Side>,
+    me: usize,
+    peer: usize,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let closed = || io::Error::from(io::ErrorKind::UnexpectedEof);
+    flush(sides.get_mut(&me).ok_or_else(closed)?)?;
+    loop {
+        let side = sides.get_mut(&me).ok_or_else(closed)?;
+        let n = match side.stream.read(buf) {
+            Ok(0) => return Err(closed()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let other = sides.get_mut(&peer).ok_or_else(closed)?;
+        if other.pending.is_empty() {
+            // Straight from the read buffer; only what the socket does not take is kept.
+            let written = match other.stream.write(&buf[..n]) {
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            other.pending.extend_from_slice(&buf[written..n]);
+        } else {
+            other.pending.extend_from_slice(&buf[..n]);
+            flush(other)?;
+        }
+        // A short read drained the socket (edge-triggered: more data is a new event).
+        if n < buf.len() {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes as much of `side.pending` as the socket takes.
+fn flush(side: &mut Side) -> io::Result<()> {
+    while !side.pending.is_empty() {
+        match side.stream.write(&side.pending) {
+            Ok(n) => {
+                side.pending.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
