@@ -324,7 +324,9 @@ def main():
                   f"{memory.get('rss_after_close_kib', 0) / 1024:.1f} MiB. "
                   f"**{per_conn} KiB per idle client connection** "
                   f"((after − before) / {memory.get('opened')}). "
-                  f"{memory.get('sample_queries_ok', 0)} of 10 sampled idle clients then ran a query.")
+                  f"{memory.get('sample_queries_ok', 0)} of 10 sampled idle clients then ran a query. "
+                  "pgway is then restarted, so the rounds run on a fresh pgway, as on the second "
+                  "one.")
     md.append("")
     md.append("## Route decision (criterion)")
     md.append("")
