@@ -17,6 +17,10 @@
 # the postgres user: pgbouncer does not run as root), for the same figure side by side.
 # GATEWAY=relay-tokio and GATEWAY=relay-mio count examples/relay_floor.rs (a plain TCP relay
 # to the replica on tokio or on mio, port 6473): the floor an event loop alone costs.
+# CACHE_SIM=1 also simulates a small data cache (4 KiB, 64-byte lines, 4-way; level 2 of
+# 64 KiB): its misses per statement approximate the cache lines a statement touches that
+# the statements of the other clients in between have pushed out, which is what a gateway
+# sharing its cores with PostgreSQL and pgbench finds cold.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +32,10 @@ RUN=$BENCH_DIR/run
 BIN=${1:-$REPO/target/release/pgway}
 PROTOCOL=${PROTOCOL:-simple}
 GATEWAY=${GATEWAY:-pgway}
+VG_ARGS=(--tool=callgrind)
+if [[ -n ${CACHE_SIM:-} ]]; then
+    VG_ARGS+=(--cache-sim=yes --D1=4096,4,64 --I1=32768,8,64 --LL=65536,8,64)
+fi
 
 die() {
     echo "instructions-per-statement: ERROR: $*" >&2
@@ -68,13 +76,13 @@ as_gateway_user() {
 
 if [[ $GATEWAY == pgway ]]; then
     PORT=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
-    NO_COLOR=1 valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
+    NO_COLOR=1 valgrind "${VG_ARGS[@]}" --callgrind-out-file="$OUT/cg.%p" \
         "$BIN" --config "$RUN/pgway.toml" >"$OUT/pgway.log" 2>&1 &
     VPID=$!
 elif [[ $GATEWAY == relay-* ]]; then
     PORT=6473
     ! ss -ltn | grep -q "127.0.0.1:$PORT " || die "port $PORT is taken"
-    valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
+    valgrind "${VG_ARGS[@]}" --callgrind-out-file="$OUT/cg.%p" \
         "$BIN" "${GATEWAY#relay-}" "127.0.0.1:$PORT" "127.0.0.1:$(sed -nE 's/^nodes = \["[^"]+", "[^:]+:([0-9]+)"\]/\1/p' "$RUN/pgway.toml")" \
         >"$OUT/relay.log" 2>&1 &
     VPID=$!
@@ -85,7 +93,7 @@ else
     sed -E -e "s/^listen_port = .*/listen_port = $PORT/" -e "s#^logfile = .*#logfile = $OUT/pgbouncer.log#" \
         -e "s#^pidfile = .*#pidfile = $OUT/pgbouncer.pid#" "$RUN/pgbouncer/pgbouncer.ini" >"$OUT/pgbouncer.ini"
     chown -R postgres "$OUT"
-    as_pg valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
+    as_pg valgrind "${VG_ARGS[@]}" --callgrind-out-file="$OUT/cg.%p" \
         "$BIN" "$OUT/pgbouncer.ini" >"$OUT/vg.log" 2>&1 &
     # The process callgrind runs, not the runuser in front of it.
     for _ in $(seq 1 50); do
@@ -109,14 +117,18 @@ count_after() {
     as_gateway_user callgrind_control -d "$VPID" >/dev/null
     DUMPS=$((DUMPS + 1))
     COUNT=$(sed -nE 's/^summary: ([0-9]+)/\1/p' "$OUT/cg.$VPID.$DUMPS")
+    # With CACHE_SIM: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+    MISSES=$(awk '/^summary:/ {print $6 + $7, $9 + $10}' "$OUT/cg.$VPID.$DUMPS")
     [[ -n $COUNT ]] || die "no callgrind dump $OUT/cg.$VPID.$DUMPS"
 }
 
 count_after 200 # warm-up: pools filled, caches primed
 count_after 500
 short=$COUNT
+short_misses=$MISSES
 count_after 2500
 long=$COUNT
+long_misses=$MISSES
 if [[ -n ${PROFILE_OUT:-} ]]; then
     cp "$OUT/cg.$VPID.$DUMPS" "$PROFILE_OUT"
 fi
@@ -124,3 +136,9 @@ NAME=$(basename "$BIN")
 [[ $GATEWAY == relay-* ]] && NAME=$GATEWAY
 awk -v s="$short" -v l="$long" -v b="$NAME" -v m="$PROTOCOL" \
     'BEGIN {printf "%s: %.0f instructions per statement (pgbench -S -M %s -c 8, callgrind)\n", b, (l - s) / 16000, m}'
+if [[ -n ${CACHE_SIM:-} ]]; then
+    awk -v s="$short_misses" -v l="$long_misses" -v b="$NAME" -v m="$PROTOCOL" 'BEGIN {
+        split(s, a, " "); split(l, c, " ")
+        printf "%s: %.0f data lines missed in a 4 KiB cache, %.0f in 64 KiB, per statement (pgbench -S -M %s -c 8, callgrind)\n", b, (c[1] - a[1]) / 16000, (c[2] - a[2]) / 16000, m
+    }'
+fi

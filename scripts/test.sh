@@ -14,6 +14,14 @@ PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
 
 bash scripts/install-deps.sh
 
+# A full build runs out of disk with a confusing LLVM error; say so plainly instead.
+FREE_GIB=$(df -P --block-size=1G "$(pwd)" | awk 'NR == 2 {print $4}')
+if [[ $FREE_GIB =~ ^[0-9]+$ ]] && ((FREE_GIB < 6)); then
+    echo "test.sh: ERROR: only ${FREE_GIB} GiB free on the disk holding $(pwd); a build and" \
+        "test run needs about 6 GiB (old target/ directories and clones can go)" >&2
+    exit 1
+fi
+
 # Every test cluster of this run lives under one directory (the harness in tests/common reads
 # PGWAY_TEST_TMPDIR), so the clean-up below touches this run's servers and nothing else.
 PGWAY_TEST_TMPDIR=$(mktemp -d /tmp/pgway-test-run.XXXXXX)

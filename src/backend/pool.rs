@@ -189,6 +189,18 @@ impl Pool {
         self.params.get().cloned()
     }
 
+    /// Borrows a parked connection without waiting, if a slot and a usable parked
+    /// connection are both free now: the per-statement path, with no future to set up.
+    /// `None` leaves everything as it was; [`Self::acquire`] then waits or connects.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<PooledConn> {
+        let permit = self.capacity.permits.try_acquire().ok()?;
+        permit.forget();
+        let permit = Permit(self);
+        let conn = self.take_parked()?;
+        self.waits.no_wait();
+        Some(self.lend(conn, permit))
+    }
+
     /// Borrows a connection: an idle one, or a new one if the pool is below its size.
     /// Waits at most `pool.wait_timeout` for a free slot.
     pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
@@ -216,38 +228,8 @@ impl Pool {
         // or is returned by `Permit` if making one fails.
         permit.forget();
         let permit = Permit(self);
-        let here = crate::workers::current();
-        loop {
-            // The most recently parked connection on this thread's reactor, else the most
-            // recently parked one, moved over.
-            let candidate = self
-                .idle
-                .lock()
-                .map(|mut idle| {
-                    let at = idle
-                        .iter()
-                        .rposition(|conn| conn.reactor == here)
-                        .or_else(|| idle.len().checked_sub(1));
-                    at.map(|at| idle.remove(at))
-                })
-                .unwrap_or(None);
-            let Some(mut conn) = candidate else { break };
-            // Past its lifetime or parked too long: closed (dropped) instead of lent.
-            if self.expired(&conn, Instant::now()) {
-                tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing an expired server connection");
-                continue;
-            }
-            // Closed by the server while parked (or it sent something unprompted): drop it.
-            // Checked on the reactor it is registered with, before any move.
-            if conn.io.is_stale() {
-                continue;
-            }
-            match conn.adopt() {
-                Ok(conn) => return Ok(self.lend(conn, permit)),
-                Err(cause) => {
-                    tracing::debug!(%cause, "cannot move a server connection between workers");
-                }
-            }
+        if let Some(conn) = self.take_parked() {
+            return Ok(self.lend(conn, permit));
         }
         let secret = match self.secret.lock() {
             Ok(secret) => secret.clone(),
@@ -263,6 +245,40 @@ impl Pool {
         let conn = ServerConn::connect(login, &*self.connector, timeout).await?;
         let _ = self.params.set(Arc::new(conn.params.clone()));
         Ok(self.lend(Box::new(conn), permit))
+    }
+
+    /// Takes a parked connection fit to lend: the most recently parked one on this
+    /// thread's reactor, else the most recently parked one, moved over. Expired ones and
+    /// ones the server closed (or wrote to) while parked are dropped on the way.
+    fn take_parked(&self) -> Option<Box<ServerConn>> {
+        let here = crate::workers::current();
+        loop {
+            let mut conn = self
+                .idle
+                .lock()
+                .map(|mut idle| {
+                    let at = idle
+                        .iter()
+                        .rposition(|conn| conn.reactor == here)
+                        .or_else(|| idle.len().checked_sub(1));
+                    at.map(|at| idle.remove(at))
+                })
+                .unwrap_or(None)?;
+            if self.expired(&conn, Instant::now()) {
+                tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing an expired server connection");
+                continue;
+            }
+            // Checked on the reactor it is registered with, before any move.
+            if conn.io.is_stale() {
+                continue;
+            }
+            match conn.adopt() {
+                Ok(conn) => return Some(conn),
+                Err(cause) => {
+                    tracing::debug!(%cause, "cannot move a server connection between workers");
+                }
+            }
+        }
     }
 
     fn lend(self: &Arc<Self>, conn: Box<ServerConn>, permit: Permit<'_>) -> PooledConn {

@@ -491,6 +491,16 @@ impl Clients {
         }
     }
 
+    /// [`Self::gate`] without waiting: true, the session (`entry`) marked active, when no
+    /// `PAUSE` is in force; false when [`Self::gate`] has to be awaited.
+    pub fn open_now(&self, entry: Option<&ClientEntry>) -> bool {
+        // Marked active before looking, as in `gate`.
+        if let Some(entry) = entry {
+            entry.set_state(ClientState::Active);
+        }
+        !self.paused.load(Ordering::SeqCst)
+    }
+
     /// The gate in front of a new transaction: returns at once unless a pause holds the
     /// session's database, else when `RESUME` lets it go. The session (`entry`, when
     /// registered) is marked active on return, waiting while it waits (see the module

@@ -262,35 +262,38 @@ impl TopologyHandle {
     }
 
     /// Calls `f` with the address of a node for `want`, without copying it, and whether
-    /// that node is the primary (a read may land on it when no replica takes reads). With
-    /// none usable now, waits up to `wait()` for a primary (so writes wait through a
-    /// failover instead of failing). `None`: no node came in time.
+    /// that node is the primary (a read may land on it when no replica takes reads).
+    /// `None`: no node for `want` is usable now.
+    pub fn node_now<R>(&self, want: Want, mut f: impl FnMut(&str, bool) -> R) -> Option<R> {
+        // One look at the topology answers both what to pick and whether it is the primary.
+        let topology = self.current.load();
+        let primary = topology.primary();
+        let replica = |f: &mut dyn FnMut(&str, bool) -> R| {
+            self.pick_replica(&topology).map(|n| {
+                let is_primary = primary.is_some_and(|p| p.addr == n.addr);
+                f(&n.addr, is_primary)
+            })
+        };
+        match want {
+            Want::Primary => primary.map(|n| f(&n.addr, true)),
+            Want::Replica => replica(&mut f),
+            Want::Any => match primary {
+                Some(n) => Some(f(&n.addr, true)),
+                None => replica(&mut f),
+            },
+        }
+    }
+
+    /// [`Self::node_now`], but with no node usable now, waits up to `wait()` for a primary
+    /// (so writes wait through a failover instead of failing). `None`: no node came in
+    /// time.
     pub async fn with_node<R>(
         &self,
         want: Want,
         wait: impl FnOnce() -> Duration,
         mut f: impl FnMut(&str, bool) -> R,
     ) -> Option<R> {
-        // One look at the topology answers both what to pick and whether it is the primary.
-        let now = {
-            let topology = self.current.load();
-            let primary = topology.primary();
-            let replica = |f: &mut dyn FnMut(&str, bool) -> R| {
-                self.pick_replica(&topology).map(|n| {
-                    let is_primary = primary.is_some_and(|p| p.addr == n.addr);
-                    f(&n.addr, is_primary)
-                })
-            };
-            match want {
-                Want::Primary => primary.map(|n| f(&n.addr, true)),
-                Want::Replica => replica(&mut f),
-                Want::Any => match primary {
-                    Some(n) => Some(f(&n.addr, true)),
-                    None => replica(&mut f),
-                },
-            }
-        };
-        match now {
+        match self.node_now(want, &mut f) {
             Some(r) => Some(r),
             None => self.wait_primary(wait()).await.map(|addr| f(&addr, true)),
         }

@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use tracing::{debug, warn};
 
 use super::{Link, Session, State};
-use crate::backend::PoolError;
+use crate::backend::{PoolError, PooledConn};
 use crate::error::ClientError;
 use crate::frontend::cancel::CancelTarget;
 use crate::frontend::registry::Clients as Registry;
@@ -18,10 +18,69 @@ use crate::protocol::MAX_MESSAGE_LEN;
 use crate::route::{Target, Why};
 use crate::topology::Want;
 
+/// How far [`Session::attach_now`] got without waiting.
+enum Quick {
+    /// The session holds a server connection.
+    Attached,
+    /// It chose this node (pool index, is it the primary); no connection to it was parked.
+    Picked((usize, bool)),
+    /// It has to wait (a `PAUSE`, a read-your-writes floor, no node usable now).
+    NotNow,
+}
+
 impl Session<'_> {
     /// Takes a server connection for `target` (Idle -> Attached), trying another node when
-    /// one is down.
+    /// one is down. The usual case (no `PAUSE`, no read-your-writes floor to wait for, a
+    /// node up and a parked connection to it) needs no waiting and sets up no future;
+    /// everything else is the boxed [`Self::attach_waiting`], so the session's own future
+    /// stays small.
     pub(super) async fn attach(&mut self, target: Target) -> Result<(), ClientError> {
+        match self.attach_now(target) {
+            Quick::Attached => Ok(()),
+            Quick::Picked(node) => Box::pin(self.attach_waiting(target, Some(node))).await,
+            Quick::NotNow => Box::pin(self.attach_waiting(target, None)).await,
+        }
+    }
+
+    /// [`Self::attach`] where nothing has to be waited for.
+    fn attach_now(&mut self, target: Target) -> Quick {
+        let shared = self.shared;
+        let want = match target {
+            Target::Replica if self.read_floor() != 0 => return Quick::NotNow,
+            Target::Replica => Want::Replica,
+            Target::Primary => Want::Primary,
+        };
+        if !shared
+            .clients
+            .open_now(self.registered.as_ref().map(|r| &*r.entry))
+        {
+            return Quick::NotNow;
+        }
+        let Some((index, primary)) = shared
+            .topology
+            .node_now(want, |addr, primary| (self.pool_index(addr), primary))
+        else {
+            return Quick::NotNow;
+        };
+        let (addr, pool) = &self.pools[index];
+        let Some(conn) = pool.try_acquire() else {
+            return Quick::Picked((index, primary));
+        };
+        let addr = Arc::clone(addr);
+        self.attach_to(conn, addr, want == Want::Replica && !primary);
+        Quick::Attached
+    }
+
+    /// [`Self::attach`] when it may have to wait: for `RESUME`, a replica to replay the
+    /// client's writes, a primary after a failover, a free slot or a new connection.
+    /// `picked`: the node (pool index, is it the primary) [`Self::attach_now`] chose and
+    /// found no parked connection to; the first try goes there (picking again would move
+    /// on in the replicas' rotation and never open a connection to that one).
+    async fn attach_waiting(
+        &mut self,
+        target: Target,
+        picked: Option<(usize, bool)>,
+    ) -> Result<(), ClientError> {
         let shared = self.shared;
         // `PAUSE` holds new transactions here (a client ended by `KILL_CLIENT` or pgway's
         // shutdown meanwhile stops waiting).
@@ -34,18 +93,43 @@ impl Session<'_> {
                 return Err(ClientError::Shutdown);
             }
         }
-        let attached = self.take_connection(target).await;
+        let attached = self.take_connection(target, picked).await;
         if attached.is_err() {
             Registry::not_attached(self.registered.as_ref().map(|r| &*r.entry));
         }
         attached
     }
 
+    /// Idle -> Attached on `conn` (to `addr`; `replica`: a read that a replica serves).
+    fn attach_to(&mut self, conn: PooledConn, addr: Arc<str>, replica: bool) {
+        let active = self
+            .registered
+            .as_ref()
+            .map(|r| r.entry.attached(Arc::clone(&addr), conn.pid));
+        self.cancel.point_to(CancelTarget {
+            addr,
+            pid: conn.pid,
+            secret: conn.secret,
+        });
+        self.state = State::Attached(Link {
+            conn,
+            status: b'I',
+            unsynced: false,
+            skipping: false,
+            replica,
+            _active: active,
+        });
+        self.sync_settings();
+    }
+
     /// [`Self::attach`] once past the pause gate.
-    async fn take_connection(&mut self, target: Target) -> Result<(), ClientError> {
+    async fn take_connection(
+        &mut self,
+        target: Target,
+        mut picked: Option<(usize, bool)>,
+    ) -> Result<(), ClientError> {
         let shared = self.shared;
         let topology = &shared.topology;
-        let wait = || shared.config.load().topology.failover_timeout();
         let mut want = match target {
             Target::Replica => Want::Replica,
             Target::Primary => Want::Primary,
@@ -53,32 +137,9 @@ impl Session<'_> {
         // Nodes found down so far: each is tried once.
         let mut down = 0;
         loop {
-            // A read under a read-your-writes floor: a replica that has replayed it, else
-            // the primary.
-            let caught_up = match want {
-                Want::Replica => match self.read_floor() {
-                    0 => None,
-                    floor => {
-                        let replica = self.replica_at(floor).await;
-                        if replica.is_none() {
-                            want = Want::Primary;
-                            let wait = shared.config.load().routing.read_your_writes_wait;
-                            self.reroute(Why::FloorNotReplayed(wait));
-                        }
-                        replica
-                    }
-                },
-                _ => None,
-            };
-            let (index, primary) = match caught_up {
-                Some(addr) => {
-                    let primary = topology.with_primary(|primary| *primary == *addr);
-                    (self.pool_index(&addr), primary.unwrap_or(false))
-                }
-                None => topology
-                    .with_node(want, wait, |addr, primary| (self.pool_index(addr), primary))
-                    .await
-                    .ok_or_else(|| ClientError::NoPrimary(wait()))?,
+            let (index, primary) = match picked.take() {
+                Some(node) => node,
+                None => self.pick_node(&mut want).await?,
             };
             let (addr, pool) = &self.pools[index];
             let addr = Arc::clone(addr);
@@ -86,24 +147,7 @@ impl Session<'_> {
             let replica = want == Want::Replica && !primary;
             match pool.acquire().await {
                 Ok(conn) => {
-                    let active = self
-                        .registered
-                        .as_ref()
-                        .map(|r| r.entry.attached(Arc::clone(&addr), conn.pid));
-                    self.cancel.point_to(CancelTarget {
-                        addr,
-                        pid: conn.pid,
-                        secret: conn.secret,
-                    });
-                    self.state = State::Attached(Link {
-                        conn,
-                        status: b'I',
-                        unsynced: false,
-                        skipping: false,
-                        replica,
-                        _active: active,
-                    });
-                    self.sync_settings();
+                    self.attach_to(conn, addr, replica);
                     return Ok(());
                 }
                 Err(PoolError::Connect(e)) if e.is_node_down() && down < topology.node_count() => {
@@ -115,6 +159,40 @@ impl Session<'_> {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// Chooses the node for `want` (pool index, is it the primary). A read under a
+    /// read-your-writes floor goes to a replica that has replayed it, else to the primary
+    /// (`want` becomes `Primary`); with no node usable now, waits for a primary through a
+    /// failover.
+    async fn pick_node(&mut self, want: &mut Want) -> Result<(usize, bool), ClientError> {
+        let shared = self.shared;
+        let topology = &shared.topology;
+        let wait = || shared.config.load().topology.failover_timeout();
+        let caught_up = match (*want, self.read_floor()) {
+            (Want::Replica, floor) if floor != 0 => {
+                let replica = self.replica_at(floor).await;
+                if replica.is_none() {
+                    *want = Want::Primary;
+                    let wait = shared.config.load().routing.read_your_writes_wait;
+                    self.reroute(Why::FloorNotReplayed(wait));
+                }
+                replica
+            }
+            _ => None,
+        };
+        match caught_up {
+            Some(addr) => {
+                let primary = topology.with_primary(|primary| *primary == *addr);
+                Ok((self.pool_index(&addr), primary.unwrap_or(false)))
+            }
+            None => topology
+                .with_node(*want, wait, |addr, primary| {
+                    (self.pool_index(addr), primary)
+                })
+                .await
+                .ok_or_else(|| ClientError::NoPrimary(wait())),
         }
     }
 

@@ -368,21 +368,22 @@ impl Session<'_> {
 
     /// `DEALLOCATE name` / `DEALLOCATE ALL` of protocol-level statements, which live in
     /// pgway, not on any one server: answered here unless the client is pinned (its SQL
-    /// `PREPARE`d statements are on its server). Returns true if answered.
-    pub(super) async fn answer_deallocate(
+    /// `PREPARE`d statements are on its server). Returns true if answered (the answer is
+    /// in `out`, for the caller to flush).
+    pub(super) fn answer_deallocate(
         &mut self,
         sql: &[u8],
         classification: &Classification,
-    ) -> Result<bool, SessionError> {
+    ) -> bool {
         let [effect] = classification.session.as_slice() else {
-            return Ok(false);
+            return false;
         };
         let single = sql
             .iter()
             .rposition(|&b| b != b';' && !b.is_ascii_whitespace())
             .is_some_and(|last| !sql[..last].contains(&b';'));
         if !single {
-            return Ok(false);
+            return false;
         }
         let tag: &[u8] = match effect {
             SessionEffect::Deallocate(name) if self.statements.contains_key(name.as_bytes()) => {
@@ -394,11 +395,10 @@ impl Session<'_> {
                 self.unnamed = None;
                 b"DEALLOCATE ALL\0"
             }
-            _ => return Ok(false),
+            _ => return false,
         };
         put_frame(&mut self.out, b'C', tag);
         messages::ready_for_query(&mut self.out, self.state.status());
-        self.flush().await?;
-        Ok(true)
+        true
     }
 }

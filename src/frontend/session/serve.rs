@@ -178,8 +178,8 @@ impl Session<'_> {
             if let Some(e) = effects::refusal(&c.session) {
                 return self.report(e, true).await;
             }
-            if self.answer_deallocate(sql, c).await? {
-                return Ok(());
+            if self.answer_deallocate(sql, c) {
+                return self.flush().await;
             }
             if let State::Idle = self.state {
                 let router = &self.shared.router;
@@ -200,9 +200,10 @@ impl Session<'_> {
         } else {
             target
         };
-        // Checked here, not in `cached_query`: without a cache, its future is not even made.
+        // Checked here, not in `cached_query`: without a cache, its future is not even made
+        // (and with one, it is boxed: the session's own future stays small).
         if let (Some(c), Some(_)) = (&classification, &self.cache) {
-            if self.cached_query(sql, c, hints).await? {
+            if Box::pin(self.cached_query(sql, c, hints)).await? {
                 return Ok(());
             }
         }
@@ -316,7 +317,7 @@ impl Session<'_> {
         };
         if sync && self.cache.is_some() && matches!(self.state, State::Idle) {
             let route = parse_targets.first();
-            if self.cached_batch(&batch, route, hints).await? {
+            if Box::pin(self.cached_batch(&batch, route, hints)).await? {
                 return Ok(());
             }
         }
@@ -444,12 +445,13 @@ impl Session<'_> {
                 Route::Primary
             });
         }
+        // The rare steps are boxed, so this future, made for every request, stays small.
         if self.request.wal_deferred {
-            self.ask_deferred_wal_position().await?;
+            Box::pin(self.ask_deferred_wal_position()).await?;
         }
         if plan.relay {
             if self.request.check_pins {
-                self.unpin_if_unbound().await?;
+                Box::pin(self.unpin_if_unbound()).await?;
             }
             self.maybe_release();
         }
