@@ -97,10 +97,12 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let local = stream.local_addr().ok();
     let mut io = FramedStream::tcp(stream);
     let mut out = BytesMut::new();
-    let login = tokio::time::timeout(
+    // Boxed: the login's state is large and needed once, while this future lives as long
+    // as the client (its size is memory per idle client).
+    let login = Box::pin(tokio::time::timeout(
         shared.config.load().client.login_timeout,
         login(&shared, &mut io, &mut out),
-    )
+    ))
     .instrument(span.clone())
     .await
     .unwrap_or(Err(ClientError::LoginTimeout.into()));

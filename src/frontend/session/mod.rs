@@ -524,7 +524,7 @@ impl<'a> Session<'a> {
 
     /// Greets the client (after `greeting`, which holds AuthenticationOk and the
     /// ParameterStatus messages) and serves it until it leaves.
-    pub async fn run(mut self, greeting: BytesMut) {
+    pub async fn run(&mut self, greeting: BytesMut) {
         self.out = greeting;
         self.shared.metrics.client(1);
         messages::backend_key_data(&mut self.out, self.cancel.pid, self.cancel.secret);
