@@ -494,7 +494,7 @@ impl Clients {
     /// [`Self::gate`] without waiting: true, the session (`entry`) marked active, when no
     /// `PAUSE` is in force; false when [`Self::gate`] has to be awaited.
     pub fn open_now(&self, entry: Option<&ClientEntry>) -> bool {
-        // Marked active before looking, as in `gate`.
+        // Marked active before looking (see the module doc's pause protocol).
         if let Some(entry) = entry {
             entry.set_state(ClientState::Active);
         }
@@ -508,10 +508,7 @@ impl Clients {
     pub async fn gate(&self, entry: Option<&ClientEntry>) {
         let database = entry.map(|e| e.database.as_str());
         loop {
-            if let Some(entry) = entry {
-                entry.set_state(ClientState::Active);
-            }
-            if !self.paused.load(Ordering::SeqCst) {
+            if self.open_now(entry) {
                 return;
             }
             // Subscribed before looking, so a RESUME after the look wakes the wait.

@@ -28,6 +28,14 @@ enum Quick {
     NotNow,
 }
 
+/// The node a request for `target` wants.
+fn want_for(target: Target) -> Want {
+    match target {
+        Target::Replica => Want::Replica,
+        Target::Primary => Want::Primary,
+    }
+}
+
 impl Session<'_> {
     /// Takes a server connection for `target` (Idle -> Attached), trying another node when
     /// one is down. The usual case (no `PAUSE`, no read-your-writes floor to wait for, a
@@ -35,21 +43,21 @@ impl Session<'_> {
     /// everything else is the boxed [`Self::attach_waiting`], so the session's own future
     /// stays small.
     pub(super) async fn attach(&mut self, target: Target) -> Result<(), ClientError> {
-        match self.attach_now(target) {
-            Quick::Attached => Ok(()),
-            Quick::Picked(node) => Box::pin(self.attach_waiting(target, Some(node))).await,
-            Quick::NotNow => Box::pin(self.attach_waiting(target, None)).await,
-        }
+        let picked = match self.attach_now(target) {
+            Quick::Attached => return Ok(()),
+            Quick::Picked(node) => Some(node),
+            Quick::NotNow => None,
+        };
+        Box::pin(self.attach_waiting(target, picked)).await
     }
 
     /// [`Self::attach`] where nothing has to be waited for.
     fn attach_now(&mut self, target: Target) -> Quick {
         let shared = self.shared;
-        let want = match target {
-            Target::Replica if self.read_floor() != 0 => return Quick::NotNow,
-            Target::Replica => Want::Replica,
-            Target::Primary => Want::Primary,
-        };
+        if target == Target::Replica && self.read_floor() != 0 {
+            return Quick::NotNow;
+        }
+        let want = want_for(target);
         if !shared
             .clients
             .open_now(self.registered.as_ref().map(|r| &*r.entry))
@@ -130,10 +138,7 @@ impl Session<'_> {
     ) -> Result<(), ClientError> {
         let shared = self.shared;
         let topology = &shared.topology;
-        let mut want = match target {
-            Target::Replica => Want::Replica,
-            Target::Primary => Want::Primary,
-        };
+        let mut want = want_for(target);
         // Nodes found down so far: each is tried once.
         let mut down = 0;
         loop {
