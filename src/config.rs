@@ -65,6 +65,14 @@ pub struct Config {
     /// `nbthread`). _Default:_ one per CPU core the process may use
     #[serde(default)]
     pub workers: Option<usize>,
+    /// How long a worker goes on polling for I/O after its sessions last read something,
+    /// before it sleeps in `epoll_wait` (as HAProxy's `busy-polling`, and Linux's
+    /// `net.core.busy_poll`): while traffic flows, a round trip waits for no wake-up of
+    /// pgway's thread, which on a virtual machine costs tens of microseconds each. It
+    /// spends CPU while traffic flows and none once it stops; `"0s"` turns it off.
+    /// _Default:_ `"200us"`
+    #[serde(default = "Config::default_busy_poll", with = "humantime_serde")]
+    pub busy_poll: Duration,
     /// The result cache (off unless `enabled = true`).
     #[serde(default)]
     pub cache: CacheConfig,
@@ -690,6 +698,9 @@ impl Config {
     fn default_admin_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9930))
     }
+    fn default_busy_poll() -> Duration {
+        Duration::from_micros(200)
+    }
     fn default_shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }
@@ -1032,6 +1043,20 @@ ttl = "3h"
         );
         let config = Config::from_toml_str(&format!("workers = 3\n{EXAMPLE}")).expect("workers");
         assert_eq!(config.workers, Some(3));
+    }
+
+    #[test]
+    fn busy_poll_defaults_to_200us_and_zero_turns_it_off() {
+        let config = Config::from_toml_str(EXAMPLE).expect("example");
+        assert_eq!(config.busy_poll, Duration::from_micros(200));
+        let config = Config::from_toml_str(&format!("busy_poll = \"0s\"\n{EXAMPLE}")).expect("off");
+        assert!(config.busy_poll.is_zero());
+        let config =
+            Config::from_toml_str(&format!("busy_poll = \"1ms\"\n{EXAMPLE}")).expect("1ms");
+        assert_eq!(config.busy_poll, Duration::from_millis(1));
+        let err = Config::from_toml_str(&format!("busy_poll = \"soon\"\n{EXAMPLE}"))
+            .expect_err("not a duration");
+        assert!(err.to_string().contains("busy_poll"), "{err}");
     }
 
     #[test]

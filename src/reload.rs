@@ -15,7 +15,8 @@
 //! - `[cache]`: `default_ttl` and `rules` (the cache is emptied if they changed);
 //! - `[topology]`: a static node list, health settings and `failover_timeout`; for
 //!   Patroni, new etcd endpoints, namespace or scope restart the watch;
-//! - `shutdown_timeout`.
+//! - `shutdown_timeout`, and `busy_poll` (each worker reads it when it next starts
+//!   polling).
 //!
 //! Keys read once at start ([`RESTART_KEYS`]) keep their running value, with a warning
 //! naming each one that changed. Connections already open are never closed by a reload.
@@ -226,6 +227,7 @@ pub async fn reload(shared: &Shared) -> Result<Report, ReloadError> {
         "shutdown_timeout",
         current.shutdown_timeout != next.shutdown_timeout,
     );
+    applied("busy_poll", current.busy_poll != next.busy_poll);
     shared.config.store(Arc::new(next));
 
     for key in &report.need_restart {

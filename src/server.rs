@@ -271,8 +271,10 @@ fn start_workers(shared: &Arc<Shared>, sessions: &TaskTracker) -> Result<Workers
         .load()
         .workers
         .unwrap_or_else(workers::default_count);
+    let config = Arc::clone(shared);
+    let busy_poll: workers::BusyPoll = Arc::new(move || config.config.load().busy_poll);
     let shared = Arc::clone(shared);
-    let workers = Workers::start(count, sessions.clone(), move |stream, peer| {
+    let workers = Workers::start(count, sessions.clone(), busy_poll, move |stream, peer| {
         startup::handle(Arc::clone(&shared), stream, peer)
     })?;
     Ok(workers)

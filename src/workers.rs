@@ -11,11 +11,19 @@
 //! Server connections remember which worker's reactor they are registered with
 //! ([`current`]); the pool prefers one registered with the borrowing thread and moves
 //! another over (two `epoll_ctl` calls) only when the thread has none idle.
+//!
+//! While its sessions have traffic, a worker does not sleep in `epoll_wait` between
+//! events: for `busy_poll` after the last bytes one of its sessions read, it polls the
+//! reactor without waiting ([`spin`]). Each round trip through pgway otherwise waits for
+//! two wake-ups of a sleeping thread (the client's request, the server's answer), and on a
+//! virtual machine each costs tens of microseconds: more than pgway's own work.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +49,141 @@ pub fn current() -> usize {
     REACTOR.with(Cell::get)
 }
 
+thread_local! {
+    /// A session of this thread read bytes since [`spin`] last looked.
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+    /// [`spin`]'s waker while it waits for traffic.
+    static SPINNER: Cell<Option<Waker>> = const { Cell::new(None) };
+}
+
+/// Notes that a connection of this thread read bytes: [`spin`] goes on (or starts)
+/// polling. Two thread-local accesses; on a thread that is not a worker, nothing else.
+pub fn busy() {
+    BUSY.set(true);
+    if let Some(spinner) = SPINNER.take() {
+        spinner.wake();
+    }
+}
+
+/// How long a worker polls without sleeping after its last traffic (`busy_poll`), read
+/// when it starts polling (so a reload applies).
+pub type BusyPoll = Arc<dyn Fn() -> Duration + Send + Sync>;
+
+/// How often a polling worker looks at how long it waited for its CPU.
+const CONTENTION_CHECK: Duration = Duration::from_millis(5);
+
+/// A polling worker stops when it waited for its CPU for more than this share of the time
+/// since it last looked (in percent): other threads want the CPUs, and polling would only
+/// take time from the servers and clients that share them.
+const MAX_WAIT_PERCENT: u128 = 20;
+
+/// How long a worker that stopped polling for that reason sleeps between events before
+/// it tries again; doubled each time it stops so again, up to [`MAX_BACK_OFF`].
+const CONTENTION_BACK_OFF: Duration = Duration::from_millis(200);
+const MAX_BACK_OFF: Duration = Duration::from_secs(1);
+
+/// The calling thread's scheduler statistics (`/proc/thread-self/schedstat`).
+struct SchedStat {
+    file: std::fs::File,
+}
+
+impl SchedStat {
+    fn open() -> Option<Self> {
+        let mut stat = Self {
+            file: std::fs::File::open("/proc/thread-self/schedstat").ok()?,
+        };
+        stat.waited().map(|_| stat)
+    }
+
+    /// Nanoseconds the thread has waited for a CPU while runnable.
+    fn waited(&mut self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 96];
+        let len = self.file.read_at(&mut buf, 0).ok()?;
+        wait_field(buf.get(..len)?)
+    }
+}
+
+/// The time waiting on a run queue, from `schedstat`'s text: "run_time wait_time
+/// timeslices", in nanoseconds.
+fn wait_field(text: &[u8]) -> Option<u64> {
+    std::str::from_utf8(text)
+        .ok()?
+        .split_ascii_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs on each worker: waits (without polling) until one of the worker's sessions reads
+/// something, then keeps the runtime from sleeping until `busy_poll()` has passed with no
+/// session reading anything ([`poll_while_busy`]). With `busy_poll` off it looks again
+/// every second (a reload may turn it on). Without `/proc/thread-self/schedstat` it never
+/// polls: it could not tell when polling takes CPU time that others need.
+async fn spin(busy_poll: BusyPoll) {
+    let Some(mut stat) = SchedStat::open() else {
+        if !busy_poll().is_zero() && current() == 1 {
+            tracing::info!(
+                "busy_poll: no /proc/thread-self/schedstat here; workers sleep between events"
+            );
+        }
+        return;
+    };
+    let mut back_off = CONTENTION_BACK_OFF;
+    loop {
+        if busy_poll().is_zero() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        std::future::poll_fn(|cx| {
+            if BUSY.replace(false) {
+                Poll::Ready(())
+            } else {
+                SPINNER.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+        if poll_while_busy(busy_poll(), &mut stat).await {
+            back_off = CONTENTION_BACK_OFF;
+        } else {
+            tokio::time::sleep(back_off).await;
+            back_off = (back_off * 2).min(MAX_BACK_OFF);
+        }
+    }
+}
+
+/// Keeps the runtime from sleeping until `window` passes with no session reading anything
+/// (true), or until the worker turns out to share its CPU (false: it waited for it for
+/// more than [`MAX_WAIT_PERCENT`] of the time). Yielding defers this task until the
+/// runtime has polled its reactor without a timeout (`epoll_wait` with 0) and run what
+/// that woke, so the sessions' own events come first.
+async fn poll_while_busy(window: Duration, stat: &mut SchedStat) -> bool {
+    let mut last = Instant::now();
+    let mut looked = (last, stat.waited().unwrap_or(0));
+    loop {
+        tokio::task::yield_now().await;
+        let now = Instant::now();
+        if BUSY.replace(false) {
+            last = now;
+        } else if now.duration_since(last) >= window {
+            return true;
+        }
+        let since = now.duration_since(looked.0);
+        if since >= CONTENTION_CHECK {
+            let Some(waited) = stat.waited() else {
+                return false;
+            };
+            if u128::from(waited.saturating_sub(looked.1)) * 100
+                > since.as_nanos() * MAX_WAIT_PERCENT
+            {
+                return false;
+            }
+            looked = (now, waited);
+        }
+    }
+}
+
 /// Number of workers for this machine: one per core the process may use.
 pub fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -61,8 +204,14 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `count` workers. Each runs `serve(stream, peer)` for the clients handed to
-    /// it, as tasks tracked by `sessions`, until [`Self::shutdown`].
-    pub fn start<F, Fut>(count: usize, sessions: TaskTracker, serve: F) -> Result<Self, WorkerError>
+    /// it, as tasks tracked by `sessions`, until [`Self::shutdown`], polling without
+    /// sleeping for `busy_poll` after its last traffic ([`spin`]).
+    pub fn start<F, Fut>(
+        count: usize,
+        sessions: TaskTracker,
+        busy_poll: BusyPoll,
+        serve: F,
+    ) -> Result<Self, WorkerError>
     where
         F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -77,17 +226,19 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (serve, load, stop, sessions) = (
+            let (serve, load, stop, sessions, busy_poll) = (
                 Arc::clone(&serve),
                 Arc::clone(&load),
                 stop.clone(),
                 sessions.clone(),
+                Arc::clone(&busy_poll),
             );
             let thread = std::thread::Builder::new()
                 .name(format!("pgway-worker-{index}"))
                 .spawn(move || {
                     REACTOR.with(|r| r.set(index + 1));
                     runtime.block_on(async move {
+                        tokio::spawn(spin(busy_poll));
                         loop {
                             let next = tokio::select! {
                                 _ = stop.cancelled() => return,
@@ -177,5 +328,28 @@ impl Drop for Workers {
     /// threads still end, with their sessions.
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_is_schedstats_second_field() {
+        assert_eq!(wait_field(b"1457549 230 17\n"), Some(230));
+        assert_eq!(wait_field(b"1457549\n"), None);
+        assert_eq!(wait_field(b"x y z"), None);
+    }
+
+    #[test]
+    fn a_threads_wait_for_a_cpu_is_read_and_never_goes_back() {
+        // Linux has had the file since 2.6.x (with schedstats or task delay accounting).
+        let Some(mut stat) = SchedStat::open() else {
+            panic!("no /proc/thread-self/schedstat: busy_poll would never poll here");
+        };
+        let first = stat.waited().expect("first read");
+        std::thread::yield_now();
+        assert!(stat.waited().expect("second read") >= first);
     }
 }

@@ -516,3 +516,55 @@ async fn reload_changes_pool_size_and_password_while_a_client_stays_connected() 
         "the key is not named:\n{log}"
     );
 }
+
+/// CPU time (user and system) the process has used so far, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
+    // The fields after the command name (which may hold spaces, in parentheses): utime and
+    // stime are the 12th and 13th of them, in clock ticks.
+    let after = &stat[stat.rfind(')').expect("command name") + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let per_second = String::from_utf8(
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .expect("getconf CLK_TCK")
+            .stdout,
+    )
+    .expect("CLK_TCK text")
+    .trim()
+    .parse::<u64>()
+    .expect("CLK_TCK");
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// `busy_poll` (on by default): while a client's statements flow, a worker may poll for
+/// I/O without sleeping; once they stop, pgway sleeps again and uses (nearly) no CPU,
+/// with the client still connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_traffic_stops_pgway_stops_polling() {
+    let cluster = Cluster::start(1);
+    let pgway = Binary::start(&cluster, &GatewayOptions::default(), "info");
+    pgway.wait_ready().await;
+    let mut client = RawConn::login(pgway.port, APP_USER, APP_PASSWORD).await;
+    for _ in 0..2_000 {
+        assert_eq!(query_ok(&mut client, "select 1").await, b'I');
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_time(pgway.child.id());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_time(pgway.child.id()) - before;
+    // A worker that kept polling would use about as much CPU as time passed.
+    assert!(
+        used < Duration::from_millis(400),
+        "pgway used {used:?} of CPU in 2 s without traffic"
+    );
+    assert_eq!(
+        query_ok(&mut client, "select 1").await,
+        b'I',
+        "the client still served"
+    );
+}

@@ -828,6 +828,7 @@ fn config(shared: &Shared) -> Table {
         c.workers
             .map_or_else(|| "auto".to_owned(), |w| w.to_string()),
     );
+    row("busy_poll", duration(c.busy_poll));
     row("pool.size", c.pool.size.to_string());
     row("pool.wait_timeout", duration(c.pool.wait_timeout));
     row("pool.connect_timeout", duration(c.pool.connect_timeout));

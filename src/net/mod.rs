@@ -107,7 +107,10 @@ impl FramedStream {
         match self.stream.read_buf(&mut self.rbuf).await? {
             0 if self.rbuf.is_empty() => Err(NetError::Closed),
             0 => Err(NetError::Truncated),
-            _ => Ok(()),
+            _ => {
+                crate::workers::busy();
+                Ok(())
+            }
         }
     }
 
