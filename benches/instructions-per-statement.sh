@@ -79,8 +79,8 @@ if [[ $GATEWAY == pgway ]]; then
     # Without busy polling: the count is of the statements' own path, not of the polling
     # between events (valgrind runs one thread at a time, so a polling worker would also
     # take turns from the one serving). Builds from before `busy_poll` do not know the key.
-    cp "$RUN/pgway.toml" "$OUT/pgway.toml"
-    if grep -q busy_poll "$BIN"; then sed -i '1a busy_poll = "0s"' "$OUT/pgway.toml"; fi
+    sed '1a busy_poll = "0s"' "$RUN/pgway.toml" >"$OUT/pgway.toml"
+    "$BIN" --config "$OUT/pgway.toml" check >/dev/null 2>&1 || cp "$RUN/pgway.toml" "$OUT/pgway.toml"
     NO_COLOR=1 valgrind "${VG_ARGS[@]}" --callgrind-out-file="$OUT/cg.%p" \
         "$BIN" --config "$OUT/pgway.toml" >"$OUT/pgway.log" 2>&1 &
     VPID=$!

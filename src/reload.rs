@@ -227,6 +227,7 @@ pub async fn reload(shared: &Shared) -> Result<Report, ReloadError> {
         "shutdown_timeout",
         current.shutdown_timeout != next.shutdown_timeout,
     );
+    shared.busy_poll.set(next.busy_poll);
     applied("busy_poll", current.busy_poll != next.busy_poll);
     shared.config.store(Arc::new(next));
 

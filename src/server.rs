@@ -229,6 +229,7 @@ pub(crate) fn build_shared(
         per_user: Arc::default(),
         auth_query: Default::default(),
         reloader,
+        busy_poll: Arc::new(workers::BusyPoll::new(config.busy_poll)),
         config: ArcSwap::new(config),
     })
 }
@@ -271,8 +272,7 @@ fn start_workers(shared: &Arc<Shared>, sessions: &TaskTracker) -> Result<Workers
         .load()
         .workers
         .unwrap_or_else(workers::default_count);
-    let config = Arc::clone(shared);
-    let busy_poll: workers::BusyPoll = Arc::new(move || config.config.load().busy_poll);
+    let busy_poll = Arc::clone(&shared.busy_poll);
     let shared = Arc::clone(shared);
     let workers = Workers::start(count, sessions.clone(), busy_poll, move |stream, peer| {
         startup::handle(Arc::clone(&shared), stream, peer)

@@ -20,7 +20,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -65,9 +65,38 @@ pub fn busy() {
     }
 }
 
-/// How long a worker polls without sleeping after its last traffic (`busy_poll`), read
-/// when it starts polling (so a reload applies).
-pub type BusyPoll = Arc<dyn Fn() -> Duration + Send + Sync>;
+/// `busy_poll`: how long a worker polls without sleeping after its last traffic. Shared
+/// by the workers, each reading it when it starts polling; a reload changes it.
+#[derive(Debug)]
+pub struct BusyPoll {
+    nanos: AtomicU64,
+    /// Wakes the workers' [`spin`] tasks that wait while it is off.
+    changed: tokio::sync::Notify,
+}
+
+impl BusyPoll {
+    /// The setting `window` (zero: off).
+    pub fn new(window: Duration) -> Self {
+        Self {
+            nanos: AtomicU64::new(nanos(window)),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Changes the setting (a reload).
+    pub fn set(&self, window: Duration) {
+        self.nanos.store(nanos(window), Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+fn nanos(window: Duration) -> u64 {
+    u64::try_from(window.as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// How often a polling worker looks at how long it waited for its CPU.
 const CONTENTION_CHECK: Duration = Duration::from_millis(5);
@@ -116,13 +145,14 @@ fn wait_field(text: &[u8]) -> Option<u64> {
 }
 
 /// Runs on each worker: waits (without polling) until one of the worker's sessions reads
-/// something, then keeps the runtime from sleeping until `busy_poll()` has passed with no
-/// session reading anything ([`poll_while_busy`]). With `busy_poll` off it looks again
-/// every second (a reload may turn it on). Without `/proc/thread-self/schedstat` it never
-/// polls: it could not tell when polling takes CPU time that others need.
-async fn spin(busy_poll: BusyPoll) {
+/// something, then keeps the runtime from sleeping until `busy_poll` has passed with no
+/// session reading anything ([`poll_while_busy`]). With `busy_poll` off it waits for a
+/// reload to change it, with no timer and no wake-up per event. Without
+/// `/proc/thread-self/schedstat` it never polls: it could not tell when polling takes CPU
+/// time that others need.
+async fn spin(busy_poll: Arc<BusyPoll>) {
     let Some(mut stat) = SchedStat::open() else {
-        if !busy_poll().is_zero() && current() == 1 {
+        if !busy_poll.window().is_zero() && current() == 1 {
             tracing::info!(
                 "busy_poll: no /proc/thread-self/schedstat here; workers sleep between events"
             );
@@ -131,8 +161,11 @@ async fn spin(busy_poll: BusyPoll) {
     };
     let mut back_off = CONTENTION_BACK_OFF;
     loop {
-        if busy_poll().is_zero() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        let changed = busy_poll.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if busy_poll.window().is_zero() {
+            changed.await;
             continue;
         }
         std::future::poll_fn(|cx| {
@@ -144,7 +177,7 @@ async fn spin(busy_poll: BusyPoll) {
             }
         })
         .await;
-        if poll_while_busy(busy_poll(), &mut stat).await {
+        if poll_while_busy(busy_poll.window(), &mut stat).await {
             back_off = CONTENTION_BACK_OFF;
         } else {
             tokio::time::sleep(back_off).await;
@@ -209,7 +242,7 @@ impl Workers {
     pub fn start<F, Fut>(
         count: usize,
         sessions: TaskTracker,
-        busy_poll: BusyPoll,
+        busy_poll: Arc<BusyPoll>,
         serve: F,
     ) -> Result<Self, WorkerError>
     where
@@ -334,6 +367,16 @@ impl Drop for Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_changes_the_window_the_workers_read() {
+        let busy_poll = BusyPoll::new(Duration::from_micros(200));
+        assert_eq!(busy_poll.window(), Duration::from_micros(200));
+        busy_poll.set(Duration::ZERO);
+        assert!(busy_poll.window().is_zero());
+        busy_poll.set(Duration::from_millis(1));
+        assert_eq!(busy_poll.window(), Duration::from_millis(1));
+    }
 
     #[test]
     fn the_wait_is_schedstats_second_field() {

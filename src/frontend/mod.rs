@@ -116,6 +116,8 @@ pub struct Shared {
     pub auth_query: auth_query::AuthQuery,
     /// What a reload swaps besides the fields above.
     pub reloader: crate::reload::Reloader,
+    /// `busy_poll`, as the workers read it.
+    pub busy_poll: Arc<crate::workers::BusyPoll>,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Connected clients and the `PAUSE` gate, for the admin console.
