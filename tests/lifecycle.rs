@@ -519,12 +519,8 @@ async fn reload_changes_pool_size_and_password_while_a_client_stays_connected() 
 
 /// CPU time (user and system) the process has used so far, from `/proc/PID/stat`.
 fn cpu_time(pid: u32) -> Duration {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
-    // The fields after the command name (which may hold spaces, in parentheses): utime and
-    // stime are the 12th and 13th of them, in clock ticks.
-    let after = &stat[stat.rfind(')').expect("command name") + 2..];
-    let fields: Vec<&str> = after.split(' ').collect();
+    let fields = proc_stat_fields(pid).expect("reading /proc/PID/stat");
+    // utime and stime (fields 14 and 15), in clock ticks.
     let ticks: u64 =
         fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     let per_second = String::from_utf8(

@@ -785,6 +785,14 @@ fn init_tracing() {
         .try_init();
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name (field 2, in parentheses, may
+/// contain spaces): `[0]` is field 3, the state. `None` if the process is gone.
+pub fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// pgway running in-process on `127.0.0.1:<ephemeral>` in front of a [`Cluster`].
 pub struct Gateway {
     port: u16,

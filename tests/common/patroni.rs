@@ -177,11 +177,8 @@ pub fn patroni_http_status(port: u16, path: &str) -> Result<u16, String> {
 
 /// The process group of process `pid` (field 5 of `/proc/<pid>/stat`), if it is alive.
 fn pgid_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first() == Some(&"Z") {
+    let fields = super::proc_stat_fields(pid)?;
+    if fields.first().map(String::as_str) == Some("Z") {
         return None;
     }
     fields.get(2)?.parse().ok()
