@@ -161,11 +161,14 @@ async fn spin(busy_poll: Arc<BusyPoll>) {
     };
     let mut back_off = CONTENTION_BACK_OFF;
     loop {
-        let changed = busy_poll.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
         if busy_poll.window().is_zero() {
-            changed.await;
+            // Registered before looking again, so a reload in between is not missed.
+            let changed = busy_poll.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if busy_poll.window().is_zero() {
+                changed.await;
+            }
             continue;
         }
         std::future::poll_fn(|cx| {
