@@ -11,7 +11,9 @@
 # Run it after benches/compare.sh, which leaves its configs in .bench/run; the PostgreSQL
 # pair is started if it is stopped. PGWAY_BINARY defaults to target/release/pgway.
 # PROTOCOL=prepared (or extended) runs pgbench with -M PROTOCOL instead of the simple
-# protocol. With PROFILE_OUT=FILE, the callgrind dump of the measured 20,000 statements is kept
+# protocol. SCRIPT=tpcb runs pgbench's TPC-B-like script instead of -S (seven statements a
+# transaction: BEGIN, three UPDATEs, a SELECT, an INSERT, END; the figure is per statement
+# all the same). With PROFILE_OUT=FILE, the callgrind dump of the measured 20,000 statements is kept
 # there: `callgrind_annotate --inclusive=yes FILE` shows where they went, by function.
 # GATEWAY=pgbouncer counts pgbouncer instead (compare.sh's pgbouncer.ini on port 6473, run as
 # the postgres user: pgbouncer does not run as root), for the same figure side by side.
@@ -31,6 +33,12 @@ BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 BIN=${1:-$REPO/target/release/pgway}
 PROTOCOL=${PROTOCOL:-simple}
+SCRIPT=${SCRIPT:-select-only}
+case $SCRIPT in
+select-only) PGBENCH_SCRIPT=(-S) STATEMENTS=1 ;;
+tpcb) PGBENCH_SCRIPT=() STATEMENTS=7 ;;
+*) echo "instructions-per-statement: ERROR: SCRIPT must be select-only or tpcb" >&2 && exit 1 ;;
+esac
 GATEWAY=${GATEWAY:-pgway}
 VG_ARGS=(--tool=callgrind)
 if [[ -n ${CACHE_SIM:-} ]]; then
@@ -114,10 +122,10 @@ for _ in $(seq 1 120); do
     sleep 1
 done
 # Instructions since the previous dump (callgrind numbers its dumps 1, 2, ...), after
-# pgbench -S -c 8 -t TRANSACTIONS.
+# pgbench -S (or SCRIPT's) -c 8 -t TRANSACTIONS.
 DUMPS=0
 count_after() {
-    PGPASSWORD=app-secret pgbench -n -S -M "$PROTOCOL" -c 8 -j 2 -t "$1" -h 127.0.0.1 -p "$PORT" -U app bench \
+    PGPASSWORD=app-secret pgbench -n "${PGBENCH_SCRIPT[@]}" -M "$PROTOCOL" -c 8 -j 2 -t "$1" -h 127.0.0.1 -p "$PORT" -U app bench \
         >"$OUT/pgbench.log" 2>&1 || die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
     as_gateway_user callgrind_control -d "$VPID" >/dev/null
     DUMPS=$((DUMPS + 1))
@@ -139,11 +147,11 @@ if [[ -n ${PROFILE_OUT:-} ]]; then
 fi
 NAME=$(basename "$BIN")
 [[ $GATEWAY == relay-* ]] && NAME=$GATEWAY
-awk -v s="$short" -v l="$long" -v b="$NAME" -v m="$PROTOCOL" \
-    'BEGIN {printf "%s: %.0f instructions per statement (pgbench -S -M %s -c 8, callgrind)\n", b, (l - s) / 16000, m}'
+awk -v s="$short" -v l="$long" -v b="$NAME" -v m="$PROTOCOL" -v n="$STATEMENTS" -v o="${PGBENCH_SCRIPT[*]:-(tpcb)}" \
+    'BEGIN {printf "%s: %.0f instructions per statement (pgbench %s -M %s -c 8, callgrind)\n", b, (l - s) / 16000 / n, o, m}'
 if [[ -n ${CACHE_SIM:-} ]]; then
-    awk -v s="$short_misses" -v l="$long_misses" -v b="$NAME" -v m="$PROTOCOL" 'BEGIN {
+    awk -v s="$short_misses" -v l="$long_misses" -v b="$NAME" -v m="$PROTOCOL" -v n="$STATEMENTS" -v o="${PGBENCH_SCRIPT[*]:-(tpcb)}" 'BEGIN {
         split(s, a, " "); split(l, c, " ")
-        printf "%s: %.0f data lines missed in a 4 KiB cache, %.0f in 64 KiB, per statement (pgbench -S -M %s -c 8, callgrind)\n", b, (c[1] - a[1]) / 16000, (c[2] - a[2]) / 16000, m
+        printf "%s: %.0f data lines missed in a 4 KiB cache, %.0f in 64 KiB, per statement (pgbench %s -M %s -c 8, callgrind)\n", b, (c[1] - a[1]) / 16000 / n, (c[2] - a[2]) / 16000 / n, o, m
     }'
 fi

@@ -11,6 +11,8 @@
 //! classifier reports it as a session effect). Anything else, however
 //! harmless, is left to the parser: a "no" here costs only the parse.
 
+use std::borrow::Cow;
+
 /// What a word means to the scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Keyword {
@@ -271,18 +273,120 @@ fn skip_quoted(bytes: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// Letters, digits and `_`: the bytes of a word to [`scan_words`].
+const WORD_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'_';
+        b += 1;
+    }
+    table
+};
+
+fn is_word_byte(b: u8) -> bool {
+    WORD_BYTES[usize::from(b)]
+}
+
+/// What the word scan of a request's text found: the cheap checks that decide whether a
+/// request needs a closer look once it is answered. A word anywhere counts (in a string or
+/// a column name too): a false alarm costs a look, a miss would cost correctness. Kept in
+/// the text's [`super::Classification`] (texts of one [`shape`] have the same words:
+/// a string holding one has no shape).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Words {
+    /// `COMMIT` or `END`: the request may end a transaction with a commit.
+    pub commits: bool,
+    /// `COPY`: it may run a COPY.
+    pub copies: bool,
+    /// It may let go of session-bound state: `UNLISTEN`, `DEALLOCATE`, `DISCARD`, `DROP`,
+    /// `CLOSE`, the end of a transaction (`COMMIT`, `END`, `ROLLBACK`, `ABORT`, for
+    /// `ON COMMIT DROP`), `pg_advisory_unlock*`. Checked only for pinned clients and
+    /// inside transactions; a false alarm costs one check, and only for a client that is
+    /// pinned once the request is done.
+    pub releases: bool,
+}
+
+/// Scans `sql` once for the words of [`Words`]: one pass, a table lookup per byte, and a
+/// word compared only when its length matches one of the few.
+pub fn scan_words(sql: &[u8]) -> Words {
+    const END: u64 = pack(b"end");
+    const COPY: u64 = pack(b"copy");
+    const DROP: u64 = pack(b"drop");
+    const ABORT: u64 = pack(b"abort");
+    const CLOSE: u64 = pack(b"close");
+    const COMMIT: u64 = pack(b"commit");
+    const DISCARD: u64 = pack(b"discard");
+    const UNLISTEN: u64 = pack(b"unlisten");
+    const ROLLBACK: u64 = pack(b"rollback");
+    let mut found = Words::default();
+    let mut i = 0;
+    while i < sql.len() {
+        if !is_word_byte(sql[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < sql.len() && is_word_byte(sql[i]) {
+            i += 1;
+        }
+        let word = &sql[start..i];
+        match word.len() {
+            3..=8 => match pack(word) {
+                END | COMMIT => {
+                    found.commits = true;
+                    found.releases = true;
+                }
+                COPY => found.copies = true,
+                DROP | ABORT | CLOSE | DISCARD | UNLISTEN | ROLLBACK => found.releases = true,
+                _ => {}
+            },
+            10 => found.releases |= word.eq_ignore_ascii_case(b"deallocate"),
+            18.. => found.releases |= word[..18].eq_ignore_ascii_case(b"pg_advisory_unlock"),
+            _ => {}
+        }
+    }
+    found
+}
+
 /// The statement with every plain literal replaced (strings by `''`, numbers by `0`), so
 /// texts that differ only in inlined values share one cache entry: what a statement is
 /// does not depend on its values. `None` when the text holds anything this simple scan
 /// does not understand (comments, dollar quotes, escape strings, backslashes), in which
-/// case the exact text is the key.
-pub fn shape(sql: &str) -> Option<String> {
+/// case the exact text is the key; and when a string's contents may change what the
+/// statement is: a `pgway.` setting named anywhere (`current_setting('pgway.last_route')`
+/// reads pgway's own setting, `current_setting('work_mem')` does not), a `DO` block (its
+/// body may change settings or not), `set_config`, a string holding a word of [`Words`].
+///
+/// Runs of bytes that stay are copied whole; only literals are written anew, and a text
+/// without any is its own shape (borrowed, nothing allocated).
+pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
     let bytes = sql.as_bytes();
-    let mut out = String::with_capacity(sql.len());
+    if names_pgway(bytes) {
+        return None;
+    }
+    let mut out = String::new();
+    // `sql[copied..]` is not in `out` yet.
+    let mut copied = 0;
     let mut i = 0;
+    // The previous token was a word (a quote right after one is a prefixed literal).
     let mut in_word = false;
     while i < bytes.len() {
         let b = bytes[i];
+        let c = class(b);
+        if c & WORD_START != 0 {
+            let start = i;
+            while i < bytes.len() && class(bytes[i]) & WORD != 0 {
+                i += 1;
+            }
+            let word = &bytes[start..i];
+            if word.eq_ignore_ascii_case(b"do") || word.eq_ignore_ascii_case(b"set_config") {
+                return None;
+            }
+            in_word = true;
+            continue;
+        }
         match b {
             b'\'' => {
                 if in_word {
@@ -294,21 +398,22 @@ pub fn shape(sql: &str) -> Option<String> {
                 // Date/time inputs that read the clock ('now', 'today') keep their text:
                 // the result cache tells them apart.
                 let inner = sql.get(start + 1..i - 1)?.trim();
-                if ["now", "today", "tomorrow", "yesterday"]
+                // A string holding a word the session looks for (`'commit'`) would lend
+                // its words to every text of the shape.
+                if scan_words(inner.as_bytes()) != Words::default() {
+                    return None;
+                }
+                if !["now", "today", "tomorrow", "yesterday"]
                     .iter()
                     .any(|w| inner.eq_ignore_ascii_case(w))
                 {
-                    out.push_str(sql.get(start..i)?);
-                } else {
-                    out.push_str("''");
+                    replace(&mut out, sql.get(copied..start)?, "''", sql.len());
+                    copied = i;
                 }
             }
-            b'"' => {
-                let start = i;
-                i = skip_quoted(bytes, i)?;
-                out.push_str(sql.get(start..i)?);
-            }
-            b'$' if !in_word => {
+            b'"' => i = skip_quoted(bytes, i)?,
+            b'$' => {
+                // `$1` parameters stay; `$tag$` quoting is not understood.
                 let start = i;
                 i += 1;
                 while i < bytes.len() && bytes[i].is_ascii_digit() {
@@ -317,11 +422,10 @@ pub fn shape(sql: &str) -> Option<String> {
                 if i == start + 1 {
                     return None;
                 }
-                out.push_str(sql.get(start..i)?);
             }
             b'-' if bytes.get(i + 1) == Some(&b'-') => return None,
             b'/' if bytes.get(i + 1) == Some(&b'*') => return None,
-            b if b.is_ascii_digit() && !in_word => {
+            _ if c & DIGIT != 0 => {
                 let start = i;
                 while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
                     i += 1;
@@ -330,30 +434,28 @@ pub fn shape(sql: &str) -> Option<String> {
                 if !is_number(&bytes[start..i]) {
                     return None;
                 }
-                out.push('0');
+                replace(&mut out, sql.get(copied..start)?, "0", sql.len());
+                copied = i;
             }
-            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80 => {
-                let start = i;
-                while i < bytes.len()
-                    && (bytes[i].is_ascii_alphanumeric()
-                        || bytes[i] == b'_'
-                        || bytes[i] == b'$'
-                        || bytes[i] >= 0x80)
-                {
-                    i += 1;
-                }
-                out.push_str(sql.get(start..i)?);
-                in_word = true;
-                continue;
-            }
-            _ => {
-                out.push(b as char);
-                i += 1;
-            }
+            _ => i += 1,
         }
         in_word = false;
     }
-    Some(out)
+    if copied == 0 {
+        return Some(Cow::Borrowed(sql));
+    }
+    out.push_str(sql.get(copied..)?);
+    Some(Cow::Owned(out))
+}
+
+/// Appends the text before a literal and what stands for the literal (the first time,
+/// room for the whole text is made).
+fn replace(out: &mut String, before: &str, literal: &str, len: usize) {
+    if out.capacity() == 0 {
+        out.reserve(len);
+    }
+    out.push_str(before);
+    out.push_str(literal);
 }
 
 #[cfg(test)]
@@ -476,6 +578,44 @@ mod tests {
     }
 
     #[test]
+    fn the_word_scan_finds_each_word_whole_and_in_any_case() {
+        let words = |sql: &str| scan_words(sql.as_bytes());
+        assert_eq!(
+            words("COMMIT"),
+            Words {
+                commits: true,
+                releases: true,
+                copies: false
+            }
+        );
+        assert!(words("update t set a = 1; end").commits);
+        assert!(words("update t set a = 1;End").commits);
+        assert!(!words("rollback").commits);
+        assert!(words("rollback").releases);
+        assert!(words("Abort").releases);
+        let near_misses = words("select committed, endpoint, copying, dropped from t_end");
+        assert_eq!(near_misses, Words::default());
+        assert!(words("copy t from stdin").copies);
+        assert!(!words("copy t from stdin").releases);
+        for release in [
+            "unlisten *",
+            "DEALLOCATE ALL",
+            "discard all",
+            "drop table t",
+            "close c",
+        ] {
+            assert!(words(release).releases, "{release}");
+        }
+        assert!(words("select pg_advisory_unlock_all()").releases);
+        assert!(words("select pg_advisory_unlock(1)").releases);
+        assert!(!words("select pg_advisory_lock(1)").releases);
+        // Bytes outside ASCII end words; digits and `_` do not.
+        assert!(words("select 1;\u{e9}commit").commits);
+        assert!(!words("select 1 as commit2, _end").commits);
+        assert_eq!(words(""), Words::default());
+    }
+
+    #[test]
     fn shapes_drop_values_only() {
         assert_eq!(
             shape("UPDATE pgbench_accounts SET abalance = abalance + -42 WHERE aid = 17;")
@@ -499,9 +639,20 @@ mod tests {
             "/* h */ select 1",
             "select $$x$$",
             "select 'open",
+            "select current_setting('pgway.last_route')",
+            "do 'begin null; end'",
+            "select set_config('a', 'b', false)",
+            "insert into log values ('commit')",
         ] {
             assert_eq!(shape(sql), None, "{sql}");
         }
+        // Nothing replaced: the text itself, not a copy.
+        assert!(matches!(shape("begin"), Some(Cow::Borrowed("begin"))));
+        assert!(matches!(shape("select now_()"), Some(Cow::Borrowed(_))));
+        assert_eq!(
+            shape("select 'now', 'x', \"y\", a1, $1 from t").as_deref(),
+            Some("select 'now', '', \"y\", a1, $1 from t")
+        );
     }
 
     #[test]

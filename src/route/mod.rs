@@ -13,6 +13,7 @@ pub mod floors;
 mod fuzz;
 pub mod why;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 pub use catalog::{Catalog, Volatility};
@@ -32,6 +33,12 @@ pub enum Target {
 const CLASSIFICATION_CACHE_ENTRIES: u64 = 20_000;
 /// Longest statement text kept in the cache (longer ones are classified each time).
 const CLASSIFICATION_CACHE_MAX_SQL: usize = 16 * 1024;
+
+/// The key under which texts of `sql`'s shape ([`fast::shape`]) share a classification,
+/// if it is not `sql` itself.
+fn shared_key(sql: &str) -> Option<Cow<'_, str>> {
+    fast::shape(sql).filter(|shape| matches!(shape, Cow::Owned(s) if s != sql))
+}
 
 /// Classifies statements and decides targets.
 pub struct Router {
@@ -70,6 +77,9 @@ impl Router {
                 session: Vec::new(),
                 writes: false,
                 cache: crate::route::classify::CacheFacts::default(),
+                // A plain select commits nothing, copies nothing and lets nothing go
+                // (whatever its column names are).
+                words: fast::Words::default(),
             }),
             cache_facts: false,
             replica_retries: std::sync::atomic::AtomicU64::new(0),
@@ -98,26 +108,26 @@ impl Router {
         if sql.len() > CLASSIFICATION_CACHE_MAX_SQL {
             return Arc::new(classify(sql));
         }
-        if let Some(hit) = self.classifications.get(sql) {
-            return hit;
+        // Texts that differ only in inlined values share an entry under their shape, looked
+        // up first: most such texts are new, and their own entry would be a miss. An entry
+        // with session effects under the shape's key was stored for that exact text (say
+        // `SET x = 0`), not for the shape: its values are not ours.
+        let shape = shared_key(sql);
+        if let Some(key) = shape.as_deref() {
+            let by_shape = self.classifications.get(key);
+            if let Some(hit) = by_shape.filter(|hit| hit.session.is_empty()) {
+                return hit;
+            }
         }
-        // Texts that differ only in inlined values share an entry under their shape, unless
-        // the statement changes session state (a SET's value matters).
-        let shape = fast::shape(sql);
-        let by_shape = shape
-            .as_deref()
-            .and_then(|key| self.classifications.get(key));
-        // An entry under this key with session effects was stored for that exact text
-        // (say `SET x = 0`), not for the shape: its values are not ours.
-        if let Some(hit) = by_shape.filter(|hit| hit.session.is_empty()) {
+        if let Some(hit) = self.classifications.get(sql) {
             return hit;
         }
         let parsed = Arc::new(classify(sql));
         self.classifications
             .insert(Arc::from(sql), Arc::clone(&parsed));
-        if let Some(shape) = shape.filter(|s| s != sql && parsed.session.is_empty()) {
+        if let Some(shape) = shape.filter(|_| parsed.session.is_empty()) {
             self.classifications
-                .insert(Arc::from(shape), Arc::clone(&parsed));
+                .insert(Arc::from(shape.as_ref()), Arc::clone(&parsed));
         }
         parsed
     }
@@ -228,12 +238,20 @@ impl Router {
             self.catalog.learn_write(database, function);
         }
         if sql.len() <= CLASSIFICATION_CACHE_MAX_SQL {
-            let write = Classification {
+            let write = Arc::new(Classification {
                 kind: StatementKind::Write,
                 writes: true,
                 ..classification.clone()
-            };
-            self.classifications.insert(Arc::from(sql), Arc::new(write));
+            });
+            // Under its shape too, which is looked up first: the same statement with other
+            // values is the same write.
+            if let Some(shape) = shared_key(sql) {
+                if write.session.is_empty() {
+                    self.classifications
+                        .insert(Arc::from(shape.as_ref()), Arc::clone(&write));
+                }
+            }
+            self.classifications.insert(Arc::from(sql), write);
         }
     }
 
@@ -295,5 +313,59 @@ mod tests {
         let b = r.classification("update t set v = 3 where id = 4");
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(a.kind, StatementKind::Write);
+    }
+
+    /// Texts whose strings decide what they do never share an entry: each is classified
+    /// as itself, whichever came first.
+    #[test]
+    fn strings_that_decide_a_statements_effects_are_not_values() {
+        let r = router();
+        for (plain, effect) in [
+            (
+                "select current_setting('work_mem')",
+                "select current_setting('pgway.last_route')",
+            ),
+            (
+                "do 'begin raise notice ''hi''; end'",
+                "do 'begin perform set_config(''work_mem'', ''1MB'', false); end'",
+            ),
+            (
+                "select set_config('work_mem', '1MB', true)",
+                "select set_config('work_mem', '1MB', false)",
+            ),
+        ] {
+            assert!(r.classification(plain).session.is_empty(), "{plain}");
+            let routed = r.classification(effect);
+            assert_eq!(routed.session, classify(effect).session, "{effect}");
+            assert!(!routed.session.is_empty(), "{effect}");
+        }
+    }
+
+    #[test]
+    fn a_text_finds_its_own_words_whatever_came_before_it() {
+        let r = router();
+        assert!(
+            !r.classification("insert into log values (1, 'x')")
+                .words
+                .commits
+        );
+        let commits = r.classification("insert into log values (2, 'commit')");
+        assert!(commits.words.commits && commits.words.releases);
+        let again = r.classification("insert into log values (3, 'y')");
+        assert_eq!(again.words, fast::Words::default());
+    }
+
+    #[test]
+    fn a_learned_write_holds_for_every_text_of_its_shape() {
+        let r = router();
+        // A function call: not the fast path's (a plain select never reaches the cache).
+        let sql = "select f(1)";
+        let read = r.classification("select f(2)");
+        assert_ne!(read.kind, StatementKind::Write);
+        r.learn_write("db", sql, &read);
+        for text in [sql, "select f(2)", "select f(3)"] {
+            let c = r.classification(text);
+            assert_eq!((c.kind, c.writes), (StatementKind::Write, true), "{text}");
+        }
     }
 }

@@ -129,36 +129,6 @@ pub fn followed_reports(params: &[(String, String)]) -> Settings {
     reports
 }
 
-/// The words of `sql` (runs of letters, digits and `_`), for the cheap scans that decide
-/// whether a statement needs a closer look.
-pub(super) fn words(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
-    sql.split(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
-}
-
-/// True if `sql` may let go of session-bound state (UNLISTEN, DEALLOCATE, DISCARD, DROP,
-/// CLOSE, the end of a transaction for `ON COMMIT DROP`, `pg_advisory_unlock*`): a word
-/// scan, run only for pinned clients and inside transactions; a false alarm costs one
-/// check, and only for a client that is pinned once the request is done.
-pub(super) fn may_release(sql: &[u8]) -> bool {
-    const WORDS: [&[u8]; 9] = [
-        b"unlisten",
-        b"deallocate",
-        b"discard",
-        b"drop",
-        b"close",
-        b"commit",
-        b"end",
-        b"rollback",
-        b"abort",
-    ];
-    words(sql).any(|word| {
-        WORDS.iter().any(|w| word.eq_ignore_ascii_case(w))
-            || word
-                .get(..18)
-                .is_some_and(|head| head.eq_ignore_ascii_case(b"pg_advisory_unlock"))
-    })
-}
-
 /// One boolean: does this server connection still hold session-bound state (a LISTEN, a
 /// session advisory lock, an SQL prepared statement, a WITH HOLD cursor, a temporary
 /// object)?

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use super::effects::{unquoted, words};
+use super::effects::unquoted;
 use super::relay::{Expect, Reply};
 use super::{Session, SessionError, State};
 use crate::error::ClientError;
@@ -135,17 +135,6 @@ fn record_end(position: u64) -> u64 {
     } else {
         position
     }
-}
-
-/// True if `sql` may run a `COPY` (a word scan).
-pub(super) fn may_copy(sql: &[u8]) -> bool {
-    words(sql).any(|word| word.eq_ignore_ascii_case(b"copy"))
-}
-
-/// True if `sql` may end a transaction with a commit (`COMMIT`, `END`): a word scan, run
-/// only inside transactions that wrote.
-pub(super) fn may_commit(sql: &[u8]) -> bool {
-    words(sql).any(|word| word.eq_ignore_ascii_case(b"commit") || word.eq_ignore_ascii_case(b"end"))
 }
 
 impl Session<'_> {
@@ -383,21 +372,11 @@ impl Session<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::may_commit;
-
     #[test]
     fn an_insert_position_past_a_page_header_is_the_boundary() {
         use super::record_end;
         assert_eq!(record_end(3 * 8192 + 24), 3 * 8192);
         assert_eq!(record_end((5 << 24) + 40), 5 << 24);
         assert_eq!(record_end(3 * 8192 + 48), 3 * 8192 + 48);
-    }
-
-    #[test]
-    fn commits_are_found_by_word() {
-        assert!(may_commit(b"COMMIT"));
-        assert!(may_commit(b"update t set a = 1; end"));
-        assert!(!may_commit(b"rollback"));
-        assert!(!may_commit(b"select committed, endpoint from t"));
     }
 }

@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::freshness::{self, ReadHints};
+use super::freshness::ReadHints;
 use super::relay::{local_reply, Expect, Reply};
 use super::{effects, Session, SessionError, State};
 use crate::backend::server::{statement_name, STATEMENT_NAME_LEN};
 use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse};
+use crate::route::fast::{scan_words, Words};
 use crate::route::{Classification, SessionEffect, Target, Why};
 
 /// A client's named (or unnamed) prepared statement.
@@ -39,6 +40,8 @@ pub(super) struct Prepared {
     hints: ReadHints,
     /// Why it runs where `target` says.
     why: Why,
+    /// What the word scan of its text found.
+    words: Words,
 }
 
 impl Prepared {
@@ -158,7 +161,7 @@ impl Session<'_> {
                         .extend(prepared.effects.iter().cloned());
                     let in_transaction = self.state.status() != b'I';
                     let held = matches!(self.state, State::Pinned(..)) || in_transaction;
-                    if held && effects::may_release(&prepared.sql) {
+                    if held && prepared.words.releases {
                         self.request.check_pins = true;
                     }
                     self.request.may_write |= prepared.writes;
@@ -168,8 +171,8 @@ impl Session<'_> {
                         let (tables, schema) = (prepared.tables.clone(), prepared.changes_schema);
                         self.txn.written.add(tables.as_deref(), schema);
                     }
-                    self.request.copies |= prepared.writes && freshness::may_copy(&prepared.sql);
-                    if (in_transaction || prepared.writes) && freshness::may_commit(&prepared.sql) {
+                    self.request.copies |= prepared.writes && prepared.words.copies;
+                    if (in_transaction || prepared.writes) && prepared.words.commits {
                         self.request.commits = true;
                     }
                 }
@@ -293,6 +296,7 @@ impl Session<'_> {
             changes_schema: classification.is_none_or(|c| c.cache.changes_schema),
             hints: classification.map(ReadHints::of).unwrap_or_default(),
             why,
+            words: classification.map_or_else(|| scan_words(parse.sql), |c| c.words),
         });
         if parse.name.is_empty() {
             self.unnamed = Some(Arc::clone(&prepared));

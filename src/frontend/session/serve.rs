@@ -4,13 +4,14 @@
 use bytes::BytesMut;
 use tracing::info;
 
-use super::freshness::{self, ReadHints};
+use super::freshness::ReadHints;
 use super::{effects, expire, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
 use crate::net::{recycle_buffer, take_buffer};
 use crate::protocol::messages::{self, query_text};
 use crate::protocol::MAX_MESSAGE_LEN;
+use crate::route::fast::scan_words;
 use crate::route::{Target, Why};
 
 /// Extended-protocol bytes collected without a Sync before pgway stops waiting for one and
@@ -227,16 +228,23 @@ impl Session<'_> {
                     }
                 }
                 session.note_written(classification.as_deref(), proven_read);
-                if session.request.may_write || session.state.status() != b'I' {
-                    let sql = query_text(&frame).unwrap_or_default();
-                    session.request.commits = freshness::may_commit(sql);
-                    session.request.copies = session.request.may_write && freshness::may_copy(sql);
-                }
+                let in_transaction = session.state.status() != b'I';
                 // Pinned, or about to be by what its transaction did (a temporary table ON
                 // COMMIT DROP is gone again at the COMMIT that pins the client).
-                session.request.check_pins = (session.is_pinned()
-                    || session.state.status() != b'I')
-                    && effects::may_release(query_text(&frame).unwrap_or_default());
+                let held = session.is_pinned() || in_transaction;
+                if session.request.may_write || held {
+                    let words = classification.as_ref().map_or_else(
+                        || scan_words(query_text(&frame).unwrap_or_default()),
+                        |c| c.words,
+                    );
+                    if session.request.may_write || in_transaction {
+                        session.request.commits = words.commits;
+                        session.request.copies = session.request.may_write && words.copies;
+                    }
+                    session.request.check_pins = held && words.releases;
+                } else {
+                    session.request.check_pins = false;
+                }
                 // A simple query replaces the unnamed statement.
                 session.server_mut()?.unnamed = None;
                 session.to_server.extend_from_slice(&frame);

@@ -163,6 +163,7 @@ pub use cache::{cache_hint, table_name, CacheFacts, CacheHint};
 pub use effects::{PinReason, SessionEffect};
 pub use tokens::Hint;
 
+use super::fast::{scan_words, Words};
 use effects::{session_effects, untokenized_session_effects};
 use tokens::{is_trivia, leading_hints, tokenize, too_deep};
 
@@ -212,6 +213,9 @@ pub struct Classification {
     /// What the result cache needs: whether it is one query, the tables it reads or
     /// names, whether it reads the clock, its `pgway:cache` hint.
     pub cache: CacheFacts,
+    /// What the session's word scan finds in the text (a commit, a COPY, something that
+    /// may release session-bound state): made once with the classification.
+    pub words: Words,
 }
 
 /// Built-in functions that write, take locks, assign a transaction id or only
@@ -395,6 +399,7 @@ impl Classification {
             session: Vec::new(),
             writes: true,
             cache: CacheFacts::default(),
+            words: Words::default(),
         }
     }
 }
@@ -445,6 +450,7 @@ pub fn classify(sql: &str) -> Classification {
             functions,
             session,
             cache,
+            words: scan_words(sql.as_bytes()),
         },
         None => Classification {
             session,
@@ -452,6 +458,7 @@ pub fn classify(sql: &str) -> Classification {
             min_lsn: hints.min_lsn,
             fresh: hints.fresh,
             cache,
+            words: scan_words(sql.as_bytes()),
             ..Classification::write(hint)
         },
     }
