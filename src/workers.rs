@@ -106,6 +106,11 @@ const CONTENTION_CHECK: Duration = Duration::from_millis(5);
 /// take time from the servers and clients that share them.
 const MAX_WAIT_PERCENT: u128 = 20;
 
+/// How often a polling worker samples the machine's run queues ([`RunQueues`]); it stops
+/// when more than half the samples since it last looked at its own wait found the CPUs
+/// crowded.
+const CROWD_SAMPLE: Duration = Duration::from_millis(1);
+
 /// How long a worker that stopped polling for that reason sleeps between events before
 /// it tries again; doubled each time it stops so again, up to [`MAX_BACK_OFF`].
 const CONTENTION_BACK_OFF: Duration = Duration::from_millis(200);
@@ -133,6 +138,62 @@ impl SchedStat {
     }
 }
 
+/// The machine's run queues: how many threads are runnable now (`/proc/loadavg`'s fourth
+/// field, before the `/`), against the CPUs online. A polling worker's own wait does not
+/// show the servers and clients waiting behind it while it runs; this does. The count is
+/// the whole machine's (a container sees its host's), and so are the CPUs counted.
+struct RunQueues {
+    file: std::fs::File,
+    cpus: u32,
+}
+
+impl RunQueues {
+    fn open() -> Option<Self> {
+        let online = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+        let mut queues = Self {
+            file: std::fs::File::open("/proc/loadavg").ok()?,
+            cpus: cpu_count(&online)?,
+        };
+        queues.crowded().map(|_| queues)
+    }
+
+    /// At least two runnable threads more than there are CPUs: more than one waits for
+    /// one. (One waiting is common while a single client's round trips run through a
+    /// polling worker: the client or its server is runnable a moment before the other
+    /// sleeps. Polling pays there; it does not when several threads keep waiting.)
+    fn crowded(&mut self) -> Option<bool> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 128];
+        let len = self.file.read_at(&mut buf, 0).ok()?;
+        Some(runnable_field(buf.get(..len)?)? > self.cpus + 1)
+    }
+}
+
+/// The runnable threads, from `/proc/loadavg`'s text ("0.50 0.40 0.30 3/250 12345").
+fn runnable_field(text: &[u8]) -> Option<u32> {
+    let field = std::str::from_utf8(text)
+        .ok()?
+        .split_ascii_whitespace()
+        .nth(3)?;
+    field.split_once('/')?.0.parse().ok()
+}
+
+/// The number of CPUs in a kernel CPU list ("0-3,6,8-9").
+fn cpu_count(list: &str) -> Option<u32> {
+    let mut count = 0;
+    for range in list.trim().split(',') {
+        let (first, last) = match range.split_once('-') {
+            Some((first, last)) => (first.parse::<u32>().ok()?, last.parse::<u32>().ok()?),
+            None => {
+                let cpu = range.parse::<u32>().ok()?;
+                (cpu, cpu)
+            }
+        };
+        count += last.checked_sub(first)? + 1;
+    }
+    (count > 0).then_some(count)
+}
+
 /// The time waiting on a run queue, from `schedstat`'s text: "run_time wait_time
 /// timeslices", in nanoseconds.
 fn wait_field(text: &[u8]) -> Option<u64> {
@@ -151,7 +212,7 @@ fn wait_field(text: &[u8]) -> Option<u64> {
 /// `/proc/thread-self/schedstat` it never polls: it could not tell when polling takes CPU
 /// time that others need.
 async fn spin(busy_poll: Arc<BusyPoll>) {
-    let Some(mut stat) = SchedStat::open() else {
+    let Some(mut contention) = Contention::open() else {
         if !busy_poll.window().is_zero() && current() == 1 {
             tracing::info!(
                 "busy_poll: no /proc/thread-self/schedstat here; workers sleep between events"
@@ -180,23 +241,87 @@ async fn spin(busy_poll: Arc<BusyPoll>) {
             }
         })
         .await;
-        if poll_while_busy(busy_poll.window(), &mut stat).await {
+        if poll_while_busy(busy_poll.window(), &mut contention).await {
             back_off = CONTENTION_BACK_OFF;
         } else {
             tokio::time::sleep(back_off).await;
             back_off = (back_off * 2).min(MAX_BACK_OFF);
+            contention.restart();
         }
     }
 }
 
+/// What a polling worker has seen of the contention for CPUs since it last judged it
+/// (every [`CONTENTION_CHECK`] of polling). The window runs across polling episodes: under
+/// steady traffic with short gaps, each episode may be far shorter than the window.
+struct Contention {
+    stat: SchedStat,
+    queues: Option<RunQueues>,
+    /// When the window started, and the thread's wait for a CPU then.
+    since: (Instant, u64),
+    /// The last run-queue sample.
+    sampled: Instant,
+    /// Run-queue samples in the window, and how many found the CPUs crowded.
+    samples: u32,
+    crowded: u32,
+}
+
+impl Contention {
+    fn open() -> Option<Self> {
+        let mut stat = SchedStat::open()?;
+        let now = Instant::now();
+        let waited = stat.waited()?;
+        Some(Self {
+            stat,
+            queues: RunQueues::open(),
+            since: (now, waited),
+            sampled: now,
+            samples: 0,
+            crowded: 0,
+        })
+    }
+
+    /// Starts a new window (after a back-off, whose sleep says nothing).
+    fn restart(&mut self) {
+        let now = Instant::now();
+        self.since = (now, self.stat.waited().unwrap_or(self.since.1));
+        self.sampled = now;
+        (self.samples, self.crowded) = (0, 0);
+    }
+
+    /// Samples the run queues if one is due; at the end of a window, false if the worker
+    /// shares its CPU: it waited for it for more than [`MAX_WAIT_PERCENT`] of the window,
+    /// or most samples found the CPUs crowded ([`RunQueues::crowded`]).
+    fn check(&mut self, now: Instant) -> bool {
+        if let Some(queues) = &mut self.queues {
+            if now.duration_since(self.sampled) >= CROWD_SAMPLE {
+                self.sampled = now;
+                self.samples += 1;
+                self.crowded += u32::from(queues.crowded().unwrap_or(false));
+            }
+        }
+        let window = now.duration_since(self.since.0);
+        if window < CONTENTION_CHECK {
+            return true;
+        }
+        let Some(waited) = self.stat.waited() else {
+            return false;
+        };
+        let own_wait = u128::from(waited.saturating_sub(self.since.1)) * 100
+            > window.as_nanos() * MAX_WAIT_PERCENT;
+        let crowded = self.crowded * 2 > self.samples;
+        self.since = (now, waited);
+        (self.samples, self.crowded) = (0, 0);
+        !(own_wait || crowded)
+    }
+}
+
 /// Keeps the runtime from sleeping until `window` passes with no session reading anything
-/// (true), or until the worker turns out to share its CPU (false: it waited for it for
-/// more than [`MAX_WAIT_PERCENT`] of the time). Yielding defers this task until the
-/// runtime has polled its reactor without a timeout (`epoll_wait` with 0) and run what
-/// that woke, so the sessions' own events come first.
-async fn poll_while_busy(window: Duration, stat: &mut SchedStat) -> bool {
+/// (true), or until the worker turns out to share its CPU ([`Contention::check`]: false).
+/// Yielding defers this task until the runtime has polled its reactor without a timeout
+/// (`epoll_wait` with 0) and run what that woke, so the sessions' own events come first.
+async fn poll_while_busy(window: Duration, contention: &mut Contention) -> bool {
     let mut last = Instant::now();
-    let mut looked = (last, stat.waited().unwrap_or(0));
     loop {
         tokio::task::yield_now().await;
         let now = Instant::now();
@@ -205,17 +330,8 @@ async fn poll_while_busy(window: Duration, stat: &mut SchedStat) -> bool {
         } else if now.duration_since(last) >= window {
             return true;
         }
-        let since = now.duration_since(looked.0);
-        if since >= CONTENTION_CHECK {
-            let Some(waited) = stat.waited() else {
-                return false;
-            };
-            if u128::from(waited.saturating_sub(looked.1)) * 100
-                > since.as_nanos() * MAX_WAIT_PERCENT
-            {
-                return false;
-            }
-            looked = (now, waited);
+        if !contention.check(now) {
+            return false;
         }
     }
 }
@@ -386,6 +502,22 @@ mod tests {
         assert_eq!(wait_field(b"1457549 230 17\n"), Some(230));
         assert_eq!(wait_field(b"1457549\n"), None);
         assert_eq!(wait_field(b"x y z"), None);
+    }
+
+    #[test]
+    fn runnable_threads_and_cpus_are_read_from_the_kernels_text() {
+        assert_eq!(runnable_field(b"7.72 4.62 3.17 6/111 1545\n"), Some(6));
+        assert_eq!(runnable_field(b"7.72 4.62 3.17 6 1545\n"), None);
+        assert_eq!(runnable_field(b"7.72 4.62"), None);
+        assert_eq!(cpu_count("0-1\n"), Some(2));
+        assert_eq!(cpu_count("0"), Some(1));
+        assert_eq!(cpu_count("0-3,6,8-9"), Some(7));
+        assert_eq!(cpu_count("3-1"), None);
+        assert_eq!(cpu_count(""), None);
+        // This machine's own: at least this thread is runnable while it reads.
+        let mut queues = RunQueues::open().expect("/proc/loadavg and the CPU list");
+        assert!(queues.cpus >= 1);
+        assert!(queues.crowded().is_some());
     }
 
     #[test]
