@@ -74,14 +74,15 @@ keywords! {
     End: END = b"end";
 }
 
-/// Classifies `word` (any case).
-fn keyword(word: &[u8]) -> Keyword {
+/// Classifies `word` (any case); `packed` is [`pack`] of its last 8 bytes (made while
+/// the scan found the word's end).
+fn keyword(word: &[u8], packed: u64) -> Keyword {
     // System catalogs and views (`pg_prepared_xacts`, ...): the parser decides.
     if word.len() > 3 && word[..3].eq_ignore_ascii_case(b"pg_") {
         return Keyword::Reject;
     }
     match word.len() {
-        0..=8 => packed_keyword(pack(word)),
+        0..=8 => packed_keyword(packed),
         // The one longer keyword.
         9 if word.eq_ignore_ascii_case(b"intersect") => Keyword::ParenOk,
         _ => Keyword::Other,
@@ -151,14 +152,16 @@ pub fn is_plain_select(sql: &str) -> bool {
             i += 1;
         } else if c & WORD_START != 0 {
             let start = i;
+            let mut packed = 0u64;
             while i < bytes.len() && class(bytes[i]) & WORD != 0 {
+                packed = (packed << 8) | u64::from(bytes[i] | 0x20);
                 i += 1;
             }
             // E'...', U&'...', B'...', X'...' and N'...' literals: leave to the parser.
             if matches!(bytes.get(i), Some(b'\'') | Some(b'&')) {
                 return false;
             }
-            let word = keyword(&bytes[start..i]);
+            let word = keyword(&bytes[start..i], packed);
             match word {
                 Keyword::Reject => return false,
                 Keyword::Case => cases += 1,
@@ -522,6 +525,9 @@ mod tests {
 
     #[test]
     fn keywords_match_in_any_case_and_only_whole() {
+        // As the scan calls it: with the word packed (only its last 8 bytes count).
+        let keyword = |word: &[u8]| keyword(word, pack(word));
+        assert_eq!(keyword(b"intersection"), Keyword::Other);
         assert_eq!(keyword(b"INTERSECT"), Keyword::ParenOk);
         assert_eq!(keyword(b"Into"), Keyword::Reject);
         assert_eq!(keyword(b"intersects"), Keyword::Other);
