@@ -171,11 +171,7 @@ impl RunQueues {
 
 /// The runnable threads, from `/proc/loadavg`'s text ("0.50 0.40 0.30 3/250 12345").
 fn runnable_field(text: &[u8]) -> Option<u32> {
-    let field = std::str::from_utf8(text)
-        .ok()?
-        .split_ascii_whitespace()
-        .nth(3)?;
-    field.split_once('/')?.0.parse().ok()
+    nth_field(text, 3)?.split_once('/')?.0.parse().ok()
 }
 
 /// The number of CPUs in a kernel CPU list ("0-3,6,8-9").
@@ -197,12 +193,15 @@ fn cpu_count(list: &str) -> Option<u32> {
 /// The time waiting on a run queue, from `schedstat`'s text: "run_time wait_time
 /// timeslices", in nanoseconds.
 fn wait_field(text: &[u8]) -> Option<u64> {
+    nth_field(text, 1)?.parse().ok()
+}
+
+/// The `n`th whitespace-separated field (from 0) of a kernel statistics file's text.
+fn nth_field(text: &[u8], n: usize) -> Option<&str> {
     std::str::from_utf8(text)
         .ok()?
         .split_ascii_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+        .nth(n)
 }
 
 /// Runs on each worker: waits (without polling) until one of the worker's sessions reads

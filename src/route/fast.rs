@@ -98,6 +98,9 @@ const WORD: u8 = 4;
 const DIGIT: u8 = 8;
 /// Operators and separators that end a token and change nothing.
 const PUNCT: u8 = 16;
+/// Letters, digits and `_`: the bytes of a word to [`scan_words`] (which, unlike the
+/// scans above, ends a word at `$` and at any byte outside ASCII).
+const ASCII_WORD: u8 = 32;
 
 const CLASS: [u8; 256] = {
     let mut table = [0u8; 256];
@@ -106,10 +109,12 @@ const CLASS: [u8; 256] = {
         let c = b as u8;
         table[b] = if c.is_ascii_whitespace() {
             SPACE
-        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+        } else if c.is_ascii_alphabetic() || c == b'_' {
+            WORD_START | WORD | ASCII_WORD
+        } else if c >= 0x80 {
             WORD_START | WORD
         } else if c.is_ascii_digit() {
-            DIGIT | WORD
+            DIGIT | WORD | ASCII_WORD
         } else if c == b'$' {
             WORD
         } else {
@@ -276,20 +281,8 @@ fn skip_quoted(bytes: &[u8], start: usize) -> Option<usize> {
     }
 }
 
-/// Letters, digits and `_`: the bytes of a word to [`scan_words`].
-const WORD_BYTES: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        table[b] = c.is_ascii_alphanumeric() || c == b'_';
-        b += 1;
-    }
-    table
-};
-
 fn is_word_byte(b: u8) -> bool {
-    WORD_BYTES[usize::from(b)]
+    class(b) & ASCII_WORD != 0
 }
 
 /// What the word scan of a request's text found: the cheap checks that decide whether a

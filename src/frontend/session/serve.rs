@@ -242,8 +242,6 @@ impl Session<'_> {
                         session.request.copies = session.request.may_write && words.copies;
                     }
                     session.request.check_pins = held && words.releases;
-                } else {
-                    session.request.check_pins = false;
                 }
                 // A simple query replaces the unnamed statement.
                 session.server_mut()?.unnamed = None;
