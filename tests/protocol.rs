@@ -640,6 +640,52 @@ async fn large_queries_and_results_are_relayed() {
         .iter()
         .all(|r| r[0].as_deref().map(str::len) == Some(1000)));
 
+    // Rows are passed on in runs of whatever one read holds: every row arrives, in order,
+    // in both protocols, rows cut by a read's end too.
+    let sql = "select g, repeat(chr(65 + g % 26), g % 300) from generate_series(1, 20000) g";
+    let expect = |g: i32| {
+        (
+            g,
+            char::from(65 + (g % 26) as u8)
+                .to_string()
+                .repeat((g % 300) as usize),
+        )
+    };
+    let rows = simple_rows(&client, sql)
+        .await
+        .expect("20,000 rows, simple");
+    assert_eq!(rows.len(), 20_000);
+    for (i, row) in rows.iter().enumerate() {
+        let (g, text) = expect(i as i32 + 1);
+        assert_eq!(row[0].as_deref(), Some(g.to_string().as_str()));
+        assert_eq!(row[1].as_deref(), Some(text.as_str()));
+    }
+    let rows = client
+        .query(&format!("{sql} where g > $1"), &[&0i32])
+        .await
+        .expect("20,000 rows, extended");
+    assert_eq!(rows.len(), 20_000);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(
+            (row.get::<_, i32>(0), row.get::<_, String>(1)),
+            expect(i as i32 + 1)
+        );
+    }
+    // An error after thousands of rows still reaches the client, and the session goes on.
+    let err = simple_rows(
+        &client,
+        "select 1 / (15000 - g) from generate_series(1, 20000) g",
+    )
+    .await
+    .expect_err("division by zero at row 15,000");
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO), "{err:?}");
+    assert_eq!(
+        simple_value(&client, "select 'after'")
+            .await
+            .expect("after the error"),
+        "after"
+    );
+
     let big = "y".repeat(1_000_000);
     let len = simple_value(&client, &format!("select length('{big}')"))
         .await

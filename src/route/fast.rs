@@ -74,15 +74,32 @@ keywords! {
     End: END = b"end";
 }
 
-/// Classifies `word` (any case); `packed` is [`pack`] of its last 8 bytes (made while
-/// the scan found the word's end).
-fn keyword(word: &[u8], packed: u64) -> Keyword {
+/// [`pack`] of `text[end - len..end]`, a word of 1 to 8 bytes: read as one 8-byte load
+/// where the text has 8 bytes up to `end`, the bytes before the word masked off.
+fn pack_word(text: &[u8], end: usize, len: usize) -> u64 {
+    let last8 = end
+        .checked_sub(8)
+        .and_then(|from| text.get(from..end))
+        .and_then(|last8| <[u8; 8]>::try_from(last8).ok());
+    match last8 {
+        Some(last8) if (1..=8).contains(&len) => {
+            let keep = u64::MAX >> (64 - 8 * len);
+            (u64::from_be_bytes(last8) | 0x2020_2020_2020_2020) & keep
+        }
+        _ => pack(&text[end - len..end]),
+    }
+}
+
+/// Classifies the word `text[start..end]` (any case). Only a word of at most 8 bytes is
+/// packed (see [`pack`]): the longer ones (most identifiers) are never keywords but one.
+fn keyword(text: &[u8], start: usize, end: usize) -> Keyword {
+    let word = &text[start..end];
     // System catalogs and views (`pg_prepared_xacts`, ...): the parser decides.
-    if word.len() > 3 && word[..3].eq_ignore_ascii_case(b"pg_") {
+    if word.len() > 3 && word[2] == b'_' && word[..2].eq_ignore_ascii_case(b"pg") {
         return Keyword::Reject;
     }
     match word.len() {
-        0..=8 => packed_keyword(packed),
+        0..=8 => packed_keyword(pack_word(text, end, word.len())),
         // The one longer keyword.
         9 if word.eq_ignore_ascii_case(b"intersect") => Keyword::ParenOk,
         _ => Keyword::Other,
@@ -157,16 +174,12 @@ pub fn is_plain_select(sql: &str) -> bool {
             i += 1;
         } else if c & WORD_START != 0 {
             let start = i;
-            let mut packed = 0u64;
-            while i < bytes.len() && class(bytes[i]) & WORD != 0 {
-                packed = (packed << 8) | u64::from(bytes[i] | 0x20);
-                i += 1;
-            }
+            i += word_len(&bytes[i..]);
             // E'...', U&'...', B'...', X'...' and N'...' literals: leave to the parser.
             if matches!(bytes.get(i), Some(b'\'') | Some(b'&')) {
                 return false;
             }
-            let word = keyword(&bytes[start..i], packed);
+            let word = keyword(bytes, start, i);
             match word {
                 Keyword::Reject => return false,
                 Keyword::Case => cases += 1,
@@ -179,9 +192,10 @@ pub fn is_plain_select(sql: &str) -> bool {
             last_word = Some(word);
         } else if c & DIGIT != 0 {
             let start = i;
-            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
-                i += 1;
-            }
+            i += bytes[i..]
+                .iter()
+                .position(|&b| !(b.is_ascii_alphanumeric() || b == b'.'))
+                .unwrap_or(bytes.len() - i);
             // `1into t` is `1 INTO t` to the parser (and to PostgreSQL before 15).
             if !is_number(&bytes[start..i]) {
                 return false;
@@ -239,6 +253,13 @@ pub fn is_plain_select(sql: &str) -> bool {
         }
     }
     true
+}
+
+/// How many bytes at the start of `rest` continue a word ([`WORD`]).
+fn word_len(rest: &[u8]) -> usize {
+    rest.iter()
+        .position(|&b| class(b) & WORD == 0)
+        .unwrap_or(rest.len())
 }
 
 /// True if `run` (digits, letters and dots, starting with a digit) is one numeric literal:
@@ -517,9 +538,29 @@ mod tests {
     ];
 
     #[test]
+    fn a_word_packs_alike_wherever_it_ends() {
+        let text = b"SELECT a FROM t WHERE\x92In = 1 OR iN";
+        for end in 1..=text.len() {
+            for len in 1..=end.min(8) {
+                assert_eq!(
+                    pack_word(text, end, len),
+                    pack(&text[end - len..end]),
+                    "{end} {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn keywords_match_in_any_case_and_only_whole() {
-        // As the scan calls it: with the word packed (only its last 8 bytes count).
-        let keyword = |word: &[u8]| keyword(word, pack(word));
+        // A word alone, and the same word after other bytes (packed by one 8-byte load).
+        let keyword = |word: &[u8]| {
+            let text = [b"x.Into,?!".as_slice(), word].concat();
+            let after = keyword(&text, text.len() - word.len(), text.len());
+            let alone = keyword(word, 0, word.len());
+            assert_eq!(after, alone, "{}", String::from_utf8_lossy(word));
+            alone
+        };
         assert_eq!(keyword(b"intersection"), Keyword::Other);
         assert_eq!(keyword(b"INTERSECT"), Keyword::ParenOk);
         assert_eq!(keyword(b"Into"), Keyword::Reject);

@@ -322,6 +322,35 @@ impl Session<'_> {
         self.emit_local();
     }
 
+    /// How many bytes at the start of `buf` are whole rows (DataRow, and RowDescription
+    /// where it does not end the reply) that [`Self::on_server_frame`] would only pass on
+    /// to the client: the reply is the client's, no cache fill records it, and no retry
+    /// swallows it. They are forwarded as one run, however many rows a result has.
+    fn plain_rows(&self, buf: &[u8]) -> usize {
+        let Some(Expect::Server {
+            kind,
+            forward: true,
+            ..
+        }) = self.expected.front()
+        else {
+            return 0;
+        };
+        if *kind == Reply::WalPosition || self.request.redo.is_some() || self.fill.is_some() {
+            return 0;
+        }
+        let mut end = 0;
+        while let Some(&tag) = buf.get(end) {
+            if !(tag == b'D' || (tag == b'T' && *kind != Reply::Describe)) {
+                break;
+            }
+            match frame_len(&buf[end..], MAX_MESSAGE_LEN) {
+                Ok(Some(len)) => end += len,
+                _ => break,
+            }
+        }
+        end
+    }
+
     /// Forwards an ErrorResponse, naming statements as the client named them rather than by
     /// pgway's server-side names.
     /// A FATAL (the server is ending the connection: shut down, terminated) is passed on
@@ -377,6 +406,13 @@ impl Session<'_> {
             let mut pos = 0;
             let mut malformed = None;
             while !self.expected.is_empty() || matches!(self.state, State::CopyIn(..)) {
+                let rows = self.plain_rows(&buf[pos..]);
+                if rows > 0 {
+                    self.request.answered = true;
+                    self.out.extend_from_slice(&buf[pos..pos + rows]);
+                    pos += rows;
+                    continue;
+                }
                 match frame_len(&buf[pos..], MAX_MESSAGE_LEN) {
                     Ok(Some(len)) => {
                         self.on_server_frame(&buf[pos..pos + len]);
