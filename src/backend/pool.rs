@@ -196,9 +196,10 @@ impl Pool {
         let permit = self.capacity.permits.try_acquire().ok()?;
         permit.forget();
         let permit = Permit(self);
-        let conn = self.take_parked()?;
+        let now = Instant::now();
+        let conn = self.take_parked(now)?;
         self.waits.no_wait();
-        Some(self.lend(conn, permit))
+        Some(self.lend(conn, permit, now))
     }
 
     /// Borrows a connection: an idle one, or a new one if the pool is below its size.
@@ -228,8 +229,9 @@ impl Pool {
         // or is returned by `Permit` if making one fails.
         permit.forget();
         let permit = Permit(self);
-        if let Some(conn) = self.take_parked() {
-            return Ok(self.lend(conn, permit));
+        let now = Instant::now();
+        if let Some(conn) = self.take_parked(now) {
+            return Ok(self.lend(conn, permit, now));
         }
         let secret = match self.secret.lock() {
             Ok(secret) => secret.clone(),
@@ -244,13 +246,13 @@ impl Pool {
         let timeout = self.settings.load().connect_timeout;
         let conn = ServerConn::connect(login, &*self.connector, timeout).await?;
         let _ = self.params.set(Arc::new(conn.params.clone()));
-        Ok(self.lend(Box::new(conn), permit))
+        Ok(self.lend(Box::new(conn), permit, Instant::now()))
     }
 
     /// Takes a parked connection fit to lend: the most recently parked one on this
     /// thread's reactor, else the most recently parked one, moved over. Expired ones and
     /// ones the server closed (or wrote to) while parked are dropped on the way.
-    fn take_parked(&self) -> Option<Box<ServerConn>> {
+    fn take_parked(&self, now: Instant) -> Option<Box<ServerConn>> {
         let here = crate::workers::current();
         loop {
             let mut conn = self
@@ -264,7 +266,7 @@ impl Pool {
                     at.map(|at| idle.remove(at))
                 })
                 .unwrap_or(None)?;
-            if self.expired(&conn, Instant::now()) {
+            if self.expired(&conn, now) {
                 tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing an expired server connection");
                 continue;
             }
@@ -281,11 +283,17 @@ impl Pool {
         }
     }
 
-    fn lend(self: &Arc<Self>, conn: Box<ServerConn>, permit: Permit<'_>) -> PooledConn {
+    fn lend(
+        self: &Arc<Self>,
+        conn: Box<ServerConn>,
+        permit: Permit<'_>,
+        now: Instant,
+    ) -> PooledConn {
         std::mem::forget(permit);
         PooledConn {
             conn: Some(conn),
             pool: Arc::clone(self),
+            lent_at: now,
         }
     }
 
@@ -299,7 +307,7 @@ impl Pool {
     /// Older than `pool.server_lifetime` (`0s`: never).
     fn too_old(&self, conn: &ServerConn, now: Instant) -> bool {
         let lifetime = self.lifetimes.lifetime();
-        !lifetime.is_zero() && now.saturating_duration_since(conn.created) >= lifetime
+        !lifetime.is_zero() && reached(conn.created, lifetime, now)
     }
 
     /// A parked connection to close rather than lend: past its lifetime, or unused for
@@ -307,8 +315,7 @@ impl Pool {
     fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
         let idle_timeout = self.lifetimes.idle_timeout();
         self.too_old(conn, now)
-            || (!idle_timeout.is_zero()
-                && now.saturating_duration_since(conn.parked) >= idle_timeout)
+            || (!idle_timeout.is_zero() && reached(conn.parked, idle_timeout, now))
     }
 
     /// Closes the parked connections that [`Self::expired`] says are due; returns how
@@ -334,12 +341,20 @@ impl Pool {
     }
 }
 
+/// True when `now` is `after` or more past `since` (an instant added and compared: cheaper
+/// than a duration subtracted, on the per-statement path).
+fn reached(since: Instant, after: Duration, now: Instant) -> bool {
+    since.checked_add(after).is_some_and(|due| now >= due)
+}
+
 /// A borrowed server connection. Dropping it closes the connection; see [`Self::release`].
 #[derive(Debug)]
 pub struct PooledConn {
     conn: Option<Box<ServerConn>>,
     /// Holds one of the pool's permits (returned on drop).
     pool: Arc<Pool>,
+    /// When it was lent (the clock read that also judged its age).
+    pub lent_at: Instant,
 }
 
 impl Drop for PooledConn {

@@ -150,12 +150,11 @@ impl ClientEntry {
         self.queries.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The session took a server connection (`pid` on `addr`): the returned guard marks it
-    /// active until it drops with the connection's `Link`.
-    pub fn attached(self: &Arc<Self>, addr: Arc<str>, pid: i32) -> Attached {
+    /// The session took a server connection (`pid` on `addr`, lent at `since`): the
+    /// returned guard marks it active until it drops with the connection's `Link`.
+    pub fn attached(self: &Arc<Self>, addr: Arc<str>, pid: i32, since: Instant) -> Attached {
         self.set_state(ClientState::Active);
         self.xacts.fetch_add(1, Ordering::Relaxed);
-        let since = Instant::now();
         *lock(&self.server) = Some(ServerLink { addr, pid, since });
         Attached {
             entry: Arc::clone(self),
@@ -570,7 +569,7 @@ mod tests {
         let b = clients.register(login("b"), &root);
         assert_eq!(clients.list().len(), 2);
         clients.gate(Some(&a.entry)).await;
-        let guard = a.entry.attached(Arc::from("n1"), 42);
+        let guard = a.entry.attached(Arc::from("n1"), 42, Instant::now());
         assert_eq!(clients.active_count(None), 1);
         assert_eq!(clients.active_count(Some("db")), 1);
         assert_eq!(clients.active_count(Some("other")), 0);

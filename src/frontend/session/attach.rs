@@ -113,7 +113,7 @@ impl Session<'_> {
         let active = self
             .registered
             .as_ref()
-            .map(|r| r.entry.attached(Arc::clone(&addr), conn.pid));
+            .map(|r| r.entry.attached(Arc::clone(&addr), conn.pid, conn.lent_at));
         self.cancel.point_to(CancelTarget {
             addr,
             pid: conn.pid,

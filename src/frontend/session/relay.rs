@@ -327,6 +327,9 @@ impl Session<'_> {
     /// to the client: the reply is the client's, no cache fill records it, and no retry
     /// swallows it. They are forwarded as one run, however many rows a result has.
     fn plain_rows(&self, buf: &[u8]) -> usize {
+        if !matches!(buf.first(), Some(b'D' | b'T')) {
+            return 0;
+        }
         let Some(Expect::Server {
             kind,
             forward: true,
