@@ -9,12 +9,16 @@ pub mod catalog;
 pub mod classify;
 pub mod fast;
 pub mod floors;
+mod front;
 #[cfg(test)]
 mod fuzz;
 pub mod why;
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use front::Front;
 
 pub use catalog::{Catalog, Volatility};
 pub use classify::{classify, Classification, Hint, PinReason, SessionEffect, StatementKind};
@@ -40,9 +44,16 @@ fn shared_key(sql: &str) -> Option<Cow<'_, str>> {
     fast::shape(sql).filter(|shape| matches!(shape, Cow::Owned(s) if s != sql))
 }
 
+/// Numbers routers apart for the threads' copies of their classifications ([`Front`]).
+static ROUTERS: AtomicU64 = AtomicU64::new(0);
+
 /// Classifies statements and decides targets.
 pub struct Router {
     classifications: moka::sync::Cache<Arc<str>, Arc<Classification>>,
+    /// This router's number, and how often an entry of `classifications` was changed:
+    /// together they say whether a thread's copy ([`Front`]) is still this cache's.
+    id: u64,
+    generation: AtomicU64,
     catalog: Catalog,
     /// The classification of every statement [`fast::is_plain_select`] accepts.
     plain_read: Arc<Classification>,
@@ -67,6 +78,8 @@ impl Router {
     pub fn new(catalog: Catalog) -> Self {
         Self {
             classifications: moka::sync::Cache::new(CLASSIFICATION_CACHE_ENTRIES),
+            id: ROUTERS.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
             catalog,
             plain_read: Arc::new(Classification {
                 kind: StatementKind::Read,
@@ -91,6 +104,8 @@ impl Router {
     pub fn with_cache_facts(self) -> Self {
         Self {
             cache_facts: true,
+            // Entries classified without table facts are not this router's.
+            id: ROUTERS.fetch_add(1, Ordering::Relaxed),
             ..self
         }
     }
@@ -108,25 +123,53 @@ impl Router {
         if sql.len() > CLASSIFICATION_CACHE_MAX_SQL {
             return Arc::new(classify(sql));
         }
+        let generation = self.generation.load(Ordering::Acquire);
+        Front::with(self.id, generation, |front| self.cached(sql, Some(front)))
+            .unwrap_or_else(|| self.cached(sql, None))
+    }
+
+    /// [`Self::classification`] from this thread's copy `front`, else from the shared cache
+    /// (keeping what it finds in `front`), else parsed.
+    fn cached(&self, sql: &str, mut front: Option<&mut Front>) -> Arc<Classification> {
         // The text itself first: a repeated text costs one look-up and no scan (building
         // the shape of a long text costs more than hashing it).
-        if let Some(hit) = self.classifications.get(sql) {
+        if let Some(hit) = front.as_ref().and_then(|front| front.text(sql)) {
             return hit;
         }
         // Texts that differ only in inlined values share an entry under their shape. An
         // entry with session effects under the shape's key was stored for that exact text
         // (say `SET x = 0`), not for the shape: its values are not ours.
         let shape = shared_key(sql);
+        let shared = |hit: &Arc<Classification>| hit.session.is_empty();
+        if let (Some(front), Some(key)) = (front.as_ref(), shape.as_deref()) {
+            if let Some(hit) = front.shape(key).filter(shared) {
+                return hit;
+            }
+        }
+        if let Some(hit) = self.classifications.get(sql) {
+            if let Some(front) = front {
+                front.keep_text(sql, &hit);
+            }
+            return hit;
+        }
         if let Some(key) = shape.as_deref() {
-            let by_shape = self.classifications.get(key);
-            if let Some(hit) = by_shape.filter(|hit| hit.session.is_empty()) {
+            if let Some(hit) = self.classifications.get(key).filter(shared) {
+                if let Some(front) = front {
+                    front.keep_shape(key, &hit);
+                }
                 return hit;
             }
         }
         let parsed = Arc::new(classify(sql));
         self.classifications
             .insert(Arc::from(sql), Arc::clone(&parsed));
+        if let Some(front) = front.as_deref_mut() {
+            front.keep_text(sql, &parsed);
+        }
         if let Some(shape) = shape.filter(|_| parsed.session.is_empty()) {
+            if let Some(front) = front {
+                front.keep_shape(&shape, &parsed);
+            }
             self.classifications
                 .insert(Arc::from(shape.as_ref()), Arc::clone(&parsed));
         }
@@ -252,6 +295,8 @@ impl Router {
                 }
             }
             self.classifications.insert(Arc::from(sql), write);
+            // Every thread's copy of the old entries is dropped at its next look-up.
+            self.generation.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -368,5 +413,33 @@ mod tests {
             let c = r.classification(text);
             assert_eq!((c.kind, c.writes), (StatementKind::Write, true), "{text}");
         }
+    }
+
+    /// Each thread keeps its own copy of the entries it used (`front.rs`): a write learned
+    /// on another thread still reaches it, and another router's entries never do.
+    #[test]
+    fn a_learned_write_reaches_every_threads_copy_and_no_other_router() {
+        let r = router();
+        let read = r.classification("select g(1)");
+        assert_ne!(read.kind, StatementKind::Write);
+        // Served from this thread's copy of the shape.
+        assert!(Arc::ptr_eq(&read, &r.classification("select g(2)")));
+        std::thread::scope(|s| {
+            s.spawn(|| r.learn_write("db", "select g(1)", &read));
+        });
+        for text in ["select g(1)", "select g(5)"] {
+            let c = r.classification(text);
+            assert_eq!((c.kind, c.writes), (StatementKind::Write, true), "{text}");
+        }
+        let other = router();
+        assert_ne!(
+            other.classification("select g(1)").kind,
+            StatementKind::Write
+        );
+        assert_ne!(
+            other.classification("select g(6)").kind,
+            StatementKind::Write
+        );
+        assert_eq!(r.classification("select g(7)").kind, StatementKind::Write);
     }
 }
