@@ -195,6 +195,14 @@ impl Session<'_> {
             return;
         }
         let forward = head.is_none_or(|(_, forward, _)| forward);
+        // Why the request goes elsewhere, for an error from a replica before the client
+        // saw any of its answer.
+        let redo = match tag {
+            b'E' if self.request.on_replica && self.request.can_retry && !self.request.flushed => {
+                redo_of(frame)
+            }
+            _ => None,
+        };
         match tag {
             // Notifications belong to no request and always reach the client.
             b'A' => {
@@ -225,16 +233,12 @@ impl Session<'_> {
                 self.request.retry_pending = true;
                 return;
             }
-            b'E' if self.request.on_replica
-                && self.request.can_retry
-                && !self.request.flushed
-                && redo_of(frame).is_some() =>
-            {
+            b'E' if redo.is_some() => {
                 // A replica refused what pgway took for a read, or cancelled it for a
                 // recovery conflict, before the client saw any of it: the rest of the
                 // answer is swallowed, and the request goes to the primary (see
                 // `send_request`).
-                self.request.redo = redo_of(frame);
+                self.request.redo = redo;
                 if let Some((kind, _, _)) = head {
                     if !kind.survives_error() {
                         self.expected.pop_front();
