@@ -192,10 +192,7 @@ pub fn is_plain_select(sql: &str) -> bool {
             last_word = Some(word);
         } else if c & DIGIT != 0 {
             let start = i;
-            i += bytes[i..]
-                .iter()
-                .position(|&b| !(b.is_ascii_alphanumeric() || b == b'.'))
-                .unwrap_or(bytes.len() - i);
+            i += number_len(&bytes[i..]);
             // `1into t` is `1 INTO t` to the parser (and to PostgreSQL before 15).
             if !is_number(&bytes[start..i]) {
                 return false;
@@ -259,6 +256,14 @@ pub fn is_plain_select(sql: &str) -> bool {
 fn word_len(rest: &[u8]) -> usize {
     rest.iter()
         .position(|&b| class(b) & WORD == 0)
+        .unwrap_or(rest.len())
+}
+
+/// How many bytes at the start of `rest` belong to a run that starts with a digit:
+/// letters, digits and dots (checked by [`is_number`]).
+fn number_len(rest: &[u8]) -> usize {
+    rest.iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'.'))
         .unwrap_or(rest.len())
 }
 
@@ -394,9 +399,7 @@ pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
         let c = class(b);
         if c & WORD_START != 0 {
             let start = i;
-            while i < bytes.len() && class(bytes[i]) & WORD != 0 {
-                i += 1;
-            }
+            i += word_len(&bytes[i..]);
             let word = &bytes[start..i];
             if word.eq_ignore_ascii_case(b"do") || word.eq_ignore_ascii_case(b"set_config") {
                 return None;
@@ -444,9 +447,7 @@ pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
             b'/' if bytes.get(i + 1) == Some(&b'*') => return None,
             _ if c & DIGIT != 0 => {
                 let start = i;
-                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
-                    i += 1;
-                }
+                i += number_len(&bytes[i..]);
                 // Not a number alone (`1into`): a keyword may hide in it, keep the text.
                 if !is_number(&bytes[start..i]) {
                     return None;

@@ -328,7 +328,8 @@ impl Session<'_> {
 
     /// How many bytes at the start of `buf` are whole rows (DataRow, and RowDescription
     /// where it does not end the reply) that [`Self::on_server_frame`] would only pass on
-    /// to the client: the reply is the client's, no cache fill records it, and no retry
+    /// to the client: the reply is the client's (pgway's own queries, such as the WAL
+    /// position query, are never forwarded), no cache fill records it, and no retry
     /// swallows it. They are forwarded as one run, however many rows a result has.
     fn plain_rows(&self, buf: &[u8]) -> usize {
         if !matches!(buf.first(), Some(b'D' | b'T')) {
@@ -342,7 +343,7 @@ impl Session<'_> {
         else {
             return 0;
         };
-        if *kind == Reply::WalPosition || self.request.redo.is_some() || self.fill.is_some() {
+        if self.request.redo.is_some() || self.fill.is_some() {
             return 0;
         }
         let mut end = 0;
