@@ -9,7 +9,9 @@
 #
 #   benches/ab.sh OLD_BINARY NEW_BINARY
 #
-# Knobs: ROUNDS=4, DURATION=10 (seconds per run). Run benches/compare.sh once first: it
+# Knobs: ROUNDS=4, DURATION=10 (seconds per run). SCRIPT=tpcb runs pgbench's TPC-B-like
+# script with 16 clients instead (tps and user CPU per transaction, each build against the
+# primary through compare.sh's config, as compare.sh's TPC-B scenario). Run benches/compare.sh once first: it
 # leaves the PostgreSQL pair and the configs in .bench/run (or $PGWAY_BENCH_DIR/run).
 set -euo pipefail
 
@@ -18,6 +20,12 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$REPO/scripts/lib.sh"
 PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
 ROUNDS=${ROUNDS:-4}
+SCRIPT=${SCRIPT:-select-only}
+case $SCRIPT in
+select-only) PGBENCH_SCRIPT=(-S) CLIENTS=(1 32) ;;
+tpcb) PGBENCH_SCRIPT=() CLIENTS=(16) ;;
+*) echo "ab: ERROR: SCRIPT must be select-only or tpcb" >&2 && exit 1 ;;
+esac
 DURATION=${DURATION:-10}
 BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
@@ -63,15 +71,15 @@ stop() {
 user_ticks() { awk '{print $14}' "/proc/$PID/stat"; }
 
 # run BINARY CLIENTS: prints the latency (1 client, ms) or the tps and the user CPU time per
-# statement in µs (more clients).
+# transaction in µs (more clients; a transaction of `-S` is one statement).
 run() {
     local before after
     start "$1"
     # A short warm-up fills the pool.
-    PGPASSWORD=app-secret pgbench -n -S -c "$2" -j 2 -T 2 -h 127.0.0.1 -p "$PORT" -U app bench \
-        >/dev/null 2>&1
+    PGPASSWORD=app-secret pgbench -n "${PGBENCH_SCRIPT[@]}" -c "$2" -j 2 -T 2 -h 127.0.0.1 \
+        -p "$PORT" -U app bench >/dev/null 2>&1
     before=$(user_ticks)
-    PGPASSWORD=app-secret pgbench -n -S -c "$2" -j $(($2 > 1 ? 2 : 1)) -T "$DURATION" \
+    PGPASSWORD=app-secret pgbench -n "${PGBENCH_SCRIPT[@]}" -c "$2" -j $(($2 > 1 ? 2 : 1)) -T "$DURATION" \
         -h 127.0.0.1 -p "$PORT" -U app bench >"$OUT/pgbench.log" 2>&1 ||
         die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
     after=$(user_ticks)
@@ -96,10 +104,22 @@ for ((round = 1; round <= ROUNDS; round++)); do
     # Alternate which build goes first.
     if ((round % 2)); then first=$A second=$B; else first=$B second=$A; fi
     declare -A got=()
-    for sc in 1 32; do
+    for sc in "${CLIENTS[@]}"; do
         got[$first.$sc]=$(run "$first" "$sc")
         got[$second.$sc]=$(run "$second" "$sc")
     done
+    if [[ $SCRIPT == tpcb ]]; then
+        read -r tps_a cpu_a <<<"${got[$A.16]}"
+        read -r tps_b cpu_b <<<"${got[$B.16]}"
+        r16=$(awk -v a="$tps_a" -v b="$tps_b" 'BEGIN {printf "%.3f", b / a}')
+        rcpu=$(awk -v a="$cpu_a" -v b="$cpu_b" 'BEGIN {printf "%.3f", b / a}')
+        echo "$r16" >>"$OUT/s32"
+        echo "$rcpu" >>"$OUT/cpu"
+        printf 'round %d: TPC-B 16 clients A %.0f tps, B %.0f tps (B/A %s), user CPU per transaction A %s µs, B %s µs (B/A %s)\n' \
+            "$round" "$tps_a" "$tps_b" "$r16" "$cpu_a" "$cpu_b" "$rcpu"
+        unset got
+        continue
+    fi
     read -r tps_a cpu_a <<<"${got[$A.32]}"
     read -r tps_b cpu_b <<<"${got[$B.32]}"
     r1=$(awk -v a="${got[$A.1]}" -v b="${got[$B.1]}" 'BEGIN {printf "%.3f", b / a}')
@@ -112,4 +132,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
         "$round" "${got[$A.1]}" "${got[$B.1]}" "$r1" "$tps_a" "$tps_b" "$r32" "$cpu_a" "$cpu_b" "$rcpu"
     unset got
 done
+if [[ $SCRIPT == tpcb ]]; then
+    echo "median B/A: TPC-B 16 clients tps $(median <"$OUT/s32") (higher is better for B); user CPU per transaction $(median <"$OUT/cpu") (lower is better for B)"
+    exit 0
+fi
 echo "median B/A: -S 1 client latency $(median <"$OUT/s1") (lower is better for B); -S 32 clients tps $(median <"$OUT/s32") (higher is better for B); user CPU per statement $(median <"$OUT/cpu") (lower is better for B)"
