@@ -78,7 +78,16 @@ impl Topology {
     /// Replicas that may take reads: healthy, replaying, allowed by the source, and at most
     /// `max_lag` bytes behind the primary (when both positions are known).
     pub fn readable_replicas(&self, max_lag: Option<u64>) -> impl Iterator<Item = &Node> {
-        let primary_lsn = self.primary().and_then(|p| p.lsn);
+        self.readable_beside(self.primary(), max_lag)
+    }
+
+    /// [`Self::readable_replicas`], with the primary already looked up.
+    fn readable_beside<'t>(
+        &'t self,
+        primary: Option<&Node>,
+        max_lag: Option<u64>,
+    ) -> impl Iterator<Item = &'t Node> + Clone {
+        let primary_lsn = primary.and_then(|p| p.lsn);
         self.nodes.iter().filter(move |n| {
             n.healthy
                 && n.role == Role::Replica
@@ -226,7 +235,8 @@ impl TopologyHandle {
     /// A replica that may take reads, round-robin across all of them.
     pub fn replica(&self) -> Option<Arc<str>> {
         let topology = self.current.load();
-        self.pick_replica(&topology).map(|n| Arc::clone(&n.addr))
+        self.pick_replica(&topology, topology.primary())
+            .map(|n| Arc::clone(&n.addr))
     }
 
     /// Every replica that may take reads now.
@@ -240,11 +250,12 @@ impl TopologyHandle {
 
     /// Round-robin over the readable replicas. The rotation is counted per thread, so
     /// picking writes nothing that other worker threads share.
-    fn pick_replica<'t>(&self, topology: &'t Topology) -> Option<&'t Node> {
+    fn pick_replica<'t>(&self, topology: &'t Topology, primary: Option<&Node>) -> Option<&'t Node> {
         thread_local! {
             static NEXT_REPLICA: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         }
-        let count = topology.readable_replicas(self.max_lag()).count();
+        let mut readable = topology.readable_beside(primary, self.max_lag());
+        let count = readable.clone().count();
         if count == 0 {
             return None;
         }
@@ -253,7 +264,7 @@ impl TopologyHandle {
             next.set(i.wrapping_add(1));
             i % count
         });
-        topology.readable_replicas(self.max_lag()).nth(i)
+        readable.nth(i)
     }
 
     /// Calls `f` with the healthy primary's address, if there is one, without copying it.
@@ -269,7 +280,7 @@ impl TopologyHandle {
         let topology = self.current.load();
         let primary = topology.primary();
         let replica = |f: &mut dyn FnMut(&str, bool) -> R| {
-            self.pick_replica(&topology).map(|n| {
+            self.pick_replica(&topology, primary).map(|n| {
                 let is_primary = primary.is_some_and(|p| p.addr == n.addr);
                 f(&n.addr, is_primary)
             })

@@ -10,7 +10,7 @@ use crate::error::ClientError;
 use crate::metrics::Route;
 use crate::net::{recycle_buffer, take_buffer};
 use crate::protocol::messages::{self, query_text};
-use crate::protocol::MAX_MESSAGE_LEN;
+use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
 use crate::route::fast::scan_words;
 use crate::route::{Target, Why};
 
@@ -35,12 +35,18 @@ struct Plan {
     statements: u64,
 }
 
-/// A malformed Parse, Describe or Close (the only messages given here) is refused as it
-/// arrives (FATAL 08P01), as PostgreSQL refuses it, not when its batch runs: its length
-/// may have swallowed the Sync that would run the batch.
+/// A malformed message of a batch (Parse, Bind, Describe, Execute, Close, Flush or Sync:
+/// the only ones given here) is refused as it arrives (FATAL 08P01), as PostgreSQL refuses
+/// it, not when its batch runs: its length may have swallowed the Sync that would run the
+/// batch.
 fn check_batch_frame(frame: &[u8]) -> Result<(), SessionError> {
     match frame[0] {
         b'P' => messages::Parse::decode(frame).map(drop),
+        b'B' => messages::Bind::decode(frame).and_then(|bind| bind.check_rest()),
+        b'E' => messages::check_execute(frame),
+        b'H' if frame.len() != 5 => Err(FrameError::Malformed("Flush")),
+        b'S' if frame.len() != 5 => Err(FrameError::Malformed("Sync")),
+        b'H' | b'S' => Ok(()),
         _ => messages::Target::decode(frame).map(drop),
     }
     .map_err(SessionError::protocol)
@@ -54,9 +60,7 @@ impl Session<'_> {
                 b'Q' => self.on_query(frame).await?,
                 b'F' => self.on_function_call(frame).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
-                    if matches!(frame[0], b'P' | b'D' | b'C') {
-                        check_batch_frame(&frame)?;
-                    }
+                    check_batch_frame(&frame)?;
                     self.batch_bytes += frame.len();
                     self.batch.push(frame);
                     if self.batch_bytes > MAX_BATCH_BYTES {
@@ -64,10 +68,12 @@ impl Session<'_> {
                     }
                 }
                 b'H' => {
+                    check_batch_frame(&frame)?;
                     self.batch.push(frame);
                     self.run_batch(false).await?;
                 }
                 b'S' => {
+                    check_batch_frame(&frame)?;
                     self.batch.push(frame);
                     self.run_batch(true).await?;
                 }

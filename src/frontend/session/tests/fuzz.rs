@@ -8,7 +8,9 @@
 //! every ErrorResponse carries a SQLSTATE; there are never more ReadyForQuery than
 //! Sync, Query and FunctionCall messages; and either the marker came back (the session
 //! answered everything) or the connection ended right after a FATAL 08P01 (or the client
-//! sent Terminate).
+//! sent Terminate), or right after an ERROR when a message's length swallowed a Sync: a
+//! session skipping to Sync after an error ignores a malformed message, as PostgreSQL
+//! does, and then never sees the Sync.
 
 use std::time::Duration;
 
@@ -431,6 +433,12 @@ fn check(bytes: &[u8], got: &[Msg], end: &NetError) {
         .last()
         .unwrap_or_else(|| panic!("closed in silence: {}", show()));
     assert_eq!(last.0, b'E', "closed without an error: {}", show());
+    let swallowed_sync = frames
+        .iter()
+        .any(|f| f[1..].windows(5).any(|w| w == b"S\0\0\0\x04"));
+    if severity(last) == "ERROR" && swallowed_sync {
+        return;
+    }
     assert_eq!(severity(last), "FATAL", "{}", show());
     assert_eq!(sqlstate(last), "08P01", "{}", show());
 }
