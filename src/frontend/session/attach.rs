@@ -96,7 +96,7 @@ impl Session<'_> {
         tokio::select! {
             biased;
             () = shared.clients.gate(entry) => {}
-            () = self.stopping.as_mut() => {
+            () = &mut self.stopping => {
                 Registry::not_attached(self.registered.as_ref().map(|r| &*r.entry));
                 return Err(ClientError::Shutdown);
             }

@@ -63,18 +63,19 @@ mod lost;
 mod prepared;
 mod relay;
 mod serve;
+mod stop;
 #[cfg(test)]
 mod tests;
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
+use self::stop::StopSignal;
 use super::cancel::CancelKey;
 use super::registry::{self, Registered};
 use super::Shared;
@@ -387,11 +388,11 @@ pub struct Session<'a> {
     /// Resolves when pgway starts shutting down. Made once per session and kept registered
     /// with the token, so waiting between requests touches no state shared with other
     /// sessions.
-    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    stopping: StopSignal,
     /// Resolves when pgway's drain deadline (`shutdown_timeout`) passes: a client still
     /// inside a transaction is then told 57P01 while pgway waits for it. Made once per
     /// session, like `stopping`.
-    hard_stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    hard_stop: StopSignal,
     client: FramedStream,
     /// What goes to the client next.
     out: BytesMut,
@@ -468,8 +469,8 @@ impl<'a> Session<'a> {
         Self {
             shared,
             span,
-            stopping: Box::pin(thread_shutdown(shared).cancelled_owned()),
-            hard_stop: Box::pin(thread_hard_stop(shared).cancelled_owned()),
+            stopping: StopSignal::new(thread_shutdown(shared)),
+            hard_stop: StopSignal::new(thread_hard_stop(shared)),
             client,
             out: BytesMut::new(),
             to_server: BytesMut::new(),
@@ -506,7 +507,7 @@ impl<'a> Session<'a> {
     pub fn registered(mut self, login: registry::Login) -> Self {
         let parent = thread_shutdown(self.shared);
         let registered = self.shared.clients.register(login, &parent);
-        self.stopping = Box::pin(registered.entry.kill.clone().cancelled_owned());
+        self.stopping = StopSignal::new(registered.entry.kill.clone());
         self.registered = Some(registered);
         self
     }

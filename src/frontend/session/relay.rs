@@ -616,10 +616,10 @@ impl Session<'_> {
                 filled = link.conn.io.fill() => filled.map_err(SessionError::server_lost)?,
                 // A stopping pgway closes a pinned client between transactions, and one
                 // inside a transaction at the drain deadline.
-                _ = stopping.as_mut(), if link.status == b'I' => {
+                _ = &mut *stopping, if link.status == b'I' => {
                     return Err(SessionError::Fatal(ClientError::Shutdown));
                 }
-                _ = hard_stop.as_mut() => return Err(SessionError::Fatal(ClientError::Shutdown)),
+                _ = &mut *hard_stop => return Err(SessionError::Fatal(ClientError::Shutdown)),
                 () = expire(timeout) => return Err(SessionError::Fatal(expired)),
             }
         }

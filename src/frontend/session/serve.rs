@@ -114,7 +114,7 @@ impl Session<'_> {
         tokio::select! {
             biased;
             frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
-            _ = self.hard_stop.as_mut() => Err(SessionError::Fatal(ClientError::Shutdown)),
+            _ = &mut self.hard_stop => Err(SessionError::Fatal(ClientError::Shutdown)),
             () = expire(timeout) => Err(SessionError::Fatal(expired)),
         }
     }
@@ -139,7 +139,7 @@ impl Session<'_> {
         let frame = tokio::select! {
             biased;
             frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
-            _ = self.stopping.as_mut() => Err(SessionError::Fatal(ClientError::Shutdown)),
+            _ = &mut self.stopping => Err(SessionError::Fatal(ClientError::Shutdown)),
             () = expire(timeout) => Err(SessionError::Fatal(ClientError::IdleTimeout(timeout))),
         }?;
         self.out = take_buffer();
@@ -415,6 +415,13 @@ impl Session<'_> {
             if plan.ready {
                 self.queue_wal_position();
             }
+            // Counted as sent (once, whatever the retries), not once answered: a client
+            // that saw the answer sees the count.
+            if attempt == 0 {
+                if let Some(registered) = &self.registered {
+                    registered.entry.queried(plan.statements);
+                }
+            }
             match self.send_and_relay(plan.relay).await {
                 Err(SessionError::Retry) if attempt < MAX_RETRIES => {
                     attempt += 1;
@@ -444,12 +451,9 @@ impl Session<'_> {
         }
     }
 
-    /// A request answered: counted, its WAL position asked if deferred, and its server
-    /// connection released if nothing holds it.
+    /// A request answered: counted in the metrics, its WAL position asked if deferred, and
+    /// its server connection released if nothing holds it.
     async fn request_done(&mut self, plan: Plan) -> Result<Result<(), ClientError>, SessionError> {
-        if let Some(registered) = &self.registered {
-            registered.entry.queried(plan.statements);
-        }
         if plan.ready {
             self.shared.metrics.query(if self.request.on_replica {
                 Route::Replica
