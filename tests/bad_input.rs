@@ -569,6 +569,29 @@ async fn truncated_and_malformed_extended_messages_get_fatal_08p01() {
                 phase,
                 cat(&[&message(b'C', b"S"), &sync()]),
             ),
+            Framing::new(
+                "Execute announcing 5 bytes more than its body (it swallows the Sync after \
+                 it)",
+                phase,
+                cat(&[
+                    &parse("select 1", &[]),
+                    &bind(&[]),
+                    b"E",
+                    &be32(4 + 5 + 5),
+                    b"\0\0\0\0\0",
+                    &sync(),
+                ]),
+            ),
+            Framing::new(
+                "Sync with a body",
+                phase,
+                cat(&[&parse("select 1", &[]), &message(b'S', b"x")]),
+            ),
+            Framing::new(
+                "Query with bytes after its string",
+                phase,
+                message(b'Q', b"select 1\0select 2\0"),
+            ),
         ]);
     }
     check_framing(cases).await;

@@ -302,6 +302,9 @@ impl Session<'_> {
                     if kind.ends_with(tag) {
                         self.expected.pop_front();
                         if tag == b'Z' {
+                            // The server ignores Sync during COPY: ReadyForQuery means the
+                            // copy is over (a batch's later message made it fail).
+                            self.leave_copy();
                             let status = frame.get(5).copied().unwrap_or(b'I');
                             if let Some(link) = self.state.link_mut() {
                                 link.status = status;

@@ -35,14 +35,14 @@ struct Plan {
     statements: u64,
 }
 
-/// A malformed message of a batch (Parse, Bind, Describe, Execute, Close, Flush or Sync:
-/// the only ones given here) is refused as it arrives (FATAL 08P01), as PostgreSQL refuses
-/// it, not when its batch runs: its length may have swallowed the Sync that would run the
-/// batch.
+/// A malformed message of a batch is refused as it arrives (FATAL 08P01), as PostgreSQL
+/// refuses it, not when its batch runs: its length may have swallowed the Sync that would
+/// run the batch. Bind is the exception: its values are the server's to check (it answers
+/// ERROR 08P01 and the session goes on), so only its names are read here.
 fn check_batch_frame(frame: &[u8]) -> Result<(), SessionError> {
     match frame[0] {
         b'P' => messages::Parse::decode(frame).map(drop),
-        b'B' => messages::Bind::decode(frame).and_then(|bind| bind.check_rest()),
+        b'B' => messages::Bind::decode(frame).map(drop),
         b'E' => messages::check_execute(frame),
         b'H' if frame.len() != 5 => Err(FrameError::Malformed("Flush")),
         b'S' if frame.len() != 5 => Err(FrameError::Malformed("Sync")),
