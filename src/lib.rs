@@ -20,6 +20,8 @@
 //! - [`admin`]: the HTTP admin port.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`cache`]: the result cache and its invalidation from the WAL.
+//! - [`workers`]: the threads that run the sessions; [`timer`]: their timers, which run on
+//!   a thread of their own.
 //!
 //! Data flows one way: frontend → route → topology picks a node → backend pool → server;
 //! the server's bytes flow back untouched except for the messages pgway must read.
@@ -40,5 +42,6 @@ pub mod reload;
 pub mod route;
 pub mod server;
 pub mod settings;
+pub mod timer;
 pub mod topology;
 pub mod workers;

@@ -479,7 +479,7 @@ async fn accept_loop(
             Ok(pair) => pair,
             Err(cause) => {
                 warn!(%cause, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                crate::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -516,7 +516,7 @@ async fn drain(
     sessions.close();
     let finished = tokio::select! {
         () = sessions.wait() => true,
-        () = tokio::time::sleep(timeout) => false,
+        () = crate::timer::sleep(timeout) => false,
         () = hard_stop.cancelled() => false,
     };
     if !finished {
@@ -525,7 +525,7 @@ async fn drain(
             "drain deadline: closing sessions still inside a transaction (57P01)"
         );
         shared.hard_stop.cancel();
-        if tokio::time::timeout(HARD_STOP_GRACE, sessions.wait())
+        if crate::timer::timeout(HARD_STOP_GRACE, sessions.wait())
             .await
             .is_err()
         {
@@ -542,7 +542,7 @@ async fn drain(
 /// shutdown token, and warns if some do not.
 async fn stop_background(background: TaskTracker) {
     background.close();
-    if tokio::time::timeout(BACKGROUND_STOP_TIMEOUT, background.wait())
+    if crate::timer::timeout(BACKGROUND_STOP_TIMEOUT, background.wait())
         .await
         .is_err()
     {

@@ -243,7 +243,7 @@ async fn spin(busy_poll: Arc<BusyPoll>) {
         if poll_while_busy(busy_poll.window(), &mut contention).await {
             back_off = CONTENTION_BACK_OFF;
         } else {
-            tokio::time::sleep(back_off).await;
+            crate::timer::sleep(back_off).await;
             back_off = (back_off * 2).min(MAX_BACK_OFF);
             contention.restart();
         }
@@ -374,9 +374,7 @@ impl Workers {
         let mut threads = Vec::with_capacity(count);
         for index in 0..count {
             let (tx, mut rx) = mpsc::unbounded_channel::<Accepted>();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = crate::timer::worker_runtime()?;
             let (serve, load, stop, sessions, busy_poll) = (
                 Arc::clone(&serve),
                 Arc::clone(&load),
@@ -388,6 +386,7 @@ impl Workers {
                 .name(format!("pgway-worker-{index}"))
                 .spawn(move || {
                     REACTOR.with(|r| r.set(index + 1));
+                    crate::timer::use_timer_runtime();
                     runtime.block_on(async move {
                         tokio::spawn(spin(busy_poll));
                         loop {

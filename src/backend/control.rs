@@ -92,7 +92,7 @@ pub async fn connect(
             .await
             .map_err(ControlError::Connect)
     };
-    let (client, connection) = tokio::time::timeout(timeout, connecting)
+    let (client, connection) = crate::timer::timeout(timeout, connecting)
         .await
         .map_err(|_| ControlError::Timeout)??;
     tasks.spawn(connection);

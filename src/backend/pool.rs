@@ -214,7 +214,7 @@ impl Pool {
             Err(_) => {
                 let started = std::time::Instant::now();
                 let wait = self.settings.load().wait_timeout;
-                let permit = tokio::time::timeout(wait, self.capacity.permits.acquire())
+                let permit = crate::timer::timeout(wait, self.capacity.permits.acquire())
                     .await
                     .ok()
                     .and_then(Result::ok);
@@ -614,7 +614,7 @@ impl Pools {
                 .unwrap_or(Duration::from_secs(120));
             let period = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
             tokio::select! {
-                () = tokio::time::sleep(period) => {}
+                () = crate::timer::sleep(period) => {}
                 () = shutdown.cancelled() => return,
             }
             let closed: usize = self.all().iter().map(|pool| pool.close_expired()).sum();

@@ -256,7 +256,7 @@ impl ServerConn {
         connector: &dyn Connector,
         timeout: Duration,
     ) -> Result<Self, BackendError> {
-        tokio::time::timeout(timeout, Self::do_connect(login.clone(), extra, connector))
+        crate::timer::timeout(timeout, Self::do_connect(login.clone(), extra, connector))
             .await
             .map_err(|_| BackendError::Timeout(login.addr.to_owned()))?
     }

@@ -171,7 +171,7 @@ impl Db {
     /// Waits up to `wait` for the stream to reach `position`; true if it did.
     pub async fn wait_for(&self, position: u64, wait: Duration) -> bool {
         self.waiting.fetch_add(1, Ordering::AcqRel);
-        let reached = tokio::time::timeout(wait, async {
+        let reached = crate::timer::timeout(wait, async {
             loop {
                 let advanced = self.advanced.notified();
                 tokio::pin!(advanced);

@@ -78,7 +78,7 @@ impl Streams {
                     }
                 };
                 let level =
-                    tokio::time::timeout(streams.timeout, client.query_one("SHOW wal_level", &[]))
+                    crate::timer::timeout(streams.timeout, client.query_one("SHOW wal_level", &[]))
                         .await;
                 match level
                     .ok()
@@ -174,7 +174,7 @@ impl Streams {
 
     async fn pause(&self, how_long: Duration) {
         tokio::select! {
-            _ = tokio::time::sleep(how_long) => {}
+            _ = crate::timer::sleep(how_long) => {}
             _ = self.shutdown.cancelled() => {}
         }
     }

@@ -238,7 +238,7 @@ impl WalFollower<'_> {
             let result = self.follow(connector, &stop, &mut on_event, &tasks).await;
             // The catalog connection's task ends with its client, dropped by now.
             tasks.close();
-            let _ = tokio::time::timeout(self.timeout, tasks.wait()).await;
+            let _ = crate::timer::timeout(self.timeout, tasks.wait()).await;
             match &result {
                 Ok(()) => debug!("stopped following"),
                 Err(cause) => debug!(%cause, "following ended"),
@@ -375,7 +375,7 @@ async fn bounded<T>(
 ) -> Result<Option<T>, WalError> {
     tokio::select! {
         () = stop.cancelled() => Ok(None),
-        r = tokio::time::timeout(limit, fut) => r.map_err(|_| WalError::Timeout(what))?.map(Some),
+        r = crate::timer::timeout(limit, fut) => r.map_err(|_| WalError::Timeout(what))?.map(Some),
     }
 }
 
@@ -489,11 +489,11 @@ impl<F: FnMut(WalEvent) + Send> Stream<'_, F> {
                     self.goodbye().await;
                     return Ok(());
                 }
-                () = tokio::time::sleep_until(self.last_status + STATUS_INTERVAL) => {
+                () = crate::timer::sleep_until(self.last_status + STATUS_INTERVAL) => {
                     self.send_status().await?;
                     continue;
                 }
-                () = tokio::time::sleep_until(last_heard + SILENCE_LIMIT) => {
+                () = crate::timer::sleep_until(last_heard + SILENCE_LIMIT) => {
                     return Err(WalError::Lost(NetError::Io(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!("nothing from the primary for {} s", SILENCE_LIMIT.as_secs()),
@@ -661,7 +661,7 @@ impl<F: FnMut(WalEvent) + Send> Stream<'_, F> {
     /// Confirms everything processed (written = flushed = applied).
     async fn send_status(&mut self) -> Result<(), WalError> {
         status_update(&mut self.out, self.processed, pg_now());
-        tokio::time::timeout(self.timeout, self.io.send(&mut self.out))
+        crate::timer::timeout(self.timeout, self.io.send(&mut self.out))
             .await
             .map_err(|_| WalError::Timeout("a standby status update to be sent"))??;
         self.confirmed = self.processed;
@@ -674,7 +674,7 @@ impl<F: FnMut(WalEvent) + Send> Stream<'_, F> {
     async fn goodbye(&mut self) {
         status_update(&mut self.out, self.processed, pg_now());
         put_frame(&mut self.out, b'X', &[]);
-        match tokio::time::timeout(self.timeout, self.io.send(&mut self.out)).await {
+        match crate::timer::timeout(self.timeout, self.io.send(&mut self.out)).await {
             Ok(Ok(())) => debug!("said goodbye to the walsender"),
             Ok(Err(cause)) => debug!(%cause, "could not say goodbye to the walsender"),
             Err(_) => debug!("timed out saying goodbye to the walsender"),
@@ -786,7 +786,7 @@ impl<'a> Catalog<'a> {
             }
             self.retry_at = Some(Instant::now() + CATALOG_RETRY_PAUSE);
             let client = control::connect(self.login, self.timeout, &self.tasks).await?;
-            let statement = tokio::time::timeout(self.timeout, client.prepare(ANCESTORS))
+            let statement = crate::timer::timeout(self.timeout, client.prepare(ANCESTORS))
                 .await
                 .map_err(|_| LookupError::Timeout)??;
             self.retry_at = None;
@@ -802,7 +802,7 @@ impl<'a> Catalog<'a> {
         }
         let timeout = self.timeout;
         let (client, statement) = self.client().await?;
-        let rows = match tokio::time::timeout(
+        let rows = match crate::timer::timeout(
             timeout,
             client.query(statement, &[&table.0.as_str(), &table.1.as_str()]),
         )

@@ -111,7 +111,7 @@ async fn query(
     user: &str,
     timeout: Duration,
 ) -> Result<Lookup, AuthQueryError> {
-    let row = tokio::time::timeout(timeout, client.query_opt(sql, &[&user]))
+    let row = crate::timer::timeout(timeout, client.query_opt(sql, &[&user]))
         .await
         .map_err(|_| AuthQueryError::Timeout)?
         .map_err(AuthQueryError::Query)?;

@@ -131,7 +131,7 @@ pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> std::io::R
         while stream.read(&mut sink).await? > 0 {}
         Ok(())
     };
-    tokio::time::timeout(timeout, send)
+    crate::timer::timeout(timeout, send)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
 }

@@ -486,7 +486,7 @@ impl Clients {
             if Instant::now() >= deadline {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            crate::timer::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -626,7 +626,7 @@ mod tests {
             let entry = Arc::clone(&a.entry);
             tokio::spawn(async move { clients.gate(Some(&entry)).await })
         };
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        crate::timer::sleep(Duration::from_millis(30)).await;
         assert_eq!(a.entry.state(), ClientState::Waiting);
         assert!(!waiting.is_finished());
         assert_eq!(clients.resume(None), Ok(()));
@@ -647,7 +647,7 @@ mod tests {
             if entry.state() == state {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            crate::timer::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(entry.state(), state);
     }
@@ -682,7 +682,7 @@ mod tests {
             Err(ResumeError::NotPaused("two".into()))
         );
         assert_eq!(clients.resume(Some("three")), Ok(()));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        crate::timer::sleep(Duration::from_millis(30)).await;
         assert!(!held.is_finished());
         assert_eq!(a.entry.state(), ClientState::Waiting);
         assert_eq!(clients.resume(Some("one")), Ok(()));

@@ -99,7 +99,7 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let mut out = BytesMut::new();
     // Boxed: the login's state is large and needed once, while this future lives as long
     // as the client (its size is memory per idle client).
-    let login = Box::pin(tokio::time::timeout(
+    let login = Box::pin(crate::timer::timeout(
         shared.config.load().client.login_timeout,
         login(&shared, &mut io, &mut out),
     ))
@@ -225,10 +225,10 @@ async fn negotiate(
 pub async fn refuse(shared: Arc<Shared>, stream: TcpStream, timeout: Duration) {
     let mut io = FramedStream::tcp(stream);
     let mut out = BytesMut::new();
-    let negotiated = tokio::time::timeout(timeout, negotiate(&shared, &mut io, &mut out)).await;
+    let negotiated = crate::timer::timeout(timeout, negotiate(&shared, &mut io, &mut out)).await;
     if let Ok(Ok(_)) = negotiated {
         ClientError::TooManyClients.write(&mut out);
-        let _ = tokio::time::timeout(timeout, io.send(&mut out)).await;
+        let _ = crate::timer::timeout(timeout, io.send(&mut out)).await;
     }
 }
 
@@ -500,7 +500,7 @@ async fn greeting(
         let mut out = BytesMut::new();
         messages::query(&mut out, &sql);
         let timeout = shared.config.load().pool.connect_timeout;
-        let reported = tokio::time::timeout(timeout, apply_startup(&mut conn.io, out))
+        let reported = crate::timer::timeout(timeout, apply_startup(&mut conn.io, out))
             .await
             .map_err(|_| ClientError::NoServer("timed out applying startup settings".into()))?
             .map_err(|e| ClientError::NoServer(e.to_string()))?;

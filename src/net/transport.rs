@@ -151,7 +151,7 @@ mod tests {
             let (mut server, _) = listener.accept().await.unwrap();
             assert!(!client.is_stale());
             // Still quiet after the reactor had a turn.
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            crate::timer::sleep(std::time::Duration::from_millis(20)).await;
             assert!(!client.is_stale());
             if leaves {
                 drop(server);
@@ -161,7 +161,7 @@ mod tests {
             // What the peer did reaches the reactor asynchronously.
             let mut stale = false;
             for _ in 0..100 {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                crate::timer::sleep(std::time::Duration::from_millis(10)).await;
                 if client.is_stale() {
                     stale = true;
                     break;

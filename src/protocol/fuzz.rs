@@ -722,7 +722,7 @@ fn fuzz_framed_stream() {
                     }
                 }
             };
-            let (got, error) = tokio::time::timeout(Duration::from_secs(10), read)
+            let (got, error) = crate::timer::timeout(Duration::from_secs(10), read)
                 .await
                 .expect("FramedStream hangs on a stream that ended");
             assert_eq!(got, frames, "{stream:?}");

@@ -163,10 +163,9 @@ impl<'a> Parse<'a> {
         let sql = r.cstr()?;
         let param_types = r.rest();
         let mut check = Reader::new(param_types, "Parse");
-        let n = check.i16()?;
-        if n < 0 || check.rest().len() != n as usize * 4 {
-            return Err(FrameError::Malformed("Parse"));
-        }
+        let n = usize::try_from(check.i16()?).map_err(|_| FrameError::Malformed("Parse"))?;
+        check.bytes(n * 4)?;
+        check.end()?;
         Ok(Self {
             name,
             sql,
@@ -230,11 +229,7 @@ pub fn check_execute(frame: &[u8]) -> Result<(), FrameError> {
     let mut r = Reader::new(body(frame), "Execute");
     r.cstr()?;
     r.i32()?;
-    if r.rest().is_empty() {
-        Ok(())
-    } else {
-        Err(FrameError::Malformed("Execute"))
-    }
+    r.end()
 }
 
 /// A Describe or Close message: which kind of object (`S` or `P`) and its name.
@@ -280,11 +275,8 @@ pub fn write_target(out: &mut BytesMut, tag: u8, kind: u8, name: &[u8]) {
 pub fn query_text(frame: &[u8]) -> Result<&[u8], FrameError> {
     let mut r = Reader::new(body(frame), "Query");
     let sql = r.cstr()?;
-    if r.rest().is_empty() {
-        Ok(sql)
-    } else {
-        Err(FrameError::Malformed("Query"))
-    }
+    r.end()?;
+    Ok(sql)
 }
 
 /// The SQLSTATE and message of an ErrorResponse or NoticeResponse frame.

@@ -512,7 +512,7 @@ impl Catalog {
     ) -> Result<tokio_postgres::Row, CatalogError> {
         let mut clients = self.clients.lock().await;
         let client = self.client(&mut clients, database, user).await?;
-        tokio::time::timeout(self.timeout, client.query_one(sql, params))
+        crate::timer::timeout(self.timeout, client.query_one(sql, params))
             .await
             .map_err(|_| CatalogError::Timeout)?
             .map_err(CatalogError::Query)
@@ -533,7 +533,7 @@ impl Catalog {
         let write = FunctionRules::overloads(&rules.write);
         let mut clients = self.clients.lock().await;
         let client = self.client(&mut clients, database, user).await?;
-        let rows = tokio::time::timeout(
+        let rows = crate::timer::timeout(
             self.timeout,
             client.query(LOOKUP, &[&name, &schema, &read_only, &write]),
         )

@@ -131,7 +131,7 @@ pub async fn check_node(
     let c = settings
         .control_client(addr, "pgway-health", tasks, client)
         .await?;
-    let row = tokio::time::timeout(settings.timeout, c.query_one(CHECK, &[]))
+    let row = crate::timer::timeout(settings.timeout, c.query_one(CHECK, &[]))
         .await
         .map_err(|_| HealthError::Timeout)?
         .map_err(HealthError::Query)?;
@@ -203,7 +203,7 @@ pub async fn monitor(
         };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+            _ = crate::timer::sleep(pause) => {}
             _ = wake.notified() => {}
         }
     }
@@ -284,10 +284,10 @@ mod tests {
     async fn until_running(tasks: &TaskTracker, count: usize) {
         let running = async {
             while tasks.len() != count {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                crate::timer::sleep(Duration::from_millis(1)).await;
             }
         };
-        if tokio::time::timeout(Duration::from_secs(1), running)
+        if crate::timer::timeout(Duration::from_secs(1), running)
             .await
             .is_err()
         {
@@ -319,7 +319,7 @@ mod tests {
         until_running(&tasks, 2).await;
         shutdown.cancel();
         tasks.close();
-        tokio::time::timeout(Duration::from_secs(1), tasks.wait())
+        crate::timer::timeout(Duration::from_secs(1), tasks.wait())
             .await
             .expect("every task ends on shutdown");
     }

@@ -371,7 +371,7 @@ impl TopologyHandle {
             if let Some(addr) = self.primary() {
                 return Some(addr);
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
+            match crate::timer::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => return self.primary(),
             }

@@ -342,7 +342,7 @@ pub async fn watch(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = crate::timer::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
@@ -382,7 +382,7 @@ impl Watcher {
         let revision = match self.revision {
             Some(revision) => revision,
             None => {
-                let response = tokio::time::timeout(
+                let response = crate::timer::timeout(
                     self.settings.timeout,
                     client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())),
                 )

@@ -214,7 +214,7 @@ impl ReplayPositions {
             if let Some(addr) = reached(&replicas) {
                 return Some((addr, true));
             }
-            match tokio::time::timeout_at(deadline, raised.changed()).await {
+            match crate::timer::timeout_at(deadline, raised.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => return reached(&replicas).map(|addr| (addr, true)),
             }
@@ -228,7 +228,7 @@ impl ReplayPositions {
         let mut answered = primary.answered.subscribe();
         let mine = primary.asked.fetch_add(1, Ordering::AcqRel) + 1;
         primary.wanted.notify_one();
-        let answer = tokio::time::timeout(wait, answered.wait_for(|(n, _)| *n >= mine)).await;
+        let answer = crate::timer::timeout(wait, answered.wait_for(|(n, _)| *n >= mine)).await;
         match answer {
             Ok(Ok(answer)) => answer.1,
             _ => None,
@@ -336,11 +336,11 @@ async fn probe(
         .await
         {
             Ok(Some(position)) => replica.raise(position),
-            Ok(None) => tokio::time::sleep(RETRY_PAUSE).await,
+            Ok(None) => crate::timer::sleep(RETRY_PAUSE).await,
             Err(cause) => {
                 debug!(node = %addr, %cause, "replay position probe failed");
                 client = None;
-                tokio::time::sleep(RETRY_PAUSE).await;
+                crate::timer::sleep(RETRY_PAUSE).await;
             }
         }
     }
@@ -406,7 +406,7 @@ async fn ask(
     let c = settings
         .control_client(addr, "pgway-positions", tasks, client)
         .await?;
-    let row = tokio::time::timeout(settings.timeout, c.query_one(query, &[]))
+    let row = crate::timer::timeout(settings.timeout, c.query_one(query, &[]))
         .await
         .map_err(|_| ProbeError::Timeout)??;
     let position: Option<i64> = row.try_get(0)?;

@@ -295,7 +295,8 @@ impl Session<'_> {
                 }
             }
         };
-        match tokio::time::timeout(self.shared.config.load().pool.connect_timeout, rollback).await {
+        match crate::timer::timeout(self.shared.config.load().pool.connect_timeout, rollback).await
+        {
             Ok(Ok(b'I')) => {
                 debug!("rolled back the open transaction of a client that left");
                 conn.release();

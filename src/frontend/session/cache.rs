@@ -227,7 +227,7 @@ impl Session<'_> {
                 }
                 Lookup::Wait(mut filling) if !waited => {
                     waited = true;
-                    let _ = tokio::time::timeout(FILL_WAIT, filling.changed()).await;
+                    let _ = crate::timer::timeout(FILL_WAIT, filling.changed()).await;
                 }
                 Lookup::Behind(position) if !caught_up => {
                     caught_up = true;

@@ -469,7 +469,7 @@ impl Session<'_> {
                 }
             }
         };
-        let bound = tokio::time::timeout(self.shared.config.load().pool.connect_timeout, check)
+        let bound = crate::timer::timeout(self.shared.config.load().pool.connect_timeout, check)
             .await
             .map_err(|_| {
                 SessionError::Fatal(ClientError::ServerLost(

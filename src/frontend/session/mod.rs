@@ -363,7 +363,7 @@ async fn expire(timeout: Duration) {
     if timeout.is_zero() {
         std::future::pending::<()>().await;
     } else {
-        tokio::time::sleep(timeout).await;
+        crate::timer::sleep(timeout).await;
     }
 }
 

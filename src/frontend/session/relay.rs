@@ -477,7 +477,7 @@ impl Session<'_> {
             .request
             .deadline
             .get_or_insert_with(|| tokio::time::Instant::now() + self.timeouts.query);
-        let filled = tokio::time::timeout_at(deadline, self.server_mut()?.io.fill()).await;
+        let filled = crate::timer::timeout_at(deadline, self.server_mut()?.io.fill()).await;
         match filled {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.lost(e)),

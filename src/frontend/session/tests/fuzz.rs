@@ -465,7 +465,7 @@ fn fuzz_session() {
             }
             cases += 1;
             let h = harness.as_ref().expect("a harness");
-            if tokio::time::timeout(CASE, session_case(h, &bytes))
+            if crate::timer::timeout(CASE, session_case(h, &bytes))
                 .await
                 .is_err()
             {
@@ -535,7 +535,7 @@ fn replay(bytes: &[u8]) {
     runtime.block_on(async {
         let mut h = Harness::new(2);
         serve_fake_nodes(&mut h);
-        tokio::time::timeout(CASE, session_case(&h, bytes))
+        crate::timer::timeout(CASE, session_case(&h, bytes))
             .await
             .expect("the session answers");
     });

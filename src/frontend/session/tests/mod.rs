@@ -220,7 +220,7 @@ impl Harness {
     /// The next server connection pgway opens to `addr`, logged in.
     pub(super) async fn accept(&mut self, addr: &str) -> FakeServer {
         let incoming = self.incoming.get_mut(addr).expect("known node");
-        let stream = tokio::time::timeout(WAIT, incoming.recv())
+        let stream = crate::timer::timeout(WAIT, incoming.recv())
             .await
             .unwrap_or_else(|_| panic!("pgway opened no connection to {addr}"))
             .expect("network open");
@@ -232,7 +232,7 @@ impl Harness {
             syncs: Vec::new(),
             answer_syncs: true,
         };
-        let startup = tokio::time::timeout(WAIT, server.io.read_startup())
+        let startup = crate::timer::timeout(WAIT, server.io.read_startup())
             .await
             .expect("startup in time")
             .expect("startup packet");
@@ -276,7 +276,7 @@ pub(super) fn tags(messages: &[Msg]) -> String {
 }
 
 async fn read(io: &mut FramedStream, who: &str) -> Result<Msg, NetError> {
-    let frame = tokio::time::timeout(WAIT, io.read_frame(crate::protocol::MAX_MESSAGE_LEN))
+    let frame = crate::timer::timeout(WAIT, io.read_frame(crate::protocol::MAX_MESSAGE_LEN))
         .await
         .unwrap_or_else(|_| panic!("{who}: nothing arrived within {WAIT:?}"))?;
     Ok((frame[0], frame[5..].to_vec()))
@@ -335,7 +335,7 @@ impl TestClient {
     /// Closes the client's end without a Terminate, and waits for its session to end.
     pub(super) async fn vanish(self) {
         drop(self.io);
-        tokio::time::timeout(WAIT, self.session)
+        crate::timer::timeout(WAIT, self.session)
             .await
             .expect("session ends")
             .expect("session task");
@@ -344,7 +344,7 @@ impl TestClient {
     /// Sends Terminate and waits for the session to end.
     pub(super) async fn terminate(mut self) {
         self.send(wire::frame(b'X', &[])).await;
-        tokio::time::timeout(WAIT, self.session)
+        crate::timer::timeout(WAIT, self.session)
             .await
             .expect("session ends")
             .expect("session task");

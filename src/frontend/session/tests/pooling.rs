@@ -41,7 +41,7 @@ async fn two_clients_take_turns_on_one_connection() {
     b.query("insert into t values (1)").await;
     // Give B's session time to reach the pool and wait there (not asserted: had it been
     // given a connection, its query would reach the server before A's COMMIT below).
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    crate::timer::sleep(Duration::from_millis(50)).await;
     a.query("commit").await;
     assert_eq!(primary.recv_query().await, "commit");
     primary.answer("COMMIT", b'I').await;
