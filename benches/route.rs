@@ -53,7 +53,7 @@ fn bench_route(c: &mut Criterion) {
         b.iter(|| classify(black_box(JOIN_20_LINES)))
     });
     c.bench_function("fast/pgbench_select", |b| {
-        b.iter(|| pgway::route::fast::is_plain_select(black_box(PGBENCH_SELECT)))
+        b.iter(|| pgway::route::fast::is_plain_select(black_box(PGBENCH_SELECT.as_bytes())))
     });
     let router = router();
     router.classification(SIMPLE);

@@ -378,9 +378,13 @@ impl Drop for Permit<'_> {
 impl PooledConn {
     /// Parks the connection for the next client. Call only when the server is idle
     /// (ReadyForQuery `I`) and nothing is outstanding on it.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// [`Self::release`] with the clock read by the caller.
+    pub fn release_at(mut self, now: Instant) {
         if let Some(mut conn) = self.conn.take() {
-            let now = Instant::now();
             if self.pool.too_old(&conn, now) {
                 // Dropped: closed, its slot freed by our own drop.
                 tracing::debug!(addr = %self.pool.key.addr, pid = conn.pid, "closing a server connection past pool.server_lifetime");

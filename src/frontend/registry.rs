@@ -159,6 +159,7 @@ impl ClientEntry {
         Attached {
             entry: Arc::clone(self),
             since,
+            ended: false,
         }
     }
 }
@@ -169,14 +170,32 @@ impl ClientEntry {
 pub struct Attached {
     entry: Arc<ClientEntry>,
     since: Instant,
+    /// [`Self::end_at`] marked the client idle already.
+    ended: bool,
+}
+
+impl Attached {
+    /// Marks the client idle as of `now`: a clock reading the caller made anyway (giving
+    /// the connection back reads the clock too; one reading a statement fewer).
+    pub fn end_at(mut self, now: Instant) {
+        self.end(now);
+        self.ended = true;
+    }
+
+    fn end(&self, now: Instant) {
+        let held = now.saturating_duration_since(self.since);
+        let us = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
+        self.entry.xact_us.fetch_add(us, Ordering::Relaxed);
+        *lock(&self.entry.server) = None;
+        self.entry.set_state(ClientState::Idle);
+    }
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        let us = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.entry.xact_us.fetch_add(us, Ordering::Relaxed);
-        *lock(&self.entry.server) = None;
-        self.entry.set_state(ClientState::Idle);
+        if !self.ended {
+            self.end(Instant::now());
+        }
     }
 }
 

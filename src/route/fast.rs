@@ -151,8 +151,7 @@ fn class(b: u8) -> u8 {
 }
 
 /// True when `sql` is certainly a plain read (see the module documentation).
-pub fn is_plain_select(sql: &str) -> bool {
-    let bytes = sql.as_bytes();
+pub fn is_plain_select(bytes: &[u8]) -> bool {
     let mut i = 0;
     while i < bytes.len() && class(bytes[i]) == SPACE {
         i += 1;
@@ -160,7 +159,7 @@ pub fn is_plain_select(sql: &str) -> bool {
     let starts = bytes.len() >= i + 7
         && bytes[i..i + 6].eq_ignore_ascii_case(b"select")
         && (class(bytes[i + 6]) == SPACE || bytes[i + 6] == b'*');
-    if !starts || names_pgway(bytes) {
+    if !starts {
         return false;
     }
     // What the last word was, if the previous token was a word.
@@ -204,6 +203,9 @@ pub fn is_plain_select(sql: &str) -> bool {
                     let Some(end) = skip_quoted(bytes, i) else {
                         return false;
                     };
+                    if names_pgway(&bytes[i..end]) {
+                        return false;
+                    }
                     i = end;
                     last_word = None;
                 }
@@ -211,6 +213,9 @@ pub fn is_plain_select(sql: &str) -> bool {
                     let Some(end) = skip_quoted(bytes, i) else {
                         return false;
                     };
+                    if names_pgway(&bytes[i..end]) {
+                        return false;
+                    }
                     i = end;
                     // A quoted identifier followed by `(` is a function call.
                     last_word = Some(Keyword::Other);
@@ -241,6 +246,7 @@ pub fn is_plain_select(sql: &str) -> bool {
                     i += 1;
                     last_word = None;
                 }
+                b'.' if follows_pgway(bytes, i) => return false,
                 _ if c == PUNCT => {
                     i += 1;
                     last_word = None;
@@ -285,9 +291,17 @@ fn is_number(run: &[u8]) -> bool {
 /// True if `text` mentions a `pgway.` setting, which the classifier reports as a session
 /// effect ([`super::SessionEffect::UsesLastRoute`], ...) wherever it appears, inside a
 /// word or a string too. Dots are few: only they are looked at.
+///
+/// [`is_plain_select`] checks each dot as it meets it instead (between tokens, and inside
+/// quotes); a dot inside a number (`1.5`) cannot follow `pgway`: a run of digits and
+/// letters with a `y` in it is no number, and the scan refuses it.
 fn names_pgway(text: &[u8]) -> bool {
-    memchr::memchr_iter(b'.', text)
-        .any(|dot| dot >= 5 && text[dot - 5..dot].eq_ignore_ascii_case(b"pgway"))
+    memchr::memchr_iter(b'.', text).any(|dot| follows_pgway(text, dot))
+}
+
+/// True if the dot at `dot` follows `pgway` (any case).
+fn follows_pgway(text: &[u8], dot: usize) -> bool {
+    dot >= 5 && text[dot - 5..dot].eq_ignore_ascii_case(b"pgway")
 }
 
 /// The index just past the string literal (`'`) or quoted identifier (`"`) that starts at
@@ -506,6 +520,9 @@ mod tests {
         "select not pgway.last_route",
         "select * from t where name = 'PGWAY.last_write_lsn'",
         "select selectpgway.last_route",
+        "select 'pgway.last_route'",
+        "select x from t where y = 'a PgWay.b'",
+        "select \"pgway.x\" from t",
         // Found by `fuzz_fast_path_accepts_only_reads`: `1 INTO u` to the parser.
         "select 1into u",
         "select * from t where id = 2for update",
@@ -579,7 +596,10 @@ mod tests {
     #[test]
     fn accepts_plain_selects() {
         for sql in YES {
-            assert!(is_plain_select(sql), "should take the fast path: {sql}");
+            assert!(
+                is_plain_select(sql.as_bytes()),
+                "should take the fast path: {sql}"
+            );
         }
     }
 
@@ -587,7 +607,7 @@ mod tests {
     fn leaves_everything_else_to_the_parser() {
         for sql in NO {
             assert!(
-                !is_plain_select(sql),
+                !is_plain_select(sql.as_bytes()),
                 "should not take the fast path: {sql}"
             );
         }
@@ -596,7 +616,7 @@ mod tests {
     #[test]
     fn never_disagrees_with_the_parser() {
         for sql in YES.iter().chain(NO) {
-            if is_plain_select(sql) {
+            if is_plain_select(sql.as_bytes()) {
                 let c = classify(sql);
                 assert_eq!(c.kind, StatementKind::Read, "{sql}");
                 assert!(
@@ -612,7 +632,7 @@ mod tests {
         for sql in YES.iter().chain(NO) {
             for end in 0..=sql.len() {
                 if let Some(prefix) = sql.get(..end) {
-                    let _ = is_plain_select(prefix);
+                    let _ = is_plain_select(prefix.as_bytes());
                 }
             }
         }

@@ -117,9 +117,25 @@ impl Router {
 
     /// The classification of `sql`, parsed once and then served from the cache.
     pub fn classification(&self, sql: &str) -> Arc<Classification> {
-        if !self.cache_facts && fast::is_plain_select(sql) {
+        if !self.cache_facts && fast::is_plain_select(sql.as_bytes()) {
             return Arc::clone(&self.plain_read);
         }
+        self.parsed(sql)
+    }
+
+    /// [`Self::classification`] of a request's text as it came: one the fast path takes
+    /// needs no UTF-8 check first (the scan reads bytes; a text in another client encoding
+    /// is a plain read all the same). `None` for a text that is not UTF-8 and not a plain
+    /// read: it goes to the primary unparsed.
+    pub fn classification_of(&self, sql: &[u8]) -> Option<Arc<Classification>> {
+        if !self.cache_facts && fast::is_plain_select(sql) {
+            return Some(Arc::clone(&self.plain_read));
+        }
+        std::str::from_utf8(sql).ok().map(|sql| self.parsed(sql))
+    }
+
+    /// [`Self::classification`] past the fast path.
+    fn parsed(&self, sql: &str) -> Arc<Classification> {
         if sql.len() > CLASSIFICATION_CACHE_MAX_SQL {
             return Arc::new(classify(sql));
         }

@@ -3,6 +3,7 @@
 //! the client leaves.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::BytesMut;
 use tracing::{debug, warn};
@@ -125,7 +126,7 @@ impl Session<'_> {
             unsynced: false,
             skipping: false,
             replica,
-            _active: active,
+            active,
         });
         self.sync_settings();
     }
@@ -223,7 +224,11 @@ impl Session<'_> {
         }
         if let State::Attached(link) = std::mem::replace(&mut self.state, State::Idle) {
             self.cancel.clear();
-            link.conn.release();
+            let now = Instant::now();
+            if let Some(active) = link.active {
+                active.end_at(now);
+            }
+            link.conn.release_at(now);
         }
     }
 

@@ -153,7 +153,7 @@ struct Link {
     replica: bool,
     /// Marks the client active in the registry while the connection is held (`None` for
     /// a session that is not registered).
-    _active: Option<registry::Attached>,
+    active: Option<registry::Attached>,
 }
 
 /// A `COPY ... FROM STDIN` in progress.

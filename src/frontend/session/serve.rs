@@ -174,9 +174,7 @@ impl Session<'_> {
         if let State::Aborted = self.state {
             return self.answer_aborted_query(sql).await;
         }
-        let classification = std::str::from_utf8(sql)
-            .ok()
-            .map(|sql| self.shared.router.classification(sql));
+        let classification = self.shared.router.classification_of(sql);
         let mut target = Target::Primary;
         let mut why = self.held_why();
         let mut hints = ReadHints::default();
