@@ -159,7 +159,7 @@ impl<'a> Parse<'a> {
     /// Reads a Parse frame.
     pub fn decode(frame: &'a [u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(body(frame), "Parse");
-        let name = r.cstr()?;
+        let name = r.name()?;
         let sql = r.cstr()?;
         let param_types = r.rest();
         let mut check = Reader::new(param_types, "Parse");
@@ -206,8 +206,8 @@ impl<'a> Bind<'a> {
     pub fn decode(frame: &'a [u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(body(frame), "Bind");
         Ok(Self {
-            portal: r.cstr()?,
-            statement: r.cstr()?,
+            portal: r.name()?,
+            statement: r.name()?,
             rest: r.rest(),
         })
     }
@@ -227,7 +227,7 @@ impl<'a> Bind<'a> {
 /// Checks an Execute frame: a portal name and a row limit, nothing else.
 pub fn check_execute(frame: &[u8]) -> Result<(), FrameError> {
     let mut r = Reader::new(body(frame), "Execute");
-    r.cstr()?;
+    r.name()?;
     r.i32()?;
     r.end()
 }
@@ -251,7 +251,7 @@ impl<'a> Target<'a> {
         }
         Ok(Self {
             kind,
-            name: r.cstr()?,
+            name: r.name()?,
         })
     }
 

@@ -150,12 +150,9 @@ impl Session<'_> {
             }
             b'B' => {
                 let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
-                let prepared = if bind.statement.is_empty() {
-                    self.unnamed.as_ref()
-                } else {
-                    self.statements.get(bind.statement)
-                };
-                if let Some(prepared) = prepared {
+                // One look-up for the effects and the server's name.
+                let prepared = self.statement(bind.statement).cloned();
+                if let Some(prepared) = &prepared {
                     self.request
                         .effects
                         .extend(prepared.effects.iter().cloned());
@@ -176,7 +173,7 @@ impl Session<'_> {
                         self.request.commits = true;
                     }
                 }
-                match self.server_statement(bind.statement)? {
+                match self.server_statement_of(bind.statement.is_empty(), prepared)? {
                     Some(name) => bind.write_renamed(&mut self.to_server, &name),
                     None => self.to_server.extend_from_slice(frame),
                 }
@@ -341,11 +338,22 @@ impl Session<'_> {
         &mut self,
         name: &[u8],
     ) -> Result<Option<[u8; STATEMENT_NAME_LEN]>, SessionError> {
-        if name.is_empty() {
+        let prepared = self.statement(name).cloned();
+        self.server_statement_of(name.is_empty(), prepared)
+    }
+
+    /// [`Self::server_statement`] of the client's statement `prepared` (the unnamed one if
+    /// `unnamed`), already looked up.
+    fn server_statement_of(
+        &mut self,
+        unnamed: bool,
+        prepared: Option<Arc<Prepared>>,
+    ) -> Result<Option<[u8; STATEMENT_NAME_LEN]>, SessionError> {
+        let Some(prepared) = prepared else {
+            return Ok(None);
+        };
+        if unnamed {
             let client_id = self.cancel.pid as u64;
-            let Some(prepared) = self.unnamed.clone() else {
-                return Ok(None);
-            };
             let server = self.server_mut()?;
             if server.unnamed != Some((prepared.hash, client_id)) {
                 server.unnamed = Some((prepared.hash, client_id));
@@ -359,15 +367,10 @@ impl Session<'_> {
             }
             return Ok(None);
         }
-        let Some(hash) = self.statements.get(name).map(|prepared| prepared.hash) else {
-            return Ok(None);
-        };
-        if !self.server_mut()?.statements.touch(hash) {
-            if let Some(prepared) = self.statements.get(name).cloned() {
-                self.prepare_on_server(&prepared, false)?;
-            }
+        if !self.server_mut()?.statements.touch(prepared.hash) {
+            self.prepare_on_server(&prepared, false)?;
         }
-        Ok(Some(statement_name(hash)))
+        Ok(Some(statement_name(prepared.hash)))
     }
 
     /// `DEALLOCATE name` / `DEALLOCATE ALL` of protocol-level statements, which live in
