@@ -75,16 +75,23 @@ keywords! {
 }
 
 /// [`pack`] of `text[end - len..end]`, a word of 1 to 8 bytes: read as one 8-byte load
-/// where the text has 8 bytes up to `end`, the bytes before the word masked off.
+/// where the text has 8 bytes up to `end`, the bytes before the word masked off; a word
+/// in the first 8 bytes of a longer text (the leading `SELECT`) from the text's first 8
+/// bytes, the bytes after it shifted out.
 fn pack_word(text: &[u8], end: usize, len: usize) -> u64 {
-    let last8 = end
-        .checked_sub(8)
-        .and_then(|from| text.get(from..end))
-        .and_then(|last8| <[u8; 8]>::try_from(last8).ok());
-    match last8 {
-        Some(last8) if (1..=8).contains(&len) => {
+    let eight = |from: usize| {
+        text.get(from..from + 8)
+            .and_then(|eight| <[u8; 8]>::try_from(eight).ok())
+            .map(u64::from_be_bytes)
+    };
+    let loaded = match end.checked_sub(8) {
+        Some(from) => eight(from),
+        None => eight(0).and_then(|first8| first8.checked_shr(8 * (8 - end as u32))),
+    };
+    match loaded {
+        Some(loaded) if (1..=8).contains(&len) && len <= end => {
             let keep = u64::MAX >> (64 - 8 * len);
-            (u64::from_be_bytes(last8) | 0x2020_2020_2020_2020) & keep
+            (loaded | 0x2020_2020_2020_2020) & keep
         }
         _ => pack(&text[end - len..end]),
     }
@@ -156,8 +163,9 @@ pub fn is_plain_select(bytes: &[u8]) -> bool {
     while i < bytes.len() && class(bytes[i]) == SPACE {
         i += 1;
     }
+    // `select` is letters only: its packed form compares case-blind and exactly.
     let starts = bytes.len() >= i + 7
-        && bytes[i..i + 6].eq_ignore_ascii_case(b"select")
+        && pack_word(bytes, i + 6, 6) == packed::SELECT
         && (class(bytes[i + 6]) == SPACE || bytes[i + 6] == b'*');
     if !starts {
         return false;
@@ -557,14 +565,21 @@ mod tests {
 
     #[test]
     fn a_word_packs_alike_wherever_it_ends() {
-        let text = b"SELECT a FROM t WHERE\x92In = 1 OR iN";
-        for end in 1..=text.len() {
-            for len in 1..=end.min(8) {
-                assert_eq!(
-                    pack_word(text, end, len),
-                    pack(&text[end - len..end]),
-                    "{end} {len}"
-                );
+        // A long text (8-byte loads) and texts shorter than one load.
+        for text in [
+            b"SELECT a FROM t WHERE\x92In = 1 OR iN".as_slice(),
+            b"Select",
+            b"SELECT 1",
+            b"a",
+        ] {
+            for end in 1..=text.len() {
+                for len in 1..=end.min(8) {
+                    assert_eq!(
+                        pack_word(text, end, len),
+                        pack(&text[end - len..end]),
+                        "{end} {len}"
+                    );
+                }
             }
         }
     }
