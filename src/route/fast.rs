@@ -208,22 +208,16 @@ pub fn is_plain_select(bytes: &[u8]) -> bool {
         } else {
             match b {
                 b'\'' => {
-                    let Some(end) = skip_quoted(bytes, i) else {
+                    let Some(end) = skip_quoted_plain(bytes, i) else {
                         return false;
                     };
-                    if names_pgway(&bytes[i..end]) {
-                        return false;
-                    }
                     i = end;
                     last_word = None;
                 }
                 b'"' => {
-                    let Some(end) = skip_quoted(bytes, i) else {
+                    let Some(end) = skip_quoted_plain(bytes, i) else {
                         return false;
                     };
-                    if names_pgway(&bytes[i..end]) {
-                        return false;
-                    }
                     i = end;
                     // A quoted identifier followed by `(` is a function call.
                     last_word = Some(Keyword::Other);
@@ -327,6 +321,12 @@ fn skip_quoted(bytes: &[u8], start: usize) -> Option<usize> {
             _ => i += 1,
         }
     }
+}
+
+/// [`skip_quoted`] for [`is_plain_select`]: `None` also if the quoted text names a
+/// `pgway.` setting.
+fn skip_quoted_plain(bytes: &[u8], start: usize) -> Option<usize> {
+    skip_quoted(bytes, start).filter(|&end| !names_pgway(&bytes[start..end]))
 }
 
 fn is_word_byte(b: u8) -> bool {
