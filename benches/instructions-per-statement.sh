@@ -19,6 +19,11 @@
 # the postgres user: pgbouncer does not run as root), for the same figure side by side.
 # GATEWAY=relay-tokio and GATEWAY=relay-mio count examples/relay_floor.rs (a plain TCP relay
 # to the replica on tokio or on mio, port 6473): the floor an event loop alone costs.
+# CONFIG=pgway-rywoff.toml runs pgway with compare.sh's config for read-your-writes off
+# instead of its default one (any config file in .bench/run).
+# TIMEOUTS=1 sets client.idle_timeout, idle_in_transaction_timeout and query_timeout (10
+# minutes each, never reached), so that every wait for a client and every request sets a
+# timer (on the pgway-timer runtime, src/timer.rs): the cost of those timers.
 # CACHE_SIM=1 also simulates a small data cache (4 KiB, 64-byte lines, 4-way; level 2 of
 # 64 KiB): its misses per statement approximate the cache lines a statement touches that
 # the statements of the other clients in between have pushed out, which is what a gateway
@@ -40,6 +45,7 @@ tpcb) PGBENCH_SCRIPT=() STATEMENTS=7 ;;
 *) echo "instructions-per-statement: ERROR: SCRIPT must be select-only or tpcb" >&2 && exit 1 ;;
 esac
 GATEWAY=${GATEWAY:-pgway}
+CONFIG=${CONFIG:-pgway.toml}
 VG_ARGS=(--tool=callgrind)
 if [[ -n ${CACHE_SIM:-} ]]; then
     VG_ARGS+=(--cache-sim=yes --D1=4096,4,64 --I1=32768,8,64 --LL=65536,8,64)
@@ -51,7 +57,7 @@ die() {
 }
 case $GATEWAY in
 pgway)
-    [[ -f $RUN/pgway.toml ]] || die "no config in $RUN: run benches/compare.sh first"
+    [[ -f $RUN/$CONFIG ]] || die "no $CONFIG in $RUN: run benches/compare.sh first"
     [[ -x $BIN ]] || die "no pgway binary at $BIN: cargo build --release"
     ;;
 pgbouncer)
@@ -83,12 +89,16 @@ as_gateway_user() {
 }
 
 if [[ $GATEWAY == pgway ]]; then
-    PORT=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
+    PORT=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/$CONFIG")
     # Without busy polling: the count is of the statements' own path, not of the polling
     # between events (valgrind runs one thread at a time, so a polling worker would also
     # take turns from the one serving). Builds from before `busy_poll` do not know the key.
-    sed '1a busy_poll = "0s"' "$RUN/pgway.toml" >"$OUT/pgway.toml"
-    "$BIN" --config "$OUT/pgway.toml" check >/dev/null 2>&1 || cp "$RUN/pgway.toml" "$OUT/pgway.toml"
+    sed '1a busy_poll = "0s"' "$RUN/$CONFIG" >"$OUT/pgway.toml"
+    if [[ -n ${TIMEOUTS:-} ]]; then
+        # Every wait for a client and every request then sets a timer.
+        sed -i '/^\[client\]/a idle_timeout = "10m"\nidle_in_transaction_timeout = "10m"\nquery_timeout = "10m"' "$OUT/pgway.toml"
+    fi
+    "$BIN" --config "$OUT/pgway.toml" check >/dev/null 2>&1 || cp "$RUN/$CONFIG" "$OUT/pgway.toml"
     NO_COLOR=1 valgrind "${VG_ARGS[@]}" --callgrind-out-file="$OUT/cg.%p" \
         "$BIN" --config "$OUT/pgway.toml" >"$OUT/pgway.log" 2>&1 &
     VPID=$!

@@ -14,6 +14,7 @@
 
 use std::cell::Cell;
 use std::future::IntoFuture;
+use std::pin::Pin;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -95,6 +96,48 @@ pub fn timeout_at<F: IntoFuture>(deadline: Instant, future: F) -> Timeout<F::Int
     on_timers(|| tokio::time::timeout_at(deadline, future))
 }
 
+/// A timer armed again for every wait of a series whose deadlines move later far more
+/// often than they are reached: a session's idle and query timeouts. Arming it for a later
+/// deadline than the one its timer is set for leaves the timer as it is: when that earlier
+/// deadline comes, the wait looks at the clock and sets the timer for its own deadline.
+/// So a wait that ends before its deadline (nearly every one) costs a clock reading and a
+/// comparison, where a new timer for each wait is registered with the timer runtime and
+/// taken out again, under its lock each way (about 1,700 instructions a `pgbench -S`
+/// statement with every client timeout set: `TIMEOUTS=1
+/// benches/instructions-per-statement.sh`). The timer itself is made on first use, boxed:
+/// a session that sets no timeout carries one pointer.
+#[derive(Debug, Default)]
+pub struct Alarm(Option<Pin<Box<Sleep>>>);
+
+impl Alarm {
+    /// Resolves `timeout` from now; never if it is zero (off), at no cost.
+    pub async fn after(&mut self, timeout: Duration) {
+        if timeout.is_zero() {
+            std::future::pending::<()>().await;
+        } else {
+            self.at(Instant::now() + timeout).await;
+        }
+    }
+
+    /// Resolves at `deadline` (at once if that has passed).
+    pub async fn at(&mut self, deadline: Instant) {
+        let sleep = self
+            .0
+            .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        loop {
+            sleep.as_mut().await;
+            if Instant::now() >= deadline {
+                return;
+            }
+            // An earlier wait's deadline.
+            sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +175,42 @@ mod tests {
                 .as_mut()
                 .reset(Instant::now() + Duration::from_millis(5));
             sleeping.await;
+        });
+    }
+
+    #[test]
+    fn an_alarm_fires_at_its_latest_deadline_whether_moved_later_or_earlier() {
+        let runtime = worker();
+        runtime.block_on(async {
+            let mut alarm = Alarm::default();
+            // Off: never fires.
+            let off = timeout(Duration::from_millis(20), alarm.after(Duration::ZERO)).await;
+            assert!(off.is_err());
+            // Armed, then moved later before it fires: it fires at the later deadline only.
+            let started = Instant::now();
+            let early = timeout(
+                Duration::from_millis(10),
+                alarm.after(Duration::from_millis(30)),
+            )
+            .await;
+            assert!(early.is_err(), "not before its deadline");
+            alarm.after(Duration::from_millis(60)).await;
+            assert!(started.elapsed() >= Duration::from_millis(70));
+            // Fired, then armed again, earlier than a pending deadline too.
+            let again = Instant::now();
+            let _ = timeout(
+                Duration::from_millis(5),
+                alarm.after(Duration::from_secs(60)),
+            )
+            .await;
+            alarm.after(Duration::from_millis(15)).await;
+            let took = again.elapsed();
+            assert!(
+                took >= Duration::from_millis(15) && took < Duration::from_secs(30),
+                "{took:?}"
+            );
+            // A deadline already past resolves at once.
+            alarm.at(Instant::now() - Duration::from_millis(1)).await;
         });
     }
 

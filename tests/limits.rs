@@ -164,6 +164,16 @@ async fn query_timeout_cancels_the_query_on_the_server_and_the_session_goes_on()
             .unwrap(),
         "ok"
     );
+    // Nor one that runs past an earlier request's deadline but answers within its own:
+    // the session's timer, still set for that earlier deadline, fires and is set again.
+    assert_eq!(simple_value(&client, "select 1").await.unwrap(), "1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        simple_value(&client, "select pg_sleep(0.8)::text || 'ok'")
+            .await
+            .expect("a query within its own query_timeout"),
+        "ok"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

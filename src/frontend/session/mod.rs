@@ -87,6 +87,7 @@ use crate::protocol::FrameError;
 use crate::route::floors::Floor;
 use crate::route::{Hint, PinReason, SessionEffect, Why};
 use crate::settings::ClientSettings;
+use crate::timer::Alarm;
 
 pub use effects::{default_target, followed_reports};
 use prepared::Prepared;
@@ -358,12 +359,23 @@ impl Timeouts {
     }
 }
 
-/// Resolves after `timeout`; never if it is zero (off), at no cost.
-async fn expire(timeout: Duration) {
-    if timeout.is_zero() {
-        std::future::pending::<()>().await;
-    } else {
-        crate::timer::sleep(timeout).await;
+/// The timers of a session's [`Timeouts`], one for each: a deadline that moves later
+/// costs next to nothing (see [`Alarm`]), one that moves earlier sets the timer again.
+#[derive(Debug, Default)]
+struct Alarms {
+    idle: Alarm,
+    idle_in_transaction: Alarm,
+    query: Alarm,
+}
+
+impl Alarms {
+    /// The timer of a wait for the client's next message (see [`Timeouts::client_wait`]).
+    fn client_wait(&mut self, status: u8) -> &mut Alarm {
+        if status == b'I' {
+            &mut self.idle
+        } else {
+            &mut self.idle_in_transaction
+        }
     }
 }
 
@@ -416,6 +428,8 @@ pub struct Session<'a> {
     batch_bytes: usize,
     /// `[client]` timeouts, read at login (`Duration::ZERO`: off).
     timeouts: Timeouts,
+    /// The timers of those timeouts, armed again for each wait.
+    alarms: Alarms,
     /// Session settings (startup and SET) that follow the client.
     settings: ClientSettings,
     /// `SET pgway.target`: the routing hint for every statement without one of its own.
@@ -486,6 +500,7 @@ impl<'a> Session<'a> {
             batch: Vec::new(),
             batch_bytes: 0,
             timeouts: Timeouts::of(&shared.config.load().client),
+            alarms: Alarms::default(),
             settings,
             target,
             pools: Vec::new(),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use tracing::{info, warn};
 
-use super::{expire, Copy, Redo, Session, SessionError, State};
+use super::{no_server, Copy, Redo, Session, SessionError, State};
 use crate::error::{is_read_only_refusal, is_recovery_conflict, is_shutdown, ClientError};
 use crate::frontend::cancel::{send_cancel, CancelTarget};
 use crate::net::NetError;
@@ -477,11 +477,19 @@ impl Session<'_> {
             .request
             .deadline
             .get_or_insert_with(|| tokio::time::Instant::now() + self.timeouts.query);
-        let filled = crate::timer::timeout_at(deadline, self.server_mut()?.io.fill()).await;
+        let Session { state, alarms, .. } = self;
+        let Some(link) = state.link_mut() else {
+            return Err(no_server());
+        };
+        let filled = tokio::select! {
+            biased;
+            filled = link.conn.io.fill() => Some(filled),
+            () = alarms.query.at(deadline) => None,
+        };
         match filled {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.lost(e)),
-            Err(_) => {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(self.lost(e)),
+            None => {
                 self.request.cancel_sent = true;
                 let server = self.server_mut()?;
                 let target = CancelTarget {
@@ -603,6 +611,7 @@ impl Session<'_> {
                 stopping,
                 hard_stop,
                 timeouts,
+                alarms,
                 ..
             } = self;
             let Some(link) = state.link_mut() else {
@@ -623,7 +632,7 @@ impl Session<'_> {
                     return Err(SessionError::Fatal(ClientError::Shutdown));
                 }
                 _ = &mut *hard_stop => return Err(SessionError::Fatal(ClientError::Shutdown)),
-                () = expire(timeout) => return Err(SessionError::Fatal(expired)),
+                () = alarms.client_wait(link.status).after(timeout) => return Err(SessionError::Fatal(expired)),
             }
         }
     }

@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use tracing::info;
 
 use super::freshness::ReadHints;
-use super::{effects, expire, Redo, Session, SessionError, State};
+use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
 use crate::net::{recycle_buffer, take_buffer};
@@ -110,12 +110,13 @@ impl Session<'_> {
         {
             return Ok(frame);
         }
-        let (timeout, expired) = self.timeouts.client_wait(self.state.status());
+        let status = self.state.status();
+        let (timeout, expired) = self.timeouts.client_wait(status);
         tokio::select! {
             biased;
             frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
             _ = &mut self.hard_stop => Err(SessionError::Fatal(ClientError::Shutdown)),
-            () = expire(timeout) => Err(SessionError::Fatal(expired)),
+            () = self.alarms.client_wait(status).after(timeout) => Err(SessionError::Fatal(expired)),
         }
     }
 
@@ -140,7 +141,7 @@ impl Session<'_> {
             biased;
             frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
             _ = &mut self.stopping => Err(SessionError::Fatal(ClientError::Shutdown)),
-            () = expire(timeout) => Err(SessionError::Fatal(ClientError::IdleTimeout(timeout))),
+            () = self.alarms.idle.after(timeout) => Err(SessionError::Fatal(ClientError::IdleTimeout(timeout))),
         }?;
         self.out = take_buffer();
         self.to_server = take_buffer();
