@@ -7,7 +7,11 @@
 //!   `tokio::io::copy_bidirectional` (the futures, wakers and readiness layers pgway's
 //!   sessions run on);
 //! - `mio`: one thread polling every socket with mio, a hand-written state per connection
-//!   pair (what a per-worker event loop would run on, as pgbouncer runs on libevent).
+//!   pair (what a per-worker event loop would run on, as pgbouncer runs on libevent);
+//! - `own`: async code again (a future per direction of each pair, reading and writing
+//!   through `AsyncRead`-like calls), on a minimal executor and mio reactor of its own, one
+//!   thread, no locks: what async sessions would cost without tokio's scheduler, reactor
+//!   and readiness layers.
 //!
 //! Not part of pgway. benches/PROFILE.md counts their instructions per statement with
 //! callgrind against pgway's and pgbouncer's:
@@ -29,7 +33,7 @@ fn main() -> io::Result<()> {
     let usage = || {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            "usage: relay_floor tokio|mio LISTEN_ADDR UPSTREAM_ADDR",
+            "usage: relay_floor tokio|mio|own LISTEN_ADDR UPSTREAM_ADDR",
         )
     };
     let (kind, listen, upstream) = match args.as_slice() {
@@ -41,6 +45,7 @@ fn main() -> io::Result<()> {
     match kind {
         "tokio" => tokio_relay(listen, upstream),
         "mio" => mio_relay(listen, upstream),
+        "own" => own::relay(listen, upstream),
         _ => Err(usage()),
     }
 }
@@ -198,4 +203,207 @@ fn flush(side: &mut Side) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `own` relay: futures on a one-thread executor whose reactor is a mio `Poll`.
+mod own {
+    use std::cell::{Cell, RefCell};
+    use std::future::Future;
+    use std::io::{self, Read, Write};
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::rc::Rc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use mio::{Events, Interest, Token};
+
+    thread_local! {
+        /// Tasks woken since the last turn.
+        static READY: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A task's waker: its slot (one thread only, so waking is a push).
+    struct Entry {
+        slot: usize,
+        queued: AtomicBool,
+    }
+
+    impl Wake for Entry {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            if !self.queued.swap(true, Ordering::Relaxed) {
+                READY.with_borrow_mut(|r| r.push(self.slot));
+            }
+        }
+    }
+
+    /// A socket's readiness as the reactor last saw it, and who waits for it.
+    #[derive(Default)]
+    struct Readiness {
+        readable: Cell<bool>,
+        writable: Cell<bool>,
+        reader: Cell<Option<Waker>>,
+        writer: Cell<Option<Waker>>,
+    }
+
+    /// A socket registered with the reactor.
+    struct Stream {
+        socket: mio::net::TcpStream,
+        ready: Rc<Readiness>,
+    }
+
+    impl Stream {
+        fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+            loop {
+                if !self.ready.readable.get() {
+                    self.ready.reader.set(Some(cx.waker().clone()));
+                    return Poll::Pending;
+                }
+                match (&self.socket).read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.ready.readable.set(false)
+                    }
+                    Ok(n) if n > 0 && n < buf.len() => {
+                        // A short read drained the socket: the next read waits for an event.
+                        self.ready.readable.set(false);
+                        return Poll::Ready(Ok(n));
+                    }
+                    other => return Poll::Ready(other),
+                }
+            }
+        }
+
+        fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            loop {
+                if !self.ready.writable.get() {
+                    self.ready.writer.set(Some(cx.waker().clone()));
+                    return Poll::Pending;
+                }
+                match (&self.socket).write(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.ready.writable.set(false)
+                    }
+                    other => return Poll::Ready(other),
+                }
+            }
+        }
+    }
+
+    /// Copies `from` to `to` until either side ends.
+    async fn copy(from: Rc<Stream>, to: Rc<Stream>) -> io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = std::future::poll_fn(|cx| from.poll_read(cx, &mut buf)).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut done = 0;
+            while done < n {
+                done += std::future::poll_fn(|cx| to.poll_write(cx, &buf[done..n])).await?;
+            }
+        }
+    }
+
+    type Task = Pin<Box<dyn Future<Output = ()>>>;
+
+    const LISTENER: Token = Token(usize::MAX);
+
+    pub(super) fn relay(listen: SocketAddr, upstream: SocketAddr) -> io::Result<()> {
+        let mut poll = mio::Poll::new()?;
+        let mut events = Events::with_capacity(256);
+        let mut listener = mio::net::TcpListener::bind(listen)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut tasks: Vec<Option<(Task, Waker, Arc<Entry>)>> = Vec::new();
+        // Token n: the readiness of socket n (sockets are never reused here).
+        let mut sockets: Vec<Rc<Readiness>> = Vec::new();
+        let mut batch = Vec::new();
+        loop {
+            READY.with_borrow_mut(|r| std::mem::swap(r, &mut batch));
+            for slot in batch.drain(..) {
+                let Some(Some((task, waker, entry))) = tasks.get_mut(slot) else {
+                    continue;
+                };
+                entry.queued.store(false, Ordering::Relaxed);
+                if task
+                    .as_mut()
+                    .poll(&mut Context::from_waker(waker))
+                    .is_ready()
+                {
+                    tasks[slot] = None;
+                }
+            }
+            if READY.with_borrow(|r| !r.is_empty()) {
+                continue;
+            }
+            match poll.poll(&mut events, None) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for event in &events {
+                if event.token() != LISTENER {
+                    let ready = &sockets[event.token().0];
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        ready.readable.set(true);
+                        if let Some(w) = ready.reader.take() {
+                            w.wake();
+                        }
+                    }
+                    if event.is_writable() || event.is_write_closed() || event.is_error() {
+                        ready.writable.set(true);
+                        if let Some(w) = ready.writer.take() {
+                            w.wake();
+                        }
+                    }
+                    continue;
+                }
+                loop {
+                    let (client, _) = match listener.accept() {
+                        Ok(accepted) => accepted,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    };
+                    // A blocking connect on loopback: set-up cost, not per statement.
+                    let server = std::net::TcpStream::connect(upstream)?;
+                    server.set_nonblocking(true)?;
+                    let server = mio::net::TcpStream::from_std(server);
+                    let mut pair = Vec::new();
+                    for mut socket in [client, server] {
+                        socket.set_nodelay(true)?;
+                        poll.registry().register(
+                            &mut socket,
+                            Token(sockets.len()),
+                            Interest::READABLE | Interest::WRITABLE,
+                        )?;
+                        let ready = Rc::new(Readiness::default());
+                        sockets.push(Rc::clone(&ready));
+                        pair.push(Rc::new(Stream { socket, ready }));
+                    }
+                    let (c, s) = (Rc::clone(&pair[0]), Rc::clone(&pair[1]));
+                    for task in [
+                        Box::pin(async move {
+                            let _ = copy(c, s).await;
+                        }) as Task,
+                        Box::pin(async move {
+                            let _ = copy(Rc::clone(&pair[1]), Rc::clone(&pair[0])).await;
+                        }),
+                    ] {
+                        let slot = tasks.len();
+                        let entry = Arc::new(Entry {
+                            slot,
+                            queued: AtomicBool::new(true),
+                        });
+                        let waker = Waker::from(Arc::clone(&entry));
+                        tasks.push(Some((task, waker, entry)));
+                        READY.with_borrow_mut(|r| r.push(slot));
+                    }
+                }
+            }
+        }
+    }
 }

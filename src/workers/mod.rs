@@ -8,6 +8,10 @@
 //! `benches/RESULTS.md`). The accept loop hands each new client to the worker with the
 //! fewest sessions.
 //!
+//! A worker's sessions are not tokio tasks: its [`executor`] holds them, and is itself the
+//! runtime's `block_on` future, so a wake-up of a session on its own worker skips tokio's
+//! scheduler (see that module).
+//!
 //! Server connections remember which worker's reactor they are registered with
 //! ([`current`]); the pool prefers one registered with the borrowing thread and moves
 //! another over (two `epoll_ctl` calls) only when the thread has none idle.
@@ -29,6 +33,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
+
+mod executor;
 
 /// Errors starting the workers.
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +346,67 @@ pub fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// A worker's `main` ([`executor::Executor::run`]): hands each client sent to worker
+/// `index` to the executor as a session running `serve`, tracked by `sessions`; once no
+/// more come, waits for the sessions to end. Returns at once when `stop` is cancelled.
+async fn take_clients<F, Fut>(
+    mut rx: mpsc::UnboundedReceiver<Accepted>,
+    serve: Arc<F>,
+    load: Arc<Vec<AtomicUsize>>,
+    index: usize,
+    sessions: TaskTracker,
+    stop: CancellationToken,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return,
+            next = rx.recv() => next,
+        };
+        let Some((stream, peer, permit)) = next else {
+            break;
+        };
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(cause) => {
+                warn!(%cause, %peer, "cannot register client socket");
+                load[index].fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let (serve, load) = (Arc::clone(&serve), Arc::clone(&load));
+        executor::add(Box::pin(sessions.track_future(async move {
+            let _place = Place {
+                load,
+                worker: index,
+                _permit: permit,
+            };
+            serve(stream, peer).await;
+        })));
+    }
+    // No more clients: let this worker's sessions finish (or be stopped).
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = sessions.wait() => {}
+    }
+}
+
+/// A session's place on its worker: counted in the worker's load, and the client's slot
+/// under `client.max_connections`, until the session ends (or panics).
+struct Place {
+    load: Arc<Vec<AtomicUsize>>,
+    worker: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.load[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A new client for a worker: the socket (detached from the accepting runtime), the peer,
 /// and the client's slot under `client.max_connections`, held until the session ends.
 type Accepted = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
@@ -355,7 +422,7 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `count` workers. Each runs `serve(stream, peer)` for the clients handed to
-    /// it, as tasks tracked by `sessions`, until [`Self::shutdown`], polling without
+    /// it, in the worker's executor and tracked by `sessions`, until [`Self::shutdown`], polling without
     /// sleeping for `busy_poll` after its last traffic ([`spin`]).
     pub fn start<F, Fut>(
         count: usize,
@@ -373,7 +440,7 @@ impl Workers {
         let mut senders = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for index in 0..count {
-            let (tx, mut rx) = mpsc::unbounded_channel::<Accepted>();
+            let (tx, rx) = mpsc::unbounded_channel::<Accepted>();
             let runtime = crate::timer::worker_runtime()?;
             let (serve, load, stop, sessions, busy_poll) = (
                 Arc::clone(&serve),
@@ -389,34 +456,11 @@ impl Workers {
                     crate::timer::use_timer_runtime();
                     runtime.block_on(async move {
                         tokio::spawn(spin(busy_poll));
-                        loop {
-                            let next = tokio::select! {
-                                _ = stop.cancelled() => return,
-                                next = rx.recv() => next,
-                            };
-                            let Some((stream, peer, permit)) = next else {
-                                break;
-                            };
-                            let stream = match tokio::net::TcpStream::from_std(stream) {
-                                Ok(stream) => stream,
-                                Err(cause) => {
-                                    warn!(%cause, %peer, "cannot register client socket");
-                                    load[index].fetch_sub(1, Ordering::Relaxed);
-                                    continue;
-                                }
-                            };
-                            let (serve, load) = (Arc::clone(&serve), Arc::clone(&load));
-                            sessions.spawn(async move {
-                                serve(stream, peer).await;
-                                load[index].fetch_sub(1, Ordering::Relaxed);
-                                drop(permit);
-                            });
-                        }
-                        // No more clients: let this worker's sessions finish (or be stopped).
-                        tokio::select! {
-                            _ = stop.cancelled() => {}
-                            _ = sessions.wait() => {}
-                        }
+                        // The accept loop is the executor's `main`: the worker ends with it.
+                        executor::Executor::run(Box::pin(take_clients(
+                            rx, serve, load, index, sessions, stop,
+                        )))
+                        .await;
                     });
                 })?;
             senders.push(tx);
