@@ -368,21 +368,22 @@ async fn take_clients<F, Fut>(
         let Some((stream, peer, permit)) = next else {
             break;
         };
+        // Given back when the session ends, or here if it never starts.
+        let place = Place {
+            load: Arc::clone(&load),
+            worker: index,
+            _permit: permit,
+        };
         let stream = match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => stream,
             Err(cause) => {
                 warn!(%cause, %peer, "cannot register client socket");
-                load[index].fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
         };
-        let (serve, load) = (Arc::clone(&serve), Arc::clone(&load));
+        let serve = Arc::clone(&serve);
         executor::add(Box::pin(sessions.track_future(async move {
-            let _place = Place {
-                load,
-                worker: index,
-                _permit: permit,
-            };
+            let _place = place;
             serve(stream, peer).await;
         })));
     }
@@ -422,8 +423,8 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `count` workers. Each runs `serve(stream, peer)` for the clients handed to
-    /// it, in the worker's executor and tracked by `sessions`, until [`Self::shutdown`], polling without
-    /// sleeping for `busy_poll` after its last traffic ([`spin`]).
+    /// it, in the worker's executor and tracked by `sessions`, until [`Self::shutdown`],
+    /// polling without sleeping for `busy_poll` after its last traffic ([`spin`]).
     pub fn start<F, Fut>(
         count: usize,
         sessions: TaskTracker,
