@@ -619,6 +619,57 @@ async fn a_malformed_parse_is_reported_without_waiting_for_sync() {
     fx.finish().await;
 }
 
+/// What a client hears after a Parse and a Bind whose length swallowed the Sync sent after
+/// it (no other message follows), then after one more Sync and a query: the tags, and the
+/// error's class.
+async fn after_a_swallowing_bind(port: u16) -> (Vec<u8>, (String, String), Vec<u8>) {
+    let mut raw = RawConn::login(port, APP_USER, APP_PASSWORD).await;
+    let body = bind(&["41"])[5..].to_vec();
+    let swallowing = cat(&[b"B", &be32(4 + body.len() as i64 + 5), &body, &sync()]);
+    raw.send(&cat(&[&parse("select $1::int + 1", &[23]), &swallowing]))
+        .await;
+    let mut heard = Vec::new();
+    let fields = loop {
+        let m = raw.recv_message().await;
+        heard.push(m.tag);
+        if m.tag == b'E' {
+            break fields_of(&[m]).remove(0);
+        }
+    };
+    let (severity, code) = class(&fields);
+    let error = (severity.to_string(), code.to_string());
+    raw.send(&sync()).await;
+    let mut then: Vec<u8> = raw.until_ready().await.iter().map(|m| m.tag).collect();
+    let answer = raw.query("select 'usable'").await;
+    assert!(fields_of(&answer).is_empty(), "{port}: then {answer:?}");
+    then.extend(answer.iter().map(|m| m.tag));
+    (heard, error, then)
+}
+
+// A Bind is the server's to check, so pgway lets PostgreSQL refuse it; PostgreSQL does so as
+// soon as it has read it. A client whose broken Bind swallowed its Sync hears the same
+// ERROR from pgway at once, and its session goes on after the next Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_bind_is_answered_without_waiting_for_sync_as_postgres_does() {
+    let mut fx = Fixture::start().await;
+    let direct = after_a_swallowing_bind(fx.cluster.primary_port()).await;
+    assert_eq!(
+        direct,
+        (
+            b"1E".to_vec(),
+            ("ERROR".to_string(), "08P01".to_string()),
+            b"ZTDCZ".to_vec()
+        ),
+        "PostgreSQL itself"
+    );
+    let through_pgway = after_a_swallowing_bind(fx.port()).await;
+    assert_eq!(through_pgway, direct, "through pgway");
+    fx.others_carry_on()
+        .await
+        .unwrap_or_else(|e| panic!("after the swallowing Bind: {e}"));
+    fx.finish().await;
+}
+
 /// Sends `batch` (ending with Sync) and returns the single error's fields and the
 /// ReadyForQuery status.
 async fn batch_error(raw: &mut RawConn, batch: &[u8]) -> (HashMap<u8, String>, char) {

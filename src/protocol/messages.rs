@@ -131,6 +131,13 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     put_frame(out, b'Z', &[status]);
 }
 
+/// A Flush message.
+pub fn flush() -> BytesMut {
+    let mut frame = BytesMut::with_capacity(5);
+    put_frame(&mut frame, b'H', &[]);
+    frame
+}
+
 /// Appends a Query message.
 pub fn query(out: &mut BytesMut, sql: &str) {
     let start = begin_frame(out, b'Q');
@@ -212,6 +219,15 @@ impl<'a> Bind<'a> {
         })
     }
 
+    /// Whether its formats, values and result formats fill the message exactly, as
+    /// PostgreSQL reads them (a value length below -1, a count past the end, or bytes
+    /// after the last field are refused with ERROR 08P01). PostgreSQL sends that error as
+    /// soon as it has read the Bind, so a Bind whose length swallowed the Sync after it
+    /// is answered without one.
+    pub fn is_well_formed(&self) -> bool {
+        bind_values(self.rest).is_some()
+    }
+
     /// Appends this Bind with another statement name.
     pub fn write_renamed(&self, out: &mut BytesMut, statement: &[u8]) {
         let start = begin_frame(out, b'B');
@@ -222,6 +238,26 @@ impl<'a> Bind<'a> {
         out.extend_from_slice(self.rest);
         end_frame(out, start);
     }
+}
+
+/// Reads a Bind's formats, values and result formats to the end; `None` if PostgreSQL
+/// would refuse them (a negative parameter count never matches a statement; negative
+/// format counts read no formats).
+fn bind_values(rest: &[u8]) -> Option<()> {
+    fn formats(r: &mut Reader<'_>) -> Option<()> {
+        let n = usize::try_from(r.i16().ok()?).unwrap_or(0);
+        r.bytes(2 * n).ok().map(drop)
+    }
+    let mut r = Reader::new(rest, "Bind");
+    formats(&mut r)?;
+    for _ in 0..u16::try_from(r.i16().ok()?).ok()? {
+        let len = r.i32().ok()?;
+        if len != -1 {
+            r.bytes(usize::try_from(len).ok()?).ok()?;
+        }
+    }
+    formats(&mut r)?;
+    r.end().ok()
 }
 
 /// Checks an Execute frame: a portal name and a row limit, nothing else.
@@ -397,6 +433,40 @@ mod tests {
         write_target(&mut d, b'D', b'S', b"s1");
         let t = Target::decode(&d).expect("describe");
         assert_eq!((t.kind, t.name), (b'S', &b"s1"[..]));
+    }
+
+    #[test]
+    fn a_bind_is_well_formed_only_if_its_values_fill_it_exactly() {
+        let well_formed = |rest: &[u8]| {
+            let mut frame = BytesMut::new();
+            put_frame(&mut frame, b'B', &[b"\0s1\0", rest].concat());
+            Bind::decode(&frame).expect("names").is_well_formed()
+        };
+        // One text format, two values (one NULL), one result format.
+        let good = b"\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\x01\0\x01";
+        assert!(well_formed(good));
+        assert!(
+            well_formed(b"\0\0\0\0\0\0"),
+            "no formats, values or results"
+        );
+        assert!(
+            well_formed(b"\xff\xff\0\0\xff\xff"),
+            "negative format counts"
+        );
+        let mut swallowed_sync = good.to_vec();
+        swallowed_sync.extend_from_slice(b"S\0\0\0\x04");
+        assert!(!well_formed(&swallowed_sync), "bytes after the last field");
+        assert!(
+            !well_formed(&good[..good.len() - 1]),
+            "a result format cut short"
+        );
+        assert!(
+            !well_formed(b"\0\0\0\x01\0\0\0\x09ab\0\0"),
+            "a value past the end"
+        );
+        assert!(!well_formed(b"\0\0\0\x01\xff\xff\xff\xfe\0\0"), "length -2");
+        assert!(!well_formed(b"\0\0\xff\xff\0\0"), "a negative value count");
+        assert!(!well_formed(b""), "no counts at all");
     }
 
     #[test]

@@ -426,6 +426,8 @@ pub struct Session<'a> {
     /// Extended-protocol messages collected until Sync or Flush.
     batch: Vec<BytesMut>,
     batch_bytes: usize,
+    /// How many of `batch`'s messages [`Self::holds_refused_bind`] has read.
+    batch_checked: usize,
     /// `[client]` timeouts, read at login (`Duration::ZERO`: off).
     timeouts: Timeouts,
     /// The timers of those timeouts, armed again for each wait.
@@ -499,6 +501,7 @@ impl<'a> Session<'a> {
             unnamed: None,
             batch: Vec::new(),
             batch_bytes: 0,
+            batch_checked: 0,
             timeouts: Timeouts::of(&shared.config.load().client),
             alarms: Alarms::default(),
             settings,

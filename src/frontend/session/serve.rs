@@ -38,7 +38,8 @@ struct Plan {
 /// A malformed message of a batch is refused as it arrives (FATAL 08P01), as PostgreSQL
 /// refuses it, not when its batch runs: its length may have swallowed the Sync that would
 /// run the batch. Bind is the exception: its values are the server's to check (it answers
-/// ERROR 08P01 and the session goes on), so only its names are read here.
+/// ERROR 08P01 and the session goes on), so only its names are read here; see
+/// [`Session::holds_refused_bind`] for the rest.
 fn check_batch_frame(frame: &[u8]) -> Result<(), SessionError> {
     match frame[0] {
         b'P' => messages::Parse::decode(frame).map(drop),
@@ -86,6 +87,20 @@ impl Session<'_> {
         }
     }
 
+    /// Whether the batch holds a Bind that the server will refuse, read once each. When
+    /// pgway would wait for the client with such a Bind in the batch, the batch runs at
+    /// once, as if a Flush followed the Bind: PostgreSQL answers it with ERROR 08P01 as
+    /// soon as it has read it, and the client may be waiting for that answer, since the
+    /// Bind's length may have swallowed the Sync sent after it.
+    fn holds_refused_bind(&mut self) -> bool {
+        let unchecked = &self.batch[self.batch_checked..];
+        self.batch_checked = self.batch.len();
+        unchecked.iter().any(|frame| {
+            frame[0] == b'B'
+                && messages::Bind::decode(frame).is_ok_and(|bind| !bind.is_well_formed())
+        })
+    }
+
     async fn next_frame(&mut self) -> Result<BytesMut, SessionError> {
         let between_requests = self.batch.is_empty() && self.expected.is_empty();
         match self.state {
@@ -109,6 +124,9 @@ impl Session<'_> {
             .map_err(SessionError::from_client)?
         {
             return Ok(frame);
+        }
+        if self.holds_refused_bind() {
+            return Ok(messages::flush());
         }
         let status = self.state.status();
         let (timeout, expired) = self.timeouts.client_wait(status);
@@ -296,6 +314,7 @@ impl Session<'_> {
     async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
+        self.batch_checked = 0;
         if let State::SkipToSync(status) = self.state {
             if sync {
                 self.state = if status == b'E' {
