@@ -456,7 +456,8 @@ impl Workers {
                     REACTOR.with(|r| r.set(index + 1));
                     crate::timer::use_timer_runtime();
                     runtime.block_on(async move {
-                        tokio::spawn(spin(busy_poll));
+                        // Polling runs beside the sessions, in a slot of their executor.
+                        executor::add(Box::pin(spin(busy_poll)));
                         // The accept loop is the executor's `main`: the worker ends with it.
                         executor::Executor::run(Box::pin(take_clients(
                             rx, serve, load, index, sessions, stop,
