@@ -131,13 +131,6 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     put_frame(out, b'Z', &[status]);
 }
 
-/// A Flush message.
-pub fn flush() -> BytesMut {
-    let mut frame = BytesMut::with_capacity(5);
-    put_frame(&mut frame, b'H', &[]);
-    frame
-}
-
 /// Appends a Query message.
 pub fn query(out: &mut BytesMut, sql: &str) {
     let start = begin_frame(out, b'Q');

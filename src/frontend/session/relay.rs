@@ -86,7 +86,8 @@ fn redo_of(frame: &[u8]) -> Option<Redo> {
     }
 }
 
-/// A reply pgway gives itself: a message with an empty body (ParseComplete, CloseComplete).
+/// A message with an empty body: a reply pgway gives itself (ParseComplete,
+/// CloseComplete), or the Flush it puts after a Bind the server will refuse.
 pub(super) fn local_reply(tag: u8) -> BytesMut {
     let mut frame = BytesMut::new();
     put_frame(&mut frame, tag, &[]);

@@ -5,6 +5,7 @@ use bytes::BytesMut;
 use tracing::info;
 
 use super::freshness::ReadHints;
+use super::relay::local_reply;
 use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
@@ -126,7 +127,7 @@ impl Session<'_> {
             return Ok(frame);
         }
         if self.holds_refused_bind() {
-            return Ok(messages::flush());
+            return Ok(local_reply(b'H'));
         }
         let status = self.state.status();
         let (timeout, expired) = self.timeouts.client_wait(status);
