@@ -50,12 +50,13 @@ impl Env {
     }
 
     /// `pool_extra`: more keys for the `[pool]` table.
+    ///
+    /// A read right after a write (the client's own, or another client's of the same user)
+    /// waits for the replica to replay it (read-your-writes). On a loaded machine that can
+    /// take longer than the default 20 ms, after which the read would go to the primary.
+    /// These tests check where a session's reads go, not that wait, so it is long enough
+    /// for every read to land on the replica.
     async fn start_with(pool_size: usize, pool_extra: &str) -> Env {
-        Self::start_with_extra(pool_size, pool_extra, "").await
-    }
-
-    /// [`Self::start_with`] plus `extra` (whole tables, e.g. `"[routing]\n..."`).
-    async fn start_with_extra(pool_size: usize, pool_extra: &str, extra: &str) -> Env {
         let cluster = Cluster::start_with_schema(1, SETUP);
         let gw = Gateway::start_with(
             &cluster,
@@ -63,7 +64,7 @@ impl Env {
                 pool_size,
                 wait_timeout: "10s".into(),
                 pool_extra: pool_extra.into(),
-                extra: extra.into(),
+                extra: "[routing]\nread_your_writes_wait = \"30s\"\n".into(),
                 ..GatewayOptions::default()
             },
         );
@@ -1311,16 +1312,9 @@ async fn a_named_statement_parsed_and_run_in_one_batch_is_routed_like_its_sql() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounded_statement_cache_never_loses_a_clients_statement() {
-    // One server connection per node, at most 2 statements on each. A client's read after
-    // its own write waits for the replica to replay it (read-your-writes) as long as it
-    // takes on a loaded machine, instead of the default 20 ms after which it would go to
-    // the primary: each read here must land on the replica.
-    let env = Env::start_with_extra(
-        1,
-        "statement_cache = 2",
-        "[routing]\nread_your_writes_wait = \"30s\"\n",
-    )
-    .await;
+    // One server connection per node, at most 2 statements on each. Each read here must
+    // land on the replica, after the client's own write (see `Env::start_with`).
+    let env = Env::start_with(1, "statement_cache = 2").await;
     let (primary, replica) = (env.primary(), env.replica());
     let clients = [env.client().await, env.client().await];
     let mut statements = Vec::new();
