@@ -129,7 +129,12 @@ async fn a_user_known_only_through_auth_query_logs_in_and_is_routed() {
                     user = \"pgway_auth\"\n\
                     password = \"auth-secret\"\n\
                     query = \"SELECT username, password FROM pgway_auth.get_auth($1)\"\n\
-                    database = \"appdb\"\n"
+                    database = \"appdb\"\n\
+                    \n\
+                    # The read after dyn's write asserts the replica, which may take\n\
+                    # longer than the default 20 ms to replay it on a loaded machine.\n\
+                    [routing]\n\
+                    read_your_writes_wait = \"30s\"\n"
                 .into(),
             ..GatewayOptions::default()
         },

@@ -287,7 +287,15 @@ async fn where_am_i_extended(client: &Client) -> Result<(u16, i32, bool), String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explicit_transactions_run_on_the_primary_on_one_server_connection() {
     let cluster = Cluster::start_with_schema(1, SCHEMA);
-    let gw = Gateway::start(&cluster);
+    // The transactions write, and the read after COMMIT asserts the replica: on a loaded
+    // machine replaying the write can take longer than the default 20 ms wait.
+    let gw = Gateway::start_with(
+        &cluster,
+        GatewayOptions {
+            extra: "[routing]\nread_your_writes_wait = \"30s\"\n".into(),
+            ..GatewayOptions::default()
+        },
+    );
     gw.wait_for_replica_reads(&cluster).await;
     let mut client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
     let primary = cluster.primary_port();
