@@ -87,12 +87,29 @@ async fn a_client_waiting_longer_than_wait_timeout_gets_53300() {
     )
     .await;
     assert_eq!(port, cluster.primary_port().to_string());
+
+    // B's session times its waits with one timer, armed again for each: after a wait
+    // that ended in time, it still gives up on the next one.
+    a.batch_execute("begin; insert into items (id, v) values (3, 'a2')")
+        .await
+        .expect("client A: second transaction");
+    let err = b
+        .simple_query("insert into items (id, v) values (4, 'b2')")
+        .await
+        .expect_err("client B's second write must fail while A holds the connection again");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::TOO_MANY_CONNECTIONS),
+        "second wait: expected SQLSTATE 53300, got {}",
+        describe_error(&err)
+    );
+    a.simple_query("commit").await.expect("client A: commit");
     assert_eq!(
         cluster.psql_admin(
             cluster.primary_port(),
             "select string_agg(v, ',' order by id) from items"
         ),
-        "a,b"
+        "a,b,a2"
     );
 }
 

@@ -26,6 +26,7 @@ use crate::capacity::Capacity;
 use crate::config::PoolConfig;
 use crate::metrics::WaitHistogram;
 use crate::net::{Connector, TcpConnector};
+use crate::timer::Alarm;
 
 /// Errors when borrowing a server connection.
 #[derive(Debug, thiserror::Error)]
@@ -203,21 +204,23 @@ impl Pool {
     }
 
     /// Borrows a connection: an idle one, or a new one if the pool is below its size.
-    /// Waits at most `pool.wait_timeout` for a free slot.
-    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+    /// Waits at most `pool.wait_timeout` for a free slot, timed by `alarm`: a session
+    /// passes the same one to each of its waits, so a wait that ends in time (nearly
+    /// every one) sets no timer of its own (see [`Alarm`]).
+    pub async fn acquire(self: &Arc<Self>, alarm: &mut Alarm) -> Result<PooledConn, PoolError> {
         let permit = match self.capacity.permits.try_acquire() {
             Ok(permit) => {
                 self.waits.no_wait();
                 permit
             }
-            // Only a client that has to wait sets up a timer.
             Err(_) => {
-                let started = std::time::Instant::now();
+                let started = tokio::time::Instant::now();
                 let wait = self.settings.load().wait_timeout;
-                let permit = crate::timer::timeout(wait, self.capacity.permits.acquire())
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
+                let permit = tokio::select! {
+                    biased;
+                    permit = self.capacity.permits.acquire() => permit.ok(),
+                    () = alarm.at(started + wait) => None,
+                };
                 self.waits.observe(started.elapsed());
                 permit.ok_or_else(|| PoolError::Timeout {
                     addr: self.key.addr.clone(),

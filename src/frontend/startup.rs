@@ -37,6 +37,7 @@ use crate::protocol::frame::Reader;
 use crate::protocol::messages::{self, body, Severity, StartupPacket};
 use crate::protocol::{FrameError, MAX_STARTUP_LEN};
 use crate::settings::{sync_query, ClientSettings, Value};
+use crate::timer::Alarm;
 use crate::topology::Want;
 
 /// Why a login did not reach a session.
@@ -479,17 +480,21 @@ async fn greeting(
         }
     };
     let addr = &pool.key().addr;
-    let mut conn = pool.acquire().await.map_err(|e| match e {
-        // At login a node that cannot be reached is "no server available", as it is when
-        // there is no node at all.
-        PoolError::Connect(other) if !matches!(other, BackendError::Server { .. }) => {
-            if other.is_node_down() {
-                shared.topology.take_out_of_rotation(addr, &shared.pools);
+    // A login waits once: its own alarm.
+    let mut conn = pool
+        .acquire(&mut Alarm::default())
+        .await
+        .map_err(|e| match e {
+            // At login a node that cannot be reached is "no server available", as it is when
+            // there is no node at all.
+            PoolError::Connect(other) if !matches!(other, BackendError::Server { .. }) => {
+                if other.is_node_down() {
+                    shared.topology.take_out_of_rotation(addr, &shared.pools);
+                }
+                ClientError::NoServer(other.to_string())
             }
-            ClientError::NoServer(other.to_string())
-        }
-        refused_or_busy => ClientError::from(refused_or_busy),
-    })?;
+            refused_or_busy => ClientError::from(refused_or_busy),
+        })?;
     let mut params = conn.params.clone();
     // pgway takes writes whichever node it learned the parameters from: libpq's
     // `target_session_attrs=read-write` must accept it.

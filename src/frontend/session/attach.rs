@@ -151,7 +151,7 @@ impl Session<'_> {
             let addr = Arc::clone(addr);
             // A read may land on the primary when no replica takes reads.
             let replica = want == Want::Replica && !primary;
-            match pool.acquire().await {
+            match pool.acquire(&mut self.alarms.pool).await {
                 Ok(conn) => {
                     self.attach_to(conn, addr, replica);
                     return Ok(());
