@@ -25,6 +25,9 @@
 # TIMEOUTS=1 sets client.idle_timeout, idle_in_transaction_timeout and query_timeout (10
 # minutes each, never reached), so that every wait for a client and every request sets a
 # timer (on the pgway-timer runtime, src/timer.rs): the cost of those timers.
+# POOL_SIZE=4 sets pool.size to 4 (compare.sh's config has 20): with 8 clients most
+# statements then wait for a free server connection, so the count includes that wait (the
+# pool's semaphore, its timer, a connection moved between workers, the wake-ups).
 # CACHE_SIM=1 also simulates a small data cache (4 KiB, 64-byte lines, 4-way; level 2 of
 # 64 KiB): its misses per statement approximate the cache lines a statement touches that
 # the statements of the other clients in between have pushed out, which is what a gateway
@@ -98,6 +101,9 @@ if [[ $GATEWAY == pgway ]]; then
     if [[ -n ${TIMEOUTS:-} ]]; then
         # Every wait for a client and every request then sets a timer.
         sed -i '/^\[client\]/a idle_timeout = "10m"\nidle_in_transaction_timeout = "10m"\nquery_timeout = "10m"' "$OUT/pgway.toml"
+    fi
+    if [[ -n ${POOL_SIZE:-} ]]; then
+        sed -i "/^\[pool\]/,/^\[/ s/^size = .*/size = $POOL_SIZE/" "$OUT/pgway.toml"
     fi
     "$BIN" --config "$OUT/pgway.toml" check >/dev/null 2>&1 || cp "$RUN/$CONFIG" "$OUT/pgway.toml"
     NO_COLOR=1 valgrind "${VG_ARGS[@]}" --callgrind-out-file="$OUT/cg.%p" \
