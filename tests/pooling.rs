@@ -38,6 +38,21 @@ async fn pooled_gateway(pool_size: usize, wait_timeout: &str) -> (Cluster, Gatew
     (cluster, gw)
 }
 
+/// `sql` from `client` must fail with 53300: the pool it needs stays busy for
+/// `pool.wait_timeout`.
+async fn times_out(client: &tokio_postgres::Client, sql: &str, what: &str) {
+    let err = client
+        .simple_query(sql)
+        .await
+        .expect_err(&format!("{what} must fail while the pool is busy"));
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::TOO_MANY_CONNECTIONS),
+        "{what}: expected SQLSTATE 53300, got {}",
+        describe_error(&err)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_waiting_longer_than_wait_timeout_gets_53300() {
     let (cluster, gw) = pooled_gateway(1, "1s").await;
@@ -50,16 +65,12 @@ async fn a_client_waiting_longer_than_wait_timeout_gets_53300() {
 
     // Client B's write has to wait for it and gives up after wait_timeout with 53300.
     let b = connect(gw.port(), APP_USER, APP_PASSWORD).await;
-    let err = b
-        .simple_query("insert into items (id, v) values (2, 'b')")
-        .await
-        .expect_err("client B's write must fail while the primary pool (size 1) is busy");
-    assert_eq!(
-        err.code(),
-        Some(&SqlState::TOO_MANY_CONNECTIONS),
-        "expected SQLSTATE 53300, got {}",
-        describe_error(&err)
-    );
+    times_out(
+        &b,
+        "insert into items (id, v) values (2, 'b')",
+        "B's first write",
+    )
+    .await;
 
     // Reads use the replica's pool and are not blocked by the busy primary pool.
     let port = served_by(&b).await;
@@ -93,16 +104,12 @@ async fn a_client_waiting_longer_than_wait_timeout_gets_53300() {
     a.batch_execute("begin; insert into items (id, v) values (3, 'a2')")
         .await
         .expect("client A: second transaction");
-    let err = b
-        .simple_query("insert into items (id, v) values (4, 'b2')")
-        .await
-        .expect_err("client B's second write must fail while A holds the connection again");
-    assert_eq!(
-        err.code(),
-        Some(&SqlState::TOO_MANY_CONNECTIONS),
-        "second wait: expected SQLSTATE 53300, got {}",
-        describe_error(&err)
-    );
+    times_out(
+        &b,
+        "insert into items (id, v) values (4, 'b2')",
+        "B's second write",
+    )
+    .await;
     a.simple_query("commit").await.expect("client A: commit");
     assert_eq!(
         cluster.psql_admin(
