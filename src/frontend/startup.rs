@@ -481,20 +481,18 @@ async fn greeting(
     };
     let addr = &pool.key().addr;
     // A login waits once: its own alarm.
-    let mut conn = pool
-        .acquire(&mut Alarm::default())
-        .await
-        .map_err(|e| match e {
-            // At login a node that cannot be reached is "no server available", as it is when
-            // there is no node at all.
-            PoolError::Connect(other) if !matches!(other, BackendError::Server { .. }) => {
-                if other.is_node_down() {
-                    shared.topology.take_out_of_rotation(addr, &shared.pools);
-                }
-                ClientError::NoServer(other.to_string())
+    let mut alarm = Alarm::default();
+    let mut conn = pool.acquire(&mut alarm).await.map_err(|e| match e {
+        // At login a node that cannot be reached is "no server available", as it is when
+        // there is no node at all.
+        PoolError::Connect(other) if !matches!(other, BackendError::Server { .. }) => {
+            if other.is_node_down() {
+                shared.topology.take_out_of_rotation(addr, &shared.pools);
             }
-            refused_or_busy => ClientError::from(refused_or_busy),
-        })?;
+            ClientError::NoServer(other.to_string())
+        }
+        refused_or_busy => ClientError::from(refused_or_busy),
+    })?;
     let mut params = conn.params.clone();
     // pgway takes writes whichever node it learned the parameters from: libpq's
     // `target_session_attrs=read-write` must accept it.
