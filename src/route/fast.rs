@@ -10,8 +10,14 @@
 //! system views have rows only on the primary), no mention of a `pgway.` setting (the
 //! classifier reports it as a session effect). Anything else, however
 //! harmless, is left to the parser: a "no" here costs only the parse.
+//!
+//! Such texts mostly repeat the one before them up to their values:
+//! [`is_plain_select_again`] remembers, per thread, where the scan of the last text it
+//! took stood after its last white space, and scans a text that starts with the same bytes
+//! only from there.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 /// What a word means to the scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +165,65 @@ fn class(b: u8) -> u8 {
 
 /// True when `sql` is certainly a plain read (see the module documentation).
 pub fn is_plain_select(bytes: &[u8]) -> bool {
+    match start(bytes) {
+        Some(at) => scan(bytes, at).0,
+        None => false,
+    }
+}
+
+/// Longest start of a text that [`is_plain_select_again`] remembers.
+const REPEAT_MAX: usize = 1024;
+
+/// The start of the last text this thread's [`is_plain_select_again`] took, up to the last
+/// point its scan passed after white space, and that point.
+struct Repeat {
+    start: Vec<u8>,
+    point: Point,
+}
+
+thread_local! {
+    static REPEAT: RefCell<Repeat> = const {
+        RefCell::new(Repeat {
+            start: Vec::new(),
+            point: Point {
+                at: 0,
+                last_word: None,
+                cases: 0,
+            },
+        })
+    };
+}
+
+/// [`is_plain_select`] for the per-statement path. Applications send one statement again
+/// and again with other values inlined, and mostly the values come last
+/// (`... WHERE aid = 4711`): a text that begins with the same bytes as the last one this
+/// thread took, up to the point where that one's scan last passed white space, is scanned
+/// only from there on. The answer is the same as a whole scan's (see [`scan`]).
+pub fn is_plain_select_again(bytes: &[u8]) -> bool {
+    REPEAT.with(|repeat| {
+        let Ok(mut last) = repeat.try_borrow_mut() else {
+            return is_plain_select(bytes);
+        };
+        let at = last.point.at;
+        if at != 0 && bytes.get(..at) == Some(last.start.as_slice()) {
+            return scan(bytes, last.point).0;
+        }
+        let Some(from) = start(bytes) else {
+            return false;
+        };
+        let (plain, passed) = scan(bytes, from);
+        if let Some(point) = passed.filter(|point| plain && point.at <= REPEAT_MAX) {
+            last.start.clear();
+            last.start.extend_from_slice(&bytes[..point.at]);
+            last.point = point;
+        }
+        plain
+    })
+}
+
+/// Where the scan of a text that starts with `SELECT` begins (at that word), after
+/// leading white space; `None` for any other text.
+fn start(bytes: &[u8]) -> Option<Point> {
     let mut i = 0;
     while i < bytes.len() && class(bytes[i]) == SPACE {
         i += 1;
@@ -167,56 +232,84 @@ pub fn is_plain_select(bytes: &[u8]) -> bool {
     let starts = bytes.len() >= i + 7
         && pack_word(bytes, i + 6, 6) == packed::SELECT
         && (class(bytes[i + 6]) == SPACE || bytes[i + 6] == b'*');
-    if !starts {
-        return false;
-    }
-    // What the last word was, if the previous token was a word.
-    let mut last_word: Option<Keyword> = None;
-    // `CASE` expressions open.
-    let mut cases = 0usize;
+    starts.then_some(Point {
+        at: i,
+        last_word: None,
+        cases: 0,
+    })
+}
+
+/// Where [`scan`] stands between two tokens: everything it needs to go on from there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Point {
+    /// The next byte to look at.
+    at: usize,
+    /// What the last word was, if the previous token was a word.
+    last_word: Option<Keyword>,
+    /// `CASE` expressions open.
+    cases: usize,
+}
+
+/// [`is_plain_select`] from `from` on. Also returns the last point the scan passed right
+/// after white space, if it passed one: no token before that point looked at a byte past
+/// it (a token looks at most one byte past its end, white space at none, and [`start`]
+/// only at `SELECT` and the byte after it), so the scan of a text with the same bytes up
+/// to there reaches the same point, and may go on from there
+/// ([`is_plain_select_again`]).
+fn scan(bytes: &[u8], from: Point) -> (bool, Option<Point>) {
+    let Point {
+        at: mut i,
+        mut last_word,
+        mut cases,
+    } = from;
+    let mut resume = None;
     while i < bytes.len() {
         let b = bytes[i];
         let c = class(b);
         if c == SPACE {
             i += 1;
+            resume = Some(Point {
+                at: i,
+                last_word,
+                cases,
+            });
         } else if c & WORD_START != 0 {
             let start = i;
             i += word_len(&bytes[i..]);
             // E'...', U&'...', B'...', X'...' and N'...' literals: leave to the parser.
             if matches!(bytes.get(i), Some(b'\'') | Some(b'&')) {
-                return false;
+                return (false, resume);
             }
             let word = keyword(bytes, start, i);
             match word {
-                Keyword::Reject => return false,
+                Keyword::Reject => return (false, resume),
                 Keyword::Case => cases += 1,
                 Keyword::End => match cases.checked_sub(1) {
                     Some(open) => cases = open,
-                    None => return false,
+                    None => return (false, resume),
                 },
                 _ => {}
             }
             last_word = Some(word);
         } else if c & DIGIT != 0 {
-            let start = i;
-            i += number_len(&bytes[i..]);
             // `1into t` is `1 INTO t` to the parser (and to PostgreSQL before 15).
-            if !is_number(&bytes[start..i]) {
-                return false;
-            }
+            let Some(len) = number(&bytes[i..]) else {
+                return (false, resume);
+            };
+            i += len;
             last_word = None;
         } else {
             match b {
                 b'\'' => {
                     let Some(end) = skip_quoted_plain(bytes, i) else {
-                        return false;
+                        return (false, resume);
                     };
                     i = end;
                     last_word = None;
                 }
                 b'"' => {
                     let Some(end) = skip_quoted_plain(bytes, i) else {
-                        return false;
+                        return (false, resume);
                     };
                     i = end;
                     // A quoted identifier followed by `(` is a function call.
@@ -230,34 +323,34 @@ pub fn is_plain_select(bytes: &[u8]) -> bool {
                         i += 1;
                     }
                     if i == start {
-                        return false;
+                        return (false, resume);
                     }
                     last_word = None;
                 }
-                b'-' if bytes.get(i + 1) == Some(&b'-') => return false,
-                b'/' if bytes.get(i + 1) == Some(&b'*') => return false,
+                b'-' if bytes.get(i + 1) == Some(&b'-') => return (false, resume),
+                b'/' if bytes.get(i + 1) == Some(&b'*') => return (false, resume),
                 b';' => {
-                    return bytes[i + 1..].iter().all(|&b| class(b) == SPACE);
+                    return (bytes[i + 1..].iter().all(|&b| class(b) == SPACE), resume);
                 }
                 b'(' => {
                     if last_word
                         .is_some_and(|word| !matches!(word, Keyword::ParenOk | Keyword::Case))
                     {
-                        return false;
+                        return (false, resume);
                     }
                     i += 1;
                     last_word = None;
                 }
-                b'.' if follows_pgway(bytes, i) => return false,
+                b'.' if follows_pgway(bytes, i) => return (false, resume),
                 _ if c == PUNCT => {
                     i += 1;
                     last_word = None;
                 }
-                _ => return false,
+                _ => return (false, resume),
             }
         }
     }
-    true
+    (true, resume)
 }
 
 /// How many bytes at the start of `rest` continue a word ([`WORD`]).
@@ -267,27 +360,40 @@ fn word_len(rest: &[u8]) -> usize {
         .unwrap_or(rest.len())
 }
 
-/// How many bytes at the start of `rest` belong to a run that starts with a digit:
-/// letters, digits and dots (checked by [`is_number`]).
-fn number_len(rest: &[u8]) -> usize {
-    rest.iter()
-        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'.'))
-        .unwrap_or(rest.len())
-}
-
-/// True if `run` (digits, letters and dots, starting with a digit) is one numeric literal:
+/// The length of the numeric literal at the start of `rest` (which starts with a digit):
 /// digits and dots with an optional exponent (`1.5e3`), or `0x`/`0o`/`0b` and digits.
-/// Anything else (`1into`, `2for`) is a number followed by a word to the parser.
-fn is_number(run: &[u8]) -> bool {
-    if let [b'0', b'x' | b'X' | b'o' | b'O' | b'b' | b'B', digits @ ..] = run {
-        return !digits.is_empty() && digits.iter().all(u8::is_ascii_hexdigit);
-    }
-    let (mantissa, exponent) = match run.iter().position(|&b| b == b'e' || b == b'E') {
-        Some(at) => (&run[..at], Some(&run[at + 1..])),
-        None => (run, None),
+/// `None` if letters, digits or dots follow it (`1into`, `2for`, `1e5e3`): that run is a
+/// number followed by a word to the parser. One pass over the run.
+fn number(rest: &[u8]) -> Option<usize> {
+    let run_byte = |at: usize| {
+        rest.get(at)
+            .is_some_and(|&b| b.is_ascii_alphanumeric() || b == b'.')
     };
-    mantissa.iter().all(|&b| b.is_ascii_digit() || b == b'.')
-        && exponent.is_none_or(|e| !e.is_empty() && e.iter().all(u8::is_ascii_digit))
+    let mut i = 0;
+    if let [b'0', b'x' | b'X' | b'o' | b'O' | b'b' | b'B', ..] = rest {
+        i = 2;
+        while rest.get(i).is_some_and(u8::is_ascii_hexdigit) {
+            i += 1;
+        }
+        return (i > 2 && !run_byte(i)).then_some(i);
+    }
+    while rest
+        .get(i)
+        .is_some_and(|&b| b.is_ascii_digit() || b == b'.')
+    {
+        i += 1;
+    }
+    if let Some(b'e' | b'E') = rest.get(i) {
+        i += 1;
+        let digits = i;
+        while rest.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == digits {
+            return None;
+        }
+    }
+    (!run_byte(i)).then_some(i)
 }
 
 /// True if `text` mentions a `pgway.` setting, which the classifier reports as a session
@@ -469,11 +575,8 @@ pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
             b'/' if bytes.get(i + 1) == Some(&b'*') => return None,
             _ if c & DIGIT != 0 => {
                 let start = i;
-                i += number_len(&bytes[i..]);
                 // Not a number alone (`1into`): a keyword may hide in it, keep the text.
-                if !is_number(&bytes[start..i]) {
-                    return None;
-                }
+                i += number(&bytes[i..])?;
                 replace(&mut out, sql.get(copied..start)?, "0", sql.len());
                 copied = i;
             }
@@ -500,6 +603,53 @@ fn replace(out: &mut String, before: &str, literal: &str, len: usize) {
 
 #[cfg(test)]
 mod tests {
+    /// What [`number`] replaced, two passes: the run, then whether it is one literal.
+    fn number_by_run(rest: &[u8]) -> Option<usize> {
+        let len = rest
+            .iter()
+            .position(|&b| !(b.is_ascii_alphanumeric() || b == b'.'))
+            .unwrap_or(rest.len());
+        let run = &rest[..len];
+        let one = if let [b'0', b'x' | b'X' | b'o' | b'O' | b'b' | b'B', digits @ ..] = run {
+            !digits.is_empty() && digits.iter().all(u8::is_ascii_hexdigit)
+        } else {
+            let (mantissa, exponent) = match run.iter().position(|&b| b == b'e' || b == b'E') {
+                Some(at) => (&run[..at], Some(&run[at + 1..])),
+                None => (run, None),
+            };
+            mantissa.iter().all(|&b| b.is_ascii_digit() || b == b'.')
+                && exponent.is_none_or(|e| !e.is_empty() && e.iter().all(u8::is_ascii_digit))
+        };
+        one.then_some(len)
+    }
+
+    #[test]
+    fn a_number_ends_where_the_run_ends_or_is_no_number() {
+        // Every run of up to 5 bytes from an alphabet of the bytes that matter, after a
+        // leading digit, followed by nothing or a space.
+        let alphabet = b"0159.eExXbBoOaF_ +";
+        let mut texts = vec![Vec::new()];
+        for _ in 0..5 {
+            let longer: Vec<Vec<u8>> = texts
+                .iter()
+                .flat_map(|t| alphabet.iter().map(move |&b| [t.as_slice(), &[b]].concat()))
+                .collect();
+            texts.extend(longer);
+            texts.dedup();
+        }
+        for lead in [b'0', b'7'] {
+            for tail in &texts {
+                let text = [&[lead], tail.as_slice()].concat();
+                assert_eq!(
+                    number(&text),
+                    number_by_run(&text),
+                    "{}",
+                    String::from_utf8_lossy(&text)
+                );
+            }
+        }
+    }
+
     use super::super::classify::{classify, StatementKind};
     use super::*;
 
@@ -640,6 +790,57 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Texts that begin like an earlier one and go on differently: [`is_plain_select_again`]
+    /// after the earlier one says what a whole scan says.
+    #[test]
+    fn a_repeated_start_gets_the_whole_scans_answer() {
+        const TAILS: &[&str] = &[
+            "",
+            " ",
+            "1",
+            "12345;",
+            "1 ; delete from t",
+            "count(1)",
+            "1 for update",
+            "x into y",
+            "'a'",
+            "e'a'",
+            "-- pgway:primary",
+            "/* x */ 1",
+            "end",
+            "case when a then b end",
+            "(select 1)",
+            "1.5e3",
+            "1e",
+            "$1",
+            "$x$",
+            "pg_sleep",
+            "pgway.last_route",
+            "\"a\"(1)",
+        ];
+        let mut seen = 0;
+        for earlier in YES.iter().chain(NO) {
+            for cut in 0..=earlier.len() {
+                let Some(start) = earlier.get(..cut) else {
+                    continue;
+                };
+                for tail in TAILS {
+                    let text = format!("{start}{tail}");
+                    let _ = is_plain_select_again(earlier.as_bytes());
+                    let again = is_plain_select_again(text.as_bytes());
+                    assert_eq!(
+                        again,
+                        is_plain_select(text.as_bytes()),
+                        "{earlier:?} then {text:?}"
+                    );
+                    seen += usize::from(again);
+                }
+            }
+        }
+        // Not only refusals: many of these scans went on from an earlier text's point.
+        assert!(seen > 100, "{seen}");
     }
 
     #[test]

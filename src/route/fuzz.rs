@@ -321,3 +321,32 @@ fn fuzz_fast_path_accepts_only_reads() {
     });
     println!("fuzz_fast_path_accepts_only_reads: {accepted} accepted, {unparsed} unparseable");
 }
+
+/// The fast path going on from an earlier text's point ([`fast::is_plain_select_again`])
+/// answers as a whole scan does: texts that share a start with the one before them (a
+/// statement, then its start with another statement's end), in both orders.
+#[test]
+fn fuzz_fast_path_resumes_as_a_whole_scan() {
+    let mut resumed = 0u64;
+    run("fuzz_fast_path_resumes_as_a_whole_scan", |rng| {
+        let first = statement(rng);
+        let other = statement(rng);
+        let cut = rng.gen_range(0..=first.len());
+        let from = rng.gen_range(0..=other.len());
+        let (Some(start), Some(end)) = (first.get(..cut), other.get(from..)) else {
+            return;
+        };
+        let second = format!("{start}{end}");
+        for (earlier, text) in [(&first, &second), (&second, &first)] {
+            let _ = fast::is_plain_select_again(earlier.as_bytes());
+            let again = fast::is_plain_select_again(text.as_bytes());
+            assert_eq!(
+                again,
+                fast::is_plain_select(text.as_bytes()),
+                "{earlier:?} then {text:?}"
+            );
+            resumed += u64::from(again);
+        }
+    });
+    println!("fuzz_fast_path_resumes_as_a_whole_scan: {resumed} plain reads");
+}

@@ -117,7 +117,7 @@ impl Router {
 
     /// The classification of `sql`, parsed once and then served from the cache.
     pub fn classification(&self, sql: &str) -> Arc<Classification> {
-        if !self.cache_facts && fast::is_plain_select(sql.as_bytes()) {
+        if !self.cache_facts && fast::is_plain_select_again(sql.as_bytes()) {
             return Arc::clone(&self.plain_read);
         }
         self.parsed(sql)
@@ -128,7 +128,7 @@ impl Router {
     /// is a plain read all the same). `None` for a text that is not UTF-8 and not a plain
     /// read: it goes to the primary unparsed.
     pub fn classification_of(&self, sql: &[u8]) -> Option<Arc<Classification>> {
-        if !self.cache_facts && fast::is_plain_select(sql) {
+        if !self.cache_facts && fast::is_plain_select_again(sql) {
             return Some(Arc::clone(&self.plain_read));
         }
         std::str::from_utf8(sql).ok().map(|sql| self.parsed(sql))
