@@ -3,8 +3,12 @@
 pub mod tls;
 pub mod transport;
 
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 pub use transport::{Connector, SwapConnector, TcpConnector, Transport};
@@ -92,19 +96,8 @@ impl FramedStream {
 
     /// Reads more bytes into the buffer; `Closed`/`Truncated` at EOF.
     pub async fn fill(&mut self) -> Result<(), NetError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            if self.rbuf.capacity() == 0 {
-                // Wait for data before taking memory for it: an idle connection holds no
-                // buffer.
-                std::future::poll_fn(|cx| self.stream.poll_readable(cx)).await?;
-                self.rbuf = take_buffer();
-            }
-            self.rbuf.reserve(READ_CAPACITY);
-        }
-        // `read_buf` (unlike `readable` + `try_read`) treats a short read as "drained", so
-        // the next wait goes straight to epoll instead of first trying a read that would
-        // block: one system call less per round trip.
-        match self.stream.read_buf(&mut self.rbuf).await? {
+        let mut waited = false;
+        match std::future::poll_fn(|cx| self.poll_fill(cx, &mut waited)).await? {
             0 if self.rbuf.is_empty() => Err(NetError::Closed),
             0 => Err(NetError::Truncated),
             _ => {
@@ -112,6 +105,31 @@ impl FramedStream {
                 Ok(())
             }
         }
+    }
+
+    /// One read into the buffer, for [`Self::fill`]. A stream without a buffer (an idle
+    /// client holds none) waits for data before it takes memory for it; once woken
+    /// (`waited`) it takes a buffer and reads straight away, since the read checks the
+    /// socket's readiness itself, and gives the buffer back if the wake-up was not for
+    /// data. The read (unlike `readable` + `try_read`) treats a short read as "drained", so
+    /// the next wait goes straight to epoll instead of first trying a read that would
+    /// block: one system call less per round trip.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, waited: &mut bool) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            if self.rbuf.capacity() == 0 {
+                if !*waited {
+                    *waited = true;
+                    ready!(self.stream.poll_readable(cx))?;
+                }
+                self.rbuf = take_buffer();
+            }
+            self.rbuf.reserve(READ_CAPACITY);
+        }
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf);
+        if read.is_pending() && *waited && self.rbuf.is_empty() {
+            recycle_buffer(&mut self.rbuf);
+        }
+        read
     }
 
     /// Re-registers the stream with the calling thread's runtime (it may have been
