@@ -247,7 +247,9 @@ impl Pool {
             database: &self.key.database,
         };
         let timeout = self.settings.load().connect_timeout;
-        let conn = ServerConn::connect(login, &*self.connector, timeout).await?;
+        // Boxed: a login's future is large, and the wait for a slot above, which nearly
+        // every call ends with, should not carry it (see `Session::attach`).
+        let conn = Box::pin(ServerConn::connect(login, &*self.connector, timeout)).await?;
         let _ = self.params.set(Arc::new(conn.params.clone()));
         Ok(self.lend(Box::new(conn), permit, Instant::now()))
     }
