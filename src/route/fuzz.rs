@@ -327,7 +327,7 @@ fn fuzz_fast_path_accepts_only_reads() {
 /// statement, then its start with another statement's end), in both orders.
 #[test]
 fn fuzz_fast_path_resumes_as_a_whole_scan() {
-    let mut resumed = 0u64;
+    let mut plain = 0u64;
     run("fuzz_fast_path_resumes_as_a_whole_scan", |rng| {
         let first = statement(rng);
         let other = statement(rng);
@@ -345,8 +345,8 @@ fn fuzz_fast_path_resumes_as_a_whole_scan() {
                 fast::is_plain_select(text.as_bytes()),
                 "{earlier:?} then {text:?}"
             );
-            resumed += u64::from(again);
+            plain += u64::from(again);
         }
     });
-    println!("fuzz_fast_path_resumes_as_a_whole_scan: {resumed} plain reads");
+    println!("fuzz_fast_path_resumes_as_a_whole_scan: {plain} plain reads");
 }
