@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,13 +23,91 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
-/// A client's slot: updated when it takes or returns a server connection.
-pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+/// The server connection a client holds, if any: written by its session when it takes or
+/// gives back a server connection, read by a CancelRequest with the client's key and by the
+/// console (`SHOW CLIENTS`). One record for both, so the per-statement path takes one
+/// uncontended mutex each way.
+#[derive(Debug)]
+pub struct ServerSlot(Mutex<Held>);
+
+#[derive(Debug)]
+struct Held {
+    /// The node of the last connection held: kept when the connection is given back, so
+    /// that taking the next one from the same node (nearly always the case) copies no
+    /// address.
+    addr: Option<Arc<str>>,
+    pid: i32,
+    secret: i32,
+    since: Instant,
+    /// A connection is held now (`addr`, `pid`, `secret` and `since` describe it).
+    held: bool,
+}
+
+impl ServerSlot {
+    fn new() -> Self {
+        Self(Mutex::new(Held {
+            addr: None,
+            pid: 0,
+            secret: 0,
+            since: Instant::now(),
+            held: false,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client took the connection with BackendKeyData `pid`/`secret` on `addr`, lent
+    /// at `since`.
+    pub fn hold(&self, addr: &Arc<str>, pid: i32, secret: i32, since: Instant) {
+        let mut held = self.lock();
+        if !held.addr.as_ref().is_some_and(|a| Arc::ptr_eq(a, addr)) {
+            held.addr = Some(Arc::clone(addr));
+        }
+        held.pid = pid;
+        held.secret = secret;
+        held.since = since;
+        held.held = true;
+    }
+
+    /// The client holds no server connection any more.
+    pub fn clear(&self) {
+        self.lock().held = false;
+    }
+
+    /// The connection held now and since when, if any.
+    pub fn held(&self) -> Option<(CancelTarget, Instant)> {
+        let held = self.lock();
+        match (&held.addr, held.held) {
+            (Some(addr), true) => Some((
+                CancelTarget {
+                    addr: Arc::clone(addr),
+                    pid: held.pid,
+                    secret: held.secret,
+                },
+                held.since,
+            )),
+            _ => None,
+        }
+    }
+
+    /// A connection is held now.
+    pub fn is_held(&self) -> bool {
+        self.lock().held
+    }
+}
+
+impl Default for ServerSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 #[derive(Debug)]
 struct Entry {
     secret: i32,
-    slot: CancelSlot,
+    slot: Arc<ServerSlot>,
 }
 
 /// All keys handed out.
@@ -46,8 +124,8 @@ pub struct CancelKey<'a> {
     pub pid: i32,
     /// pgway's secret for this client.
     pub secret: i32,
-    /// Where a cancel should go.
-    pub slot: CancelSlot,
+    /// Where a cancel should go (the client registry's entry shares it).
+    pub slot: Arc<ServerSlot>,
 }
 
 impl Drop for CancelKey<'_> {
@@ -58,27 +136,11 @@ impl Drop for CancelKey<'_> {
     }
 }
 
-impl CancelKey<'_> {
-    /// A cancel for this client now goes to `target` (the client took a server connection).
-    pub fn point_to(&self, target: CancelTarget) {
-        if let Ok(mut slot) = self.slot.lock() {
-            *slot = Some(target);
-        }
-    }
-
-    /// A cancel for this client now does nothing (it holds no server connection).
-    pub fn clear(&self) {
-        if let Ok(mut slot) = self.slot.lock() {
-            *slot = None;
-        }
-    }
-}
-
 impl CancelRegistry {
     /// Hands out a new unique key.
     pub fn register(&self) -> CancelKey<'_> {
         let mut rng = rand::thread_rng();
-        let slot: CancelSlot = Arc::new(Mutex::new(None));
+        let slot = Arc::new(ServerSlot::new());
         let mut entries = match self.entries.lock() {
             Ok(e) => e,
             Err(poisoned) => poisoned.into_inner(),
@@ -109,8 +171,7 @@ impl CancelRegistry {
     pub fn target(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
         let entries = self.entries.lock().ok()?;
         let entry = entries.get(&pid).filter(|e| e.secret == secret)?;
-        let target = entry.slot.lock().ok()?.clone();
-        target
+        entry.slot.held().map(|(target, _)| target)
     }
 }
 
@@ -150,8 +211,23 @@ mod tests {
             pid: 42,
             secret: 7,
         };
-        *key.slot.lock().unwrap() = Some(target.clone());
-        assert_eq!(registry.target(key.pid, key.secret), Some(target));
+        let addr: Arc<str> = "127.0.0.1:1".into();
+        key.slot.hold(&addr, 42, 7, Instant::now());
+        assert_eq!(registry.target(key.pid, key.secret), Some(target.clone()));
+        key.slot.clear();
+        assert_eq!(registry.target(key.pid, key.secret), None);
+        // Held again on the same node: the address is kept, the key is the new one.
+        key.slot.hold(&addr, 43, 8, Instant::now());
+        let again = registry.target(key.pid, key.secret);
+        assert_eq!(again.as_ref().map(|t| (t.pid, t.secret)), Some((43, 8)));
+        assert!(again.is_some_and(|t| Arc::ptr_eq(&t.addr, &addr)));
+        // On another node: the address is replaced.
+        key.slot.hold(&"127.0.0.1:2".into(), 44, 9, Instant::now());
+        let moved = registry.target(key.pid, key.secret);
+        assert_eq!(
+            moved.map(|t| t.addr.to_string()),
+            Some("127.0.0.1:2".to_owned())
+        );
         assert_eq!(registry.target(key.pid, key.secret.wrapping_add(1)), None);
         let pid = key.pid;
         let secret = key.secret;

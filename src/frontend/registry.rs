@@ -4,10 +4,11 @@
 //! Each session registers once, at login ([`Clients::register`]; console connections with
 //! [`Clients::register_console`]), and is removed when its [`Registered`] handle drops.
 //! What the session writes afterwards is its own entry's atomics (one relaxed increment
-//! per request for its statement count) and one uncontended mutex, once when it takes a
-//! server connection and once when it gives it back ([`ClientEntry::attached`] and the
-//! [`Attached`] guard): the registry's own mutex is taken at connect, disconnect and by
-//! the console only.
+//! per request for its statement count) when it takes a server connection and gives it
+//! back ([`ClientEntry::attached`] and the [`Attached`] guard). Which server connection it
+//! holds is its cancel key's [`ServerSlot`], shared with the entry: the one uncontended
+//! mutex the session takes each way. The registry's own mutex is taken at connect,
+//! disconnect and by the console only.
 //!
 //! # Pause protocol
 //!
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Pool;
+use crate::frontend::cancel::ServerSlot;
 
 /// A client's id, as `SHOW CLIENTS` lists it and `KILL_CLIENT` takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -113,7 +115,8 @@ pub struct ClientEntry {
     xact_us: AtomicU64,
     /// Time spent waiting behind `PAUSE`, in microseconds.
     wait_us: AtomicU64,
-    server: Mutex<Option<ServerLink>>,
+    /// The server connection it holds (its cancel key's slot).
+    server: Arc<ServerSlot>,
     /// Since when it waits behind `PAUSE`.
     waiting_since: Mutex<Option<Instant>>,
 }
@@ -135,7 +138,11 @@ impl ClientEntry {
 
     /// The server connection it holds, if any.
     pub fn server(&self) -> Option<ServerLink> {
-        lock(&self.server).clone()
+        self.server.held().map(|(target, since)| ServerLink {
+            addr: target.addr,
+            pid: target.pid,
+            since,
+        })
     }
 
     /// Transactions so far.
@@ -150,12 +157,12 @@ impl ClientEntry {
         self.queries.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The session took a server connection (`pid` on `addr`, lent at `since`): the
-    /// returned guard marks it active until it drops with the connection's `Link`.
-    pub fn attached(self: &Arc<Self>, addr: Arc<str>, pid: i32, since: Instant) -> Attached {
+    /// The session took a server connection, lent at `since` (which one, its cancel key's
+    /// slot says): the returned guard marks it active until it drops with the connection's
+    /// `Link`.
+    pub fn attached(self: &Arc<Self>, since: Instant) -> Attached {
         self.set_state(ClientState::Active);
         self.xacts.fetch_add(1, Ordering::Relaxed);
-        *lock(&self.server) = Some(ServerLink { addr, pid, since });
         Attached {
             entry: Arc::clone(self),
             since,
@@ -186,7 +193,6 @@ impl Attached {
         let held = now.saturating_duration_since(self.since);
         let us = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
         self.entry.xact_us.fetch_add(us, Ordering::Relaxed);
-        *lock(&self.entry.server) = None;
         self.entry.set_state(ClientState::Idle);
     }
 }
@@ -319,14 +325,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Clients {
     /// Adds a logged-in client. Its session is cancelled through `entry.kill`, a child of
     /// `parent` (so pgway's shutdown reaches it too).
-    pub fn register(self: &Arc<Self>, login: Login, parent: &CancellationToken) -> Registered {
+    /// `server`: the client's cancel key's slot, which says what server connection it holds.
+    pub fn register(
+        self: &Arc<Self>,
+        login: Login,
+        server: Arc<ServerSlot>,
+        parent: &CancellationToken,
+    ) -> Registered {
         self.add(
             login.user,
             login.database,
             Some(login.addr),
             login.local,
             login.application_name,
-            false,
+            Some(server),
             parent,
         )
     }
@@ -347,7 +359,7 @@ impl Clients {
             addr,
             local,
             String::new(),
-            true,
+            None,
             parent,
         )
     }
@@ -363,9 +375,10 @@ impl Clients {
         addr: Option<SocketAddr>,
         local: Option<SocketAddr>,
         application_name: String,
-        console: bool,
+        server: Option<Arc<ServerSlot>>,
         parent: &CancellationToken,
     ) -> Registered {
+        let console = server.is_none();
         let id = ClientId(self.next.fetch_add(1, Ordering::Relaxed));
         let entry = Arc::new(ClientEntry {
             id,
@@ -382,7 +395,7 @@ impl Clients {
             queries: AtomicU64::new(0),
             xact_us: AtomicU64::new(0),
             wait_us: AtomicU64::new(0),
-            server: Mutex::new(None),
+            server: server.unwrap_or_default(),
             waiting_since: Mutex::new(None),
         });
         lock(&self.entries).insert(id, Arc::clone(&entry));
@@ -559,7 +572,7 @@ impl Clients {
     pub fn not_attached(entry: Option<&ClientEntry>) {
         if let Some(entry) = entry {
             *lock(&entry.waiting_since) = None;
-            if entry.state() != ClientState::Idle && lock(&entry.server).is_none() {
+            if entry.state() != ClientState::Idle && !entry.server.is_held() {
                 entry.set_state(ClientState::Idle);
             }
         }
@@ -580,15 +593,23 @@ mod tests {
         }
     }
 
+    fn slot() -> Arc<ServerSlot> {
+        Arc::new(ServerSlot::default())
+    }
+
     #[tokio::test]
     async fn clients_register_attach_and_leave() {
         let clients = Arc::new(Clients::default());
         let root = CancellationToken::new();
-        let a = clients.register(login("a"), &root);
-        let b = clients.register(login("b"), &root);
+        let a_slot = slot();
+        let a = clients.register(login("a"), Arc::clone(&a_slot), &root);
+        let b = clients.register(login("b"), slot(), &root);
         assert_eq!(clients.list().len(), 2);
         clients.gate(Some(&a.entry)).await;
-        let guard = a.entry.attached(Arc::from("n1"), 42, Instant::now());
+        assert!(a.entry.server().is_none());
+        // The session writes what it holds to its cancel key's slot, which the entry reads.
+        a_slot.hold(&Arc::from("n1"), 42, 7, Instant::now());
+        let guard = a.entry.attached(Instant::now());
         assert_eq!(clients.active_count(None), 1);
         assert_eq!(clients.active_count(Some("db")), 1);
         assert_eq!(clients.active_count(Some("other")), 0);
@@ -602,6 +623,8 @@ mod tests {
         a.entry.queried(1);
         a.entry.queried(2);
         assert_eq!(Clients::totals_of(&a.entry).queries, 3);
+        a_slot.clear();
+        assert!(a.entry.server().is_none());
         drop(guard);
         assert!(clients.drained(Duration::from_millis(20), None).await);
         assert!(clients.kill(b.entry.id));
@@ -617,7 +640,7 @@ mod tests {
     async fn console_connections_are_listed_and_can_be_killed() {
         let clients = Arc::new(Clients::default());
         let root = CancellationToken::new();
-        let app = clients.register(login("a"), &root);
+        let app = clients.register(login("a"), slot(), &root);
         let console = clients.register_console("ops", "pgway", None, None, &root);
         let listed = clients.list();
         assert_eq!(listed.len(), 2);
@@ -638,7 +661,7 @@ mod tests {
     async fn the_gate_holds_new_transactions_until_resume() {
         let clients = Arc::new(Clients::default());
         let root = CancellationToken::new();
-        let a = clients.register(login("a"), &root);
+        let a = clients.register(login("a"), slot(), &root);
         clients.pause(None);
         let waiting = {
             let clients = Arc::clone(&clients);
@@ -675,8 +698,8 @@ mod tests {
     async fn pause_of_one_database_holds_only_its_clients() {
         let clients = Arc::new(Clients::default());
         let root = CancellationToken::new();
-        let a = clients.register(login_to("a", "one"), &root);
-        let b = clients.register(login_to("b", "two"), &root);
+        let a = clients.register(login_to("a", "one"), slot(), &root);
+        let b = clients.register(login_to("b", "two"), slot(), &root);
         let gate = |entry: &Arc<ClientEntry>| {
             let clients = Arc::clone(&clients);
             let entry = Arc::clone(entry);
@@ -715,7 +738,7 @@ mod tests {
     async fn resume_without_a_database_lifts_every_pause() {
         let clients = Arc::new(Clients::default());
         let root = CancellationToken::new();
-        let a = clients.register(login_to("a", "one"), &root);
+        let a = clients.register(login_to("a", "one"), slot(), &root);
         clients.pause(Some("one"));
         clients.pause(None);
         assert_eq!(clients.resume(Some("one")), Err(ResumeError::PausedAll));

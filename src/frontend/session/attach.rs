@@ -11,7 +11,6 @@ use tracing::{debug, warn};
 use super::{Link, Session, State};
 use crate::backend::{PoolError, PooledConn};
 use crate::error::ClientError;
-use crate::frontend::cancel::CancelTarget;
 use crate::frontend::registry::Clients as Registry;
 use crate::net::NetError;
 use crate::protocol::messages;
@@ -73,12 +72,10 @@ impl Session<'_> {
         else {
             return Quick::NotNow;
         };
-        let (addr, pool) = &self.pools[index];
-        let Some(conn) = pool.try_acquire() else {
+        let Some(conn) = self.pools[index].1.try_acquire() else {
             return Quick::Picked((index, primary));
         };
-        let addr = Arc::clone(addr);
-        self.attach_to(conn, addr, want == Want::Replica && !primary);
+        self.attach_to(conn, index, want == Want::Replica && !primary);
         Quick::Attached
     }
 
@@ -111,17 +108,18 @@ impl Session<'_> {
         attached
     }
 
-    /// Idle -> Attached on `conn` (to `addr`; `replica`: a read that a replica serves).
-    fn attach_to(&mut self, conn: PooledConn, addr: Arc<str>, replica: bool) {
+    /// Idle -> Attached on `conn` (from `self.pools[index]`; `replica`: a read that a
+    /// replica serves).
+    fn attach_to(&mut self, conn: PooledConn, index: usize, replica: bool) {
+        // What the client holds, for a cancel request and the console (one record; the
+        // node's address is copied only when it differs from the last one held).
+        self.cancel
+            .slot
+            .hold(&self.pools[index].0, conn.pid, conn.secret, conn.lent_at);
         let active = self
             .registered
             .as_ref()
-            .map(|r| r.entry.attached(Arc::clone(&addr), conn.pid, conn.lent_at));
-        self.cancel.point_to(CancelTarget {
-            addr,
-            pid: conn.pid,
-            secret: conn.secret,
-        });
+            .map(|r| r.entry.attached(conn.lent_at));
         self.state = State::Attached(Link {
             conn,
             status: b'I',
@@ -155,7 +153,7 @@ impl Session<'_> {
             let replica = want == Want::Replica && !primary;
             match pool.acquire(&mut self.alarms.pool).await {
                 Ok(conn) => {
-                    self.attach_to(conn, addr, replica);
+                    self.attach_to(conn, index, replica);
                     return Ok(());
                 }
                 Err(PoolError::Connect(e)) if e.is_node_down() && down < topology.node_count() => {
@@ -225,7 +223,7 @@ impl Session<'_> {
             return;
         }
         if let State::Attached(link) = std::mem::replace(&mut self.state, State::Idle) {
-            self.cancel.clear();
+            self.cancel.slot.clear();
             let now = Instant::now();
             if let Some(active) = link.active {
                 active.end_at(now);
@@ -247,7 +245,7 @@ impl Session<'_> {
                 .topology
                 .take_out_of_rotation(addr, &self.shared.pools);
         }
-        self.cancel.clear();
+        self.cancel.slot.clear();
         self.expected.clear();
         self.to_server.clear();
         self.forget_attempt();
@@ -266,7 +264,7 @@ impl Session<'_> {
     /// At the end of a session: return the server connection if it can be reused, rolling
     /// back an open transaction first; otherwise close it.
     pub(super) async fn cleanup(&mut self) {
-        self.cancel.clear();
+        self.cancel.slot.clear();
         let link = match std::mem::replace(&mut self.state, State::Idle) {
             State::Attached(link) if self.expected.is_empty() => link,
             // Mid-statement or mid-COPY: closing the connection makes the server abort it.

@@ -101,7 +101,7 @@ impl Session<'_> {
             // check runs now and takes it out of rotation only if it is down.
             self.shared.topology.wake(addr);
         }
-        self.cancel.clear();
+        self.cancel.slot.clear();
         self.expected.clear();
         self.to_server.clear();
     }

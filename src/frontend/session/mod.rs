@@ -526,7 +526,10 @@ impl<'a> Session<'a> {
     /// the shutdown token it waited on before.
     pub fn registered(mut self, login: registry::Login) -> Self {
         let parent = thread_shutdown(self.shared);
-        let registered = self.shared.clients.register(login, &parent);
+        let registered =
+            self.shared
+                .clients
+                .register(login, Arc::clone(&self.cancel.slot), &parent);
         self.stopping = StopSignal::new(registered.entry.kill.clone());
         self.registered = Some(registered);
         self
