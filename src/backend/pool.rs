@@ -85,11 +85,25 @@ pub struct Pool {
     lifetimes: Lifetimes,
 }
 
-/// `pool.server_lifetime` and `pool.server_idle_timeout` in nanoseconds (0: never).
-#[derive(Debug, Default)]
+/// `pool.server_lifetime` and `pool.server_idle_timeout` in nanoseconds (0: never), and
+/// a generation that every change bumps: a connection's [`Deadlines`] worked out under
+/// another generation are worked out again.
+#[derive(Debug)]
 struct Lifetimes {
     lifetime: AtomicU64,
     idle_timeout: AtomicU64,
+    /// Starts at 1 (a connection's deadlines start at 0: not worked out).
+    generation: AtomicU64,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            lifetime: AtomicU64::new(0),
+            idle_timeout: AtomicU64::new(0),
+            generation: AtomicU64::new(1),
+        }
+    }
 }
 
 impl Lifetimes {
@@ -99,6 +113,23 @@ impl Lifetimes {
             .store(nanos(settings.server_lifetime), Ordering::Relaxed);
         self.idle_timeout
             .store(nanos(settings.server_idle_timeout), Ordering::Relaxed);
+        // Released after the values: whoever reads this generation (acquire) reads
+        // them or newer ones, and newer ones come with a newer generation.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// `since` plus `limit` (`Duration::ZERO`: never).
+    fn after(since: Instant, limit: Duration) -> Option<Instant> {
+        if limit.is_zero() {
+            None
+        } else {
+            // Beyond what an Instant can hold: never.
+            since.checked_add(limit)
+        }
     }
 
     fn lifetime(&self) -> Duration {
@@ -309,18 +340,45 @@ impl Pool {
         }
     }
 
-    /// Older than `pool.server_lifetime` (`0s`: never).
-    fn too_old(&self, conn: &ServerConn, now: Instant) -> bool {
-        let lifetime = self.lifetimes.lifetime();
-        !lifetime.is_zero() && reached(conn.created, lifetime, now)
+    /// A parked connection to close rather than lend: past its lifetime, or unused for
+    /// `pool.server_idle_timeout` (`0s`: never). One comparison when its deadlines were
+    /// worked out (at parking) under the lifetimes in force.
+    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
+        let due = if conn.deadlines.generation == self.lifetimes.generation() {
+            conn.deadlines.close
+        } else {
+            let retire = Lifetimes::after(conn.created, self.lifetimes.lifetime());
+            let idle = Lifetimes::after(conn.parked, self.lifetimes.idle_timeout());
+            earliest(retire, idle)
+        };
+        due.is_some_and(|due| now >= due)
     }
 
-    /// A parked connection to close rather than lend: past its lifetime, or unused for
-    /// `pool.server_idle_timeout` (`0s`: never).
-    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
-        let idle_timeout = self.lifetimes.idle_timeout();
-        self.too_old(conn, now)
-            || (!idle_timeout.is_zero() && reached(conn.parked, idle_timeout, now))
+    /// Parks `conn` as of `now`, unless it is past `pool.server_lifetime` (false: it is
+    /// dropped, which closes it): works out its deadlines first (see [`Deadlines`]).
+    fn park(&self, mut conn: Box<ServerConn>, now: Instant) -> bool {
+        let lifetimes = &self.lifetimes;
+        let generation = lifetimes.generation();
+        if conn.deadlines.generation != generation {
+            conn.deadlines.retire = Lifetimes::after(conn.created, lifetimes.lifetime());
+        }
+        if conn.deadlines.retire.is_some_and(|retire| now >= retire) {
+            tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing a server connection past pool.server_lifetime");
+            return false;
+        }
+        conn.parked = now;
+        conn.deadlines.generation = generation;
+        conn.deadlines.close = earliest(
+            conn.deadlines.retire,
+            Lifetimes::after(now, lifetimes.idle_timeout()),
+        );
+        if let Ok(mut idle) = self.idle.lock() {
+            // Parked ones beyond the size (the pool shrank) are closed.
+            if idle.len() < self.size() {
+                idle.push(conn);
+            }
+        }
+        true
     }
 
     /// Closes the parked connections that [`Self::expired`] says are due; returns how
@@ -346,10 +404,13 @@ impl Pool {
     }
 }
 
-/// True when `now` is `after` or more past `since` (an instant added and compared: cheaper
-/// than a duration subtracted, on the per-statement path).
-fn reached(since: Instant, after: Duration, now: Instant) -> bool {
-    since.checked_add(after).is_some_and(|due| now >= due)
+/// The earlier of two deadlines (`None`: never).
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
 }
 
 /// A borrowed server connection. Dropping it closes the connection; see [`Self::release`].
@@ -389,19 +450,9 @@ impl PooledConn {
 
     /// [`Self::release`] with the clock read by the caller.
     pub fn release_at(mut self, now: Instant) {
-        if let Some(mut conn) = self.conn.take() {
-            if self.pool.too_old(&conn, now) {
-                // Dropped: closed, its slot freed by our own drop.
-                tracing::debug!(addr = %self.pool.key.addr, pid = conn.pid, "closing a server connection past pool.server_lifetime");
-                return;
-            }
-            conn.parked = now;
-            if let Ok(mut idle) = self.pool.idle.lock() {
-                // Parked ones beyond the size (the pool shrank) are closed.
-                if idle.len() < self.pool.size() {
-                    idle.push(conn);
-                }
-            }
+        // Its slot is freed by our own drop, parked or closed.
+        if let Some(conn) = self.conn.take() {
+            self.pool.park(conn, now);
         }
     }
 

@@ -220,6 +220,24 @@ pub struct ServerConn {
     /// When the connection was last parked in its pool (`pool.server_idle_timeout` counts
     /// from here); its creation until then.
     pub parked: Instant,
+    /// When its pool closes it rather than lend or park it, worked out once per lifetime
+    /// setting (see [`Deadlines`]).
+    pub deadlines: Deadlines,
+}
+
+/// A connection's deadlines from `pool.server_lifetime` and `pool.server_idle_timeout`,
+/// worked out by its pool when it is parked: lending it then compares one instant, where
+/// adding the limits to its creation and parking times each time cost about 100
+/// instructions a statement. `None`: never.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Deadlines {
+    /// The pool's lifetimes generation these were worked out with (0: not yet).
+    pub generation: u64,
+    /// Its creation plus `pool.server_lifetime`.
+    pub retire: Option<Instant>,
+    /// While parked: the earlier of `retire` and when it was parked plus
+    /// `pool.server_idle_timeout`.
+    pub close: Option<Instant>,
 }
 
 impl ServerConn {
@@ -294,6 +312,7 @@ impl ServerConn {
             reactor: crate::workers::current(),
             created: Instant::now(),
             parked: Instant::now(),
+            deadlines: Deadlines::default(),
         };
         loop {
             let frame = conn.io.read_frame(MAX_MESSAGE_LEN).await?;

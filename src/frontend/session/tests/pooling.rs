@@ -374,3 +374,60 @@ async fn a_failed_string_that_committed_a_set_leaves_nothing_for_the_next_client
     primary.answer("INSERT 0 1", b'I').await;
     b.until_ready().await;
 }
+
+/// `client` reads `sql` on the replica connection `replica`.
+async fn read_on(client: &mut TestClient, replica: &mut FakeServer, sql: &str) {
+    client.query(sql).await;
+    assert_eq!(replica.recv_query().await, sql);
+    replica.answer_select("1", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+}
+
+#[tokio::test]
+async fn a_parked_connection_past_its_limits_is_closed_not_lent_also_after_a_reload() {
+    let config = Harness::config(2, "300ms", "off").replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\nserver_idle_timeout = \"150ms\"",
+    );
+    let mut h = Harness::with_config(&config);
+    let mut client = h.client().await;
+    client.query("select 1").await;
+    let mut first = h.accept(REPLICA).await;
+    assert_eq!(first.recv_query().await, "select 1");
+    first.answer_select("1", b'I').await;
+    client.until_ready().await;
+    assert_eq!(h.idle(REPLICA), 1);
+
+    // Unused for longer than server_idle_timeout: closed when next taken, and a new one
+    // serves the read (no sweep runs in this harness).
+    crate::timer::sleep(Duration::from_millis(300)).await;
+    client.query("select 2").await;
+    let mut second = h.accept(REPLICA).await;
+    assert_eq!(second.recv_query().await, "select 2");
+    second.answer_select("1", b'I').await;
+    client.until_ready().await;
+    assert!(first.until_closed().await.is_empty());
+
+    // A reload turns both limits off: the deadline worked out when the connection was
+    // parked no longer holds, so it is lent again however long it waited.
+    let reload = |idle: Duration, lifetime: Duration| {
+        let mut pool = h.shared.config.load().pool.clone();
+        pool.server_idle_timeout = idle;
+        pool.server_lifetime = lifetime;
+        h.shared.pools.reconfigure(pool, Vec::new());
+    };
+    reload(Duration::ZERO, Duration::ZERO);
+    crate::timer::sleep(Duration::from_millis(300)).await;
+    read_on(&mut client, &mut second, "select 3").await;
+
+    // A reload shortens server_lifetime below the connection's age: closed when next
+    // taken, though it was parked with no deadline at all.
+    reload(Duration::ZERO, Duration::from_millis(100));
+    client.query("select 4").await;
+    let mut third = h.accept(REPLICA).await;
+    assert_eq!(third.recv_query().await, "select 4");
+    third.answer_select("1", b'I').await;
+    client.until_ready().await;
+    assert!(second.until_closed().await.is_empty());
+    assert!(!h.has_pending_connection(REPLICA));
+}
