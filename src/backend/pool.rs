@@ -86,8 +86,9 @@ pub struct Pool {
 }
 
 /// `pool.server_lifetime` and `pool.server_idle_timeout` in nanoseconds (0: never), and
-/// a generation that every change bumps: a connection's [`Deadlines`] worked out under
-/// another generation are worked out again.
+/// a generation that every change bumps: a connection's deadlines
+/// ([`crate::backend::server::Deadlines`]) worked out under another generation are
+/// worked out again.
 #[derive(Debug)]
 struct Lifetimes {
     lifetime: AtomicU64,
@@ -354,9 +355,10 @@ impl Pool {
         due.is_some_and(|due| now >= due)
     }
 
-    /// Parks `conn` as of `now`, unless it is past `pool.server_lifetime` (false: it is
-    /// dropped, which closes it): works out its deadlines first (see [`Deadlines`]).
-    fn park(&self, mut conn: Box<ServerConn>, now: Instant) -> bool {
+    /// Parks `conn` as of `now`, working out its deadlines first (see
+    /// [`crate::backend::server::Deadlines`]). One past `pool.server_lifetime`, or beyond
+    /// the pool's size (it shrank), is dropped instead, which closes it.
+    fn park(&self, mut conn: Box<ServerConn>, now: Instant) {
         let lifetimes = &self.lifetimes;
         let generation = lifetimes.generation();
         if conn.deadlines.generation != generation {
@@ -364,7 +366,7 @@ impl Pool {
         }
         if conn.deadlines.retire.is_some_and(|retire| now >= retire) {
             tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing a server connection past pool.server_lifetime");
-            return false;
+            return;
         }
         conn.parked = now;
         conn.deadlines.generation = generation;
@@ -378,7 +380,6 @@ impl Pool {
                 idle.push(conn);
             }
         }
-        true
     }
 
     /// Closes the parked connections that [`Self::expired`] says are due; returns how
