@@ -133,6 +133,18 @@ impl Lifetimes {
         }
     }
 
+    /// When a connection made at `created` is past `pool.server_lifetime`.
+    fn retire(&self, created: Instant) -> Option<Instant> {
+        Self::after(created, self.lifetime())
+    }
+
+    /// When a connection that retires at `retire` and was parked at `parked` is to be
+    /// closed rather than lent: the earlier of `retire` and `pool.server_idle_timeout`
+    /// after `parked`.
+    fn close(&self, retire: Option<Instant>, parked: Instant) -> Option<Instant> {
+        earliest(retire, Self::after(parked, self.idle_timeout()))
+    }
+
     fn lifetime(&self) -> Duration {
         Duration::from_nanos(self.lifetime.load(Ordering::Relaxed))
     }
@@ -345,12 +357,11 @@ impl Pool {
     /// `pool.server_idle_timeout` (`0s`: never). One comparison when its deadlines were
     /// worked out (at parking) under the lifetimes in force.
     fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
-        let due = if conn.deadlines.generation == self.lifetimes.generation() {
+        let lifetimes = &self.lifetimes;
+        let due = if conn.deadlines.generation == lifetimes.generation() {
             conn.deadlines.close
         } else {
-            let retire = Lifetimes::after(conn.created, self.lifetimes.lifetime());
-            let idle = Lifetimes::after(conn.parked, self.lifetimes.idle_timeout());
-            earliest(retire, idle)
+            lifetimes.close(lifetimes.retire(conn.created), conn.parked)
         };
         due.is_some_and(|due| now >= due)
     }
@@ -362,7 +373,7 @@ impl Pool {
         let lifetimes = &self.lifetimes;
         let generation = lifetimes.generation();
         if conn.deadlines.generation != generation {
-            conn.deadlines.retire = Lifetimes::after(conn.created, lifetimes.lifetime());
+            conn.deadlines.retire = lifetimes.retire(conn.created);
         }
         if conn.deadlines.retire.is_some_and(|retire| now >= retire) {
             tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing a server connection past pool.server_lifetime");
@@ -370,10 +381,7 @@ impl Pool {
         }
         conn.parked = now;
         conn.deadlines.generation = generation;
-        conn.deadlines.close = earliest(
-            conn.deadlines.retire,
-            Lifetimes::after(now, lifetimes.idle_timeout()),
-        );
+        conn.deadlines.close = lifetimes.close(conn.deadlines.retire, now);
         if let Ok(mut idle) = self.idle.lock() {
             // Parked ones beyond the size (the pool shrank) are closed.
             if idle.len() < self.size() {

@@ -44,16 +44,6 @@ struct Held {
 }
 
 impl ServerSlot {
-    fn new() -> Self {
-        Self(Mutex::new(Held {
-            addr: None,
-            pid: 0,
-            secret: 0,
-            since: Instant::now(),
-            held: false,
-        }))
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -99,8 +89,15 @@ impl ServerSlot {
 }
 
 impl Default for ServerSlot {
+    /// Nothing held (`since` is read only while something is).
     fn default() -> Self {
-        Self::new()
+        Self(Mutex::new(Held {
+            addr: None,
+            pid: 0,
+            secret: 0,
+            since: Instant::now(),
+            held: false,
+        }))
     }
 }
 
@@ -140,7 +137,7 @@ impl CancelRegistry {
     /// Hands out a new unique key.
     pub fn register(&self) -> CancelKey<'_> {
         let mut rng = rand::thread_rng();
-        let slot = Arc::new(ServerSlot::new());
+        let slot = Arc::new(ServerSlot::default());
         let mut entries = match self.entries.lock() {
             Ok(e) => e,
             Err(poisoned) => poisoned.into_inner(),

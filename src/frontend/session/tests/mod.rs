@@ -254,11 +254,23 @@ impl Harness {
 
     /// `select 1` from `client` goes to a new replica connection and is answered.
     pub(super) async fn read_on_replica(&mut self, client: &mut TestClient) {
-        client.query("select 1").await;
+        self.read_on_new_replica_connection(client, "select 1")
+            .await;
+    }
+
+    /// `sql` from `client` goes to a new replica connection, which answers it and is
+    /// returned.
+    pub(super) async fn read_on_new_replica_connection(
+        &mut self,
+        client: &mut TestClient,
+        sql: &str,
+    ) -> FakeServer {
+        client.query(sql).await;
         let mut replica = self.accept(REPLICA).await;
-        assert_eq!(replica.recv_query().await, "select 1");
+        assert_eq!(replica.recv_query().await, sql);
         replica.answer_select("1", b'I').await;
         assert_eq!(tags(&client.until_ready().await), "TDCZ");
+        replica
     }
 
     /// Idle connections parked in the pool for `addr`.

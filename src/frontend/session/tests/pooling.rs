@@ -391,21 +391,17 @@ async fn a_parked_connection_past_its_limits_is_closed_not_lent_also_after_a_rel
     );
     let mut h = Harness::with_config(&config);
     let mut client = h.client().await;
-    client.query("select 1").await;
-    let mut first = h.accept(REPLICA).await;
-    assert_eq!(first.recv_query().await, "select 1");
-    first.answer_select("1", b'I').await;
-    client.until_ready().await;
+    let mut first = h
+        .read_on_new_replica_connection(&mut client, "select 1")
+        .await;
     assert_eq!(h.idle(REPLICA), 1);
 
     // Unused for longer than server_idle_timeout: closed when next taken, and a new one
     // serves the read (no sweep runs in this harness).
     crate::timer::sleep(Duration::from_millis(300)).await;
-    client.query("select 2").await;
-    let mut second = h.accept(REPLICA).await;
-    assert_eq!(second.recv_query().await, "select 2");
-    second.answer_select("1", b'I').await;
-    client.until_ready().await;
+    let mut second = h
+        .read_on_new_replica_connection(&mut client, "select 2")
+        .await;
     assert!(first.until_closed().await.is_empty());
 
     // A reload turns both limits off: the deadline worked out when the connection was
@@ -423,11 +419,8 @@ async fn a_parked_connection_past_its_limits_is_closed_not_lent_also_after_a_rel
     // A reload shortens server_lifetime below the connection's age: closed when next
     // taken, though it was parked with no deadline at all.
     reload(Duration::ZERO, Duration::from_millis(100));
-    client.query("select 4").await;
-    let mut third = h.accept(REPLICA).await;
-    assert_eq!(third.recv_query().await, "select 4");
-    third.answer_select("1", b'I').await;
-    client.until_ready().await;
+    h.read_on_new_replica_connection(&mut client, "select 4")
+        .await;
     assert!(second.until_closed().await.is_empty());
     assert!(!h.has_pending_connection(REPLICA));
 }
