@@ -487,3 +487,101 @@ async fn after_a_promotion_the_old_primarys_positions_make_no_read_wait() {
     )
     .await;
 }
+
+/// The name and prepare time of pgway's WAL position statement on the primary connection
+/// the client's transaction runs on (with `pool.size = 1`, the only one).
+async fn position_statement(client: &Client, primary: u16) -> Vec<Vec<Option<String>>> {
+    client.batch_execute("begin").await.expect("begin");
+    assert_eq!(served_by(client).await, primary);
+    let rows = simple_rows(
+        client,
+        "select name, prepare_time::text from pg_prepared_statements \
+         where statement = 'SELECT pg_catalog.pg_current_wal_insert_lsn()'",
+    )
+    .await
+    .expect("pg_prepared_statements");
+    client.batch_execute("commit").await.expect("commit");
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_position_query_is_prepared_once_per_connection_and_outlives_its_statement() {
+    let cluster = Cluster::start(1);
+    let primary = cluster.primary_port();
+    let replica = cluster.replica_ports()[0];
+    let opts = GatewayOptions {
+        pool_size: 1,
+        extra: "[routing]\nread_your_writes = \"user\"\n".into(),
+        ..GatewayOptions::default()
+    };
+    let gw = Gateway::start_with(&cluster, opts);
+    gw.wait_for_replica_reads(&cluster).await;
+    let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    client
+        .batch_execute("create table p(i int)")
+        .await
+        .expect("create");
+
+    // Prepared by the first committing write, then only executed.
+    let first = position_statement(&client, primary).await;
+    assert_eq!(first.len(), 1, "one position statement: {first:?}");
+    for i in 0..3 {
+        client
+            .batch_execute(&format!("insert into p values ({i})"))
+            .await
+            .expect("insert");
+    }
+    assert_eq!(
+        position_statement(&client, primary).await,
+        first,
+        "the same statement, prepared at the same time"
+    );
+    let name = first[0][0].clone().expect("statement name");
+
+    // The replica has everything so far; it stops replaying before the next write.
+    eventually(
+        "the replica to have the three rows",
+        WAIT,
+        async || match count_and_port(&client, "p").await? {
+            (3, port) if port == replica => Ok(()),
+            (count, port) => Err(format!("count {count} from {}", cluster.name_of(port))),
+        },
+    )
+    .await;
+    pause_replay(&cluster);
+
+    // A write whose position query finds its statement gone (dropped in the same
+    // transaction): the read after it must still see it, so it goes to the primary.
+    client
+        .batch_execute(&format!(
+            "begin; deallocate \"{name}\"; insert into p values (3); commit"
+        ))
+        .await
+        .expect("a write that drops the position statement");
+    assert_eq!(
+        count_and_port(&client, "p").await.expect("read p"),
+        (4, primary),
+        "the write's position is unknown: the read goes where the write is"
+    );
+
+    // The next committing write prepares it again, and its position is known.
+    let before = simple_value(&client, "show pgway.last_write_lsn")
+        .await
+        .expect("show pgway.last_write_lsn");
+    client
+        .batch_execute("insert into p values (4)")
+        .await
+        .expect("insert");
+    let after = simple_value(&client, "show pgway.last_write_lsn")
+        .await
+        .expect("show pgway.last_write_lsn");
+    assert_ne!(before, after, "the write's position was recorded");
+    let again = position_statement(&client, primary).await;
+    assert_eq!(again.len(), 1, "prepared again: {again:?}");
+    assert_ne!(again, first, "a new prepare time");
+    assert_eq!(
+        count_and_port(&client, "p").await.expect("read p"),
+        (5, primary)
+    );
+    resume_replay(&cluster);
+}

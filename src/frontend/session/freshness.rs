@@ -7,6 +7,8 @@
 //! request, right after it, on the same connection (no extra round trip): the insert
 //! position covers the commit record even under `synchronous_commit = off`, where the
 //! write position can lag it. The client's ReadyForQuery is held until that answer is in.
+//! The query is a statement prepared once per server connection (in its statement cache,
+//! like the clients' statements), so the server does not parse and plan it per commit.
 //!
 //! pgway's own settings for it live here too: `pgway.min_lsn` (a token), and the read-only
 //! `pgway.last_write_lsn` and `pgway.last_route`, made current on the server connection only
@@ -17,8 +19,10 @@ use std::sync::Arc;
 use super::effects::unquoted;
 use super::relay::{Expect, Reply};
 use super::{Session, SessionError, State};
+use crate::backend::server::statement_name;
 use crate::error::ClientError;
-use crate::protocol::messages;
+use crate::protocol::frame::{begin_frame, end_frame, put_frame};
+use crate::protocol::messages::{self, write_parse, write_target};
 use crate::route::floors::{format_lsn, parse_lsn};
 use crate::route::{Classification, SessionEffect, Target, Why};
 use crate::settings::{quote_literal, ClientSettings, Value};
@@ -33,6 +37,11 @@ pub const LAST_ROUTE_SETTING: &str = "pgway.last_route";
 
 /// The WAL position query pgway sends after a committing write.
 const WAL_POSITION_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
+
+/// The key of [`WAL_POSITION_QUERY`] in a server connection's statement cache, where the
+/// clients' statements are keyed by a hash of their content (its server-side name is
+/// `statement_name(WAL_POSITION_KEY)`, as for theirs).
+const WAL_POSITION_KEY: u64 = 0x7767_7761_795f_6c73;
 
 /// The position a read just made saw (sent after a cacheable read that missed): a
 /// replica's replay position, the primary's flush position (every commit acknowledged by
@@ -171,8 +180,33 @@ impl Session<'_> {
         }
     }
 
+    /// Queues the WAL position query: Bind, Execute and Sync of its prepared statement,
+    /// after a Parse where the connection does not have it yet. Any error in its answer
+    /// makes the connection forget it (see [`Self::on_wal_position_frame`]): the next
+    /// Parse is then preceded by a Close, as pgway cannot tell whether the server kept it.
     fn queue_wal_query(&mut self) {
-        messages::query(&mut self.to_server, WAL_POSITION_QUERY);
+        let capacity = self.shared.config.load().pool.statement_cache;
+        let Some(link) = self.state.link_mut() else {
+            return;
+        };
+        let name = statement_name(WAL_POSITION_KEY);
+        let out = &mut self.to_server;
+        if !link.conn.statements.touch(WAL_POSITION_KEY) {
+            write_target(out, b'C', b'S', &name);
+            // No parameter types (a count of 0).
+            write_parse(out, &name, WAL_POSITION_QUERY.as_bytes(), &[0, 0]);
+            if let Some(evicted) = link.conn.statements.insert(WAL_POSITION_KEY, capacity) {
+                write_target(out, b'C', b'S', &statement_name(evicted));
+            }
+        }
+        // Bind: the unnamed portal, no parameters, text results; Execute it; Sync.
+        let start = begin_frame(out, b'B');
+        out.extend_from_slice(&[0]);
+        out.extend_from_slice(&name);
+        out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        end_frame(out, start);
+        put_frame(out, b'E', &[0, 0, 0, 0, 0]);
+        put_frame(out, b'S', &[]);
         self.expect(Reply::WalPosition, false, None);
     }
 
@@ -220,6 +254,11 @@ impl Session<'_> {
     pub(super) fn on_wal_position_frame(&mut self, frame: &[u8]) {
         match frame[0] {
             b'A' => self.out.extend_from_slice(frame),
+            b'E' => {
+                if let Some(link) = self.state.link_mut() {
+                    link.conn.statements.remove(WAL_POSITION_KEY);
+                }
+            }
             b'D' => {
                 // One column: int16 count, int32 length, the text.
                 let text = frame
@@ -239,15 +278,20 @@ impl Session<'_> {
                     return;
                 }
                 let kept = std::mem::take(&mut self.request.kept_writes) && !self.txn.rolled_back;
-                if ready.get(5) == Some(&b'I') {
+                let ended = ready.get(5) == Some(&b'I');
+                if ended {
                     self.end_written(kept, position.unwrap_or(0));
                 }
-                if let (true, Some(position), Some(floor), Some(&b'I')) =
-                    (kept, position, &self.floor, ready.get(5))
-                {
-                    floor.raise(position);
-                    self.last_write = position;
-                    self.position_lost = false;
+                match (kept && ended, position, &self.floor) {
+                    (true, Some(position), Some(floor)) => {
+                        floor.raise(position);
+                        self.last_write = position;
+                        self.position_lost = false;
+                    }
+                    // The query failed (its statement was gone, say): as when it went with
+                    // its server, the next read looks the primary's position up.
+                    (true, None, Some(_)) => self.position_lost = true,
+                    _ => {}
                 }
                 self.out.extend_from_slice(&ready);
             }
