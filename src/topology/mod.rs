@@ -102,6 +102,73 @@ impl Topology {
     }
 }
 
+/// Round-robin over `count` replicas: the next index. The rotation is counted per thread,
+/// so picking writes nothing that other worker threads share.
+fn next_replica(count: usize) -> usize {
+    thread_local! {
+        static NEXT_REPLICA: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+    NEXT_REPLICA.with(|next| {
+        let i = next.get();
+        next.set(i.wrapping_add(1));
+        i % count
+    })
+}
+
+/// A caller's copy of what it picked nodes from, with a slot of its own per node (a
+/// session's pool index): while the topology's generation stays, picking a node reads
+/// one atomic instead of the snapshot, and compares no addresses.
+#[derive(Debug)]
+pub struct Picks<T> {
+    generation: u64,
+    primary: Option<(Arc<str>, Option<T>)>,
+    replicas: Vec<(Arc<str>, Option<T>)>,
+}
+
+impl<T> Default for Picks<T> {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            primary: None,
+            replicas: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy> Picks<T> {
+    /// The node for `want` from the topology as of now (its slot, made by `slot` from
+    /// its address the first time, and whether it is the primary); `None`: no node for
+    /// `want` is usable now. The same choice as [`TopologyHandle::node_now`].
+    pub fn pick(
+        &mut self,
+        topology: &TopologyHandle,
+        want: Want,
+        mut slot: impl FnMut(&str) -> T,
+    ) -> Option<(T, bool)> {
+        if topology.generation() != self.generation {
+            let (generation, primary, replicas) = topology.picks_now();
+            self.generation = generation;
+            self.primary = primary.map(|addr| (addr, None));
+            self.replicas.clear();
+            self.replicas
+                .extend(replicas.into_iter().map(|addr| (addr, None)));
+        }
+        let replica = match want {
+            Want::Primary => false,
+            Want::Replica => !self.replicas.is_empty(),
+            Want::Any => self.primary.is_none() && !self.replicas.is_empty(),
+        };
+        let (addr, cached) = if replica {
+            let i = next_replica(self.replicas.len());
+            self.replicas.get_mut(i)?
+        } else {
+            self.primary.as_mut()?
+        };
+        let value = *cached.get_or_insert_with(|| slot(addr));
+        Some((value, !replica))
+    }
+}
+
 /// Which node a caller needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Want {
@@ -120,6 +187,10 @@ pub struct TopologyHandle {
     changed: watch::Sender<u64>,
     /// `routing.max_replica_lag` (`u64::MAX`: no limit), set again by a reload.
     max_lag: AtomicU64,
+    /// Counts the changes of what routing reads (a new snapshot, a new lag limit), from 1:
+    /// a caller that keeps what it picked from one generation ([`Picks`]) looks again
+    /// only when it moves.
+    generation: AtomicU64,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Where the etcd watch stands (off for a static topology).
     etcd: patroni::WatchStatus,
@@ -138,6 +209,7 @@ impl TopologyHandle {
             current: ArcSwap::from_pointee(Topology::default()),
             changed: watch::channel(0).0,
             max_lag: AtomicU64::new(max_lag.unwrap_or(u64::MAX)),
+            generation: AtomicU64::new(1),
             wakers: Mutex::new(HashMap::new()),
             etcd: patroni::WatchStatus::default(),
         });
@@ -154,6 +226,7 @@ impl TopologyHandle {
     pub fn set_max_lag(&self, max_lag: Option<u64>) {
         self.max_lag
             .store(max_lag.unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -196,6 +269,7 @@ impl TopologyHandle {
             Topology { nodes }
         });
         if changed {
+            self.generation.fetch_add(1, Ordering::Release);
             self.changed.send_modify(|v| *v += 1);
         }
     }
@@ -251,20 +325,31 @@ impl TopologyHandle {
     /// Round-robin over the readable replicas. The rotation is counted per thread, so
     /// picking writes nothing that other worker threads share.
     fn pick_replica<'t>(&self, topology: &'t Topology, primary: Option<&Node>) -> Option<&'t Node> {
-        thread_local! {
-            static NEXT_REPLICA: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-        }
         let mut readable = topology.readable_beside(primary, self.max_lag());
         let count = readable.clone().count();
         if count == 0 {
             return None;
         }
-        let i = NEXT_REPLICA.with(|next| {
-            let i = next.get();
-            next.set(i.wrapping_add(1));
-            i % count
-        });
-        readable.nth(i)
+        readable.nth(next_replica(count))
+    }
+
+    /// What routing reads now, for [`Picks`]: the generation, the healthy primary and
+    /// the replicas that may take reads. The generation is read first, so the nodes are
+    /// at least as new as it says.
+    pub fn picks_now(&self) -> (u64, Option<Arc<str>>, Vec<Arc<str>>) {
+        let generation = self.generation.load(Ordering::Acquire);
+        let topology = self.current.load();
+        let primary = topology.primary();
+        let replicas = topology
+            .readable_beside(primary, self.max_lag())
+            .map(|n| Arc::clone(&n.addr))
+            .collect();
+        (generation, primary.map(|n| Arc::clone(&n.addr)), replicas)
+    }
+
+    /// The generation of what routing reads (see [`Picks`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Calls `f` with the healthy primary's address, if there is one, without copying it.
@@ -332,6 +417,7 @@ impl TopologyHandle {
     /// [`Self::update`] with the WAL position measured by the check.
     pub fn observe(&self, addr: &str, role: Role, healthy: bool, lsn: Option<u64>) -> Option<Node> {
         let mut previous = None;
+        let mut moved = false;
         self.current.rcu(|current| {
             let mut next = Topology::clone(current);
             previous = None;
@@ -350,8 +436,12 @@ impl TopologyHandle {
                     node.lsn = lsn;
                 }
             }
+            moved = next != **current;
             next
         });
+        if moved {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
         if previous.is_some() {
             self.changed.send_modify(|v| *v += 1);
         }
@@ -440,6 +530,133 @@ mod tests {
         assert_eq!(t.primary(), None);
         t.observe("b:2", Role::Primary, true, Some(1000));
         assert_eq!(t.primary().as_deref(), Some("b:2"));
+    }
+
+    /// What `picks` and [`TopologyHandle::node_now`] (as `with_node` uses it) choose for
+    /// `want`, over six picks:
+    /// the addresses (sorted, deduplicated) and whether each was the primary.
+    fn both_choose(
+        t: &TopologyHandle,
+        picks: &mut Picks<usize>,
+        slots: &mut Vec<String>,
+        want: Want,
+    ) -> [Vec<(String, bool)>; 2] {
+        let mut cached = Vec::new();
+        let mut fresh = Vec::new();
+        // Apart: the replicas' rotation is shared, so alternating would skip every other.
+        for _ in 0..6 {
+            let slot = |addr: &str| {
+                slots.push(addr.to_owned());
+                slots.len() - 1
+            };
+            if let Some((slot, primary)) = picks.pick(t, want, slot) {
+                cached.push((slots[slot].clone(), primary));
+            }
+        }
+        // With no replica, node_now's caller (`with_node`) waits for the primary, which is
+        // there or not at once here.
+        let node = |want| t.node_now(want, |addr: &str, primary| (addr.to_owned(), primary));
+        for _ in 0..6 {
+            let found = match want {
+                Want::Replica => node(Want::Replica).or_else(|| node(Want::Primary)),
+                _ => node(want),
+            };
+            fresh.extend(found);
+        }
+        for choices in [&mut cached, &mut fresh] {
+            choices.sort();
+            choices.dedup();
+        }
+        [cached, fresh]
+    }
+
+    #[test]
+    fn picks_follow_the_topology_and_make_each_slot_once_per_generation() {
+        let t = TopologyHandle::with_max_lag(&["a:1".into(), "b:2".into(), "c:3".into()], None);
+        let mut picks = Picks::default();
+        let mut slots = Vec::new();
+        let owned = |choices: &[(&str, bool)]| -> Vec<(String, bool)> {
+            choices.iter().map(|(a, p)| ((*a).to_owned(), *p)).collect()
+        };
+        let check = |picks: &mut Picks<usize>, slots: &mut Vec<String>, want, expected| {
+            let [cached, fresh] = both_choose(&t, picks, slots, want);
+            assert_eq!(cached, expected, "{want:?}");
+            assert_eq!(cached, fresh, "{want:?}: the same choice as node_now");
+        };
+        // Nothing checked yet: no node.
+        for want in [Want::Primary, Want::Replica, Want::Any] {
+            check(&mut picks, &mut slots, want, vec![]);
+        }
+        t.update("a:1", Role::Primary, true);
+        t.update("b:2", Role::Replica, true);
+        t.update("c:3", Role::Replica, true);
+        check(
+            &mut picks,
+            &mut slots,
+            Want::Primary,
+            owned(&[("a:1", true)]),
+        );
+        check(
+            &mut picks,
+            &mut slots,
+            Want::Replica,
+            owned(&[("b:2", false), ("c:3", false)]),
+        );
+        check(&mut picks, &mut slots, Want::Any, owned(&[("a:1", true)]));
+        assert_eq!(slots, ["a:1", "b:2", "c:3"], "one slot per node");
+
+        // A replica goes down: the next pick sees it, with new slots.
+        t.mark_down("b:2");
+        check(
+            &mut picks,
+            &mut slots,
+            Want::Replica,
+            owned(&[("c:3", false)]),
+        );
+        assert_eq!(slots[3..], ["c:3"]);
+        // No replica left: a read takes the primary.
+        t.mark_down("c:3");
+        check(
+            &mut picks,
+            &mut slots,
+            Want::Replica,
+            owned(&[("a:1", true)]),
+        );
+        // No primary: any node is a replica; nothing for a write.
+        t.update("c:3", Role::Unknown, true);
+        t.mark_down("a:1");
+        check(&mut picks, &mut slots, Want::Any, owned(&[("c:3", false)]));
+        check(&mut picks, &mut slots, Want::Primary, vec![]);
+
+        // A lag limit set by a reload moves the generation too.
+        t.update("a:1", Role::Primary, true);
+        t.observe("a:1", Role::Primary, true, Some(1000));
+        t.observe("c:3", Role::Replica, true, Some(500));
+        check(
+            &mut picks,
+            &mut slots,
+            Want::Replica,
+            owned(&[("c:3", false)]),
+        );
+        t.set_max_lag(Some(100));
+        check(
+            &mut picks,
+            &mut slots,
+            Want::Replica,
+            owned(&[("a:1", true)]),
+        );
+        // A health check that changes nothing keeps the generation, and the slots.
+        let made = slots.len();
+        let generation = t.generation();
+        t.observe("c:3", Role::Replica, true, Some(500));
+        assert_eq!(t.generation(), generation);
+        check(
+            &mut picks,
+            &mut slots,
+            Want::Replica,
+            owned(&[("a:1", true)]),
+        );
+        assert_eq!(slots.len(), made);
     }
 
     #[test]

@@ -66,10 +66,7 @@ impl Session<'_> {
         {
             return Quick::NotNow;
         }
-        let Some((index, primary)) = shared
-            .topology
-            .node_now(want, |addr, primary| (self.pool_index(addr), primary))
-        else {
+        let Some((index, primary)) = self.pick_now(want) else {
             return Quick::NotNow;
         };
         let Some(conn) = self.pools[index].1.try_acquire() else {
@@ -193,13 +190,26 @@ impl Session<'_> {
                 let primary = topology.with_primary(|primary| *primary == *addr);
                 Ok((self.pool_index(&addr), primary.unwrap_or(false)))
             }
-            None => topology
-                .with_node(*want, wait, |addr, primary| {
-                    (self.pool_index(addr), primary)
-                })
-                .await
-                .ok_or_else(|| ClientError::NoPrimary(wait())),
+            None => match self.pick_now(*want) {
+                Some(picked) => Ok(picked),
+                None => topology
+                    .with_node(*want, wait, |addr, primary| {
+                        (self.pool_index(addr), primary)
+                    })
+                    .await
+                    .ok_or_else(|| ClientError::NoPrimary(wait())),
+            },
         }
+    }
+
+    /// The node for `want` in the topology as of now (pool index, is it the primary),
+    /// from what this session picked from the same generation of it before (see
+    /// [`crate::topology::Picks`]); `None`: no node for `want` is usable now.
+    fn pick_now(&mut self, want: Want) -> Option<(usize, bool)> {
+        let mut picks = std::mem::take(&mut self.picks);
+        let picked = picks.pick(&self.shared.topology, want, |addr| self.pool_index(addr));
+        self.picks = picks;
+        picked
     }
 
     /// The index in `self.pools` of the pool for `addr`, added on first use.

@@ -88,6 +88,7 @@ use crate::route::floors::Floor;
 use crate::route::{Hint, PinReason, SessionEffect, Why};
 use crate::settings::ClientSettings;
 use crate::timer::Alarm;
+use crate::topology::Picks;
 
 pub use effects::{default_target, followed_reports};
 use prepared::Prepared;
@@ -443,6 +444,8 @@ pub struct Session<'a> {
     /// transaction then touches no reference count that other worker threads also write.
     /// A list, not a map: a session sees a handful of nodes.
     pools: Vec<(Arc<str>, Arc<Pool>)>,
+    /// The nodes picked from the topology's current generation, by index in `pools`.
+    picks: Picks<usize>,
     /// The read-your-writes floor this client reads under and raises (`None`: off).
     floor: Option<Floor>,
     /// The WAL position of this connection's last write (0: none yet).
@@ -509,6 +512,7 @@ impl<'a> Session<'a> {
             settings,
             target,
             pools: Vec::new(),
+            picks: Picks::default(),
             floor,
             last_write: 0,
             position_lost: false,
