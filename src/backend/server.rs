@@ -147,6 +147,11 @@ impl StatementCache {
         }
     }
 
+    /// True if the statement is prepared here (without marking it used).
+    pub fn contains(&self, hash: u64) -> bool {
+        self.entries.contains_key(&hash)
+    }
+
     /// Records a statement as prepared; returns the least recently used one to close if the
     /// cache is over `capacity`.
     pub fn insert(&mut self, hash: u64, capacity: usize) -> Option<u64> {

@@ -184,13 +184,28 @@ impl Session<'_> {
     /// after a Parse where the connection does not have it yet. Any error in its answer
     /// makes the connection forget it (see [`Self::on_wal_position_frame`]): the next
     /// Parse is then preceded by a Close, as pgway cannot tell whether the server kept it.
+    ///
+    /// A client pinned to the connection (or being pinned by this request) owns what
+    /// `pg_prepared_statements` shows there: pgway does not add its own statement to it,
+    /// and asks with a simple query unless the statement was already there.
     fn queue_wal_query(&mut self) {
         let capacity = self.shared.config.load().pool.statement_cache;
+        let pins = self.is_pinned()
+            || self
+                .request
+                .effects
+                .iter()
+                .any(|effect| matches!(effect, SessionEffect::Pin(_)));
         let Some(link) = self.state.link_mut() else {
             return;
         };
         let name = statement_name(WAL_POSITION_KEY);
         let out = &mut self.to_server;
+        if pins && !link.conn.statements.contains(WAL_POSITION_KEY) {
+            messages::query(out, WAL_POSITION_QUERY);
+            self.expect(Reply::WalPosition, false, None);
+            return;
+        }
         if !link.conn.statements.touch(WAL_POSITION_KEY) {
             write_target(out, b'C', b'S', &name);
             // No parameter types (a count of 0).
