@@ -121,6 +121,74 @@ async fn a_client_waiting_longer_than_wait_timeout_gets_53300() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_begin_takes_no_server_connection_until_the_transaction_uses_one() {
+    let (cluster, gw) = pooled_gateway(1, "1s").await;
+    let primary = cluster.primary_port();
+    let a = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    let b = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+
+    // pgway answers A's BEGIN and holds it: the pool's one primary connection stays free,
+    // and B's write does not wait for A (it would get 53300 after 1s).
+    a.simple_query("begin").await.expect("client A: begin");
+    b.simple_query("insert into items (id, v) values (1, 'b')")
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "client B's write while A is in a transaction: {}",
+                describe_error(&e)
+            )
+        });
+
+    // A's first statement opens the transaction on the server, BEGIN first: it is not
+    // committed on its own, and its backend is idle in a transaction.
+    let row = simple_rows(
+        &a,
+        "insert into items (id, v) values (2, 'a') returning inet_server_port(), pg_backend_pid()",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("client A's insert: {}", describe_error(&e)));
+    assert_eq!(row[0][0].as_deref(), Some(primary.to_string().as_str()));
+    let pid = row[0][1].clone().unwrap_or_default();
+    assert_eq!(
+        cluster.psql_admin(
+            primary,
+            &format!("select state from pg_stat_activity where pid = {pid}")
+        ),
+        "idle in transaction"
+    );
+    assert_eq!(
+        cluster.psql_admin(primary, "select count(*) from items where id = 2"),
+        "0",
+        "A's insert is not visible before its transaction ends"
+    );
+    times_out(
+        &b,
+        "insert into items (id, v) values (3, 'b')",
+        "B's write while A's transaction holds the connection",
+    )
+    .await;
+
+    // ROLLBACK undoes it; a held BEGIN followed by COMMIT keeps what came between.
+    a.simple_query("rollback")
+        .await
+        .expect("client A: rollback");
+    a.simple_query("begin")
+        .await
+        .expect("client A: second begin");
+    a.simple_query("insert into items (id, v) values (4, 'a')")
+        .await
+        .expect("client A: second insert");
+    a.simple_query("commit").await.expect("client A: commit");
+    assert_eq!(
+        cluster.psql_admin(
+            primary,
+            "select string_agg(v || id, ',' order by id) from items"
+        ),
+        "b1,a4"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_share_a_pool_bounded_by_pool_size() {
     const CLIENTS: usize = 8;
     const ROUNDS: usize = 5;

@@ -458,6 +458,33 @@ pub struct Words {
     pub releases: bool,
 }
 
+/// True when `sql` is one plain transaction start: `BEGIN`, `BEGIN WORK`, `BEGIN
+/// TRANSACTION` or `START TRANSACTION`, in any case, with no modes, no comment and nothing
+/// after it but a `;` and white space. Such a `BEGIN` takes no snapshot, lock or
+/// transaction id on the server, so a gateway may answer it and send it in front of the
+/// transaction's first statement.
+pub fn is_plain_begin(sql: &[u8]) -> bool {
+    let text = sql.trim_ascii_end();
+    let text = text.strip_suffix(b";").unwrap_or(text);
+    let mut words = text
+        .split(u8::is_ascii_whitespace)
+        .filter(|word| !word.is_empty());
+    let first = words.next().unwrap_or_default();
+    let second = words.next();
+    if words.next().is_some() {
+        return false;
+    }
+    match second {
+        None => first.eq_ignore_ascii_case(b"begin"),
+        Some(second) if first.eq_ignore_ascii_case(b"begin") => {
+            second.eq_ignore_ascii_case(b"work") || second.eq_ignore_ascii_case(b"transaction")
+        }
+        Some(second) => {
+            first.eq_ignore_ascii_case(b"start") && second.eq_ignore_ascii_case(b"transaction")
+        }
+    }
+}
+
 /// Scans `sql` once for the words of [`Words`]: one pass, a table lookup per byte, and a
 /// word compared only when its length matches one of the few.
 pub fn scan_words(sql: &[u8]) -> Words {
@@ -603,6 +630,36 @@ fn replace(out: &mut String, before: &str, literal: &str, len: usize) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn plain_begins() {
+        for sql in [
+            "BEGIN",
+            "begin;",
+            "BEGIN;\n",
+            "  Begin  Work ; ",
+            "BEGIN TRANSACTION",
+            "start transaction;",
+        ] {
+            assert!(super::is_plain_begin(sql.as_bytes()), "{sql:?}");
+        }
+        for sql in [
+            "",
+            ";",
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            "BEGIN READ ONLY",
+            "START TRANSACTION READ WRITE",
+            "BEGIN; SELECT 1",
+            "BEGIN;;",
+            "/* pgway:fresh */ BEGIN",
+            "BEGINS",
+            "START",
+            "COMMIT",
+            "begin work transaction",
+        ] {
+            assert!(!super::is_plain_begin(sql.as_bytes()), "{sql:?}");
+        }
+    }
+
     /// What [`number`] replaced, two passes: the run, then whether it is one literal.
     fn number_by_run(rest: &[u8]) -> Option<usize> {
         let len = rest

@@ -14,6 +14,11 @@
 //!   read, else the primary) and takes a connection from that node's pool.
 //! - **Attached**: a server connection is held for a request in flight, an open
 //!   transaction, or an extended-protocol batch that has not reached its Sync.
+//! - **Begun**: the client sent a plain `BEGIN` outside a transaction. pgway answered it
+//!   (ReadyForQuery `T`) and holds it: the transaction's first request takes a primary
+//!   connection and goes after the `BEGIN`, in one write. A round trip fewer per
+//!   transaction, and no server connection idles in a transaction the client has not used
+//!   yet. If no connection can be had then, the transaction is lost: Aborted.
 //! - **Pinned**: session-bound state (LISTEN, a temporary table, a session advisory lock,
 //!   SQL `PREPARE`, a `WITH HOLD` cursor) holds the client on its connection; between
 //!   requests pgway relays what the server sends unprompted (notifications).
@@ -31,6 +36,8 @@
 //!
 //! ```text
 //! Idle ──request──▶ Attached ──ReadyForQuery idle, nothing outstanding──▶ Idle
+//!   ├──plain BEGIN──▶ Begun ──request──▶ Attached (BEGIN sent first)
+//!   │                   └──no connection──▶ Aborted
 //!   │                 │  ▲
 //!   │                 │  └──DISCARD ALL──┐
 //!   │                 ├──pinning effect──▶ Pinned (until the client leaves)
@@ -183,6 +190,10 @@ enum State {
     /// itself, and anything else with 25P02, as PostgreSQL does in a failed transaction.
     Aborted,
     Attached(Link),
+    /// The client sent a plain `BEGIN` (this Query) outside a transaction: pgway answered
+    /// it (status `T`) and sends it in front of the transaction's first request, on the
+    /// connection that request takes. No server connection is held meanwhile.
+    Begun(BytesMut),
     Pinned(Link, PinReason),
     CopyIn(Link, Copy),
 }
@@ -191,14 +202,14 @@ impl State {
     fn link(&self) -> Option<&Link> {
         match self {
             State::Attached(link) | State::Pinned(link, _) | State::CopyIn(link, _) => Some(link),
-            State::Idle | State::SkipToSync(_) | State::Aborted => None,
+            State::Idle | State::Begun(_) | State::SkipToSync(_) | State::Aborted => None,
         }
     }
 
     fn link_mut(&mut self) -> Option<&mut Link> {
         match self {
             State::Attached(link) | State::Pinned(link, _) | State::CopyIn(link, _) => Some(link),
-            State::Idle | State::SkipToSync(_) | State::Aborted => None,
+            State::Idle | State::Begun(_) | State::SkipToSync(_) | State::Aborted => None,
         }
     }
 
@@ -206,6 +217,7 @@ impl State {
     fn status(&self) -> u8 {
         match self {
             State::Aborted => b'E',
+            State::Begun(_) => b'T',
             _ => self.link().map_or(b'I', |link| link.status),
         }
     }

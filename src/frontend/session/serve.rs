@@ -10,9 +10,10 @@ use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
 use crate::net::{recycle_buffer, take_buffer};
+use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, query_text};
 use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
-use crate::route::fast::scan_words;
+use crate::route::fast::{is_plain_begin, scan_words};
 use crate::route::{Target, Why};
 
 /// Extended-protocol bytes collected without a Sync before pgway stops waiting for one and
@@ -220,6 +221,9 @@ impl Session<'_> {
         }
         let proven_read = target == Target::Replica || why.is_proven_read();
         self.note_route(why, hints);
+        if target == Target::Primary && matches!(self.state, State::Idle) && is_plain_begin(sql) {
+            return self.hold_begin(frame).await;
+        }
         let target = if self.apply_read_hints(hints, target) {
             self.fresh_target(target).await
         } else {
@@ -282,6 +286,22 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A plain `BEGIN` outside a transaction (Idle -> Begun): answered here, and sent in
+    /// front of the transaction's first request (see [`Self::send_request`]). Counted as a
+    /// statement on the primary, where it goes.
+    async fn hold_begin(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+        if let Some(registered) = &self.registered {
+            registered.entry.queried(1);
+        }
+        self.shared.metrics.query(Route::Primary);
+        // What the BEGIN's CommandComplete would have said.
+        self.txn.rolled_back = false;
+        put_frame(&mut self.out, b'C', b"BEGIN\0");
+        messages::ready_for_query(&mut self.out, b'T');
+        self.state = State::Begun(frame);
+        self.flush().await
     }
 
     async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), SessionError> {
@@ -383,7 +403,8 @@ impl Session<'_> {
             Ok(()) => Ok(()),
             Err(e) => {
                 if !sync {
-                    self.state = State::SkipToSync(b'I');
+                    // `E`: a held BEGIN's transaction was lost with it (Aborted).
+                    self.state = State::SkipToSync(self.state.status());
                 }
                 self.report(e, sync).await
             }
@@ -409,6 +430,9 @@ impl Session<'_> {
     /// If the server shuts down before answering a retryable request, the connection is
     /// dropped and the request goes again, from Idle, to another one.
     ///
+    /// In Begun, the held `BEGIN` goes first (again with each retry); if no connection can
+    /// be had for it, the transaction is lost (Aborted).
+    ///
     /// `Ok(Err(e))`: no server connection could be had; nothing was sent.
     async fn send_request(
         &mut self,
@@ -418,14 +442,26 @@ impl Session<'_> {
     ) -> Result<Result<(), ClientError>, SessionError> {
         let mut attempt = 0;
         let mut target = target;
+        let mut begin = None;
         loop {
             let can_retry = plan.retry && self.can_retry_now();
             self.request.begin_attempt(can_retry, self.out.len());
+            if let State::Begun(_) = self.state {
+                if let State::Begun(frame) = std::mem::replace(&mut self.state, State::Idle) {
+                    begin = Some(frame);
+                }
+            }
             if let State::Idle = self.state {
                 if let Err(e) = self.attach(target).await {
+                    if begin.is_some() {
+                        self.state = State::Aborted;
+                    }
                     return Ok(Err(e));
                 }
                 self.request.on_replica = self.state.link().is_some_and(|link| link.replica);
+                if let Some(begin) = &begin {
+                    self.queue_begin(begin);
+                }
             }
             if let Some(fill) = &mut self.fill {
                 fill.restart();
@@ -467,6 +503,19 @@ impl Session<'_> {
                     return self.request_done(plan).await;
                 }
             }
+        }
+    }
+
+    /// Queues the held `BEGIN` in front of a request: its answer is swallowed, and the
+    /// connection is in a transaction from here on (so no WAL position query follows the
+    /// request unless it commits).
+    fn queue_begin(&mut self, begin: &[u8]) {
+        self.to_server.extend_from_slice(begin);
+        self.expect(super::relay::Reply::Query, false, None);
+        if let Some(link) = self.state.link_mut() {
+            link.status = b'T';
+            // A simple query replaces the unnamed statement.
+            link.conn.unnamed = None;
         }
     }
 
@@ -517,7 +566,8 @@ impl Session<'_> {
     /// answering: no transaction is open, no Sync is owed, nothing holds the client.
     fn can_retry_now(&self) -> bool {
         match &self.state {
-            State::Idle => true,
+            // Begun: the held BEGIN goes again with the request.
+            State::Idle | State::Begun(_) => true,
             State::Attached(link) => link.status == b'I' && !link.unsynced,
             State::Pinned(..) | State::CopyIn(..) | State::SkipToSync(_) | State::Aborted => false,
         }

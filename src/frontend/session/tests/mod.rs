@@ -273,6 +273,17 @@ impl Harness {
         replica
     }
 
+    /// Opens a transaction for `client` on a new primary connection, returned: pgway
+    /// answers the plain `begin` and holds it, and the transaction's first statement
+    /// (`select 1`) takes the connection, where the `begin` arrives first.
+    pub(super) async fn open_transaction(&mut self, client: &mut TestClient) -> FakeServer {
+        client.begin_held().await;
+        client.query("select 1").await;
+        let mut primary = self.accept(PRIMARY).await;
+        primary.first_in_transaction(client, "select 1").await;
+        primary
+    }
+
     /// Idle connections parked in the pool for `addr`.
     pub(super) fn idle(&self, addr: &str) -> usize {
         self.shared.pools.get(addr, "app", "app").idle_count()
@@ -317,6 +328,16 @@ impl TestClient {
     /// The next message from pgway.
     pub(super) async fn recv(&mut self) -> Msg {
         read(&mut self.io, "client").await.expect("client recv")
+    }
+
+    /// Sends a plain `begin`, which pgway answers itself (CommandComplete `BEGIN`,
+    /// ReadyForQuery `T`) and holds for the transaction's first statement.
+    pub(super) async fn begin_held(&mut self) {
+        self.query("begin").await;
+        let got = self.until_ready().await;
+        assert_eq!(tags(&got), "CZ");
+        assert_eq!(text(&got[0].1), "BEGIN");
+        assert_eq!(got[1].1, b"T");
     }
 
     /// Messages up to and including the next ReadyForQuery.
@@ -416,6 +437,23 @@ impl FakeServer {
     /// Sends raw protocol bytes (see [`wire`]).
     pub(super) async fn send(&mut self, mut bytes: BytesMut) {
         self.io.send(&mut bytes).await.expect("server send");
+    }
+
+    /// Receives the `begin` pgway held and answers it (status `T`).
+    pub(super) async fn begin_received(&mut self) {
+        assert_eq!(self.recv_query().await, "begin");
+        self.answer("BEGIN", b'T').await;
+    }
+
+    /// Receives a held `begin` and the transaction's first statement after it, `sql` (a
+    /// read `client` sent), and answers both: `client` sees only the read's answer.
+    pub(super) async fn first_in_transaction(&mut self, client: &mut TestClient, sql: &str) {
+        self.begin_received().await;
+        assert_eq!(self.recv_query().await, sql);
+        self.answer_select("1", b'T').await;
+        let got = client.until_ready().await;
+        assert_eq!(tags(&got), "TDCZ");
+        assert_eq!(got[3].1, b"T");
     }
 
     /// Answers a one-row, one-column SELECT: RowDescription, DataRow, CommandComplete,

@@ -7,17 +7,12 @@ use std::time::Duration;
 
 use super::*;
 
-/// Opens a transaction for `client` on the primary connection `primary`.
+/// Opens a transaction for `client` on the primary connection `primary` (parked in the
+/// pool): the held `begin` arrives with its first statement.
 async fn begin(client: &mut TestClient, primary: &mut FakeServer) {
-    client.query("begin").await;
-    begin_answered(client, primary).await;
-}
-
-/// The server receives the `begin` the client sent and opens the transaction.
-async fn begin_answered(client: &mut TestClient, primary: &mut FakeServer) {
-    assert_eq!(primary.recv_query().await, "begin");
-    primary.answer("BEGIN", b'T').await;
-    assert_eq!(client.until_ready().await[1].1, b"T");
+    client.begin_held().await;
+    client.query("select 1").await;
+    primary.first_in_transaction(client, "select 1").await;
 }
 
 /// Runs a write for `client` on `primary` (the connection the pool must hand out).
@@ -33,9 +28,7 @@ async fn two_clients_take_turns_on_one_connection() {
     let mut h = Harness::with_wait_timeout(1, "30s");
     let mut a = h.client().await;
     let mut b = h.client().await;
-    a.query("begin").await;
-    let mut primary = h.accept(PRIMARY).await;
-    begin_answered(&mut a, &mut primary).await;
+    let mut primary = h.open_transaction(&mut a).await;
 
     // B's write needs the one connection, which A's transaction holds.
     b.query("insert into t values (1)").await;
@@ -59,9 +52,7 @@ async fn two_clients_take_turns_on_one_connection() {
 async fn a_client_that_terminates_inside_a_transaction_is_rolled_back() {
     let mut h = Harness::new(1);
     let mut a = h.client().await;
-    a.query("begin").await;
-    let mut primary = h.accept(PRIMARY).await;
-    begin_answered(&mut a, &mut primary).await;
+    let mut primary = h.open_transaction(&mut a).await;
 
     tokio::join!(a.terminate(), async {
         assert_eq!(primary.recv_query().await, "ROLLBACK");
@@ -78,10 +69,10 @@ async fn a_client_that_terminates_inside_a_transaction_is_rolled_back() {
 async fn a_client_that_vanishes_inside_a_transaction_is_rolled_back() {
     let mut h = Harness::new(1);
     let mut a = h.client().await;
-    a.query("begin").await;
-    let mut primary = h.accept(PRIMARY).await;
-    begin_answered(&mut a, &mut primary).await;
+    a.begin_held().await;
     a.query("insert into t values (1)").await;
+    let mut primary = h.accept(PRIMARY).await;
+    primary.begin_received().await;
     assert_eq!(primary.recv_query().await, "insert into t values (1)");
     primary.answer("INSERT 0 1", b'T').await;
     a.until_ready().await;
@@ -247,12 +238,13 @@ async fn the_cancel_key_names_the_server_connection_in_use() {
     client.until_ready().await;
     assert_eq!(h.shared.cancels.target(client.pid, client.secret), None);
 
+    // A held `begin` takes no connection: the key names none.
+    client.begin_held().await;
+    assert_eq!(h.shared.cancels.target(client.pid, client.secret), None);
     // Inside a transaction the key stays on the primary connection between statements.
-    client.query("begin").await;
+    client.query("select 1").await;
     let mut primary = h.accept(PRIMARY).await;
-    assert_eq!(primary.recv_query().await, "begin");
-    primary.answer("BEGIN", b'T').await;
-    client.until_ready().await;
+    primary.first_in_transaction(&mut client, "select 1").await;
     let target = h.shared.cancels.target(client.pid, client.secret);
     assert_eq!(
         target.map(|t| (t.addr.to_string(), t.pid, t.secret)),
@@ -269,9 +261,7 @@ async fn the_cancel_key_names_the_server_connection_in_use() {
 async fn an_unknown_message_type_ends_only_that_session() {
     let mut h = Harness::new(2);
     let mut other = h.client().await;
-    other.query("begin").await;
-    let mut primary = h.accept(PRIMARY).await;
-    begin_answered(&mut other, &mut primary).await;
+    let mut primary = h.open_transaction(&mut other).await;
 
     let mut client = h.client().await;
     client.send(wire::frame(b'y', b"junk")).await;
@@ -423,4 +413,64 @@ async fn a_parked_connection_past_its_limits_is_closed_not_lent_also_after_a_rel
         .await;
     assert!(second.until_closed().await.is_empty());
     assert!(!h.has_pending_connection(REPLICA));
+}
+
+#[tokio::test]
+async fn a_held_begin_takes_no_connection_until_its_first_statement() {
+    let mut h = Harness::new(1);
+    let mut a = h.client().await;
+    let mut b = h.client().await;
+    // A's BEGIN is answered by pgway: the pool's one connection stays free for B.
+    a.begin_held().await;
+    b.query("insert into t values (1)").await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "insert into t values (1)");
+    primary.answer("INSERT 0 1", b'I').await;
+    assert_eq!(tags(&b.until_ready().await), "CZ");
+
+    // A's first statement takes it, the BEGIN in front; the transaction then holds it.
+    a.query("insert into t values (2)").await;
+    primary.begin_received().await;
+    assert_eq!(primary.recv_query().await, "insert into t values (2)");
+    primary.answer("INSERT 0 1", b'T').await;
+    let got = a.until_ready().await;
+    assert_eq!(tags(&got), "CZ", "the BEGIN's own answer is not repeated");
+    assert_eq!(text(&got[0].1), "INSERT 0 1");
+    assert_eq!(got[1].1, b"T");
+    assert_eq!(h.idle(PRIMARY), 0, "held for the transaction");
+    a.query("commit").await;
+    assert_eq!(primary.recv_query().await, "commit");
+    primary.answer("COMMIT", b'I').await;
+    assert_eq!(tags(&a.until_ready().await), "CZ");
+    assert_eq!(h.idle(PRIMARY), 1);
+    assert!(
+        !h.has_pending_connection(PRIMARY),
+        "one connection for both"
+    );
+}
+
+#[tokio::test]
+async fn a_held_begin_whose_first_statement_gets_no_connection_fails_its_transaction() {
+    let mut h = Harness::new(1);
+    let mut other = h.client().await;
+    let _held = h.open_transaction(&mut other).await;
+
+    let mut a = h.client().await;
+    a.begin_held().await;
+    // The one connection stays busy past `pool.wait_timeout`.
+    a.query("insert into t values (1)").await;
+    let got = a.until_ready().await;
+    assert_eq!(tags(&got), "EZ");
+    assert_eq!(sqlstate(&got[0]), "53300");
+    assert_eq!(got[1].1, b"E", "the client's transaction failed");
+    // As in any failed transaction: 25P02 until it ends; pgway answers the ROLLBACK.
+    a.query("select 1").await;
+    let got = a.until_ready().await;
+    assert_eq!(sqlstate(&got[0]), "25P02");
+    a.query("rollback").await;
+    let got = a.until_ready().await;
+    assert_eq!(tags(&got), "CZ");
+    assert_eq!(text(&got[0].1), "ROLLBACK");
+    assert_eq!(got[1].1, b"I");
+    assert!(!h.has_pending_connection(PRIMARY));
 }

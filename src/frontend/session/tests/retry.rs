@@ -93,11 +93,7 @@ async fn a_pipelined_batch_is_sent_again_as_a_whole_after_a_shutdown() {
 async fn no_retry_inside_a_transaction() {
     let mut h = Harness::new(2);
     let mut client = h.client().await;
-    client.query("begin").await;
-    let mut primary = h.accept(PRIMARY).await;
-    assert_eq!(primary.recv_query().await, "begin");
-    primary.answer("BEGIN", b'T').await;
-    client.until_ready().await;
+    let mut primary = h.open_transaction(&mut client).await;
 
     client.query("select 1").await;
     assert_eq!(primary.recv_query().await, "select 1");
@@ -198,11 +194,7 @@ async fn a_read_whose_server_dies_before_answering_goes_elsewhere() {
 async fn a_transaction_whose_server_dies_fails_and_pgway_answers_its_rollback() {
     let mut h = Harness::new(2);
     let mut client = h.client().await;
-    client.query("begin").await;
-    let mut primary = h.accept(PRIMARY).await;
-    assert_eq!(primary.recv_query().await, "begin");
-    primary.answer("BEGIN", b'T').await;
-    client.until_ready().await;
+    let mut primary = h.open_transaction(&mut client).await;
     client.query("insert into t values (1)").await;
     assert_eq!(primary.recv_query().await, "insert into t values (1)");
     drop(primary);
@@ -233,22 +225,14 @@ async fn a_transaction_whose_server_dies_fails_and_pgway_answers_its_rollback() 
     assert_eq!(got[3].1, b"I");
     assert!(!h.has_pending_connection(PRIMARY));
     // And on: a new transaction on a new connection.
-    client.query("begin").await;
-    let mut primary = h.accept(PRIMARY).await;
-    assert_eq!(primary.recv_query().await, "begin");
-    primary.answer("BEGIN", b'T').await;
-    assert_eq!(client.until_ready().await[1].1, b"T");
+    h.open_transaction(&mut client).await;
 }
 
 #[tokio::test]
 async fn a_commit_whose_server_dies_is_resolution_unknown() {
     let mut h = Harness::new(2);
     let mut client = h.client().await;
-    client.query("begin").await;
-    let mut primary = h.accept(PRIMARY).await;
-    assert_eq!(primary.recv_query().await, "begin");
-    primary.answer("BEGIN", b'T').await;
-    client.until_ready().await;
+    let mut primary = h.open_transaction(&mut client).await;
     client.query("commit").await;
     assert_eq!(primary.recv_query().await, "commit");
     drop(primary);

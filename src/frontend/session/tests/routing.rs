@@ -35,15 +35,10 @@ async fn a_write_and_a_transaction_go_to_the_primary_on_one_connection() {
     primary.answer("INSERT 0 1", b'I').await;
     assert_eq!(tags(&client.until_ready().await), "CZ");
 
-    client.query("begin").await;
-    assert_eq!(primary.recv_query().await, "begin");
-    primary.answer("BEGIN", b'T').await;
-    assert_eq!(client.until_ready().await[1].1, b"T");
-    // A read inside the transaction stays on the primary connection.
+    client.begin_held().await;
+    // A read inside the transaction goes to the primary connection, after the held begin.
     client.query("select 1").await;
-    assert_eq!(primary.recv_query().await, "select 1");
-    primary.answer_select("1", b'T').await;
-    client.until_ready().await;
+    primary.first_in_transaction(&mut client, "select 1").await;
     assert_eq!(h.idle(PRIMARY), 0, "held for the transaction");
     client.query("commit").await;
     assert_eq!(primary.recv_query().await, "commit");
@@ -106,11 +101,9 @@ async fn pgway_target_replica_sends_function_reads_to_the_replica_but_never_writ
     primary.answer("UPDATE 1", b'I').await;
     client.until_ready().await;
 
-    client.query("begin").await;
-    assert_eq!(primary.recv_query().await, "begin");
-    primary.answer("BEGIN", b'T').await;
-    client.until_ready().await;
+    client.begin_held().await;
     client.query("rollback").await;
+    primary.begin_received().await;
     assert_eq!(primary.recv_query().await, "rollback");
     primary.answer("ROLLBACK", b'I').await;
     client.until_ready().await;
