@@ -433,9 +433,18 @@ pub struct PoolConfig {
         with = "humantime_serde"
     )]
     pub server_idle_timeout: Duration,
+    /// A plain `BEGIN` outside a transaction is answered by pgway and sent in front of the
+    /// transaction's first statement (a round trip fewer, no server connection held
+    /// before the transaction uses one). `false`: it goes to the server at once, as
+    /// pgbouncer sends it. _Default:_ true
+    #[serde(default = "PoolConfig::default_hold_begin")]
+    pub hold_begin: bool,
 }
 
 impl PoolConfig {
+    fn default_hold_begin() -> bool {
+        true
+    }
     fn default_size() -> usize {
         20
     }
@@ -465,6 +474,7 @@ impl Default for PoolConfig {
             statement_cache: Self::default_statement_cache(),
             server_lifetime: Self::default_server_lifetime(),
             server_idle_timeout: Self::default_server_idle_timeout(),
+            hold_begin: Self::default_hold_begin(),
         }
     }
 }

@@ -833,6 +833,7 @@ fn config(shared: &Shared) -> Table {
     row("pool.wait_timeout", duration(c.pool.wait_timeout));
     row("pool.connect_timeout", duration(c.pool.connect_timeout));
     row("pool.statement_cache", c.pool.statement_cache.to_string());
+    row("pool.hold_begin", c.pool.hold_begin.to_string());
     row("client.login_timeout", duration(c.client.login_timeout));
     row(
         "client.max_connections",

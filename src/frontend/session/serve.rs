@@ -221,7 +221,11 @@ impl Session<'_> {
         }
         let proven_read = target == Target::Replica || why.is_proven_read();
         self.note_route(why, hints);
-        if target == Target::Primary && matches!(self.state, State::Idle) && is_plain_begin(sql) {
+        if target == Target::Primary
+            && matches!(self.state, State::Idle)
+            && is_plain_begin(sql)
+            && self.shared.config.load().pool.hold_begin
+        {
             return self.hold_begin(frame).await;
         }
         let target = if self.apply_read_hints(hints, target) {

@@ -101,7 +101,7 @@ impl Harness {
         Self::with_config(&Self::config(2, "300ms", read_your_writes))
     }
 
-    fn config(pool_size: usize, wait_timeout: &str, read_your_writes: &str) -> String {
+    pub(super) fn config(pool_size: usize, wait_timeout: &str, read_your_writes: &str) -> String {
         format!(
             r#"
             listen = "127.0.0.1:0"

@@ -474,3 +474,25 @@ async fn a_held_begin_whose_first_statement_gets_no_connection_fails_its_transac
     assert_eq!(got[1].1, b"I");
     assert!(!h.has_pending_connection(PRIMARY));
 }
+
+#[tokio::test]
+async fn with_hold_begin_off_a_begin_goes_to_the_server_at_once() {
+    let config = Harness::config(1, "300ms", "off").replace(
+        "wait_timeout = \"300ms\"",
+        "wait_timeout = \"300ms\"\n            hold_begin = false",
+    );
+    let mut h = Harness::with_config(&config);
+    let mut a = h.client().await;
+    a.query("begin").await;
+    let mut primary = h.accept(PRIMARY).await;
+    primary.begin_received().await;
+    let got = a.until_ready().await;
+    assert_eq!(tags(&got), "CZ");
+    assert_eq!(got[1].1, b"T");
+    assert_eq!(h.idle(PRIMARY), 0, "the BEGIN holds the connection");
+    a.query("commit").await;
+    assert_eq!(primary.recv_query().await, "commit");
+    primary.answer("COMMIT", b'I').await;
+    assert_eq!(tags(&a.until_ready().await), "CZ");
+    assert_eq!(h.idle(PRIMARY), 1);
+}
