@@ -36,12 +36,12 @@
 //!
 //! ```text
 //! Idle ──request──▶ Attached ──ReadyForQuery idle, nothing outstanding──▶ Idle
-//!   ├──plain BEGIN──▶ Begun ──request──▶ Attached (BEGIN sent first)
-//!   │                   └──no connection──▶ Aborted
 //!   │                 │  ▲
 //!   │                 │  └──DISCARD ALL──┐
 //!   │                 ├──pinning effect──▶ Pinned (until the client leaves)
 //!   │                 └──CopyInResponse──▶ CopyIn ──CopyDone / CopyFail / error──▶ back
+//!   ├──plain BEGIN──▶ Begun ──request──▶ Attached (the BEGIN sent first)
+//!   │                   └──no connection for the request──▶ Aborted
 //!   ├──no connection for an unsynced batch──▶ SkipToSync ──Sync──▶ Idle
 //!   └──server shut down before answering: the request is sent again from Idle
 //! Attached ──server died inside a transaction──▶ Aborted ──ROLLBACK──▶ Idle
