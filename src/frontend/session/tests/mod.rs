@@ -101,7 +101,16 @@ impl Harness {
         Self::with_config(&Self::config(2, "300ms", read_your_writes))
     }
 
-    pub(super) fn config(pool_size: usize, wait_timeout: &str, read_your_writes: &str) -> String {
+    /// [`Self::config`] of a harness made by [`Self::new`], with `lines` added to its
+    /// `[pool]` table.
+    pub(super) fn config_with_pool(pool_size: usize, lines: &str) -> String {
+        Self::config(pool_size, "300ms", "off").replace(
+            "connect_timeout = \"2s\"",
+            &format!("connect_timeout = \"2s\"\n{lines}"),
+        )
+    }
+
+    fn config(pool_size: usize, wait_timeout: &str, read_your_writes: &str) -> String {
         format!(
             r#"
             listen = "127.0.0.1:0"

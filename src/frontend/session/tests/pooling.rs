@@ -375,11 +375,10 @@ async fn read_on(client: &mut TestClient, replica: &mut FakeServer, sql: &str) {
 
 #[tokio::test]
 async fn a_parked_connection_past_its_limits_is_closed_not_lent_also_after_a_reload() {
-    let config = Harness::config(2, "300ms", "off").replace(
-        "connect_timeout = \"2s\"",
-        "connect_timeout = \"2s\"\nserver_idle_timeout = \"150ms\"",
-    );
-    let mut h = Harness::with_config(&config);
+    let mut h = Harness::with_config(&Harness::config_with_pool(
+        2,
+        "server_idle_timeout = \"150ms\"",
+    ));
     let mut client = h.client().await;
     let mut first = h
         .read_on_new_replica_connection(&mut client, "select 1")
@@ -477,11 +476,7 @@ async fn a_held_begin_whose_first_statement_gets_no_connection_fails_its_transac
 
 #[tokio::test]
 async fn with_hold_begin_off_a_begin_goes_to_the_server_at_once() {
-    let config = Harness::config(1, "300ms", "off").replace(
-        "wait_timeout = \"300ms\"",
-        "wait_timeout = \"300ms\"\n            hold_begin = false",
-    );
-    let mut h = Harness::with_config(&config);
+    let mut h = Harness::with_config(&Harness::config_with_pool(1, "hold_begin = false"));
     let mut a = h.client().await;
     a.query("begin").await;
     let mut primary = h.accept(PRIMARY).await;
