@@ -469,20 +469,20 @@ pub fn is_plain_begin(sql: &[u8]) -> bool {
     let mut words = text
         .split(u8::is_ascii_whitespace)
         .filter(|word| !word.is_empty());
-    let first = words.next().unwrap_or_default();
-    let second = words.next();
-    if words.next().is_some() {
-        return false;
-    }
-    match second {
-        None => first.eq_ignore_ascii_case(b"begin"),
-        Some(second) if first.eq_ignore_ascii_case(b"begin") => {
-            second.eq_ignore_ascii_case(b"work") || second.eq_ignore_ascii_case(b"transaction")
+    let is = |word: Option<&[u8]>, expected: &[u8]| {
+        word.is_some_and(|word| word.eq_ignore_ascii_case(expected))
+    };
+    // Any other statement is turned down at its first word.
+    let first = words.next();
+    let plain = if is(first, b"begin") {
+        match words.next() {
+            None => true,
+            second => is(second, b"work") || is(second, b"transaction"),
         }
-        Some(second) => {
-            first.eq_ignore_ascii_case(b"start") && second.eq_ignore_ascii_case(b"transaction")
-        }
-    }
+    } else {
+        is(first, b"start") && is(words.next(), b"transaction")
+    };
+    plain && words.next().is_none()
 }
 
 /// Scans `sql` once for the words of [`Words`]: one pass, a table lookup per byte, and a
