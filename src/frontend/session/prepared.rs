@@ -5,7 +5,6 @@
 //! statement prepared on one connection can be executed on any other. The unnamed
 //! statement is re-sent when the connection's unnamed slot holds another client's.
 
-use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
@@ -27,6 +26,8 @@ pub(super) struct Prepared {
     pub(super) sql: Vec<u8>,
     pub(super) param_types: Vec<u8>,
     pub(super) hash: u64,
+    /// Its name on the servers, `statement_name(hash)`, made once (a Bind sends it).
+    server_name: [u8; STATEMENT_NAME_LEN],
     target: Target,
     /// Session effects of executing it (SET, LISTEN, ...).
     effects: Vec<SessionEffect>,
@@ -45,8 +46,50 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    fn server_name(&self) -> [u8; STATEMENT_NAME_LEN] {
-        statement_name(self.hash)
+    /// Whether `parse` parses this statement again, to run where `route` says: what pgway
+    /// read from its text still holds. Drivers that send the unnamed statement with every
+    /// execution (the extended protocol without a statement cache) send the same text
+    /// again and again.
+    fn is_parsed_again_by(&self, parse: &Parse<'_>, route: &(Target, Why)) -> bool {
+        self.sql == parse.sql
+            && self.param_types == parse.param_types
+            && self.target == route.0
+            && self.why == route.1
+    }
+}
+
+/// The statements a batch has parsed so far, by name (the unnamed one too), with where
+/// each runs: a few in place (most batches parse one statement or none), a map past that.
+#[derive(Default)]
+struct ParsedInBatch<'a> {
+    few: [(&'a [u8], Option<&'a Decision>); ParsedInBatch::FEW],
+    len: usize,
+    many: foldhash::HashMap<&'a [u8], &'a Decision>,
+}
+
+/// Where a statement runs and why.
+type Decision = (Target, Why);
+
+impl<'a> ParsedInBatch<'a> {
+    const FEW: usize = 4;
+
+    fn insert(&mut self, name: &'a [u8], route: &'a Decision) {
+        if let Some(slot) = self.few[..self.len].iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = Some(route);
+        } else if self.len < Self::FEW {
+            self.few[self.len] = (name, Some(route));
+            self.len += 1;
+        } else {
+            self.many.insert(name, route);
+        }
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&'a Decision> {
+        self.few[..self.len]
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, route)| *route)
+            .or_else(|| self.many.get(name).copied())
     }
 }
 
@@ -85,8 +128,7 @@ impl Session<'_> {
         hints: &mut ReadHints,
     ) -> Result<(Target, Why), SessionError> {
         let mut route = (Target::Replica, Why::PlainRead);
-        // Statements parsed earlier in this batch, by name (the unnamed one too).
-        let mut parsed: HashMap<&[u8], &(Target, Why)> = HashMap::new();
+        let mut parsed = ParsedInBatch::default();
         let mut routes = routes.iter();
         for frame in batch {
             let this = match frame[0] {
@@ -96,26 +138,28 @@ impl Session<'_> {
                         return Ok((Target::Primary, Why::NotARead));
                     };
                     parsed.insert(parse.name, r);
-                    r.clone()
+                    r
                 }
                 b'B' => {
                     let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
-                    let prepared = self.statement(bind.statement);
-                    if let Some(prepared) = prepared {
-                        hints.merge(prepared.hints);
-                    }
-                    match (parsed.get(bind.statement), prepared) {
-                        (Some(r), _) => (*r).clone(),
-                        (None, Some(p)) => (p.target, p.why.clone()),
-                        (None, None) => (Target::Primary, Why::NotARead),
+                    // A statement parsed in this batch: its hints are in `hints` already.
+                    match parsed.get(bind.statement) {
+                        Some(r) => r,
+                        None => match self.statement(bind.statement) {
+                            Some(p) => {
+                                hints.merge(p.hints);
+                                &(p.target, p.why.clone())
+                            }
+                            None => return Ok((Target::Primary, Why::NotARead)),
+                        },
                     }
                 }
                 _ => continue,
             };
             if this.0 == Target::Primary {
-                return Ok(this);
+                return Ok(this.clone());
             }
-            route = this;
+            route = this.clone();
         }
         Ok(route)
     }
@@ -223,6 +267,38 @@ impl Session<'_> {
         route: (Target, Why),
     ) -> Result<(), SessionError> {
         let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
+        let again = match &self.unnamed {
+            Some(unnamed)
+                if parse.name.is_empty() && unnamed.is_parsed_again_by(&parse, &route) =>
+            {
+                Some(Arc::clone(unnamed))
+            }
+            _ => None,
+        };
+        let Some(prepared) = again.or_else(|| self.admit_parse(&parse, route)) else {
+            return Ok(());
+        };
+        if parse.name.is_empty() {
+            let client_id = self.cancel.pid as u64;
+            self.to_server.extend_from_slice(frame);
+            self.server_mut()?.unnamed = Some((prepared.hash, client_id));
+            self.expect(Reply::Parse, true, None);
+            return Ok(());
+        }
+        if self.server_mut()?.statements.touch(prepared.hash) {
+            self.expected.push_back(Expect::Local(local_reply(b'1')));
+        } else {
+            self.prepare_on_server(&prepared, true)?;
+        }
+        self.expected
+            .push_back(Expect::Defines(parse.name.to_vec()));
+        Ok(())
+    }
+
+    /// Reads a client's Parse and remembers its statement, or refuses it: a name in use,
+    /// one statement too many, or a setting pgway refuses. A refused Parse is answered
+    /// with its error in its place, and the rest of the batch is skipped.
+    fn admit_parse(&mut self, parse: &Parse<'_>, route: (Target, Why)) -> Option<Arc<Prepared>> {
         let classification = std::str::from_utf8(parse.sql)
             .map(|sql| self.shared.router.classification(sql))
             .ok();
@@ -247,27 +323,12 @@ impl Session<'_> {
             self.expected.push_back(Expect::Local(error));
             self.request.batch_failed = true;
             self.request.failed = true;
-            return Ok(());
+            return None;
         }
         if !parse.name.is_empty() {
             self.request.named.push(parse.name.to_vec());
         }
-        let prepared = self.remember(&parse, route, effects, classification.as_deref());
-        if parse.name.is_empty() {
-            let client_id = self.cancel.pid as u64;
-            self.to_server.extend_from_slice(frame);
-            self.server_mut()?.unnamed = Some((prepared.hash, client_id));
-            self.expect(Reply::Parse, true, None);
-            return Ok(());
-        }
-        if self.server_mut()?.statements.touch(prepared.hash) {
-            self.expected.push_back(Expect::Local(local_reply(b'1')));
-        } else {
-            self.prepare_on_server(&prepared, true)?;
-        }
-        self.expected
-            .push_back(Expect::Defines(parse.name.to_vec()));
-        Ok(())
+        Some(self.remember(parse, route, effects, classification.as_deref()))
     }
 
     /// Records a client's Parse, and where it is to run, in its statement table.
@@ -286,6 +347,7 @@ impl Session<'_> {
             sql: parse.sql.to_vec(),
             param_types: parse.param_types.to_vec(),
             hash,
+            server_name: statement_name(hash),
             target,
             effects,
             writes: classification.is_none_or(|c| c.writes),
@@ -312,7 +374,7 @@ impl Session<'_> {
         forward: bool,
     ) -> Result<(), SessionError> {
         let capacity = self.shared.config.load().pool.statement_cache;
-        let name = prepared.server_name();
+        let name = prepared.server_name;
         write_parse(
             &mut self.to_server,
             &name,
@@ -370,7 +432,7 @@ impl Session<'_> {
         if !self.server_mut()?.statements.touch(prepared.hash) {
             self.prepare_on_server(&prepared, false)?;
         }
-        Ok(Some(statement_name(prepared.hash)))
+        Ok(Some(prepared.server_name))
     }
 
     /// `DEALLOCATE name` / `DEALLOCATE ALL` of protocol-level statements, which live in
@@ -407,5 +469,36 @@ impl Session<'_> {
         put_frame(&mut self.out, b'C', tag);
         messages::ready_for_query(&mut self.out, self.state.status());
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsed_in_batch_finds_the_last_parse_of_each_name_in_place_and_past_it() {
+        let decisions: Vec<Decision> = (0..8)
+            .map(|i| (Target::Replica, Why::Function(format!("f{i}").into())))
+            .collect();
+        let names: Vec<Vec<u8>> = (0..6).map(|i| format!("s{i}").into_bytes()).collect();
+        let mut parsed = ParsedInBatch::default();
+        parsed.insert(b"", &decisions[7]);
+        for (name, decision) in names.iter().zip(&decisions) {
+            parsed.insert(name, decision);
+        }
+        assert!(parsed.len == ParsedInBatch::FEW && !parsed.many.is_empty());
+        for (name, decision) in names.iter().zip(&decisions) {
+            assert!(std::ptr::eq(parsed.get(name).expect("parsed"), decision));
+        }
+        // The unnamed statement parsed again (in place), and a name kept past the few.
+        parsed.insert(b"", &decisions[6]);
+        parsed.insert(b"s5", &decisions[0]);
+        assert!(std::ptr::eq(
+            parsed.get(b"").expect("unnamed"),
+            &decisions[6]
+        ));
+        assert!(std::ptr::eq(parsed.get(b"s5").expect("s5"), &decisions[0]));
+        assert!(parsed.get(b"s6").is_none());
     }
 }

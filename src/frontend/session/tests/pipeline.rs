@@ -117,6 +117,77 @@ async fn a_batch_of_reads_goes_to_the_replica_and_a_batch_with_one_write_to_the_
 }
 
 #[tokio::test]
+async fn an_unnamed_statement_parsed_again_runs_where_its_text_says() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    // The same read twice (as drivers without a statement cache send it): the replica,
+    // Parse and all, both times.
+    let mut replica = None;
+    for value in ["1", "2"] {
+        let mut batch = unnamed("select 1").to_vec();
+        batch.push(wire::sync());
+        client.send(wire::batch(&batch)).await;
+        if replica.is_none() {
+            replica = Some(h.accept(REPLICA).await);
+        }
+        let server = replica.as_mut().expect("replica");
+        let got = server.recv_n(4).await;
+        assert_eq!(tags(&got), "PBES");
+        assert_eq!(cstrings(&got[0].1, 2), ["", "select 1"]);
+        let mut out = select_replies(value);
+        out.extend_from_slice(&wire::ready(b'I'));
+        server.send(out).await;
+        assert_eq!(tags(&client.until_ready().await), "12DCZ");
+    }
+    // Other text in its place: a write. A Bind alone then executes the write, on the
+    // primary.
+    let mut batch = unnamed("update t set v = 1").to_vec();
+    batch.push(wire::sync());
+    client.send(wire::batch(&batch)).await;
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(tags(&primary.recv_n(4).await), "PBES");
+    let updated = wire::batch(&[
+        wire::frame(b'1', &[]),
+        wire::frame(b'2', &[]),
+        wire::complete("UPDATE 1"),
+        wire::ready(b'I'),
+    ]);
+    primary.send(updated.clone()).await;
+    assert_eq!(tags(&client.until_ready().await), "12CZ");
+    client
+        .send(wire::batch(&[
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ]))
+        .await;
+    assert_eq!(
+        tags(&primary.recv_n(3).await),
+        "BES",
+        "the primary has it already"
+    );
+    primary
+        .send(wire::batch(&[
+            wire::frame(b'2', &[]),
+            wire::complete("UPDATE 1"),
+            wire::ready(b'I'),
+        ]))
+        .await;
+    assert_eq!(tags(&client.until_ready().await), "2CZ");
+    // The read again: back to the replica.
+    let mut batch = unnamed("select 1").to_vec();
+    batch.push(wire::sync());
+    client.send(wire::batch(&batch)).await;
+    let server = replica.as_mut().expect("replica");
+    assert_eq!(tags(&server.recv_n(4).await), "PBES");
+    let mut out = select_replies("3");
+    out.extend_from_slice(&wire::ready(b'I'));
+    server.send(out).await;
+    assert_eq!(tags(&client.until_ready().await), "12DCZ");
+    assert!(!h.has_pending_connection(PRIMARY));
+}
+
+#[tokio::test]
 async fn a_named_statement_is_prepared_again_on_a_new_connection() {
     let mut h = Harness::new(2);
     let mut client = h.client().await;
