@@ -94,13 +94,13 @@ impl<'a> ParsedInBatch<'a> {
 }
 
 impl Session<'_> {
-    /// Where every Parse in the batch would run and why (in order), and the batch's
-    /// read-your-writes hints.
+    /// Where every Parse in the batch would run and why (in order, into `routes`), and
+    /// the batch's read-your-writes hints.
     pub(super) async fn parse_targets(
         &self,
         batch: &[BytesMut],
-    ) -> Result<(Vec<(Target, Why)>, ReadHints), SessionError> {
-        let mut routes = Vec::new();
+        routes: &mut Vec<Decision>,
+    ) -> Result<ReadHints, SessionError> {
         let mut hints = ReadHints::default();
         for frame in batch.iter().filter(|f| f[0] == b'P') {
             let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
@@ -116,7 +116,7 @@ impl Session<'_> {
                 Err(_) => (Target::Primary, Why::NotARead),
             });
         }
-        Ok((routes, hints))
+        Ok(hints)
     }
 
     /// Where the batch goes (a replica only if every statement it parses or executes may

@@ -20,6 +20,9 @@ use crate::route::{Target, Why};
 /// sends them on (to the primary, since the batch cannot be judged whole).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
+/// The most messages of a batch (and Parses) whose list a client keeps for its next one.
+const KEPT_BATCH_FRAMES: usize = 16;
+
 /// Times a request is sent again after its server shut down before answering it.
 const MAX_RETRIES: usize = 3;
 
@@ -337,9 +340,31 @@ impl Session<'_> {
     /// Routes, rewrites, sends and relays the collected extended-protocol batch.
     /// `sync`: the batch ends with Sync (else with Flush, or it grew too large).
     async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut routes = std::mem::take(&mut self.parse_routes);
         self.batch_bytes = 0;
         self.batch_checked = 0;
+        let ran = self.run_frames(&batch, &mut routes, sync).await;
+        // The next batch reuses both lists (a client's batches are mostly alike), unless
+        // this one was large.
+        batch.clear();
+        routes.clear();
+        if batch.capacity() <= KEPT_BATCH_FRAMES && self.batch.is_empty() {
+            self.batch = batch;
+        }
+        if routes.capacity() <= KEPT_BATCH_FRAMES {
+            self.parse_routes = routes;
+        }
+        ran
+    }
+
+    /// [`Self::run_batch`] of `batch`; `parse_targets` (empty) is for the Parses' routes.
+    async fn run_frames(
+        &mut self,
+        batch: &[BytesMut],
+        parse_targets: &mut Vec<(Target, Why)>,
+        sync: bool,
+    ) -> Result<(), SessionError> {
         if let State::SkipToSync(status) = self.state {
             if sync {
                 self.state = if status == b'E' {
@@ -353,12 +378,13 @@ impl Session<'_> {
             return Ok(());
         }
         if let State::Aborted = self.state {
-            return self.answer_aborted_batch(&batch, sync).await;
+            return self.answer_aborted_batch(batch, sync).await;
         }
         let complete = sync || batch.last().is_some_and(|f| f[0] == b'H');
-        let (parse_targets, mut hints) = self.parse_targets(&batch).await?;
+        let mut hints = self.parse_targets(batch, parse_targets).await?;
+        let parse_targets = &*parse_targets;
         let (target, why) = match self.state {
-            State::Idle if complete => self.batch_target(&batch, &parse_targets, &mut hints)?,
+            State::Idle if complete => self.batch_target(batch, parse_targets, &mut hints)?,
             _ => (Target::Primary, self.held_why()),
         };
         let executes = batch.iter().filter(|f| f[0] == b'E').count() as u64;
@@ -372,7 +398,7 @@ impl Session<'_> {
         };
         if sync && self.cache.is_some() && matches!(self.state, State::Idle) {
             let route = parse_targets.first();
-            if Box::pin(self.cached_batch(&batch, route, hints)).await? {
+            if Box::pin(self.cached_batch(batch, route, hints)).await? {
                 return Ok(());
             }
         }
@@ -386,7 +412,7 @@ impl Session<'_> {
             .send_request(target, plan, |session| {
                 session.track_pgway_settings(hints);
                 let mut routes = parse_targets.iter();
-                for frame in &batch {
+                for frame in batch {
                     let route = if frame[0] == b'P' {
                         routes.next()
                     } else {
