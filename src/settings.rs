@@ -254,6 +254,10 @@ fn push_set(sql: &mut String, name: &str, value: &Value) {
 /// The query that turns `applied` into `wanted`, or `None` when they already match.
 /// Updates `applied` to `wanted`.
 pub fn sync_query(applied: &mut Applied, wanted: &Settings) -> Option<String> {
+    if !applied.dirty && Arc::ptr_eq(&applied.settings.values, &wanted.values) {
+        // The case of every statement of a client whose settings did not change.
+        return None;
+    }
     if !applied.dirty && applied.settings == *wanted {
         // Shared from now on: the next comparison with this client's settings is by pointer.
         applied.settings = wanted.clone();
