@@ -127,7 +127,7 @@ impl Session<'_> {
         routes: &[(Target, Why)],
         hints: &mut ReadHints,
     ) -> Result<(Target, Why), SessionError> {
-        let mut route = (Target::Replica, Why::PlainRead);
+        let mut route = (Target::Replica, &Why::PlainRead);
         let mut parsed = ParsedInBatch::default();
         let mut routes = routes.iter();
         for frame in batch {
@@ -138,17 +138,17 @@ impl Session<'_> {
                         return Ok((Target::Primary, Why::NotARead));
                     };
                     parsed.insert(parse.name, r);
-                    r
+                    (r.0, &r.1)
                 }
                 b'B' => {
                     let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
                     // A statement parsed in this batch: its hints are in `hints` already.
                     match parsed.get(bind.statement) {
-                        Some(r) => r,
+                        Some(r) => (r.0, &r.1),
                         None => match self.statement(bind.statement) {
                             Some(p) => {
                                 hints.merge(p.hints);
-                                &(p.target, p.why.clone())
+                                (p.target, &p.why)
                             }
                             None => return Ok((Target::Primary, Why::NotARead)),
                         },
@@ -157,11 +157,11 @@ impl Session<'_> {
                 _ => continue,
             };
             if this.0 == Target::Primary {
-                return Ok(this.clone());
+                return Ok((this.0, this.1.clone()));
             }
-            route = this.clone();
+            route = this;
         }
-        Ok(route)
+        Ok((route.0, route.1.clone()))
     }
 
     /// The client's statement `name` (`""`: the unnamed one).

@@ -146,13 +146,14 @@ async fn an_unnamed_statement_parsed_again_runs_where_its_text_says() {
     client.send(wire::batch(&batch)).await;
     let mut primary = h.accept(PRIMARY).await;
     assert_eq!(tags(&primary.recv_n(4).await), "PBES");
-    let updated = wire::batch(&[
-        wire::frame(b'1', &[]),
-        wire::frame(b'2', &[]),
-        wire::complete("UPDATE 1"),
-        wire::ready(b'I'),
-    ]);
-    primary.send(updated.clone()).await;
+    primary
+        .send(wire::batch(&[
+            wire::frame(b'1', &[]),
+            wire::frame(b'2', &[]),
+            wire::complete("UPDATE 1"),
+            wire::ready(b'I'),
+        ]))
+        .await;
     assert_eq!(tags(&client.until_ready().await), "12CZ");
     client
         .send(wire::batch(&[
