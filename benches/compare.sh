@@ -487,6 +487,7 @@ scenario_opts() {
     s1) echo "-n -S -c 1 -j 1 -T $DURATION" ;;
     s32) echo "-n -S -c 32 -j 2 -T $DURATION" ;;
     tpcb) echo "-n -c 16 -j 2 -T $DURATION" ;;
+    ext32) echo "-n -S -M extended -c 32 -j 2 -T $DURATION" ;;
     prep32) echo "-n -S -M prepared -c 32 -j 2 -T $DURATION" ;;
     esac
 }
@@ -494,6 +495,7 @@ scenario_targets() {
     case $1 in
     s1 | s32) echo "haproxy pgbouncer pgway pgway-rywoff direct" ;;
     tpcb) echo "haproxy pgway direct" ;;
+    ext32) echo "haproxy pgbouncer pgway direct" ;; # a Parse of the unnamed statement per query
     prep32) echo "haproxy pgway direct" ;; # pgbouncer 1.18: no prepared statements in transaction mode
     esac
 }
@@ -506,7 +508,7 @@ target_port() { # scenario, target
     direct) if [[ $1 == tpcb ]]; then echo "$PRIMARY_PORT"; else echo "$REPLICA_PORT"; fi ;;
     esac
 }
-SCENARIOS="s1 s32 tpcb prep32"
+SCENARIOS="s1 s32 tpcb ext32 prep32"
 
 pgbench_cmd() { # scenario, target (as it is run, less PGPASSWORD)
     echo "pgbench $(scenario_opts "$1") -h 127.0.0.1 -p $(target_port "$1" "$2") -U $APP_USER $DB"

@@ -21,6 +21,9 @@ SCENARIOS = [
     ("s1", "`-S`, 1 client", "lat"),
     ("s32", "`-S`, 32 clients", "tps"),
     ("tpcb", "TPC-B, 16 clients", "tps"),
+    # -M extended: Parse of the unnamed statement, Bind, Execute per query, as psycopg 3 and
+    # pgjdbc below their prepare thresholds and node-postgres with parameters talk. No target.
+    ("ext32", "`-S -M extended`, 32 clients", "tps"),
     ("prep32", "`-S -M prepared`, 32 clients", "tps"),
 ]
 # pgway-rywoff: a second pgway, the same config with [routing] read_your_writes = "off"
@@ -540,7 +543,7 @@ def draw_chart(args, meta, medians, speed_to_direct, per_conn, memory, quick):
     if per_conn is not None:
         sub = f"pgway: {per_conn} KiB resident per idle client ({memory.get('opened')} clients)"
     gp = [
-        "set terminal {term} size 1100,640 noenhanced font 'sans,10'",
+        "set terminal {term} size 1300,640 noenhanced font 'sans,10'",
         f"set output '{args.png}'",
         f"set title \"{title}{chr(92) + 'n' + sub if sub else ''}\"",
         "set style fill solid 0.9 border lc rgb '#333333'",
