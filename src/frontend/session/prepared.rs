@@ -1,12 +1,12 @@
 //! Prepared statements in transaction pooling.
 //!
 //! Named prepared statements live in the client's own table; on a server connection they
-//! exist under pgway's names (`pgway_<hash of SQL and types>`), prepared on demand, so a
+//! exist under pgway's names (`pgway_<keyed hash of SQL and types>`), prepared on demand, so a
 //! statement prepared on one connection can be executed on any other. The unnamed
 //! statement is re-sent when the connection's unnamed slot holds another client's.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, LazyLock};
 
 use bytes::BytesMut;
 
@@ -19,6 +19,12 @@ use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse};
 use crate::route::fast::{scan_words, Words};
 use crate::route::{Classification, SessionEffect, Target, Why};
+
+/// The keys of the hash that names statements on the servers, drawn at start-up. A server
+/// connection's statement cache matches statements by this hash alone, across the clients
+/// of its pool: with keys a client cannot know, no client can choose a text whose name
+/// is another client's statement.
+static STATEMENT_HASH: LazyLock<RandomState> = LazyLock::new(RandomState::new);
 
 /// A client's named (or unnamed) prepared statement.
 #[derive(Debug)]
@@ -339,10 +345,7 @@ impl Session<'_> {
         effects: Vec<SessionEffect>,
         classification: Option<&Classification>,
     ) -> Arc<Prepared> {
-        let mut hasher = DefaultHasher::new();
-        parse.sql.hash(&mut hasher);
-        parse.param_types.hash(&mut hasher);
-        let hash = hasher.finish();
+        let hash = STATEMENT_HASH.hash_one((parse.sql, parse.param_types));
         let prepared = Arc::new(Prepared {
             sql: parse.sql.to_vec(),
             param_types: parse.param_types.to_vec(),
@@ -475,6 +478,18 @@ impl Session<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statement_names_come_from_a_key_no_client_knows() {
+        use std::hash::{BuildHasherDefault, DefaultHasher};
+        let text: (&[u8], &[u8]) = (b"SELECT abalance FROM pgbench_accounts WHERE aid = $1", b"");
+        // Stable within the process (every connection must find the statement by it)...
+        assert_eq!(STATEMENT_HASH.hash_one(text), STATEMENT_HASH.hash_one(text));
+        // ...and not what SipHash with the well-known zero key gives, which a client could
+        // compute for any text.
+        let unkeyed = BuildHasherDefault::<DefaultHasher>::default().hash_one(text);
+        assert_ne!(STATEMENT_HASH.hash_one(text), unkeyed);
+    }
 
     #[test]
     fn parsed_in_batch_finds_the_last_parse_of_each_name_in_place_and_past_it() {
