@@ -177,6 +177,39 @@ impl<'a> Parse<'a> {
     pub fn write_renamed(&self, out: &mut BytesMut, name: &[u8]) {
         write_parse(out, name, self.sql, self.param_types);
     }
+
+    /// Where its name and SQL text end, for reading its frame again without a scan.
+    pub fn layout(&self) -> ParseLayout {
+        ParseLayout {
+            name_len: self.name.len(),
+            sql_len: self.sql.len(),
+        }
+    }
+
+    /// The Parse in `frame`, read at `layout` (what [`Self::layout`] gave for the same
+    /// frame): slices only, no scan for the strings' ends. A layout that does not fit
+    /// the frame reads it from the start.
+    pub fn at(frame: &'a [u8], layout: ParseLayout) -> Result<Self, FrameError> {
+        let body = body(frame);
+        let sql_start = layout.name_len + 1;
+        let sql_end = sql_start + layout.sql_len;
+        let ends = (body.get(layout.name_len), body.get(sql_end));
+        match (body.get(sql_end + 1..), ends) {
+            (Some(param_types), (Some(0), Some(0))) => Ok(Self {
+                name: &body[..layout.name_len],
+                sql: &body[sql_start..sql_end],
+                param_types,
+            }),
+            _ => Self::decode(frame),
+        }
+    }
+}
+
+/// Where a Parse message's name and SQL text end (see [`Parse::at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseLayout {
+    name_len: usize,
+    sql_len: usize,
 }
 
 /// Appends a Parse message.
@@ -366,6 +399,34 @@ pub fn error_severity(frame: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
     use crate::protocol::frame::{frame_len, MAX_MESSAGE_LEN};
+
+    #[test]
+    fn a_parse_read_at_its_layout_is_the_parse_decoded() {
+        let fields = |p: &Parse<'_>| (p.name.to_vec(), p.sql.to_vec(), p.param_types.to_vec());
+        let frames: Vec<BytesMut> = [
+            (&b""[..], &b"select 1"[..], &[0, 0][..]),
+            (b"s1", b"select $1", &[0, 1, 0, 0, 0, 23]),
+            (b"", b"", &[0, 0]),
+        ]
+        .iter()
+        .map(|(name, sql, types)| {
+            let mut out = BytesMut::new();
+            write_parse(&mut out, name, sql, types);
+            out
+        })
+        .collect();
+        for frame in &frames {
+            let decoded = Parse::decode(frame).unwrap();
+            let again = Parse::at(frame, decoded.layout()).unwrap();
+            assert_eq!(fields(&again), fields(&decoded));
+        }
+        // Another frame's layout does not fit: the frame is read from the start.
+        let other = Parse::decode(&frames[1]).unwrap().layout();
+        let read = Parse::at(&frames[0], other).unwrap();
+        assert_eq!(fields(&read), fields(&Parse::decode(&frames[0]).unwrap()));
+        // A malformed frame is refused either way.
+        assert!(Parse::at(&frames[0][..frames[0].len() - 1], other).is_err());
+    }
 
     #[test]
     fn startup_roundtrip() {

@@ -92,13 +92,13 @@ use crate::net::{FramedStream, NetError};
 use crate::protocol::messages;
 use crate::protocol::FrameError;
 use crate::route::floors::Floor;
-use crate::route::{Hint, PinReason, SessionEffect, Target, Why};
+use crate::route::{Hint, PinReason, SessionEffect, Why};
 use crate::settings::ClientSettings;
 use crate::timer::Alarm;
 use crate::topology::Picks;
 
 pub use effects::{default_target, followed_reports};
-use prepared::Prepared;
+use prepared::{BatchRoutes, Prepared};
 use relay::Expect;
 
 /// Why a session ended early.
@@ -440,8 +440,8 @@ pub struct Session<'a> {
     unnamed: Option<Arc<Prepared>>,
     /// Extended-protocol messages collected until Sync or Flush.
     batch: Vec<BytesMut>,
-    /// Where the batch's Parses run, worked out when it runs (kept for the next batch).
-    parse_routes: Vec<(Target, Why)>,
+    /// What routing the batch found out, worked out when it runs (kept for the next batch).
+    batch_routes: BatchRoutes,
     batch_bytes: usize,
     /// How many of `batch`'s messages [`Self::holds_refused_bind`] has read.
     batch_checked: usize,
@@ -519,7 +519,7 @@ impl<'a> Session<'a> {
             statements: foldhash::HashMap::default(),
             unnamed: None,
             batch: Vec::new(),
-            parse_routes: Vec::new(),
+            batch_routes: BatchRoutes::default(),
             batch_bytes: 0,
             batch_checked: 0,
             timeouts: Timeouts::of(&shared.config.load().client),

@@ -16,7 +16,7 @@ use super::{effects, Session, SessionError, State};
 use crate::backend::server::{statement_name, STATEMENT_NAME_LEN};
 use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
-use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse};
+use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse, ParseLayout};
 use crate::route::fast::{scan_words, Words};
 use crate::route::{Classification, SessionEffect, Target, Why};
 
@@ -76,6 +76,53 @@ struct ParsedInBatch<'a> {
 /// Where a statement runs and why.
 type Decision = (Target, Why);
 
+/// What routing a batch found out about one of its messages, for [`Session::translate`].
+#[derive(Clone, Copy)]
+pub(super) enum Routed<'a> {
+    /// A Parse: where its statement runs, and where its fields end.
+    Parse(&'a Decision, ParseLayout),
+    /// A Bind: the statement it executes.
+    Bind(&'a Arc<Prepared>),
+    /// Nothing (a Parse without a route runs on the primary).
+    Nothing,
+}
+
+/// What routing a batch found out, for sending it (kept from batch to batch, so most
+/// batches allocate nothing).
+#[derive(Default)]
+pub(super) struct BatchRoutes {
+    /// Where each Parse's fields end, as it arrived (read once then), in order.
+    pub(super) layouts: Vec<ParseLayout>,
+    /// Where each Parse runs and why, in order.
+    pub(super) parses: Vec<Decision>,
+    /// The statements the batch's first Binds execute, in order, looked up once when the
+    /// batch was routed. Binds past the end are looked up when sent: the list stops at
+    /// the batch's first Close, which may close a statement a later Bind names, and at
+    /// its first Bind of a statement it parses (there when that Bind is sent).
+    pub(super) binds: Vec<Arc<Prepared>>,
+}
+
+impl BatchRoutes {
+    /// The most entries a list keeps its room for, for the next batch.
+    const KEPT: usize = 16;
+
+    /// Empties both lists for the next batch, giving back the room of a large one.
+    pub(super) fn clear(&mut self) {
+        self.layouts.clear();
+        self.parses.clear();
+        self.binds.clear();
+        if self.layouts.capacity() > Self::KEPT {
+            self.layouts = Vec::new();
+        }
+        if self.parses.capacity() > Self::KEPT {
+            self.parses = Vec::new();
+        }
+        if self.binds.capacity() > Self::KEPT {
+            self.binds = Vec::new();
+        }
+    }
+}
+
 impl<'a> ParsedInBatch<'a> {
     const FEW: usize = 4;
 
@@ -105,12 +152,13 @@ impl Session<'_> {
     pub(super) async fn parse_targets(
         &self,
         batch: &[BytesMut],
-        routes: &mut Vec<Decision>,
+        routes: &mut BatchRoutes,
     ) -> Result<ReadHints, SessionError> {
         let mut hints = ReadHints::default();
-        for frame in batch.iter().filter(|f| f[0] == b'P') {
-            let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
-            routes.push(match std::str::from_utf8(parse.sql) {
+        let parses = batch.iter().filter(|f| f[0] == b'P');
+        for (frame, at) in parses.zip(&routes.layouts) {
+            let parse = Parse::at(frame, *at).map_err(SessionError::protocol)?;
+            let route = match std::str::from_utf8(parse.sql) {
                 Ok(sql) => {
                     let router = &self.shared.router;
                     let c = router.classification(sql);
@@ -120,45 +168,58 @@ impl Session<'_> {
                         .await
                 }
                 Err(_) => (Target::Primary, Why::NotARead),
-            });
+            };
+            routes.parses.push(route);
         }
         Ok(hints)
     }
 
     /// Where the batch goes (a replica only if every statement it parses or executes may
-    /// go there) and why, adding the hints of the statements it executes to `hints`.
+    /// go there) and why, adding the hints of the statements it executes to `hints` and
+    /// the statements its Binds execute to `routes.binds`.
     pub(super) fn batch_target(
         &self,
         batch: &[BytesMut],
-        routes: &[(Target, Why)],
+        routes: &mut BatchRoutes,
         hints: &mut ReadHints,
     ) -> Result<(Target, Why), SessionError> {
         let mut route = (Target::Replica, &Why::PlainRead);
         let mut parsed = ParsedInBatch::default();
-        let mut routes = routes.iter();
+        let mut parses = routes.parses.iter().zip(&routes.layouts);
+        let binds = &mut routes.binds;
+        let mut collect = true;
         for frame in batch {
             let this = match frame[0] {
                 b'P' => {
-                    let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
-                    let Some(r) = routes.next() else {
+                    let Some((r, at)) = parses.next() else {
                         return Ok((Target::Primary, Why::NotARead));
                     };
+                    let parse = Parse::at(frame, *at).map_err(SessionError::protocol)?;
                     parsed.insert(parse.name, r);
                     (r.0, &r.1)
                 }
                 b'B' => {
                     let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
                     // A statement parsed in this batch: its hints are in `hints` already.
-                    match parsed.get(bind.statement) {
-                        Some(r) => (r.0, &r.1),
-                        None => match self.statement(bind.statement) {
-                            Some(p) => {
-                                hints.merge(p.hints);
-                                (p.target, &p.why)
-                            }
-                            None => return Ok((Target::Primary, Why::NotARead)),
-                        },
+                    if let Some(r) = parsed.get(bind.statement) {
+                        // Looked up when sent, as are the Binds after it (the list has
+                        // no entry for it).
+                        collect = false;
+                        (r.0, &r.1)
+                    } else {
+                        let Some(p) = self.statement(bind.statement) else {
+                            return Ok((Target::Primary, Why::NotARead));
+                        };
+                        if collect {
+                            binds.push(Arc::clone(p));
+                        }
+                        hints.merge(p.hints);
+                        (p.target, &p.why)
                     }
+                }
+                b'C' => {
+                    collect = false;
+                    continue;
                 }
                 _ => continue,
             };
@@ -181,11 +242,12 @@ impl Session<'_> {
 
     /// Appends one client message, rewritten for the attached server, to `to_server`, and
     /// records what to expect back.
-    /// `target` is the routing decision for a Parse message.
+    /// `routed`: for a Parse, where it runs; for a Bind, the statement it executes, if
+    /// routing the batch looked it up (else it is looked up here).
     pub(super) fn translate(
         &mut self,
         frame: &BytesMut,
-        route: Option<&(Target, Why)>,
+        routed: Routed<'_>,
     ) -> Result<(), SessionError> {
         let server_skips = self.state.link().is_some_and(|link| link.skipping);
         if (self.request.batch_failed || server_skips) && frame[0] != b'S' {
@@ -195,14 +257,25 @@ impl Session<'_> {
         }
         match frame[0] {
             b'P' => {
-                let route = route.cloned().unwrap_or((Target::Primary, Why::NotARead));
-                self.translate_parse(frame, route)?;
+                let (parse, route) = match routed {
+                    Routed::Parse(route, at) => (Parse::at(frame, at), route.clone()),
+                    _ => (Parse::decode(frame), (Target::Primary, Why::NotARead)),
+                };
+                let parse = parse.map_err(SessionError::protocol)?;
+                self.translate_parse(frame, &parse, route)?;
             }
             b'B' => {
                 let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
                 // One look-up for the effects and the server's name.
-                let prepared = self.statement(bind.statement).cloned();
-                if let Some(prepared) = &prepared {
+                let looked_up;
+                let prepared = match routed {
+                    Routed::Bind(prepared) => Some(prepared),
+                    _ => {
+                        looked_up = self.statement(bind.statement).cloned();
+                        looked_up.as_ref()
+                    }
+                };
+                if let Some(prepared) = prepared {
                     self.request
                         .effects
                         .extend(prepared.effects.iter().cloned());
@@ -223,7 +296,7 @@ impl Session<'_> {
                         self.request.commits = true;
                     }
                 }
-                match self.server_statement_of(bind.statement.is_empty(), prepared)? {
+                match self.server_statement_of(bind.statement.is_empty(), prepared.map(|p| &**p))? {
                     Some(name) => bind.write_renamed(&mut self.to_server, &name),
                     None => self.to_server.extend_from_slice(frame),
                 }
@@ -270,18 +343,16 @@ impl Session<'_> {
     fn translate_parse(
         &mut self,
         frame: &BytesMut,
+        parse: &Parse<'_>,
         route: (Target, Why),
     ) -> Result<(), SessionError> {
-        let parse = Parse::decode(frame).map_err(SessionError::protocol)?;
         let again = match &self.unnamed {
-            Some(unnamed)
-                if parse.name.is_empty() && unnamed.is_parsed_again_by(&parse, &route) =>
-            {
+            Some(unnamed) if parse.name.is_empty() && unnamed.is_parsed_again_by(parse, &route) => {
                 Some(Arc::clone(unnamed))
             }
             _ => None,
         };
-        let Some(prepared) = again.or_else(|| self.admit_parse(&parse, route)) else {
+        let Some(prepared) = again.or_else(|| self.admit_parse(parse, route)) else {
             return Ok(());
         };
         if parse.name.is_empty() {
@@ -404,7 +475,7 @@ impl Session<'_> {
         name: &[u8],
     ) -> Result<Option<[u8; STATEMENT_NAME_LEN]>, SessionError> {
         let prepared = self.statement(name).cloned();
-        self.server_statement_of(name.is_empty(), prepared)
+        self.server_statement_of(name.is_empty(), prepared.as_deref())
     }
 
     /// [`Self::server_statement`] of the client's statement `prepared` (the unnamed one if
@@ -412,7 +483,7 @@ impl Session<'_> {
     fn server_statement_of(
         &mut self,
         unnamed: bool,
-        prepared: Option<Arc<Prepared>>,
+        prepared: Option<&Prepared>,
     ) -> Result<Option<[u8; STATEMENT_NAME_LEN]>, SessionError> {
         let Some(prepared) = prepared else {
             return Ok(None);
@@ -433,7 +504,7 @@ impl Session<'_> {
             return Ok(None);
         }
         if !self.server_mut()?.statements.touch(prepared.hash) {
-            self.prepare_on_server(&prepared, false)?;
+            self.prepare_on_server(prepared, false)?;
         }
         Ok(Some(prepared.server_name))
     }

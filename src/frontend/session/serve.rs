@@ -5,6 +5,7 @@ use bytes::BytesMut;
 use tracing::info;
 
 use super::freshness::ReadHints;
+use super::prepared::{BatchRoutes, Routed};
 use super::relay::local_reply;
 use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
@@ -20,7 +21,7 @@ use crate::route::{Target, Why};
 /// sends them on (to the primary, since the batch cannot be judged whole).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
-/// The most messages of a batch (and Parses) whose list a client keeps for its next one.
+/// The most messages of a batch whose list a client keeps for its next one.
 const KEPT_BATCH_FRAMES: usize = 16;
 
 /// Times a request is sent again after its server shut down before answering it.
@@ -66,7 +67,14 @@ impl Session<'_> {
                 b'Q' => self.on_query(frame).await?,
                 b'F' => self.on_function_call(frame).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
-                    check_batch_frame(&frame)?;
+                    if frame[0] == b'P' {
+                        // Read once here; routing and sending read it at this layout.
+                        let parse = messages::Parse::decode(&frame);
+                        let parse = parse.map_err(SessionError::protocol)?;
+                        self.batch_routes.layouts.push(parse.layout());
+                    } else {
+                        check_batch_frame(&frame)?;
+                    }
                     self.batch_bytes += frame.len();
                     self.batch.push(frame);
                     if self.batch_bytes > MAX_BATCH_BYTES {
@@ -341,28 +349,28 @@ impl Session<'_> {
     /// `sync`: the batch ends with Sync (else with Flush, or it grew too large).
     async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
         let mut batch = std::mem::take(&mut self.batch);
-        let mut routes = std::mem::take(&mut self.parse_routes);
+        let mut routes = std::mem::take(&mut self.batch_routes);
         self.batch_bytes = 0;
         self.batch_checked = 0;
         let ran = self.run_frames(&batch, &mut routes, sync).await;
-        // The next batch reuses both lists (a client's batches are mostly alike), unless
+        // The next batch reuses the lists (a client's batches are mostly alike), unless
         // this one was large.
         batch.clear();
         routes.clear();
         if batch.capacity() <= KEPT_BATCH_FRAMES && self.batch.is_empty() {
             self.batch = batch;
         }
-        if routes.capacity() <= KEPT_BATCH_FRAMES {
-            self.parse_routes = routes;
+        if self.batch_routes.layouts.is_empty() {
+            self.batch_routes = routes;
         }
         ran
     }
 
-    /// [`Self::run_batch`] of `batch`; `parse_targets` (empty) is for the Parses' routes.
+    /// [`Self::run_batch`] of `batch`; `routes` (empty) is for what routing it finds out.
     async fn run_frames(
         &mut self,
         batch: &[BytesMut],
-        parse_targets: &mut Vec<(Target, Why)>,
+        routes: &mut BatchRoutes,
         sync: bool,
     ) -> Result<(), SessionError> {
         if let State::SkipToSync(status) = self.state {
@@ -381,12 +389,12 @@ impl Session<'_> {
             return self.answer_aborted_batch(batch, sync).await;
         }
         let complete = sync || batch.last().is_some_and(|f| f[0] == b'H');
-        let mut hints = self.parse_targets(batch, parse_targets).await?;
-        let parse_targets = &*parse_targets;
+        let mut hints = self.parse_targets(batch, routes).await?;
         let (target, why) = match self.state {
-            State::Idle if complete => self.batch_target(batch, parse_targets, &mut hints)?,
+            State::Idle if complete => self.batch_target(batch, routes, &mut hints)?,
             _ => (Target::Primary, self.held_why()),
         };
+        let routes = &*routes;
         let executes = batch.iter().filter(|f| f[0] == b'E').count() as u64;
         if executes > 0 {
             self.note_route(why, hints);
@@ -397,7 +405,7 @@ impl Session<'_> {
             target
         };
         if sync && self.cache.is_some() && matches!(self.state, State::Idle) {
-            let route = parse_targets.first();
+            let route = routes.parses.first();
             if Box::pin(self.cached_batch(batch, route, hints)).await? {
                 return Ok(());
             }
@@ -411,14 +419,17 @@ impl Session<'_> {
         let sent = self
             .send_request(target, plan, |session| {
                 session.track_pgway_settings(hints);
-                let mut routes = parse_targets.iter();
+                let mut parses = routes.parses.iter().zip(&routes.layouts);
+                let mut binds = routes.binds.iter();
                 for frame in batch {
-                    let route = if frame[0] == b'P' {
-                        routes.next()
-                    } else {
-                        None
+                    let routed = match frame[0] {
+                        b'P' => parses
+                            .next()
+                            .map_or(Routed::Nothing, |(r, at)| Routed::Parse(r, *at)),
+                        b'B' => binds.next().map_or(Routed::Nothing, Routed::Bind),
+                        _ => Routed::Nothing,
                     };
-                    session.translate(frame, route)?;
+                    session.translate(frame, routed)?;
                 }
                 if let Some(link) = session.state.link_mut() {
                     link.unsynced = !sync;

@@ -396,6 +396,56 @@ async fn closing_a_named_statement_is_answered_by_pgway() {
 }
 
 #[tokio::test]
+async fn a_bind_after_a_close_in_the_same_batch_names_a_statement_that_is_gone() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client
+        .send(wire::batch(&[wire::parse("s1", "select 1"), wire::sync()]))
+        .await;
+    let mut replica = h.accept(REPLICA).await;
+    let got = replica.recv_n(2).await;
+    let server_name = cstrings(&got[0].1, 1).remove(0);
+    replica
+        .send(wire::batch(&[wire::frame(b'1', &[]), wire::ready(b'I')]))
+        .await;
+    assert_eq!(tags(&client.until_ready().await), "1Z");
+
+    // Bind s1, Close s1, Bind s1: the first runs pgway's statement; the second names
+    // one the client no longer has, and goes to the server under the client's name, for
+    // PostgreSQL's own error (routing looked both up before the Close was read).
+    client
+        .send(wire::batch(&[
+            wire::bind("", "s1", &[]),
+            wire::execute(""),
+            wire::close(b'S', "s1"),
+            wire::bind("", "s1", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ]))
+        .await;
+    let got = replica.recv_n(5).await;
+    assert_eq!(tags(&got), "BEBES");
+    assert_eq!(cstrings(&got[0].1, 2), [String::new(), server_name]);
+    assert_eq!(cstrings(&got[2].1, 2), ["", "s1"]);
+    replica
+        .send(wire::batch(&[
+            wire::frame(b'2', &[]),
+            wire::data_row(&["1"]),
+            wire::complete("SELECT 1"),
+            wire::error(
+                Severity::Error,
+                "26000",
+                "prepared statement \"s1\" does not exist",
+            ),
+            wire::ready(b'I'),
+        ]))
+        .await;
+    let replies = client.until_ready().await;
+    assert_eq!(tags(&replies), "2DC3EZ");
+    assert_eq!(sqlstate(&replies[4]), "26000");
+}
+
+#[tokio::test]
 async fn a_flush_separated_pipeline_keeps_its_connection_until_sync() {
     let mut h = Harness::new(2);
     let mut client = h.client().await;
