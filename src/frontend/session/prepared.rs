@@ -18,7 +18,7 @@ use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse, ParseLayout};
 use crate::route::fast::{scan_words, Words};
-use crate::route::{Classification, SessionEffect, Target, Why};
+use crate::route::{Classification, Hint, SessionEffect, Target, Why};
 
 /// The keys of the hash that names statements on the servers, drawn at start-up. A server
 /// connection's statement cache matches statements by this hash alone, across the clients
@@ -49,6 +49,9 @@ pub(super) struct Prepared {
     why: Why,
     /// What the word scan of its text found.
     words: Words,
+    /// The session's `pgway.target` under which its route follows from its text alone
+    /// (decided without the catalog); `None`: decided otherwise.
+    route_follows_text: Option<Option<Hint>>,
 }
 
 impl Prepared {
@@ -61,6 +64,16 @@ impl Prepared {
             && self.param_types == parse.param_types
             && self.target == route.0
             && self.why == route.1
+    }
+
+    /// Its route, for a Parse of the same text in a session whose `pgway.target` is
+    /// `session_hint`, if that follows from the text alone (what deciding again would
+    /// give).
+    fn route_for(&self, parse: &Parse<'_>, session_hint: Option<Hint>) -> Option<Decision> {
+        let same = self.route_follows_text == Some(session_hint)
+            && self.sql == parse.sql
+            && self.param_types == parse.param_types;
+        same.then(|| (self.target, self.why.clone()))
     }
 }
 
@@ -158,6 +171,19 @@ impl Session<'_> {
         let parses = batch.iter().filter(|f| f[0] == b'P');
         for (frame, at) in parses.zip(&routes.layouts) {
             let parse = Parse::at(frame, *at).map_err(SessionError::protocol)?;
+            // The unnamed statement parsed again (drivers without a statement cache):
+            // its route and hints, without classifying its text again.
+            let again = match &self.unnamed {
+                Some(unnamed) if parse.name.is_empty() => unnamed
+                    .route_for(&parse, self.target)
+                    .map(|route| (route, unnamed.hints)),
+                _ => None,
+            };
+            if let Some((route, its_hints)) = again {
+                hints.merge(its_hints);
+                routes.parses.push(route);
+                continue;
+            }
             let route = match std::str::from_utf8(parse.sql) {
                 Ok(sql) => {
                     let router = &self.shared.router;
@@ -417,6 +443,11 @@ impl Session<'_> {
         classification: Option<&Classification>,
     ) -> Arc<Prepared> {
         let hash = STATEMENT_HASH.hash_one((parse.sql, parse.param_types));
+        let router = &self.shared.router;
+        let route_follows_text = classification
+            .and_then(|c| router.decide_now(c, self.target))
+            .filter(|(t, w)| *t == target && *w == why)
+            .map(|_| self.target);
         let prepared = Arc::new(Prepared {
             sql: parse.sql.to_vec(),
             param_types: parse.param_types.to_vec(),
@@ -430,6 +461,7 @@ impl Session<'_> {
             hints: classification.map(ReadHints::of).unwrap_or_default(),
             why,
             words: classification.map_or_else(|| scan_words(parse.sql), |c| c.words),
+            route_follows_text,
         });
         if parse.name.is_empty() {
             self.unnamed = Some(Arc::clone(&prepared));

@@ -117,7 +117,7 @@ async fn a_batch_of_reads_goes_to_the_replica_and_a_batch_with_one_write_to_the_
 }
 
 #[tokio::test]
-async fn an_unnamed_statement_parsed_again_runs_where_its_text_says() {
+async fn an_unnamed_statement_parsed_again_runs_where_its_text_and_the_session_say() {
     let mut h = Harness::new(2);
     let mut client = h.client().await;
     // The same read twice (as drivers without a statement cache send it): the replica,
@@ -184,6 +184,23 @@ async fn an_unnamed_statement_parsed_again_runs_where_its_text_says() {
     let mut out = select_replies("3");
     out.extend_from_slice(&wire::ready(b'I'));
     server.send(out).await;
+    assert_eq!(tags(&client.until_ready().await), "12DCZ");
+
+    // The same text after `SET pgway.target = 'primary'`: the primary, as the setting
+    // says (the route kept with the statement was decided without it).
+    client.query("SET pgway.target = 'primary'").await;
+    assert_eq!(primary.recv_query().await, "SET pgway.target = 'primary'");
+    primary.answer("SET", b'I').await;
+    assert_eq!(tags(&client.until_ready().await), "CZ");
+    let mut batch = unnamed("select 1").to_vec();
+    batch.push(wire::sync());
+    client.send(wire::batch(&batch)).await;
+    let got = primary.recv_n(4).await;
+    assert_eq!(tags(&got), "PBES");
+    assert_eq!(cstrings(&got[0].1, 2), ["", "select 1"]);
+    let mut out = select_replies("4");
+    out.extend_from_slice(&wire::ready(b'I'));
+    primary.send(out).await;
     assert_eq!(tags(&client.until_ready().await), "12DCZ");
     assert!(!h.has_pending_connection(PRIMARY));
 }
