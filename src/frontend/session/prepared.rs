@@ -119,7 +119,7 @@ impl BatchRoutes {
     /// The most entries a list keeps its room for, for the next batch.
     const KEPT: usize = 16;
 
-    /// Empties both lists for the next batch, giving back the room of a large one.
+    /// Empties the lists for the next batch, giving back the room of large ones.
     pub(super) fn clear(&mut self) {
         self.layouts.clear();
         self.parses.clear();

@@ -12,7 +12,7 @@ use crate::error::ClientError;
 use crate::metrics::Route;
 use crate::net::{recycle_buffer, take_buffer};
 use crate::protocol::frame::put_frame;
-use crate::protocol::messages::{self, query_text};
+use crate::protocol::messages::{self, query_text, ParseLayout};
 use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
 use crate::route::fast::{is_plain_begin, scan_words};
 use crate::route::{Target, Why};
@@ -46,15 +46,18 @@ struct Plan {
 /// run the batch. Bind is the exception: its values are the server's to check (it answers
 /// ERROR 08P01 and the session goes on), so only its names are read here; see
 /// [`Session::holds_refused_bind`] for the rest.
-fn check_batch_frame(frame: &[u8]) -> Result<(), SessionError> {
+///
+/// A Parse is read here once: the layout returned lets routing and sending read it again
+/// without a scan.
+fn check_batch_frame(frame: &[u8]) -> Result<Option<ParseLayout>, SessionError> {
     match frame[0] {
-        b'P' => messages::Parse::decode(frame).map(drop),
-        b'B' => messages::Bind::decode(frame).map(drop),
-        b'E' => messages::check_execute(frame),
+        b'P' => messages::Parse::decode(frame).map(|parse| Some(parse.layout())),
+        b'B' => messages::Bind::decode(frame).map(|_| None),
+        b'E' => messages::check_execute(frame).map(|()| None),
         b'H' if frame.len() != 5 => Err(FrameError::Malformed("Flush")),
         b'S' if frame.len() != 5 => Err(FrameError::Malformed("Sync")),
-        b'H' | b'S' => Ok(()),
-        _ => messages::Target::decode(frame).map(drop),
+        b'H' | b'S' => Ok(None),
+        _ => messages::Target::decode(frame).map(|_| None),
     }
     .map_err(SessionError::protocol)
 }
@@ -67,13 +70,8 @@ impl Session<'_> {
                 b'Q' => self.on_query(frame).await?,
                 b'F' => self.on_function_call(frame).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
-                    if frame[0] == b'P' {
-                        // Read once here; routing and sending read it at this layout.
-                        let parse = messages::Parse::decode(&frame);
-                        let parse = parse.map_err(SessionError::protocol)?;
-                        self.batch_routes.layouts.push(parse.layout());
-                    } else {
-                        check_batch_frame(&frame)?;
+                    if let Some(layout) = check_batch_frame(&frame)? {
+                        self.batch_routes.layouts.push(layout);
                     }
                     self.batch_bytes += frame.len();
                     self.batch.push(frame);
@@ -361,6 +359,7 @@ impl Session<'_> {
             self.batch = batch;
         }
         if self.batch_routes.layouts.is_empty() {
+            // (As for the batch: unless the next one has begun.)
             self.batch_routes = routes;
         }
         ran
