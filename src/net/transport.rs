@@ -40,6 +40,14 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync + Debug + 'sta
     /// The stream registered with the calling thread's reactor, for a server connection
     /// moved to another worker. Streams without a reactor return themselves.
     fn rebind(self: Box<Self>) -> io::Result<Box<dyn Transport>>;
+
+    /// Writes what the stream takes of `buf` now, without waiting; `WouldBlock` if it
+    /// takes nothing now or cannot tell without a wait. Streams that buffer (TLS) say
+    /// `WouldBlock` always, so that their writes go through `poll_write` and `poll_flush`.
+    fn write_now(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _ = buf;
+        Err(io::ErrorKind::WouldBlock.into())
+    }
 }
 
 impl Transport for TcpStream {
@@ -57,6 +65,12 @@ impl Transport for TcpStream {
 
     fn rebind(self: Box<Self>) -> io::Result<Box<dyn Transport>> {
         Ok(Box::new(TcpStream::from_std((*self).into_std()?)?))
+    }
+
+    /// `try_write`: one `send` when the reactor has seen the socket writable, with no
+    /// future, waker or cooperative budget around it.
+    fn write_now(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.try_write(buf)
     }
 }
 
@@ -140,6 +154,32 @@ mod tests {
         let (mut near, far) = tokio::io::duplex(64);
         drop(far);
         assert!(near.is_stale());
+    }
+
+    #[tokio::test]
+    async fn a_send_larger_than_the_socket_takes_at_once_arrives_whole() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut client =
+            super::super::FramedStream::new(TcpConnector.connect(&addr).await.unwrap());
+        let (mut server, _) = listener.accept().await.unwrap();
+        // A few bytes (taken at once), then 16 MiB (more than loopback's send buffer: the
+        // rest waits for the reader), then a few bytes again.
+        let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+        let parts = [b"first".to_vec(), big, b"last".to_vec()];
+        let expected: Vec<u8> = parts.concat();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; expected.len()];
+            server.read_exact(&mut got).await.unwrap();
+            got == expected
+        });
+        for part in &parts {
+            let mut buf = bytes::BytesMut::from(&part[..]);
+            client.send(&mut buf).await.unwrap();
+            assert!(buf.is_empty());
+        }
+        assert!(reader.await.unwrap(), "the reader got every byte, in order");
     }
 
     #[tokio::test]
