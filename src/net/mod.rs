@@ -189,28 +189,27 @@ impl FramedStream {
 
     /// Writes all of `buf`, then clears it.
     pub async fn send(&mut self, buf: &mut BytesMut) -> Result<(), NetError> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        // Nearly every write fits the socket's send buffer at once.
-        let sent = match self.stream.write_now(buf) {
-            Ok(sent) => sent,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(e.into()),
-        };
-        if sent < buf.len() {
-            self.stream.write_all(&buf[sent..]).await?;
-            // TLS may keep records buffered after a write; plain TCP is flushed already.
-            self.stream.flush().await?;
-        }
+        self.send_bytes(buf).await?;
         buf.clear();
         Ok(())
     }
 
     /// Writes `bytes` as they are.
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), NetError> {
-        self.stream.write_all(bytes).await?;
-        self.stream.flush().await?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        // Nearly every write fits the socket's send buffer at once.
+        let sent = match self.stream.write_now(bytes) {
+            Ok(sent) => sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e.into()),
+        };
+        if sent < bytes.len() {
+            self.stream.write_all(&bytes[sent..]).await?;
+            // TLS may keep records buffered after a write; plain TCP is flushed already.
+            self.stream.flush().await?;
+        }
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use bytes::BytesMut;
 
 use super::freshness::ReadHints;
 use super::relay::{local_reply, Expect, Reply};
+use super::serve::KEPT_BATCH_FRAMES;
 use super::{effects, Session, SessionError, State};
 use crate::backend::server::{statement_name, STATEMENT_NAME_LEN};
 use crate::error::ClientError;
@@ -60,19 +61,19 @@ impl Prepared {
     /// execution (the extended protocol without a statement cache) send the same text
     /// again and again.
     fn is_parsed_again_by(&self, parse: &Parse<'_>, route: &(Target, Why)) -> bool {
-        self.sql == parse.sql
-            && self.param_types == parse.param_types
-            && self.target == route.0
-            && self.why == route.1
+        self.has_text_of(parse) && self.target == route.0 && self.why == route.1
+    }
+
+    /// Whether `parse` has this statement's text and parameter types.
+    fn has_text_of(&self, parse: &Parse<'_>) -> bool {
+        self.sql == parse.sql && self.param_types == parse.param_types
     }
 
     /// Its route, for a Parse of the same text in a session whose `pgway.target` is
     /// `session_hint`, if that follows from the text alone (what deciding again would
     /// give).
     fn route_for(&self, parse: &Parse<'_>, session_hint: Option<Hint>) -> Option<Decision> {
-        let same = self.route_follows_text == Some(session_hint)
-            && self.sql == parse.sql
-            && self.param_types == parse.param_types;
+        let same = self.route_follows_text == Some(session_hint) && self.has_text_of(parse);
         same.then(|| (self.target, self.why.clone()))
     }
 }
@@ -116,8 +117,8 @@ pub(super) struct BatchRoutes {
 }
 
 impl BatchRoutes {
-    /// The most entries a list keeps its room for, for the next batch.
-    const KEPT: usize = 16;
+    /// The most entries a list keeps its room for, for the next batch (as for the batch).
+    const KEPT: usize = KEPT_BATCH_FRAMES;
 
     /// Empties the lists for the next batch, giving back the room of large ones.
     pub(super) fn clear(&mut self) {

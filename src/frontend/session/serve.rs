@@ -22,7 +22,7 @@ use crate::route::{Target, Why};
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// The most messages of a batch whose list a client keeps for its next one.
-const KEPT_BATCH_FRAMES: usize = 16;
+pub(super) const KEPT_BATCH_FRAMES: usize = 16;
 
 /// Times a request is sent again after its server shut down before answering it.
 const MAX_RETRIES: usize = 3;
