@@ -111,9 +111,10 @@ impl FramedStream {
     /// client holds none) waits for data before it takes memory for it; once woken
     /// (`waited`) it takes a buffer and reads straight away, since the read checks the
     /// socket's readiness itself, and gives the buffer back if the wake-up was not for
-    /// data. The read (unlike `readable` + `try_read`) treats a short read as "drained", so
-    /// the next wait goes straight to epoll instead of first trying a read that would
-    /// block: one system call less per round trip.
+    /// data. A read treats a short read as "drained", so the next wait goes straight to
+    /// epoll instead of first trying a read that would block: one system call less per
+    /// round trip. It tries [`Transport::read_now`] first (no waker, no budget: the
+    /// common case, bytes are there), then the polled read, which stores the waker.
     fn poll_fill(&mut self, cx: &mut Context<'_>, waited: &mut bool) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < 1024 {
             if self.rbuf.capacity() == 0 {
@@ -124,6 +125,10 @@ impl FramedStream {
                 self.rbuf = take_buffer();
             }
             self.rbuf.reserve(READ_CAPACITY);
+        }
+        match self.stream.read_now(&mut self.rbuf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return Poll::Ready(done),
         }
         let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf);
         if read.is_pending() && *waited && self.rbuf.is_empty() {

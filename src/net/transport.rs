@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A connected byte stream.
@@ -48,6 +49,16 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync + Debug + 'sta
         let _ = buf;
         Err(io::ErrorKind::WouldBlock.into())
     }
+
+    /// Reads what the stream holds now into the spare capacity of `buf` (which must have
+    /// some), without waiting; `Ok(0)` at end of stream, `WouldBlock` if nothing is there
+    /// or the stream cannot tell without a wait (the default: TLS and in-memory streams
+    /// read through `poll_read`). A read that leaves nothing behind leaves the stream
+    /// marked as drained, so the next wait goes to the reactor without a read first.
+    fn read_now(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        let _ = buf;
+        Err(io::ErrorKind::WouldBlock.into())
+    }
 }
 
 impl Transport for TcpStream {
@@ -71,6 +82,29 @@ impl Transport for TcpStream {
     /// future, waker or cooperative budget around it.
     fn write_now(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.try_write(buf)
+    }
+
+    /// `try_read_buf` when the reactor has seen the socket readable: no future, waker or
+    /// cooperative budget. A short read means the socket is drained, and tokio forgets a
+    /// socket's readiness only when an attempt under `try_io` says `WouldBlock`; so the
+    /// read runs inside a second `try_io` that reports a short read as `WouldBlock`, and
+    /// the bytes it read are kept. (`try_read_buf` alone would leave the readiness set,
+    /// and the next wait would start with a read that blocks: a system call more per
+    /// round trip.)
+    fn read_now(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        let room = buf.capacity() - buf.len();
+        let mut short = None;
+        let read = self.try_io(Interest::READABLE, || match self.try_read_buf(buf)? {
+            n if n > 0 && n < room => {
+                short = Some(n);
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            n => Ok(n),
+        });
+        match short {
+            Some(n) => Ok(n),
+            None => read,
+        }
     }
 }
 
@@ -180,6 +214,61 @@ mod tests {
             assert!(buf.is_empty());
         }
         assert!(reader.await.unwrap(), "the reader got every byte, in order");
+    }
+
+    #[tokio::test]
+    async fn a_read_now_takes_what_is_there_and_a_later_wait_still_wakes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let sent: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+        server.write_all(&sent).await.unwrap();
+        let wait = std::time::Duration::from_secs(10);
+        tokio::time::timeout(wait, client.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        // Full reads leave the socket marked readable; the short one that drains it does not.
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            let mut buf = BytesMut::with_capacity(8192);
+            match client.read_now(&mut buf) {
+                Ok(n) => {
+                    assert_eq!(n, buf.len());
+                    sizes.push(n);
+                    got.extend_from_slice(&buf);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(
+            got, sent,
+            "every byte, in order, without a wait between reads"
+        );
+        assert!(sizes.len() >= 3, "{sizes:?}");
+        // Drained: the next bytes come after a wait, which the reactor must still end.
+        server.write_all(b"abc").await.unwrap();
+        tokio::time::timeout(wait, client.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut buf = BytesMut::with_capacity(64);
+        assert_eq!(client.read_now(&mut buf).unwrap(), 3);
+        assert_eq!(&buf[..], b"abc");
+        drop(server);
+        tokio::time::timeout(wait, client.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            client.read_now(&mut BytesMut::with_capacity(64)).unwrap(),
+            0,
+            "end of stream"
+        );
     }
 
     #[tokio::test]
