@@ -50,22 +50,39 @@ thread_local! {
 /// All are made the size of a read buffer, so any of them serves as any of a session's
 /// buffers without growing.
 pub fn take_buffer() -> BytesMut {
-    SPARE
-        .with_borrow_mut(Vec::pop)
-        .unwrap_or_else(|| BytesMut::with_capacity(READ_CAPACITY))
+    let [buf] = take_buffers();
+    buf
+}
+
+/// [`take_buffer`] for `N` buffers, with one visit to the thread's spares.
+pub fn take_buffers<const N: usize>() -> [BytesMut; N] {
+    SPARE.with_borrow_mut(|spare| {
+        std::array::from_fn(|_| {
+            spare
+                .pop()
+                .unwrap_or_else(|| BytesMut::with_capacity(READ_CAPACITY))
+        })
+    })
 }
 
 /// Gives a buffer back for [`take_buffer`] on this thread (dropped if it is too large or
 /// enough are kept). The caller is left with none: an idle client holds no memory.
 pub fn recycle_buffer(buf: &mut BytesMut) {
-    let mut buf = std::mem::take(buf);
-    if buf.capacity() == 0 || buf.capacity() > SPARE_MAX_CAPACITY {
-        return;
-    }
-    buf.clear();
+    recycle_buffers([buf]);
+}
+
+/// [`recycle_buffer`] for `N` buffers, with one visit to the thread's spares.
+pub fn recycle_buffers<const N: usize>(bufs: [&mut BytesMut; N]) {
     SPARE.with_borrow_mut(|spare| {
-        if spare.len() < SPARE_BUFFERS {
-            spare.push(buf);
+        for buf in bufs {
+            let mut buf = std::mem::take(buf);
+            if buf.capacity() == 0 || buf.capacity() > SPARE_MAX_CAPACITY {
+                continue;
+            }
+            buf.clear();
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(buf);
+            }
         }
     });
 }
@@ -148,9 +165,14 @@ impl FramedStream {
 
     /// Frees the read buffer if it holds nothing (an idle connection needs none).
     pub fn release_buffer(&mut self) {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
-            recycle_buffer(&mut self.rbuf);
+        if let Some(rbuf) = self.spare_buffer() {
+            recycle_buffer(rbuf);
         }
+    }
+
+    /// The read buffer, if it holds nothing (for [`recycle_buffers`] with others).
+    pub fn spare_buffer(&mut self) -> Option<&mut BytesMut> {
+        (self.rbuf.is_empty() && self.rbuf.capacity() > 0).then_some(&mut self.rbuf)
     }
 
     /// Splits off the next complete regular frame already in the buffer, if any.

@@ -226,7 +226,7 @@ mod tests {
         let sent: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
         server.write_all(&sent).await.unwrap();
         let wait = std::time::Duration::from_secs(10);
-        tokio::time::timeout(wait, client.readable())
+        crate::timer::timeout(wait, client.readable())
             .await
             .unwrap()
             .unwrap();
@@ -252,7 +252,7 @@ mod tests {
         assert!(sizes.len() >= 3, "{sizes:?}");
         // Drained: the next bytes come after a wait, which the reactor must still end.
         server.write_all(b"abc").await.unwrap();
-        tokio::time::timeout(wait, client.readable())
+        crate::timer::timeout(wait, client.readable())
             .await
             .unwrap()
             .unwrap();
@@ -260,7 +260,7 @@ mod tests {
         assert_eq!(client.read_now(&mut buf).unwrap(), 3);
         assert_eq!(&buf[..], b"abc");
         drop(server);
-        tokio::time::timeout(wait, client.readable())
+        crate::timer::timeout(wait, client.readable())
             .await
             .unwrap()
             .unwrap();

@@ -10,7 +10,7 @@ use super::relay::local_reply;
 use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
-use crate::net::{recycle_buffer, take_buffer};
+use crate::net::{recycle_buffers, take_buffers};
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, query_text, ParseLayout};
 use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
@@ -160,9 +160,9 @@ impl Session<'_> {
         }
         // Between requests a client holds no buffers: thousands of idle clients cost
         // little memory.
-        self.client.release_buffer();
-        recycle_buffer(&mut self.out);
-        recycle_buffer(&mut self.to_server);
+        let mut none = BytesMut::new();
+        let rbuf = self.client.spare_buffer().unwrap_or(&mut none);
+        recycle_buffers([rbuf, &mut self.out, &mut self.to_server]);
         // Between transactions a stopping pgway may close the connection, and
         // `client.idle_timeout` does.
         let timeout = self.timeouts.idle;
@@ -172,8 +172,7 @@ impl Session<'_> {
             _ = &mut self.stopping => Err(SessionError::Fatal(ClientError::Shutdown)),
             () = self.alarms.idle.after(timeout) => Err(SessionError::Fatal(ClientError::IdleTimeout(timeout))),
         }?;
-        self.out = take_buffer();
-        self.to_server = take_buffer();
+        [self.out, self.to_server] = take_buffers();
         Ok(frame)
     }
 
