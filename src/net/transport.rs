@@ -78,10 +78,16 @@ impl Transport for TcpStream {
         Ok(Box::new(TcpStream::from_std((*self).into_std()?)?))
     }
 
-    /// `try_write`: one `send` when the reactor has seen the socket writable, with no
-    /// future, waker or cooperative budget around it.
+    /// One `send` when the reactor has seen the socket writable, with no future, waker or
+    /// cooperative budget around it (`try_write`, less its system call). The call is
+    /// rustix's: a system call of its own, where libc's `send` (which std's write calls)
+    /// is a thread-cancellation point and switches cancellation on and off around the
+    /// call, about 37 instructions that pgway, which cancels no threads, has no use for.
     fn write_now(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.try_write(buf)
+        self.try_io(Interest::WRITABLE, || {
+            rustix::net::send(&*self, buf, rustix::net::SendFlags::NOSIGNAL)
+                .map_err(io::Error::from)
+        })
     }
 
     /// `try_read_buf` when the reactor has seen the socket readable: no future, waker or
@@ -90,7 +96,9 @@ impl Transport for TcpStream {
     /// read runs inside a second `try_io` that reports a short read as `WouldBlock`, and
     /// the bytes it read are kept. (`try_read_buf` alone would leave the readiness set,
     /// and the next wait would start with a read that blocks: a system call more per
-    /// round trip.)
+    /// round trip.) Its `recv` is std's, through libc (see `write_now`): reading into a
+    /// buffer's spare capacity with rustix would take an `unsafe` block, which pgway
+    /// forbids.
     fn read_now(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         let room = buf.capacity() - buf.len();
         let mut short = None;
