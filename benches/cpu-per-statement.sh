@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # CPU per statement of each gateway: pgbench -S with 32 clients against HAProxy's read port,
 # pgbouncer and pgway, interleaved in rounds; prints, per run, tps, the gateway's user and
-# system CPU time per statement (/proc/PID/stat before and after) and its involuntary
-# context switches per statement (summed over /proc/PID/task/*/status), after one short
+# system CPU time per statement (/proc/PID/stat before and after), its involuntary
+# context switches per statement (summed over /proc/PID/task/*/status), and the whole
+# machine's busy CPU time per statement (/proc/stat: user, nice, system, irq and softirq;
+# gateway, PostgreSQL, pgbench and the kernel's network work together), after one short
 # warm-up run each. benches/PROFILE.md quotes its output.
 #
 #   benches/cpu-per-statement.sh          after a run of benches/compare.sh, which leaves the
@@ -54,6 +56,7 @@ declare -A PORT=(
 )
 
 cpu() { awk '{print $14, $15}' "/proc/$1/stat"; }
+machine() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 invol() { cat /proc/"$1"/task/*/status | awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n}'; }
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 
@@ -63,20 +66,23 @@ for gw in pgway pgbouncer haproxy; do
         >/dev/null 2>&1 || die "warm-up against $gw failed"
 done
 
-printf '%-10s %10s %14s %16s %18s\n' gateway tps 'user µs/stmt' 'system µs/stmt' 'invol. sw./stmt'
+printf '%-10s %10s %14s %16s %18s %17s\n' gateway tps 'user µs/stmt' 'system µs/stmt' 'invol. sw./stmt' \
+    'machine µs/stmt'
 for ((round = 1; round <= ROUNDS; round++)); do
     for gw in pgway pgbouncer haproxy; do
         pid=${PID[$gw]}
         read -r u0 s0 < <(cpu "$pid")
         c0=$(invol "$pid")
+        m0=$(machine)
         out=$(PGPASSWORD=app-secret pgbench -n -S -c 32 -j 2 -T "$DURATION" -h 127.0.0.1 \
             -p "${PORT[$gw]}" -U app bench 2>&1) || die "pgbench against $gw failed: $out"
         read -r u1 s1 < <(cpu "$pid")
         c1=$(invol "$pid")
+        m1=$(machine)
         n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")
         tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out")
         awk -v g="$gw" -v t="$tps" -v n="$n" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) \
-            -v dc=$((c1 - c0)) -v tick="$tick_us" \
-            'BEGIN {printf "%-10s %10.0f %14.1f %16.1f %18.2f\n", g, t, du*tick/n, ds*tick/n, dc/n}'
+            -v dc=$((c1 - c0)) -v dm=$((m1 - m0)) -v tick="$tick_us" \
+            'BEGIN {printf "%-10s %10.0f %14.1f %16.1f %18.2f %17.1f\n", g, t, du*tick/n, ds*tick/n, dc/n, dm*tick/n}'
     done
 done
