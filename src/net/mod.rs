@@ -130,8 +130,8 @@ impl FramedStream {
     /// socket's readiness itself, and gives the buffer back if the wake-up was not for
     /// data. A read treats a short read as "drained", so the next wait goes straight to
     /// epoll instead of first trying a read that would block: one system call less per
-    /// round trip. It tries [`Transport::read_now`] first (no waker, no budget: the
-    /// common case, bytes are there), then the polled read, which stores the waker.
+    /// round trip. It tries [`Transport::read_now`] first (no waker: the common case,
+    /// bytes are there), then the polled read, which stores the waker.
     fn poll_fill(&mut self, cx: &mut Context<'_>, waited: &mut bool) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < 1024 {
             if self.rbuf.capacity() == 0 {
@@ -143,10 +143,17 @@ impl FramedStream {
             }
             self.rbuf.reserve(READ_CAPACITY);
         }
+        // A read that finds bytes spends the cooperative budget, as tokio's polled read does:
+        // a session relaying a large result yields to the worker's others in between.
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
         match self.stream.read_now(&mut self.rbuf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            done => return Poll::Ready(done),
+            done => {
+                coop.made_progress();
+                return Poll::Ready(done);
+            }
         }
+        drop(coop);
         let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf);
         if read.is_pending() && *waited && self.rbuf.is_empty() {
             recycle_buffer(&mut self.rbuf);

@@ -280,6 +280,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reads_that_always_find_bytes_still_spend_the_cooperative_budget() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // Room for far more than the reads below take, so that none finds the socket empty.
+        let _ = socket.set_recv_buffer_size(4 << 20);
+        let client = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            for _ in 0..64 {
+                if server.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        crate::timer::sleep(std::time::Duration::from_millis(200)).await;
+        let mut framed = super::super::FramedStream::new(Box::new(client));
+        // 1 KiB reads, each one full: the socket stays ready, and only the budget (128 a
+        // poll of the task) makes this loop give the thread back to the task's neighbours.
+        let mut reads = 0;
+        let spent = loop {
+            framed.rbuf = BytesMut::with_capacity(1024);
+            framed.fill().await.unwrap();
+            reads += 1;
+            if !tokio::task::coop::has_budget_remaining() {
+                break true;
+            }
+            if reads == 2000 {
+                break false;
+            }
+        };
+        assert!(
+            spent,
+            "{reads} reads in one poll without spending the budget"
+        );
+    }
+
+    #[tokio::test]
     async fn a_quiet_tcp_socket_is_not_stale_until_its_peer_writes_or_leaves() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
