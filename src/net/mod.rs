@@ -153,6 +153,8 @@ impl FramedStream {
                 return Poll::Ready(done);
             }
         }
+        // Given back before the polled read, which spends its own: dropped after it, the
+        // guard would restore the budget over that read's spending.
         drop(coop);
         let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf);
         if read.is_pending() && *waited && self.rbuf.is_empty() {

@@ -90,8 +90,8 @@ impl Transport for TcpStream {
         })
     }
 
-    /// `try_read_buf` when the reactor has seen the socket readable: no future, waker or
-    /// cooperative budget. A short read means the socket is drained, and tokio forgets a
+    /// `try_read_buf` when the reactor has seen the socket readable: no future or waker
+    /// (the caller, `FramedStream::poll_fill`, spends the cooperative budget). A short read means the socket is drained, and tokio forgets a
     /// socket's readiness only when an attempt under `try_io` says `WouldBlock`; so the
     /// read runs inside a second `try_io` that reports a short read as `WouldBlock`, and
     /// the bytes it read are kept. (`try_read_buf` alone would leave the readiness set,
