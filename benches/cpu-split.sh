@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Where the machine's CPU goes per statement behind pgway and behind pgbouncer: pgbench -S
+# with 32 clients against each, interleaved in rounds; prints, per run, tps and, per
+# statement, the CPU time (user + system) of the replica's PostgreSQL backends, of pgbench
+# and of the gateway, the voluntary context switches of the backends and of pgbench (how
+# often they slept), and the TCP segments sent on the machine. benches/PROFILE.md quotes
+# its output (nineteenth round).
+#
+#   benches/cpu-split.sh          after a run of benches/compare.sh, which leaves the
+#                                 configs in .bench/run (or $PGWAY_BENCH_DIR/run)
+# Knobs: ROUNDS=2, DURATION=5 (seconds per run); PGWAY_SETTINGS='workers = 1' (top-level
+# lines put in front of compare.sh's pgway.toml, e.g. `busy_poll = "0s"`).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$REPO/scripts/lib.sh"
+PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
+ROUNDS=${ROUNDS:-2}
+DURATION=${DURATION:-5}
+BENCH_DIR=$(bench_pair_dir)
+RUN=$BENCH_DIR/run
+PGWAY_BIN=$REPO/target/release/pgway
+
+die() {
+    echo "cpu-split: ERROR: $*" >&2
+    exit 1
+}
+[[ -f $RUN/pgway.toml && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
+    die "no configs in $RUN: run benches/compare.sh first"
+[[ -x $PGWAY_BIN ]] || die "no release build: cargo build --release"
+[[ -x /usr/bin/time ]] || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
+command -v nstat >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; }
+
+start_bench_pair "$BENCH_DIR"
+REPLICA_POSTMASTER=$(head -n 1 "$BENCH_DIR/replica/postmaster.pid")
+
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+rm -f "$RUN/pgbouncer/pgbouncer.pid"
+as_pg /usr/sbin/pgbouncer -d -q "$RUN/pgbouncer/pgbouncer.ini" || die "pgbouncer did not start"
+CONFIG=$RUN/pgway.toml
+if [[ -n ${PGWAY_SETTINGS:-} ]]; then
+    CONFIG=$RUN/cpu-split-pgway.toml
+    { echo "$PGWAY_SETTINGS"; cat "$RUN/pgway.toml"; } >"$CONFIG"
+fi
+NO_COLOR=1 "$PGWAY_BIN" --config "$CONFIG" >"$RUN/cpu-split-pgway.log" 2>&1 &
+PIDS+=("$!")
+sleep 2
+[[ -s $RUN/pgbouncer/pgbouncer.pid ]] || die "no pidfile from pgbouncer"
+PIDS+=("$(cat "$RUN/pgbouncer/pgbouncer.pid")")
+declare -A PID=([pgway]=${PIDS[0]} [pgbouncer]=${PIDS[1]})
+declare -A PORT=(
+    [pgway]=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
+    [pgbouncer]=$(sed -nE 's/^listen_port = ([0-9]+)/\1/p' "$RUN/pgbouncer/pgbouncer.ini")
+)
+
+tick_us=$((1000000 / $(getconf CLK_TCK)))
+# CPU ticks (user + system) and voluntary switches, summed over the replica's backends.
+backends() {
+    local ticks=0 sleeps=0 pid t v
+    for pid in $(pgrep -P "$REPLICA_POSTMASTER"); do
+        t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null) || continue
+        v=$(awk '/^voluntary_ctxt_switches/ {print $2}' "/proc/$pid/status" 2>/dev/null) || continue
+        ticks=$((ticks + t))
+        sleeps=$((sleeps + v))
+    done
+    echo "$ticks $sleeps"
+}
+gateway() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+for gw in pgway pgbouncer; do
+    PGPASSWORD=app-secret pgbench -n -S -c 32 -j 2 -T 2 -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench \
+        >/dev/null 2>&1 || die "warm-up against $gw failed"
+done
+
+printf '%-10s %8s %10s %12s %12s %14s %14s %10s\n' gateway tps 'pg µs' 'pgbench µs' 'gateway µs' \
+    'pg sleeps' 'pgbench sleeps' 'segments'
+for ((round = 1; round <= ROUNDS; round++)); do
+    for gw in pgway pgbouncer; do
+        read -r p0 v0 < <(backends)
+        g0=$(gateway "${PID[$gw]}")
+        nstat -n >/dev/null
+        out=$({ /usr/bin/time -f 'TIME %U %S %w' env PGPASSWORD=app-secret pgbench -n -S -c 32 -j 2 \
+            -T "$DURATION" -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench; } 2>&1) ||
+            die "pgbench against $gw failed: $out"
+        segments=$(nstat TcpOutSegs | awk '/TcpOutSegs/ {print $2}')
+        read -r p1 v1 < <(backends)
+        g1=$(gateway "${PID[$gw]}")
+        n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")
+        tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out")
+        read -r bu bs bw < <(sed -nE 's/^TIME ([0-9.]+) ([0-9.]+) ([0-9]+)$/\1 \2 \3/p' <<<"$out")
+        awk -v g="$gw" -v t="$tps" -v n="$n" -v dp=$((p1 - p0)) -v dv=$((v1 - v0)) -v dg=$((g1 - g0)) \
+            -v bu="$bu" -v bs="$bs" -v bw="$bw" -v seg="$segments" -v tick="$tick_us" \
+            'BEGIN {printf "%-10s %8.0f %10.1f %12.1f %12.1f %14.2f %14.2f %10.2f\n",
+                g, t, dp*tick/n, (bu+bs)*1e6/n, dg*tick/n, dv/n, bw/n, seg/n}'
+    done
+done
