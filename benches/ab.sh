@@ -64,7 +64,7 @@ start() {
     local config=$CONFIG
     [[ $2 == B ]] && config=$CONFIG_B
     PORT=$(port_of "$config")
-    NO_COLOR=1 "$1" --config "$RUN/$config" >"$OUT/pgway.log" 2>&1 &
+    NO_COLOR=1 setsid "$1" --config "$RUN/$config" >"$OUT/pgway.log" 2>&1 &
     PID=$!
     for _ in $(seq 1 100); do
         PGPASSWORD=app-secret psql -h 127.0.0.1 -p "$PORT" -U app -d bench -Atqc 'select 1' \

@@ -240,7 +240,7 @@ start_pgway() { # plain|cache, port, admin port
         ! port_open "$p" || die "port 127.0.0.1:$p (pgway $which) is already in use"
     done
     say "starting pgway ($which) on 127.0.0.1:$port (admin $admin; log: $log)"
-    NO_COLOR=1 "$BIN" --config "$LOGS/pgway-$which.toml" >"$log" 2>&1 9>&- &
+    NO_COLOR=1 setsid "$BIN" --config "$LOGS/pgway-$which.toml" >"$log" 2>&1 9>&- &
     pid=$!
     PGWAY_PIDS+=("$pid")
     local deadline=$((SECONDS + 30))

@@ -386,7 +386,14 @@ start_pgway() { # name (config, log and pidfile: $RUN_DIR/NAME.toml, .log, .pid)
     local name=$1 port=$2 admin=$3 cfg=$RUN_DIR/$1.toml log=$RUN_DIR/$1.log
     "$PGWAY_BIN" check --config "$cfg" >/dev/null || die "pgway check rejected $cfg"
     say "starting $name on 127.0.0.1:$port (admin $admin, pool $POOL_SIZE; log: $log)"
-    NO_COLOR=1 "$PGWAY_BIN" --config "$cfg" >"$log" 2>&1 9>&- &
+    # In a session of its own, as HAProxy (-D) and pgbouncer (-d) put themselves and as a
+    # service manager starts it: with the kernel's autogroups on (Debian's default), a
+    # background job of this script shares one group's CPU share with the pgbench runs
+    # started from here, where HAProxy and pgbouncer have a group each (at 32 clients this
+    # alone moved pgway against pgbouncer from 0.85-0.92x to 0.94-1.01x: benches/PROFILE.md,
+    # twentieth round). setsid executes pgway in place (a background job leads no process
+    # group), so $! is pgway's pid.
+    NO_COLOR=1 setsid "$PGWAY_BIN" --config "$cfg" >"$log" 2>&1 9>&- &
     echo "$!" >"$RUN_DIR/$name.pid"
     wait_port "$port" "$name" 30 "$log"
     # Reads must really reach the replica: wait until pgway has found the roles.

@@ -43,7 +43,7 @@ trap cleanup EXIT
 rm -f "$RUN/haproxy.pid" "$RUN/pgbouncer/pgbouncer.pid"
 haproxy -f "$RUN/haproxy.cfg" -D >/dev/null 2>&1 || die "haproxy did not start"
 as_pg /usr/sbin/pgbouncer -d -q "$RUN/pgbouncer/pgbouncer.ini" || die "pgbouncer did not start"
-NO_COLOR=1 "$PGWAY_BIN" --config "$RUN/pgway.toml" >"$RUN/cpu-pgway.log" 2>&1 &
+NO_COLOR=1 setsid "$PGWAY_BIN" --config "$RUN/pgway.toml" >"$RUN/cpu-pgway.log" 2>&1 &
 PIDS+=("$!")
 sleep 2
 [[ -s $RUN/haproxy.pid && -s $RUN/pgbouncer/pgbouncer.pid ]] || die "no pidfile from haproxy or pgbouncer"

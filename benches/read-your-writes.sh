@@ -77,7 +77,7 @@ start_pgway() { # scope
         -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$ADMIN_PORT\"/" \
         -e '/^\[routing\]/,$d' "$RUN/pgway.toml" >"$WORK/pgway.toml"
     printf '\n[routing]\nread_your_writes = "%s"\n' "$1" >>"$WORK/pgway.toml"
-    NO_COLOR=1 "$BIN" --config "$WORK/pgway.toml" >"$WORK/pgway-$1.log" 2>&1 9>&- &
+    NO_COLOR=1 setsid "$BIN" --config "$WORK/pgway.toml" >"$WORK/pgway-$1.log" 2>&1 9>&- &
     PGWAY_PID=$!
     for _ in $(seq 1 60); do
         [[ $(psql_app "$PORT" -c 'select pg_is_in_recovery()' 2>/dev/null) == t ]] && return 0
