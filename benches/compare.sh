@@ -389,8 +389,7 @@ start_pgway() { # name (config, log and pidfile: $RUN_DIR/NAME.toml, .log, .pid)
     # In a session of its own, as HAProxy (-D) and pgbouncer (-d) put themselves and as a
     # service manager starts it: with the kernel's autogroups on (Debian's default), a
     # background job of this script shares one group's CPU share with the pgbench runs
-    # started from here, where HAProxy and pgbouncer have a group each (at 32 clients this
-    # alone moved pgway against pgbouncer from 0.85-0.92x to 0.94-1.01x: benches/PROFILE.md,
+    # started from here, where HAProxy and pgbouncer have a group each (benches/PROFILE.md,
     # twentieth round). setsid executes pgway in place (a background job leads no process
     # group), so $! is pgway's pid.
     NO_COLOR=1 setsid "$PGWAY_BIN" --config "$cfg" >"$log" 2>&1 9>&- &
