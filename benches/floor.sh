@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# What a gateway that does nothing reaches on this machine: one pgbench scenario through
+# `relay_floor mio` (examples/relay_floor.rs: one thread, a hand-written mio loop, each
+# client paired with a server connection of its own, nothing parsed, routed or pooled),
+# next to HAProxy, pgbouncer (for the `-S` scenarios), pgway and direct PostgreSQL,
+# interleaved in rounds. Prints tps per run and, per round, each target's tps against the
+# relay's. A target of issue 16 that the relay itself misses is out of reach of any
+# gateway's own code here (benches/PROFILE.md, twentieth round).
+#
+#   benches/floor.sh              after a run of benches/compare.sh, which leaves the
+#                                 configs in .bench/run (or $PGWAY_BENCH_DIR/run)
+# Knobs: SCENARIO=s32 (s32: -S 32 clients; prep32: -S -M prepared 32 clients; tpcb: TPC-B
+# 16 clients, against the primary), ROUNDS=3, DURATION=5 (seconds per run), RELAY_PORT=6475.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$REPO/scripts/lib.sh"
+PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
+SCENARIO=${SCENARIO:-s32}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+RELAY_PORT=${RELAY_PORT:-6475}
+BENCH_DIR=$(bench_pair_dir)
+RUN=$BENCH_DIR/run
+PGWAY_BIN=${PGWAY_BIN:-$REPO/target/release/pgway}
+RELAY_BIN=$REPO/target/release/examples/relay_floor
+
+die() {
+    echo "floor: ERROR: $*" >&2
+    exit 1
+}
+[[ -f $RUN/pgway.toml && -f $RUN/haproxy.cfg && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
+    die "no configs in $RUN: run benches/compare.sh first"
+[[ -x $PGWAY_BIN ]] || die "no release build: cargo build --release"
+(cd "$REPO" && cargo build --release --quiet --example relay_floor) || die "cannot build relay_floor"
+
+case $SCENARIO in
+s32) opts="-S -c 32 -j 2" listener=postgres_read targets="relay haproxy pgbouncer pgway direct" ;;
+prep32) opts="-S -M prepared -c 32 -j 2" listener=postgres_read targets="relay haproxy pgway direct" ;;
+tpcb) opts="-c 16 -j 2" listener=postgres_write targets="relay haproxy pgway direct" ;;
+*) die "SCENARIO must be s32, prep32 or tpcb" ;;
+esac
+# The node behind the scenario's HAProxy port, and that port.
+node=$(awk -v l="$listener" '$1 == "listen" {in_l = ($2 == l)} in_l && $1 == "server" {print $3; exit}' \
+    "$RUN/haproxy.cfg")
+haproxy_port=$(awk -v l="$listener" '$1 == "listen" {in_l = ($2 == l)} in_l && $1 == "bind" {split($2, a, ":"); print a[2]; exit}' \
+    "$RUN/haproxy.cfg")
+[[ -n $node && -n $haproxy_port ]] || die "cannot read $listener from $RUN/haproxy.cfg"
+
+start_bench_pair "$BENCH_DIR"
+
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+# Each gateway in a session of its own (HAProxy and pgbouncer daemonize into one; see
+# compare.sh's start_pgway).
+rm -f "$RUN/haproxy.pid" "$RUN/pgbouncer/pgbouncer.pid"
+haproxy -f "$RUN/haproxy.cfg" -D >/dev/null 2>&1 || die "haproxy did not start"
+as_pg /usr/sbin/pgbouncer -d -q "$RUN/pgbouncer/pgbouncer.ini" || die "pgbouncer did not start"
+NO_COLOR=1 setsid "$PGWAY_BIN" --config "$RUN/pgway.toml" >"$RUN/floor-pgway.log" 2>&1 &
+PIDS+=("$!")
+setsid "$RELAY_BIN" mio "127.0.0.1:$RELAY_PORT" "$node" >"$RUN/floor-relay.log" 2>&1 &
+PIDS+=("$!")
+sleep 2
+[[ -s $RUN/haproxy.pid && -s $RUN/pgbouncer/pgbouncer.pid ]] || die "no pidfile from haproxy or pgbouncer"
+PIDS+=("$(head -n 1 "$RUN/haproxy.pid")" "$(cat "$RUN/pgbouncer/pgbouncer.pid")")
+declare -A PORT=(
+    [relay]=$RELAY_PORT
+    [haproxy]=$haproxy_port
+    [pgbouncer]=$(sed -nE 's/^listen_port = ([0-9]+)/\1/p' "$RUN/pgbouncer/pgbouncer.ini")
+    [pgway]=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
+    [direct]=${node##*:}
+)
+
+run() { # target, seconds -> tps
+    local out
+    # shellcheck disable=SC2086 # $opts is a list of options
+    out=$(PGPASSWORD=app-secret pgbench -n $opts -T "$2" -h 127.0.0.1 -p "${PORT[$1]}" -U app bench 2>&1) ||
+        die "pgbench against $1 failed: $out"
+    sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out"
+}
+
+for target in $targets; do run "$target" 2 >/dev/null; done
+echo "floor: pgbench -n $opts -T $DURATION, $ROUNDS round(s); the relay forwards to $node"
+read -r -a order <<<"$targets"
+for ((round = 1; round <= ROUNDS; round++)); do
+    declare -A TPS=()
+    # The order rotates from round to round, as in compare.sh.
+    for ((i = 0; i < ${#order[@]}; i++)); do
+        target=${order[(i + round - 1) % ${#order[@]}]}
+        TPS[$target]=$(run "$target" "$DURATION")
+    done
+    line="round $round:"
+    for target in $targets; do
+        line+=$(awk -v t="$target" -v v="${TPS[$target]}" -v r="${TPS[relay]}" \
+            'BEGIN {printf "  %s %.0f (%.2fx relay)", t, v, v / r}')
+    done
+    echo "$line"
+done
