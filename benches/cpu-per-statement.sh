@@ -38,22 +38,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The configs name their own pidfiles (haproxy.cfg: $RUN/haproxy.pid; pgbouncer.ini:
-# $RUN/pgbouncer/pgbouncer.pid).
-rm -f "$RUN/haproxy.pid" "$RUN/pgbouncer/pgbouncer.pid"
-haproxy -f "$RUN/haproxy.cfg" -D >/dev/null 2>&1 || die "haproxy did not start"
-as_pg /usr/sbin/pgbouncer -d -q "$RUN/pgbouncer/pgbouncer.ini" || die "pgbouncer did not start"
-NO_COLOR=1 setsid "$PGWAY_BIN" --config "$RUN/pgway.toml" >"$RUN/cpu-pgway.log" 2>&1 &
-PIDS+=("$!")
-sleep 2
-[[ -s $RUN/haproxy.pid && -s $RUN/pgbouncer/pgbouncer.pid ]] || die "no pidfile from haproxy or pgbouncer"
-PIDS+=("$(head -n 1 "$RUN/haproxy.pid")" "$(cat "$RUN/pgbouncer/pgbouncer.pid")")
-declare -A PID=([pgway]=${PIDS[0]} [haproxy]=${PIDS[1]} [pgbouncer]=${PIDS[2]})
-declare -A PORT=(
-    [pgway]=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
-    [haproxy]=$(awk '/listen postgres_read/ {getline; split($2, a, ":"); print a[2]}' "$RUN/haproxy.cfg")
-    [pgbouncer]=$(sed -nE 's/^listen_port = ([0-9]+)/\1/p' "$RUN/pgbouncer/pgbouncer.ini")
-)
+start_bench_gateways "$RUN" "$PGWAY_BIN" "$RUN/pgway.toml" "$RUN/cpu-pgway.log" ||
+    die "the gateways did not start"
+PIDS+=("${GATEWAY_PID[@]}")
+declare -n PID=GATEWAY_PID PORT=GATEWAY_PORT
 
 cpu() { awk '{print $14, $15}' "/proc/$1/stat"; }
 machine() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }

@@ -11,7 +11,8 @@
 #                                 configs in .bench/run (or $PGWAY_BENCH_DIR/run)
 # Knobs: ROUNDS=2, DURATION=5 (seconds per run); PGWAY_SETTINGS='workers = 1' (top-level
 # lines put in front of compare.sh's pgway.toml, e.g. `busy_poll = "0s"`); PGWAY_BIN (another
-# build, default target/release/pgway).
+# build, default target/release/pgway); PGWAY_OWN_SESSION=0 (pgway in this script's session,
+# as before the twentieth round; see start_bench_gateways in scripts/lib.sh).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,23 +44,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rm -f "$RUN/pgbouncer/pgbouncer.pid"
-as_pg /usr/sbin/pgbouncer -d -q "$RUN/pgbouncer/pgbouncer.ini" || die "pgbouncer did not start"
 CONFIG=$RUN/pgway.toml
 if [[ -n ${PGWAY_SETTINGS:-} ]]; then
     CONFIG=$RUN/cpu-split-pgway.toml
     { echo "$PGWAY_SETTINGS"; cat "$RUN/pgway.toml"; } >"$CONFIG"
 fi
-NO_COLOR=1 setsid "$PGWAY_BIN" --config "$CONFIG" >"$RUN/cpu-split-pgway.log" 2>&1 &
-PIDS+=("$!")
-sleep 2
-[[ -s $RUN/pgbouncer/pgbouncer.pid ]] || die "no pidfile from pgbouncer"
-PIDS+=("$(cat "$RUN/pgbouncer/pgbouncer.pid")")
-declare -A PID=([pgway]=${PIDS[0]} [pgbouncer]=${PIDS[1]})
-declare -A PORT=(
-    [pgway]=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
-    [pgbouncer]=$(sed -nE 's/^listen_port = ([0-9]+)/\1/p' "$RUN/pgbouncer/pgbouncer.ini")
-)
+start_bench_gateways "$RUN" "$PGWAY_BIN" "$CONFIG" "$RUN/cpu-split-pgway.log" ||
+    die "the gateways did not start"
+PIDS+=("${GATEWAY_PID[@]}")
+declare -n PID=GATEWAY_PID PORT=GATEWAY_PORT
 
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 # CPU ticks (user + system) and voluntary switches, summed over the replica's backends.

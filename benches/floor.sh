@@ -2,9 +2,10 @@
 # What a gateway that does nothing reaches on this machine: one pgbench scenario through
 # `relay_floor mio` (examples/relay_floor.rs: one thread, a hand-written mio loop, each
 # client paired with a server connection of its own, nothing parsed, routed or pooled),
-# next to HAProxy, pgbouncer (for the `-S` scenarios), pgway and direct PostgreSQL,
-# interleaved in rounds. Prints tps per run and, per round, each target's tps against the
-# relay's. A target of issue 16 that the relay itself misses is out of reach of any
+# next to HAProxy, pgbouncer (for the `-S` scenarios), pgway (for TPC-B also with
+# read-your-writes off) and direct PostgreSQL, interleaved in rounds. Prints, per round,
+# each target's tps, its ratio to the relay's, and the TCP segments the machine sent per
+# transaction (nstat). A target of issue 16 that the relay itself misses is out of reach of any
 # gateway's own code here (benches/PROFILE.md, twentieth round).
 #
 #   benches/floor.sh              after a run of benches/compare.sh, which leaves the
@@ -33,12 +34,13 @@ die() {
 [[ -f $RUN/pgway.toml && -f $RUN/haproxy.cfg && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
     die "no configs in $RUN: run benches/compare.sh first"
 [[ -x $PGWAY_BIN ]] || die "no release build: cargo build --release"
+command -v nstat >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; }
 (cd "$REPO" && cargo build --release --quiet --example relay_floor) || die "cannot build relay_floor"
 
 case $SCENARIO in
 s32) opts="-S -c 32 -j 2" listener=postgres_read targets="relay haproxy pgbouncer pgway direct" ;;
 prep32) opts="-S -M prepared -c 32 -j 2" listener=postgres_read targets="relay haproxy pgway direct" ;;
-tpcb) opts="-c 16 -j 2" listener=postgres_write targets="relay haproxy pgway direct" ;;
+tpcb) opts="-c 16 -j 2" listener=postgres_write targets="relay haproxy pgway pgway-rywoff direct" ;;
 *) die "SCENARIO must be s32, prep32 or tpcb" ;;
 esac
 # The node behind the scenario's HAProxy port, and that port.
@@ -56,48 +58,52 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Each gateway in a session of its own (HAProxy and pgbouncer daemonize into one; see
-# compare.sh's start_pgway).
-rm -f "$RUN/haproxy.pid" "$RUN/pgbouncer/pgbouncer.pid"
-haproxy -f "$RUN/haproxy.cfg" -D >/dev/null 2>&1 || die "haproxy did not start"
-as_pg /usr/sbin/pgbouncer -d -q "$RUN/pgbouncer/pgbouncer.ini" || die "pgbouncer did not start"
-NO_COLOR=1 setsid "$PGWAY_BIN" --config "$RUN/pgway.toml" >"$RUN/floor-pgway.log" 2>&1 &
-PIDS+=("$!")
+# Each gateway in a session of its own, the relay too.
 setsid "$RELAY_BIN" mio "127.0.0.1:$RELAY_PORT" "$node" >"$RUN/floor-relay.log" 2>&1 &
 PIDS+=("$!")
-sleep 2
-[[ -s $RUN/haproxy.pid && -s $RUN/pgbouncer/pgbouncer.pid ]] || die "no pidfile from haproxy or pgbouncer"
-PIDS+=("$(head -n 1 "$RUN/haproxy.pid")" "$(cat "$RUN/pgbouncer/pgbouncer.pid")")
+start_bench_gateways "$RUN" "$PGWAY_BIN" "$RUN/pgway.toml" "$RUN/floor-pgway.log" ||
+    die "the gateways did not start"
+PIDS+=("${GATEWAY_PID[@]}")
+if [[ $targets == *pgway-rywoff* ]]; then
+    NO_COLOR=1 setsid "$PGWAY_BIN" --config "$RUN/pgway-rywoff.toml" >"$RUN/floor-pgway-rywoff.log" 2>&1 &
+    PIDS+=("$!")
+    sleep 2
+fi
 declare -A PORT=(
     [relay]=$RELAY_PORT
     [haproxy]=$haproxy_port
-    [pgbouncer]=$(sed -nE 's/^listen_port = ([0-9]+)/\1/p' "$RUN/pgbouncer/pgbouncer.ini")
-    [pgway]=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway.toml")
+    [pgbouncer]=${GATEWAY_PORT[pgbouncer]}
+    [pgway]=${GATEWAY_PORT[pgway]}
+    [pgway-rywoff]=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$RUN/pgway-rywoff.toml")
     [direct]=${node##*:}
 )
 
-run() { # target, seconds -> tps
-    local out
+run() { # target, seconds -> tps and TCP segments per transaction
+    local out n segments
+    nstat -n >/dev/null
     # shellcheck disable=SC2086 # $opts is a list of options
     out=$(PGPASSWORD=app-secret pgbench -n $opts -T "$2" -h 127.0.0.1 -p "${PORT[$1]}" -U app bench 2>&1) ||
         die "pgbench against $1 failed: $out"
-    sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out"
+    segments=$(nstat TcpOutSegs | awk '/TcpOutSegs/ {print $2}')
+    n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")
+    awk -v tps="$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out")" -v s="$segments" -v n="$n" \
+        'BEGIN {printf "%s %.2f\n", tps, s / n}'
 }
 
 for target in $targets; do run "$target" 2 >/dev/null; done
 echo "floor: pgbench -n $opts -T $DURATION, $ROUNDS round(s); the relay forwards to $node"
 read -r -a order <<<"$targets"
 for ((round = 1; round <= ROUNDS; round++)); do
-    declare -A TPS=()
+    declare -A TPS=() SEGS=()
     # The order rotates from round to round, as in compare.sh.
     for ((i = 0; i < ${#order[@]}; i++)); do
         target=${order[(i + round - 1) % ${#order[@]}]}
-        TPS[$target]=$(run "$target" "$DURATION")
+        read -r "TPS[$target]" "SEGS[$target]" < <(run "$target" "$DURATION")
     done
     line="round $round:"
     for target in $targets; do
-        line+=$(awk -v t="$target" -v v="${TPS[$target]}" -v r="${TPS[relay]}" \
-            'BEGIN {printf "  %s %.0f (%.2fx relay)", t, v, v / r}')
+        line+=$(awk -v t="$target" -v v="${TPS[$target]}" -v r="${TPS[relay]}" -v s="${SEGS[$target]}" \
+            'BEGIN {printf "  %s %.0f (%.2fx relay, %.2f seg)", t, v, v / r, s}')
     done
     echo "$line"
 done

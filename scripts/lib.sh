@@ -72,3 +72,41 @@ start_bench_pair() {
         fi
     done
 }
+
+# start_bench_gateways RUN PGWAY_BIN PGWAY_CONFIG PGWAY_LOG: starts HAProxy, pgbouncer and
+# pgway from the configs benches/compare.sh left in RUN, each in a session of its own:
+# HAProxy (-D) and pgbouncer (-d) put themselves in one, pgway goes through setsid, which
+# executes it in place (a background job leads no process group), so $! is its pid. With
+# PGWAY_OWN_SESSION=0 pgway stays in the caller's session, as the bench scripts ran it
+# before benches/PROFILE.md's twentieth round. Fills GATEWAY_PID and GATEWAY_PORT
+# (haproxy: its read port; pgbouncer; pgway); the caller stops the pids. Needs as_pg's
+# runuser; returns 1 with a message on stderr if a gateway did not start.
+start_bench_gateways() {
+    local run=$1 bin=$2 config=$3 log=$4 pgway
+    declare -gA GATEWAY_PID=() GATEWAY_PORT=()
+    # The configs name their own pidfiles (haproxy.cfg: $run/haproxy.pid; pgbouncer.ini:
+    # $run/pgbouncer/pgbouncer.pid).
+    rm -f "$run/haproxy.pid" "$run/pgbouncer/pgbouncer.pid"
+    haproxy -f "$run/haproxy.cfg" -D >/dev/null 2>&1 || { echo "haproxy did not start" >&2 && return 1; }
+    as_pg /usr/sbin/pgbouncer -d -q "$run/pgbouncer/pgbouncer.ini" ||
+        { echo "pgbouncer did not start" >&2 && return 1; }
+    if [[ ${PGWAY_OWN_SESSION:-1} == 0 ]]; then
+        NO_COLOR=1 "$bin" --config "$config" >"$log" 2>&1 &
+    else
+        NO_COLOR=1 setsid "$bin" --config "$config" >"$log" 2>&1 &
+    fi
+    pgway=$!
+    sleep 2
+    [[ -s $run/haproxy.pid && -s $run/pgbouncer/pgbouncer.pid ]] ||
+        { echo "no pidfile from haproxy or pgbouncer" >&2 && return 1; }
+    GATEWAY_PID=(
+        [pgway]=$pgway
+        [haproxy]=$(head -n 1 "$run/haproxy.pid")
+        [pgbouncer]=$(cat "$run/pgbouncer/pgbouncer.pid")
+    )
+    GATEWAY_PORT=(
+        [pgway]=$(sed -nE 's/^listen = "[^:]+:([0-9]+)"/\1/p' "$config")
+        [haproxy]=$(awk '/listen postgres_read/ {getline; split($2, a, ":"); print a[2]}' "$run/haproxy.cfg")
+        [pgbouncer]=$(sed -nE 's/^listen_port = ([0-9]+)/\1/p' "$run/pgbouncer/pgbouncer.ini")
+    )
+}
