@@ -585,3 +585,112 @@ async fn the_position_query_is_prepared_once_per_connection_and_outlives_its_sta
     );
     resume_replay(&cluster);
 }
+
+/// `show pgway.last_write_lsn` through `client`.
+async fn last_write(client: &Client) -> String {
+    simple_value(client, "show pgway.last_write_lsn")
+        .await
+        .expect("show pgway.last_write_lsn")
+}
+
+/// A lone `COMMIT` goes with the position query behind it and one Sync for both: the
+/// client sees the simple query's answer, the read after it sees the write, and a COMMIT
+/// that fails (a deferred constraint) reports its own error and leaves the connection, and
+/// the position statement pgway parsed with it, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_commit_carries_its_position_and_a_failed_one_its_error() {
+    let cluster = Cluster::start(1);
+    let primary = cluster.primary_port();
+    cluster.psql_admin(
+        primary,
+        "create table parent(id int primary key); \
+         create table child(pid int references parent deferrable initially deferred); \
+         grant all on parent, child to app",
+    );
+    cluster.wait_replay();
+    let opts = GatewayOptions {
+        pool_size: 1,
+        extra: "[routing]\nread_your_writes = \"user\"\n".into(),
+        ..GatewayOptions::default()
+    };
+    let gw = Gateway::start_with(&cluster, opts);
+    gw.wait_for_replica_reads(&cluster).await;
+    pause_replay(&cluster);
+    let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+
+    // The first commit on the connection fails at COMMIT: the position statement pgway
+    // parsed behind it was skipped with it.
+    client.batch_execute("begin").await.expect("begin");
+    client
+        .batch_execute("insert into child values (42)")
+        .await
+        .expect("insert, checked at commit");
+    let e = client
+        .batch_execute("commit")
+        .await
+        .expect_err("the deferred constraint fails at COMMIT");
+    assert_eq!(sqlstate(&e), "23503", "{}", describe_error(&e));
+    assert_eq!(
+        simple_value(&client, "select count(*) from child")
+            .await
+            .expect("the connection goes on"),
+        "0"
+    );
+
+    // A commit that succeeds: its position is recorded before the client has its answer.
+    let before = last_write(&client).await;
+    client.batch_execute("begin").await.expect("begin");
+    client
+        .batch_execute("insert into parent values (42)")
+        .await
+        .expect("insert parent");
+    client
+        .batch_execute("insert into child values (42)")
+        .await
+        .expect("insert child");
+    let messages = client.simple_query("END;").await.expect("END commits");
+    assert!(
+        matches!(
+            messages.as_slice(),
+            [tokio_postgres::SimpleQueryMessage::CommandComplete(0)]
+        ),
+        "the answer of a simple query, no more: {messages:?}"
+    );
+    let after = last_write(&client).await;
+    assert_ne!(before, after, "the commit's position was recorded");
+    let insert_lsn = cluster.psql_admin(
+        primary,
+        &format!("select pg_current_wal_insert_lsn() >= '{after}'::pg_lsn"),
+    );
+    assert_eq!(
+        insert_lsn.trim(),
+        "t",
+        "{after} is a position the primary has reached"
+    );
+    assert_eq!(
+        count_and_port(&client, "child").await.expect("read child"),
+        (1, primary),
+        "the replica has not replayed the commit: the primary answers"
+    );
+
+    // The position statement was parsed again once, after the failed COMMIT.
+    let statements = position_statement(&client, primary).await;
+    assert_eq!(
+        statements.len(),
+        1,
+        "one position statement: {statements:?}"
+    );
+
+    // Once the replica replays the commit, reads go back there.
+    resume_replay(&cluster);
+    let replica = cluster.replica_ports()[0];
+    eventually(
+        "reads to return to the replica",
+        WAIT,
+        async || match count_and_port(&client, "child").await? {
+            (1, port) if port == replica => Ok(()),
+            (count, port) => Err(format!("count {count} from {}", cluster.name_of(port))),
+        },
+    )
+    .await;
+}

@@ -458,31 +458,54 @@ pub struct Words {
     pub releases: bool,
 }
 
+/// The words of `sql` taken as one statement with nothing after it but a `;` and white
+/// space (a comment is a word too, which no caller accepts).
+fn plain_words(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let text = sql.trim_ascii_end();
+    let text = text.strip_suffix(b";").unwrap_or(text);
+    text.split(u8::is_ascii_whitespace)
+        .filter(|word| !word.is_empty())
+}
+
+fn is_word(word: Option<&[u8]>, expected: &[u8]) -> bool {
+    word.is_some_and(|word| word.eq_ignore_ascii_case(expected))
+}
+
 /// True when `sql` is one plain transaction start: `BEGIN`, `BEGIN WORK`, `BEGIN
 /// TRANSACTION` or `START TRANSACTION`, in any case, with no modes, no comment and nothing
 /// after it but a `;` and white space. Such a `BEGIN` takes no snapshot, lock or
 /// transaction id on the server, so a gateway may answer it and send it in front of the
 /// transaction's first statement.
 pub fn is_plain_begin(sql: &[u8]) -> bool {
-    let text = sql.trim_ascii_end();
-    let text = text.strip_suffix(b";").unwrap_or(text);
-    let mut words = text
-        .split(u8::is_ascii_whitespace)
-        .filter(|word| !word.is_empty());
-    let is = |word: Option<&[u8]>, expected: &[u8]| {
-        word.is_some_and(|word| word.eq_ignore_ascii_case(expected))
-    };
+    let mut words = plain_words(sql);
     // Any other statement is turned down at its first word.
     let first = words.next();
-    let plain = if is(first, b"begin") {
+    let plain = if is_word(first, b"begin") {
         match words.next() {
             None => true,
-            second => is(second, b"work") || is(second, b"transaction"),
+            second => is_word(second, b"work") || is_word(second, b"transaction"),
         }
     } else {
-        is(first, b"start") && is(words.next(), b"transaction")
+        is_word(first, b"start") && is_word(words.next(), b"transaction")
     };
     plain && words.next().is_none()
+}
+
+/// True when `sql` is one plain commit: `COMMIT` or `END`, alone or with `WORK` or
+/// `TRANSACTION`, in any case, with no `AND CHAIN`, no comment and nothing after it but a
+/// `;` and white space. Such a text is also one statement the extended protocol takes.
+pub fn is_plain_commit(sql: &[u8]) -> bool {
+    let mut words = plain_words(sql);
+    let first = words.next();
+    if !(is_word(first, b"commit") || is_word(first, b"end")) {
+        return false;
+    }
+    match words.next() {
+        None => true,
+        second => {
+            (is_word(second, b"work") || is_word(second, b"transaction")) && words.next().is_none()
+        }
+    }
 }
 
 /// Scans `sql` once for the words of [`Words`]: one pass, a table lookup per byte, and a
@@ -657,6 +680,35 @@ mod tests {
             "begin work transaction",
         ] {
             assert!(!super::is_plain_begin(sql.as_bytes()), "{sql:?}");
+        }
+    }
+
+    #[test]
+    fn plain_commits() {
+        for sql in [
+            "COMMIT",
+            "end;",
+            "END;\n",
+            "  Commit  Work ; ",
+            "END TRANSACTION",
+        ] {
+            assert!(super::is_plain_commit(sql.as_bytes()), "{sql:?}");
+        }
+        for sql in [
+            "",
+            ";",
+            "COMMIT AND CHAIN",
+            "COMMIT AND NO CHAIN",
+            "COMMIT PREPARED 'x'",
+            "COMMIT; SELECT 1",
+            "COMMIT;;",
+            "/* pgway:fresh */ COMMIT",
+            "COMMITS",
+            "END IF",
+            "BEGIN",
+            "commit work transaction",
+        ] {
+            assert!(!super::is_plain_commit(sql.as_bytes()), "{sql:?}");
         }
     }
 

@@ -9,6 +9,8 @@
 //! write position can lag it. The client's ReadyForQuery is held until that answer is in.
 //! The query is a statement prepared once per server connection (in its statement cache,
 //! like the clients' statements), so the server does not parse and plan it per commit.
+//! After a lone `COMMIT` (a simple query), both go in one extended-protocol batch with one
+//! Sync ([`Session::queue_joined_commit`]), so the server answers them in one write.
 //!
 //! pgway's own settings for it live here too: `pgway.min_lsn` (a token), and the read-only
 //! `pgway.last_write_lsn` and `pgway.last_route`, made current on the server connection only
@@ -23,6 +25,7 @@ use crate::backend::server::statement_name;
 use crate::error::ClientError;
 use crate::protocol::frame::{begin_frame, end_frame, put_frame};
 use crate::protocol::messages::{self, write_parse, write_target};
+use crate::route::fast::is_plain_commit;
 use crate::route::floors::{format_lsn, parse_lsn};
 use crate::route::{Classification, SessionEffect, Target, Why};
 use crate::settings::{quote_literal, ClientSettings, Value};
@@ -180,6 +183,49 @@ impl Session<'_> {
         }
     }
 
+    /// Queues a client's lone `COMMIT` (a simple query) for the WAL position query to join
+    /// it, if one follows: Parse, Bind and Execute of its text, answered like the simple
+    /// query (ParseComplete and BindComplete are swallowed), and [`Self::queue_wal_query`]
+    /// then adds the position's Bind and Execute and one Sync for both. PostgreSQL answers
+    /// the two in one write, where a simple query and a Sync would each end with a
+    /// ReadyForQuery and a write of its own. The `COMMIT` commits at its Execute, so the
+    /// position still covers it. False if it does not apply (the caller sends the query).
+    pub(super) fn queue_joined_commit(&mut self, sql: &[u8]) -> bool {
+        let joins = self.floor.is_some()
+            && self.txn.wrote
+            && !self.pins()
+            && self
+                .state
+                .link()
+                .is_some_and(|link| !link.replica && link.status == b'T')
+            && is_plain_commit(sql);
+        if !joins {
+            return false;
+        }
+        let out = &mut self.to_server;
+        // The unnamed statement, no parameter types (a count of 0).
+        write_parse(out, b"", sql, &[0, 0]);
+        // Bind it to the unnamed portal: no parameters, text results.
+        put_frame(out, b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+        put_frame(out, b'E', &[0, 0, 0, 0, 0]);
+        self.expect(Reply::Parse, false, None);
+        self.expect(Reply::Bind, false, None);
+        self.expect(Reply::Execute, true, None);
+        self.request.joined = true;
+        true
+    }
+
+    /// A client pinned to the connection (or being pinned by this request) owns what
+    /// `pg_prepared_statements` shows there.
+    fn pins(&self) -> bool {
+        self.is_pinned()
+            || self
+                .request
+                .effects
+                .iter()
+                .any(|effect| matches!(effect, SessionEffect::Pin(_)))
+    }
+
     /// Queues the WAL position query: Bind, Execute and Sync of its prepared statement,
     /// after a Parse where the connection does not have it yet. Any error in its answer
     /// makes the connection forget it (see [`Self::on_wal_position_frame`]): the next
@@ -190,12 +236,7 @@ impl Session<'_> {
     /// and asks with a simple query unless the statement was already there.
     fn queue_wal_query(&mut self) {
         let capacity = self.shared.config.load().pool.statement_cache;
-        let pins = self.is_pinned()
-            || self
-                .request
-                .effects
-                .iter()
-                .any(|effect| matches!(effect, SessionEffect::Pin(_)));
+        let pins = self.pins();
         let Some(link) = self.state.link_mut() else {
             return;
         };
@@ -206,7 +247,8 @@ impl Session<'_> {
             self.expect(Reply::WalPosition, false, None);
             return;
         }
-        if !link.conn.statements.touch(WAL_POSITION_KEY) {
+        let parses = !link.conn.statements.touch(WAL_POSITION_KEY);
+        if parses {
             write_target(out, b'C', b'S', &name);
             // No parameter types (a count of 0).
             write_parse(out, &name, WAL_POSITION_QUERY.as_bytes(), &[0, 0]);
@@ -222,7 +264,14 @@ impl Session<'_> {
         end_frame(out, start);
         put_frame(out, b'E', &[0, 0, 0, 0, 0]);
         put_frame(out, b'S', &[]);
-        self.expect(Reply::WalPosition, false, None);
+        if self.request.joined {
+            // A failed COMMIT makes the server skip to the Sync, a Parse of it too.
+            let prepared = parses.then_some(WAL_POSITION_KEY);
+            self.expect(Reply::WalRow, false, prepared);
+            self.expect(Reply::Sync, true, None);
+        } else {
+            self.expect(Reply::WalPosition, false, None);
+        }
     }
 
     /// After a request whose WAL position query was deferred (a COPY): asks it now, and
@@ -245,7 +294,8 @@ impl Session<'_> {
         if !self.request.effects.is_empty() {
             self.report_resets();
         }
-        (self.expected.len() > 1 || self.request.wal_deferred) && self.hold_ready(frame)
+        (self.expected.len() > 1 || self.request.wal_deferred || self.request.joined)
+            && self.hold_ready(frame)
     }
 
     fn hold_ready(&mut self, frame: &[u8]) -> bool {
@@ -255,7 +305,8 @@ impl Session<'_> {
                 kind: Reply::WalPosition,
                 ..
             })
-        ) || (self.request.wal_deferred && self.expected.len() == 1);
+        ) || (self.request.wal_deferred && self.expected.len() == 1)
+            || self.request.joined;
         if follows {
             self.request.held_ready = Some(frame.into());
         }
@@ -265,13 +316,17 @@ impl Session<'_> {
     /// A reply to the WAL position query: nothing of it reaches the client (an error, say
     /// in a failed transaction, only means no position); at its end the floor is raised
     /// if the client's request left no transaction open, and the client's ReadyForQuery
-    /// goes out.
+    /// goes out. Joined to a `COMMIT`, its answer ends at CommandComplete (or the error),
+    /// and the Sync's ReadyForQuery, the client's, releases it.
     pub(super) fn on_wal_position_frame(&mut self, frame: &[u8]) {
         match frame[0] {
             b'A' => self.out.extend_from_slice(frame),
             b'E' => {
                 if let Some(link) = self.state.link_mut() {
                     link.conn.statements.remove(WAL_POSITION_KEY);
+                }
+                if self.request.joined {
+                    self.expected.pop_front();
                 }
             }
             b'D' => {
@@ -281,37 +336,47 @@ impl Session<'_> {
                     .and_then(|text| std::str::from_utf8(text).ok());
                 self.request.wal_position = text.and_then(parse_lsn).map(record_end);
             }
+            b'C' if self.request.joined => {
+                self.expected.pop_front();
+            }
             b'Z' => {
                 self.expected.pop_front();
-                let Some(ready) = self.request.held_ready.take() else {
-                    return;
-                };
-                let position = self.request.wal_position.take();
-                if std::mem::take(&mut self.request.ask_seen) {
-                    self.saw(position.unwrap_or(0));
-                    self.out.extend_from_slice(&ready);
-                    return;
-                }
-                let kept = std::mem::take(&mut self.request.kept_writes) && !self.txn.rolled_back;
-                let ended = ready.get(5) == Some(&b'I');
-                if ended {
-                    self.end_written(kept, position.unwrap_or(0));
-                }
-                match (kept && ended, position, &self.floor) {
-                    (true, Some(position), Some(floor)) => {
-                        floor.raise(position);
-                        self.last_write = position;
-                        self.position_lost = false;
-                    }
-                    // The query failed (its statement was gone, say): as when it went with
-                    // its server, the next read looks the primary's position up.
-                    (true, None, Some(_)) => self.position_lost = true,
-                    _ => {}
-                }
-                self.out.extend_from_slice(&ready);
+                self.release_ready();
             }
             _ => {}
         }
+    }
+
+    /// The WAL position is in (or known lost): the floor is raised if the client's request
+    /// left no transaction open, and the client's held ReadyForQuery goes out.
+    pub(super) fn release_ready(&mut self) {
+        self.request.joined = false;
+        let Some(ready) = self.request.held_ready.take() else {
+            return;
+        };
+        let position = self.request.wal_position.take();
+        if std::mem::take(&mut self.request.ask_seen) {
+            self.saw(position.unwrap_or(0));
+            self.out.extend_from_slice(&ready);
+            return;
+        }
+        let kept = std::mem::take(&mut self.request.kept_writes) && !self.txn.rolled_back;
+        let ended = ready.get(5) == Some(&b'I');
+        if ended {
+            self.end_written(kept, position.unwrap_or(0));
+        }
+        match (kept && ended, position, &self.floor) {
+            (true, Some(position), Some(floor)) => {
+                floor.raise(position);
+                self.last_write = position;
+                self.position_lost = false;
+            }
+            // The query failed (its statement was gone, say): as when it went with
+            // its server, the next read looks the primary's position up.
+            (true, None, Some(_)) => self.position_lost = true,
+            _ => {}
+        }
+        self.out.extend_from_slice(&ready);
     }
 
     /// The position a read must see now (0: none): the scope's floor, `pgway.min_lsn`,

@@ -264,6 +264,9 @@ struct Request {
     copies: bool,
     /// The WAL position query waits until the request is answered.
     wal_deferred: bool,
+    /// The request is a lone `COMMIT`, sent in the extended protocol with the WAL position
+    /// query behind it and one Sync for both (see `freshness`).
+    joined: bool,
     /// The client's ReadyForQuery, held until the WAL position query is answered.
     held_ready: Option<BytesMut>,
     /// The answer to the WAL position query.
@@ -311,6 +314,7 @@ impl Request {
         self.commits = false;
         self.copies = false;
         self.wal_deferred = false;
+        self.joined = false;
         self.held_ready = None;
         self.wal_position = None;
         self.deadline = None;

@@ -33,6 +33,8 @@ pub(super) enum Reply {
     FunctionCall,
     /// pgway's WAL position query after a committing write (see `freshness`).
     WalPosition,
+    /// The same joined to a lone `COMMIT`, before their one Sync.
+    WalRow,
 }
 
 impl Reply {
@@ -42,7 +44,7 @@ impl Reply {
             Reply::Bind => tag == b'2',
             Reply::Close => tag == b'3',
             Reply::Describe => matches!(tag, b'T' | b'n'),
-            Reply::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Reply::Execute | Reply::WalRow => matches!(tag, b'C' | b'I' | b's'),
             Reply::Sync | Reply::Query | Reply::FunctionCall | Reply::WalPosition => tag == b'Z',
         }
     }
@@ -190,7 +192,7 @@ impl Session<'_> {
             }) => Some((*kind, *forward, *prepared)),
             _ => None,
         };
-        if let Some((Reply::WalPosition, ..)) = head {
+        if let Some((Reply::WalPosition | Reply::WalRow, ..)) = head {
             self.on_wal_position_frame(frame);
             self.emit_local();
             return;
@@ -316,6 +318,9 @@ impl Session<'_> {
                             }
                             if forward {
                                 self.on_request_done(status);
+                                if self.request.joined {
+                                    self.release_ready();
+                                }
                             }
                         }
                     }

@@ -283,10 +283,13 @@ impl Session<'_> {
                     }
                     session.request.check_pins = held && words.releases;
                 }
-                // A simple query replaces the unnamed statement.
+                // A simple query replaces the unnamed statement (as does a joined COMMIT).
                 session.server_mut()?.unnamed = None;
-                session.to_server.extend_from_slice(&frame);
-                session.expect(super::relay::Reply::Query, true, None);
+                if !(session.request.commits && in_transaction && session.queue_joined_commit(sql))
+                {
+                    session.to_server.extend_from_slice(&frame);
+                    session.expect(super::relay::Reply::Query, true, None);
+                }
                 Ok(())
             })
             .await;
