@@ -681,6 +681,35 @@ async fn a_lone_commit_carries_its_position_and_a_failed_one_its_error() {
         "one position statement: {statements:?}"
     );
 
+    // The same in the extended protocol (Parse, Bind, Execute, Sync of `commit`): the
+    // position joins the client's batch before its Sync.
+    client.batch_execute("begin").await.expect("begin");
+    client
+        .execute("insert into child values (43)", &[])
+        .await
+        .expect("insert, checked at commit");
+    let e = client
+        .execute("commit", &[])
+        .await
+        .expect_err("the deferred constraint fails at COMMIT");
+    assert_eq!(sqlstate(&e), "23503", "{}", describe_error(&e));
+    client.batch_execute("begin").await.expect("begin");
+    client
+        .execute("insert into child values (42)", &[])
+        .await
+        .expect("insert child");
+    client.execute("commit", &[]).await.expect("commit");
+    let extended = last_write(&client).await;
+    assert_ne!(
+        extended, after,
+        "the extended COMMIT's position was recorded"
+    );
+    assert_eq!(
+        count_and_port(&client, "child").await.expect("read child"),
+        (2, primary),
+        "the replica has not replayed the commit: the primary answers"
+    );
+
     // Once the replica replays the commit, reads go back there.
     resume_replay(&cluster);
     let replica = cluster.replica_ports()[0];
@@ -688,7 +717,7 @@ async fn a_lone_commit_carries_its_position_and_a_failed_one_its_error() {
         "reads to return to the replica",
         WAIT,
         async || match count_and_port(&client, "child").await? {
-            (1, port) if port == replica => Ok(()),
+            (2, port) if port == replica => Ok(()),
             (count, port) => Err(format!("count {count} from {}", cluster.name_of(port))),
         },
     )

@@ -10,7 +10,9 @@
 //! The query is a statement prepared once per server connection (in its statement cache,
 //! like the clients' statements), so the server does not parse and plan it per commit.
 //! After a lone `COMMIT` (a simple query), both go in one extended-protocol batch with one
-//! Sync ([`Session::queue_joined_commit`]), so the server answers them in one write.
+//! Sync ([`Session::queue_joined_commit`]), and after a `COMMIT` the client executes in the
+//! extended protocol, the query goes in front of the client's Sync
+//! ([`Session::join_position_before_sync`]): the server answers them in one write.
 //!
 //! pgway's own settings for it live here too: `pgway.min_lsn` (a token), and the read-only
 //! `pgway.last_write_lsn` and `pgway.last_route`, made current on the server connection only
@@ -153,6 +155,10 @@ impl Session<'_> {
     /// After a request that ends with ReadyForQuery is queued: if it may commit a write,
     /// the WAL position query follows it.
     pub(super) fn queue_wal_position(&mut self) {
+        if self.request.joined {
+            // Queued with the request's COMMIT.
+            return;
+        }
         if self.request.ask_seen && self.state.link().is_some() {
             messages::query(&mut self.to_server, SEEN_POSITION_QUERY);
             self.expect(Reply::WalPosition, false, None);
@@ -179,27 +185,33 @@ impl Session<'_> {
             // this one is asked once the request is answered (its ReadyForQuery waits).
             self.request.wal_deferred = true;
         } else {
-            self.queue_wal_query();
+            self.queue_wal_query(false);
         }
     }
 
-    /// Queues a client's lone `COMMIT` (a simple query) for the WAL position query to join
-    /// it, if one follows: Parse, Bind and Execute of its text, answered like the simple
-    /// query (ParseComplete and BindComplete are swallowed), and [`Self::queue_wal_query`]
-    /// then adds the position's Bind and Execute and one Sync for both. PostgreSQL answers
-    /// the two in one write, where a simple query and a Sync would each end with a
-    /// ReadyForQuery and a write of its own. The `COMMIT` commits at its Execute, so the
-    /// position still covers it. False if it does not apply (the caller sends the query).
-    pub(super) fn queue_joined_commit(&mut self, sql: &[u8]) -> bool {
-        let joins = self.floor.is_some()
-            && self.txn.wrote
+    /// Whether the WAL position query can join a `COMMIT` sent now, before its Sync: the
+    /// connection is the primary's, in a transaction (not failed) that wrote, and owned by
+    /// no client's prepared statements; the server is not skipping to a Sync.
+    fn position_joins(&self) -> bool {
+        self.floor.is_some()
+            && (self.txn.wrote || self.request.may_write)
+            && !self.request.copies
             && !self.pins()
             && self
                 .state
                 .link()
-                .is_some_and(|link| !link.replica && link.status == b'T')
-            && is_plain_commit(sql);
-        if !joins {
+                .is_some_and(|link| !link.replica && link.status == b'T' && !link.skipping)
+    }
+
+    /// Queues a client's lone `COMMIT` (a simple query) with the WAL position query
+    /// joined to it, if one follows: Parse, Bind and Execute of its text, answered like the
+    /// simple query (ParseComplete and BindComplete are swallowed), the position's Bind
+    /// and Execute, and one Sync for both. PostgreSQL answers the two in one write, where a
+    /// simple query and a Sync would each end with a ReadyForQuery and a write of its own.
+    /// The `COMMIT` commits at its Execute, so the position still covers it. False if it
+    /// does not apply (the caller sends the query).
+    pub(super) fn queue_joined_commit(&mut self, sql: &[u8]) -> bool {
+        if !(is_plain_commit(sql) && self.position_joins()) {
             return false;
         }
         let out = &mut self.to_server;
@@ -211,8 +223,19 @@ impl Session<'_> {
         self.expect(Reply::Parse, false, None);
         self.expect(Reply::Bind, false, None);
         self.expect(Reply::Execute, true, None);
-        self.request.joined = true;
+        self.queue_wal_query(true);
+        put_frame(&mut self.to_server, b'S', &[]);
+        self.expect(Reply::Sync, true, None);
         true
+    }
+
+    /// Before the Sync of a client's extended-protocol batch whose last Execute ran a
+    /// plain `COMMIT` (see [`Self::queue_joined_commit`]): the WAL position query joins it,
+    /// and the client's Sync ends both.
+    pub(super) fn join_position_before_sync(&mut self) {
+        if std::mem::take(&mut self.request.commit_executed) && self.position_joins() {
+            self.queue_wal_query(true);
+        }
     }
 
     /// A client pinned to the connection (or being pinned by this request) owns what
@@ -230,11 +253,13 @@ impl Session<'_> {
     /// after a Parse where the connection does not have it yet. Any error in its answer
     /// makes the connection forget it (see [`Self::on_wal_position_frame`]): the next
     /// Parse is then preceded by a Close, as pgway cannot tell whether the server kept it.
+    /// `joined` to a `COMMIT`: no Sync, the caller's ends it.
     ///
     /// A client pinned to the connection (or being pinned by this request) owns what
     /// `pg_prepared_statements` shows there: pgway does not add its own statement to it,
-    /// and asks with a simple query unless the statement was already there.
-    fn queue_wal_query(&mut self) {
+    /// and asks with a simple query unless the statement was already there (never
+    /// joined: see [`Self::position_joins`]).
+    fn queue_wal_query(&mut self, joined: bool) {
         let capacity = self.shared.config.load().pool.statement_cache;
         let pins = self.pins();
         let Some(link) = self.state.link_mut() else {
@@ -256,20 +281,20 @@ impl Session<'_> {
                 write_target(out, b'C', b'S', &statement_name(evicted));
             }
         }
-        // Bind: the unnamed portal, no parameters, text results; Execute it; Sync.
+        // Bind: the unnamed portal, no parameters, text results; Execute it.
         let start = begin_frame(out, b'B');
         out.extend_from_slice(&[0]);
         out.extend_from_slice(&name);
         out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
         end_frame(out, start);
         put_frame(out, b'E', &[0, 0, 0, 0, 0]);
-        put_frame(out, b'S', &[]);
-        if self.request.joined {
+        if joined {
             // A failed COMMIT makes the server skip to the Sync, a Parse of it too.
             let prepared = parses.then_some(WAL_POSITION_KEY);
             self.expect(Reply::WalRow, false, prepared);
-            self.expect(Reply::Sync, true, None);
+            self.request.joined = true;
         } else {
+            put_frame(out, b'S', &[]);
             self.expect(Reply::WalPosition, false, None);
         }
     }
@@ -283,7 +308,7 @@ impl Session<'_> {
         if self.request.held_ready.is_none() {
             return Ok(());
         }
-        self.queue_wal_query();
+        self.queue_wal_query(false);
         self.send_and_relay(true).await
     }
 

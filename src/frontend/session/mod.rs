@@ -267,6 +267,10 @@ struct Request {
     /// The request is a lone `COMMIT`, sent in the extended protocol with the WAL position
     /// query behind it and one Sync for both (see `freshness`).
     joined: bool,
+    /// Its last Bind was of a plain `COMMIT` to the unnamed portal (extended protocol).
+    commit_bound: bool,
+    /// Its last Execute ran that `COMMIT`: the WAL position query may join it.
+    commit_executed: bool,
     /// The client's ReadyForQuery, held until the WAL position query is answered.
     held_ready: Option<BytesMut>,
     /// The answer to the WAL position query.
@@ -315,6 +319,8 @@ impl Request {
         self.copies = false;
         self.wal_deferred = false;
         self.joined = false;
+        self.commit_bound = false;
+        self.commit_executed = false;
         self.held_ready = None;
         self.wal_position = None;
         self.deadline = None;

@@ -18,7 +18,7 @@ use crate::backend::server::{statement_name, STATEMENT_NAME_LEN};
 use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse, ParseLayout};
-use crate::route::fast::{scan_words, Words};
+use crate::route::fast::{is_plain_commit, scan_words, Words};
 use crate::route::{Classification, Hint, SessionEffect, Target, Why};
 
 /// The keys of the hash that names statements on the servers, drawn at start-up. A server
@@ -323,6 +323,9 @@ impl Session<'_> {
                         self.request.commits = true;
                     }
                 }
+                self.request.commit_bound = prepared.is_some_and(|prepared| {
+                    prepared.words.commits && is_plain_commit(&prepared.sql)
+                }) && bind.portal.is_empty();
                 match self.server_statement_of(bind.statement.is_empty(), prepared.map(|p| &**p))? {
                     Some(name) => bind.write_renamed(&mut self.to_server, &name),
                     None => self.to_server.extend_from_slice(frame),
@@ -355,10 +358,16 @@ impl Session<'_> {
                 }
             }
             b'E' => {
+                // The unnamed portal (an empty name, then the row limit).
+                self.request.commit_executed =
+                    self.request.commit_bound && frame.get(5) == Some(&0);
                 self.to_server.extend_from_slice(frame);
                 self.expect(Reply::Execute, true, None);
             }
             b'S' => {
+                if !self.request.batch_failed {
+                    self.join_position_before_sync();
+                }
                 self.to_server.extend_from_slice(frame);
                 self.expect(Reply::Sync, true, None);
             }

@@ -285,8 +285,7 @@ impl Session<'_> {
                 }
                 // A simple query replaces the unnamed statement (as does a joined COMMIT).
                 session.server_mut()?.unnamed = None;
-                if !(session.request.commits && in_transaction && session.queue_joined_commit(sql))
-                {
+                if !(session.request.commits && session.queue_joined_commit(sql)) {
                     session.to_server.extend_from_slice(&frame);
                     session.expect(super::relay::Reply::Query, true, None);
                 }
