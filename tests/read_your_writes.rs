@@ -53,6 +53,24 @@ async fn count_and_port(client: &Client, table: &str) -> Result<(i64, u16), Stri
     ))
 }
 
+/// Waits until `select count(*) from <table>` through `client` gives `expected`: the
+/// count, and the port of the server that answered.
+async fn count_comes_from(cluster: &Cluster, client: &Client, table: &str, expected: (i64, u16)) {
+    eventually(
+        &format!(
+            "{} rows of {table} from {}",
+            expected.0,
+            cluster.name_of(expected.1)
+        ),
+        WAIT,
+        async || match count_and_port(client, table).await? {
+            got if got == expected => Ok(()),
+            (count, port) => Err(format!("count {count} from {}", cluster.name_of(port))),
+        },
+    )
+    .await;
+}
+
 /// Runs `sql` in `psql` through the gateway as `app`, statement by statement (`-f -`),
 /// and returns its unaligned, tuples-only output.
 fn psql(gw: &Gateway, sql: &str) -> String {
@@ -170,19 +188,7 @@ async fn a_writer_reads_its_writes_at_once_and_others_keep_the_replica() {
 
     // Once the replica replays, the writer's reads return to it.
     resume_replay(&cluster);
-    eventually(
-        "the writer's reads to return to the replica",
-        WAIT,
-        async || {
-            let (count, port) = count_and_port(&writer, "t1").await?;
-            if (count, port) == (2, replica) {
-                Ok(())
-            } else {
-                Err(format!("count {count} from {}", cluster.name_of(port)))
-            }
-        },
-    )
-    .await;
+    count_comes_from(&cluster, &writer, "t1", (2, replica)).await;
 
     // /topology shows the replica's replay position and how reads under a floor went.
     let topology = topology_json(admin).await;
@@ -473,19 +479,7 @@ async fn after_a_promotion_the_old_primarys_positions_make_no_read_wait() {
     cluster.start_replica(1);
 
     wait_for_new_primary(gw.port(), new_primary).await;
-    eventually(
-        "the writer's reads to reach the new primary's replica",
-        WAIT,
-        async || {
-            let (count, port) = count_and_port(&writer, "big").await?;
-            if (count, port) == (0, new_replica) {
-                Ok(())
-            } else {
-                Err(format!("{count} rows from {}", cluster.name_of(port)))
-            }
-        },
-    )
-    .await;
+    count_comes_from(&cluster, &writer, "big", (0, new_replica)).await;
 }
 
 /// The name and prepare time of pgway's WAL position statement on the primary connection
@@ -539,15 +533,7 @@ async fn the_position_query_is_prepared_once_per_connection_and_outlives_its_sta
     let name = first[0][0].clone().expect("statement name");
 
     // The replica has everything so far; it stops replaying before the next write.
-    eventually(
-        "the replica to have the three rows",
-        WAIT,
-        async || match count_and_port(&client, "p").await? {
-            (3, port) if port == replica => Ok(()),
-            (count, port) => Err(format!("count {count} from {}", cluster.name_of(port))),
-        },
-    )
-    .await;
+    count_comes_from(&cluster, &client, "p", (3, replica)).await;
     pause_replay(&cluster);
 
     // A write whose position query finds its statement gone (dropped in the same
@@ -713,13 +699,5 @@ async fn a_lone_commit_carries_its_position_and_a_failed_one_its_error() {
     // Once the replica replays the commit, reads go back there.
     resume_replay(&cluster);
     let replica = cluster.replica_ports()[0];
-    eventually(
-        "reads to return to the replica",
-        WAIT,
-        async || match count_and_port(&client, "child").await? {
-            (2, port) if port == replica => Ok(()),
-            (count, port) => Err(format!("count {count} from {}", cluster.name_of(port))),
-        },
-    )
-    .await;
+    count_comes_from(&cluster, &client, "child", (2, replica)).await;
 }
