@@ -74,6 +74,11 @@ async fn count_comes_from(cluster: &Cluster, client: &Client, table: &str, expec
 /// Runs `sql` in `psql` through the gateway as `app`, statement by statement (`-f -`),
 /// and returns its unaligned, tuples-only output.
 fn psql(gw: &Gateway, sql: &str) -> String {
+    psql_with_messages(gw, sql).0
+}
+
+/// [`psql`], and what it printed on stderr (notices, warnings).
+fn psql_with_messages(gw: &Gateway, sql: &str) -> (String, String) {
     use std::io::Write;
     let mut child = std::process::Command::new(pg_bin("psql"))
         .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"])
@@ -95,7 +100,10 @@ fn psql(gw: &Gateway, sql: &str) -> String {
         "psql failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn gateway(cluster: &Cluster, scope: &str) -> Gateway {
@@ -700,4 +708,25 @@ async fn a_lone_commit_carries_its_position_and_a_failed_one_its_error() {
     resume_replay(&cluster);
     let replica = cluster.replica_ports()[0];
     count_comes_from(&cluster, &client, "child", (2, replica)).await;
+
+    // psql: a notice a deferred trigger raises at COMMIT reaches the client, the
+    // position's answer does not, and the write is there to read.
+    cluster.psql_admin(
+        primary,
+        "create function noisy() returns trigger language plpgsql as \
+         $$ begin raise notice 'checked % at commit', new.pid; return null; end $$; \
+         create constraint trigger noisy after insert on child \
+         deferrable initially deferred for each row execute function noisy()",
+    );
+    let (out, messages) = psql_with_messages(
+        &gw,
+        "begin;\ninsert into child values (42);\ncommit;\nselect count(*) from child;\n",
+    );
+    assert_eq!(out, "3", "{messages}");
+    assert_eq!(
+        messages.matches("NOTICE").count(),
+        1,
+        "one notice, the trigger's: {messages}"
+    );
+    assert!(messages.contains("checked 42 at commit"), "{messages}");
 }
