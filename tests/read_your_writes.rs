@@ -730,3 +730,50 @@ async fn a_lone_commit_carries_its_position_and_a_failed_one_its_error() {
     );
     assert!(messages.contains("checked 42 at commit"), "{messages}");
 }
+
+/// A `COMMIT` whose Sync comes in a later write than its Execute (the client flushes in
+/// between, as libpq's pipeline mode may): the read after it still sees the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_flushed_before_its_sync_raises_the_floor() {
+    let cluster = Cluster::start(1);
+    let primary = cluster.primary_port();
+    let gw = gateway(&cluster, "user");
+    gw.wait_for_replica_reads(&cluster).await;
+    let reader = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    reader
+        .batch_execute("create table f(i int)")
+        .await
+        .expect("create");
+    let replica = cluster.replica_ports()[0];
+    count_comes_from(&cluster, &reader, "f", (0, replica)).await;
+    pause_replay(&cluster);
+
+    let mut raw = RawConn::login(gw.port(), APP_USER, APP_PASSWORD).await;
+    raw.query("begin").await;
+    raw.query("insert into f values (1)").await;
+    let commit_then_flush = [
+        message(b'P', b"\0commit\0\0\0"),
+        message(b'B', &[0; 8]),
+        message(b'E', &[0; 5]),
+        message(b'H', b""),
+    ]
+    .concat();
+    raw.send(&commit_then_flush).await;
+    loop {
+        let m = raw.recv_message().await;
+        assert_ne!(m.tag, b'E', "{m:?}");
+        if m.tag == b'C' {
+            break;
+        }
+    }
+    raw.send(&message(b'S', b"")).await;
+    let ready = raw.until_ready().await;
+    assert!(ready.iter().all(|m| m.tag != b'E'), "{ready:?}");
+
+    assert_eq!(
+        count_and_port(&reader, "f").await.expect("read f"),
+        (1, primary),
+        "the replica has not replayed the commit: the primary answers"
+    );
+    resume_replay(&cluster);
+}

@@ -255,7 +255,7 @@ struct Request {
     /// It may change data (read-your-writes). Kept until the request is done.
     may_write: bool,
     /// It may commit a transaction (`COMMIT`, `END`): asked inside transactions and of
-    /// writes.
+    /// writes. Kept across the batches of a request that a Flush split.
     commits: bool,
     /// What it wrote may have committed: it succeeded, or it failed after a `COMMIT`.
     /// Set at its ReadyForQuery.
@@ -264,8 +264,8 @@ struct Request {
     copies: bool,
     /// The WAL position query waits until the request is answered.
     wal_deferred: bool,
-    /// The request is a lone `COMMIT`, sent in the extended protocol with the WAL position
-    /// query behind it and one Sync for both (see `freshness`).
+    /// The WAL position query joins the request's `COMMIT` before the Sync they share (see
+    /// `freshness`): the Sync's ReadyForQuery is held until the position is in.
     joined: bool,
     /// Its last Bind was of a plain `COMMIT` to the unnamed portal (extended protocol).
     commit_bound: bool,
@@ -302,7 +302,9 @@ struct Request {
 impl Request {
     /// Starts sending (or sending again): what an earlier attempt noted is forgotten, but
     /// effects and failure of messages already answered (an earlier Flush) are kept.
-    fn begin_attempt(&mut self, can_retry: bool, out_mark: usize) {
+    /// `continues`: the batch goes on one sent before without a Sync (its Execute of a
+    /// `COMMIT` may have come in that one, and the WAL position query is still owed).
+    fn begin_attempt(&mut self, can_retry: bool, out_mark: usize, continues: bool) {
         self.can_retry = can_retry;
         self.answered = false;
         self.retry_pending = false;
@@ -315,7 +317,7 @@ impl Request {
         self.on_replica = false;
         self.flushed = false;
         self.redo = None;
-        self.commits = false;
+        self.commits &= continues;
         self.copies = false;
         self.wal_deferred = false;
         self.joined = false;
@@ -333,7 +335,7 @@ impl Request {
         self.ask_seen = false;
         self.failed = false;
         self.may_write = false;
-        self.begin_attempt(false, 0);
+        self.begin_attempt(false, 0, false);
     }
 }
 

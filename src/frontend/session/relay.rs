@@ -33,7 +33,8 @@ pub(super) enum Reply {
     FunctionCall,
     /// pgway's WAL position query after a committing write (see `freshness`).
     WalPosition,
-    /// The same joined to a lone `COMMIT`, before their one Sync.
+    /// The same joined to a `COMMIT`, before the Sync they share: its answer ends at
+    /// CommandComplete.
     WalRow,
 }
 

@@ -486,7 +486,9 @@ impl Session<'_> {
         let mut begin = None;
         loop {
             let can_retry = plan.retry && self.can_retry_now();
-            self.request.begin_attempt(can_retry, self.out.len());
+            let continues = self.state.link().is_some_and(|link| link.unsynced);
+            self.request
+                .begin_attempt(can_retry, self.out.len(), continues);
             if let State::Begun(_) = self.state {
                 if let State::Begun(frame) = std::mem::replace(&mut self.state, State::Idle) {
                     begin = Some(frame);
