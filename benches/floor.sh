@@ -11,7 +11,8 @@
 #   benches/floor.sh              after a run of benches/compare.sh, which leaves the
 #                                 configs in .bench/run (or $PGWAY_BENCH_DIR/run)
 # Knobs: SCENARIO=s32 (s32: -S 32 clients; prep32: -S -M prepared 32 clients; tpcb: TPC-B
-# 16 clients, against the primary), ROUNDS=3, DURATION=5 (seconds per run), RELAY_PORT=6475.
+# 16 clients, against the primary; tpcb-ext: the same with -M extended), ROUNDS=3,
+# DURATION=5 (seconds per run), RELAY_PORT=6475, PGWAY_BIN (default target/release/pgway).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,7 +42,8 @@ case $SCENARIO in
 s32) opts="-S -c 32 -j 2" listener=postgres_read targets="relay haproxy pgbouncer pgway direct" ;;
 prep32) opts="-S -M prepared -c 32 -j 2" listener=postgres_read targets="relay haproxy pgway direct" ;;
 tpcb) opts="-c 16 -j 2" listener=postgres_write targets="relay haproxy pgway pgway-rywoff direct" ;;
-*) die "SCENARIO must be s32, prep32 or tpcb" ;;
+tpcb-ext) opts="-M extended -c 16 -j 2" listener=postgres_write targets="relay haproxy pgway pgway-rywoff direct" ;;
+*) die "SCENARIO must be s32, prep32, tpcb or tpcb-ext" ;;
 esac
 # The node behind the scenario's HAProxy port, and that port.
 node=$(awk -v l="$listener" '$1 == "listen" {in_l = ($2 == l)} in_l && $1 == "server" {print $3; exit}' \
