@@ -506,18 +506,25 @@ async fn position_statement(client: &Client, primary: u16) -> Vec<Vec<Option<Str
     rows
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_position_query_is_prepared_once_per_connection_and_outlives_its_statement() {
-    let cluster = Cluster::start(1);
-    let primary = cluster.primary_port();
-    let replica = cluster.replica_ports()[0];
+/// A gateway with `read_your_writes = "user"` and `pool.size = 1` (one primary connection,
+/// whose prepared statements a test can look at), once it reads from the replica.
+async fn one_connection_gateway(cluster: &Cluster) -> Gateway {
     let opts = GatewayOptions {
         pool_size: 1,
         extra: "[routing]\nread_your_writes = \"user\"\n".into(),
         ..GatewayOptions::default()
     };
-    let gw = Gateway::start_with(&cluster, opts);
-    gw.wait_for_replica_reads(&cluster).await;
+    let gw = Gateway::start_with(cluster, opts);
+    gw.wait_for_replica_reads(cluster).await;
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_position_query_is_prepared_once_per_connection_and_outlives_its_statement() {
+    let cluster = Cluster::start(1);
+    let primary = cluster.primary_port();
+    let replica = cluster.replica_ports()[0];
+    let gw = one_connection_gateway(&cluster).await;
     let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
     client
         .batch_execute("create table p(i int)")
@@ -602,13 +609,7 @@ async fn a_lone_commit_carries_its_position_and_a_failed_one_its_error() {
          grant all on parent, child to app",
     );
     cluster.wait_replay();
-    let opts = GatewayOptions {
-        pool_size: 1,
-        extra: "[routing]\nread_your_writes = \"user\"\n".into(),
-        ..GatewayOptions::default()
-    };
-    let gw = Gateway::start_with(&cluster, opts);
-    gw.wait_for_replica_reads(&cluster).await;
+    let gw = one_connection_gateway(&cluster).await;
     pause_replay(&cluster);
     let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
 
