@@ -13,7 +13,10 @@
 #
 # Knobs: ROUNDS=4, DURATION=10 (seconds per run). SCRIPT=tpcb runs pgbench's TPC-B-like
 # script with 16 clients instead (tps and user CPU per transaction, each build against the
-# primary through compare.sh's config, as compare.sh's TPC-B scenario). CONFIG=FILE runs both
+# primary through compare.sh's config, as compare.sh's TPC-B scenario). SCRIPT=autocommit
+# does the same with benches/scripts/autocommit-update.sql: one UPDATE a transaction, with no
+# BEGIN (each commits at its own Sync, so read-your-writes asks the WAL position after it in
+# an answer of its own). CONFIG=FILE runs both
 # builds with another of compare.sh's configs (CONFIG=pgway-rywoff.toml: read-your-writes
 # off); CONFIG_B=FILE runs build B with another config than A (the same binary twice, with
 # CONFIG_B=pgway-rywoff.toml, measures what read-your-writes costs). Run benches/compare.sh
@@ -29,8 +32,9 @@ ROUNDS=${ROUNDS:-4}
 SCRIPT=${SCRIPT:-select-only}
 case $SCRIPT in
 select-only) PGBENCH_SCRIPT=(-S) CLIENTS=(1 32) ;;
-tpcb) PGBENCH_SCRIPT=() CLIENTS=(16) ;;
-*) echo "ab: ERROR: SCRIPT must be select-only or tpcb" >&2 && exit 1 ;;
+tpcb) PGBENCH_SCRIPT=() CLIENTS=(16) LABEL=TPC-B ;;
+autocommit) PGBENCH_SCRIPT=(-f "$REPO/benches/scripts/autocommit-update.sql") CLIENTS=(16) LABEL="autocommit UPDATE" ;;
+*) echo "ab: ERROR: SCRIPT must be select-only, tpcb or autocommit" >&2 && exit 1 ;;
 esac
 DURATION=${DURATION:-10}
 BENCH_DIR=$(bench_pair_dir)
@@ -130,7 +134,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         got[$first.$sc]=$(run "$first" "$sc")
         got[$second.$sc]=$(run "$second" "$sc")
     done
-    if [[ $SCRIPT == tpcb ]]; then
+    if [[ $SCRIPT != select-only ]]; then
         read -r tps_a cpu_a machine_a <<<"${got[A.16]}"
         read -r tps_b cpu_b machine_b <<<"${got[B.16]}"
         r16=$(awk -v a="$tps_a" -v b="$tps_b" 'BEGIN {printf "%.3f", b / a}')
@@ -139,8 +143,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
         echo "$r16" >>"$OUT/s32"
         echo "$rcpu" >>"$OUT/cpu"
         echo "$rmachine" >>"$OUT/machine"
-        printf 'round %d: TPC-B 16 clients A %.0f tps, B %.0f tps (B/A %s), user CPU per transaction A %s µs, B %s µs (B/A %s), machine CPU per transaction A %s µs, B %s µs (B/A %s)\n' \
-            "$round" "$tps_a" "$tps_b" "$r16" "$cpu_a" "$cpu_b" "$rcpu" "$machine_a" "$machine_b" "$rmachine"
+        printf 'round %d: %s 16 clients A %.0f tps, B %.0f tps (B/A %s), user CPU per transaction A %s µs, B %s µs (B/A %s), machine CPU per transaction A %s µs, B %s µs (B/A %s)\n' \
+            "$round" "$LABEL" "$tps_a" "$tps_b" "$r16" "$cpu_a" "$cpu_b" "$rcpu" "$machine_a" "$machine_b" "$rmachine"
         unset got
         continue
     fi
@@ -158,8 +162,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
         "$round" "${got[A.1]}" "${got[B.1]}" "$r1" "$tps_a" "$tps_b" "$r32" "$cpu_a" "$cpu_b" "$rcpu" "$machine_a" "$machine_b" "$rmachine"
     unset got
 done
-if [[ $SCRIPT == tpcb ]]; then
-    echo "median B/A: TPC-B 16 clients tps $(median <"$OUT/s32") (higher is better for B); user CPU per transaction $(median <"$OUT/cpu"), machine CPU per transaction $(median <"$OUT/machine") (lower is better for B)"
+if [[ $SCRIPT != select-only ]]; then
+    echo "median B/A: $LABEL 16 clients tps $(median <"$OUT/s32") (higher is better for B); user CPU per transaction $(median <"$OUT/cpu"), machine CPU per transaction $(median <"$OUT/machine") (lower is better for B)"
     exit 0
 fi
 echo "median B/A: -S 1 client latency $(median <"$OUT/s1") (lower is better for B); -S 32 clients tps $(median <"$OUT/s32") (higher is better for B); user CPU per statement $(median <"$OUT/cpu"), machine CPU per statement $(median <"$OUT/machine") (lower is better for B)"

@@ -13,7 +13,9 @@
 # PROTOCOL=prepared (or extended) runs pgbench with -M PROTOCOL instead of the simple
 # protocol. SCRIPT=tpcb runs pgbench's TPC-B-like script instead of -S (seven statements a
 # transaction: BEGIN, three UPDATEs, a SELECT, an INSERT, END; the figure is per statement
-# all the same). With PROFILE_OUT=FILE, the callgrind dump of the measured 20,000 statements is kept
+# all the same). SCRIPT=autocommit runs benches/scripts/autocommit-update.sql (one UPDATE a
+# transaction, no BEGIN: each is followed by read-your-writes' position query on its own).
+# With PROFILE_OUT=FILE, the callgrind dump of the measured 20,000 statements is kept
 # there: `callgrind_annotate --inclusive=yes FILE` shows where they went, by function.
 # GATEWAY=pgbouncer counts pgbouncer instead (compare.sh's pgbouncer.ini on port 6473, run as
 # the postgres user: pgbouncer does not run as root), for the same figure side by side.
@@ -46,7 +48,8 @@ SCRIPT=${SCRIPT:-select-only}
 case $SCRIPT in
 select-only) PGBENCH_SCRIPT=(-S) STATEMENTS=1 ;;
 tpcb) PGBENCH_SCRIPT=() STATEMENTS=7 ;;
-*) echo "instructions-per-statement: ERROR: SCRIPT must be select-only or tpcb" >&2 && exit 1 ;;
+autocommit) PGBENCH_SCRIPT=(-f "$REPO/benches/scripts/autocommit-update.sql") STATEMENTS=1 ;;
+*) echo "instructions-per-statement: ERROR: SCRIPT must be select-only, tpcb or autocommit" >&2 && exit 1 ;;
 esac
 GATEWAY=${GATEWAY:-pgway}
 CONFIG=${CONFIG:-pgway.toml}
@@ -54,6 +57,9 @@ VG_ARGS=(--tool=callgrind)
 if [[ -n ${CACHE_SIM:-} ]]; then
     VG_ARGS+=(--cache-sim=yes --D1=4096,4,64 --I1=32768,8,64 --LL=65536,8,64)
 fi
+# A kept dump must name its functions itself: compressed, it would refer to names that
+# only the earlier dumps define, and callgrind_annotate would show them all as `clone`.
+[[ -n ${PROFILE_OUT:-} ]] && VG_ARGS+=(--compress-strings=no --compress-pos=no)
 
 die() {
     echo "instructions-per-statement: ERROR: $*" >&2

@@ -519,26 +519,56 @@ async fn one_connection_gateway(cluster: &Cluster) -> Gateway {
     gw
 }
 
+/// A write in a transaction of its own (`begin`, the write, a lone `commit`, each a
+/// request), whose `COMMIT` carries the position query.
+async fn write_in_transaction(client: &Client, sql: &str) {
+    for step in ["begin", sql, "commit"] {
+        client.batch_execute(step).await.expect(step);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_position_query_is_prepared_once_per_connection_and_outlives_its_statement() {
+async fn autocommit_writes_prepare_nothing_and_the_commits_statement_outlives_a_deallocate() {
     let cluster = Cluster::start(1);
     let primary = cluster.primary_port();
     let replica = cluster.replica_ports()[0];
     let gw = one_connection_gateway(&cluster).await;
     let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+
+    // Writes that commit on their own ask the position with a FunctionCall: it is
+    // recorded, and nothing is prepared on the connection for it.
+    let before = last_write(&client).await;
     client
         .batch_execute("create table p(i int)")
         .await
         .expect("create");
+    let created = last_write(&client).await;
+    assert_ne!(
+        before, created,
+        "the autocommit write's position was recorded"
+    );
+    // Recorded from the FunctionCall's answer: a lost position would have made reading
+    // `pgway.last_write_lsn` look the primary's position up on a connection of its own.
+    let lookups = cluster.psql_admin(
+        primary,
+        "select count(*) from pg_stat_activity \
+         where query like '%pg_current_wal_insert_lsn() - ''0/0''%'",
+    );
+    assert_eq!(lookups.trim(), "0", "no look-up of the primary's position");
+    assert_eq!(
+        position_statement(&client, primary).await,
+        Vec::<Vec<Option<String>>>::new(),
+        "no statement for an autocommit write's position"
+    );
 
-    // Prepared by the first committing write, then only executed.
+    // A lone COMMIT's position query is a statement prepared by the first one, then
+    // only executed.
+    write_in_transaction(&client, "insert into p values (0)").await;
     let first = position_statement(&client, primary).await;
     assert_eq!(first.len(), 1, "one position statement: {first:?}");
-    for i in 0..3 {
-        client
-            .batch_execute(&format!("insert into p values ({i})"))
-            .await
-            .expect("insert");
+    assert_ne!(last_write(&client).await, created, "the COMMIT's position");
+    for i in 1..3 {
+        write_in_transaction(&client, &format!("insert into p values ({i})")).await;
     }
     assert_eq!(
         position_statement(&client, primary).await,
@@ -551,32 +581,30 @@ async fn the_position_query_is_prepared_once_per_connection_and_outlives_its_sta
     count_comes_from(&cluster, &client, "p", (3, replica)).await;
     pause_replay(&cluster);
 
-    // A write whose position query finds its statement gone (dropped in the same
-    // transaction): the read after it must still see it, so it goes to the primary.
+    // A COMMIT whose position query finds its statement gone (dropped in the same
+    // transaction): the position is unknown, so the read after it goes where the write
+    // is.
     client
         .batch_execute(&format!(
-            "begin; deallocate \"{name}\"; insert into p values (3); commit"
+            "begin; deallocate \"{name}\"; insert into p values (3)"
         ))
         .await
         .expect("a write that drops the position statement");
+    client.batch_execute("commit").await.expect("commit");
     assert_eq!(
         count_and_port(&client, "p").await.expect("read p"),
         (4, primary),
         "the write's position is unknown: the read goes where the write is"
     );
 
-    // The next committing write prepares it again, and its position is known.
-    let before = simple_value(&client, "show pgway.last_write_lsn")
-        .await
-        .expect("show pgway.last_write_lsn");
-    client
-        .batch_execute("insert into p values (4)")
-        .await
-        .expect("insert");
-    let after = simple_value(&client, "show pgway.last_write_lsn")
-        .await
-        .expect("show pgway.last_write_lsn");
-    assert_ne!(before, after, "the write's position was recorded");
+    // The next COMMIT prepares it again, and its position is known.
+    let before = last_write(&client).await;
+    write_in_transaction(&client, "insert into p values (4)").await;
+    assert_ne!(
+        before,
+        last_write(&client).await,
+        "the write's position was recorded"
+    );
     let again = position_statement(&client, primary).await;
     assert_eq!(again.len(), 1, "prepared again: {again:?}");
     assert_ne!(again, first, "a new prepare time");
@@ -585,6 +613,24 @@ async fn the_position_query_is_prepared_once_per_connection_and_outlives_its_sta
         (5, primary)
     );
     resume_replay(&cluster);
+}
+
+/// pgway asks an autocommit write's position by the OID of
+/// `pg_catalog.pg_current_wal_insert_lsn()`: the server the tests run has it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_position_functions_oid_is_pg_current_wal_insert_lsn() {
+    let cluster = Cluster::start(0);
+    let client = connect(cluster.primary_port(), APP_USER, APP_PASSWORD).await;
+    let oid = simple_value(
+        &client,
+        "select 'pg_catalog.pg_current_wal_insert_lsn()'::regprocedure::oid",
+    )
+    .await
+    .expect("the function's OID");
+    assert_eq!(
+        oid,
+        pgway::frontend::session::CURRENT_WAL_INSERT_LSN.to_string()
+    );
 }
 
 /// `show pgway.last_write_lsn` through `client`.

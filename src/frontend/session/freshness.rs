@@ -7,12 +7,14 @@
 //! request, right after it, on the same connection (no extra round trip): the insert
 //! position covers the commit record even under `synchronous_commit = off`, where the
 //! write position can lag it. The client's ReadyForQuery is held until that answer is in.
-//! The query is a statement prepared once per server connection (in its statement cache,
-//! like the clients' statements), so the server does not parse and plan it per commit.
-//! After a lone `COMMIT` (a simple query), both go in one extended-protocol batch with one
-//! Sync ([`Session::queue_joined_commit`]), and after a `COMMIT` the client executes in the
+//! After a write that commits on its own, the position is asked with a FunctionCall: no
+//! statement on the connection, and no parser, planner or executor on the server. After a
+//! lone `COMMIT` (a simple query), both go in one extended-protocol batch with one Sync
+//! ([`Session::queue_joined_commit`]), and after a `COMMIT` the client executes in the
 //! extended protocol, the query goes in front of the client's Sync
-//! ([`Session::join_position_before_sync`]): the server answers them in one write.
+//! ([`Session::join_position_before_sync`]): the server answers them in one write. That
+//! query is a statement prepared once per server connection (in its statement cache, like
+//! the clients' statements), so the server does not parse and plan it per commit.
 //!
 //! pgway's own settings for it live here too: `pgway.min_lsn` (a token), and the read-only
 //! `pgway.last_write_lsn` and `pgway.last_route`, made current on the server connection only
@@ -40,8 +42,14 @@ pub const LAST_WRITE_SETTING: &str = "pgway.last_write_lsn";
 /// pgway's read-only setting: where the client's previous statement went and why.
 pub const LAST_ROUTE_SETTING: &str = "pgway.last_route";
 
-/// The WAL position query pgway sends after a committing write.
+/// The WAL position query pgway sends after a COMMIT, joined to it.
 const WAL_POSITION_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
+
+/// The OID of `pg_catalog.pg_current_wal_insert_lsn()`, which pgway calls with a
+/// FunctionCall after a write that commits on its own. Built-in functions keep their OIDs
+/// across PostgreSQL versions (it is 2852 since PostgreSQL 10 named it so);
+/// `tests/read_your_writes.rs` checks it on the server the tests run.
+pub const CURRENT_WAL_INSERT_LSN: u32 = 2852;
 
 /// The key of [`WAL_POSITION_QUERY`] in a server connection's statement cache, where the
 /// clients' statements are keyed by a hash of their content (its server-side name is
@@ -249,29 +257,33 @@ impl Session<'_> {
                 .any(|effect| matches!(effect, SessionEffect::Pin(_)))
     }
 
-    /// Queues the WAL position query: Bind, Execute and Sync of its prepared statement,
-    /// after a Parse where the connection does not have it yet. Any error in its answer
-    /// makes the connection forget it (see [`Self::on_wal_position_frame`]): the next
-    /// Parse is then preceded by a Close, as pgway cannot tell whether the server kept it.
-    /// `joined` to a `COMMIT`: no Sync, the caller's ends it.
-    ///
-    /// A client pinned to the connection (or being pinned by this request) owns what
-    /// `pg_prepared_statements` shows there: pgway does not add its own statement to it,
-    /// and asks with a simple query unless the statement was already there (never
-    /// joined: see [`Self::position_joins`]).
+    /// Queues the WAL position query. On its own (after a request with a Sync or a simple
+    /// query of its own): a FunctionCall of `pg_current_wal_insert_lsn()`, which needs no
+    /// statement on the connection and runs without the parser, planner and executor of a
+    /// statement (see [`CURRENT_WAL_INSERT_LSN`]). `joined` to a `COMMIT`, before the Sync
+    /// they share (a FunctionCall would end with a ReadyForQuery of its own): Bind and
+    /// Execute of its prepared statement, after a Parse where the connection does not have
+    /// it yet, and no Sync. Any error in that answer makes the connection forget the
+    /// statement (see [`Self::on_wal_position_frame`]): the next Parse is then preceded by
+    /// a Close, as pgway cannot tell whether the server kept it. A pinned client owns what
+    /// `pg_prepared_statements` shows on its connection, so its COMMIT is never joined
+    /// (see [`Self::position_joins`]).
     fn queue_wal_query(&mut self, joined: bool) {
+        if !joined {
+            // OID, no argument format codes, no arguments, a binary result.
+            let mut body = [0; 10];
+            body[..4].copy_from_slice(&CURRENT_WAL_INSERT_LSN.to_be_bytes());
+            body[9] = 1;
+            put_frame(&mut self.to_server, b'F', &body);
+            self.expect(Reply::WalPosition, false, None);
+            return;
+        }
         let capacity = self.shared.config.load().pool.statement_cache;
-        let pins = self.pins();
         let Some(link) = self.state.link_mut() else {
             return;
         };
         let name = statement_name(WAL_POSITION_KEY);
         let out = &mut self.to_server;
-        if pins && !link.conn.statements.contains(WAL_POSITION_KEY) {
-            messages::query(out, WAL_POSITION_QUERY);
-            self.expect(Reply::WalPosition, false, None);
-            return;
-        }
         let parses = !link.conn.statements.touch(WAL_POSITION_KEY);
         if parses {
             write_target(out, b'C', b'S', &name);
@@ -288,15 +300,10 @@ impl Session<'_> {
         out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
         end_frame(out, start);
         put_frame(out, b'E', &[0, 0, 0, 0, 0]);
-        if joined {
-            // A failed COMMIT makes the server skip to the Sync, a Parse of it too.
-            let prepared = parses.then_some(WAL_POSITION_KEY);
-            self.expect(Reply::WalRow, false, prepared);
-            self.request.joined = true;
-        } else {
-            put_frame(out, b'S', &[]);
-            self.expect(Reply::WalPosition, false, None);
-        }
+        // A failed COMMIT makes the server skip to the Sync, a Parse of it too.
+        let prepared = parses.then_some(WAL_POSITION_KEY);
+        self.expect(Reply::WalRow, false, prepared);
+        self.request.joined = true;
     }
 
     /// After a request whose WAL position query was deferred (a COPY): asks it now, and
@@ -346,13 +353,20 @@ impl Session<'_> {
     pub(super) fn on_wal_position_frame(&mut self, frame: &[u8]) {
         match frame[0] {
             b'A' => self.out.extend_from_slice(frame),
-            b'E' => {
+            // Only the joined query is a prepared statement, which the connection may
+            // have lost.
+            b'E' if self.request.joined => {
                 if let Some(link) = self.state.link_mut() {
                     link.conn.statements.remove(WAL_POSITION_KEY);
                 }
-                if self.request.joined {
-                    self.expected.pop_front();
-                }
+                self.expected.pop_front();
+            }
+            b'V' => {
+                // FunctionCallResponse: int32 length, the 8-byte binary `pg_lsn`.
+                self.request.wal_position = frame
+                    .get(9..17)
+                    .and_then(|value| value.try_into().ok())
+                    .map(|value| record_end(u64::from_be_bytes(value)));
             }
             b'D' => {
                 // One column: int16 count, int32 length, the text.

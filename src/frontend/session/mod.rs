@@ -98,6 +98,7 @@ use crate::timer::Alarm;
 use crate::topology::Picks;
 
 pub use effects::{default_target, followed_reports};
+pub use freshness::CURRENT_WAL_INSERT_LSN;
 use prepared::{BatchRoutes, Prepared};
 use relay::Expect;
 

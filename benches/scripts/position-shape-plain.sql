@@ -1,0 +1,4 @@
+-- The autocommit UPDATE alone (benches/autocommit-position.sh).
+\set aid random(1, 100000 * :scale)
+\set delta random(-5000, 5000)
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
