@@ -37,28 +37,17 @@ POSTMASTER=$(head -1 "$BENCH_DIR/primary/postmaster.pid")
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
-# CPU clock ticks of the primary so far: the postmaster with its reaped children (fields 14
-# to 17 of /proc/PID/stat), and its live children.
-server_ticks() {
-    local ticks child
-    ticks=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$POSTMASTER/stat")
-    for child in $(pgrep -P "$POSTMASTER"); do
-        ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$child/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$ticks"
-}
-
 # run SHAPE: prints the tps and the primary's CPU µs per transaction.
 run() {
     local before after tps transactions
-    before=$(server_ticks)
+    before=$(server_cpu_ticks "$POSTMASTER")
     PGPASSWORD=app-secret pgbench -n -c 16 -j 2 -T "$DURATION" -M prepared \
         -f "$REPO/benches/scripts/position-shape-$1.sql" \
         -h 127.0.0.1 -p "$PRIMARY_PORT" -U app bench >"$OUT/pgbench.log" 2>&1 ||
         die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
     # The backends' time reaches the postmaster's once they have exited.
     sleep 0.3
-    after=$(server_ticks)
+    after=$(server_cpu_ticks "$POSTMASTER")
     tps=$(sed -nE 's/^tps = ([0-9.]+) .*/\1/p' "$OUT/pgbench.log")
     transactions=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' "$OUT/pgbench.log")
     awk -v t="$tps" -v c=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$transactions" \

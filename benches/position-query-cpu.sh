@@ -35,27 +35,16 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 echo 'SELECT pg_catalog.pg_current_wal_insert_lsn();' >"$OUT/position.sql"
 
-# CPU clock ticks of the primary so far: the postmaster with its reaped children (fields 14
-# to 17 of /proc/PID/stat), and its live children.
-server_ticks() {
-    local ticks child
-    ticks=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$POSTMASTER/stat")
-    for child in $(pgrep -P "$POSTMASTER"); do
-        ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$child/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$ticks"
-}
-
 # run MODE: the primary's CPU µs per query with pgbench -M MODE.
 run() {
     local before after queries
-    before=$(server_ticks)
+    before=$(server_cpu_ticks "$POSTMASTER")
     PGPASSWORD=app-secret pgbench -n -c 1 -T "$DURATION" -M "$1" -f "$OUT/position.sql" \
         -h 127.0.0.1 -p "$PRIMARY_PORT" -U app bench >"$OUT/pgbench.log" 2>&1 ||
         die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
     # The backend's time reaches the postmaster's once it has exited.
     sleep 0.3
-    after=$(server_ticks)
+    after=$(server_cpu_ticks "$POSTMASTER")
     queries=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' "$OUT/pgbench.log")
     awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$queries" \
         'BEGIN {printf "%.1f", t / hz * 1e6 / n}'

@@ -73,6 +73,18 @@ start_bench_pair() {
     done
 }
 
+# server_cpu_ticks POSTMASTER_PID: CPU clock ticks of a PostgreSQL server so far, user and
+# system: the postmaster with its reaped children (fields 14 to 17 of /proc/PID/stat; a
+# backend's time reaches them once it has exited) and its live children.
+server_cpu_ticks() {
+    local ticks child
+    ticks=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat")
+    for child in $(pgrep -P "$1"); do
+        ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$child/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$ticks"
+}
+
 # start_bench_gateways RUN PGWAY_BIN PGWAY_CONFIG PGWAY_LOG: starts HAProxy, pgbouncer and
 # pgway from the configs benches/compare.sh left in RUN, each in a session of its own:
 # HAProxy (-D) and pgbouncer (-d) put themselves in one, pgway goes through setsid, which
