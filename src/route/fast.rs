@@ -562,6 +562,68 @@ pub fn scan_words(sql: &[u8]) -> Words {
 /// Runs of bytes that stay are copied whole; only literals are written anew, and a text
 /// without any is its own shape (borrowed, nothing allocated).
 pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
+    shape_from(sql, 0, &mut 0)
+}
+
+/// How many statements [`shape_again`] remembers per thread: a transaction of a few
+/// statements that take turns (TPC-B's five) keeps each one's start.
+const SHAPE_STARTS: usize = 8;
+
+/// The starts of the last texts this thread's [`shape_again`] scanned from their first
+/// byte, each up to the last point its scan passed after white space before it replaced
+/// anything, and which slot the next one takes.
+struct ShapeStarts {
+    starts: [Vec<u8>; SHAPE_STARTS],
+    next: usize,
+}
+
+thread_local! {
+    static SHAPE_STARTS_SEEN: RefCell<ShapeStarts> = const {
+        RefCell::new(ShapeStarts {
+            starts: [const { Vec::new() }; SHAPE_STARTS],
+            next: 0,
+        })
+    };
+}
+
+/// [`shape`] for the per-statement path. Applications send the same statements again and
+/// again with other values inlined, and the values come after the same words
+/// (`UPDATE pgbench_accounts SET abalance = abalance + 42 ...`): a text that begins with
+/// the same bytes as one of the last texts this thread scanned whole, up to the last point
+/// that scan passed after white space before its first literal, is scanned only from
+/// there on. Up to that point the scan replaced nothing and ended no token past it (a
+/// token looks at most one byte past its end, white space at none), so the shape is the
+/// same as a whole scan's.
+pub fn shape_again(sql: &str) -> Option<Cow<'_, str>> {
+    SHAPE_STARTS_SEEN.with(|seen| {
+        let Ok(mut seen) = seen.try_borrow_mut() else {
+            return shape(sql);
+        };
+        let bytes = sql.as_bytes();
+        if let Some(start) = seen
+            .starts
+            .iter()
+            .find(|start| !start.is_empty() && bytes.starts_with(start))
+        {
+            return shape_from(sql, start.len(), &mut 0);
+        }
+        let mut point = 0;
+        let shape = shape_from(sql, 0, &mut point);
+        if shape.is_some() && point != 0 && point <= REPEAT_MAX {
+            let slot = seen.next;
+            seen.next = (slot + 1) % SHAPE_STARTS;
+            let start = &mut seen.starts[slot];
+            start.clear();
+            start.extend_from_slice(&bytes[..point]);
+        }
+        shape
+    })
+}
+
+/// [`shape`], scanning from `from` (0, or a point [`shape_again`] found in an earlier
+/// text with the same bytes before it). Sets `point` to the last point the scan passed
+/// after white space before it replaced anything (left as it is: none).
+fn shape_from<'a>(sql: &'a str, from: usize, point: &mut usize) -> Option<Cow<'a, str>> {
     let bytes = sql.as_bytes();
     if names_pgway(bytes) {
         return None;
@@ -569,7 +631,7 @@ pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
     let mut out = String::new();
     // `sql[copied..]` is not in `out` yet.
     let mut copied = 0;
-    let mut i = 0;
+    let mut i = from;
     // The previous token was a word (a quote right after one is a prefixed literal).
     let mut in_word = false;
     while i < bytes.len() {
@@ -630,7 +692,12 @@ pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
                 replace(&mut out, sql.get(copied..start)?, "0", sql.len());
                 copied = i;
             }
-            _ => i += 1,
+            _ => {
+                i += 1;
+                if c == SPACE && copied == 0 {
+                    *point = i;
+                }
+            }
         }
         in_word = false;
     }
@@ -1047,6 +1114,91 @@ mod tests {
             shape("select 'now', 'x', \"y\", a1, $1 from t").as_deref(),
             Some("select 'now', '', \"y\", a1, $1 from t")
         );
+    }
+
+    #[test]
+    fn a_shape_built_again_from_an_earlier_start_is_the_whole_scans() {
+        const TEXTS: &[&str] = &[
+            "UPDATE pgbench_accounts SET abalance = abalance + -42 WHERE aid = 17;",
+            "insert into t values (1, 'a') returning id",
+            "select * from t2 where a = 'x''y' and b = 1.5e3 and c = $12",
+            "select 'now', 'x', \"y\", a1, $1 from t",
+            "update t set s = E'x' where id = 1",
+            "select current_setting('pgway.last_route') from t where id = 2",
+            "insert into log values ('commit')",
+            "do 'begin null; end'",
+        ];
+        const TAILS: &[&str] = &[
+            "",
+            " 5",
+            "5 ",
+            "'q' x",
+            "-- c",
+            "1into",
+            "E'x'",
+            "\"a\" 1",
+            "pgway.x",
+            "$$x$$",
+            " set_config('a', 'b', false)",
+            "'commit'",
+        ];
+        // Texts whose scan went on from the remembered point.
+        let mut resumed = 0;
+        for earlier in TEXTS {
+            for cut in 0..=earlier.len() {
+                let Some(start) = earlier.get(..cut) else {
+                    continue;
+                };
+                for tail in TAILS {
+                    let text = format!("{start}{tail}");
+                    // The point comes from a whole scan of `earlier`.
+                    SHAPE_STARTS_SEEN
+                        .with_borrow_mut(|seen| seen.starts.iter_mut().for_each(Vec::clear));
+                    let _ = shape_again(earlier);
+                    let resumes = SHAPE_STARTS_SEEN.with_borrow(|seen| {
+                        seen.starts
+                            .iter()
+                            .any(|start| !start.is_empty() && text.as_bytes().starts_with(start))
+                    });
+                    assert_eq!(
+                        shape_again(&text),
+                        shape(&text),
+                        "{earlier:?} then {text:?}"
+                    );
+                    resumed += usize::from(resumes);
+                }
+            }
+        }
+        assert!(resumed > 300, "{resumed} resumed");
+    }
+
+    #[test]
+    fn statements_that_take_turns_each_resume_from_their_own_start() {
+        let transaction = |i: i32| {
+            [
+                format!("UPDATE pgbench_accounts SET abalance = abalance + {i} WHERE aid = 7;"),
+                format!("SELECT abalance FROM pgbench_accounts WHERE aid = {i};"),
+                format!("UPDATE pgbench_tellers SET tbalance = tbalance + {i} WHERE tid = 3;"),
+                format!("UPDATE pgbench_branches SET bbalance = bbalance + {i} WHERE bid = 1;"),
+                format!("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (3, 1, 7, {i}, CURRENT_TIMESTAMP);"),
+            ]
+        };
+        let resumes = |text: &str| {
+            SHAPE_STARTS_SEEN.with_borrow(|seen| {
+                seen.starts
+                    .iter()
+                    .any(|start| !start.is_empty() && text.as_bytes().starts_with(start))
+            })
+        };
+        for text in transaction(-5) {
+            let _ = shape_again(&text);
+        }
+        for i in [12, -3000, 4] {
+            for text in transaction(i) {
+                assert!(resumes(&text), "{text}");
+                assert_eq!(shape_again(&text), shape(&text), "{text}");
+            }
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ const CLASSIFICATION_CACHE_MAX_SQL: usize = 16 * 1024;
 /// The key under which texts of `sql`'s shape ([`fast::shape`]) share a classification,
 /// if it is not `sql` itself.
 fn shared_key(sql: &str) -> Option<Cow<'_, str>> {
-    fast::shape(sql).filter(|shape| matches!(shape, Cow::Owned(s) if s != sql))
+    fast::shape_again(sql).filter(|shape| matches!(shape, Cow::Owned(s) if s != sql))
 }
 
 /// Numbers routers apart for the threads' copies of their classifications ([`Front`]).
