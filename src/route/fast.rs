@@ -171,7 +171,7 @@ pub fn is_plain_select(bytes: &[u8]) -> bool {
     }
 }
 
-/// Longest start of a text that [`is_plain_select_again`] remembers.
+/// Longest start of a text that [`is_plain_select_again`] and [`shape_again`] remember.
 const REPEAT_MAX: usize = 1024;
 
 /// The start of the last text this thread's [`is_plain_select_again`] took, up to the last
