@@ -16,7 +16,8 @@
 # all the same). SCRIPT=autocommit runs benches/scripts/autocommit-update.sql (one UPDATE a
 # transaction, no BEGIN: each is followed by read-your-writes' position query on its own).
 # With PROFILE_OUT=FILE, the callgrind dump of the measured 20,000 statements is kept
-# there: `callgrind_annotate --inclusive=yes FILE` shows where they went, by function.
+# there: `callgrind_annotate --inclusive=yes --threshold=100 FILE` shows where they went, by
+# function (with the default threshold it stops at the worker threads' start).
 # GATEWAY=pgbouncer counts pgbouncer instead (compare.sh's pgbouncer.ini on port 6473, run as
 # the postgres user: pgbouncer does not run as root), for the same figure side by side.
 # GATEWAY=relay-tokio, GATEWAY=relay-mio and GATEWAY=relay-own count examples/relay_floor.rs
@@ -57,9 +58,6 @@ VG_ARGS=(--tool=callgrind)
 if [[ -n ${CACHE_SIM:-} ]]; then
     VG_ARGS+=(--cache-sim=yes --D1=4096,4,64 --I1=32768,8,64 --LL=65536,8,64)
 fi
-# A kept dump must name its functions itself: compressed, it would refer to names that
-# only the earlier dumps define, and callgrind_annotate would show them all as `clone`.
-[[ -n ${PROFILE_OUT:-} ]] && VG_ARGS+=(--compress-strings=no --compress-pos=no)
 
 die() {
     echo "instructions-per-statement: ERROR: $*" >&2
