@@ -4,7 +4,8 @@
 # on, the default) against a second pgway with read_your_writes = "off". Writes
 # benches/RESULTS.md, benches/results.png and (full runs only) the results block of README.md.
 #
-#   benches/compare.sh            install what is missing, build pgway (release), set up or
+#   benches/compare.sh            install what is missing, build pgway (profile-guided, see
+#                                 scripts/build-pgo.sh; PGO=0 for a plain release), set up or
 #                                 reuse a primary + streaming replica, start HAProxy, pgbouncer
 #                                 and the two pgways, run the rounds, write the results, stop
 #                                 them (the PostgreSQL pair keeps running for the next run)
@@ -23,6 +24,8 @@
 #   CACHE_BENCH=1     also run benches/cache.sh (the result cache: select-only throughput at
 #                     32 clients direct / pgway / pgway with the cache, and the invalidation
 #                     delay; writes benches/CACHE.md); 0 skips
+#   PGO=1             measure the profile-guided build of scripts/build-pgo.sh
+#                     (target/pgo/release/pgway); 0: the plain `cargo build --release`
 #   PGWAY_BENCH_DIR   where the servers, configs and logs live (default: ./.bench, or
 #                     /tmp/pgway-bench when the postgres user cannot use ./.bench)
 # Quick check of the harness:  ROUNDS=1 DURATION=3 CLIENT_CONNS=500 benches/compare.sh
@@ -46,6 +49,7 @@ SCALE=${SCALE:-10}
 ROUTE_BENCH=${ROUTE_BENCH:-1}
 RYW_BENCH=${RYW_BENCH:-1}
 CACHE_BENCH=${CACHE_BENCH:-1}
+PGO=${PGO:-1}
 
 PRIMARY_PORT=5461
 REPLICA_PORT=5462
@@ -601,7 +605,7 @@ route_bench() {
 
 write_meta() {
     local cmd="" v
-    for v in ROUNDS DURATION CLIENT_CONNS SCALE ROUTE_BENCH PGWAY_BENCH_DIR; do
+    for v in ROUNDS DURATION CLIENT_CONNS SCALE ROUTE_BENCH PGO PGWAY_BENCH_DIR; do
         if printenv "$v" >/dev/null; then cmd+="$v=$(printenv "$v") "; fi
     done
     cmd+="benches/compare.sh"
@@ -622,6 +626,7 @@ write_meta() {
         echo "postgres=$("$PG_BIN/postgres" --version | sed -E 's/^postgres \(PostgreSQL\) //')"
         echo "haproxy=$(haproxy -v | head -n 1 | awk '{print $3}')"
         echo "pgbouncer=$(/usr/sbin/pgbouncer --version | head -n 1 | awk '{print $2}')"
+        echo "pgway_build=$([[ $PGO == 1 ]] && echo "profile-guided (scripts/build-pgo.sh)" || echo "cargo build --release")"
         echo "pgway_rev=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$REPO" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' (with uncommitted changes in src/)')"
         echo "primary_port=$PRIMARY_PORT"
         echo "replica_port=$REPLICA_PORT"
@@ -654,9 +659,15 @@ run() {
     LOADAVG_START=$(cut -d ' ' -f 1-3 /proc/loadavg)
     raise_nofile # first: fail before anything slow if the limit cannot be raised
     bash "$REPO/scripts/install-deps.sh"
-    say "building pgway (cargo build --release)"
-    (cd "$REPO" && cargo build --release)
-    PGWAY_BIN=$REPO/target/release/pgway
+    if [[ $PGO == 1 ]]; then
+        say "building pgway (profile-guided: scripts/build-pgo.sh)"
+        bash "$REPO/scripts/build-pgo.sh"
+        PGWAY_BIN=$REPO/target/pgo/release/pgway
+    else
+        say "building pgway (cargo build --release)"
+        (cd "$REPO" && cargo build --release)
+        PGWAY_BIN=$REPO/target/release/pgway
+    fi
     [[ -x $PGWAY_BIN ]] || die "$PGWAY_BIN is missing after the build"
 
     choose_dir

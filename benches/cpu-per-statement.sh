@@ -9,7 +9,8 @@
 #
 #   benches/cpu-per-statement.sh          after a run of benches/compare.sh, which leaves the
 #                                         configs in .bench/run (or $PGWAY_BENCH_DIR/run)
-# Knobs: ROUNDS=3, DURATION=5 (seconds per run).
+# Knobs: ROUNDS=3, DURATION=5 (seconds per run), PGWAY_BIN (default: the profile-guided
+# build compare.sh measures, target/pgo/release/pgway; target/release/pgway after PGO=0).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,7 +21,8 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
-PGWAY_BIN=$REPO/target/release/pgway
+# compare.sh measures the profile-guided build (target/pgo/release/pgway) unless PGO=0.
+PGWAY_BIN=${PGWAY_BIN:-$REPO/target/pgo/release/pgway}
 
 die() {
     echo "cpu-per-statement: ERROR: $*" >&2
@@ -28,7 +30,7 @@ die() {
 }
 [[ -f $RUN/pgway.toml && -f $RUN/haproxy.cfg && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
     die "no configs in $RUN: run benches/compare.sh first"
-[[ -x $PGWAY_BIN ]] || die "no release build: cargo build --release"
+[[ -x $PGWAY_BIN ]] || die "no build at $PGWAY_BIN: scripts/build-pgo.sh (or PGWAY_BIN=target/release/pgway)"
 
 start_bench_pair "$BENCH_DIR"
 

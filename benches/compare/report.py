@@ -248,7 +248,8 @@ def main():
               f"Linux {meta['kernel']}; load average {meta['loadavg_start']} at the start, "
               f"{meta['loadavg_end']} at the end")
     md.append(f"- Versions: PostgreSQL {meta['postgres']}, HAProxy {meta['haproxy']}, "
-              f"pgbouncer {meta['pgbouncer']}, pgway {meta['pgway_rev']} (release build)")
+              f"pgbouncer {meta['pgbouncer']}, pgway {meta['pgway_rev']} "
+              f"({meta.get('pgway_build', 'cargo build --release')})")
     md.append(f"- Setup, all on loopback: primary :{meta['primary_port']} and streaming replica "
               f":{meta['replica_port']} (`pg_basebackup -R`; default settings except `shared_buffers = "
               f"256MB`, `max_connections = 300`, `hot_standby_feedback = on`), pgbench scale {meta['scale']}, user `app` logging in with SCRAM-SHA-256 "
@@ -490,6 +491,7 @@ def update_readme(path, meta, results_table, targets_table):
     block = [
         README_BEGIN,
         f"From one run of `benches/compare.sh` on {meta['date']} (pgway {meta.get('pgway_rev', '?')}, "
+        f"{meta.get('pgway_build', 'cargo build --release')}, "
         f"{meta.get('nproc', '?')} cores; machine, commands and every round in "
         "[`benches/RESULTS.md`](benches/RESULTS.md)):",
         "",
