@@ -2,14 +2,15 @@
 # A profile-guided (PGO) release build of pgway: builds pgway with LLVM's instrumentation,
 # runs it in front of the local primary and replica of scripts/dev-cluster.sh under a short
 # pgbench workload (the statement shapes benches/compare.sh measures: -S with the simple,
-# extended and prepared protocols, TPC-B, writes outside a transaction), then builds it again
+# extended and prepared protocols, TPC-B, writes outside a transaction; then, in a second
+# run with the result cache on, reads the cache answers), then builds it again
 # with the profile that run recorded, so that the compiler lays out and inlines the hot path
 # as it runs. benches/PROFILE.md (twenty-third round) has what it saves per statement.
 #
 #   scripts/build-pgo.sh        the binary lands in target/pgo/release/pgway
 #
 # The plain `cargo build --release` (target/release/pgway) is unchanged; the test suite
-# uses that one. Paths the workload does not run (COPY, TLS, the cache, errors) get no
+# uses that one. Paths the workload does not run (COPY, TLS, errors, Patroni) get no
 # profile and are compiled as in a plain build, or for size where the profile says cold.
 # Needs rustup's llvm-tools component (installed here if missing) for llvm-profdata.
 # The dev cluster's servers are started if they are not running and stopped again after;
@@ -91,37 +92,67 @@ PGPASSWORD=app-secret "$PG_BIN/pgbench" -i -q -s 1 -h 127.0.0.1 -p "$PRIMARY_POR
 CONFIG=$OUT/pgway.toml
 sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$PORT\"/" \
     -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$ADMIN_PORT\"/" "$DEV_CONFIG" >"$CONFIG"
-NO_COLOR=1 "$OUT/gen/release/pgway" --config "$CONFIG" >"$OUT/pgway.log" 2>&1 &
-PGWAY_PID=$!
-up=0
-for _ in $(seq 1 100); do
-    if PGPASSWORD=app-secret "$PG_BIN/psql" -X -h 127.0.0.1 -p "$PORT" -U app -d "$DB" -Atqc 'select 1' \
-        >/dev/null 2>&1; then
-        up=1
-        break
-    fi
-    sleep 0.1
-done
-((up)) || die "the instrumented pgway did not come up; see $OUT/pgway.log"
-
-say "running the workload through it (${SECONDS_PER_STEP} s a step)"
+# start_pgway CONFIG LOG: the instrumented pgway, waited for until it answers.
+start_pgway() {
+    local _
+    NO_COLOR=1 "$OUT/gen/release/pgway" --config "$1" >"$2" 2>&1 &
+    PGWAY_PID=$!
+    for _ in $(seq 1 100); do
+        if PGPASSWORD=app-secret "$PG_BIN/psql" -X -h 127.0.0.1 -p "$PORT" -U app -d "$DB" -Atqc 'select 1' \
+            >/dev/null 2>&1; then
+            return
+        fi
+        sleep 0.1
+    done
+    die "the instrumented pgway did not come up; see $2"
+}
+# stop_pgway: its profile is written when it exits (into the same file for both runs).
+stop_pgway() {
+    kill -TERM "$PGWAY_PID"
+    wait "$PGWAY_PID" || true
+    PGWAY_PID=
+}
 step() {
     local out
-    out=$(PGPASSWORD=app-secret "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$PORT" -U app -T "$SECONDS_PER_STEP" \
-        "$@" "$DB" 2>&1) || die "pgbench $* failed: $out"
+    out=$(PGPASSWORD=app-secret "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$PORT" -U app "$@" "$DB" 2>&1) ||
+        die "pgbench $* failed: $out"
     say "  pgbench $*: $(sed -nE 's/^tps = ([0-9.]+).*/\1 tps/p' <<<"$out")"
 }
-step -S -c 32 -j 2
-step -S -c 1
-step -S -M extended -c 16 -j 2
-step -S -M prepared -c 16 -j 2
-step -c 16 -j 2
-step -f "$REPO/benches/scripts/autocommit-update.sql" -c 16 -j 2
 
-# The profile is written when pgway exits.
-kill -TERM "$PGWAY_PID"
-wait "$PGWAY_PID" || true
-PGWAY_PID=
+say "running the workload through it (${SECONDS_PER_STEP} s a step)"
+start_pgway "$CONFIG" "$OUT/pgway.log"
+step -T "$SECONDS_PER_STEP" -S -c 32 -j 2
+step -T "$SECONDS_PER_STEP" -S -c 1
+step -T "$SECONDS_PER_STEP" -S -M extended -c 16 -j 2
+step -T "$SECONDS_PER_STEP" -S -M prepared -c 16 -j 2
+step -T "$SECONDS_PER_STEP" -c 16 -j 2
+step -T "$SECONDS_PER_STEP" -f "$REPO/benches/scripts/autocommit-update.sql" -c 16 -j 2
+stop_pgway
+
+# The result cache's path (off by default) in a run of its own, so that the first run's
+# profile is that of the default config: 100 keys, read again and again. A fixed 20,000
+# reads, a twentieth of the first run's statements: enough that the compiler does not take
+# the cache's code for cold, too few to outweigh the default path (a cached read is about
+# five times as fast, and four seconds of it made a -S statement 4% dearer).
+say "and with the result cache on"
+cp "$CONFIG" "$OUT/pgway-cache.toml"
+cat >>"$OUT/pgway-cache.toml" <<EOF
+
+[cache]
+enabled = true
+
+[[cache.rules]]
+tables = ["public.pgbench_accounts"]
+EOF
+cat >"$OUT/cache-read.sql" <<EOF
+\set aid random(1, 100)
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+EOF
+start_pgway "$OUT/pgway-cache.toml" "$OUT/pgway-cache.log"
+step -t 2500 -f "$OUT/cache-read.sql" -c 4 -j 2
+step -t 2500 -f "$OUT/cache-read.sql" -M extended -c 4 -j 2
+stop_pgway
+
 compgen -G "$RAW/*.profraw" >/dev/null || die "the instrumented pgway wrote no profile into $RAW"
 "$PROFDATA" merge -o "$PROFILE" "$RAW"/*.profraw
 # Named by its contents: cargo rebuilds when RUSTFLAGS change, not when a file they name does.
