@@ -11,7 +11,8 @@
 #                                 configs in .bench/run (or $PGWAY_BENCH_DIR/run)
 # Knobs: ROUNDS=2, DURATION=5 (seconds per run); PGWAY_SETTINGS='workers = 1' (top-level
 # lines put in front of compare.sh's pgway.toml, e.g. `busy_poll = "0s"`); PGWAY_BIN (another
-# build, default target/release/pgway); PGWAY_OWN_SESSION=0 (pgway in this script's session,
+# build, default target/pgo/release/pgway, the profile-guided build compare.sh measures);
+# PGWAY_OWN_SESSION=0 (pgway in this script's session,
 # as before the twentieth round; see start_bench_gateways in scripts/lib.sh).
 set -euo pipefail
 
@@ -23,7 +24,7 @@ ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-5}
 BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
-PGWAY_BIN=${PGWAY_BIN:-$REPO/target/release/pgway}
+PGWAY_BIN=${PGWAY_BIN:-$REPO/target/pgo/release/pgway}
 
 die() {
     echo "cpu-split: ERROR: $*" >&2
@@ -31,7 +32,7 @@ die() {
 }
 [[ -f $RUN/pgway.toml && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
     die "no configs in $RUN: run benches/compare.sh first"
-[[ -x $PGWAY_BIN ]] || die "no release build: cargo build --release"
+[[ -x $PGWAY_BIN ]] || die "no build at $PGWAY_BIN: scripts/build-pgo.sh (or PGWAY_BIN=target/release/pgway)"
 [[ -x /usr/bin/time ]] || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
 command -v nstat >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; }
 

@@ -12,7 +12,8 @@
 #                                 configs in .bench/run (or $PGWAY_BENCH_DIR/run)
 # Knobs: SCENARIO=s32 (s32: -S 32 clients; prep32: -S -M prepared 32 clients; tpcb: TPC-B
 # 16 clients, against the primary; tpcb-ext: the same with -M extended), ROUNDS=3,
-# DURATION=5 (seconds per run), RELAY_PORT=6475, PGWAY_BIN (default target/release/pgway).
+# DURATION=5 (seconds per run), RELAY_PORT=6475, PGWAY_BIN (default
+# target/pgo/release/pgway, the profile-guided build compare.sh measures).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +26,7 @@ DURATION=${DURATION:-5}
 RELAY_PORT=${RELAY_PORT:-6475}
 BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
-PGWAY_BIN=${PGWAY_BIN:-$REPO/target/release/pgway}
+PGWAY_BIN=${PGWAY_BIN:-$REPO/target/pgo/release/pgway}
 RELAY_BIN=$REPO/target/release/examples/relay_floor
 
 die() {
@@ -34,7 +35,7 @@ die() {
 }
 [[ -f $RUN/pgway.toml && -f $RUN/haproxy.cfg && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
     die "no configs in $RUN: run benches/compare.sh first"
-[[ -x $PGWAY_BIN ]] || die "no release build: cargo build --release"
+[[ -x $PGWAY_BIN ]] || die "no build at $PGWAY_BIN: scripts/build-pgo.sh (or PGWAY_BIN=target/release/pgway)"
 command -v nstat >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; }
 (cd "$REPO" && cargo build --release --quiet --example relay_floor) || die "cannot build relay_floor"
 
