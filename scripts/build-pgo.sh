@@ -51,6 +51,11 @@ llvm_profdata() {
     printf '%s\n' "$tool"
 }
 
+psql_admin() {
+    PGOPTIONS='-c client_min_messages=warning' "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 \
+        -p "$PRIMARY_PORT" -U postgres "$@"
+}
+
 PGWAY_PID=
 STARTED_SERVERS=0
 cleanup() {
@@ -58,8 +63,7 @@ cleanup() {
     trap - EXIT
     [[ -n $PGWAY_PID ]] && kill "$PGWAY_PID" 2>/dev/null
     if [[ -n ${DEV_CONFIG:-} ]]; then
-        "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d postgres \
-            -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+        psql_admin -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
     fi
     if ((STARTED_SERVERS)); then bash "$REPO/scripts/dev-cluster.sh" stop >/dev/null || true; fi
     exit "$rc"
@@ -69,11 +73,12 @@ trap cleanup EXIT
 PROFDATA=$(llvm_profdata)
 
 # The servers, as the quick start makes them; stopped again at the end if they were not up.
-if ! bash "$REPO/scripts/dev-cluster.sh" status | grep -q 'primary: running'; then
-    STARTED_SERVERS=1
-fi
+# Its status names their directory, where `servers` writes the config.
+DEV_STATUS=$(bash "$REPO/scripts/dev-cluster.sh" status)
+grep -q 'primary: running' <<<"$DEV_STATUS" || STARTED_SERVERS=1
+DEV_DIR=$(sed -nE 's/^dev-cluster: primary: [a-z]+ \((.*)\/primary\)$/\1/p' <<<"$DEV_STATUS")
 bash "$REPO/scripts/dev-cluster.sh" servers >/dev/null
-DEV_CONFIG=$(bash "$REPO/scripts/dev-cluster.sh" status | sed -nE 's/^dev-cluster: primary: [a-z]+ \((.*)\/primary\)$/\1/p')/pgway.toml
+DEV_CONFIG=$DEV_DIR/pgway.toml
 [[ -f $DEV_CONFIG ]] || die "scripts/dev-cluster.sh left no config at $DEV_CONFIG"
 
 say "building the instrumented pgway (target/pgo/gen)"
@@ -84,7 +89,6 @@ rm -rf "$RAW"
 mkdir -p "$RAW"
 
 say "loading the workload's tables (database $DB, pgbench -i)"
-psql_admin() { PGOPTIONS='-c client_min_messages=warning' "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres "$@"; }
 psql_admin -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB OWNER app" >/dev/null
 PGPASSWORD=app-secret "$PG_BIN/pgbench" -i -q -s 1 -h 127.0.0.1 -p "$PRIMARY_PORT" -U app "$DB" \
     >"$OUT/pgbench-init.log" 2>&1 || die "pgbench -i failed; see $OUT/pgbench-init.log"
