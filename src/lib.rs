@@ -21,7 +21,7 @@
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`cache`]: the result cache and its invalidation from the WAL.
 //! - [`workers`]: the threads that run the sessions; [`timer`]: their timers, which run on
-//!   a thread of their own.
+//!   a thread of their own; [`clock`]: the time, read once per batch of their sessions.
 //!
 //! Data flows one way: frontend → route → topology picks a node → backend pool → server;
 //! the server's bytes flow back untouched except for the messages pgway must read.
@@ -32,6 +32,7 @@ pub mod admin;
 pub mod backend;
 pub mod cache;
 pub mod capacity;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod frontend;

@@ -241,7 +241,7 @@ impl Pool {
         let permit = self.capacity.permits.try_acquire().ok()?;
         permit.forget();
         let permit = Permit(self);
-        let now = Instant::now();
+        let now = crate::clock::now();
         let conn = self.take_parked(now)?;
         self.waits.no_wait();
         Some(self.lend(conn, permit, now))
@@ -276,7 +276,7 @@ impl Pool {
         // or is returned by `Permit` if making one fails.
         permit.forget();
         let permit = Permit(self);
-        let now = Instant::now();
+        let now = crate::clock::now();
         if let Some(conn) = self.take_parked(now) {
             return Ok(self.lend(conn, permit, now));
         }

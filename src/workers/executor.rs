@@ -163,6 +163,7 @@ impl Executor {
             self.batch.append(&mut remote);
         }
         let mut batch = std::mem::take(&mut self.batch);
+        let _clock = crate::clock::batch();
         for slot in batch.drain(..) {
             self.poll_slot(slot);
         }

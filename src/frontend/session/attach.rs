@@ -3,7 +3,6 @@
 //! the client leaves.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::BytesMut;
 use tracing::{debug, warn};
@@ -234,7 +233,7 @@ impl Session<'_> {
         }
         if let State::Attached(link) = std::mem::replace(&mut self.state, State::Idle) {
             self.cancel.slot.clear();
-            let now = Instant::now();
+            let now = crate::clock::now();
             if let Some(active) = link.active {
                 active.end_at(now);
             }
