@@ -34,7 +34,8 @@
 # CACHE_SIM=1 also simulates a small data cache (4 KiB, 64-byte lines, 4-way; level 2 of
 # 64 KiB): its misses per statement approximate the cache lines a statement touches that
 # the statements of the other clients in between have pushed out, which is what a gateway
-# sharing its cores with PostgreSQL and pgbench finds cold.
+# sharing its cores with PostgreSQL and pgbench finds cold. The same for code: a 4 KiB
+# instruction cache, whose misses approximate the code lines a statement runs through.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -56,7 +57,7 @@ GATEWAY=${GATEWAY:-pgway}
 CONFIG=${CONFIG:-pgway.toml}
 VG_ARGS=(--tool=callgrind)
 if [[ -n ${CACHE_SIM:-} ]]; then
-    VG_ARGS+=(--cache-sim=yes --D1=4096,4,64 --I1=32768,8,64 --LL=65536,8,64)
+    VG_ARGS+=(--cache-sim=yes --D1=4096,4,64 --I1=4096,4,64 --LL=65536,8,64)
 fi
 
 die() {
@@ -152,7 +153,7 @@ count_after() {
     DUMPS=$((DUMPS + 1))
     COUNT=$(sed -nE 's/^summary: ([0-9]+)/\1/p' "$OUT/cg.$VPID.$DUMPS")
     # With CACHE_SIM: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
-    MISSES=$(awk '/^summary:/ {print $6 + $7, $9 + $10}' "$OUT/cg.$VPID.$DUMPS")
+    MISSES=$(awk '/^summary:/ {print $6 + $7, $9 + $10, $5, $8}' "$OUT/cg.$VPID.$DUMPS")
     [[ -n $COUNT ]] || die "no callgrind dump $OUT/cg.$VPID.$DUMPS"
 }
 
@@ -174,5 +175,6 @@ if [[ -n ${CACHE_SIM:-} ]]; then
     awk -v s="$short_misses" -v l="$long_misses" -v b="$NAME" -v m="$PROTOCOL" -v n="$STATEMENTS" -v o="${PGBENCH_SCRIPT[*]:-(tpcb)}" 'BEGIN {
         split(s, a, " "); split(l, c, " ")
         printf "%s: %.0f data lines missed in a 4 KiB cache, %.0f in 64 KiB, per statement (pgbench %s -M %s -c 8, callgrind)\n", b, (c[1] - a[1]) / 16000 / n, (c[2] - a[2]) / 16000 / n, o, m
+        printf "%s: %.0f code lines missed in a 4 KiB cache, %.0f in 64 KiB, per statement\n", b, (c[3] - a[3]) / 16000 / n, (c[4] - a[4]) / 16000 / n
     }'
 fi

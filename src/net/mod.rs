@@ -41,8 +41,48 @@ const READ_CAPACITY: usize = 8 * 1024;
 const SPARE_BUFFERS: usize = 64;
 const SPARE_MAX_CAPACITY: usize = 16 * 1024;
 
+/// Most buffers the idle sessions of one worker thread keep while they wait for their
+/// clients' next request (see [`keep_buffers`]): three each for 16 sessions, at most 768
+/// KiB beside the spares.
+const KEPT_BUFFERS: usize = 48;
+
 thread_local! {
     static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Buffers kept by this thread's idle sessions, under [`KeptBuffers`] guards.
+    static KEPT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Buffers an idle session holds on to instead of giving them back: counted against
+/// [`KEPT_BUFFERS`] on its thread until the guard drops (sessions never change threads).
+#[derive(Debug)]
+pub struct KeptBuffers(usize);
+
+impl Drop for KeptBuffers {
+    fn drop(&mut self) {
+        KEPT.with(|kept| kept.set(kept.get().saturating_sub(self.0)));
+    }
+}
+
+/// Whether a session waiting for its client's next request may keep `bufs` meanwhile,
+/// instead of giving them back with [`recycle_buffers`] and taking them again with
+/// [`take_buffers`] once the request comes (a busy client's comes soon): yes while all
+/// are of a size a spare may be and this thread's idle sessions keep fewer than
+/// [`KEPT_BUFFERS`]. Past that, an idle client holds no buffers, so thousands of them
+/// cost no more memory than a few.
+pub fn keep_buffers<const N: usize>(bufs: [&BytesMut; N]) -> Option<KeptBuffers> {
+    if bufs
+        .iter()
+        .any(|buf| buf.capacity() == 0 || buf.capacity() > SPARE_MAX_CAPACITY)
+    {
+        return None;
+    }
+    KEPT.with(|kept| {
+        let now = kept.get() + N;
+        (now <= KEPT_BUFFERS).then(|| {
+            kept.set(now);
+            KeptBuffers(N)
+        })
+    })
 }
 
 /// A buffer for a request that is starting: an emptied one this thread used before, so a
@@ -253,5 +293,52 @@ impl FramedStream {
     /// (see [`Transport::is_stale`]).
     pub fn is_stale(&mut self) -> bool {
         self.stream.is_stale()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_sessions_keep_buffers_up_to_the_threads_budget() {
+        // A thread of its own: the budget is per thread.
+        std::thread::spawn(|| {
+            let buf = BytesMut::with_capacity(READ_CAPACITY);
+            let sessions = KEPT_BUFFERS / 3;
+            let mut kept: Vec<_> = (0..sessions)
+                .map(|_| keep_buffers([&buf, &buf, &buf]))
+                .collect();
+            assert!(
+                kept.iter().all(Option::is_some),
+                "{sessions} sessions keep theirs"
+            );
+            // One more session than the budget holds gives its buffers back.
+            assert!(keep_buffers([&buf, &buf, &buf]).is_none());
+            assert_eq!(KEPT.get(), KEPT_BUFFERS);
+            // A session that stops waiting frees its share for another.
+            drop(kept.pop());
+            assert_eq!(KEPT.get(), KEPT_BUFFERS - 3);
+            assert!(keep_buffers([&buf, &buf, &buf]).is_some());
+            // A guard dropped at once gave its share back.
+            assert_eq!(KEPT.get(), KEPT_BUFFERS - 3);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn no_session_keeps_an_unsized_or_grown_buffer() {
+        std::thread::spawn(|| {
+            let buf = BytesMut::with_capacity(READ_CAPACITY);
+            // None yet: the session takes its buffers once the request comes anyway.
+            assert!(keep_buffers([&buf, &BytesMut::new()]).is_none());
+            // Grown for a large result: given back (and dropped), not held while idle.
+            let large = BytesMut::with_capacity(SPARE_MAX_CAPACITY + 1);
+            assert!(keep_buffers([&buf, &large]).is_none());
+            assert_eq!(KEPT.get(), 0);
+        })
+        .join()
+        .unwrap();
     }
 }

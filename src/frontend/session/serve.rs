@@ -10,7 +10,7 @@ use super::relay::local_reply;
 use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
-use crate::net::{recycle_buffers, take_buffers};
+use crate::net::{keep_buffers, recycle_buffers, take_buffers};
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, query_text, ParseLayout};
 use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
@@ -158,11 +158,18 @@ impl Session<'_> {
         {
             return Ok(frame);
         }
-        // Between requests a client holds no buffers: thousands of idle clients cost
-        // little memory.
-        let mut none = BytesMut::new();
-        let rbuf = self.client.spare_buffer().unwrap_or(&mut none);
-        recycle_buffers([rbuf, &mut self.out, &mut self.to_server]);
+        // Between requests a client holds no buffers (thousands of idle clients cost
+        // little memory), but for the first few of a worker's: a busy client's next
+        // request comes soon.
+        let kept = match self.client.spare_buffer() {
+            Some(rbuf) => keep_buffers([rbuf, &self.out, &self.to_server]),
+            None => None,
+        };
+        if kept.is_none() {
+            let mut none = BytesMut::new();
+            let rbuf = self.client.spare_buffer().unwrap_or(&mut none);
+            recycle_buffers([rbuf, &mut self.out, &mut self.to_server]);
+        }
         // Between transactions a stopping pgway may close the connection, and
         // `client.idle_timeout` does.
         let timeout = self.timeouts.idle;
@@ -172,7 +179,9 @@ impl Session<'_> {
             _ = &mut self.stopping => Err(SessionError::Fatal(ClientError::Shutdown)),
             () = self.alarms.idle.after(timeout) => Err(SessionError::Fatal(ClientError::IdleTimeout(timeout))),
         }?;
-        [self.out, self.to_server] = take_buffers();
+        if kept.is_none() {
+            [self.out, self.to_server] = take_buffers();
+        }
         Ok(frame)
     }
 
@@ -618,9 +627,9 @@ impl Session<'_> {
 
     /// Sends what is queued and, if `relay`, relays the answers.
     pub(super) async fn send_and_relay(&mut self, relay: bool) -> Result<(), SessionError> {
-        let mut to_server = std::mem::take(&mut self.to_server);
-        let sent = self.server_mut()?.io.send(&mut to_server).await;
-        self.to_server = to_server;
+        // The link and the buffer are fields apart: no buffer lent out and put back.
+        let link = self.state.link_mut().ok_or_else(super::no_server)?;
+        let sent = link.conn.io.send(&mut self.to_server).await;
         match sent {
             Err(_) if self.request.can_retry && !self.request.answered => {
                 return Err(SessionError::Retry)
