@@ -39,6 +39,10 @@ struct Plan {
     /// Statements it runs, for `SHOW STATS`' `total_query_count`: a simple query or a
     /// function call is one, a batch as many as its Executes.
     statements: u64,
+    /// If no server connection can be had, the client gets the error and ReadyForQuery
+    /// from [`Session::send_request`] itself (a simple-protocol request; a batch handles
+    /// it in its own way).
+    report: bool,
 }
 
 /// A malformed message of a batch is refused as it arrives (FATAL 08P01), as PostgreSQL
@@ -65,7 +69,17 @@ fn check_batch_frame(frame: &[u8]) -> Result<Option<ParseLayout>, SessionError> 
 impl Session<'_> {
     pub(super) async fn serve(&mut self) -> Result<(), SessionError> {
         loop {
-            let frame = self.next_frame().await?;
+            // The next message, by what the session waits in (written out here, not as a
+            // future of its own: each level of futures is a copy into its caller's state
+            // on every statement).
+            let between_requests = self.batch.is_empty() && self.expected.is_empty();
+            let frame = match self.state {
+                State::Pinned(..) if between_requests => self.next_frame_pinned().await,
+                State::Idle | State::SkipToSync(_) | State::Aborted if self.batch.is_empty() => {
+                    self.next_frame_idle().await
+                }
+                _ => self.next_frame_attached().await,
+            }?;
             match frame[0] {
                 b'Q' => self.on_query(frame).await?,
                 b'F' => self.on_function_call(frame).await?,
@@ -110,17 +124,6 @@ impl Session<'_> {
             frame[0] == b'B'
                 && messages::Bind::decode(frame).is_ok_and(|bind| !bind.is_well_formed())
         })
-    }
-
-    async fn next_frame(&mut self) -> Result<BytesMut, SessionError> {
-        let between_requests = self.batch.is_empty() && self.expected.is_empty();
-        match self.state {
-            State::Pinned(..) if between_requests => self.next_frame_pinned().await,
-            State::Idle | State::SkipToSync(_) | State::Aborted if self.batch.is_empty() => {
-                self.next_frame_idle().await
-            }
-            _ => self.next_frame_attached().await,
-        }
     }
 
     /// Waits for the client's next message while it holds a server connection (inside a
@@ -262,9 +265,10 @@ impl Session<'_> {
             relay: true,
             ready: true,
             statements: 1,
+            report: true,
         };
         let sent = self
-            .send_or_report(target, plan, |session| {
+            .send_request(target, plan, |session| {
                 session.track_pgway_settings(hints);
                 match &classification {
                     Some(c) => {
@@ -302,7 +306,8 @@ impl Session<'_> {
             })
             .await;
         self.finish_fill();
-        sent?;
+        // Ok(Err(_)) cannot be: the plan reports it.
+        let _reported = sent?;
         if std::mem::take(&mut self.request.retried_on_primary) {
             if let (Some(c), Ok(text)) = (&classification, std::str::from_utf8(sql)) {
                 self.shared.router.learn_write(&self.database, text, c);
@@ -339,18 +344,23 @@ impl Session<'_> {
             relay: true,
             ready: true,
             statements: 1,
+            report: true,
         };
-        self.send_or_report(Target::Primary, plan, |session| {
-            session.request.may_write = true;
-            if session.cache.is_some() {
-                // A function call by OID: pgway cannot tell what it does.
-                session.txn.written.add(None, true);
-            }
-            session.to_server.extend_from_slice(&frame);
-            session.expect(super::relay::Reply::FunctionCall, true, None);
-            Ok(())
-        })
-        .await
+        let sent = self
+            .send_request(Target::Primary, plan, |session| {
+                session.request.may_write = true;
+                if session.cache.is_some() {
+                    // A function call by OID: pgway cannot tell what it does.
+                    session.txn.written.add(None, true);
+                }
+                session.to_server.extend_from_slice(&frame);
+                session.expect(super::relay::Reply::FunctionCall, true, None);
+                Ok(())
+            })
+            .await?;
+        // Ok(Err(_)) cannot be: the plan reports it.
+        debug_assert!(sent.is_ok());
+        Ok(())
     }
 
     /// Routes, rewrites, sends and relays the collected extended-protocol batch.
@@ -424,6 +434,7 @@ impl Session<'_> {
             relay: complete,
             ready: sync,
             statements: executes,
+            report: false,
         };
         let sent = self
             .send_request(target, plan, |session| {
@@ -461,20 +472,6 @@ impl Session<'_> {
         }
     }
 
-    /// [`Self::send_request`] for a simple-protocol request: if no server connection can
-    /// be had, the client gets the error and ReadyForQuery.
-    async fn send_or_report(
-        &mut self,
-        target: Target,
-        plan: Plan,
-        queue: impl FnMut(&mut Self) -> Result<(), SessionError>,
-    ) -> Result<(), SessionError> {
-        match self.send_request(target, plan, queue).await? {
-            Ok(()) => Ok(()),
-            Err(e) => self.report(e, true).await,
-        }
-    }
-
     /// Sends a request: takes a server connection for `target` if the client holds none,
     /// has `queue` write the request for it, sends it and (per `plan`) relays the answers.
     /// If the server shuts down before answering a retryable request, the connection is
@@ -483,7 +480,11 @@ impl Session<'_> {
     /// In Begun, the held `BEGIN` goes first (again with each retry); if no connection can
     /// be had for it, the transaction is lost (Aborted).
     ///
-    /// `Ok(Err(e))`: no server connection could be had; nothing was sent.
+    /// `Ok(Err(e))`: no server connection could be had; nothing was sent (with
+    /// `plan.report`, the client was told and the result is `Ok(Ok(()))`). The simple
+    /// protocol's requests await this future straight away, not through a wrapper that
+    /// reports: each level of futures is a copy of the one below it into its state, on
+    /// every statement.
     async fn send_request(
         &mut self,
         target: Target,
@@ -507,6 +508,10 @@ impl Session<'_> {
                 if let Err(e) = self.attach(target).await {
                     if begin.is_some() {
                         self.state = State::Aborted;
+                    }
+                    if plan.report {
+                        self.report(e, true).await?;
+                        return Ok(Ok(()));
                     }
                     return Ok(Err(e));
                 }
