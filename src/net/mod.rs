@@ -66,13 +66,15 @@ impl Drop for KeptBuffers {
 /// Whether a session waiting for its client's next request may keep `bufs` meanwhile,
 /// instead of giving them back with [`recycle_buffers`] and taking them again with
 /// [`take_buffers`] once the request comes (a busy client's comes soon): yes while all
-/// are of a size a spare may be and this thread's idle sessions keep fewer than
+/// are empty and of a size a spare may be, and this thread's idle sessions keep fewer than
 /// [`KEPT_BUFFERS`]. Past that, an idle client holds no buffers, so thousands of them
 /// cost no more memory than a few.
 pub fn keep_buffers<const N: usize>(bufs: [&BytesMut; N]) -> Option<KeptBuffers> {
+    // A buffer with bytes in it is not kept either: given back, it is emptied, as it
+    // always was.
     if bufs
         .iter()
-        .any(|buf| buf.capacity() == 0 || buf.capacity() > SPARE_MAX_CAPACITY)
+        .any(|buf| !buf.is_empty() || buf.capacity() == 0 || buf.capacity() > SPARE_MAX_CAPACITY)
     {
         return None;
     }
@@ -336,6 +338,10 @@ mod tests {
             // Grown for a large result: given back (and dropped), not held while idle.
             let large = BytesMut::with_capacity(SPARE_MAX_CAPACITY + 1);
             assert!(keep_buffers([&buf, &large]).is_none());
+            // Holding bytes: given back and emptied, as before buffers were kept.
+            let mut held = BytesMut::with_capacity(READ_CAPACITY);
+            held.extend_from_slice(b"Z");
+            assert!(keep_buffers([&buf, &held]).is_none());
             assert_eq!(KEPT.get(), 0);
         })
         .join()
