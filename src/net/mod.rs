@@ -63,19 +63,22 @@ impl Drop for KeptBuffers {
     }
 }
 
+/// Whether `buf` is of a size a spare may be: allocated, and not grown past
+/// [`SPARE_MAX_CAPACITY`] (a grown one is dropped, not kept).
+fn spare_sized(buf: &BytesMut) -> bool {
+    buf.capacity() != 0 && buf.capacity() <= SPARE_MAX_CAPACITY
+}
+
 /// Whether a session waiting for its client's next request may keep `bufs` meanwhile,
 /// instead of giving them back with [`recycle_buffers`] and taking them again with
 /// [`take_buffers`] once the request comes (a busy client's comes soon): yes while all
-/// are empty and of a size a spare may be, and this thread's idle sessions keep fewer than
-/// [`KEPT_BUFFERS`]. Past that, an idle client holds no buffers, so thousands of them
-/// cost no more memory than a few.
+/// are empty and of a size a spare may be, and this thread's idle sessions keep at most
+/// [`KEPT_BUFFERS`] with them. Past that, an idle client holds no buffers, so thousands
+/// of them cost no more memory than a few.
 pub fn keep_buffers<const N: usize>(bufs: [&BytesMut; N]) -> Option<KeptBuffers> {
     // A buffer with bytes in it is not kept either: given back, it is emptied, as it
     // always was.
-    if bufs
-        .iter()
-        .any(|buf| !buf.is_empty() || buf.capacity() == 0 || buf.capacity() > SPARE_MAX_CAPACITY)
-    {
+    if bufs.iter().any(|buf| !buf.is_empty() || !spare_sized(buf)) {
         return None;
     }
     KEPT.with(|kept| {
@@ -118,7 +121,7 @@ pub fn recycle_buffers<const N: usize>(bufs: [&mut BytesMut; N]) {
     SPARE.with_borrow_mut(|spare| {
         for buf in bufs {
             let mut buf = std::mem::take(buf);
-            if buf.capacity() == 0 || buf.capacity() > SPARE_MAX_CAPACITY {
+            if !spare_sized(&buf) {
                 continue;
             }
             buf.clear();
