@@ -430,6 +430,11 @@ impl Session<'_> {
     /// current position.
     pub(super) fn apply_read_hints(&mut self, hints: ReadHints, target: Target) -> bool {
         self.request.min_position = hints.min_lsn;
+        self.wants_fresh_target(hints, target)
+    }
+
+    /// Whether a read to `target` with `hints` needs [`Self::fresh_target`].
+    pub(super) fn wants_fresh_target(&self, hints: ReadHints, target: Target) -> bool {
         target == Target::Replica && (hints.fresh || self.position_lost)
     }
 

@@ -1,6 +1,8 @@
 //! The loop: read the client's next message, route it, send the request (again, on
 //! another connection, if its server shut down before answering), relay the answer.
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use tracing::info;
 
@@ -15,7 +17,7 @@ use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, query_text, ParseLayout};
 use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
 use crate::route::fast::{is_plain_begin, scan_words};
-use crate::route::{Target, Why};
+use crate::route::{Classification, Target, Why};
 
 /// Extended-protocol bytes collected without a Sync before pgway stops waiting for one and
 /// sends them on (to the primary, since the batch cannot be judged whole).
@@ -43,6 +45,34 @@ struct Plan {
     /// from [`Session::send_request`] itself (a simple-protocol request; a batch handles
     /// it in its own way).
     report: bool,
+}
+
+/// How a simple query is sent.
+const QUERY_PLAN: Plan = Plan {
+    retry: true,
+    relay: true,
+    ready: true,
+    statements: 1,
+    report: true,
+};
+
+/// Where a simple query goes, and what sending it needs from its routing.
+#[derive(Debug)]
+struct QueryRoute {
+    classification: Option<Arc<Classification>>,
+    target: Target,
+    hints: ReadHints,
+    /// It was routed as a read (the cache counts what it writes as not written).
+    proven_read: bool,
+    /// The length of its text, which starts after the frame's header.
+    sql_len: usize,
+}
+
+impl QueryRoute {
+    /// The query's text in its frame.
+    fn sql<'f>(&self, frame: &'f [u8]) -> &'f [u8] {
+        frame.get(5..5 + self.sql_len).unwrap_or_default()
+    }
 }
 
 /// A malformed message of a batch is refused as it arrives (FATAL 08P01), as PostgreSQL
@@ -81,7 +111,24 @@ impl Session<'_> {
                 _ => self.next_frame_attached().await,
             }?;
             match frame[0] {
-                b'Q' => self.on_query(frame).await?,
+                b'Q' => {
+                    // Routed in place when nothing needs a wait (nearly every query): then
+                    // the request is sent from here, with no future of a routing step in
+                    // between (see `route_query_now`).
+                    let mut frame = frame;
+                    let route = match self.route_query_now(&frame) {
+                        Some(route) => Some(route),
+                        None => self.route_query(&mut frame).await?,
+                    };
+                    if let Some(route) = route {
+                        let sent = self
+                            .send_request(route.target, QUERY_PLAN, |session| {
+                                session.queue_query(&frame, &route)
+                            })
+                            .await;
+                        self.query_sent(sent, &frame, &route)?;
+                    }
+                }
                 b'F' => self.on_function_call(frame).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
                     if let Some(layout) = check_batch_frame(&frame)? {
@@ -207,13 +254,20 @@ impl Session<'_> {
         self.flush().await
     }
 
-    async fn on_query(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+    /// Routes a simple query that [`Self::route_query_now`] could not: `None` when it was
+    /// answered here (an error, a DEALLOCATE, a held BEGIN, the result cache) or is
+    /// skipped. A held BEGIN takes `frame`.
+    async fn route_query(
+        &mut self,
+        frame: &mut BytesMut,
+    ) -> Result<Option<QueryRoute>, SessionError> {
         if self.skips_to_sync() {
-            return Ok(());
+            return Ok(None);
         }
-        let sql = query_text(&frame).map_err(SessionError::protocol)?;
+        let sql = query_text(frame).map_err(SessionError::protocol)?;
         if let State::Aborted = self.state {
-            return self.answer_aborted_query(sql).await;
+            self.answer_aborted_query(sql).await?;
+            return Ok(None);
         }
         let classification = self.shared.router.classification_of(sql);
         let mut target = Target::Primary;
@@ -222,10 +276,12 @@ impl Session<'_> {
         if let Some(c) = &classification {
             hints.add(c);
             if let Some(e) = effects::refusal(&c.session) {
-                return self.report(e, true).await;
+                self.report(e, true).await?;
+                return Ok(None);
             }
             if self.answer_deallocate(sql, c) {
-                return self.flush().await;
+                self.flush().await?;
+                return Ok(None);
             }
             if let State::Idle = self.state {
                 let router = &self.shared.router;
@@ -246,7 +302,8 @@ impl Session<'_> {
             && is_plain_begin(sql)
             && self.shared.config.load().pool.hold_begin
         {
-            return self.hold_begin(frame).await;
+            self.hold_begin(std::mem::take(frame)).await?;
+            return Ok(None);
         }
         let target = if self.apply_read_hints(hints, target) {
             self.fresh_target(target).await
@@ -257,59 +314,116 @@ impl Session<'_> {
         // (and with one, it is boxed: the session's own future stays small).
         if let (Some(c), Some(_)) = (&classification, &self.cache) {
             if Box::pin(self.cached_query(sql, c, hints)).await? {
-                return Ok(());
+                return Ok(None);
             }
         }
-        let plan = Plan {
-            retry: true,
-            relay: true,
-            ready: true,
-            statements: 1,
-            report: true,
+        Ok(Some(QueryRoute {
+            classification,
+            target,
+            hints,
+            proven_read,
+            sql_len: sql.len(),
+        }))
+    }
+
+    /// [`Self::route_query`] for a query that needs no wait to be routed, as nearly every
+    /// one: no session effects (SET, DEALLOCATE: they may be refused or answered here), no
+    /// function whose volatility must be looked up, no `pgway:fresh` read, no held BEGIN,
+    /// no result cache, no failed transaction. `None` (having changed nothing): route it
+    /// with [`Self::route_query`].
+    fn route_query_now(&mut self, frame: &[u8]) -> Option<QueryRoute> {
+        if self.cache.is_some() || self.skips_to_sync() {
+            return None;
+        }
+        let sql = query_text(frame).ok()?;
+        let c = match self.state {
+            State::Aborted => return None,
+            _ => self.shared.router.classification_of(sql)?,
         };
-        let sent = self
-            .send_request(target, plan, |session| {
-                session.track_pgway_settings(hints);
-                match &classification {
-                    Some(c) => {
-                        session.request.effects.clone_from(&c.session);
-                        session.request.may_write = c.writes;
-                    }
-                    None => {
-                        session.request.effects.clear();
-                        session.request.may_write = true;
-                    }
-                }
-                session.note_written(classification.as_deref(), proven_read);
-                let in_transaction = session.state.status() != b'I';
-                // Pinned, or about to be by what its transaction did (a temporary table ON
-                // COMMIT DROP is gone again at the COMMIT that pins the client).
-                let held = session.is_pinned() || in_transaction;
-                if session.request.may_write || held {
-                    let words = classification.as_ref().map_or_else(
-                        || scan_words(query_text(&frame).unwrap_or_default()),
-                        |c| c.words,
-                    );
-                    if session.request.may_write || in_transaction {
-                        session.request.commits = words.commits;
-                        session.request.copies = session.request.may_write && words.copies;
-                    }
-                    session.request.check_pins = held && words.releases;
-                }
-                // A simple query replaces the unnamed statement (as does a joined COMMIT).
-                session.server_mut()?.unnamed = None;
-                if !(session.request.commits && session.queue_joined_commit(sql)) {
-                    session.to_server.extend_from_slice(&frame);
-                    session.expect(super::relay::Reply::Query, true, None);
-                }
-                Ok(())
-            })
-            .await;
+        if !c.session.is_empty() {
+            return None;
+        }
+        let (target, why) = match self.state {
+            State::Idle => self.shared.router.decide_now(&c, self.target)?,
+            _ => (Target::Primary, self.held_why()),
+        };
+        let hints = ReadHints::of(&c);
+        if self.wants_fresh_target(hints, target)
+            || (target == Target::Primary
+                && matches!(self.state, State::Idle)
+                && is_plain_begin(sql)
+                && self.shared.config.load().pool.hold_begin)
+        {
+            return None;
+        }
+        let proven_read = target == Target::Replica || why.is_proven_read();
+        self.note_route(why, hints);
+        let fresh = self.apply_read_hints(hints, target);
+        debug_assert!(!fresh, "checked above");
+        Some(QueryRoute {
+            proven_read,
+            classification: Some(c),
+            target,
+            hints,
+            sql_len: sql.len(),
+        })
+    }
+
+    /// Queues a routed simple query on the connection it got (the request of
+    /// [`Self::send_request`]).
+    fn queue_query(&mut self, frame: &[u8], route: &QueryRoute) -> Result<(), SessionError> {
+        let classification = route.classification.as_deref();
+        self.track_pgway_settings(route.hints);
+        match classification {
+            Some(c) => {
+                self.request.effects.clone_from(&c.session);
+                self.request.may_write = c.writes;
+            }
+            None => {
+                self.request.effects.clear();
+                self.request.may_write = true;
+            }
+        }
+        self.note_written(classification, route.proven_read);
+        let sql = route.sql(frame);
+        let in_transaction = self.state.status() != b'I';
+        // Pinned, or about to be by what its transaction did (a temporary table ON COMMIT
+        // DROP is gone again at the COMMIT that pins the client).
+        let held = self.is_pinned() || in_transaction;
+        if self.request.may_write || held {
+            let words = classification.map_or_else(|| scan_words(sql), |c| c.words);
+            if self.request.may_write || in_transaction {
+                self.request.commits = words.commits;
+                self.request.copies = self.request.may_write && words.copies;
+            }
+            self.request.check_pins = held && words.releases;
+        }
+        // A simple query replaces the unnamed statement (as does a joined COMMIT).
+        self.server_mut()?.unnamed = None;
+        if !(self.request.commits && self.queue_joined_commit(sql)) {
+            self.to_server.extend_from_slice(frame);
+            self.expect(super::relay::Reply::Query, true, None);
+        }
+        Ok(())
+    }
+
+    /// After a simple query was sent and answered: the result cache's fill ends, and a
+    /// query a replica refused as a write teaches the router to send its text to the
+    /// primary.
+    fn query_sent(
+        &mut self,
+        sent: Result<Result<(), ClientError>, SessionError>,
+        frame: &[u8],
+        route: &QueryRoute,
+    ) -> Result<(), SessionError> {
         self.finish_fill();
         // Ok(Err(_)) cannot be: the plan reports it.
-        let _reported = sent?;
+        let reported = sent?;
+        debug_assert!(reported.is_ok());
         if std::mem::take(&mut self.request.retried_on_primary) {
-            if let (Some(c), Ok(text)) = (&classification, std::str::from_utf8(sql)) {
+            if let (Some(c), Ok(text)) =
+                (&route.classification, std::str::from_utf8(route.sql(frame)))
+            {
                 self.shared.router.learn_write(&self.database, text, c);
             }
         }
@@ -341,10 +455,7 @@ impl Session<'_> {
         }
         let plan = Plan {
             retry: false,
-            relay: true,
-            ready: true,
-            statements: 1,
-            report: true,
+            ..QUERY_PLAN
         };
         let sent = self
             .send_request(Target::Primary, plan, |session| {
