@@ -297,11 +297,7 @@ impl Session<'_> {
         }
         let proven_read = target == Target::Replica || why.is_proven_read();
         self.note_route(why, hints);
-        if target == Target::Primary
-            && matches!(self.state, State::Idle)
-            && is_plain_begin(sql)
-            && self.shared.config.load().pool.hold_begin
-        {
+        if self.holds_begin(target, sql) {
             self.hold_begin(std::mem::take(frame)).await?;
             return Ok(None);
         }
@@ -348,12 +344,7 @@ impl Session<'_> {
             _ => (Target::Primary, self.held_why()),
         };
         let hints = ReadHints::of(&c);
-        if self.wants_fresh_target(hints, target)
-            || (target == Target::Primary
-                && matches!(self.state, State::Idle)
-                && is_plain_begin(sql)
-                && self.shared.config.load().pool.hold_begin)
-        {
+        if self.wants_fresh_target(hints, target) || self.holds_begin(target, sql) {
             return None;
         }
         let proven_read = target == Target::Replica || why.is_proven_read();
@@ -428,6 +419,15 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Whether `sql`, routed to `target`, is a plain `BEGIN` outside a transaction that
+    /// [`Self::hold_begin`] answers (`pool.hold_begin`).
+    fn holds_begin(&self, target: Target, sql: &[u8]) -> bool {
+        target == Target::Primary
+            && matches!(self.state, State::Idle)
+            && is_plain_begin(sql)
+            && self.shared.config.load().pool.hold_begin
     }
 
     /// A plain `BEGIN` outside a transaction (Idle -> Begun): answered here, and sent in
