@@ -249,6 +249,122 @@ async fn many_clients_share_a_pool_bounded_by_pool_size() {
     );
 }
 
+/// Client A holds the only primary connection in a transaction (its backend pid), and
+/// client B's insert of row `id` is sent meanwhile, on a task of its own: B waits in the
+/// pool's queue. Returns B's task, which yields the backend pid that served the insert.
+async fn queue_behind_a_transaction(
+    gw: &Gateway,
+    a: &tokio_postgres::Client,
+    id: i32,
+) -> (i32, tokio::task::JoinHandle<i32>) {
+    a.batch_execute("begin; insert into items (id, v) values (1, 'a')")
+        .await
+        .expect("client A: begin + insert");
+    let a_pid: i32 = simple_value(a, "select pg_backend_pid()")
+        .await
+        .expect("client A's backend pid")
+        .parse()
+        .expect("a pid");
+    let b = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    let waiting = tokio::spawn(async move {
+        let row = b
+            .query_one(
+                "insert into items (id, v) values ($1, 'b') returning pg_backend_pid()",
+                &[&id],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("client B's insert: {}", describe_error(&e)));
+        row.get::<_, i32>(0)
+    });
+    // Long enough for B to be in the queue; were it not yet, the steps below still hold.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "client B did not wait for client A");
+    (a_pid, waiting)
+}
+
+// DESIGN.md (Pooling): "dead connections replaced"; a client waiting in the queue gets the
+// slot of a connection that died under another client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_client_gets_the_slot_of_a_connection_that_closed() {
+    let (cluster, gw) = pooled_gateway(1, "20s").await;
+    let a = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    let (a_pid, waiting) = queue_behind_a_transaction(&gw, &a, 2).await;
+
+    // A's server connection goes away under it; A's next statement finds out, which
+    // closes it: its slot goes to B, who connects anew.
+    cluster.psql_admin(
+        cluster.primary_port(),
+        &format!("select pg_terminate_backend({a_pid})"),
+    );
+    a.simple_query("select 1")
+        .await
+        .expect_err("A's transaction ended with its server connection");
+    let b_pid = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("client B still waiting after A's connection closed")
+        .expect("client B's task");
+    assert_ne!(b_pid, a_pid, "B was served by A's terminated backend");
+    assert_eq!(
+        cluster.psql_admin(
+            cluster.primary_port(),
+            "select string_agg(v || id, ',' order by id) from items"
+        ),
+        "b2",
+        "A's transaction is rolled back, B's insert committed"
+    );
+}
+
+// README (reload): "a larger `size` (or `pool_size`) is usable at once", also by a client
+// already waiting in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_grows_pool_size_serves_waiting_clients_at_once() {
+    let cluster = Cluster::start_with_schema(1, SCHEMA);
+    let toml = gateway_toml(
+        &cluster,
+        "LISTEN",
+        "127.0.0.1:0",
+        &GatewayOptions {
+            pool_size: 1,
+            wait_timeout: "30s".into(),
+            ..GatewayOptions::default()
+        },
+    )
+    .replace(
+        &format!("password = \"{APP_PASSWORD}\"\n"),
+        &format!("password = \"{APP_PASSWORD}\"\nadmin = true\n"),
+    );
+    let gw = Gateway::start_toml(|listen| toml.replace("LISTEN", listen));
+    let listen = format!("127.0.0.1:{}", gw.port());
+    let a = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    let (a_pid, waiting) = queue_behind_a_transaction(&gw, &a, 2).await;
+
+    let grown = toml
+        .replace("LISTEN", &listen)
+        .replace("size = 1\n", "size = 2\n");
+    assert_ne!(
+        grown,
+        toml.replace("LISTEN", &listen),
+        "the config sets size = 1"
+    );
+    gw.reload(&grown, APP_USER, APP_PASSWORD)
+        .await
+        .expect("RELOAD with pool.size = 2");
+    // B is served while A's transaction is still open, by a second connection.
+    let b_pid = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("client B still waiting after pool.size grew")
+        .expect("client B's task");
+    assert_ne!(b_pid, a_pid);
+    a.simple_query("commit").await.expect("client A: commit");
+    assert_eq!(
+        cluster.psql_admin(
+            cluster.primary_port(),
+            "select string_agg(v || id, ',' order by id) from items"
+        ),
+        "a1,b2"
+    );
+}
+
 /// Starts a client in a transaction with an uncommitted insert, then lets it go away with
 /// `leave`, and checks that the transaction was rolled back and released its locks.
 async fn disconnect_in_transaction_rolls_back(abrupt: bool) {
