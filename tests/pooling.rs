@@ -179,13 +179,7 @@ async fn a_plain_begin_takes_no_server_connection_until_the_transaction_uses_one
         .await
         .expect("client A: second insert");
     a.simple_query("commit").await.expect("client A: commit");
-    assert_eq!(
-        cluster.psql_admin(
-            primary,
-            "select string_agg(v || id, ',' order by id) from items"
-        ),
-        "b1,a4"
-    );
+    assert_eq!(committed_items(&cluster), "b1,a4");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,6 +276,23 @@ async fn queue_behind_a_transaction(
     (a_pid, waiting)
 }
 
+/// The backend pid that served client B's insert (see [`queue_behind_a_transaction`]),
+/// which must come within [`WAIT`] after `what`.
+async fn served(waiting: tokio::task::JoinHandle<i32>, what: &str) -> i32 {
+    tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap_or_else(|_| panic!("client B still waiting after {what}"))
+        .expect("client B's task")
+}
+
+/// The committed rows of `items` on the primary, as `v || id` in id order.
+fn committed_items(cluster: &Cluster) -> String {
+    cluster.psql_admin(
+        cluster.primary_port(),
+        "select string_agg(v || id, ',' order by id) from items",
+    )
+}
+
 // DESIGN.md (Pooling): "dead connections replaced"; a client waiting in the queue gets the
 // slot of a connection that died under another client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,16 +310,10 @@ async fn a_waiting_client_gets_the_slot_of_a_connection_that_closed() {
     a.simple_query("select 1")
         .await
         .expect_err("A's transaction ended with its server connection");
-    let b_pid = tokio::time::timeout(WAIT, waiting)
-        .await
-        .expect("client B still waiting after A's connection closed")
-        .expect("client B's task");
+    let b_pid = served(waiting, "A's connection closed").await;
     assert_ne!(b_pid, a_pid, "B was served by A's terminated backend");
     assert_eq!(
-        cluster.psql_admin(
-            cluster.primary_port(),
-            "select string_agg(v || id, ',' order by id) from items"
-        ),
+        committed_items(&cluster),
         "b2",
         "A's transaction is rolled back, B's insert committed"
     );
@@ -350,19 +355,10 @@ async fn a_reload_that_grows_pool_size_serves_waiting_clients_at_once() {
         .await
         .expect("RELOAD with pool.size = 2");
     // B is served while A's transaction is still open, by a second connection.
-    let b_pid = tokio::time::timeout(WAIT, waiting)
-        .await
-        .expect("client B still waiting after pool.size grew")
-        .expect("client B's task");
+    let b_pid = served(waiting, "pool.size grew").await;
     assert_ne!(b_pid, a_pid);
     a.simple_query("commit").await.expect("client A: commit");
-    assert_eq!(
-        cluster.psql_admin(
-            cluster.primary_port(),
-            "select string_agg(v || id, ',' order by id) from items"
-        ),
-        "a1,b2"
-    );
+    assert_eq!(committed_items(&cluster), "a1,b2");
 }
 
 /// Starts a client in a transaction with an uncommitted insert, then lets it go away with
