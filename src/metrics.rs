@@ -197,6 +197,8 @@ pub struct Sources {
     pub pools: Arc<Pools>,
     /// The result cache, when on.
     pub cache: Option<Arc<ResultCache>>,
+    /// The workers' sessions.
+    pub placement: Arc<crate::workers::Placement>,
 }
 
 /// The registry `/metrics` encodes: everything is read from `sources` when scraped.
@@ -278,6 +280,7 @@ impl Collector for Sources {
             "Clients connected.",
             m.clients.get(),
         )?;
+        self.encode_workers(&mut encoder)?;
         counter(
             &mut encoder,
             "pgway_failovers",
@@ -353,6 +356,31 @@ impl Collector for Sources {
                 "Memory the result cache's entries take.",
                 i64::try_from(bytes).unwrap_or(i64::MAX),
             )?;
+        }
+        Ok(())
+    }
+}
+
+impl Sources {
+    /// `pgway_workers_active` and `pgway_worker_sessions`.
+    fn encode_workers(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let placement = &self.placement;
+        gauge(
+            encoder,
+            "pgway_workers_active",
+            "Worker threads taking new client sessions (the others' sessions move to them).",
+            i64::try_from(placement.active()).unwrap_or(i64::MAX),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "pgway_worker_sessions",
+            "Client sessions, by the worker thread that runs them.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (worker, sessions) in placement.sessions().into_iter().enumerate() {
+            let labels = [("worker", worker.to_string())];
+            ConstGauge::new(i64::try_from(sessions).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

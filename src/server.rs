@@ -230,6 +230,9 @@ pub(crate) fn build_shared(
         auth_query: Default::default(),
         reloader,
         busy_poll: Arc::new(workers::BusyPoll::new(config.busy_poll)),
+        placement: Arc::new(workers::Placement::new(
+            config.workers.unwrap_or_else(workers::default_count),
+        )),
         config: ArcSwap::new(config),
     })
 }
@@ -267,16 +270,15 @@ fn build_cache(
 /// Starts the worker threads that run client sessions ([`startup::handle`]), each session
 /// tracked by `sessions`.
 fn start_workers(shared: &Arc<Shared>, sessions: &TaskTracker) -> Result<Workers, ServerError> {
-    let count = shared
-        .config
-        .load()
-        .workers
-        .unwrap_or_else(workers::default_count);
+    let placement = Arc::clone(&shared.placement);
     let busy_poll = Arc::clone(&shared.busy_poll);
     let shared = Arc::clone(shared);
-    let workers = Workers::start(count, sessions.clone(), busy_poll, move |stream, peer| {
-        startup::handle(Arc::clone(&shared), stream, peer)
-    })?;
+    let workers = Workers::start(
+        placement,
+        sessions.clone(),
+        busy_poll,
+        move |stream, peer| startup::handle(Arc::clone(&shared), stream, peer),
+    )?;
     Ok(workers)
 }
 
@@ -323,6 +325,7 @@ async fn start_background(
     if let Some(cache) = &shared.cache {
         cache.check_wal_level(config.topology.health_database());
     }
+    background.spawn(Arc::clone(&shared.placement).follow_load(shared.shutdown.clone()));
     background.spawn(count_failovers(
         Arc::clone(&shared.topology),
         Arc::clone(&shared.metrics),
@@ -337,6 +340,7 @@ async fn start_background(
             cache: shared.cache.clone(),
             metrics: Arc::clone(&shared.metrics),
             pools: Arc::clone(&shared.pools),
+            placement: Arc::clone(&shared.placement),
         },
         shared.shutdown.clone(),
     ));

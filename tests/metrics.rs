@@ -11,22 +11,6 @@ mod common;
 
 use common::*;
 
-/// The value of the sample `name{labels}` (exactly as written in the text), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-}
-
-async fn scrape(admin: u16) -> String {
-    http_get(admin, "/metrics")
-        .await
-        .unwrap_or_else(|e| panic!("GET /metrics: {e}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_move_as_clients_use_pgway() {
     let cluster = Cluster::start_with_schema(1, "SET ROLE app;\nCREATE TABLE t (i int);\n");

@@ -47,6 +47,8 @@ pub struct Views {
     pub metrics: Arc<Metrics>,
     /// Server connection pools.
     pub pools: Arc<Pools>,
+    /// Which workers take sessions, and their sessions.
+    pub placement: Arc<crate::workers::Placement>,
 }
 
 /// Serves the admin endpoints until `shutdown`.
@@ -57,6 +59,7 @@ pub async fn serve(listener: TcpListener, views: Views, shutdown: CancellationTo
         router: Arc::clone(&views.router),
         pools: Arc::clone(&views.pools),
         cache: views.cache.clone(),
+        placement: Arc::clone(&views.placement),
     }));
     let app = Router::new()
         .route("/health", get(|| async { "ok\n" }))

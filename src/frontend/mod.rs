@@ -118,6 +118,8 @@ pub struct Shared {
     pub reloader: crate::reload::Reloader,
     /// `busy_poll`, as the workers read it.
     pub busy_poll: Arc<crate::workers::BusyPoll>,
+    /// Which workers take sessions (`workers` of them at most), and their sessions.
+    pub placement: Arc<crate::workers::Placement>,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Connected clients and the `PAUSE` gate, for the admin console.

@@ -17,6 +17,10 @@
 //! reactor and run its tasks ([`tokio::task::yield_now`]). A session that panics is closed
 //! (its future dropped) and the others go on, as with a task of its own.
 //!
+//! A session may move to another worker's executor ([`hop`]): the executor takes it out
+//! of its slot after the poll that asked and hands it to the other's [`Home`], where it
+//! is polled in the next batch (see `super::placement`).
+//!
 //! [`TaskTracker`]: tokio_util::task::TaskTracker
 
 use std::cell::{Cell, RefCell};
@@ -26,6 +30,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
+
+use super::placement::Placement;
 
 /// A session as the executor holds it.
 pub(crate) type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -41,17 +47,42 @@ thread_local! {
     static IDLE: Cell<bool> = const { Cell::new(false) };
     /// The executor's waker, the runtime's own (set on its first poll).
     static WAKER: RefCell<Option<Waker>> = const { RefCell::new(None) };
+    /// The session being polled asked to move to this worker ([`hop`]).
+    static MOVING: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// What the entries of one executor share: the way in for wake-ups from other threads.
-#[derive(Debug, Default)]
-struct Home {
+/// What the entries of one executor share: the way in for wake-ups from other threads,
+/// and for sessions moving in from other workers.
+#[derive(Default)]
+pub(super) struct Home {
     /// Slots woken on other threads.
     remote: Mutex<Vec<usize>>,
-    /// `remote` may have slots (checked without the lock on every batch).
+    /// Sessions handed over by other workers' executors ([`hop`]).
+    arrivals: Mutex<Vec<SessionFuture>>,
+    /// `remote` or `arrivals` may have some (checked without a lock on every batch).
     has_remote: AtomicBool,
     /// The executor's waker, for those wake-ups.
     waker: Mutex<Option<Waker>>,
+}
+
+impl std::fmt::Debug for Home {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Home").finish_non_exhaustive()
+    }
+}
+
+impl Home {
+    /// Takes `session` in from another worker and wakes this executor for it.
+    fn arrive(&self, session: SessionFuture) {
+        self.arrivals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(session);
+        self.has_remote.store(true, Ordering::Release);
+        if let Some(task) = &*self.waker.lock().unwrap_or_else(PoisonError::into_inner) {
+            task.wake_by_ref();
+        }
+    }
 }
 
 /// A session's waker: its slot, and whether it is on a ready list already.
@@ -106,6 +137,27 @@ pub(crate) fn add(session: SessionFuture) {
     wake_if_idle();
 }
 
+/// Moves the calling session to worker `to`'s executor: resolves there, in that worker's
+/// next batch. It resolves where it is, in this worker's next batch, if that worker's
+/// executor does not run or is this one, or outside a worker's executor. The session's
+/// sockets stay registered with the reactor they were registered with: the caller moves
+/// them.
+pub(super) async fn hop(to: usize) {
+    let mut asked = false;
+    std::future::poll_fn(|cx| {
+        if asked {
+            return Poll::Ready(());
+        }
+        asked = true;
+        MOVING.set(Some(to));
+        // Polled again where it is if it cannot move; where it moves, a new session's
+        // first poll needs no wake-up.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
+}
+
 /// A session in its slot, with the waker made for it once.
 struct Slot {
     session: SessionFuture,
@@ -120,6 +172,8 @@ pub(crate) struct Executor {
     free: Vec<usize>,
     /// The batch being polled (kept for its allocation).
     batch: Vec<usize>,
+    /// The workers' placement and this worker's index in it, on a worker.
+    placement: Option<(Arc<Placement>, usize)>,
 }
 
 impl Executor {
@@ -128,13 +182,20 @@ impl Executor {
     /// this as its `block_on` future: a wake-up on the worker's own thread then only
     /// marks the runtime as woken, and the runtime polls this future after its reactor
     /// turn, with no task of its own to schedule and run.
-    pub(crate) async fn run(main: SessionFuture) {
+    ///
+    /// On worker `placement.1` of `placement.0`, sessions may move in from the other
+    /// workers and out to them ([`hop`]).
+    pub(crate) async fn run(main: SessionFuture, placement: Option<(Arc<Placement>, usize)>) {
         let mut executor = Self {
             home: Arc::default(),
             slots: Vec::new(),
             free: Vec::new(),
             batch: Vec::new(),
+            placement,
         };
+        if let Some((placement, index)) = &executor.placement {
+            placement.set_home(*index, Arc::clone(&executor.home));
+        }
         HOME.set(Arc::as_ptr(&executor.home));
         ADDED.with_borrow_mut(|added| added.insert(0, main));
         std::future::poll_fn(|cx| executor.poll_batch(cx)).await
@@ -151,8 +212,6 @@ impl Executor {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
         }
-        self.take_added();
-        READY.with_borrow_mut(|ready| std::mem::swap(ready, &mut self.batch));
         if self.home.has_remote.load(Ordering::Acquire) {
             self.home.has_remote.store(false, Ordering::Release);
             let mut remote = self
@@ -160,8 +219,21 @@ impl Executor {
                 .remote
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            self.batch.append(&mut remote);
+            READY.with_borrow_mut(|ready| ready.append(&mut remote));
+            drop(remote);
+            let arrived = std::mem::take(
+                &mut *self
+                    .home
+                    .arrivals
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            if !arrived.is_empty() {
+                ADDED.with_borrow_mut(|added| added.extend(arrived));
+            }
         }
+        self.take_added();
+        READY.with_borrow_mut(|ready| std::mem::swap(ready, &mut self.batch));
         let mut batch = std::mem::take(&mut self.batch);
         let _clock = crate::clock::batch();
         for slot in batch.drain(..) {
@@ -220,7 +292,12 @@ impl Executor {
         let mut cx = Context::from_waker(&held.waker);
         let session = &mut held.session;
         let ended = match catch_unwind(AssertUnwindSafe(|| session.as_mut().poll(&mut cx))) {
-            Ok(Poll::Pending) => false,
+            Ok(Poll::Pending) => {
+                if let Some(to) = MOVING.take() {
+                    self.send_away(slot, to);
+                }
+                false
+            }
             Ok(Poll::Ready(())) => true,
             Err(_) => {
                 tracing::error!("a session panicked; its client's connection is closed");
@@ -231,6 +308,27 @@ impl Executor {
             self.slots[slot] = None;
             self.free.push(slot);
         }
+    }
+
+    /// Hands the session in `slot`, which asked to move ([`hop`]), to worker `to`'s
+    /// executor. It stays if that is this worker or does not run: [`hop`] then resolves
+    /// here, on the wake-up it gave itself.
+    fn send_away(&mut self, slot: usize, to: usize) {
+        let Some((placement, here)) = &self.placement else {
+            return;
+        };
+        if to == *here {
+            return;
+        }
+        let Some(home) = placement.home(to) else {
+            return;
+        };
+        let Some(held) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(slot);
+        placement.moved(*here, to);
+        home.arrive(held.session);
     }
 }
 
@@ -260,12 +358,15 @@ mod tests {
             .expect("runtime");
         let passed = Arc::new(AtomicBool::new(false));
         let passed_in_main = Arc::clone(&passed);
-        runtime.block_on(Executor::run(Box::pin(async move {
-            crate::timer::timeout(std::time::Duration::from_secs(10), test)
-                .await
-                .expect("a session was never woken");
-            passed_in_main.store(true, Ordering::SeqCst);
-        })));
+        runtime.block_on(Executor::run(
+            Box::pin(async move {
+                crate::timer::timeout(std::time::Duration::from_secs(10), test)
+                    .await
+                    .expect("a session was never woken");
+                passed_in_main.store(true, Ordering::SeqCst);
+            }),
+            None,
+        ));
         // `main` panicking (a failed assertion) ends the executor, not the test.
         assert!(passed.load(Ordering::SeqCst), "the test's main ended early");
     }

@@ -6,7 +6,8 @@
 //! multi-threaded runtime, every readiness event could wake the other worker and move the
 //! task, which cost more CPU per statement than the statement's own work (see
 //! `benches/RESULTS.md`). The accept loop hands each new client to the worker with the
-//! fewest sessions.
+//! fewest sessions, among the workers that take sessions: as many as the load needs
+//! ([`placement`]); the sessions of the others move over between requests.
 //!
 //! A worker's sessions are not tokio tasks: its [`executor`] holds them, and is itself the
 //! runtime's `block_on` future, so a wake-up of a session on its own worker skips tokio's
@@ -22,9 +23,9 @@
 //! two wake-ups of a sleeping thread (the client's request, the server's answer), and on a
 //! virtual machine each costs tens of microseconds: more than pgway's own work.
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -35,6 +36,9 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 mod executor;
+mod placement;
+
+pub use placement::Placement;
 
 /// Errors starting the workers.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,30 @@ thread_local! {
 /// The reactor of the calling thread (see [`REACTOR`]).
 pub fn current() -> usize {
     REACTOR.with(Cell::get)
+}
+
+thread_local! {
+    /// On a worker: the workers' placement and this worker's index in it.
+    static PLACED: OnceCell<(Arc<Placement>, usize)> = const { OnceCell::new() };
+}
+
+/// The worker a session of this thread that waits for its client between requests should
+/// move to, if any (see [`placement`]); `None` off the workers.
+#[inline]
+pub fn destination() -> Option<usize> {
+    PLACED.with(|placed| {
+        placed
+            .get()
+            .and_then(|(placement, here)| placement.destination(*here))
+    })
+}
+
+/// Moves the calling session to worker `to` (from [`destination`]); true if it now runs
+/// there, and its sockets must move to this thread's reactor.
+pub async fn move_to(to: usize) -> bool {
+    let from = current();
+    executor::hop(to).await;
+    current() != from
 }
 
 thread_local! {
@@ -200,6 +228,11 @@ fn cpu_count(list: &str) -> Option<u32> {
 /// timeslices", in nanoseconds.
 fn wait_field(text: &[u8]) -> Option<u64> {
     nth_field(text, 1)?.parse().ok()
+}
+
+/// The time on a CPU, from `schedstat`'s text (see [`wait_field`]).
+fn run_field(text: &[u8]) -> Option<u64> {
+    nth_field(text, 0)?.parse().ok()
 }
 
 /// The `n`th whitespace-separated field (from 0) of a kernel statistics file's text.
@@ -352,7 +385,7 @@ pub fn default_count() -> usize {
 async fn take_clients<F, Fut>(
     mut rx: mpsc::UnboundedReceiver<Accepted>,
     serve: Arc<F>,
-    load: Arc<Vec<AtomicUsize>>,
+    placement: Arc<Placement>,
     index: usize,
     sessions: TaskTracker,
     stop: CancellationToken,
@@ -370,7 +403,7 @@ async fn take_clients<F, Fut>(
         };
         // Given back when the session ends, or here if it never starts.
         let place = Place {
-            load: Arc::clone(&load),
+            placement: Arc::clone(&placement),
             worker: index,
             _permit: permit,
         };
@@ -394,17 +427,23 @@ async fn take_clients<F, Fut>(
     }
 }
 
-/// A session's place on its worker: counted in the worker's load, and the client's slot
-/// under `client.max_connections`, until the session ends (or panics).
+/// A session's place on its worker: counted in the worker's sessions, and the client's
+/// slot under `client.max_connections`, until the session ends (or panics).
 struct Place {
-    load: Arc<Vec<AtomicUsize>>,
+    placement: Arc<Placement>,
+    /// The worker it started on.
     worker: usize,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for Place {
+    /// Uncounted on the worker it ends on, which may not be the one it started on.
     fn drop(&mut self) {
-        self.load[self.worker].fetch_sub(1, Ordering::Relaxed);
+        let worker = current()
+            .checked_sub(1)
+            .filter(|&here| here < self.placement.count())
+            .unwrap_or(self.worker);
+        self.placement.left(worker);
     }
 }
 
@@ -416,17 +455,19 @@ type Accepted = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
 #[derive(Debug)]
 pub struct Workers {
     senders: Vec<mpsc::UnboundedSender<Accepted>>,
-    load: Arc<Vec<AtomicUsize>>,
+    placement: Arc<Placement>,
     threads: Vec<std::thread::JoinHandle<()>>,
     stop: CancellationToken,
 }
 
 impl Workers {
-    /// Starts `count` workers. Each runs `serve(stream, peer)` for the clients handed to
-    /// it, in the worker's executor and tracked by `sessions`, until [`Self::shutdown`],
-    /// polling without sleeping for `busy_poll` after its last traffic ([`spin`]).
+    /// Starts `placement.count()` workers. Each runs `serve(stream, peer)` for the
+    /// clients handed to it, in the worker's executor and tracked by `sessions`, until
+    /// [`Self::shutdown`], polling without sleeping for `busy_poll` after its last
+    /// traffic ([`spin`]). Which of them take new clients follows the load once
+    /// [`Placement::follow_load`] runs.
     pub fn start<F, Fut>(
-        count: usize,
+        placement: Arc<Placement>,
         sessions: TaskTracker,
         busy_poll: Arc<BusyPoll>,
         serve: F,
@@ -436,16 +477,16 @@ impl Workers {
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let serve = Arc::new(serve);
-        let load = Arc::new((0..count).map(|_| AtomicUsize::new(0)).collect::<Vec<_>>());
+        let count = placement.count();
         let stop = CancellationToken::new();
         let mut senders = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for index in 0..count {
             let (tx, rx) = mpsc::unbounded_channel::<Accepted>();
             let runtime = crate::timer::worker_runtime()?;
-            let (serve, load, stop, sessions, busy_poll) = (
+            let (serve, placement, stop, sessions, busy_poll) = (
                 Arc::clone(&serve),
-                Arc::clone(&load),
+                Arc::clone(&placement),
                 stop.clone(),
                 sessions.clone(),
                 Arc::clone(&busy_poll),
@@ -454,15 +495,22 @@ impl Workers {
                 .name(format!("pgway-worker-{index}"))
                 .spawn(move || {
                     REACTOR.with(|r| r.set(index + 1));
+                    PLACED.with(|placed| placed.set((Arc::clone(&placement), index)).ok());
+                    placement.open_cpu_clock(index);
                     crate::timer::use_timer_runtime();
                     runtime.block_on(async move {
                         // Polling runs beside the sessions, in a slot of their executor.
                         executor::add(Box::pin(spin(busy_poll)));
                         // The accept loop is the executor's `main`: the worker ends with it.
-                        executor::Executor::run(Box::pin(take_clients(
-                            rx, serve, load, index, sessions, stop,
-                        )))
-                        .await;
+                        let main = Box::pin(take_clients(
+                            rx,
+                            serve,
+                            Arc::clone(&placement),
+                            index,
+                            sessions,
+                            stop,
+                        ));
+                        executor::Executor::run(main, Some((placement, index))).await;
                     });
                 })?;
             senders.push(tx);
@@ -470,13 +518,14 @@ impl Workers {
         }
         Ok(Self {
             senders,
-            load,
+            placement,
             threads,
             stop,
         })
     }
 
-    /// Hands a new client to the least busy worker.
+    /// Hands a new client to the worker with the fewest sessions among those that take
+    /// sessions now.
     pub fn dispatch(
         &self,
         stream: tokio::net::TcpStream,
@@ -490,12 +539,13 @@ impl Workers {
                 return;
             }
         };
-        let index = (0..self.senders.len())
-            .min_by_key(|&i| self.load[i].load(Ordering::Relaxed))
-            .unwrap_or(0);
-        self.load[index].fetch_add(1, Ordering::Relaxed);
-        if self.senders[index].send((stream, peer, permit)).is_err() {
-            self.load[index].fetch_sub(1, Ordering::Relaxed);
+        let index = self.placement.place_new();
+        let sent = match self.senders.get(index) {
+            Some(sender) => sender.send((stream, peer, permit)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.placement.left(index);
             warn!(%peer, "worker gone; client dropped");
         }
     }
@@ -542,10 +592,12 @@ mod tests {
     }
 
     #[test]
-    fn the_wait_is_schedstats_second_field() {
+    fn the_wait_is_schedstats_second_field_and_the_run_time_its_first() {
         assert_eq!(wait_field(b"1457549 230 17\n"), Some(230));
         assert_eq!(wait_field(b"1457549\n"), None);
         assert_eq!(wait_field(b"x y z"), None);
+        assert_eq!(run_field(b"1457549 230 17\n"), Some(1_457_549));
+        assert_eq!(run_field(b"x y z"), None);
     }
 
     #[test]
@@ -573,5 +625,97 @@ mod tests {
         let first = stat.waited().expect("first read");
         std::thread::yield_now();
         assert!(stat.waited().expect("second read") >= first);
+    }
+
+    /// Serves a test client on a worker: answers each read with the number of the
+    /// worker's reactor, then moves where the placement says, its socket with it.
+    async fn answer_where(stream: tokio::net::TcpStream) {
+        use crate::net::transport::Transport;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut io: Box<dyn Transport> = Box::new(stream);
+        let mut buf = [0u8; 16];
+        while let Ok(1..) = io.read(&mut buf).await {
+            if io.write_all(&[b'0' + current() as u8]).await.is_err() {
+                return;
+            }
+            if let Some(to) = destination() {
+                if move_to(to).await {
+                    match io.rebind() {
+                        Ok(moved) => io = moved,
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a byte and reads which worker answered (1 or 2).
+    async fn ask(client: &mut tokio::net::TcpStream) -> u8 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        client.write_all(b"?").await.expect("send");
+        let mut answer = [0u8; 1];
+        client.read_exact(&mut answer).await.expect("answer");
+        answer[0] - b'0'
+    }
+
+    #[test]
+    fn sessions_move_to_the_workers_that_take_sessions_with_their_sockets() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let placement = Arc::new(Placement::new(2));
+            let sessions = TaskTracker::new();
+            let workers = Workers::start(
+                Arc::clone(&placement),
+                sessions.clone(),
+                Arc::new(BusyPoll::new(Duration::ZERO)),
+                |stream, _peer| answer_where(stream),
+            )
+            .expect("workers");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let slots = Arc::new(tokio::sync::Semaphore::new(8));
+            let mut clients = Vec::new();
+            for _ in 0..2 {
+                let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let (stream, peer) = listener.accept().await.expect("accept");
+                let permit = Arc::clone(&slots).acquire_owned().await.expect("slot");
+                workers.dispatch(stream, peer, permit);
+                clients.push(client);
+            }
+            // Both workers take sessions: one client on each.
+            assert_eq!(ask(&mut clients[0]).await, 1);
+            assert_eq!(ask(&mut clients[1]).await, 2);
+            assert_eq!(placement.sessions(), [1, 1]);
+
+            // Only the first takes sessions: the second's session moves after its next
+            // answer, and is served by the first from then on.
+            placement.set_active(1, false);
+            assert_eq!(ask(&mut clients[1]).await, 2);
+            assert_eq!(ask(&mut clients[1]).await, 1);
+            assert_eq!(ask(&mut clients[0]).await, 1);
+            assert_eq!(placement.sessions(), [2, 0]);
+
+            // Both again, spreading: one session moves back to the second.
+            placement.set_active(2, true);
+            let _ = ask(&mut clients[0]).await;
+            let _ = ask(&mut clients[1]).await;
+            let mut served = [ask(&mut clients[0]).await, ask(&mut clients[1]).await];
+            served.sort_unstable();
+            assert_eq!(served, [1, 2]);
+            assert_eq!(placement.sessions(), [1, 1]);
+
+            drop(clients);
+            sessions.close();
+            crate::timer::timeout(Duration::from_secs(10), sessions.wait())
+                .await
+                .expect("the sessions end when their clients leave");
+            assert_eq!(placement.sessions(), [0, 0]);
+            workers.shutdown().await;
+        });
     }
 }

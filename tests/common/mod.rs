@@ -1407,6 +1407,24 @@ pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     msg
 }
 
+/// The value of the sample `name{labels}` (exactly as written in `/metrics`'s text), if
+/// present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// `/metrics` from the admin port `admin`.
+pub async fn scrape(admin: u16) -> String {
+    http_get(admin, "/metrics")
+        .await
+        .unwrap_or_else(|e| panic!("GET /metrics: {e}"))
+}
+
 pub async fn http_get(port: u16, path: &str) -> Result<String, String> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

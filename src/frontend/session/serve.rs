@@ -12,7 +12,7 @@ use super::relay::local_reply;
 use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
-use crate::net::{keep_buffers, recycle_buffers, take_buffers};
+use crate::net::{keep_buffers, recycle_buffers, take_buffers, FramedStream};
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, query_text, ParseLayout};
 use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
@@ -208,6 +208,11 @@ impl Session<'_> {
         {
             return Ok(frame);
         }
+        // Between requests a session may move to another worker (the workers taking
+        // sessions follow the load: see `crate::workers::Placement`).
+        if let Some(to) = crate::workers::destination() {
+            self.move_to(to).await?;
+        }
         // Between requests a client holds no buffers (thousands of idle clients cost
         // little memory), but for the first few of a worker's: a busy client's next
         // request comes soon.
@@ -233,6 +238,20 @@ impl Session<'_> {
             [self.out, self.to_server] = take_buffers();
         }
         Ok(frame)
+    }
+
+    /// Moves the session to worker `to`, and its client socket to that worker's reactor.
+    /// It holds no server connection here; its pools' connections move on their own when
+    /// it borrows one registered with the other worker.
+    async fn move_to(&mut self, to: usize) -> Result<(), SessionError> {
+        if crate::workers::move_to(to).await {
+            let client = std::mem::replace(
+                &mut self.client,
+                FramedStream::new(Box::new(crate::net::tls::Detached)),
+            );
+            self.client = client.rebind().map_err(SessionError::from_client)?;
+        }
+        Ok(())
     }
 
     /// After an error in an extended-protocol batch, PostgreSQL discards every message but
