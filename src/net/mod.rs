@@ -42,9 +42,10 @@ const SPARE_BUFFERS: usize = 64;
 const SPARE_MAX_CAPACITY: usize = 16 * 1024;
 
 /// Most buffers the idle sessions of one worker thread keep while they wait for their
-/// clients' next request (see [`keep_buffers`]): three each for 16 sessions, at most 768
-/// KiB beside the spares.
-const KEPT_BUFFERS: usize = 48;
+/// clients' next request (see [`keep_buffers`]): three each for 32 sessions, at most 1.5
+/// MiB beside the spares. (A light load gathers its sessions on one worker: see
+/// `crate::workers::Placement`.)
+const KEPT_BUFFERS: usize = 96;
 
 thread_local! {
     static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -53,7 +54,8 @@ thread_local! {
 }
 
 /// Buffers an idle session holds on to instead of giving them back: counted against
-/// [`KEPT_BUFFERS`] on its thread until the guard drops (sessions never change threads).
+/// [`KEPT_BUFFERS`] on its thread until the guard drops (a session moves to another
+/// worker only between requests, before it keeps any).
 #[derive(Debug)]
 pub struct KeptBuffers(usize);
 
