@@ -61,6 +61,9 @@ pub(super) struct Home {
     arrivals: Mutex<Vec<SessionFuture>>,
     /// `remote` or `arrivals` may have some (checked without a lock on every batch).
     has_remote: AtomicBool,
+    /// The executor has ended: a session handed over now is dropped, not kept where
+    /// nothing polls it.
+    closed: AtomicBool,
     /// The executor's waker, for those wake-ups.
     waker: Mutex<Option<Waker>>,
 }
@@ -74,10 +77,14 @@ impl std::fmt::Debug for Home {
 impl Home {
     /// Takes `session` in from another worker and wakes this executor for it.
     fn arrive(&self, session: SessionFuture) {
-        self.arrivals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(session);
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Ordering::Acquire) {
+            drop(arrivals);
+            drop(session);
+            return;
+        }
+        arrivals.push(session);
+        drop(arrivals);
         self.has_remote.store(true, Ordering::Release);
         if let Some(task) = &*self.waker.lock().unwrap_or_else(PoisonError::into_inner) {
             task.wake_by_ref();
@@ -333,8 +340,20 @@ impl Executor {
 }
 
 impl Drop for Executor {
-    /// The thread's executor is gone: its entries' wake-ups go nowhere.
+    /// The thread's executor is gone: its entries' wake-ups go nowhere, and sessions
+    /// handed over to it are dropped (a session holds the server's state, which holds the
+    /// placement, which holds this executor's [`Home`]).
     fn drop(&mut self) {
+        let arrived = {
+            let mut arrivals = self
+                .home
+                .arrivals
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.home.closed.store(true, Ordering::Release);
+            std::mem::take(&mut *arrivals)
+        };
+        drop(arrived);
         if std::ptr::eq(HOME.get(), Arc::as_ptr(&self.home)) {
             HOME.set(std::ptr::null());
             WAKER.set(None);
