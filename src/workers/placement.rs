@@ -3,9 +3,9 @@
 //! Two half-busy workers each go to sleep and wake up again for their half of the
 //! traffic, where one worker with all of it finds several events each time it looks. On
 //! the 2-core machine of `benches/RESULTS.md`, one worker serving every session at 32
-//! clients used a quarter less user CPU per statement than two, at the same throughput
-//! (`benches/PROFILE.md`, twenty-seventh and twenty-eighth rounds). So the sessions
-//! gather on as few workers as their load needs:
+//! clients used a tenth to three tenths less user CPU per statement than two, at about the
+//! same throughput (`benches/PROFILE.md`, twenty-seventh and twenty-eighth rounds). So the
+//! sessions gather on as few workers as their load needs:
 //!
 //! - pgway starts with every worker *active* (taking sessions); new clients go to the
 //!   active worker with the fewest sessions;
