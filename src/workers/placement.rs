@@ -27,7 +27,6 @@
 //! worker takes sessions, as without this. Without `/proc/thread-self/schedstat`, every
 //! worker always takes sessions.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -35,6 +34,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::executor::Home;
+use super::SchedStat;
 
 /// How often the load is looked at.
 pub const PERIOD: Duration = Duration::from_millis(250);
@@ -56,8 +56,8 @@ struct Worker {
     /// Its sessions, counted from when a client is handed to it until its session ends
     /// or moves away.
     sessions: AtomicUsize,
-    /// Its thread's `/proc/.../schedstat`, opened on the thread.
-    cpu: OnceLock<File>,
+    /// Its thread's scheduler statistics, opened on the thread.
+    cpu: OnceLock<SchedStat>,
     /// The way into its executor, once it runs.
     home: OnceLock<Arc<Home>>,
 }
@@ -162,8 +162,8 @@ impl Placement {
         let Some(worker) = self.workers.get(index) else {
             return;
         };
-        if let Ok(file) = File::open("/proc/thread-self/schedstat") {
-            let _ = worker.cpu.set(file);
+        if let Some(stat) = SchedStat::open() {
+            let _ = worker.cpu.set(stat);
         }
     }
 
@@ -237,14 +237,9 @@ impl Placement {
 
     /// Each worker thread's CPU time so far, in nanoseconds; `None` if one cannot be read.
     fn cpu_times(&self) -> Option<Vec<u64>> {
-        use std::os::unix::fs::FileExt;
         self.workers
             .iter()
-            .map(|worker| {
-                let mut buf = [0u8; 96];
-                let len = worker.cpu.get()?.read_at(&mut buf, 0).ok()?;
-                super::run_field(buf.get(..len)?)
-            })
+            .map(|worker| worker.cpu.get()?.ran())
             .collect()
     }
 }
