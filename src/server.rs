@@ -442,7 +442,7 @@ pub(crate) fn accounts_of(entries: &[UserConfig]) -> Vec<(String, Account)> {
             (
                 u.name.clone(),
                 Account {
-                    secret: Secret::Password(Arc::from(u.password.as_str())),
+                    secret: Secret::password_of(&u.password),
                     pool_size: u.pool_size,
                 },
             )

@@ -510,7 +510,7 @@ impl Account {
     fn same_as(&self, other: &Account) -> bool {
         self.pool_size == other.pool_size
             && match (&self.secret, &other.secret) {
-                (Secret::Password(a), Secret::Password(b)) => a == b,
+                (Secret::Password(a), Secret::Password(b)) => a.password() == b.password(),
                 (Secret::Scram(a), Secret::Scram(b)) => a == b,
                 _ => false,
             }
@@ -631,7 +631,7 @@ impl Pools {
             .get(user)
             .cloned()
             .unwrap_or_else(|| Account {
-                secret: Secret::Password(Arc::from("")),
+                secret: Secret::password_of(""),
                 pool_size: None,
             });
         let pool = Arc::new(Pool::new(

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::scram::{ScramClient, ScramKeys};
+use super::scram::{PasswordKeys, ScramClient, ScramKeys};
 use crate::net::{Connector, FramedStream, NetError};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages::{body, error_fields};
@@ -65,18 +65,24 @@ impl BackendError {
 /// How pgway proves who it is to a server. Its `Debug` shows neither.
 #[derive(Clone)]
 pub enum Secret {
-    /// A password, for whatever method the server asks.
-    Password(Arc<str>),
+    /// A password, for whatever method the server asks, with the SCRAM keys last derived
+    /// from it.
+    Password(Arc<PasswordKeys>),
     /// SCRAM keys from a client's proof (a user known through `auth_query`): the server
     /// must ask for SCRAM-SHA-256 and hold the verifier they came from.
     Scram(Arc<ScramKeys>),
 }
 
 impl Secret {
+    /// `password`, no SCRAM keys derived from it yet.
+    pub fn password_of(password: &str) -> Self {
+        Self::Password(Arc::new(PasswordKeys::new(password)))
+    }
+
     /// The password, for a server that asks for one in clear text or md5.
     fn password(&self) -> Result<&str, BackendError> {
         match self {
-            Self::Password(password) => Ok(password),
+            Self::Password(password) => Ok(password.password()),
             Self::Scram(_) => Err(BackendError::Protocol(
                 "the server asks for a password, and pgway has only SCRAM keys for this \
                  user (auth_query): the server must use scram-sha-256"
@@ -88,7 +94,7 @@ impl Secret {
     /// A SCRAM exchange for this secret.
     fn scram(&self) -> ScramClient {
         match self {
-            Self::Password(password) => ScramClient::with_password(password),
+            Self::Password(password) => ScramClient::with_password(Arc::clone(password)),
             Self::Scram(keys) => ScramClient::with_keys(Arc::clone(keys)),
         }
     }

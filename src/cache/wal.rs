@@ -35,7 +35,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
@@ -259,7 +259,7 @@ impl WalFollower<'_> {
         if !valid_slot_name(self.slot) {
             return Err(WalError::InvalidSlot(self.slot.to_owned()));
         }
-        let secret = Secret::Password(Arc::from(self.password));
+        let secret = Secret::password_of(self.password);
         let login = Login {
             addr: self.addr,
             user: self.user,
