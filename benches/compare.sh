@@ -3,6 +3,8 @@
 # PostgreSQL, with pgbench, on one machine, in interleaved rounds; and pgway (read-your-writes
 # on, the default) against a second pgway with read_your_writes = "off". Writes
 # benches/RESULTS.md, benches/results.png and (full runs only) the results block of README.md.
+# Around each run through a gateway it also reads the gateway process's user and system CPU
+# time (/proc/PID/stat), reported per transaction.
 #
 #   benches/compare.sh            install what is missing, build pgway (profile-guided, see
 #                                 scripts/build-pgo.sh; PGO=0 for a plain release), set up or
@@ -524,11 +526,27 @@ pgbench_cmd() { # scenario, target (as it is run, less PGPASSWORD)
     echo "pgbench $(scenario_opts "$1") -h 127.0.0.1 -p $(target_port "$1" "$2") -U $APP_USER $DB"
 }
 
+gateway_pid() { # target: the gateway process's pid (none for direct)
+    local file
+    case $1 in
+    haproxy) file=$RUN_DIR/haproxy.pid ;;
+    pgbouncer) file=$RUN_DIR/pgbouncer/pgbouncer.pid ;;
+    pgway | pgway-rywoff) file=$RUN_DIR/$1.pid ;;
+    *) return 0 ;;
+    esac
+    head -n 1 "$file" 2>/dev/null || true
+}
+# A process's user and system CPU time so far, in clock ticks (/proc/PID/stat, all threads).
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || true; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
 run_one() { # round, scenario, target
-    local round=$1 sc=$2 tg=$3 port log rc tps lat failed status note
+    local round=$1 sc=$2 tg=$3 port log rc tps lat failed status note pid u0= s0= u1= s1= n user= sys=
     port=$(target_port "$sc" "$tg")
     log=$RUN_DIR/runs/r$round-$sc-$tg.log
     printf 'compare: round %s  %-7s %-12s ' "$round" "$sc" "$tg"
+    pid=$(gateway_pid "$tg")
+    if [[ -n $pid ]]; then read -r u0 s0 < <(cpu_ticks "$pid"); fi
     rc=0
     # shellcheck disable=SC2046
     PGPASSWORD=$APP_PASSWORD PGCONNECT_TIMEOUT=10 timeout --kill-after=10 $((DURATION + 60)) \
@@ -537,6 +555,14 @@ run_one() { # round, scenario, target
     tps=$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' "$log" | head -n 1)
     lat=$(sed -nE 's/^latency average = ([0-9.]+) ms.*/\1/p' "$log" | head -n 1)
     failed=$(sed -nE 's/^number of failed transactions: ([0-9]+).*/\1/p' "$log" | head -n 1)
+    # The gateway's own CPU time per transaction over the run (microseconds; connection
+    # set-up included, which is negligible against a 10 s run).
+    if [[ -n $u0 ]]; then read -r u1 s1 < <(cpu_ticks "$pid"); fi
+    n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' "$log" | head -n 1)
+    if [[ -n $u0 && -n $u1 && ${n:-0} -gt 0 ]]; then
+        user=$(awk -v d=$((u1 - u0)) -v t="$TICK_US" -v n="$n" 'BEGIN {printf "%.2f", d * t / n}')
+        sys=$(awk -v d=$((s1 - s0)) -v t="$TICK_US" -v n="$n" 'BEGIN {printf "%.2f", d * t / n}')
+    fi
     status=ok
     note=
     if ((rc != 0)); then
@@ -560,10 +586,10 @@ run_one() { # round, scenario, target
         [[ -n $err ]] && note="$note: $err"
         if [[ $tg == pgway* ]] && ! pgway_alive "$tg"; then note="$note ($tg is no longer running)"; fi
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$sc" "$tg" "$port" "$rc" "${tps:-}" "${lat:-}" \
-        "${failed:-}" "$status" "${note//$'\t'/ }" >>"$RUN_DIR/results.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$sc" "$tg" "$port" "$rc" "${tps:-}" \
+        "${lat:-}" "${failed:-}" "$status" "${note//$'\t'/ }" "$user" "$sys" >>"$RUN_DIR/results.tsv"
     if [[ $status == ok ]]; then
-        printf 'tps %10s  latency %7s ms\n' "$tps" "$lat"
+        printf 'tps %10s  latency %7s ms%s\n' "$tps" "$lat" "${user:+  cpu/tx user $user µs, system $sys µs}"
     else
         printf 'FAILED: %s (log: %s)\n' "$note" "$log"
     fi
@@ -571,7 +597,8 @@ run_one() { # round, scenario, target
 
 run_rounds() {
     mkdir -p "$RUN_DIR/runs"
-    printf 'round\tscenario\ttarget\tport\trc\ttps\tlatency_ms\tfailed_tx\tstatus\tnote\n' >"$RUN_DIR/results.tsv"
+    printf 'round\tscenario\ttarget\tport\trc\ttps\tlatency_ms\tfailed_tx\tstatus\tnote\tuser_us_per_tx\tsys_us_per_tx\n' \
+        >"$RUN_DIR/results.tsv"
     local round sc targets n i k tg
     for ((round = 1; round <= ROUNDS; round++)); do
         say "round $round of $ROUNDS"

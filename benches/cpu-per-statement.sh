@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# CPU per statement of each gateway: pgbench -S with 32 clients against HAProxy's read port,
-# pgbouncer and pgway, interleaved in rounds; prints, per run, tps, the gateway's user and
-# system CPU time per statement (/proc/PID/stat before and after), its involuntary
-# context switches per statement (summed over /proc/PID/task/*/status), and the whole
+# CPU per statement of each gateway: pgbench -S with 32 clients (CLIENTS) against HAProxy's
+# read port, pgbouncer and pgway, interleaved in rounds; prints, per run, tps, latency, the
+# gateway's user and system CPU time per statement (/proc/PID/stat before and after), its
+# involuntary context switches per statement (summed over /proc/PID/task/*/status), and the whole
 # machine's busy CPU time per statement (/proc/stat: user, nice, system, irq and softirq;
 # gateway, PostgreSQL, pgbench and the kernel's network work together), after one short
 # warm-up run each. benches/PROFILE.md quotes its output.
@@ -10,7 +10,10 @@
 #   benches/cpu-per-statement.sh          after a run of benches/compare.sh, which leaves the
 #                                         configs in .bench/run (or $PGWAY_BENCH_DIR/run)
 # Knobs: ROUNDS=3, DURATION=5 (seconds per run), PGWAY_BIN (default: the profile-guided
-# build compare.sh measures, target/pgo/release/pgway; target/release/pgway after PGO=0).
+# build compare.sh measures, target/pgo/release/pgway; target/release/pgway after PGO=0),
+# CLIENTS=32 (CLIENTS=1: one client, one thread; the latency column then says more than
+# tps), CONFIG=pgway.toml (another of the configs in the run directory for pgway, e.g.
+# pgway-nopoll.toml: compare.sh's with busy_poll = "0s").
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,6 +22,9 @@ source "$REPO/scripts/lib.sh"
 PG_BIN=${PGWAY_PG_BIN:-/usr/lib/postgresql/15/bin}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
+CLIENTS=${CLIENTS:-32}
+CONFIG=${CONFIG:-pgway.toml}
+THREADS=$((CLIENTS > 1 ? 2 : 1))
 BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 # compare.sh measures the profile-guided build (target/pgo/release/pgway) unless PGO=0.
@@ -28,7 +34,7 @@ die() {
     echo "cpu-per-statement: ERROR: $*" >&2
     exit 1
 }
-[[ -f $RUN/pgway.toml && -f $RUN/haproxy.cfg && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
+[[ -f $RUN/$CONFIG && -f $RUN/haproxy.cfg && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
     die "no configs in $RUN: run benches/compare.sh first"
 [[ -x $PGWAY_BIN ]] || die "no build at $PGWAY_BIN: scripts/build-pgo.sh (or PGWAY_BIN=target/release/pgway)"
 
@@ -40,7 +46,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_bench_gateways "$RUN" "$PGWAY_BIN" "$RUN/pgway.toml" "$RUN/cpu-pgway.log" ||
+start_bench_gateways "$RUN" "$PGWAY_BIN" "$RUN/$CONFIG" "$RUN/cpu-pgway.log" ||
     die "the gateways did not start"
 PIDS+=("${GATEWAY_PID[@]}")
 declare -n PID=GATEWAY_PID PORT=GATEWAY_PORT
@@ -52,27 +58,28 @@ tick_us=$((1000000 / $(getconf CLK_TCK)))
 
 # One short unreported run each first: the pools fill and the caches warm up.
 for gw in pgway pgbouncer haproxy; do
-    PGPASSWORD=app-secret pgbench -n -S -c 32 -j 2 -T 2 -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench \
+    PGPASSWORD=app-secret pgbench -n -S -c "$CLIENTS" -j "$THREADS" -T 2 -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench \
         >/dev/null 2>&1 || die "warm-up against $gw failed"
 done
 
-printf '%-10s %10s %14s %16s %18s %17s\n' gateway tps 'user µs/stmt' 'system µs/stmt' 'invol. sw./stmt' \
-    'machine µs/stmt'
+printf '%-10s %10s %12s %14s %16s %18s %17s\n' gateway tps 'latency ms' 'user µs/stmt' 'system µs/stmt' \
+    'invol. sw./stmt' 'machine µs/stmt'
 for ((round = 1; round <= ROUNDS; round++)); do
     for gw in pgway pgbouncer haproxy; do
         pid=${PID[$gw]}
         read -r u0 s0 < <(cpu "$pid")
         c0=$(invol "$pid")
         m0=$(machine)
-        out=$(PGPASSWORD=app-secret pgbench -n -S -c 32 -j 2 -T "$DURATION" -h 127.0.0.1 \
+        out=$(PGPASSWORD=app-secret pgbench -n -S -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -h 127.0.0.1 \
             -p "${PORT[$gw]}" -U app bench 2>&1) || die "pgbench against $gw failed: $out"
         read -r u1 s1 < <(cpu "$pid")
         c1=$(invol "$pid")
         m1=$(machine)
         n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")
         tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out")
-        awk -v g="$gw" -v t="$tps" -v n="$n" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) \
+        lat=$(sed -nE 's/^latency average = ([0-9.]+) ms.*/\1/p' <<<"$out")
+        awk -v g="$gw" -v t="$tps" -v l="$lat" -v n="$n" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) \
             -v dc=$((c1 - c0)) -v dm=$((m1 - m0)) -v tick="$tick_us" \
-            'BEGIN {printf "%-10s %10.0f %14.1f %16.1f %18.2f %17.1f\n", g, t, du*tick/n, ds*tick/n, dc/n, dm*tick/n}'
+            'BEGIN {printf "%-10s %10.0f %12.3f %14.1f %16.1f %18.2f %17.1f\n", g, t, l, du*tick/n, ds*tick/n, dc/n, dm*tick/n}'
     done
 done

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Writes benches/RESULTS.md and benches/results.png from a benches/compare.sh run.
 
-Input (in --run-dir): results.tsv (one line per pgbench run), meta.txt (key=value: machine,
+Input (in --run-dir): results.tsv (one line per pgbench run, with the gateway's user and
+system CPU time per transaction where there is a gateway), meta.txt (key=value: machine,
 command, ports, versions), memory.json (idle_clients.py's output; optional) and
 route-bench.log (criterion's output; optional). The chart is drawn with gnuplot.
 Standard library only.
@@ -151,6 +152,18 @@ def main():
     def med(sc, tg):
         m = medians.get((sc, tg))
         return m["value"] if m else None
+
+    def cpu_values(sc, tg, key):
+        """The gateway's CPU µs per transaction (key: user_us_per_tx or sys_us_per_tx) in
+        each ok run of (sc, tg) that measured it, by round."""
+        m = medians.get((sc, tg))
+        if not m:
+            return []
+        return [float(r[key]) for r in m["rows"] if r["status"] == "ok" and r.get(key)]
+
+    def cpu_med(sc, tg, key):
+        vals = cpu_values(sc, tg, key)
+        return statistics.median(vals) if vals else None
 
     def all_ok(*cells):
         return all(medians.get(c) and medians[c]["ok"] == medians[c]["n"] for c in cells)
@@ -310,6 +323,29 @@ def main():
     results_table = md[results_at:]
     md.append("")
 
+    # The gateways' own CPU time, from /proc/PID/stat around each run.
+    if any(cpu_values(sc, tg, "user_us_per_tx") for sc, _t, _m in SCENARIOS for tg in TARGET_ORDER):
+        md.append("## Gateway CPU per transaction (medians)")
+        md.append("")
+        md.append("Each gateway process's user and system CPU time over a run (`/proc/PID/stat`, "
+                  "all threads, 10 ms ticks) divided by the transactions pgbench completed; a "
+                  "transaction is one statement except in TPC-B (seven). The servers' and "
+                  "pgbench's time is not in it.")
+        md.append("")
+        md.append("| Scenario | Target | user µs | system µs | user µs, every round |")
+        md.append("| --- | --- | ---: | ---: | --- |")
+        for sc, title, _metric in SCENARIOS:
+            for tg in TARGET_ORDER:
+                users = cpu_values(sc, tg, "user_us_per_tx")
+                if not users:
+                    continue
+                sys_m = cpu_med(sc, tg, "sys_us_per_tx")
+                md.append(f"| {title} | {target_label(meta, sc, tg)} | "
+                          f"{statistics.median(users):.1f} | "
+                          f"{'—' if sys_m is None else f'{sys_m:.1f}'} | "
+                          f"{', '.join(f'{u:.1f}' for u in users)} |")
+        md.append("")
+
     # Memory and route micro-benchmark.
     md.append("## Memory per idle client connection (pgway)")
     md.append("")
@@ -407,6 +443,13 @@ def main():
                "tpcb", "haproxy", "HAProxy", TPCB_HAPROXY_TARGET)
     median_row(f"`-S -M prepared` 32 clients: pgway ≥ {PREP32_DIRECT_TARGET}x direct (medians)",
                "prep32", "direct", "direct", PREP32_DIRECT_TARGET)
+
+    pu, bu = cpu_med("s32", "pgway", "user_us_per_tx"), cpu_med("s32", "pgbouncer", "user_us_per_tx")
+    cpu_ok = None if pu is None or bu is None else pu <= bu
+    measured = "—" if cpu_ok is None else f"pgway {pu:.1f} µs, pgbouncer {bu:.1f} µs ({pu / bu:.2f}x)"
+    md.append(f"| `-S` 32 clients: pgway's user CPU per statement ≤ pgbouncer's (medians; see "
+              f"the CPU table above) | {measured} | "
+              f"{verdict(cpu_ok, [('s32', 'pgway'), ('s32', 'pgbouncer')])} |")
 
     for sc, what, limit in (("s1", "latency on / off ≤", RYW_S1_LAT_TARGET),
                             ("s32", "tps on / off ≥", RYW_S32_TPS_TARGET)):
