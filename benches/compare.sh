@@ -536,8 +536,6 @@ gateway_pid() { # target: the gateway process's pid (none for direct)
     esac
     head -n 1 "$file" 2>/dev/null || true
 }
-# A process's user and system CPU time so far, in clock ticks (/proc/PID/stat, all threads).
-cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || true; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 run_one() { # round, scenario, target
@@ -560,8 +558,8 @@ run_one() { # round, scenario, target
     if [[ -n $u0 ]]; then read -r u1 s1 < <(cpu_ticks "$pid"); fi
     n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' "$log" | head -n 1)
     if [[ -n $u0 && -n $u1 && ${n:-0} -gt 0 ]]; then
-        user=$(awk -v d=$((u1 - u0)) -v t="$TICK_US" -v n="$n" 'BEGIN {printf "%.2f", d * t / n}')
-        sys=$(awk -v d=$((s1 - s0)) -v t="$TICK_US" -v n="$n" 'BEGIN {printf "%.2f", d * t / n}')
+        read -r user sys < <(awk -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v t="$TICK_US" -v n="$n" \
+            'BEGIN {printf "%.2f %.2f\n", du * t / n, ds * t / n}')
     fi
     status=ok
     note=

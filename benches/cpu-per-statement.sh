@@ -51,7 +51,6 @@ start_bench_gateways "$RUN" "$PGWAY_BIN" "$RUN/$CONFIG" "$RUN/cpu-pgway.log" ||
 PIDS+=("${GATEWAY_PID[@]}")
 declare -n PID=GATEWAY_PID PORT=GATEWAY_PORT
 
-cpu() { awk '{print $14, $15}' "/proc/$1/stat"; }
 machine() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 invol() { cat /proc/"$1"/task/*/status | awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n}'; }
 tick_us=$((1000000 / $(getconf CLK_TCK)))
@@ -67,12 +66,12 @@ printf '%-10s %10s %12s %14s %16s %18s %17s\n' gateway tps 'latency ms' 'user µ
 for ((round = 1; round <= ROUNDS; round++)); do
     for gw in pgway pgbouncer haproxy; do
         pid=${PID[$gw]}
-        read -r u0 s0 < <(cpu "$pid")
+        read -r u0 s0 < <(cpu_ticks "$pid")
         c0=$(invol "$pid")
         m0=$(machine)
         out=$(PGPASSWORD=app-secret pgbench -n -S -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -h 127.0.0.1 \
             -p "${PORT[$gw]}" -U app bench 2>&1) || die "pgbench against $gw failed: $out"
-        read -r u1 s1 < <(cpu "$pid")
+        read -r u1 s1 < <(cpu_ticks "$pid")
         c1=$(invol "$pid")
         m1=$(machine)
         n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")

@@ -85,6 +85,10 @@ server_cpu_ticks() {
     echo "$ticks"
 }
 
+# cpu_ticks PID: a process's user and system CPU clock ticks so far, all its threads
+# (fields 14 and 15 of /proc/PID/stat), as "USER SYSTEM"; nothing if it is gone.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || true; }
+
 # start_bench_gateways RUN PGWAY_BIN PGWAY_CONFIG PGWAY_LOG: starts HAProxy, pgbouncer and
 # pgway from the configs benches/compare.sh left in RUN, each in a session of its own:
 # HAProxy (-D) and pgbouncer (-d) put themselves in one, pgway goes through setsid, which
