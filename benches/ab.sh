@@ -84,9 +84,6 @@ stop() {
     PID=
 }
 
-# User CPU time of the running pgway so far, in clock ticks (field 14 of /proc/PID/stat).
-user_ticks() { awk '{print $14}' "/proc/$PID/stat"; }
-
 # CPU time of the whole machine so far, in clock ticks: user, nice, system, irq and softirq
 # of every core (not idle, iowait or steal).
 machine_ticks() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
@@ -101,12 +98,13 @@ run() {
     # A short warm-up fills the pool.
     PGPASSWORD=app-secret pgbench -n "${PGBENCH_SCRIPT[@]}" -c "$2" -j 2 -T 2 -h 127.0.0.1 \
         -p "$PORT" -U app bench >/dev/null 2>&1
-    before=$(user_ticks)
+    # pgway's user CPU time so far, in clock ticks (cpu_ticks: scripts/lib.sh).
+    read -r before _ < <(cpu_ticks "$PID")
     machine_before=$(machine_ticks)
     PGPASSWORD=app-secret pgbench -n "${PGBENCH_SCRIPT[@]}" -c "$2" -j $(($2 > 1 ? 2 : 1)) -T "$DURATION" \
         -h 127.0.0.1 -p "$PORT" -U app bench >"$OUT/pgbench.log" 2>&1 ||
         die "pgbench failed: $(tail -3 "$OUT/pgbench.log")"
-    after=$(user_ticks)
+    read -r after _ < <(cpu_ticks "$PID")
     machine_after=$(machine_ticks)
     stop
     if (($2 == 1)); then
