@@ -537,29 +537,31 @@ gateway_pid() { # target: the gateway process's pid (none for direct)
     head -n 1 "$file" 2>/dev/null || true
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
+# pgbench's progress reports between which the gateways' CPU time is measured.
+if ((DURATION >= 4)); then CPU_WINDOW=(2 $((DURATION - 1))); else CPU_WINDOW=(0 0); fi
 
 run_one() { # round, scenario, target
-    local round=$1 sc=$2 tg=$3 port log rc tps lat failed status note pid u0= s0= u1= s1= n user= sys=
+    local round=$1 sc=$2 tg=$3 port log rc tps lat failed status note pid figures n du ds user= sys=
     port=$(target_port "$sc" "$tg")
     log=$RUN_DIR/runs/r$round-$sc-$tg.log
     printf 'compare: round %s  %-7s %-12s ' "$round" "$sc" "$tg"
     pid=$(gateway_pid "$tg")
-    if [[ -n $pid ]]; then read -r u0 s0 < <(cpu_ticks "$pid"); fi
     rc=0
+    # The gateway's own CPU time per transaction (microseconds) from pgbench's second
+    # progress report to its last but one, once every client has logged in: CPU_WINDOW
+    # (steady_pgbench: scripts/lib.sh; none with DURATION below 4 s).
     # shellcheck disable=SC2046
-    PGPASSWORD=$APP_PASSWORD PGCONNECT_TIMEOUT=10 timeout --kill-after=10 $((DURATION + 60)) \
-        "$PG_BIN/pgbench" $(scenario_opts "$sc") -h 127.0.0.1 -p "$port" -U "$APP_USER" "$DB" \
-        >"$log" 2>&1 || rc=$?
+    figures=$(PGPASSWORD=$APP_PASSWORD PGCONNECT_TIMEOUT=10 PGBENCH_TIMEOUT=$((DURATION + 60)) steady_pgbench "$pid" "${CPU_WINDOW[@]}" "$log" \
+        $(scenario_opts "$sc") -h 127.0.0.1 -p "$port" -U "$APP_USER" "$DB") || rc=$?
     tps=$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' "$log" | head -n 1)
     lat=$(sed -nE 's/^latency average = ([0-9.]+) ms.*/\1/p' "$log" | head -n 1)
     failed=$(sed -nE 's/^number of failed transactions: ([0-9]+).*/\1/p' "$log" | head -n 1)
-    # The gateway's own CPU time per transaction over the run (microseconds; connection
-    # set-up included, which is negligible against a 10 s run).
-    if [[ -n $u0 ]]; then read -r u1 s1 < <(cpu_ticks "$pid"); fi
-    n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' "$log" | head -n 1)
-    if [[ -n $u0 && -n $u1 && ${n:-0} -gt 0 ]]; then
-        read -r user sys < <(awk -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v t="$TICK_US" -v n="$n" \
-            'BEGIN {printf "%.2f %.2f\n", du * t / n, ds * t / n}')
+    if [[ -n $pid && -n $figures ]]; then
+        read -r n du ds _ <<<"$figures"
+        if ((n > 0)); then
+            read -r user sys < <(awk -v du="$du" -v ds="$ds" -v t="$TICK_US" -v n="$n" \
+                'BEGIN {printf "%.2f %.2f\n", du * t / n, ds * t / n}')
+        fi
     fi
     status=ok
     note=

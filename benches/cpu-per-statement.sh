@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # CPU per statement of each gateway: pgbench -S with 32 clients (CLIENTS) against HAProxy's
 # read port, pgbouncer and pgway, interleaved in rounds; prints, per run, tps, latency, the
-# gateway's user and system CPU time per statement (/proc/PID/stat before and after), its
-# involuntary context switches per statement (summed over /proc/PID/task/*/status), and the whole
-# machine's busy CPU time per statement (/proc/stat: user, nice, system, irq and softirq;
-# gateway, PostgreSQL, pgbench and the kernel's network work together), after one short
-# warm-up run each. benches/PROFILE.md quotes its output.
+# gateway's user and system CPU time per statement (/proc/PID/stat), its involuntary context
+# switches per statement (summed over /proc/PID/task/*/status), and the whole machine's busy
+# CPU time per statement (/proc/stat: user, nice, system, irq and softirq; gateway,
+# PostgreSQL, pgbench and the kernel's network work together), after one short warm-up run
+# each. Each run lasts DURATION + 3 seconds; the CPU figures cover DURATION seconds of it,
+# from pgbench's second progress report on, when the clients have logged in: a login's cost
+# differs between the gateways by an order of magnitude and is not a statement's
+# (steady_pgbench in scripts/lib.sh). benches/PROFILE.md quotes its output.
 #
 #   benches/cpu-per-statement.sh          after a run of benches/compare.sh, which leaves the
 #                                         configs in .bench/run (or $PGWAY_BENCH_DIR/run)
@@ -41,8 +44,10 @@ die() {
 start_bench_pair "$BENCH_DIR"
 
 PIDS=()
+OUT=$(mktemp) # one run's pgbench output
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    rm -f "$OUT"
 }
 trap cleanup EXIT
 
@@ -51,8 +56,6 @@ start_bench_gateways "$RUN" "$PGWAY_BIN" "$RUN/$CONFIG" "$RUN/cpu-pgway.log" ||
 PIDS+=("${GATEWAY_PID[@]}")
 declare -n PID=GATEWAY_PID PORT=GATEWAY_PORT
 
-machine() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
-invol() { cat /proc/"$1"/task/*/status | awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n}'; }
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 
 # One short unreported run each first: the pools fill and the caches warm up.
@@ -65,20 +68,17 @@ printf '%-10s %10s %12s %14s %16s %18s %17s\n' gateway tps 'latency ms' 'user µ
     'invol. sw./stmt' 'machine µs/stmt'
 for ((round = 1; round <= ROUNDS; round++)); do
     for gw in pgway pgbouncer haproxy; do
-        pid=${PID[$gw]}
-        read -r u0 s0 < <(cpu_ticks "$pid")
-        c0=$(invol "$pid")
-        m0=$(machine)
-        out=$(PGPASSWORD=app-secret pgbench -n -S -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -h 127.0.0.1 \
-            -p "${PORT[$gw]}" -U app bench 2>&1) || die "pgbench against $gw failed: $out"
-        read -r u1 s1 < <(cpu_ticks "$pid")
-        c1=$(invol "$pid")
-        m1=$(machine)
-        n=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")
-        tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out")
-        lat=$(sed -nE 's/^latency average = ([0-9.]+) ms.*/\1/p' <<<"$out")
-        awk -v g="$gw" -v t="$tps" -v l="$lat" -v n="$n" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) \
-            -v dc=$((c1 - c0)) -v dm=$((m1 - m0)) -v tick="$tick_us" \
+        # CPU over DURATION seconds once the clients have logged in (steady_pgbench:
+        # scripts/lib.sh); tps and latency over the whole run, as pgbench reports them.
+        figures=$(PGPASSWORD=app-secret steady_pgbench "${PID[$gw]}" 2 $((DURATION + 2)) "$OUT" -n -S \
+            -c "$CLIENTS" -j "$THREADS" -T $((DURATION + 3)) -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench) ||
+            die "pgbench against $gw failed: $(tail -n 5 "$OUT")"
+        [[ -n $figures ]] || die "pgbench against $gw printed too few progress reports: $(tail -n 5 "$OUT")"
+        read -r n du ds dm dc <<<"$figures"
+        tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' "$OUT")
+        lat=$(sed -nE 's/^latency average = ([0-9.]+) ms.*/\1/p' "$OUT")
+        awk -v g="$gw" -v t="$tps" -v l="$lat" -v n="$n" -v du="$du" -v ds="$ds" -v dc="$dc" -v dm="$dm" \
+            -v tick="$tick_us" \
             'BEGIN {printf "%-10s %10.0f %12.3f %14.1f %16.1f %18.2f %17.1f\n", g, t, l, du*tick/n, ds*tick/n, dc/n, dm*tick/n}'
     done
 done

@@ -89,6 +89,59 @@ server_cpu_ticks() {
 # (fields 14 and 15 of /proc/PID/stat), as "USER SYSTEM"; nothing if it is gone.
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || true; }
 
+# machine_ticks: the whole machine's busy CPU clock ticks so far (/proc/stat: user, nice,
+# system, irq and softirq).
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+
+# involuntary_switches PID: a process's involuntary context switches so far, all threads.
+involuntary_switches() {
+    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n + 0}'
+}
+
+# steady_pgbench PID FIRST LAST OUT PGBENCH_ARGS...: runs pgbench with PGBENCH_ARGS (which
+# set -T to more than LAST seconds) and a progress report every second, and measures
+# process PID over the seconds between its FIRST and its LAST report: the clients have
+# logged in by then, so a gateway's cost per login is not in the figures. (A SCRAM login
+# costs pgbouncer 1.18 about 4 ms of CPU, pgway about 0.3: over a 5-second run of 32
+# clients, pgbouncer's logins alone add more than a microsecond to each statement.)
+# pgbench's output goes to OUT; prints "STATEMENTS USER SYSTEM MACHINE INVOLUNTARY":
+# the transactions pgbench completed in that span (its own counts, from the reports'
+# timestamps and rates) and PID's user and system ticks, the machine's busy ticks and
+# PID's involuntary context switches over the same span (the process figures are 0
+# when PID is ""). Prints nothing if a report was missing; returns pgbench's exit status
+# (124 or 137: it ran for more than PGBENCH_TIMEOUT seconds, default 600, and was stopped).
+steady_pgbench() {
+    local pid=$1 first=$2 last=$3 out=$4 k=0 line reports= rc u s m c
+    local -a at=()
+    shift 4
+    _steady_sample() {
+        u=0 s=0 c=0
+        if [[ -n $pid ]]; then
+            read -r u s < <(cpu_ticks "$pid")
+            c=$(involuntary_switches "$pid")
+        fi
+        m=$(machine_ticks)
+        at+=("$u" "$s" "$m" "$c")
+    }
+    : >"$out"
+    while IFS= read -r line; do
+        printf '%s\n' "$line" >>"$out"
+        [[ $line == progress:* ]] || continue
+        k=$((k + 1))
+        if ((k == first || k == last)); then _steady_sample; fi
+        if ((k >= first && k <= last)); then reports+="$line"$'\n'; fi
+    done < <(timeout --kill-after=10 "${PGBENCH_TIMEOUT:-600}" "$PG_BIN/pgbench" -P 1 --progress-timestamp "$@" 2>&1 ||
+        echo "pgbench-exit: $?")
+    rc=$(sed -nE 's/^pgbench-exit: ([0-9]+)$/\1/p' "$out")
+    if ((${#at[@]} == 8)); then
+        # "progress: 1733470001.005 s, 15234.5 tps, ...": the rate over the second before then.
+        awk -v du=$((at[4] - at[0])) -v ds=$((at[5] - at[1])) -v dm=$((at[6] - at[2])) -v dc=$((at[7] - at[3])) '
+            { t = $2; r = $4; if (NR > 1) n += r * (t - prev); prev = t }
+            END { printf "%.0f %d %d %d %d\n", n, du, ds, dm, dc }' <<<"$reports"
+    fi
+    return "${rc:-0}"
+}
+
 # start_bench_gateways RUN PGWAY_BIN PGWAY_CONFIG PGWAY_LOG: starts HAProxy, pgbouncer and
 # pgway from the configs benches/compare.sh left in RUN, each in a session of its own:
 # HAProxy (-D) and pgbouncer (-d) put themselves in one, pgway goes through setsid, which

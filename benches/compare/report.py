@@ -323,14 +323,17 @@ def main():
     results_table = md[results_at:]
     md.append("")
 
-    # The gateways' own CPU time, from /proc/PID/stat around each run.
+    # The gateways' own CPU time, from /proc/PID/stat in the middle of each run.
     if any(cpu_values(sc, tg, "user_us_per_tx") for sc, _t, _m in SCENARIOS for tg in TARGET_ORDER):
         md.append("## Gateway CPU per transaction (medians)")
         md.append("")
-        md.append("Each gateway process's user and system CPU time over a run (`/proc/PID/stat`, "
-                  "all threads, 10 ms ticks) divided by the transactions pgbench completed; a "
-                  "transaction is one statement except in TPC-B (seven). The servers' and "
-                  "pgbench's time is not in it.")
+        md.append("Each gateway process's user and system CPU time (`/proc/PID/stat`, all "
+                  "threads, 10 ms ticks) from pgbench's second progress report to its last but "
+                  "one, divided by the transactions pgbench completed in that span (from its "
+                  "reports); a transaction is one statement except in TPC-B (seven). The "
+                  "clients have logged in by the second report, so logins are not in it (a "
+                  "SCRAM login costs pgbouncer about 4 ms of CPU, pgway about 0.3 ms). The "
+                  "servers' and pgbench's time is not in it.")
         md.append("")
         md.append("| Scenario | Target | user µs | system µs | user µs, every round |")
         md.append("| --- | --- | ---: | ---: | --- |")
