@@ -16,7 +16,9 @@
 # build compare.sh measures, target/pgo/release/pgway; target/release/pgway after PGO=0),
 # CLIENTS=32 (CLIENTS=1: one client, one thread; the latency column then says more than
 # tps), CONFIG=pgway.toml (another of the configs in the run directory for pgway, e.g.
-# pgway-nopoll.toml: compare.sh's with busy_poll = "0s").
+# pgway-nopoll.toml: compare.sh's with busy_poll = "0s"), LOGINS=200 (then the CPU time
+# each gateway spends per login, user and system: pgbench -C, a SCRAM login per
+# transaction, 4 clients; LOGINS=0 skips it).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,6 +29,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 CLIENTS=${CLIENTS:-32}
 CONFIG=${CONFIG:-pgway.toml}
+LOGINS=${LOGINS:-200}
 THREADS=$((CLIENTS > 1 ? 2 : 1))
 BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
@@ -81,4 +84,18 @@ for ((round = 1; round <= ROUNDS; round++)); do
             -v tick="$tick_us" \
             'BEGIN {printf "%-10s %10.0f %12.3f %14.1f %16.1f %18.2f %17.1f\n", g, t, l, du*tick/n, ds*tick/n, dc/n, dm*tick/n}'
     done
+done
+
+((LOGINS > 0)) || exit 0
+echo
+printf '%-10s %8s %15s %17s\n' gateway logins 'user ms/login' 'system ms/login'
+for gw in pgway pgbouncer haproxy; do
+    pid=${PID[$gw]}
+    read -r u0 s0 < <(cpu_ticks "$pid")
+    PGPASSWORD=app-secret PGCONNECT_TIMEOUT=10 timeout --kill-after=10 600 pgbench -n -S -C -c 4 -j 1 \
+        -t $(((LOGINS + 3) / 4)) -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench >"$OUT" 2>&1 ||
+        die "pgbench -C against $gw failed: $(tail -n 5 "$OUT")"
+    read -r u1 s1 < <(cpu_ticks "$pid")
+    awk -v g="$gw" -v n=$((4 * ((LOGINS + 3) / 4))) -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v tick="$tick_us" \
+        'BEGIN {printf "%-10s %8d %15.2f %17.2f\n", g, n, du*tick/n/1000, ds*tick/n/1000}'
 done
