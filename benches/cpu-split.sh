@@ -5,7 +5,9 @@
 # and of the gateway, the voluntary context switches of the backends, of pgbench and of the
 # gateway's threads (how often they slept), the gateway's involuntary ones (how often it
 # was preempted), and the TCP segments sent on the machine. benches/PROFILE.md quotes its
-# output (nineteenth and twentieth rounds).
+# output (nineteenth and twentieth rounds). Over whole runs: the gateway's column has its
+# 32 logins in it (about 4 ms of CPU each for pgbouncer, 0.35 ms for pgway), which
+# benches/cpu-per-statement.sh leaves out.
 #
 #   benches/cpu-split.sh          after a run of benches/compare.sh, which leaves the
 #                                 configs in .bench/run (or $PGWAY_BENCH_DIR/run)
