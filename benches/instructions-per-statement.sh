@@ -20,9 +20,10 @@
 # function (with the default threshold it stops at the worker threads' start).
 # GATEWAY=pgbouncer counts pgbouncer instead (compare.sh's pgbouncer.ini on port 6473, run as
 # the postgres user: pgbouncer does not run as root), for the same figure side by side.
-# GATEWAY=relay-tokio, GATEWAY=relay-mio and GATEWAY=relay-own count examples/relay_floor.rs
-# (a plain TCP relay to the replica, port 6473: on tokio, hand-written on mio, or async code
-# on an executor and mio reactor of its own): the floor an event loop alone costs.
+# GATEWAY=relay-tokio, GATEWAY=relay-mio, GATEWAY=relay-own and GATEWAY=relay-exec count
+# examples/relay_floor.rs (a plain TCP relay to the replica, port 6473: on tokio, hand-written
+# on mio, async code on an executor of its own over a mio reactor of its own, or the same
+# executor over tokio's reactor, as pgway's workers run): the floor an event loop alone costs.
 # CONFIG=pgway-rywoff.toml runs pgway with compare.sh's config for read-your-writes off
 # instead of its default one (any config file in .bench/run).
 # TIMEOUTS=1 sets client.idle_timeout, idle_in_transaction_timeout and query_timeout (10
@@ -73,11 +74,11 @@ pgbouncer)
     [[ -f $RUN/pgbouncer/pgbouncer.ini ]] || die "no pgbouncer.ini in $RUN: run benches/compare.sh first"
     BIN=/usr/sbin/pgbouncer
     ;;
-relay-tokio | relay-mio | relay-own)
+relay-tokio | relay-mio | relay-own | relay-exec)
     (cd "$REPO" && cargo build --release --example relay_floor) || die "cannot build examples/relay_floor.rs"
     BIN=$REPO/target/release/examples/relay_floor
     ;;
-*) die "GATEWAY must be pgway, pgbouncer, relay-tokio, relay-mio or relay-own" ;;
+*) die "GATEWAY must be pgway, pgbouncer, relay-tokio, relay-mio, relay-own or relay-exec" ;;
 esac
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 command -v callgrind_control >/dev/null || die "callgrind_control is missing (Debian package valgrind)"

@@ -11,7 +11,10 @@
 //! - `own`: async code again (a future per direction of each pair, reading and writing
 //!   through `AsyncRead`-like calls), on a minimal executor and mio reactor of its own, one
 //!   thread, no locks: what async sessions would cost without tokio's scheduler, reactor
-//!   and readiness layers.
+//!   and readiness layers;
+//! - `exec`: the same futures and executor as `own`, on tokio's sockets, polled from a
+//!   current-thread tokio runtime's `block_on` (the shape of pgway's workers,
+//!   src/workers/executor.rs): what tokio's reactor and readiness layers alone cost.
 //!
 //! Not part of pgway. benches/PROFILE.md counts their instructions per statement with
 //! callgrind against pgway's and pgbouncer's:
@@ -33,7 +36,7 @@ fn main() -> io::Result<()> {
     let usage = || {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            "usage: relay_floor tokio|mio|own LISTEN_ADDR UPSTREAM_ADDR",
+            "usage: relay_floor tokio|mio|own|exec LISTEN_ADDR UPSTREAM_ADDR",
         )
     };
     let (kind, listen, upstream) = match args.as_slice() {
@@ -46,6 +49,7 @@ fn main() -> io::Result<()> {
         "tokio" => tokio_relay(listen, upstream),
         "mio" => mio_relay(listen, upstream),
         "own" => own::relay(listen, upstream),
+        "exec" => own::on_tokio(listen, upstream),
         _ => Err(usage()),
     }
 }
@@ -405,5 +409,140 @@ mod own {
                 }
             }
         }
+    }
+
+    thread_local! {
+        /// The `block_on` future's waker, while the executor waits for a wake-up.
+        static IDLE: RefCell<Option<Waker>> = const { RefCell::new(None) };
+    }
+
+    /// A task's waker on tokio's runtime: queues the task, and wakes the `block_on`
+    /// future if the executor waits.
+    struct TokioEntry {
+        slot: usize,
+        queued: AtomicBool,
+    }
+
+    impl Wake for TokioEntry {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            if !self.queued.swap(true, Ordering::Relaxed) {
+                READY.with_borrow_mut(|r| r.push(self.slot));
+                if let Some(w) = IDLE.with_borrow_mut(Option::take) {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Copies `from` to `to` until either side ends, on tokio's sockets, as pgway's
+    /// `Transport` does (src/net/transport.rs): a read only once the reactor saw the socket
+    /// readable, a short read reported to tokio as `WouldBlock` so that it forgets the
+    /// readiness (no read that blocks before the next wait), a write tried before waiting.
+    async fn copy_tokio(
+        from: Rc<tokio::net::TcpStream>,
+        to: Rc<tokio::net::TcpStream>,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = loop {
+                std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+                let room = buf.len();
+                let mut short = None;
+                let read = from.try_io(tokio::io::Interest::READABLE, || {
+                    match from.try_read(&mut buf) {
+                        Ok(n) if n > 0 && n < room => {
+                            short = Some(n);
+                            Err(io::ErrorKind::WouldBlock.into())
+                        }
+                        other => other,
+                    }
+                });
+                match (short, read) {
+                    (Some(n), _) | (None, Ok(n)) => break n,
+                    (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    (None, Err(e)) => return Err(e),
+                }
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            let mut done = 0;
+            while done < n {
+                match to.try_write(&buf[done..n]) {
+                    Ok(k) => done += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_tokio(listen: SocketAddr, upstream: SocketAddr) -> io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            let mut tasks: Vec<Option<(Task, Waker, Arc<TokioEntry>)>> = Vec::new();
+            let mut batch = Vec::new();
+            loop {
+                // The accept, then a batch of the woken tasks, as one poll of this future.
+                let accepted = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(accepted) = listener.poll_accept(cx) {
+                        return Poll::Ready(Some(accepted));
+                    }
+                    READY.with_borrow_mut(|r| std::mem::swap(r, &mut batch));
+                    for slot in batch.drain(..) {
+                        let Some(Some((task, waker, entry))) = tasks.get_mut(slot) else {
+                            continue;
+                        };
+                        entry.queued.store(false, Ordering::Relaxed);
+                        if task
+                            .as_mut()
+                            .poll(&mut Context::from_waker(waker))
+                            .is_ready()
+                        {
+                            tasks[slot] = None;
+                        }
+                    }
+                    if READY.with_borrow(|r| !r.is_empty()) {
+                        cx.waker().wake_by_ref();
+                    } else {
+                        IDLE.with_borrow_mut(|idle| *idle = Some(cx.waker().clone()));
+                    }
+                    Poll::Pending
+                })
+                .await;
+                let Some(accepted) = accepted else { continue };
+                let (client, _) = accepted?;
+                let server = tokio::net::TcpStream::connect(upstream).await?;
+                client.set_nodelay(true)?;
+                server.set_nodelay(true)?;
+                let (c, s) = (Rc::new(client), Rc::new(server));
+                let (c2, s2) = (Rc::clone(&c), Rc::clone(&s));
+                for task in [
+                    Box::pin(async move {
+                        let _ = copy_tokio(c, s).await;
+                    }) as Task,
+                    Box::pin(async move {
+                        let _ = copy_tokio(s2, c2).await;
+                    }),
+                ] {
+                    let slot = tasks.len();
+                    let entry = Arc::new(TokioEntry {
+                        slot,
+                        queued: AtomicBool::new(true),
+                    });
+                    let waker = Waker::from(Arc::clone(&entry));
+                    tasks.push(Some((task, waker, entry)));
+                    READY.with_borrow_mut(|r| r.push(slot));
+                }
+            }
+        })
     }
 }
