@@ -226,21 +226,29 @@ mod own {
     thread_local! {
         /// Tasks woken since the last turn.
         static READY: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+        /// On tokio (`exec`): the `block_on` future's waker, while the executor waits.
+        static IDLE: RefCell<Option<Waker>> = const { RefCell::new(None) };
     }
 
-    /// A task's waker: its slot (one thread only, so waking is a push).
-    struct Entry {
+    /// A task's waker: its slot (one thread only, so waking is a push). On tokio
+    /// (`ON_TOKIO`), waking a task also wakes the `block_on` future if the executor waits.
+    struct Entry<const ON_TOKIO: bool> {
         slot: usize,
         queued: AtomicBool,
     }
 
-    impl Wake for Entry {
+    impl<const ON_TOKIO: bool> Wake for Entry<ON_TOKIO> {
         fn wake(self: Arc<Self>) {
             self.wake_by_ref();
         }
         fn wake_by_ref(self: &Arc<Self>) {
             if !self.queued.swap(true, Ordering::Relaxed) {
                 READY.with_borrow_mut(|r| r.push(self.slot));
+                if ON_TOKIO {
+                    if let Some(w) = IDLE.with_borrow_mut(Option::take) {
+                        w.wake();
+                    }
+                }
             }
         }
     }
@@ -314,6 +322,38 @@ mod own {
 
     type Task = Pin<Box<dyn Future<Output = ()>>>;
 
+    type Tasks<const ON_TOKIO: bool> = Vec<Option<(Task, Waker, Arc<Entry<ON_TOKIO>>)>>;
+
+    /// Polls the tasks woken since the last batch; `batch` is scratch space.
+    fn run_batch<const ON_TOKIO: bool>(tasks: &mut Tasks<ON_TOKIO>, batch: &mut Vec<usize>) {
+        READY.with_borrow_mut(|r| std::mem::swap(r, batch));
+        for slot in batch.drain(..) {
+            let Some(Some((task, waker, entry))) = tasks.get_mut(slot) else {
+                continue;
+            };
+            entry.queued.store(false, Ordering::Relaxed);
+            if task
+                .as_mut()
+                .poll(&mut Context::from_waker(waker))
+                .is_ready()
+            {
+                tasks[slot] = None;
+            }
+        }
+    }
+
+    /// Adds `task`, to be polled in the next batch.
+    fn spawn<const ON_TOKIO: bool>(tasks: &mut Tasks<ON_TOKIO>, task: Task) {
+        let slot = tasks.len();
+        let entry = Arc::new(Entry {
+            slot,
+            queued: AtomicBool::new(true),
+        });
+        let waker = Waker::from(Arc::clone(&entry));
+        tasks.push(Some((task, waker, entry)));
+        READY.with_borrow_mut(|r| r.push(slot));
+    }
+
     const LISTENER: Token = Token(usize::MAX);
 
     pub(super) fn relay(listen: SocketAddr, upstream: SocketAddr) -> io::Result<()> {
@@ -322,25 +362,12 @@ mod own {
         let mut listener = mio::net::TcpListener::bind(listen)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let mut tasks: Vec<Option<(Task, Waker, Arc<Entry>)>> = Vec::new();
+        let mut tasks: Tasks<false> = Vec::new();
         // Token n: the readiness of socket n (sockets are never reused here).
         let mut sockets: Vec<Rc<Readiness>> = Vec::new();
         let mut batch = Vec::new();
         loop {
-            READY.with_borrow_mut(|r| std::mem::swap(r, &mut batch));
-            for slot in batch.drain(..) {
-                let Some(Some((task, waker, entry))) = tasks.get_mut(slot) else {
-                    continue;
-                };
-                entry.queued.store(false, Ordering::Relaxed);
-                if task
-                    .as_mut()
-                    .poll(&mut Context::from_waker(waker))
-                    .is_ready()
-                {
-                    tasks[slot] = None;
-                }
-            }
+            run_batch(&mut tasks, &mut batch);
             if READY.with_borrow(|r| !r.is_empty()) {
                 continue;
             }
@@ -397,41 +424,8 @@ mod own {
                             let _ = copy(Rc::clone(&pair[1]), Rc::clone(&pair[0])).await;
                         }),
                     ] {
-                        let slot = tasks.len();
-                        let entry = Arc::new(Entry {
-                            slot,
-                            queued: AtomicBool::new(true),
-                        });
-                        let waker = Waker::from(Arc::clone(&entry));
-                        tasks.push(Some((task, waker, entry)));
-                        READY.with_borrow_mut(|r| r.push(slot));
+                        spawn(&mut tasks, task);
                     }
-                }
-            }
-        }
-    }
-
-    thread_local! {
-        /// The `block_on` future's waker, while the executor waits for a wake-up.
-        static IDLE: RefCell<Option<Waker>> = const { RefCell::new(None) };
-    }
-
-    /// A task's waker on tokio's runtime: queues the task, and wakes the `block_on`
-    /// future if the executor waits.
-    struct TokioEntry {
-        slot: usize,
-        queued: AtomicBool,
-    }
-
-    impl Wake for TokioEntry {
-        fn wake(self: Arc<Self>) {
-            self.wake_by_ref();
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            if !self.queued.swap(true, Ordering::Relaxed) {
-                READY.with_borrow_mut(|r| r.push(self.slot));
-                if let Some(w) = IDLE.with_borrow_mut(Option::take) {
-                    w.wake();
                 }
             }
         }
@@ -488,7 +482,7 @@ mod own {
             .build()?;
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            let mut tasks: Vec<Option<(Task, Waker, Arc<TokioEntry>)>> = Vec::new();
+            let mut tasks: Tasks<true> = Vec::new();
             let mut batch = Vec::new();
             loop {
                 // The accept, then a batch of the woken tasks, as one poll of this future.
@@ -496,20 +490,7 @@ mod own {
                     if let Poll::Ready(accepted) = listener.poll_accept(cx) {
                         return Poll::Ready(Some(accepted));
                     }
-                    READY.with_borrow_mut(|r| std::mem::swap(r, &mut batch));
-                    for slot in batch.drain(..) {
-                        let Some(Some((task, waker, entry))) = tasks.get_mut(slot) else {
-                            continue;
-                        };
-                        entry.queued.store(false, Ordering::Relaxed);
-                        if task
-                            .as_mut()
-                            .poll(&mut Context::from_waker(waker))
-                            .is_ready()
-                        {
-                            tasks[slot] = None;
-                        }
-                    }
+                    run_batch(&mut tasks, &mut batch);
                     if READY.with_borrow(|r| !r.is_empty()) {
                         cx.waker().wake_by_ref();
                     } else {
@@ -533,14 +514,7 @@ mod own {
                         let _ = copy_tokio(s2, c2).await;
                     }),
                 ] {
-                    let slot = tasks.len();
-                    let entry = Arc::new(TokioEntry {
-                        slot,
-                        queued: AtomicBool::new(true),
-                    });
-                    let waker = Waker::from(Arc::clone(&entry));
-                    tasks.push(Some((task, waker, entry)));
-                    READY.with_borrow_mut(|r| r.push(slot));
+                    spawn(&mut tasks, task);
                 }
             }
         })
