@@ -127,6 +127,9 @@ async fn ready_says_what_is_degraded_and_failovers_are_counted() {
     let admin = free_loopback_port();
     let gw = Gateway::start_with_admin(&cluster, GatewayOptions::default(), admin);
     gw.wait_for_replica_reads(&cluster).await;
+    // pgway must have seen the first primary: a promotion counts as a failover only
+    // when the primary changes from one pgway knew.
+    wait_for_new_primary(gw.port(), cluster.primary_port()).await;
     cluster.stop_primary();
     let body = eventually("/ready to say the primary is gone", WAIT, async || {
         let response = http_get(admin, "/ready").await?;
