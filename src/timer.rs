@@ -50,14 +50,10 @@ fn timers() -> std::io::Result<&'static Handle> {
     Ok(TIMERS.get_or_init(|| handle))
 }
 
-/// Builds the runtime for a worker thread: I/O only, its timers on the timer runtime
-/// (started here if needed). The worker's thread calls [`use_timer_runtime`] before it
-/// runs anything on it.
-pub(crate) fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    timers()?;
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
+/// Starts the timer runtime for the workers if it does not run yet. A worker's thread
+/// calls [`use_timer_runtime`] before it runs anything.
+pub(crate) fn start_for_workers() -> std::io::Result<()> {
+    timers().map(|_| ())
 }
 
 /// Marks this thread as one whose runtime has no time driver (see [`worker_runtime`]).
@@ -142,9 +138,13 @@ impl Alarm {
 mod tests {
     use super::*;
 
-    /// A runtime without a time driver, as a worker's, with this thread marked.
+    /// A runtime without a time driver, with this thread marked as a worker's.
     fn worker() -> tokio::runtime::Runtime {
-        let runtime = worker_runtime().expect("worker runtime");
+        start_for_workers().expect("timer runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
         use_timer_runtime();
         runtime
     }

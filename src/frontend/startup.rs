@@ -92,11 +92,17 @@ impl LoginError {
 /// Everything logged for the connection is inside its `client` span. The session enters the
 /// span only around its log events, not on every poll of its future: entering and leaving
 /// a span twice per statement cost measurable CPU.
-pub async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+pub async fn handle(shared: Arc<Shared>, stream: std::net::TcpStream, peer: SocketAddr) {
     let span =
         info_span!("client", %peer, user = tracing::field::Empty, db = tracing::field::Empty);
     let local = stream.local_addr().ok();
-    let mut io = FramedStream::tcp(stream);
+    let mut io = match crate::net::reactor::adopt(stream) {
+        Ok(stream) => FramedStream::new(stream),
+        Err(cause) => {
+            span.in_scope(|| warn!(%cause, "cannot register client socket"));
+            return;
+        }
+    };
     let mut out = BytesMut::new();
     // Boxed: the login's state is large and needed once, while this future lives as long
     // as the client (its size is memory per idle client).

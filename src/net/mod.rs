@@ -1,5 +1,6 @@
 //! A byte stream ([`Transport`]) with a read buffer that yields whole protocol frames.
 
+pub mod reactor;
 pub mod tls;
 pub mod transport;
 
@@ -192,7 +193,7 @@ impl FramedStream {
         }
         // A read that finds bytes spends the cooperative budget, as tokio's polled read does:
         // a session relaying a large result yields to the worker's others in between.
-        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let coop = ready!(crate::workers::poll_budget(cx));
         match self.stream.read_now(&mut self.rbuf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             done => {

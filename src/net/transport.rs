@@ -74,8 +74,10 @@ impl Transport for TcpStream {
         !matches!(self.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
+    /// On a worker, the socket moves to the worker's own reactor
+    /// ([`super::reactor::adopt`]).
     fn rebind(self: Box<Self>) -> io::Result<Box<dyn Transport>> {
-        Ok(Box::new(TcpStream::from_std((*self).into_std()?)?))
+        super::reactor::adopt((*self).into_std()?)
     }
 
     /// One `send` when the reactor has seen the socket writable, with no future, waker or
@@ -176,6 +178,10 @@ impl Connector for TcpConnector {
     fn connect<'a>(&'a self, addr: &'a str) -> Connecting<'a> {
         Box::pin(async move {
             let stream = TcpStream::connect(addr).await?;
+            if super::reactor::on_reactor() {
+                // Connected through the main runtime: from now on on this worker's reactor.
+                return super::reactor::adopt(stream.into_std()?);
+            }
             let _ = stream.set_nodelay(true);
             Ok(Box::new(stream) as Box<dyn Transport>)
         })

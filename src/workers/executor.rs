@@ -1,21 +1,20 @@
-//! A worker's sessions, all polled by one future: the worker runtime's `block_on` future.
+//! A worker's sessions, all polled by one loop that waits on the worker's own reactor
+//! ([`crate::net::reactor`]).
 //!
 //! Each session used to be a tokio task of its own: every wake-up of a session went
 //! through tokio's scheduler (its run queue, the task's state transitions and reference
 //! counts, the task harness and the [`TaskTracker`] wrapper), about 3% of a `-S`
 //! statement's instructions. Here a session is a future in a slot of the worker's
 //! [`Executor`], and its waker is the slot's [`Entry`]: waking it on the worker's own
-//! thread pushes the slot's number on a thread-local list and, if the executor waits,
-//! marks the runtime's `block_on` future as woken (tokio does not wake its own thread's
-//! reactor for that). After its reactor turn the runtime polls that future once, and it
-//! polls every session woken since the last time. A session woken from another thread (a
-//! timer of the `pgway-timer` thread, a shutdown signal) goes through a locked list and
-//! wakes the runtime as any cross-thread wake-up does.
+//! thread pushes the slot's number on a thread-local list, which the loop polls before it
+//! waits again. A session woken from another thread (a timer of the `pgway-timer` thread,
+//! a task of the main runtime, a shutdown signal) goes through a locked list and wakes the
+//! reactor (an eventfd).
 //!
-//! The sessions of one batch share tokio's cooperative budget: a session that finds it
-//! spent is woken again, for the next batch, which runs after the runtime has polled its
-//! reactor and run its tasks ([`tokio::task::yield_now`]). A session that panics is closed
-//! (its future dropped) and the others go on, as with a task of its own.
+//! The sessions of one batch share a budget of reads ([`poll_budget`]): a session that
+//! finds it spent is woken again, for the next batch, which runs after the reactor has
+//! looked at the sockets without waiting. A session that panics is closed (its future
+//! dropped) and the others go on, as with a task of its own.
 //!
 //! A session may move to another worker's executor ([`hop`]): the executor takes it out
 //! of its slot after the poll that asked and hands it to the other's [`Home`], where it
@@ -32,6 +31,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
 use super::placement::Placement;
+use crate::net::reactor::Reactor;
 
 /// A session as the executor holds it.
 pub(crate) type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -43,10 +43,8 @@ thread_local! {
     static READY: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     /// Sessions handed to this thread's executor ([`add`]) and not yet in a slot.
     static ADDED: RefCell<Vec<SessionFuture>> = const { RefCell::new(Vec::new()) };
-    /// The executor waits for a wake-up: the next local wake must wake it.
-    static IDLE: Cell<bool> = const { Cell::new(false) };
-    /// The executor's waker, the runtime's own (set on its first poll).
-    static WAKER: RefCell<Option<Waker>> = const { RefCell::new(None) };
+    /// Reads the sessions of this batch may still make ([`poll_budget`]).
+    static BUDGET: Cell<u32> = const { Cell::new(BATCH_BUDGET) };
     /// The session being polled asked to move to this worker ([`hop`]).
     static MOVING: Cell<Option<usize>> = const { Cell::new(None) };
 }
@@ -92,6 +90,42 @@ impl Home {
     }
 }
 
+/// Reads that find bytes, for all the sessions of one batch (tokio's cooperative budget is
+/// as large): a session relaying a large result gives the others their turn.
+const BATCH_BUDGET: u32 = 128;
+
+/// A read's claim on the budget ([`poll_budget`]).
+#[derive(Debug)]
+pub(crate) enum Budget {
+    /// The batch's, on a worker's executor.
+    Batch,
+    /// tokio's, off the workers (tests, the main runtime).
+    Tokio(tokio::task::coop::RestoreOnPending),
+}
+
+impl Budget {
+    /// The read found bytes: it counts against the budget.
+    pub(crate) fn made_progress(self) {
+        match self {
+            Self::Batch => BUDGET.set(BUDGET.get().saturating_sub(1)),
+            Self::Tokio(coop) => coop.made_progress(),
+        }
+    }
+}
+
+/// Ready if the sessions of this batch may read once more; else the calling session is
+/// woken for the next batch. Off a worker's executor, tokio's budget applies instead.
+pub(crate) fn poll_budget(cx: &mut Context<'_>) -> Poll<Budget> {
+    if HOME.get().is_null() {
+        return tokio::task::coop::poll_proceed(cx).map(Budget::Tokio);
+    }
+    if BUDGET.get() == 0 {
+        cx.waker().wake_by_ref();
+        return Poll::Pending;
+    }
+    Poll::Ready(Budget::Batch)
+}
+
 /// A session's waker: its slot, and whether it is on a ready list already.
 #[derive(Debug)]
 struct Entry {
@@ -110,8 +144,8 @@ impl Wake for Entry {
             return;
         }
         if std::ptr::eq(HOME.get(), Arc::as_ptr(&self.home)) {
+            // The loop looks at the list before it waits again.
             READY.with_borrow_mut(|ready| ready.push(self.slot));
-            wake_if_idle();
         } else {
             let home = &self.home;
             home.remote
@@ -126,22 +160,10 @@ impl Wake for Entry {
     }
 }
 
-/// Wakes this thread's executor if it waits (a local wake-up or a new session).
-fn wake_if_idle() {
-    if IDLE.replace(false) {
-        WAKER.with_borrow(|task| {
-            if let Some(task) = task {
-                task.wake_by_ref();
-            }
-        });
-    }
-}
-
 /// Hands a new session to the executor of the calling thread (a worker running
 /// [`Executor::run`], or `main` itself); it is first polled in the executor's next batch.
 pub(crate) fn add(session: SessionFuture) {
     ADDED.with_borrow_mut(|added| added.push(session));
-    wake_if_idle();
 }
 
 /// Moves the calling session to worker `to`'s executor: resolves there, in that worker's
@@ -185,14 +207,17 @@ pub(crate) struct Executor {
 
 impl Executor {
     /// Runs `main` and the sessions it hands over ([`add`]) on the calling thread until
-    /// `main` ends; the sessions still running then are dropped. A worker's runtime runs
-    /// this as its `block_on` future: a wake-up on the worker's own thread then only
-    /// marks the runtime as woken, and the runtime polls this future after its reactor
-    /// turn, with no task of its own to schedule and run.
+    /// `main` ends, waiting on a reactor of the thread's own between batches; the sessions
+    /// still running then are dropped. Sockets made on this thread meanwhile
+    /// ([`crate::net::reactor::adopt`]) are registered with that reactor.
     ///
     /// On worker `placement.1` of `placement.0`, sessions may move in from the other
     /// workers and out to them ([`hop`]).
-    pub(crate) async fn run(main: SessionFuture, placement: Option<(Arc<Placement>, usize)>) {
+    pub(crate) fn run(
+        main: SessionFuture,
+        placement: Option<(Arc<Placement>, usize)>,
+    ) -> std::io::Result<()> {
+        let mut reactor = Reactor::new()?;
         let mut executor = Self {
             home: Arc::default(),
             slots: Vec::new(),
@@ -200,25 +225,32 @@ impl Executor {
             batch: Vec::new(),
             placement,
         };
+        *executor
+            .home
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reactor.waker());
         if let Some((placement, index)) = &executor.placement {
             placement.set_home(*index, Arc::clone(&executor.home));
         }
         HOME.set(Arc::as_ptr(&executor.home));
         ADDED.with_borrow_mut(|added| added.insert(0, main));
-        std::future::poll_fn(|cx| executor.poll_batch(cx)).await
+        loop {
+            if executor.poll_batch().is_ready() {
+                return Ok(());
+            }
+            // Woken again during the batch (a spent budget, a session waking another, a
+            // new session): the next batch comes after a look at the sockets that does
+            // not wait.
+            let more = READY.with_borrow(|ready| !ready.is_empty())
+                || executor.home.has_remote.load(Ordering::Acquire);
+            reactor.turn(more.then_some(std::time::Duration::ZERO));
+        }
     }
 
     /// Polls the sessions woken since the last batch, and new ones; ready when `main`
     /// (slot 0) has ended.
-    fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if WAKER.with_borrow(Option::is_none) {
-            WAKER.set(Some(cx.waker().clone()));
-            *self
-                .home
-                .waker
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
-        }
+    fn poll_batch(&mut self) -> Poll<()> {
         if self.home.has_remote.load(Ordering::Acquire) {
             self.home.has_remote.store(false, Ordering::Release);
             let mut remote = self
@@ -243,6 +275,7 @@ impl Executor {
         READY.with_borrow_mut(|ready| std::mem::swap(ready, &mut self.batch));
         let mut batch = std::mem::take(&mut self.batch);
         let _clock = crate::clock::batch();
+        BUDGET.set(BATCH_BUDGET);
         for slot in batch.drain(..) {
             self.poll_slot(slot);
         }
@@ -251,15 +284,6 @@ impl Executor {
             return Poll::Ready(());
         }
         self.take_added();
-        if READY.with_borrow(|ready| !ready.is_empty()) {
-            // Woken again during the batch (a spent budget, a session waking another, a
-            // new session): the next batch comes after the runtime has looked at its
-            // sockets and run its tasks.
-            let yielded = std::pin::pin!(tokio::task::yield_now());
-            let _ = yielded.poll(cx);
-        } else {
-            IDLE.set(true);
-        }
         Poll::Pending
     }
 
@@ -356,10 +380,35 @@ impl Drop for Executor {
         drop(arrived);
         if std::ptr::eq(HOME.get(), Arc::as_ptr(&self.home)) {
             HOME.set(std::ptr::null());
-            WAKER.set(None);
-            IDLE.set(false);
         }
     }
+}
+
+#[cfg(test)]
+/// Runs `test` as the `main` of an executor on this thread, with a runtime's handle
+/// entered for its tasks and timers (a worker's setting); a session never woken fails
+/// it after ten seconds instead of hanging.
+pub(crate) fn on_a_worker<F: Future<Output = ()> + Send + 'static>(test: F) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _entered = runtime.enter();
+    let passed = Arc::new(AtomicBool::new(false));
+    let passed_in_main = Arc::clone(&passed);
+    Executor::run(
+        Box::pin(async move {
+            crate::timer::timeout(std::time::Duration::from_secs(10), test)
+                .await
+                .expect("a session was never woken");
+            passed_in_main.store(true, Ordering::SeqCst);
+        }),
+        None,
+    )
+    .expect("reactor");
+    // `main` panicking (a failed assertion) ends the executor, not the test.
+    assert!(passed.load(Ordering::SeqCst), "the test's main ended early");
 }
 
 #[cfg(test)]
@@ -367,28 +416,6 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use tokio::sync::{mpsc, oneshot};
-
-    /// Runs `test` as the `main` of an executor on a current-thread runtime (a worker's
-    /// kind); a session never woken fails it after ten seconds instead of hanging.
-    fn on_a_worker<F: Future<Output = ()> + Send + 'static>(test: F) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let passed = Arc::new(AtomicBool::new(false));
-        let passed_in_main = Arc::clone(&passed);
-        runtime.block_on(Executor::run(
-            Box::pin(async move {
-                crate::timer::timeout(std::time::Duration::from_secs(10), test)
-                    .await
-                    .expect("a session was never woken");
-                passed_in_main.store(true, Ordering::SeqCst);
-            }),
-            None,
-        ));
-        // `main` panicking (a failed assertion) ends the executor, not the test.
-        assert!(passed.load(Ordering::SeqCst), "the test's main ended early");
-    }
 
     #[test]
     fn sessions_woken_on_this_thread_and_on_others_all_finish() {
@@ -500,14 +527,18 @@ mod tests {
     }
 
     #[test]
-    fn a_session_that_wakes_itself_runs_again_without_starving_the_runtime() {
+    fn a_session_that_wakes_itself_runs_again_without_starving_the_sockets() {
         on_a_worker(async {
+            // Busy until the other session has read from its socket: if the reactor never
+            // looked at the sockets while this one kept the worker busy, neither would end.
+            let read = Arc::new(AtomicBool::new(false));
+            let read_seen = Arc::clone(&read);
             let (busy_done, busy_finished) = oneshot::channel();
-            let mut polls = 0;
+            let mut polls = 0u64;
             let mut busy_done = Some(busy_done);
             add(Box::pin(std::future::poll_fn(move |cx| {
                 polls += 1;
-                if polls == 1_000 {
+                if read_seen.load(Ordering::SeqCst) {
                     if let Some(done) = busy_done.take() {
                         done.send(polls).expect("test waits");
                     }
@@ -516,20 +547,29 @@ mod tests {
                 cx.waker().wake_by_ref();
                 Poll::Pending
             })));
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let mut peer = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
+                .expect("connect");
+            let (accepted, _) = listener.accept().expect("accept");
+            let mut socket = crate::net::reactor::adopt(accepted).expect("register");
             let (done_tx, done_rx) = oneshot::channel();
             add(Box::pin(async move {
-                // Woken by a task of the runtime, which runs between two batches.
-                let (tx, rx) = oneshot::channel();
-                tokio::spawn(async move { tx.send(7).expect("session waits") });
-                done_tx
-                    .send(rx.await.expect("task sends"))
-                    .expect("test waits");
+                use tokio::io::AsyncReadExt;
+                let mut got = [0u8; 1];
+                socket.read_exact(&mut got).await.expect("read");
+                read.store(true, Ordering::SeqCst);
+                done_tx.send(got[0]).expect("test waits");
             }));
-            assert_eq!(done_rx.await.expect("the other session finishes"), 7);
-            assert_eq!(
-                busy_finished.await.expect("the busy session finishes"),
-                1_000
-            );
+            tokio::task::yield_now().await;
+            std::thread::spawn(move || {
+                use std::io::Write;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                peer.write_all(b"7").expect("write");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            });
+            assert_eq!(done_rx.await.expect("the reader finishes"), b'7');
+            let polls = busy_finished.await.expect("the busy session finishes");
+            assert!(polls > 1, "{polls}");
         });
     }
 }

@@ -38,6 +38,9 @@ use tracing::warn;
 mod executor;
 mod placement;
 
+#[cfg(test)]
+pub(crate) use executor::on_a_worker;
+pub(crate) use executor::poll_budget;
 pub use placement::Placement;
 
 /// Errors starting the workers.
@@ -401,7 +404,7 @@ async fn take_clients<F, Fut>(
     sessions: TaskTracker,
     stop: CancellationToken,
 ) where
-    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    F: Fn(std::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -417,13 +420,6 @@ async fn take_clients<F, Fut>(
             placement: Arc::clone(&placement),
             worker: index,
             _permit: permit,
-        };
-        let stream = match tokio::net::TcpStream::from_std(stream) {
-            Ok(stream) => stream,
-            Err(cause) => {
-                warn!(%cause, %peer, "cannot register client socket");
-                continue;
-            }
         };
         let serve = Arc::clone(&serve);
         executor::add(Box::pin(sessions.track_future(async move {
@@ -484,7 +480,7 @@ impl Workers {
         serve: F,
     ) -> Result<Self, WorkerError>
     where
-        F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+        F: Fn(std::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let serve = Arc::new(serve);
@@ -492,9 +488,13 @@ impl Workers {
         let stop = CancellationToken::new();
         let mut senders = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
+        crate::timer::start_for_workers()?;
+        // What a session starts with tokio (a connect, a task) goes to the runtime that
+        // starts the workers; their own sockets are on their own reactors.
+        let runtime = tokio::runtime::Handle::current();
         for index in 0..count {
             let (tx, rx) = mpsc::unbounded_channel::<Accepted>();
-            let runtime = crate::timer::worker_runtime()?;
+            let runtime = runtime.clone();
             let (serve, placement, stop, sessions, busy_poll) = (
                 Arc::clone(&serve),
                 Arc::clone(&placement),
@@ -509,20 +509,21 @@ impl Workers {
                     PLACED.with(|placed| placed.set((Arc::clone(&placement), index)).ok());
                     placement.open_cpu_clock(index);
                     crate::timer::use_timer_runtime();
-                    runtime.block_on(async move {
-                        // Polling runs beside the sessions, in a slot of their executor.
-                        executor::add(Box::pin(spin(busy_poll)));
-                        // The accept loop is the executor's `main`: the worker ends with it.
-                        let main = Box::pin(take_clients(
-                            rx,
-                            serve,
-                            Arc::clone(&placement),
-                            index,
-                            sessions,
-                            stop,
-                        ));
-                        executor::Executor::run(main, Some((placement, index))).await;
-                    });
+                    let _runtime = runtime.enter();
+                    // Polling runs beside the sessions, in a slot of their executor.
+                    executor::add(Box::pin(spin(busy_poll)));
+                    // The accept loop is the executor's `main`: the worker ends with it.
+                    let main = Box::pin(take_clients(
+                        rx,
+                        serve,
+                        Arc::clone(&placement),
+                        index,
+                        sessions,
+                        stop,
+                    ));
+                    if let Err(cause) = executor::Executor::run(main, Some((placement, index))) {
+                        tracing::error!(%cause, worker = index, "cannot start a worker's reactor");
+                    }
                 })?;
             senders.push(tx);
             threads.push(thread);
@@ -640,10 +641,11 @@ mod tests {
 
     /// Serves a test client on a worker: answers each read with the number of the
     /// worker's reactor, then moves where the placement says, its socket with it.
-    async fn answer_where(stream: tokio::net::TcpStream) {
-        use crate::net::transport::Transport;
+    async fn answer_where(stream: std::net::TcpStream) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut io: Box<dyn Transport> = Box::new(stream);
+        let Ok(mut io) = crate::net::reactor::adopt(stream) else {
+            return;
+        };
         let mut buf = [0u8; 16];
         while let Ok(1..) = io.read(&mut buf).await {
             if io.write_all(&[b'0' + current() as u8]).await.is_err() {
