@@ -1,7 +1,7 @@
 //! Timers for code that may run on a worker.
 //!
-//! A worker's runtime has no time driver: with one, every time the worker waits for
-//! sockets the runtime also reads the clock, looks for the next deadline in its timer
+//! A worker's reactor has no time driver: with one, every time the worker waits for
+//! sockets it would also read the clock, looks for the next deadline in its timer
 //! wheel and fires what is due (about 370 instructions a statement under `pgbench -S`,
 //! where sessions set no timer at all with the default configuration). Timers are rare on
 //! a worker (a login, a configured timeout, a back-off), so they live on one small runtime
@@ -9,8 +9,9 @@
 //! wakes its task on the worker like any other waker.
 //!
 //! Code that may run on a worker takes its timers from here, never from `tokio::time`
-//! directly (a worker would panic: "timers are disabled"). Off the workers (the main
-//! runtime, tests) these are tokio's own, on the current runtime.
+//! directly (on a worker, that would be the main runtime's timer wheel, turned by the
+//! thread that accepts clients). Off the workers (the main runtime, tests) these are
+//! tokio's own, on the current runtime.
 
 use std::cell::Cell;
 use std::future::IntoFuture;
@@ -56,7 +57,8 @@ pub(crate) fn start_for_workers() -> std::io::Result<()> {
     timers().map(|_| ())
 }
 
-/// Marks this thread as one whose runtime has no time driver (see [`worker_runtime`]).
+/// Marks this thread as a worker's, whose timers go to the timer runtime (see
+/// [`start_for_workers`]).
 pub(crate) fn use_timer_runtime() {
     ELSEWHERE.with(|e| e.set(true));
 }

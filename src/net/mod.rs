@@ -5,7 +5,6 @@ pub mod tls;
 pub mod transport;
 
 use std::io;
-use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
@@ -204,7 +203,7 @@ impl FramedStream {
         // Given back before the polled read, which spends its own: dropped after it, the
         // guard would restore the budget over that read's spending.
         drop(coop);
-        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf);
+        let read = self.stream.poll_read_buf(cx, &mut self.rbuf);
         if read.is_pending() && *waited && self.rbuf.is_empty() {
             recycle_buffer(&mut self.rbuf);
         }

@@ -33,9 +33,19 @@ use super::transport::Transport;
 /// The token of the reactor's [`mio::Waker`] (wake-ups from other threads).
 const WAKE: Token = Token(usize::MAX);
 
-/// Readiness bits of a socket.
+/// Readiness bits of a socket. A read or write that finds the socket drained clears
+/// `READABLE` or `WRITABLE`; the `CLOSED` bits stay once set: with edge-triggered events, a
+/// peer's close that arrives with its last bytes is reported once, and the read that takes
+/// those bytes must not make the socket wait for an event that will not come.
 const READABLE: u8 = 1;
 const WRITABLE: u8 = 2;
+const READ_CLOSED: u8 = 4;
+const WRITE_CLOSED: u8 = 8;
+
+/// The bit that stays set with `bit` once the peer or the socket is done.
+const fn closed(bit: u8) -> u8 {
+    bit << 2
+}
 
 /// The most one read takes. A read goes to a buffer of the thread's own and is copied to
 /// the caller's: a buffer's spare capacity is not initialized, and reading into it needs
@@ -196,11 +206,17 @@ impl Reactor {
                 continue;
             };
             let mut bits = 0;
-            if event.is_readable() || event.is_read_closed() || event.is_error() {
+            if event.is_readable() {
                 bits |= READABLE;
             }
-            if event.is_writable() || event.is_write_closed() || event.is_error() {
+            if event.is_read_closed() || event.is_error() {
+                bits |= READABLE | READ_CLOSED;
+            }
+            if event.is_writable() {
                 bits |= WRITABLE;
+            }
+            if event.is_write_closed() || event.is_error() {
+                bits |= WRITABLE | WRITE_CLOSED;
             }
             readiness.bits.fetch_or(bits, Ordering::AcqRel);
             if bits & READABLE != 0 {
@@ -303,7 +319,7 @@ impl Socket {
     }
 
     fn ready(&self, bit: u8) -> bool {
-        self.readiness.bits.load(Ordering::Acquire) & bit != 0
+        self.readiness.bits.load(Ordering::Acquire) & (bit | closed(bit)) != 0
     }
 
     fn drained(&self, bit: u8) {
@@ -467,6 +483,21 @@ impl Transport for Socket {
         let room = buf.capacity() - buf.len();
         self.recv(room, |bytes| buf.extend_from_slice(bytes))
     }
+
+    /// [`Self::read_now`] once the reactor has seen the socket readable.
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.poll_ready(READABLE, cx));
+            match self.read_now(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return Poll::Ready(done),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -535,6 +566,38 @@ mod tests {
                     .expect("eof"),
                 0
             );
+        });
+    }
+
+    #[test]
+    fn a_close_reported_with_the_last_bytes_still_ends_the_stream_after_they_are_read() {
+        on_a_worker(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let mut peer = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
+                .expect("connect");
+            let (accepted, _) = listener.accept().expect("accept");
+            peer.write_all(b"last").expect("write");
+            drop(peer);
+            let here = HERE.with_borrow(Clone::clone).expect("a worker's reactor");
+            let mut socket = Socket::register(accepted, here, fresh()).expect("register");
+            // The reactor reports the bytes and the close in one event (edge-triggered:
+            // once).
+            for _ in 0..500 {
+                if socket.readiness.bits.load(Ordering::Acquire) & READ_CLOSED != 0 {
+                    break;
+                }
+                crate::timer::sleep(Duration::from_millis(10)).await;
+            }
+            assert_ne!(
+                socket.readiness.bits.load(Ordering::Acquire) & READ_CLOSED,
+                0
+            );
+            let mut buf = BytesMut::with_capacity(64);
+            // A short read: the socket counts as drained, but not as open.
+            assert_eq!(socket.read_now(&mut buf).expect("the bytes"), 4);
+            assert_eq!(&buf[..], b"last");
+            let end = std::future::poll_fn(|cx| socket.poll_read_buf(cx, &mut buf));
+            assert_eq!(end.await.expect("end of stream"), 0);
         });
     }
 

@@ -59,6 +59,17 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync + Debug + 'sta
         let _ = buf;
         Err(io::ErrorKind::WouldBlock.into())
     }
+
+    /// Reads into the spare capacity of `buf` (which must have some), or waits for bytes
+    /// with `cx`'s waker stored; `Ok(0)` at end of stream. The default is tokio's polled
+    /// read ([`tokio_util::io::poll_read_buf`]).
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+    }
 }
 
 impl Transport for TcpStream {

@@ -1,5 +1,6 @@
-//! Client sessions run on worker threads, one per core, each with its own single-threaded
-//! tokio runtime and its own epoll instance (the layout HAProxy uses with `nbthread`).
+//! Client sessions run on worker threads, one per core, each with its own executor and
+//! its own reactor (a mio `Poll`, an epoll instance: the layout HAProxy uses with
+//! `nbthread`).
 //!
 //! A session and the server connections it borrows then live on one thread: a round trip
 //! wakes no other thread, and nothing is handed between cores. With one shared
@@ -9,9 +10,12 @@
 //! fewest sessions, among the workers that take sessions: as many as the load needs
 //! ([`placement`]); the sessions of the others move over between requests.
 //!
-//! A worker's sessions are not tokio tasks: its [`executor`] holds them, and is itself the
-//! runtime's `block_on` future, so a wake-up of a session on its own worker skips tokio's
-//! scheduler (see that module).
+//! A worker's sessions are not tokio tasks: its [`executor`] holds them and waits on the
+//! worker's reactor ([`crate::net::reactor`]) between batches, so neither a wake-up of a
+//! session on its own worker nor a readiness event of its sockets goes through tokio's
+//! scheduler or I/O driver. What a session starts with tokio (a connect before the socket
+//! moves to the worker's reactor, a cancel request, a task) runs on the main runtime,
+//! whose handle each worker enters.
 //!
 //! Server connections remember which worker's reactor they are registered with
 //! ([`current`]); the pool prefers one registered with the borrowing thread and moves
@@ -258,7 +262,7 @@ fn nth_field(text: &[u8], n: usize) -> Option<&str> {
 }
 
 /// Runs on each worker: waits (without polling) until one of the worker's sessions reads
-/// something, then keeps the runtime from sleeping until `busy_poll` has passed with no
+/// something, then keeps the worker from sleeping until `busy_poll` has passed with no
 /// session reading anything ([`poll_while_busy`]). With `busy_poll` off it waits for a
 /// reload to change it, with no timer and no wake-up per event. Without
 /// `/proc/thread-self/schedstat` it never polls: it could not tell when polling takes CPU
@@ -368,10 +372,11 @@ impl Contention {
     }
 }
 
-/// Keeps the runtime from sleeping until `window` passes with no session reading anything
+/// Keeps the worker from sleeping until `window` passes with no session reading anything
 /// (true), or until the worker turns out to share its CPU ([`Contention::check`]: false).
-/// Yielding defers this task until the runtime has polled its reactor without a timeout
-/// (`epoll_wait` with 0) and run what that woke, so the sessions' own events come first.
+/// Yielding wakes this session for the executor's next batch, which comes after a look at
+/// the reactor without a timeout (`epoll_wait` with 0), so the sessions' own events come
+/// first.
 async fn poll_while_busy(window: Duration, contention: &mut Contention) -> bool {
     let mut last = Instant::now();
     loop {
