@@ -13,8 +13,9 @@
 //!   thread, no locks: what async sessions would cost without tokio's scheduler, reactor
 //!   and readiness layers;
 //! - `exec`: the same futures and executor as `own`, on tokio's sockets, polled from a
-//!   current-thread tokio runtime's `block_on` (the shape of pgway's workers,
-//!   src/workers/executor.rs): what tokio's reactor and readiness layers alone cost.
+//!   current-thread tokio runtime's `block_on` (the shape of pgway's workers until they
+//!   got a reactor of their own, src/net/reactor.rs): what tokio's reactor and readiness
+//!   layers alone cost.
 //!
 //! Not part of pgway. benches/PROFILE.md counts their instructions per statement with
 //! callgrind against pgway's and pgbouncer's:
