@@ -346,6 +346,23 @@ impl Socket {
         }
     }
 
+    /// Waits for `bit`, then tries `op`, going round again while it would block (the
+    /// readiness bit was stale: the operation cleared it).
+    fn poll_io<T>(
+        &self,
+        bit: u8,
+        cx: &mut Context<'_>,
+        mut op: impl FnMut() -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        loop {
+            std::task::ready!(self.poll_ready(bit, cx));
+            match op() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+
     /// One `recv` of at most `room` bytes, handed to `take`; a short read (or `WouldBlock`)
     /// marks the socket drained.
     fn recv(&self, room: usize, take: impl FnOnce(&[u8])) -> io::Result<usize> {
@@ -391,14 +408,10 @@ impl AsyncRead for Socket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            std::task::ready!(self.poll_ready(READABLE, cx));
-            match self.recv(buf.remaining(), |bytes| buf.put_slice(bytes)) {
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        self.poll_io(READABLE, cx, || {
+            self.recv(buf.remaining(), |bytes| buf.put_slice(bytes))
+                .map(drop)
+        })
     }
 }
 
@@ -408,13 +421,7 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            std::task::ready!(self.poll_ready(WRITABLE, cx));
-            match self.send(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                done => return Poll::Ready(done),
-            }
-        }
+        self.poll_io(WRITABLE, cx, || self.send(buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -490,13 +497,10 @@ impl Transport for Socket {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
-        loop {
-            std::task::ready!(self.poll_ready(READABLE, cx));
-            match self.read_now(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                done => return Poll::Ready(done),
-            }
-        }
+        self.poll_io(READABLE, cx, || {
+            let room = buf.capacity() - buf.len();
+            self.recv(room, |bytes| buf.extend_from_slice(bytes))
+        })
     }
 }
 
