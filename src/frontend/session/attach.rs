@@ -38,18 +38,33 @@ fn want_for(target: Target) -> Want {
 impl Session<'_> {
     /// Takes a server connection for `target` (Idle -> Attached), trying another node when
     /// one is down. The usual case (no `PAUSE`, no read-your-writes floor to wait for, a
-    /// node up and a parked connection to it) needs no waiting and sets up no future;
-    /// everything else is the boxed [`Self::attach_waiting`], so the session's own future
-    /// stays small. That box is one of the allocator's small blocks (728 bytes), since
-    /// [`crate::backend::Pool::acquire`] boxes a login's future apart: one over 1 KiB cost
-    /// mimalloc about 225 instructions more on every wait for a free connection.
+    /// node up and a parked connection to it) needs no waiting and sets up no future. The
+    /// next most usual, a wait for a free slot in the pool of the node picked, is
+    /// [`crate::backend::Pool::acquire`] as it is. Everything else is the boxed
+    /// [`Self::attach_waiting`], so the session's own future stays small. (That box cost
+    /// mimalloc about 440 instructions to allocate and 150 to free: a block of 728 bytes,
+    /// not a power of two, takes its aligned allocation's slow path whenever the page's
+    /// free list is empty, which a block that comes and goes alone finds every time.)
     pub(super) async fn attach(&mut self, target: Target) -> Result<(), ClientError> {
-        let picked = match self.attach_now(target) {
+        let (index, primary) = match self.attach_now(target) {
             Quick::Attached => return Ok(()),
-            Quick::Picked(node) => Some(node),
-            Quick::NotNow => None,
+            Quick::Picked(node) => node,
+            Quick::NotNow => return Box::pin(self.attach_waiting(target, None, 0)).await,
         };
-        Box::pin(self.attach_waiting(target, picked)).await
+        let mut down = 0;
+        match self.pools[index].1.acquire(&mut self.alarms.pool).await {
+            Ok(conn) => {
+                self.attach_to(conn, index, target == Target::Replica && !primary);
+                return Ok(());
+            }
+            Err(e) => {
+                if let Err(e) = self.acquire_failed(index, e, &mut down) {
+                    Registry::not_attached(self.registered.as_ref().map(|r| &*r.entry));
+                    return Err(e);
+                }
+            }
+        }
+        Box::pin(self.attach_waiting(target, None, down)).await
     }
 
     /// [`Self::attach`] where nothing has to be waited for.
@@ -77,13 +92,13 @@ impl Session<'_> {
 
     /// [`Self::attach`] when it may have to wait: for `RESUME`, a replica to replay the
     /// client's writes, a primary after a failover, a free slot or a new connection.
-    /// `picked`: the node (pool index, is it the primary) [`Self::attach_now`] chose and
-    /// found no parked connection to; the first try goes there (picking again would move
-    /// on in the replicas' rotation and never open a connection to that one).
+    /// `picked`: a node (pool index, is it the primary) to try first; `down`: how many
+    /// nodes were found down already.
     async fn attach_waiting(
         &mut self,
         target: Target,
         picked: Option<(usize, bool)>,
+        down: usize,
     ) -> Result<(), ClientError> {
         let shared = self.shared;
         // `PAUSE` holds new transactions here (a client ended by `KILL_CLIENT` or pgway's
@@ -97,7 +112,7 @@ impl Session<'_> {
                 return Err(ClientError::Shutdown);
             }
         }
-        let attached = self.take_connection(target, picked).await;
+        let attached = self.take_connection(target, picked, down).await;
         if attached.is_err() {
             Registry::not_attached(self.registered.as_ref().map(|r| &*r.entry));
         }
@@ -132,35 +147,48 @@ impl Session<'_> {
         &mut self,
         target: Target,
         mut picked: Option<(usize, bool)>,
+        mut down: usize,
     ) -> Result<(), ClientError> {
-        let shared = self.shared;
-        let topology = &shared.topology;
         let mut want = want_for(target);
-        // Nodes found down so far: each is tried once.
-        let mut down = 0;
         loop {
             let (index, primary) = match picked.take() {
                 Some(node) => node,
                 None => self.pick_node(&mut want).await?,
             };
-            let (addr, pool) = &self.pools[index];
-            let addr = Arc::clone(addr);
             // A read may land on the primary when no replica takes reads.
             let replica = want == Want::Replica && !primary;
-            match pool.acquire(&mut self.alarms.pool).await {
+            match self.pools[index].1.acquire(&mut self.alarms.pool).await {
                 Ok(conn) => {
                     self.attach_to(conn, index, replica);
                     return Ok(());
                 }
-                Err(PoolError::Connect(e)) if e.is_node_down() && down < topology.node_count() => {
-                    self.span.in_scope(|| {
-                        warn!(node = %addr, cause = %e, "node unreachable; taking it out of rotation");
-                    });
-                    topology.take_out_of_rotation(&addr, &shared.pools);
-                    down += 1;
-                }
-                Err(e) => return Err(e.into()),
+                Err(e) => self.acquire_failed(index, e, &mut down)?,
             }
+        }
+    }
+
+    /// What a failed [`crate::backend::Pool::acquire`] from `self.pools[index]` means: a
+    /// node found down (`down` of them so far, each tried once) is taken out of rotation
+    /// and another may be tried (`Ok`); anything else ends the attach.
+    fn acquire_failed(
+        &mut self,
+        index: usize,
+        e: PoolError,
+        down: &mut usize,
+    ) -> Result<(), ClientError> {
+        let shared = self.shared;
+        let topology = &shared.topology;
+        match e {
+            PoolError::Connect(e) if e.is_node_down() && *down < topology.node_count() => {
+                let addr = &self.pools[index].0;
+                self.span.in_scope(|| {
+                    warn!(node = %addr, cause = %e, "node unreachable; taking it out of rotation");
+                });
+                topology.take_out_of_rotation(addr, &shared.pools);
+                *down += 1;
+                Ok(())
+            }
+            e => Err(e.into()),
         }
     }
 
