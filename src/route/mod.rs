@@ -40,8 +40,33 @@ const CLASSIFICATION_CACHE_MAX_SQL: usize = 16 * 1024;
 
 /// The key under which texts of `sql`'s shape ([`fast::shape`]) share a classification,
 /// if it is not `sql` itself.
-fn shared_key(sql: &str) -> Option<Cow<'_, str>> {
-    fast::shape_again(sql).filter(|shape| matches!(shape, Cow::Owned(s) if s != sql))
+fn shared_key(sql: &str) -> Option<SharedKey> {
+    match fast::shape_again(sql)? {
+        Cow::Owned(shape) if shape != sql => Some(SharedKey(shape)),
+        Cow::Owned(shape) => {
+            fast::give_back(shape);
+            None
+        }
+        Cow::Borrowed(_) => None,
+    }
+}
+
+/// A shape that is not its text; its buffer goes back to the thread when dropped
+/// ([`fast::give_back`]).
+struct SharedKey(String);
+
+impl std::ops::Deref for SharedKey {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for SharedKey {
+    fn drop(&mut self) {
+        fast::give_back(std::mem::take(&mut self.0));
+    }
 }
 
 /// Numbers routers apart for the threads' copies of their classifications ([`Front`]).
@@ -187,7 +212,7 @@ impl Router {
                 front.keep_shape(&shape, &parsed);
             }
             self.classifications
-                .insert(Arc::from(shape.as_ref()), Arc::clone(&parsed));
+                .insert(Arc::from(&*shape), Arc::clone(&parsed));
         }
         parsed
     }
@@ -307,7 +332,7 @@ impl Router {
             if let Some(shape) = shared_key(sql) {
                 if write.session.is_empty() {
                     self.classifications
-                        .insert(Arc::from(shape.as_ref()), Arc::clone(&write));
+                        .insert(Arc::from(&*shape), Arc::clone(&write));
                 }
             }
             self.classifications.insert(Arc::from(sql), write);

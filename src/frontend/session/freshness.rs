@@ -340,7 +340,8 @@ impl Session<'_> {
         ) || (self.request.wal_deferred && self.expected.len() == 1)
             || self.request.joined;
         if follows {
-            self.request.held_ready = Some(frame.into());
+            // A ReadyForQuery: its status byte is all it says.
+            self.request.held_ready = Some(frame.get(5).copied().unwrap_or(b'E'));
         }
         follows
     }
@@ -396,11 +397,11 @@ impl Session<'_> {
         let position = self.request.wal_position.take();
         if std::mem::take(&mut self.request.ask_seen) {
             self.saw(position.unwrap_or(0));
-            self.out.extend_from_slice(&ready);
+            messages::ready_for_query(&mut self.out, ready);
             return;
         }
         let kept = std::mem::take(&mut self.request.kept_writes) && !self.txn.rolled_back;
-        let ended = ready.get(5) == Some(&b'I');
+        let ended = ready == b'I';
         if ended {
             self.end_written(kept, position.unwrap_or(0));
         }
@@ -415,7 +416,7 @@ impl Session<'_> {
             (true, None, Some(_)) => self.position_lost = true,
             _ => {}
         }
-        self.out.extend_from_slice(&ready);
+        messages::ready_for_query(&mut self.out, ready);
     }
 
     /// The position a read must see now (0: none): the scope's floor, `pgway.min_lsn`,

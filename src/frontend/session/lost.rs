@@ -41,12 +41,7 @@ impl Session<'_> {
         cause: &str,
         ready: bool,
     ) -> Result<(), SessionError> {
-        if self
-            .request
-            .held_ready
-            .as_ref()
-            .is_some_and(|ready| ready.get(5) == Some(&b'I'))
-        {
+        if self.request.held_ready.is_some_and(|status| status == b'I') {
             return self.position_lost(cause).await;
         }
         let status = self.state.status();
@@ -127,7 +122,7 @@ impl Session<'_> {
         self.position_lost |= kept && self.floor.is_some();
         self.request.reset();
         self.txn = Transaction::default();
-        self.out.extend_from_slice(&ready);
+        messages::ready_for_query(&mut self.out, ready);
         self.flush().await
     }
 

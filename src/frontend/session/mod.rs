@@ -272,8 +272,9 @@ struct Request {
     commit_bound: bool,
     /// Its last Execute ran that `COMMIT`: the WAL position query may join it.
     commit_executed: bool,
-    /// The client's ReadyForQuery, held until the WAL position query is answered.
-    held_ready: Option<BytesMut>,
+    /// The transaction status of the client's ReadyForQuery, held until the WAL position
+    /// query is answered (a status byte, not the frame: no allocation per write).
+    held_ready: Option<u8>,
     /// The answer to the WAL position query.
     wal_position: Option<u64>,
     /// A position this request's reads must see (hints `pgway:min_lsn=`, `pgway:fresh`).
