@@ -31,7 +31,8 @@
 # timer (on the pgway-timer runtime, src/timer.rs): the cost of those timers.
 # POOL_SIZE=4 sets pool.size to 4 (compare.sh's config has 20): with 8 clients most
 # statements then wait for a free server connection, so the count includes that wait (the
-# pool's semaphore, its timer, a connection moved between workers, the wake-ups).
+# pool's semaphore, its timer, a connection moved between workers, the wake-ups). With
+# GATEWAY=pgbouncer it sets default_pool_size.
 # CACHE_SIM=1 also simulates a small data cache (4 KiB, 64-byte lines, 4-way; level 2 of
 # 64 KiB): its misses per statement approximate the cache lines a statement touches that
 # the statements of the other clients in between have pushed out, which is what a gateway
@@ -128,6 +129,9 @@ else
     chmod 755 "$OUT"
     sed -E -e "s/^listen_port = .*/listen_port = $PORT/" -e "s#^logfile = .*#logfile = $OUT/pgbouncer.log#" \
         -e "s#^pidfile = .*#pidfile = $OUT/pgbouncer.pid#" "$RUN/pgbouncer/pgbouncer.ini" >"$OUT/pgbouncer.ini"
+    if [[ -n ${POOL_SIZE:-} ]]; then
+        sed -i "s/^default_pool_size = .*/default_pool_size = $POOL_SIZE/" "$OUT/pgbouncer.ini"
+    fi
     chown -R postgres "$OUT"
     as_pg valgrind "${VG_ARGS[@]}" --callgrind-out-file="$OUT/cg.%p" \
         "$BIN" "$OUT/pgbouncer.ini" >"$OUT/vg.log" 2>&1 &
