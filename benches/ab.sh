@@ -40,10 +40,6 @@ DURATION=${DURATION:-10}
 BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 
-die() {
-    echo "ab: ERROR: $*" >&2
-    exit 1
-}
 (($# == 2)) || die "usage: benches/ab.sh OLD_BINARY NEW_BINARY"
 A=$1
 B=$2

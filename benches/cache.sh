@@ -69,10 +69,6 @@ WAL_PASSWORD=wal-secret
 TABLE=cache_bench
 OUT_MD=$REPO/benches/CACHE.md
 
-die() {
-    echo "cache: ERROR: $*" >&2
-    exit 1
-}
 say() { echo "cache: $*"; }
 warn() { echo "cache: WARNING: $*" >&2; }
 

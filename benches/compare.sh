@@ -70,10 +70,6 @@ POOL_SIZE=20
 
 say() { echo "compare: $*"; }
 warn() { echo "compare: WARNING: $*" >&2; }
-die() {
-    echo "compare: ERROR: $*" >&2
-    exit 1
-}
 
 
 

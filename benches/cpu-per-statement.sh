@@ -36,23 +36,13 @@ RUN=$BENCH_DIR/run
 # compare.sh measures the profile-guided build (target/pgo/release/pgway) unless PGO=0.
 PGWAY_BIN=${PGWAY_BIN:-$REPO/target/pgo/release/pgway}
 
-die() {
-    echo "cpu-per-statement: ERROR: $*" >&2
-    exit 1
-}
 [[ -f $RUN/$CONFIG && -f $RUN/haproxy.cfg && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
     die "no configs in $RUN: run benches/compare.sh first"
 [[ -x $PGWAY_BIN ]] || die "no build at $PGWAY_BIN: scripts/build-pgo.sh (or PGWAY_BIN=target/release/pgway)"
 
 start_bench_pair "$BENCH_DIR"
 
-PIDS=()
-OUT=$(mktemp) # one run's pgbench output
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    rm -f "$OUT"
-}
-trap cleanup EXIT
+clean_up_on_exit # PIDS: the gateways or relays; OUT: one run's pgbench output
 
 start_bench_gateways "$RUN" "$PGWAY_BIN" "$RUN/$CONFIG" "$RUN/cpu-pgway.log" ||
     die "the gateways did not start"

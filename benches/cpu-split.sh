@@ -28,10 +28,6 @@ BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 PGWAY_BIN=${PGWAY_BIN:-$REPO/target/pgo/release/pgway}
 
-die() {
-    echo "cpu-split: ERROR: $*" >&2
-    exit 1
-}
 [[ -f $RUN/pgway.toml && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
     die "no configs in $RUN: run benches/compare.sh first"
 [[ -x $PGWAY_BIN ]] || die "no build at $PGWAY_BIN: scripts/build-pgo.sh (or PGWAY_BIN=target/release/pgway)"

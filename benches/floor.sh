@@ -29,10 +29,6 @@ RUN=$BENCH_DIR/run
 PGWAY_BIN=${PGWAY_BIN:-$REPO/target/pgo/release/pgway}
 RELAY_BIN=$REPO/target/release/examples/relay_floor
 
-die() {
-    echo "floor: ERROR: $*" >&2
-    exit 1
-}
 [[ -f $RUN/pgway.toml && -f $RUN/haproxy.cfg && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
     die "no configs in $RUN: run benches/compare.sh first"
 [[ -x $PGWAY_BIN ]] || die "no build at $PGWAY_BIN: scripts/build-pgo.sh (or PGWAY_BIN=target/release/pgway)"

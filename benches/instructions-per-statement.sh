@@ -62,10 +62,6 @@ if [[ -n ${CACHE_SIM:-} ]]; then
     VG_ARGS+=(--cache-sim=yes --D1=4096,4,64 --I1=4096,4,64 --LL=65536,8,64)
 fi
 
-die() {
-    echo "instructions-per-statement: ERROR: $*" >&2
-    exit 1
-}
 case $GATEWAY in
 pgway)
     [[ -f $RUN/$CONFIG ]] || die "no $CONFIG in $RUN: run benches/compare.sh first"

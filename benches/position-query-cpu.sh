@@ -23,10 +23,6 @@ DURATION=${DURATION:-8}
 BENCH_DIR=$(bench_pair_dir)
 PRIMARY_PORT=5461
 
-die() {
-    echo "position-query-cpu: ERROR: $*" >&2
-    exit 1
-}
 [[ -f $BENCH_DIR/run/pgway.toml ]] || die "no bench pair in $BENCH_DIR: run benches/compare.sh first"
 start_bench_pair "$BENCH_DIR"
 POSTMASTER=$(head -1 "$BENCH_DIR/primary/postmaster.pid")

@@ -32,10 +32,6 @@ PRIMARY_PORT=5461
 REPLICA_PORT=5462
 OUT_MD=$REPO/benches/READ_YOUR_WRITES.md
 
-die() {
-    echo "read-your-writes: ERROR: $*" >&2
-    exit 1
-}
 say() { echo "read-your-writes: $*"; }
 [[ -f $RUN/pgway.toml ]] || die "no config in $RUN: run benches/compare.sh first"
 [[ -x $BIN ]] || die "no pgway binary at $BIN: cargo build --release"

@@ -24,10 +24,6 @@ RELAY_PORT=${RELAY_PORT:-6481}
 BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 
-die() {
-    echo "relay-cpu: ERROR: $*" >&2
-    exit 1
-}
 [[ -f $RUN/pgway.toml ]] || die "no configs in $RUN: run benches/compare.sh first"
 REPLICA_PORT=$(sed -nE 's/^nodes = \["[^"]+", "[^:]+:([0-9]+)"\]/\1/p' "$RUN/pgway.toml")
 [[ -n $REPLICA_PORT ]] || die "no replica in $RUN/pgway.toml"
@@ -35,13 +31,7 @@ REPLICA_PORT=$(sed -nE 's/^nodes = \["[^"]+", "[^:]+:([0-9]+)"\]/\1/p' "$RUN/pgw
 
 start_bench_pair "$BENCH_DIR"
 
-PIDS=()
-OUT=$(mktemp) # one run's pgbench output
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    rm -f "$OUT"
-}
-trap cleanup EXIT
+clean_up_on_exit # PIDS: the gateways or relays; OUT: one run's pgbench output
 
 declare -A PID=() PORT=()
 port=$RELAY_PORT

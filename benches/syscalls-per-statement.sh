@@ -31,10 +31,6 @@ BENCH_DIR=$(bench_pair_dir)
 RUN=$BENCH_DIR/run
 PGWAY_BIN=${PGWAY_BIN:-$REPO/target/pgo/release/pgway}
 
-die() {
-    echo "syscalls-per-statement: ERROR: $*" >&2
-    exit 1
-}
 [[ -f $RUN/$CONFIG && -f $RUN/pgbouncer/pgbouncer.ini ]] ||
     die "no configs in $RUN: run benches/compare.sh first"
 [[ -x $PGWAY_BIN ]] || die "no build at $PGWAY_BIN: scripts/build-pgo.sh (or PGWAY_BIN=target/release/pgway)"

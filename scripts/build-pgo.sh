@@ -33,10 +33,6 @@ DB=pgway_pgo
 PRIMARY_PORT=5441 # scripts/dev-cluster.sh's
 
 say() { echo "build-pgo: $*"; }
-die() {
-    echo "build-pgo: ERROR: $*" >&2
-    exit 1
-}
 
 llvm_profdata() {
     local sysroot tool

@@ -3,6 +3,21 @@
 
 is_root() { [[ $(id -u) -eq 0 ]]; }
 
+# Prints "SCRIPT: ERROR: MESSAGE" on stderr (SCRIPT: the running script's name without
+# .sh) and exits 1.
+die() {
+    echo "$(basename "$0" .sh): ERROR: $*" >&2
+    exit 1
+}
+
+# Starts the array PIDS (empty) and a temporary file OUT; when the script exits, the
+# processes whose pids it has put in PIDS are killed and OUT is removed.
+clean_up_on_exit() {
+    PIDS=()
+    OUT=$(mktemp)
+    trap 'for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -f "$OUT"' EXIT
+}
+
 # Runs a command as the OS user that owns the servers, from a directory it can enter.
 as_pg() {
     if is_root; then
