@@ -1,5 +1,4 @@
-//! A semaphore whose size a reload changes: the client connection limit and each pool's
-//! size.
+//! A semaphore whose size a reload changes: the client connection limit.
 //!
 //! Growing adds permits at once. Shrinking forgets the free permits now and takes the
 //! rest as their holders give them back (a task waits for them), so no holder is

@@ -1,20 +1,21 @@
 //! Transaction pools: one per (node, database, user), bounded by `pool.size`.
 //!
-//! A permit from the pool's semaphore stands for one server connection, idle or in use, so
-//! the bound holds whether a connection is being created, lent or parked. A lent
+//! A slot stands for one server connection in use or being made, so the bound holds
+//! whether a connection is being created, lent or parked (see [`Slots`]). A lent
 //! connection is a [`PooledConn`]: [`PooledConn::release`] parks it for the next client;
 //! dropping it instead closes the connection (which makes the server roll back anything
-//! open) and frees the permit.
+//! open) and frees its slot.
 //!
 //! Connections are recycled as pgbouncer does, never in the middle of a transaction: one
 //! older than `pool.server_lifetime` is closed when it is released instead of parked, and
 //! parked ones unused for `pool.server_idle_timeout` (or past their lifetime) are closed
 //! by the next [`Pool::acquire`] that looks at them and by [`Pools::sweep`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Poll, Waker};
 
 use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
@@ -22,7 +23,6 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::server::{BackendError, Login, Secret, ServerConn};
-use crate::capacity::Capacity;
 use crate::config::PoolConfig;
 use crate::metrics::WaitHistogram;
 use crate::net::{Connector, TcpConnector};
@@ -64,25 +64,161 @@ pub struct Pool {
     /// `[pool]`, shared by every pool and swapped by a reload.
     settings: Arc<ArcSwap<PoolConfig>>,
     connector: Arc<dyn Connector>,
-    /// Parked connections, the most recently parked last. Boxed, like a lent one, so
-    /// lending and parking move a pointer rather than the whole connection.
-    #[expect(
-        clippy::vec_box,
-        reason = "a connection moves between this list and PooledConn on every transaction"
-    )]
-    idle: Mutex<Vec<Box<ServerConn>>>,
-    /// One permit per connection that may be lent: the pool's size (`pool.size`, or the
-    /// user's `pool_size`) less the lent ones. A lent connection's permit is `forget`-ed
-    /// and handed back when the [`PooledConn`] is dropped, so lending touches no reference
-    /// count besides the pool's own. (Parked connections hold none: one is made only when
-    /// none is parked.)
-    capacity: Capacity,
+    /// The parked connections, the slots and the queue: one lock, taken once to lend a
+    /// connection and once to park it.
+    slots: Mutex<Slots>,
     params: OnceLock<Arc<Vec<(String, String)>>>,
     /// Shared by every pool: how long clients waited for a slot.
     waits: Arc<WaitHistogram>,
     /// `pool.server_lifetime` and `pool.server_idle_timeout`, read on every lend and
     /// return: kept here (set again by a reload) rather than read through `settings`.
     lifetimes: Lifetimes,
+}
+
+/// What a pool holds.
+///
+/// A slot stands for a server connection lent or being made, or for one handed to a
+/// queued client that has not taken it yet; at most `size` are held. A parked connection
+/// holds none, so lending and parking one move it between `idle` and a [`PooledConn`] and
+/// change one count. A client that finds no free slot, or others queued for one before
+/// it, queues; a slot freed while clients queue is handed to the oldest ([`Self::grant`]),
+/// which is woken, so they are served in the order they came, as pgbouncer serves them.
+struct Slots {
+    /// Parked connections, the most recently parked last. Boxed, like a lent one, so
+    /// lending and parking move a pointer rather than the whole connection.
+    #[expect(
+        clippy::vec_box,
+        reason = "a connection moves between this list and PooledConn on every transaction"
+    )]
+    idle: Vec<Box<ServerConn>>,
+    /// `pool.size`, or the user's `pool_size`.
+    size: usize,
+    /// Slots held.
+    held: usize,
+    /// Server connections open, lent or parked (a new one counts once made): more than
+    /// `size` only after the pool shrank, until the extra ones come back to be closed.
+    open: usize,
+    /// Clients queued for a slot, the oldest first: each one's ticket and waker. Tickets
+    /// rise, so a client's entry is found by binary search, and a client has been handed
+    /// a slot once the first one left is younger (see [`Self::granted_to`]).
+    queue: VecDeque<(u64, Waker)>,
+    /// The ticket of the next client to queue.
+    next_ticket: u64,
+    /// Slots handed to queued clients and not taken yet.
+    granted: usize,
+}
+
+impl Slots {
+    /// A slot is free for a client that has not queued: one is, and nobody queues.
+    fn free(&self) -> bool {
+        self.queue.is_empty() && self.held < self.size
+    }
+
+    /// Takes a slot for a client that has not queued, if one is [`Self::free`].
+    fn take(&mut self) -> bool {
+        let free = self.free();
+        if free {
+            self.held += 1;
+        }
+        free
+    }
+
+    /// Queues a client woken by `waker`; returns its ticket.
+    fn queue(&mut self, waker: &Waker) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.queue.push_back((ticket, waker.clone()));
+        ticket
+    }
+
+    /// Hands a free slot to the oldest client queued; returns its waker, for the caller
+    /// to wake once the lock is let go.
+    fn grant(&mut self) -> Option<Waker> {
+        if self.held >= self.size {
+            return None;
+        }
+        let (_, waker) = self.queue.pop_front()?;
+        self.held += 1;
+        self.granted += 1;
+        Some(waker)
+    }
+
+    /// Whether a slot was handed to the client queued with `ticket`: only a grant takes
+    /// a client out of the queue while it waits, and grants go to the oldest first.
+    fn granted_to(&self, ticket: u64) -> bool {
+        self.queue.front().is_none_or(|(first, _)| *first > ticket)
+    }
+
+    /// The client queued with `ticket` takes the slot handed to it, if one was; if not,
+    /// it will be woken by `waker`.
+    fn claim(&mut self, ticket: u64, waker: &Waker) -> bool {
+        if self.granted_to(ticket) {
+            self.granted -= 1;
+            return true;
+        }
+        if let Ok(at) = self.queue.binary_search_by_key(&ticket, |(t, _)| *t) {
+            self.queue[at].1.clone_from(waker);
+        }
+        false
+    }
+
+    /// The client queued with `ticket` gives up (its wait timed out, or it went away): it
+    /// leaves the queue, or gives back the slot handed to it (see [`Self::give_back`]).
+    fn leave(&mut self, ticket: u64) -> Option<Waker> {
+        if self.granted_to(ticket) {
+            self.granted -= 1;
+            return self.give_back();
+        }
+        if let Ok(at) = self.queue.binary_search_by_key(&ticket, |(t, _)| *t) {
+            self.queue.remove(at);
+        }
+        None
+    }
+
+    /// Gives a slot back; it goes on to the oldest client queued, if one is (see
+    /// [`Self::grant`]).
+    fn give_back(&mut self) -> Option<Waker> {
+        self.held -= 1;
+        self.grant()
+    }
+
+    /// Parks `conn`, giving its slot back, unless the pool holds more connections than its
+    /// size (it shrank): then `conn` is returned, to be closed once the lock is let go.
+    /// The waker is [`Self::give_back`]'s.
+    fn park(&mut self, conn: Box<ServerConn>) -> (Option<Box<ServerConn>>, Option<Waker>) {
+        let extra = if self.open > self.size {
+            self.open -= 1;
+            Some(conn)
+        } else {
+            self.idle.push(conn);
+            None
+        };
+        (extra, self.give_back())
+    }
+
+    /// The parked connection to lend on reactor `here`: the most recently parked one
+    /// registered with it, else the most recently parked one. Expired ones found on the
+    /// way are closed (see [`Lifetimes::expired`]).
+    fn take_idle(
+        &mut self,
+        here: usize,
+        now: Instant,
+        lifetimes: &Lifetimes,
+    ) -> Option<Box<ServerConn>> {
+        loop {
+            let at = self
+                .idle
+                .iter()
+                .rposition(|conn| conn.reactor == here)
+                .or_else(|| self.idle.len().checked_sub(1))?;
+            let conn = self.idle.remove(at);
+            if !lifetimes.expired(&conn, now) {
+                return Some(conn);
+            }
+            self.open -= 1;
+            tracing::debug!(pid = conn.pid, "closing an expired server connection");
+        }
+    }
 }
 
 /// `pool.server_lifetime` and `pool.server_idle_timeout` in nanoseconds (0: never), and
@@ -152,6 +288,18 @@ impl Lifetimes {
     fn idle_timeout(&self) -> Duration {
         Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed))
     }
+
+    /// A parked connection to close rather than lend: past its lifetime, or unused for
+    /// `pool.server_idle_timeout` (`0s`: never). One comparison when its deadlines were
+    /// worked out (at parking) under the lifetimes in force.
+    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
+        let due = if conn.deadlines.generation == self.generation() {
+            conn.deadlines.close
+        } else {
+            self.close(self.retire(conn.created), conn.parked)
+        };
+        due.is_some_and(|due| now >= due)
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -182,12 +330,19 @@ impl Pool {
         Self {
             lifetimes,
             waits,
-            capacity: Capacity::new(size),
+            slots: Mutex::new(Slots {
+                idle: Vec::new(),
+                size,
+                held: 0,
+                open: 0,
+                queue: VecDeque::new(),
+                next_ticket: 0,
+                granted: 0,
+            }),
             key,
             secret: Mutex::new(account.secret.clone()),
             settings,
             connector,
-            idle: Mutex::new(Vec::new()),
             params: OnceLock::new(),
         }
     }
@@ -199,27 +354,35 @@ impl Pool {
 
     /// Server connections this pool may hold.
     pub fn size(&self) -> usize {
-        self.capacity.size()
+        lock(&self.slots).size
     }
 
-    /// Server connections lent to clients now.
+    /// Server connections lent to clients now, or being made for them.
     pub fn lent(&self) -> usize {
-        self.capacity.held()
+        let slots = lock(&self.slots);
+        slots.held - slots.granted
     }
 
-    /// Changes how many connections the pool may hold (see [`Capacity::resize`]), and
-    /// closes parked connections beyond the new size.
+    /// Changes how many connections the pool may hold. Growing hands the new slots to
+    /// queued clients at once; shrinking closes parked connections beyond the new size
+    /// now and lent ones as they come back, so no client is interrupted.
     fn resize(&self, size: usize) {
-        self.capacity.resize(size);
-        let extra: Vec<Box<ServerConn>> = match self.idle.lock() {
-            Ok(mut idle) => {
+        let mut extra = Vec::new();
+        let mut wake = Vec::new();
+        {
+            let mut slots = lock(&self.slots);
+            slots.size = size;
+            while slots.open > size && !slots.idle.is_empty() {
                 // The least recently parked go.
-                let extra = idle.len().saturating_sub(size);
-                idle.drain(..extra).collect()
+                extra.push(slots.idle.remove(0));
+                slots.open -= 1;
             }
-            Err(_) => Vec::new(),
-        };
+            while let Some(waker) = slots.grant() {
+                wake.push(waker);
+            }
+        }
         drop(extra);
+        wake.into_iter().for_each(Waker::wake);
     }
 
     /// How new connections log in from now on.
@@ -234,51 +397,61 @@ impl Pool {
         self.params.get().cloned()
     }
 
-    /// Borrows a parked connection without waiting, if a slot and a usable parked
-    /// connection are both free now: the per-statement path, with no future to set up.
-    /// `None` leaves everything as it was; [`Self::acquire`] then waits or connects.
+    /// Borrows a parked connection without waiting, if a slot is free (see
+    /// [`Slots::free`]) and a usable connection is parked: the per-statement path, one lock and no
+    /// future to set up. `None` leaves everything as it was; [`Self::acquire`] then
+    /// queues or connects.
     pub fn try_acquire(self: &Arc<Self>) -> Option<PooledConn> {
-        let permit = self.capacity.permits.try_acquire().ok()?;
-        permit.forget();
-        let permit = Permit(self);
         let now = crate::clock::now();
-        let conn = self.take_parked(now)?;
+        let conn = {
+            let mut slots = lock(&self.slots);
+            if !slots.free() {
+                return None;
+            }
+            let conn = slots.take_idle(crate::workers::current(), now, &self.lifetimes)?;
+            slots.held += 1;
+            conn
+        };
+        let slot = Slot(self);
+        let conn = self.usable(conn).or_else(|| self.take_parked(now))?;
         self.waits.no_wait();
-        Some(self.lend(conn, permit, now))
+        Some(self.lend(conn, slot, now))
     }
 
-    /// Borrows a connection: an idle one, or a new one if the pool is below its size.
-    /// Waits at most `pool.wait_timeout` for a free slot, timed by `alarm`: a session
-    /// passes the same one to each of its waits, so a wait that ends in time (nearly
-    /// every one) sets no timer of its own (see [`Alarm`]).
+    /// Borrows a connection: a parked one, or a new one if none is. Without a free slot
+    /// (see [`Slots::free`]), queues at most `pool.wait_timeout`, timed by `alarm`: a
+    /// session passes the same one to each of its waits, so a wait that ends in time
+    /// (nearly every one) sets no timer of its own (see [`Alarm`]).
     pub async fn acquire(self: &Arc<Self>, alarm: &mut Alarm) -> Result<PooledConn, PoolError> {
-        let permit = match self.capacity.permits.try_acquire() {
-            Ok(permit) => {
-                self.waits.no_wait();
-                permit
-            }
-            Err(_) => {
-                let started = tokio::time::Instant::now();
-                let wait = self.settings.load().wait_timeout;
-                let permit = tokio::select! {
-                    biased;
-                    permit = self.capacity.permits.acquire() => permit.ok(),
-                    () = alarm.at(started + wait) => None,
-                };
-                self.waits.observe(started.elapsed());
-                permit.ok_or_else(|| PoolError::Timeout {
-                    addr: self.key.addr.clone(),
-                    waited: wait,
-                })?
-            }
-        };
-        // From here the permit belongs to the PooledConn made below (its Drop returns it),
-        // or is returned by `Permit` if making one fails.
-        permit.forget();
-        let permit = Permit(self);
         let now = crate::clock::now();
-        if let Some(conn) = self.take_parked(now) {
-            return Ok(self.lend(conn, permit, now));
+        let here = crate::workers::current();
+        // A free slot (and a parked connection, if one is), or a ticket in the queue: a
+        // poll that never waits, for the waker the queue keeps.
+        let first = std::future::poll_fn(|cx| {
+            let mut slots = lock(&self.slots);
+            Poll::Ready(if slots.take() {
+                Ok(slots.take_idle(here, now, &self.lifetimes))
+            } else {
+                Err(slots.queue(cx.waker()))
+            })
+        })
+        .await;
+        let parked = match first {
+            Ok(parked) => {
+                self.waits.no_wait();
+                parked
+            }
+            Err(ticket) => self.wait(ticket, alarm, here).await?,
+        };
+        // From here the slot belongs to the PooledConn made below, or `Slot` gives it
+        // back if none is made.
+        let slot = Slot(self);
+        let now = crate::clock::now();
+        if let Some(conn) = parked
+            .and_then(|conn| self.usable(conn))
+            .or_else(|| self.take_parked(now))
+        {
+            return Ok(self.lend(conn, slot, now));
         }
         let secret = match self.secret.lock() {
             Ok(secret) => secret.clone(),
@@ -295,50 +468,88 @@ impl Pool {
         // every call ends with, should not carry it (see `Session::attach`).
         let conn = Box::pin(ServerConn::connect(login, &*self.connector, timeout)).await?;
         let _ = self.params.set(Arc::new(conn.params.clone()));
-        Ok(self.lend(Box::new(conn), permit, Instant::now()))
+        lock(&self.slots).open += 1;
+        Ok(self.lend(Box::new(conn), slot, Instant::now()))
     }
 
-    /// Takes a parked connection fit to lend: the most recently parked one on this
-    /// thread's reactor, else the most recently parked one, moved over. Expired ones and
-    /// ones the server closed (or wrote to) while parked are dropped on the way.
-    fn take_parked(&self, now: Instant) -> Option<Box<ServerConn>> {
-        let here = crate::workers::current();
-        loop {
-            let mut conn = self
-                .idle
-                .lock()
-                .map(|mut idle| {
-                    let at = idle
-                        .iter()
-                        .rposition(|conn| conn.reactor == here)
-                        .or_else(|| idle.len().checked_sub(1));
-                    at.map(|at| idle.remove(at))
+    /// Waits in the queue with `ticket` until a slot is handed to this client; returns the
+    /// parked connection taken with it, if one was parked.
+    async fn wait(
+        &self,
+        ticket: u64,
+        alarm: &mut Alarm,
+        here: usize,
+    ) -> Result<Option<Box<ServerConn>>, PoolError> {
+        let started = tokio::time::Instant::now();
+        let timeout = self.settings.load().wait_timeout;
+        // Leaves the queue unless a slot is taken.
+        let queued = Queued(self, ticket);
+        // The first poll comes in the same poll of the task as the one that queued it,
+        // with the waker the queue has: nothing can have changed that it would see.
+        let mut queued_now = true;
+        let claimed = std::future::poll_fn(|cx| {
+            if std::mem::take(&mut queued_now) {
+                return Poll::Pending;
+            }
+            let mut slots = lock(&self.slots);
+            if slots.claim(ticket, cx.waker()) {
+                Poll::Ready(slots.take_idle(here, crate::clock::now(), &self.lifetimes))
+            } else {
+                Poll::Pending
+            }
+        });
+        tokio::select! {
+            biased;
+            parked = claimed => {
+                std::mem::forget(queued);
+                self.waits.observe(started.elapsed());
+                Ok(parked)
+            }
+            () = alarm.at(started + timeout) => {
+                drop(queued);
+                self.waits.observe(started.elapsed());
+                Err(PoolError::Timeout {
+                    addr: self.key.addr.clone(),
+                    waited: timeout,
                 })
-                .unwrap_or(None)?;
-            if self.expired(&conn, now) {
-                tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing an expired server connection");
-                continue;
-            }
-            // Checked on the reactor it is registered with, before any move.
-            if conn.io.is_stale() {
-                continue;
-            }
-            match conn.adopt() {
-                Ok(conn) => return Some(conn),
-                Err(cause) => {
-                    tracing::debug!(%cause, "cannot move a server connection between workers");
-                }
             }
         }
     }
 
-    fn lend(
-        self: &Arc<Self>,
-        conn: Box<ServerConn>,
-        permit: Permit<'_>,
-        now: Instant,
-    ) -> PooledConn {
-        std::mem::forget(permit);
+    /// `conn`, taken from the parked ones, if it can be lent on this thread: the server
+    /// has not closed it (or written to it) while it was parked, and it could be moved
+    /// to this thread's reactor. Checked on the reactor it is registered with, before
+    /// any move. One that cannot is closed.
+    fn usable(&self, mut conn: Box<ServerConn>) -> Option<Box<ServerConn>> {
+        let usable = if conn.io.is_stale() {
+            None
+        } else {
+            conn.adopt()
+                .map_err(|cause| {
+                    tracing::debug!(%cause, "cannot move a server connection between workers");
+                })
+                .ok()
+        };
+        if usable.is_none() {
+            lock(&self.slots).open -= 1;
+        }
+        usable
+    }
+
+    /// Takes a parked connection fit to lend, for a client holding a slot: see
+    /// [`Slots::take_idle`] and [`Self::usable`].
+    fn take_parked(&self, now: Instant) -> Option<Box<ServerConn>> {
+        let here = crate::workers::current();
+        loop {
+            let conn = lock(&self.slots).take_idle(here, now, &self.lifetimes)?;
+            if let Some(conn) = self.usable(conn) {
+                return Some(conn);
+            }
+        }
+    }
+
+    fn lend(self: &Arc<Self>, conn: Box<ServerConn>, slot: Slot<'_>, now: Instant) -> PooledConn {
+        std::mem::forget(slot);
         PooledConn {
             conn: Some(conn),
             pool: Arc::clone(self),
@@ -348,27 +559,19 @@ impl Pool {
 
     /// Closes every idle connection (the node changed role or went away).
     pub fn clear_idle(&self) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.clear();
-        }
-    }
-
-    /// A parked connection to close rather than lend: past its lifetime, or unused for
-    /// `pool.server_idle_timeout` (`0s`: never). One comparison when its deadlines were
-    /// worked out (at parking) under the lifetimes in force.
-    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
-        let lifetimes = &self.lifetimes;
-        let due = if conn.deadlines.generation == lifetimes.generation() {
-            conn.deadlines.close
-        } else {
-            lifetimes.close(lifetimes.retire(conn.created), conn.parked)
+        let idle = {
+            let mut slots = lock(&self.slots);
+            let idle = std::mem::take(&mut slots.idle);
+            slots.open -= idle.len();
+            idle
         };
-        due.is_some_and(|due| now >= due)
+        drop(idle);
     }
 
     /// Parks `conn` as of `now`, working out its deadlines first (see
     /// [`crate::backend::server::Deadlines`]). One past `pool.server_lifetime`, or beyond
-    /// the pool's size (it shrank), is dropped instead, which closes it.
+    /// the pool's size (it shrank), is dropped instead, which closes it. Either way its
+    /// slot is free again.
     fn park(&self, mut conn: Box<ServerConn>, now: Instant) {
         let lifetimes = &self.lifetimes;
         let generation = lifetimes.generation();
@@ -377,39 +580,76 @@ impl Pool {
         }
         if conn.deadlines.retire.is_some_and(|retire| now >= retire) {
             tracing::debug!(addr = %self.key.addr, pid = conn.pid, "closing a server connection past pool.server_lifetime");
+            self.close(conn);
             return;
         }
         conn.parked = now;
         conn.deadlines.generation = generation;
         conn.deadlines.close = lifetimes.close(conn.deadlines.retire, now);
-        if let Ok(mut idle) = self.idle.lock() {
-            // Parked ones beyond the size (the pool shrank) are closed.
-            if idle.len() < self.size() {
-                idle.push(conn);
-            }
-        }
+        let (extra, wake) = lock(&self.slots).park(conn);
+        drop(extra);
+        wake_up(wake);
     }
 
-    /// Closes the parked connections that [`Self::expired`] says are due; returns how
+    /// Closes `conn`, lent until now, and frees its slot.
+    fn close(&self, conn: Box<ServerConn>) {
+        let wake = {
+            let mut slots = lock(&self.slots);
+            slots.open -= 1;
+            slots.give_back()
+        };
+        drop(conn);
+        wake_up(wake);
+    }
+
+    /// Closes the parked connections that [`Lifetimes::expired`] says are due; returns how
     /// many. The sockets are closed after the list is unlocked.
     pub fn close_expired(&self) -> usize {
         let now = Instant::now();
-        let expired: Vec<Box<ServerConn>> = match self.idle.lock() {
-            Ok(mut idle) => {
-                let (gone, keep) = std::mem::take(&mut *idle)
-                    .into_iter()
-                    .partition(|conn| self.expired(conn, now));
-                *idle = keep;
-                gone
-            }
-            Err(_) => Vec::new(),
+        let expired: Vec<Box<ServerConn>> = {
+            let mut slots = lock(&self.slots);
+            let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut slots.idle)
+                .into_iter()
+                .partition(|conn| self.lifetimes.expired(conn, now));
+            slots.idle = keep;
+            slots.open -= gone.len();
+            gone
         };
         expired.len()
     }
 
     /// Connections parked and ready.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+        lock(&self.slots).idle.len()
+    }
+}
+
+/// A slot taken from a pool and not yet handed to a [`PooledConn`]; gives it back if
+/// none is made (connecting failed).
+struct Slot<'p>(&'p Pool);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let wake = lock(&self.0.slots).give_back();
+        wake_up(wake);
+    }
+}
+
+/// A client in a pool's queue, with its ticket; leaves it when dropped (see
+/// [`Slots::leave`]).
+struct Queued<'p>(&'p Pool, u64);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let wake = lock(&self.0.slots).leave(self.1);
+        wake_up(wake);
+    }
+}
+
+/// Wakes the client a slot was handed to, if one was (after the pool's lock is let go).
+fn wake_up(waker: Option<Waker>) {
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }
 
@@ -426,7 +666,7 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 #[derive(Debug)]
 pub struct PooledConn {
     conn: Option<Box<ServerConn>>,
-    /// Holds one of the pool's permits (returned on drop).
+    /// Holds one of the pool's slots (given back when parked or closed).
     pool: Arc<Pool>,
     /// When it was lent (the clock read that also judged its age).
     pub lent_at: Instant,
@@ -434,19 +674,10 @@ pub struct PooledConn {
 
 impl Drop for PooledConn {
     fn drop(&mut self) {
-        // A lent connection was dropped (closing it) or parked by `release`: either way its
-        // slot in the pool is free again.
-        self.pool.capacity.permits.add_permits(1);
-    }
-}
-
-/// A permit taken from `pool` and not yet handed to a [`PooledConn`]; gives it back if
-/// connecting fails.
-struct Permit<'p>(&'p Pool);
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        self.0.capacity.permits.add_permits(1);
+        // Dropped while lent (`release` parks it instead): closed.
+        if let Some(conn) = self.conn.take() {
+            self.pool.close(conn);
+        }
     }
 }
 
@@ -459,7 +690,6 @@ impl PooledConn {
 
     /// [`Self::release`] with the clock read by the caller.
     pub fn release_at(mut self, now: Instant) {
-        // Its slot is freed by our own drop, parked or closed.
         if let Some(conn) = self.conn.take() {
             self.pool.park(conn, now);
         }
@@ -703,10 +933,104 @@ impl Pools {
     }
 }
 
-/// The mutex's value, also after a panic elsewhere poisoned it (the maps it guards stay
-/// consistent: every change is one insert or remove).
+/// The mutex's value, also after a panic elsewhere poisoned it (what it guards stays
+/// consistent: the maps change by one insert or remove, and a pool's counts only where
+/// nothing can panic between them).
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool's slots with `held` of `size` held and nobody queued.
+    fn slots(size: usize, held: usize) -> Slots {
+        Slots {
+            idle: Vec::new(),
+            size,
+            held,
+            open: held,
+            queue: VecDeque::new(),
+            next_ticket: 0,
+            granted: 0,
+        }
+    }
+
+    #[test]
+    fn freed_slots_go_to_queued_clients_in_the_order_they_came() {
+        let mut slots = slots(1, 1);
+        let waker = Waker::noop();
+        assert!(!slots.take(), "the only slot is held");
+        let a = slots.queue(waker);
+        let b = slots.queue(waker);
+        assert!(!slots.granted_to(a) && !slots.granted_to(b));
+
+        assert!(slots.give_back().is_some(), "a queued client is woken");
+        assert!(slots.granted_to(a), "the oldest gets the slot");
+        assert!(!slots.claim(b, waker), "the younger one waits on");
+        assert!(!slots.take(), "a newcomer queues behind b");
+        assert!(slots.claim(a, waker));
+        assert_eq!((slots.held, slots.granted), (1, 0));
+
+        assert!(slots.give_back().is_some());
+        assert!(slots.claim(b, waker));
+        assert_eq!((slots.held, slots.granted), (1, 0));
+        assert!(slots.give_back().is_none(), "nobody left to wake");
+        assert!(slots.take(), "the slot is free for a newcomer");
+    }
+
+    #[test]
+    fn a_client_that_gives_up_leaves_the_queue_or_passes_its_slot_on() {
+        let mut slots = slots(1, 1);
+        let waker = Waker::noop();
+        let a = slots.queue(waker);
+        let b = slots.queue(waker);
+        let c = slots.queue(waker);
+        // b times out before anything is freed: a and c keep their places.
+        assert!(slots.leave(b).is_none());
+        assert_eq!(slots.queue.len(), 2);
+        // a is handed the slot, then goes away without taking it: c gets it.
+        assert!(slots.give_back().is_some());
+        assert!(slots.granted_to(a) && !slots.granted_to(c));
+        assert!(slots.leave(a).is_some(), "c is woken");
+        assert!(slots.claim(c, waker));
+        assert_eq!((slots.held, slots.granted, slots.queue.len()), (1, 0, 0));
+    }
+
+    #[test]
+    fn a_slot_handed_out_and_not_yet_taken_leaves_others_free() {
+        let mut slots = slots(2, 2);
+        let waker = Waker::noop();
+        let a = slots.queue(waker);
+        assert!(slots.give_back().is_some());
+        // a has not run yet; the next slot freed is free for anyone.
+        assert!(slots.give_back().is_none());
+        assert!(
+            slots.take(),
+            "a newcomer need not queue behind a client already served"
+        );
+        assert!(slots.claim(a, waker));
+        assert_eq!((slots.held, slots.granted), (2, 0));
+    }
+
+    #[test]
+    fn a_larger_size_serves_every_client_it_can_at_once() {
+        let mut slots = slots(1, 1);
+        let waker = Waker::noop();
+        let tickets: Vec<u64> = (0..3).map(|_| slots.queue(waker)).collect();
+        slots.size = 3;
+        let mut woken = 0;
+        while slots.grant().is_some() {
+            woken += 1;
+        }
+        assert_eq!(woken, 2);
+        assert!(slots.granted_to(tickets[0]) && slots.granted_to(tickets[1]));
+        assert!(
+            !slots.granted_to(tickets[2]),
+            "the third waits for a slot to come back"
+        );
+    }
 }
