@@ -254,6 +254,32 @@ impl<'a> Bind<'a> {
         bind_values(self.rest).is_some()
     }
 
+    /// Where its portal and statement names end, for reading its frame again without a
+    /// scan.
+    pub fn layout(&self) -> BindLayout {
+        BindLayout {
+            portal_len: self.portal.len(),
+            statement_len: self.statement.len(),
+        }
+    }
+
+    /// The Bind in `frame`, read at `layout` (what [`Self::layout`] gave for the same
+    /// frame): slices only. A layout that does not fit the frame reads it from the start.
+    pub fn at(frame: &'a [u8], layout: BindLayout) -> Result<Self, FrameError> {
+        let body = body(frame);
+        let statement_start = layout.portal_len + 1;
+        let statement_end = statement_start + layout.statement_len;
+        let ends = (body.get(layout.portal_len), body.get(statement_end));
+        match (body.get(statement_end + 1..), ends) {
+            (Some(rest), (Some(0), Some(0))) => Ok(Self {
+                portal: &body[..layout.portal_len],
+                statement: &body[statement_start..statement_end],
+                rest,
+            }),
+            _ => Self::decode(frame),
+        }
+    }
+
     /// Appends this Bind with another statement name.
     pub fn write_renamed(&self, out: &mut BytesMut, statement: &[u8]) {
         let start = begin_frame(out, b'B');
@@ -264,6 +290,13 @@ impl<'a> Bind<'a> {
         out.extend_from_slice(self.rest);
         end_frame(out, start);
     }
+}
+
+/// Where a Bind message's portal and statement names end (see [`Bind::at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindLayout {
+    portal_len: usize,
+    statement_len: usize,
 }
 
 /// Reads a Bind's formats, values and result formats to the end; `None` if PostgreSQL
@@ -426,6 +459,36 @@ mod tests {
         assert_eq!(fields(&read), fields(&Parse::decode(&frames[0]).unwrap()));
         // A malformed frame is refused either way.
         assert!(Parse::at(&frames[0][..frames[0].len() - 1], other).is_err());
+    }
+
+    #[test]
+    fn a_bind_read_at_its_layout_is_the_bind_decoded() {
+        let fields = |b: &Bind<'_>| (b.portal.to_vec(), b.statement.to_vec(), b.rest.to_vec());
+        // Portal, statement, then no formats, one value "7" and no result formats.
+        let bind = |portal: &[u8], statement: &[u8]| {
+            let mut out = BytesMut::new();
+            let start = begin_frame(&mut out, b'B');
+            for name in [portal, statement] {
+                out.extend_from_slice(name);
+                out.extend_from_slice(&[0]);
+            }
+            out.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, b'7', 0, 0]);
+            end_frame(&mut out, start);
+            out
+        };
+        let frames = [bind(b"", b""), bind(b"", b"P_1"), bind(b"c1", b"s")];
+        for frame in &frames {
+            let decoded = Bind::decode(frame).unwrap();
+            let again = Bind::at(frame, decoded.layout()).unwrap();
+            assert_eq!(fields(&again), fields(&decoded));
+        }
+        // Another frame's layout does not fit: the frame is read from the start.
+        let other = Bind::decode(&frames[2]).unwrap().layout();
+        let read = Bind::at(&frames[1], other).unwrap();
+        assert_eq!(read.statement, b"P_1");
+        assert_eq!(fields(&read), fields(&Bind::decode(&frames[1]).unwrap()));
+        // A frame cut inside its names is refused either way.
+        assert!(Bind::at(&frames[1][..7], other).is_err());
     }
 
     #[test]

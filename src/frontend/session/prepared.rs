@@ -17,7 +17,9 @@ use super::{effects, Session, SessionError, State};
 use crate::backend::server::{statement_name, STATEMENT_NAME_LEN};
 use crate::error::ClientError;
 use crate::protocol::frame::put_frame;
-use crate::protocol::messages::{self, write_parse, write_target, Bind, Parse, ParseLayout};
+use crate::protocol::messages::{
+    self, write_parse, write_target, Bind, BindLayout, Parse, ParseLayout,
+};
 use crate::route::fast::{is_plain_commit, scan_words, Words};
 use crate::route::{Classification, Hint, SessionEffect, Target, Why};
 
@@ -95,8 +97,9 @@ type Decision = (Target, Why);
 pub(super) enum Routed<'a> {
     /// A Parse: where its statement runs, and where its fields end.
     Parse(&'a Decision, ParseLayout),
-    /// A Bind: the statement it executes.
-    Bind(&'a Arc<Prepared>),
+    /// A Bind: where its names end, and the statement it executes, if routing the batch
+    /// looked it up.
+    Bind(BindLayout, Option<&'a Arc<Prepared>>),
     /// Nothing (a Parse without a route runs on the primary).
     Nothing,
 }
@@ -107,6 +110,8 @@ pub(super) enum Routed<'a> {
 pub(super) struct BatchRoutes {
     /// Where each Parse's fields end, as it arrived (read once then), in order.
     pub(super) layouts: Vec<ParseLayout>,
+    /// Where each Bind's names end, as it arrived, in order.
+    pub(super) bind_layouts: Vec<BindLayout>,
     /// Where each Parse runs and why, in order.
     pub(super) parses: Vec<Decision>,
     /// The statements the batch's first Binds execute, in order, looked up once when the
@@ -120,13 +125,22 @@ impl BatchRoutes {
     /// The most entries a list keeps its room for, for the next batch (as for the batch).
     const KEPT: usize = KEPT_BATCH_FRAMES;
 
+    /// Whether nothing has been collected (no batch has begun).
+    pub(super) fn is_empty(&self) -> bool {
+        self.layouts.is_empty() && self.bind_layouts.is_empty()
+    }
+
     /// Empties the lists for the next batch, giving back the room of large ones.
     pub(super) fn clear(&mut self) {
         self.layouts.clear();
+        self.bind_layouts.clear();
         self.parses.clear();
         self.binds.clear();
         if self.layouts.capacity() > Self::KEPT {
             self.layouts = Vec::new();
+        }
+        if self.bind_layouts.capacity() > Self::KEPT {
+            self.bind_layouts = Vec::new();
         }
         if self.parses.capacity() > Self::KEPT {
             self.parses = Vec::new();
@@ -213,6 +227,7 @@ impl Session<'_> {
         let mut route = (Target::Replica, &Why::PlainRead);
         let mut parsed = ParsedInBatch::default();
         let mut parses = routes.parses.iter().zip(&routes.layouts);
+        let mut bind_layouts = routes.bind_layouts.iter();
         let binds = &mut routes.binds;
         let mut collect = true;
         for frame in batch {
@@ -226,7 +241,11 @@ impl Session<'_> {
                     (r.0, &r.1)
                 }
                 b'B' => {
-                    let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
+                    let bind = match bind_layouts.next() {
+                        Some(at) => Bind::at(frame, *at),
+                        None => Bind::decode(frame),
+                    }
+                    .map_err(SessionError::protocol)?;
                     // A statement parsed in this batch: its hints are in `hints` already.
                     if let Some(r) = parsed.get(bind.statement) {
                         // Looked up when sent, as are the Binds after it (the list has
@@ -292,12 +311,16 @@ impl Session<'_> {
                 self.translate_parse(frame, &parse, route)?;
             }
             b'B' => {
-                let bind = Bind::decode(frame).map_err(SessionError::protocol)?;
+                let (bind, routed) = match routed {
+                    Routed::Bind(at, prepared) => (Bind::at(frame, at), prepared),
+                    _ => (Bind::decode(frame), None),
+                };
+                let bind = bind.map_err(SessionError::protocol)?;
                 // One look-up for the effects and the server's name.
                 let looked_up;
                 let prepared = match routed {
-                    Routed::Bind(prepared) => Some(prepared),
-                    _ => {
+                    Some(prepared) => Some(prepared),
+                    None => {
                         looked_up = self.statement(bind.statement).cloned();
                         looked_up.as_ref()
                     }

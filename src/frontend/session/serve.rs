@@ -14,7 +14,7 @@ use crate::error::ClientError;
 use crate::metrics::Route;
 use crate::net::{keep_buffers, recycle_buffers, take_buffers, FramedStream};
 use crate::protocol::frame::put_frame;
-use crate::protocol::messages::{self, query_text, ParseLayout};
+use crate::protocol::messages::{self, query_text};
 use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
 use crate::route::fast::{is_plain_begin, scan_words};
 use crate::route::{Classification, Target, Why};
@@ -81,17 +81,17 @@ impl QueryRoute {
 /// ERROR 08P01 and the session goes on), so only its names are read here; see
 /// [`Session::holds_refused_bind`] for the rest.
 ///
-/// A Parse is read here once: the layout returned lets routing and sending read it again
-/// without a scan.
-fn check_batch_frame(frame: &[u8]) -> Result<Option<ParseLayout>, SessionError> {
+/// A Parse or a Bind is read here once: the layout kept in `routes` lets routing and
+/// sending read it again without a scan.
+fn check_batch_frame(frame: &[u8], routes: &mut BatchRoutes) -> Result<(), SessionError> {
     match frame[0] {
-        b'P' => messages::Parse::decode(frame).map(|parse| Some(parse.layout())),
-        b'B' => messages::Bind::decode(frame).map(|_| None),
-        b'E' => messages::check_execute(frame).map(|()| None),
+        b'P' => messages::Parse::decode(frame).map(|parse| routes.layouts.push(parse.layout())),
+        b'B' => messages::Bind::decode(frame).map(|bind| routes.bind_layouts.push(bind.layout())),
+        b'E' => messages::check_execute(frame),
         b'H' if frame.len() != 5 => Err(FrameError::Malformed("Flush")),
         b'S' if frame.len() != 5 => Err(FrameError::Malformed("Sync")),
-        b'H' | b'S' => Ok(None),
-        _ => messages::Target::decode(frame).map(|_| None),
+        b'H' | b'S' => Ok(()),
+        _ => messages::Target::decode(frame).map(drop),
     }
     .map_err(SessionError::protocol)
 }
@@ -131,9 +131,7 @@ impl Session<'_> {
                 }
                 b'F' => self.on_function_call(frame).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
-                    if let Some(layout) = check_batch_frame(&frame)? {
-                        self.batch_routes.layouts.push(layout);
-                    }
+                    check_batch_frame(&frame, &mut self.batch_routes)?;
                     self.batch_bytes += frame.len();
                     self.batch.push(frame);
                     if self.batch_bytes > MAX_BATCH_BYTES {
@@ -141,12 +139,12 @@ impl Session<'_> {
                     }
                 }
                 b'H' => {
-                    check_batch_frame(&frame)?;
+                    check_batch_frame(&frame, &mut self.batch_routes)?;
                     self.batch.push(frame);
                     self.run_batch(false).await?;
                 }
                 b'S' => {
-                    check_batch_frame(&frame)?;
+                    check_batch_frame(&frame, &mut self.batch_routes)?;
                     self.batch.push(frame);
                     self.run_batch(true).await?;
                 }
@@ -508,7 +506,7 @@ impl Session<'_> {
         if batch.capacity() <= KEPT_BATCH_FRAMES && self.batch.is_empty() {
             self.batch = batch;
         }
-        if self.batch_routes.layouts.is_empty() {
+        if self.batch_routes.is_empty() {
             // (As for the batch: unless the next one has begun.)
             self.batch_routes = routes;
         }
@@ -571,12 +569,15 @@ impl Session<'_> {
                 session.track_pgway_settings(hints);
                 let mut parses = routes.parses.iter().zip(&routes.layouts);
                 let mut binds = routes.binds.iter();
+                let mut bind_layouts = routes.bind_layouts.iter();
                 for frame in batch {
                     let routed = match frame[0] {
                         b'P' => parses
                             .next()
                             .map_or(Routed::Nothing, |(r, at)| Routed::Parse(r, *at)),
-                        b'B' => binds.next().map_or(Routed::Nothing, Routed::Bind),
+                        b'B' => bind_layouts
+                            .next()
+                            .map_or(Routed::Nothing, |at| Routed::Bind(*at, binds.next())),
                         _ => Routed::Nothing,
                     };
                     session.translate(frame, routed)?;
