@@ -319,6 +319,51 @@ async fn a_waiting_client_gets_the_slot_of_a_connection_that_closed() {
     );
 }
 
+// README (Pooling): "Clients waiting for a server connection are served in the order they
+// came". Three clients queue behind a transaction on a pool of one; each takes the next
+// value of a sequence when served, so the values show the order. (Simple queries: one
+// request each. A prepared statement's Parse and its Execute queue apart, and a client's
+// Execute may come after the next client's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_clients_are_served_in_the_order_they_came() {
+    let (cluster, gw) = pooled_gateway(1, "20s").await;
+    let a = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    a.batch_execute("begin; insert into items (id, v) values (0, 'a')")
+        .await
+        .expect("client A: begin + insert");
+    let mut waiting = Vec::new();
+    for name in ["b", "c", "d"] {
+        let client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+        waiting.push(tokio::spawn(async move {
+            let sql = format!(
+                "insert into items (id, v) values (nextval('item_seq'), '{name}') returning id"
+            );
+            let id = simple_value(&client, &sql)
+                .await
+                .unwrap_or_else(|e| panic!("client {name}'s insert: {}", describe_error(&e)));
+            id.parse::<i32>().expect("an id")
+        }));
+        // Long enough for this client to be in the queue before the next one comes.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !waiting.last().is_some_and(|w| w.is_finished()),
+            "client {name} did not wait for client A"
+        );
+    }
+    a.simple_query("commit").await.expect("client A: commit");
+    let mut served = Vec::new();
+    for waiter in waiting {
+        served.push(
+            tokio::time::timeout(WAIT, waiter)
+                .await
+                .expect("a queued client still waiting after A committed")
+                .expect("a queued client's task"),
+        );
+    }
+    assert_eq!(served, [1, 2, 3], "b, c and d were served in that order");
+    assert_eq!(committed_items(&cluster), "a0,b1,c2,d3");
+}
+
 // README (reload): "a larger `size` (or `pool_size`) is usable at once", also by a client
 // already waiting in the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
