@@ -180,36 +180,48 @@ impl<'a> Parse<'a> {
 
     /// Where its name and SQL text end, for reading its frame again without a scan.
     pub fn layout(&self) -> ParseLayout {
-        ParseLayout {
-            name_len: self.name.len(),
-            sql_len: self.sql.len(),
-        }
+        ParseLayout(TwoStrings::of(self.name, self.sql))
     }
 
     /// The Parse in `frame`, read at `layout` (what [`Self::layout`] gave for the same
     /// frame): slices only, no scan for the strings' ends. A layout that does not fit
     /// the frame reads it from the start.
     pub fn at(frame: &'a [u8], layout: ParseLayout) -> Result<Self, FrameError> {
-        let body = body(frame);
-        let sql_start = layout.name_len + 1;
-        let sql_end = sql_start + layout.sql_len;
-        let ends = (body.get(layout.name_len), body.get(sql_end));
-        match (body.get(sql_end + 1..), ends) {
-            (Some(param_types), (Some(0), Some(0))) => Ok(Self {
-                name: &body[..layout.name_len],
-                sql: &body[sql_start..sql_end],
+        match layout.0.read(frame) {
+            Some((name, sql, param_types)) => Ok(Self {
+                name,
+                sql,
                 param_types,
             }),
-            _ => Self::decode(frame),
+            None => Self::decode(frame),
         }
     }
 }
 
 /// Where a Parse message's name and SQL text end (see [`Parse::at`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ParseLayout {
-    name_len: usize,
-    sql_len: usize,
+pub struct ParseLayout(TwoStrings);
+
+/// The lengths of the two strings a Parse or a Bind starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TwoStrings(usize, usize);
+
+impl TwoStrings {
+    fn of(first: &[u8], second: &[u8]) -> Self {
+        Self(first.len(), second.len())
+    }
+
+    /// The two strings at the start of `frame`'s body and the rest after them, if each
+    /// ends where this says.
+    fn read(self, frame: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+        let body = body(frame);
+        let second = self.0 + 1..self.0 + 1 + self.1;
+        let ends = (body.get(self.0), body.get(second.end));
+        match (body.get(second.end + 1..), ends) {
+            (Some(rest), (Some(0), Some(0))) => Some((&body[..self.0], &body[second], rest)),
+            _ => None,
+        }
+    }
 }
 
 /// Appends a Parse message.
@@ -257,26 +269,19 @@ impl<'a> Bind<'a> {
     /// Where its portal and statement names end, for reading its frame again without a
     /// scan.
     pub fn layout(&self) -> BindLayout {
-        BindLayout {
-            portal_len: self.portal.len(),
-            statement_len: self.statement.len(),
-        }
+        BindLayout(TwoStrings::of(self.portal, self.statement))
     }
 
     /// The Bind in `frame`, read at `layout` (what [`Self::layout`] gave for the same
     /// frame): slices only. A layout that does not fit the frame reads it from the start.
     pub fn at(frame: &'a [u8], layout: BindLayout) -> Result<Self, FrameError> {
-        let body = body(frame);
-        let statement_start = layout.portal_len + 1;
-        let statement_end = statement_start + layout.statement_len;
-        let ends = (body.get(layout.portal_len), body.get(statement_end));
-        match (body.get(statement_end + 1..), ends) {
-            (Some(rest), (Some(0), Some(0))) => Ok(Self {
-                portal: &body[..layout.portal_len],
-                statement: &body[statement_start..statement_end],
+        match layout.0.read(frame) {
+            Some((portal, statement, rest)) => Ok(Self {
+                portal,
+                statement,
                 rest,
             }),
-            _ => Self::decode(frame),
+            None => Self::decode(frame),
         }
     }
 
@@ -294,10 +299,7 @@ impl<'a> Bind<'a> {
 
 /// Where a Bind message's portal and statement names end (see [`Bind::at`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BindLayout {
-    portal_len: usize,
-    statement_len: usize,
-}
+pub struct BindLayout(TwoStrings);
 
 /// Reads a Bind's formats, values and result formats to the end; `None` if PostgreSQL
 /// would refuse them (a negative parameter count never matches a statement; negative
