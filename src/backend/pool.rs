@@ -367,20 +367,19 @@ impl Pool {
     /// queued clients at once; shrinking closes parked connections beyond the new size
     /// now and lent ones as they come back, so no client is interrupted.
     fn resize(&self, size: usize) {
-        let mut extra = Vec::new();
         let mut wake = Vec::new();
-        {
+        let extra: Vec<Box<ServerConn>> = {
             let mut slots = lock(&self.slots);
             slots.size = size;
-            while slots.open > size && !slots.idle.is_empty() {
-                // The least recently parked go.
-                extra.push(slots.idle.remove(0));
-                slots.open -= 1;
-            }
+            // The least recently parked go.
+            let extra = slots.open.saturating_sub(size).min(slots.idle.len());
+            let extra: Vec<_> = slots.idle.drain(..extra).collect();
+            slots.open -= extra.len();
             while let Some(waker) = slots.grant() {
                 wake.push(waker);
             }
-        }
+            extra
+        };
         drop(extra);
         wake.into_iter().for_each(Waker::wake);
     }
@@ -398,9 +397,9 @@ impl Pool {
     }
 
     /// Borrows a parked connection without waiting, if a slot is free (see
-    /// [`Slots::free`]) and a usable connection is parked: the per-statement path, one lock and no
-    /// future to set up. `None` leaves everything as it was; [`Self::acquire`] then
-    /// queues or connects.
+    /// [`Slots::free`]) and a usable connection is parked: the per-statement path, one
+    /// lock and no future to set up. `None` leaves everything as it was;
+    /// [`Self::acquire`] then queues or connects.
     pub fn try_acquire(self: &Arc<Self>) -> Option<PooledConn> {
         let now = crate::clock::now();
         let conn = {
@@ -447,9 +446,9 @@ impl Pool {
         // back if none is made.
         let slot = Slot(self);
         let now = crate::clock::now();
-        if let Some(conn) = parked
-            .and_then(|conn| self.usable(conn))
-            .or_else(|| self.take_parked(now))
+        // None was parked when the slot was taken: a new one, without looking again.
+        if let Some(conn) =
+            parked.and_then(|conn| self.usable(conn).or_else(|| self.take_parked(now)))
         {
             return Ok(self.lend(conn, slot, now));
         }
