@@ -31,11 +31,6 @@ impl Capacity {
         self.size.load(Relaxed)
     }
 
-    /// Permits held now (at most the size; during a shrink, those not yet taken back).
-    pub fn held(&self) -> usize {
-        self.size().saturating_sub(self.permits.available_permits())
-    }
-
     /// Sets the size to `size`. A shrink below what is held completes as holders give
     /// permits back, on a task of the current runtime.
     pub fn resize(&self, size: usize) {
@@ -77,6 +72,6 @@ mod tests {
         assert_eq!(capacity.permits.available_permits(), 1, "size 1 again");
         capacity.resize(4);
         assert_eq!(capacity.permits.available_permits(), 4);
-        assert_eq!(capacity.held(), 0);
+        assert_eq!(capacity.size(), 4, "none held");
     }
 }
