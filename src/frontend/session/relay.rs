@@ -336,37 +336,53 @@ impl Session<'_> {
         self.emit_local();
     }
 
-    /// How many bytes at the start of `buf` are whole rows (DataRow, and RowDescription
-    /// where it does not end the reply) that [`Self::on_server_frame`] would only pass on
-    /// to the client: the reply is the client's (pgway's own queries, such as the WAL
-    /// position query, are never forwarded), no cache fill records it, and no retry
-    /// swallows it. They are forwarded as one run, however many rows a result has.
-    fn plain_rows(&self, buf: &[u8]) -> usize {
-        if !matches!(buf.first(), Some(b'D' | b'T')) {
-            return 0;
+    /// How many bytes at the start of `buf` [`Self::on_server_frame`] would only pass on to
+    /// the client, as one run however many rows a result has: whole rows (DataRow, and
+    /// RowDescription where it does not end the reply), and the replies that end a
+    /// message's answer with nothing else to do (ParseComplete, BindComplete,
+    /// CloseComplete, and a Describe's RowDescription or NoData), whose expectations it
+    /// takes off the queue. Only while the reply is the client's (pgway's own queries,
+    /// such as the WAL position query, are never forwarded), no cache fill records it, no
+    /// retry swallows it, and no reply of pgway's own is due before the next message.
+    /// Also says whether it took an expectation off the queue.
+    fn plain_replies(&mut self, buf: &[u8]) -> (usize, bool) {
+        let plain = |tag| matches!(tag, b'D' | b'T' | b'1' | b'2' | b'3' | b'n');
+        if !buf.first().is_some_and(|&tag| plain(tag))
+            || self.request.redo.is_some()
+            || self.fill.is_some()
+        {
+            return (0, false);
         }
-        let Some(Expect::Server {
+        let mut end = 0;
+        let mut ended = false;
+        // The expectation at the head of the queue, looked at again once a reply ends it.
+        'head: while let Some(Expect::Server {
             kind,
             forward: true,
             ..
         }) = self.expected.front()
-        else {
-            return 0;
-        };
-        if self.request.redo.is_some() || self.fill.is_some() {
-            return 0;
-        }
-        let mut end = 0;
-        while let Some(&tag) = buf.get(end) {
-            if !(tag == b'D' || (tag == b'T' && *kind != Reply::Describe)) {
-                break;
+        {
+            let kind = *kind;
+            while let Some(&tag) = buf.get(end) {
+                let ends = match tag {
+                    b'D' => false,
+                    b'T' => kind == Reply::Describe,
+                    b'1' | b'2' | b'3' | b'n' if kind.ends_with(tag) => true,
+                    _ => break 'head,
+                };
+                match frame_len(&buf[end..], MAX_MESSAGE_LEN) {
+                    Ok(Some(len)) => end += len,
+                    _ => break 'head,
+                }
+                if ends {
+                    self.expected.pop_front();
+                    ended = true;
+                    continue 'head;
+                }
             }
-            match frame_len(&buf[end..], MAX_MESSAGE_LEN) {
-                Ok(Some(len)) => end += len,
-                _ => break,
-            }
+            break;
         }
-        end
+        (end, ended)
     }
 
     /// Forwards an ErrorResponse, naming statements as the client named them rather than by
@@ -424,11 +440,15 @@ impl Session<'_> {
             let mut pos = 0;
             let mut malformed = None;
             while !self.expected.is_empty() || matches!(self.state, State::CopyIn(..)) {
-                let rows = self.plain_rows(&buf[pos..]);
-                if rows > 0 {
+                let (run, ended) = self.plain_replies(&buf[pos..]);
+                if run > 0 {
                     self.request.answered = true;
-                    self.out.extend_from_slice(&buf[pos..pos + rows]);
-                    pos += rows;
+                    self.out.extend_from_slice(&buf[pos..pos + run]);
+                    pos += run;
+                    if ended {
+                        // pgway's own replies due after the messages the run answered.
+                        self.emit_local();
+                    }
                     continue;
                 }
                 match frame_len(&buf[pos..], MAX_MESSAGE_LEN) {

@@ -99,17 +99,29 @@ fn check_batch_frame(frame: &[u8], routes: &mut BatchRoutes) -> Result<(), Sessi
 impl Session<'_> {
     pub(super) async fn serve(&mut self) -> Result<(), SessionError> {
         loop {
-            // The next message, by what the session waits in (written out here, not as a
-            // future of its own: each level of futures is a copy into its caller's state
-            // on every statement).
-            let between_requests = self.batch.is_empty() && self.expected.is_empty();
-            let frame = match self.state {
-                State::Pinned(..) if between_requests => self.next_frame_pinned().await,
-                State::Idle | State::SkipToSync(_) | State::Aborted if self.batch.is_empty() => {
-                    self.next_frame_idle().await
+            // The next message: one the client sent already (the rest of a batch), else
+            // by what the session waits in (written out here, not as a future of its
+            // own: each level of futures is a copy into its caller's state on every
+            // statement).
+            let buffered = self
+                .client
+                .try_frame(MAX_MESSAGE_LEN)
+                .map_err(SessionError::from_client)?;
+            let frame = match buffered {
+                Some(frame) => frame,
+                None => {
+                    let between_requests = self.batch.is_empty() && self.expected.is_empty();
+                    match self.state {
+                        State::Pinned(..) if between_requests => self.next_frame_pinned().await,
+                        State::Idle | State::SkipToSync(_) | State::Aborted
+                            if self.batch.is_empty() =>
+                        {
+                            self.next_frame_idle().await
+                        }
+                        _ => self.next_frame_attached().await,
+                    }?
                 }
-                _ => self.next_frame_attached().await,
-            }?;
+            };
             match frame[0] {
                 b'Q' => {
                     // Routed in place when nothing needs a wait (nearly every query): then
@@ -175,15 +187,9 @@ impl Session<'_> {
     /// transaction, a batch or a COPY). Once pgway's drain deadline has passed, a client
     /// that keeps pgway waiting here is told 57P01 and closed; one silent for
     /// `client.idle_in_transaction_timeout` inside a transaction (or `client.idle_timeout`
-    /// outside one) is closed too, and its transaction rolled back.
+    /// outside one) is closed too, and its transaction rolled back. (The serve loop has
+    /// taken any message the client sent already.)
     async fn next_frame_attached(&mut self) -> Result<BytesMut, SessionError> {
-        if let Some(frame) = self
-            .client
-            .try_frame(MAX_MESSAGE_LEN)
-            .map_err(SessionError::from_client)?
-        {
-            return Ok(frame);
-        }
         if self.holds_refused_bind() {
             return Ok(local_reply(b'H'));
         }
@@ -197,15 +203,9 @@ impl Session<'_> {
         }
     }
 
-    /// Waits for the next request of a client that holds no server connection.
+    /// Waits for the next request of a client that holds no server connection (none is
+    /// buffered: the serve loop looked).
     async fn next_frame_idle(&mut self) -> Result<BytesMut, SessionError> {
-        if let Some(frame) = self
-            .client
-            .try_frame(MAX_MESSAGE_LEN)
-            .map_err(SessionError::from_client)?
-        {
-            return Ok(frame);
-        }
         // Between requests a session may move to another worker (the workers taking
         // sessions follow the load: see `crate::workers::Placement`).
         if let Some(to) = crate::workers::destination() {
