@@ -19,7 +19,8 @@
 # an answer of its own). CONFIG=FILE runs both
 # builds with another of compare.sh's configs (CONFIG=pgway-rywoff.toml: read-your-writes
 # off); CONFIG_B=FILE runs build B with another config than A (the same binary twice, with
-# CONFIG_B=pgway-rywoff.toml, measures what read-your-writes costs). Run benches/compare.sh
+# CONFIG_B=pgway-rywoff.toml, measures what read-your-writes costs). PROTOCOL=extended (or
+# prepared) runs pgbench with -M PROTOCOL instead of the simple protocol. Run benches/compare.sh
 # once first: it leaves the PostgreSQL pair and the configs in .bench/run (or
 # $PGWAY_BENCH_DIR/run).
 set -euo pipefail
@@ -35,6 +36,11 @@ select-only) PGBENCH_SCRIPT=(-S) CLIENTS=(1 32) ;;
 tpcb) PGBENCH_SCRIPT=() CLIENTS=(16) LABEL=TPC-B ;;
 autocommit) PGBENCH_SCRIPT=(-f "$REPO/benches/scripts/autocommit-update.sql") CLIENTS=(16) LABEL="autocommit UPDATE" ;;
 *) echo "ab: ERROR: SCRIPT must be select-only, tpcb or autocommit" >&2 && exit 1 ;;
+esac
+PROTOCOL=${PROTOCOL:-simple}
+case $PROTOCOL in
+simple | extended | prepared) PGBENCH_SCRIPT+=(-M "$PROTOCOL") ;;
+*) echo "ab: ERROR: PROTOCOL must be simple, extended or prepared" >&2 && exit 1 ;;
 esac
 DURATION=${DURATION:-10}
 BENCH_DIR=$(bench_pair_dir)
@@ -119,6 +125,7 @@ median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (
 
 echo "A = $A ($CONFIG)"
 echo "B = $B ($CONFIG_B)"
+[[ $PROTOCOL == simple ]] || echo "pgbench -M $PROTOCOL"
 : >"$OUT/s1" && : >"$OUT/s32" && : >"$OUT/cpu" && : >"$OUT/machine"
 for ((round = 1; round <= ROUNDS; round++)); do
     # Alternate which build goes first.
