@@ -18,7 +18,8 @@
 # tps), CONFIG=pgway.toml (another of the configs in the run directory for pgway, e.g.
 # pgway-nopoll.toml: compare.sh's with busy_poll = "0s"), LOGINS=200 (then the CPU time
 # each gateway spends per login, user and system: pgbench -C, a SCRAM login per
-# transaction, 4 clients; LOGINS=0 skips it).
+# transaction, 4 clients; LOGINS=0 skips it), PROTOCOL=simple (extended or prepared: pgbench
+# -M PROTOCOL; pgbouncer runs only the first two in transaction mode).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,6 +30,11 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 CLIENTS=${CLIENTS:-32}
 CONFIG=${CONFIG:-pgway.toml}
+PROTOCOL=${PROTOCOL:-simple}
+case $PROTOCOL in
+simple | extended | prepared) ;;
+*) die "PROTOCOL must be simple, extended or prepared" ;;
+esac
 LOGINS=${LOGINS:-200}
 THREADS=$((CLIENTS > 1 ? 2 : 1))
 BENCH_DIR=$(bench_pair_dir)
@@ -53,7 +59,7 @@ tick_us=$((1000000 / $(getconf CLK_TCK)))
 
 # One short unreported run each first: the pools fill and the caches warm up.
 for gw in pgway pgbouncer haproxy; do
-    PGPASSWORD=app-secret pgbench -n -S -c "$CLIENTS" -j "$THREADS" -T 2 -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench \
+    PGPASSWORD=app-secret pgbench -n -S -M "$PROTOCOL" -c "$CLIENTS" -j "$THREADS" -T 2 -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench \
         >/dev/null 2>&1 || die "warm-up against $gw failed"
 done
 
@@ -63,7 +69,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for gw in pgway pgbouncer haproxy; do
         # CPU over DURATION seconds once the clients have logged in (steady_pgbench:
         # scripts/lib.sh); tps and latency over the whole run, as pgbench reports them.
-        figures=$(PGPASSWORD=app-secret steady_pgbench "${PID[$gw]}" 2 $((DURATION + 2)) "$OUT" -n -S \
+        figures=$(PGPASSWORD=app-secret steady_pgbench "${PID[$gw]}" 2 $((DURATION + 2)) "$OUT" -n -S -M "$PROTOCOL" \
             -c "$CLIENTS" -j "$THREADS" -T $((DURATION + 3)) -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench) ||
             die "pgbench against $gw failed: $(tail -n 5 "$OUT")"
         [[ -n $figures ]] || die "pgbench against $gw printed too few progress reports: $(tail -n 5 "$OUT")"
