@@ -619,16 +619,12 @@ impl Session<'_> {
     }
 
     /// Waits for the client's next message while relaying what the pinned server sends
-    /// unprompted (NotificationResponse for LISTEN, notices, parameter changes).
+    /// unprompted (NotificationResponse for LISTEN, notices, parameter changes). The serve
+    /// loop has taken any message the client sent already, and a read of the client's
+    /// that the server's bytes interrupt leaves no whole message behind (it would have
+    /// returned it), so each pass waits in the client's read straight away.
     pub(super) async fn next_frame_pinned(&mut self) -> Result<BytesMut, SessionError> {
         loop {
-            if let Some(frame) = self
-                .client
-                .try_frame(MAX_MESSAGE_LEN)
-                .map_err(SessionError::from_client)?
-            {
-                return Ok(frame);
-            }
             if self.forward_unprompted().await? {
                 return Err(SessionError::ClientGone(NetError::Closed));
             }
