@@ -185,34 +185,65 @@ impl Session<'_> {
         let mut hints = ReadHints::default();
         let parses = batch.iter().filter(|f| f[0] == b'P');
         for (frame, at) in parses.zip(&routes.layouts) {
-            let parse = Parse::at(frame, *at).map_err(SessionError::protocol)?;
-            // The unnamed statement parsed again (drivers without a statement cache):
-            // its route and hints, without classifying its text again.
-            let again = match &self.unnamed {
-                Some(unnamed) if parse.name.is_empty() => unnamed
-                    .route_for(&parse, self.target)
-                    .map(|route| (route, unnamed.hints)),
-                _ => None,
-            };
-            if let Some((route, its_hints)) = again {
-                hints.merge(its_hints);
-                routes.parses.push(route);
-                continue;
-            }
-            let route = match std::str::from_utf8(parse.sql) {
-                Ok(sql) => {
+            let route = match self.parse_target_now(frame, *at, &mut hints)? {
+                Ok(route) => route,
+                Err(c) => {
                     let router = &self.shared.router;
-                    let c = router.classification(sql);
-                    hints.add(&c);
                     router
                         .decide(&c, &self.database, &self.user, self.target)
                         .await
                 }
-                Err(_) => (Target::Primary, Why::NotARead),
             };
             routes.parses.push(route);
         }
         Ok(hints)
+    }
+
+    /// [`Self::parse_targets`] without waiting, as for nearly every batch: `None` (and
+    /// `routes` as it was) if a statement's functions need their volatility looked up.
+    pub(super) fn parse_targets_now(
+        &self,
+        batch: &[BytesMut],
+        routes: &mut BatchRoutes,
+    ) -> Result<Option<ReadHints>, SessionError> {
+        let mut hints = ReadHints::default();
+        let parses = batch.iter().filter(|f| f[0] == b'P');
+        for (frame, at) in parses.zip(&routes.layouts) {
+            match self.parse_target_now(frame, *at, &mut hints)? {
+                Ok(route) => routes.parses.push(route),
+                Err(_) => {
+                    routes.parses.clear();
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(hints))
+    }
+
+    /// Where one Parse would run and why, adding its hints to `hints`; `Err` with its
+    /// classification if that needs [`crate::route::Router::decide`]'s wait.
+    fn parse_target_now(
+        &self,
+        frame: &[u8],
+        at: ParseLayout,
+        hints: &mut ReadHints,
+    ) -> Result<Result<Decision, Arc<Classification>>, SessionError> {
+        let parse = Parse::at(frame, at).map_err(SessionError::protocol)?;
+        // The unnamed statement parsed again (drivers without a statement cache): its
+        // route and hints, without classifying its text again.
+        if let Some(unnamed) = self.unnamed.as_ref().filter(|_| parse.name.is_empty()) {
+            if let Some(route) = unnamed.route_for(&parse, self.target) {
+                hints.merge(unnamed.hints);
+                return Ok(Ok(route));
+            }
+        }
+        let Ok(sql) = std::str::from_utf8(parse.sql) else {
+            return Ok(Ok((Target::Primary, Why::NotARead)));
+        };
+        let router = &self.shared.router;
+        let c = router.classification(sql);
+        hints.add(&c);
+        Ok(router.decide_now(&c, self.target).ok_or(c))
     }
 
     /// Where the batch goes (a replica only if every statement it parses or executes may

@@ -56,6 +56,24 @@ const QUERY_PLAN: Plan = Plan {
     report: true,
 };
 
+/// How a batch is sent: `sync`, it ends with Sync; `complete`, with Sync or Flush.
+fn batch_plan(batch: &[BytesMut], sync: bool, complete: bool) -> Plan {
+    Plan {
+        retry: sync,
+        relay: complete,
+        ready: sync,
+        statements: batch.iter().filter(|f| f[0] == b'E').count() as u64,
+        report: false,
+    }
+}
+
+/// Where a batch that needs no wait goes (see [`Session::route_batch_now`]).
+struct BatchRoute {
+    target: Target,
+    hints: ReadHints,
+    plan: Plan,
+}
+
 /// Where a simple query goes, and what sending it needs from its routing.
 #[derive(Debug)]
 struct QueryRoute {
@@ -158,7 +176,26 @@ impl Session<'_> {
                 b'S' => {
                     check_batch_frame(&frame, &mut self.batch_routes)?;
                     self.batch.push(frame);
-                    self.run_batch(true).await?;
+                    // Routed in place when nothing needs a wait (nearly every batch): then
+                    // it is sent from here, as a simple query is, with no future of a
+                    // batch step in between (see `route_batch_now`). The batch stays in
+                    // the session meanwhile: nothing of it lives across the wait here.
+                    match self.route_batch_now()? {
+                        Some(route) => {
+                            let hints = route.hints;
+                            let sent = self
+                                .send_request(route.target, route.plan, move |session| {
+                                    session.queue_collected_batch(hints)
+                                })
+                                .await;
+                            let failed = self.batch_sent(sent, true)?;
+                            self.clear_batch();
+                            if let Some(e) = failed {
+                                self.report(e, true).await?;
+                            }
+                        }
+                        None => self.run_batch(true).await?,
+                    }
                 }
                 b'X' => return Ok(()),
                 // CopyData/CopyDone/CopyFail outside COPY (after a failed COPY): ignored, as
@@ -494,13 +531,25 @@ impl Session<'_> {
     /// Routes, rewrites, sends and relays the collected extended-protocol batch.
     /// `sync`: the batch ends with Sync (else with Flush, or it grew too large).
     async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
-        let mut batch = std::mem::take(&mut self.batch);
-        let mut routes = std::mem::take(&mut self.batch_routes);
+        let (batch, mut routes) = self.take_batch();
+        let ran = self.run_frames(&batch, &mut routes, sync).await;
+        self.keep_batch(batch, routes);
+        ran
+    }
+
+    /// The collected batch and what was read of it, to run.
+    fn take_batch(&mut self) -> (Vec<BytesMut>, BatchRoutes) {
         self.batch_bytes = 0;
         self.batch_checked = 0;
-        let ran = self.run_frames(&batch, &mut routes, sync).await;
-        // The next batch reuses the lists (a client's batches are mostly alike), unless
-        // this one was large.
+        (
+            std::mem::take(&mut self.batch),
+            std::mem::take(&mut self.batch_routes),
+        )
+    }
+
+    /// After a batch ran: the next one reuses its lists (a client's batches are mostly
+    /// alike), unless this one was large.
+    fn keep_batch(&mut self, mut batch: Vec<BytesMut>, mut routes: BatchRoutes) {
         batch.clear();
         routes.clear();
         if batch.capacity() <= KEPT_BATCH_FRAMES && self.batch.is_empty() {
@@ -510,7 +559,69 @@ impl Session<'_> {
             // (As for the batch: unless the next one has begun.)
             self.batch_routes = routes;
         }
-        ran
+    }
+
+    /// [`Self::keep_batch`] of the batch still in the session, once it ran.
+    fn clear_batch(&mut self) {
+        let (batch, routes) = self.take_batch();
+        self.keep_batch(batch, routes);
+    }
+
+    /// [`Self::queue_batch`] of the batch still in the session, which ends with Sync.
+    fn queue_collected_batch(&mut self, hints: ReadHints) -> Result<(), SessionError> {
+        let batch = std::mem::take(&mut self.batch);
+        let routes = std::mem::take(&mut self.batch_routes);
+        let queued = self.queue_batch(&batch, &routes, hints, true);
+        self.batch = batch;
+        self.batch_routes = routes;
+        queued
+    }
+
+    /// [`Self::run_frames`]' routing of a batch that ends with Sync, for one that needs no
+    /// wait (as nearly every one): no skipped or failed transaction, no function whose
+    /// volatility must be looked up, no `pgway:fresh` read, no result cache. `None`
+    /// (having changed nothing): run it with [`Self::run_frames`].
+    fn route_batch_now(&mut self) -> Result<Option<BatchRoute>, SessionError> {
+        if self.cache.is_some() || matches!(self.state, State::SkipToSync(_) | State::Aborted) {
+            return Ok(None);
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let mut routes = std::mem::take(&mut self.batch_routes);
+        let routed = self.route_taken_batch_now(&batch, &mut routes);
+        self.batch = batch;
+        self.batch_routes = routes;
+        routed
+    }
+
+    /// [`Self::route_batch_now`] of the batch taken out of the session.
+    fn route_taken_batch_now(
+        &mut self,
+        batch: &[BytesMut],
+        routes: &mut BatchRoutes,
+    ) -> Result<Option<BatchRoute>, SessionError> {
+        let Some(mut hints) = self.parse_targets_now(batch, routes)? else {
+            return Ok(None);
+        };
+        let (target, why) = match self.state {
+            State::Idle => self.batch_target(batch, routes, &mut hints)?,
+            _ => (Target::Primary, self.held_why()),
+        };
+        if self.wants_fresh_target(hints, target) {
+            routes.parses.clear();
+            routes.binds.clear();
+            return Ok(None);
+        }
+        let plan = batch_plan(batch, true, true);
+        if plan.statements > 0 {
+            self.note_route(why, hints);
+        }
+        let fresh = self.apply_read_hints(hints, target);
+        debug_assert!(!fresh, "checked above");
+        Ok(Some(BatchRoute {
+            target,
+            hints,
+            plan,
+        }))
     }
 
     /// [`Self::run_batch`] of `batch`; `routes` (empty) is for what routing it finds out.
@@ -542,8 +653,8 @@ impl Session<'_> {
             _ => (Target::Primary, self.held_why()),
         };
         let routes = &*routes;
-        let executes = batch.iter().filter(|f| f[0] == b'E').count() as u64;
-        if executes > 0 {
+        let plan = batch_plan(batch, sync, complete);
+        if plan.statements > 0 {
             self.note_route(why, hints);
         }
         let target = if self.apply_read_hints(hints, target) {
@@ -557,50 +668,66 @@ impl Session<'_> {
                 return Ok(());
             }
         }
-        let plan = Plan {
-            retry: sync,
-            relay: complete,
-            ready: sync,
-            statements: executes,
-            report: false,
-        };
         let sent = self
             .send_request(target, plan, |session| {
-                session.track_pgway_settings(hints);
-                let mut parses = routes.parses.iter().zip(&routes.layouts);
-                let mut binds = routes.binds.iter();
-                let mut bind_layouts = routes.bind_layouts.iter();
-                for frame in batch {
-                    let routed = match frame[0] {
-                        b'P' => parses
-                            .next()
-                            .map_or(Routed::Nothing, |(r, at)| Routed::Parse(r, *at)),
-                        b'B' => bind_layouts
-                            .next()
-                            .map_or(Routed::Nothing, |at| Routed::Bind(*at, binds.next())),
-                        _ => Routed::Nothing,
-                    };
-                    session.translate(frame, routed)?;
-                }
-                if let Some(link) = session.state.link_mut() {
-                    link.unsynced = !sync;
-                }
-                Ok(())
+                session.queue_batch(batch, routes, hints, sync)
             })
             .await;
+        match self.batch_sent(sent, sync)? {
+            Some(e) => self.report(e, sync).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a routed batch on the connection it got, each message as the server is to
+    /// read it (the request of [`Self::send_request`]).
+    fn queue_batch(
+        &mut self,
+        batch: &[BytesMut],
+        routes: &BatchRoutes,
+        hints: ReadHints,
+        sync: bool,
+    ) -> Result<(), SessionError> {
+        self.track_pgway_settings(hints);
+        let mut parses = routes.parses.iter().zip(&routes.layouts);
+        let mut binds = routes.binds.iter();
+        let mut bind_layouts = routes.bind_layouts.iter();
+        for frame in batch {
+            let routed = match frame[0] {
+                b'P' => parses
+                    .next()
+                    .map_or(Routed::Nothing, |(r, at)| Routed::Parse(r, *at)),
+                b'B' => bind_layouts
+                    .next()
+                    .map_or(Routed::Nothing, |at| Routed::Bind(*at, binds.next())),
+                _ => Routed::Nothing,
+            };
+            self.translate(frame, routed)?;
+        }
+        if let Some(link) = self.state.link_mut() {
+            link.unsynced = !sync;
+        }
+        Ok(())
+    }
+
+    /// After a batch was sent and answered: the result cache's fill ends; `Some` error if
+    /// no server connection could be had (nothing was sent: the client is to be told).
+    fn batch_sent(
+        &mut self,
+        sent: Result<Result<(), ClientError>, SessionError>,
+        sync: bool,
+    ) -> Result<Option<ClientError>, SessionError> {
         self.finish_fill();
         let sent = sent?;
         self.request.retried_on_primary = false;
-        match sent {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if !sync {
-                    // `E`: a held BEGIN's transaction was lost with it (Aborted).
-                    self.state = State::SkipToSync(self.state.status());
-                }
-                self.report(e, sync).await
-            }
+        let Err(e) = sent else {
+            return Ok(None);
+        };
+        if !sync {
+            // `E`: a held BEGIN's transaction was lost with it (Aborted).
+            self.state = State::SkipToSync(self.state.status());
         }
+        Ok(Some(e))
     }
 
     /// Sends a request: takes a server connection for `target` if the client holds none,
