@@ -19,7 +19,8 @@
 # pgway-nopoll.toml: compare.sh's with busy_poll = "0s"), LOGINS=200 (then the CPU time
 # each gateway spends per login, user and system: pgbench -C, a SCRAM login per
 # transaction, 4 clients; LOGINS=0 skips it), PROTOCOL=simple (extended or prepared: pgbench
-# -M PROTOCOL; pgbouncer runs only the first two in transaction mode).
+# -M PROTOCOL; with prepared, pgbouncer is left out: it runs only the first two in
+# transaction mode).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,7 +33,9 @@ CLIENTS=${CLIENTS:-32}
 CONFIG=${CONFIG:-pgway.toml}
 PROTOCOL=${PROTOCOL:-simple}
 case $PROTOCOL in
-simple | extended | prepared) ;;
+simple | extended) GATEWAYS=(pgway pgbouncer haproxy) ;;
+# pgbouncer 1.18 keeps no prepared statements in transaction mode (as compare.sh's prep32).
+prepared) GATEWAYS=(pgway haproxy) ;;
 *) die "PROTOCOL must be simple, extended or prepared" ;;
 esac
 LOGINS=${LOGINS:-200}
@@ -58,7 +61,7 @@ declare -n PID=GATEWAY_PID PORT=GATEWAY_PORT
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 
 # One short unreported run each first: the pools fill and the caches warm up.
-for gw in pgway pgbouncer haproxy; do
+for gw in "${GATEWAYS[@]}"; do
     PGPASSWORD=app-secret pgbench -n -S -M "$PROTOCOL" -c "$CLIENTS" -j "$THREADS" -T 2 -h 127.0.0.1 -p "${PORT[$gw]}" -U app bench \
         >/dev/null 2>&1 || die "warm-up against $gw failed"
 done
@@ -66,7 +69,7 @@ done
 printf '%-10s %10s %12s %14s %16s %18s %17s\n' gateway tps 'latency ms' 'user µs/stmt' 'system µs/stmt' \
     'invol. sw./stmt' 'machine µs/stmt'
 for ((round = 1; round <= ROUNDS; round++)); do
-    for gw in pgway pgbouncer haproxy; do
+    for gw in "${GATEWAYS[@]}"; do
         # CPU over DURATION seconds once the clients have logged in (steady_pgbench:
         # scripts/lib.sh); tps and latency over the whole run, as pgbench reports them.
         figures=$(PGPASSWORD=app-secret steady_pgbench "${PID[$gw]}" 2 $((DURATION + 2)) "$OUT" -n -S -M "$PROTOCOL" \
@@ -85,7 +88,7 @@ done
 ((LOGINS > 0)) || exit 0
 echo
 printf '%-10s %8s %15s %17s\n' gateway logins 'user ms/login' 'system ms/login'
-for gw in pgway pgbouncer haproxy; do
+for gw in "${GATEWAYS[@]}"; do
     pid=${PID[$gw]}
     read -r u0 s0 < <(cpu_ticks "$pid")
     PGPASSWORD=app-secret PGCONNECT_TIMEOUT=10 timeout --kill-after=10 600 pgbench -n -S -C -c 4 -j 1 \
