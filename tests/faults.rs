@@ -3,8 +3,8 @@
 //! terminated under a statement fails that statement (an ERROR, not a closed connection)
 //! and the session goes on; one terminated inside a transaction fails the transaction,
 //! pgway answers its ROLLBACK and the session goes on. A primary that dies under a
-//! transaction, or under a COMMIT, in a static topology; a replica killed under load; a
-//! read cancelled by a recovery conflict.
+//! transaction, or under a COMMIT, in a static topology; a replica killed under load, and
+//! under a read whose first rows it had sent; a read cancelled by a recovery conflict.
 
 #![allow(
     clippy::unwrap_used,
@@ -390,6 +390,68 @@ async fn a_replica_killed_under_load_costs_no_client_an_error() {
         errors.len(),
         &errors[..errors.len().min(5)]
     );
+}
+
+/// A read whose server dies after part of its answer reached pgway (here 8 KiB of rows,
+/// then a sleep on the replica) but none reached the client runs again on the primary:
+/// pgway held the part back, and the client gets the primary's whole answer, no error.
+/// Past 32 KiB an answer streams on, and the same death costs the client 08006 (not
+/// 08007: a replica commits nothing); its session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_replica_dies_mid_answer_runs_again_on_the_primary() {
+    let mut cluster = Cluster::start(1);
+    let gw = Gateway::start_with(
+        &cluster,
+        GatewayOptions {
+            extra: "[routing]\n\
+                    read_only_functions = [\"pg_catalog.pg_sleep\", \"pg_catalog.pg_is_in_recovery\"]\n"
+                .into(),
+            ..GatewayOptions::default()
+        },
+    );
+    let primary = cluster.primary_port();
+    let replica = cluster.replica_ports()[0];
+    let mut client = connect(gw.port(), APP_USER, APP_PASSWORD).await;
+    for (sleep_at, rows) in [(100, 200), (400, 500)] {
+        gw.wait_for_replica_reads(&cluster).await;
+        // Rows of about 125 bytes (PostgreSQL sends each 8 KiB as it fills), then, on a
+        // replica only, a long sleep.
+        let sql = format!(
+            "select g, repeat('x', 100) as pad, inet_server_port() as port, \
+             pg_sleep(case when g = {sleep_at} and pg_is_in_recovery() then 60 else 0 end)::text \
+             from generate_series(1, {rows}) g"
+        );
+        let reader = tokio::spawn(async move {
+            let result = client.query(&sql, &[]).await;
+            (client, result)
+        });
+        eventually("the read to sleep on the replica", WAIT, async || {
+            let sleeping = cluster.psql_admin(
+                replica,
+                "select count(*) from pg_stat_activity where wait_event = 'PgSleep'",
+            );
+            (sleeping == "1").then_some(()).ok_or(sleeping)
+        })
+        .await;
+
+        cluster.kill_replica(0);
+
+        let result;
+        (client, result) = reader.await.unwrap();
+        if sleep_at == 100 {
+            let rows = result.expect("the read runs again, unseen");
+            let ports = rows.iter().fold(BTreeMap::new(), |mut ports, row| {
+                *ports.entry(row.get::<_, i32>("port")).or_default() += 1;
+                ports
+            });
+            assert_eq!(ports, BTreeMap::from([(i32::from(primary), 200usize)]));
+        } else {
+            let e = result.expect_err("399 rows had reached the client");
+            assert_eq!(sqlstate(&e), "08006", "{e:?}");
+        }
+        assert_eq!(simple_value(&client, "select 1").await.unwrap(), "1");
+        cluster.start_replica(0);
+    }
 }
 
 /// A read cancelled on the replica by a recovery conflict (the replica must replay a lock

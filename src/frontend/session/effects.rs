@@ -192,6 +192,7 @@ impl Session<'_> {
     /// At the end of a request (ReadyForQuery): keep the session effects of what succeeded
     /// and committed, drop the rest.
     pub(super) fn on_request_done(&mut self, status: u8) {
+        self.request.ended = true;
         self.request.min_position = 0;
         self.request.kept_writes = !self.request.failed || self.request.commits;
         if status == b'I' && self.request.held_ready.is_none() && !self.request.wal_deferred {

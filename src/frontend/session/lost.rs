@@ -9,7 +9,11 @@
 //! - A request that may have committed (a `COMMIT`, or a write outside a transaction) gets
 //!   08007, transaction resolution unknown, and ReadyForQuery `I`: pgway cannot know
 //!   whether the server committed before it died.
-//! - Anything else (a read whose answer had started) gets 08006 and ReadyForQuery `I`.
+//! - A request outside a transaction that wrote nothing (a read, or anything a replica
+//!   ran), that the server reported no error for, and none of whose answer reached the
+//!   client (pgway holds back the first 32 KiB of such an answer until it ends) runs
+//!   again on another node: the client sees no error (see `Session::lost`). Anything
+//!   else (a read whose answer had reached the client) gets 08006 and ReadyForQuery `I`.
 //! - A request answered whole whose server died under pgway's own WAL position query
 //!   after it (read-your-writes) gets its ReadyForQuery: it succeeded. The next read looks
 //!   up the primary's position before it goes to a replica.
@@ -45,7 +49,9 @@ impl Session<'_> {
             return self.position_lost(cause).await;
         }
         let status = self.state.status();
-        let unknown = self.request.commits || (status == b'I' && self.request.may_write);
+        // (A replica commits nothing.)
+        let unknown = !self.request.on_replica
+            && (self.request.commits || (status == b'I' && self.request.may_write));
         let error = if unknown {
             ClientError::TransactionResolutionUnknown(cause.to_owned())
         } else if status == b'I' {

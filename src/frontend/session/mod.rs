@@ -235,7 +235,7 @@ struct Request {
     /// The request may be sent again if the server shuts down before answering (only
     /// outside a transaction, when nothing of it can have taken effect).
     can_retry: bool,
-    /// A reply to it has been forwarded to the client.
+    /// The server has begun to answer it (a reply to it is on its way to the client).
     answered: bool,
     /// The server announced its shutdown in answer to it.
     retry_pending: bool,
@@ -283,6 +283,9 @@ struct Request {
     on_replica: bool,
     /// Part of its answer was sent to the client.
     flushed: bool,
+    /// Its answer has ended (its ReadyForQuery arrived; pgway's own queries after it may
+    /// still be under way). What it did is noted (`may_write`, `failed` are taken).
+    ended: bool,
     /// The replica gave it up before the client saw any of its answer (refused it as a
     /// write, or cancelled it for a recovery conflict): the rest of the answer is
     /// swallowed and the request goes to the primary.
@@ -318,6 +321,7 @@ impl Request {
         self.completed = 0;
         self.on_replica = false;
         self.flushed = false;
+        self.ended = false;
         self.redo = None;
         self.commits &= continues;
         self.copies = false;
@@ -329,6 +333,19 @@ impl Request {
         self.wal_position = None;
         self.deadline = None;
         self.cancel_sent = false;
+    }
+
+    /// It can run again elsewhere, its server lost under it, and the client be none the
+    /// wiser: it has not ended, nothing of its answer reached the client, the server
+    /// reported no error for it, and nothing it did outlives its server connection (it
+    /// is a read outside a transaction, or went to a replica, which writes nothing: what
+    /// a function there did to the session ends with it).
+    fn may_run_again(&self) -> bool {
+        self.can_retry
+            && !self.ended
+            && !self.flushed
+            && !self.failed
+            && (!self.may_write || self.on_replica)
     }
 
     /// Forgets everything (the request is sent again elsewhere).

@@ -20,6 +20,12 @@ use crate::protocol::frame::{frame_len, put_frame};
 use crate::protocol::messages;
 use crate::protocol::MAX_MESSAGE_LEN;
 
+/// How much of a read's answer pgway holds back from its client until the answer ends, so
+/// that the read can run again on another node if its server dies under it (a larger
+/// answer streams on, and a server lost after that costs the client an error). PostgreSQL
+/// sends an answer in 8 KiB pieces as they fill.
+const HELD_ANSWER: usize = 32 * 1024;
+
 /// Which server reply ends the answer to one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Reply {
@@ -470,11 +476,7 @@ impl Session<'_> {
             }
             let in_copy = matches!(self.state, State::CopyIn(..));
             let done = self.expected.is_empty() && !in_copy;
-            // Replies pgway made itself wait for the server's first answer, so a request
-            // can still be sent elsewhere if the server shuts down without answering.
-            if self.request.redo.is_none()
-                && (done || self.request.answered || !self.request.can_retry)
-            {
+            if self.request.redo.is_none() && !self.holds_answer(done, in_copy) {
                 if self.out.len() > self.request.out_mark {
                     self.request.flushed = true;
                 }
@@ -494,6 +496,25 @@ impl Session<'_> {
                 self.fill_or_cancel().await?;
             }
         }
+    }
+
+    /// Whether what the request's answer put in the client's buffer so far stays there
+    /// (not flushed), so that the request can still be sent elsewhere if its server goes
+    /// away before it ends: replies pgway made itself (a notice) until the server's first
+    /// answer, and the answer of a request that wrote nothing (outside a transaction)
+    /// until it ends or outgrows [`HELD_ANSWER`]. A server that dies mid-request can send
+    /// part of an answer on its way down (PostgreSQL's immediate shutdown flushes, with
+    /// its farewell notice, the ParseComplete of a Parse, Describe, Sync batch): the
+    /// client must not see it twice.
+    fn holds_answer(&self, done: bool, in_copy: bool) -> bool {
+        let request = &self.request;
+        if done || in_copy {
+            return false;
+        }
+        if !request.answered {
+            return request.can_retry && !request.flushed;
+        }
+        request.may_run_again() && self.out.len().saturating_sub(request.out_mark) < HELD_ANSWER
     }
 
     /// Waits for the server's next bytes until `client.query_timeout` after the request's
@@ -575,14 +596,12 @@ impl Session<'_> {
 
     /// The error for a server connection that failed under the request in flight.
     /// A request goes again to another connection if nothing of it can have taken effect
-    /// and the client has seen nothing of its answer: the server announced its shutdown,
-    /// or the request is a read outside a transaction.
+    /// and the client has seen nothing of its answer: the server announced its shutdown
+    /// before answering, or the request wrote nothing outside a transaction (a read, or
+    /// anything on a replica) and pgway held back its answer so far (see
+    /// [`Self::holds_answer`] and `Request::may_run_again`).
     pub(super) fn lost(&self, e: NetError) -> SessionError {
-        let unseen_read = self.request.can_retry
-            && !self.request.may_write
-            && !self.request.answered
-            && !self.request.flushed;
-        if self.request.retry_pending || unseen_read {
+        if self.request.retry_pending || self.request.may_run_again() {
             SessionError::Retry
         } else {
             SessionError::server_lost(e)

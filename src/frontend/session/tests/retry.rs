@@ -127,35 +127,55 @@ async fn no_retry_inside_a_transaction() {
 }
 
 #[tokio::test]
-async fn a_server_that_dies_mid_answer_fails_the_statement_with_08006() {
+async fn a_read_whose_server_dies_mid_answer_runs_again_unseen() {
     let mut h = Harness::new(2);
     let mut client = h.client().await;
     client.query("select 1").await;
     let mut replica = h.accept(REPLICA).await;
     assert_eq!(replica.recv_query().await, "select 1");
     let mut out = wire::row_description(&["?column?"]);
-    out.extend_from_slice(&wire::data_row(&["1"]));
+    out.extend_from_slice(&wire::data_row(&["replica"]));
+    replica.send(out).await;
+    drop(replica);
+
+    // Half answered, but pgway held the half back: the read runs again on the primary,
+    // and the client sees the primary's answer alone.
+    let mut primary = h.accept(PRIMARY).await;
+    assert_eq!(primary.recv_query().await, "select 1");
+    primary.answer_select("primary", b'I').await;
+    let got = client.until_ready().await;
+    assert_eq!(tags(&got), "TDCZ", "no error reaches the client");
+    assert!(text(&got[1].1).contains("primary"));
+}
+
+#[tokio::test]
+async fn a_server_that_dies_after_part_of_the_answer_reached_the_client_fails_it_with_08006() {
+    let mut h = Harness::new(2);
+    let mut client = h.client().await;
+    client.query("select 1").await;
+    let mut replica = h.accept(REPLICA).await;
+    assert_eq!(replica.recv_query().await, "select 1");
+    // More than pgway holds back: the rows stream on to the client.
+    let value = "x".repeat(1024);
+    let mut out = wire::row_description(&["?column?"]);
+    for _ in 0..40 {
+        out.extend_from_slice(&wire::data_row(&[value.as_str()]));
+    }
     replica.send(out).await;
     drop(replica);
 
     // Half answered: the statement fails, the connection stays.
     let got = client.until_ready().await;
-    assert_eq!(tags(&got), "TDEZ");
-    assert_eq!(sqlstate(&got[2]), "08006");
-    assert_eq!(severity(&got[2]), "ERROR");
-    assert_eq!(got[3].1, b"I");
+    assert_eq!(tags(&got), format!("T{}EZ", "D".repeat(40)));
+    assert_eq!(sqlstate(&got[41]), "08006");
+    assert_eq!(severity(&got[41]), "ERROR");
+    assert_eq!(got[42].1, b"I");
     // Not sent again anywhere.
     assert!(!h.has_pending_connection(PRIMARY));
     assert!(!h.has_pending_connection(REPLICA));
     assert_eq!(h.idle(REPLICA), 0);
-
-    // Its pool slot is free again: another client's read gets a new connection.
-    let mut other = h.client().await;
-    other.query("select 2").await;
-    let mut replica = h.accept(REPLICA).await;
-    assert_eq!(replica.recv_query().await, "select 2");
-    replica.answer_select("2", b'I').await;
-    assert_eq!(tags(&other.until_ready().await), "TDCZ");
+    // And on: a new transaction on a new connection.
+    h.open_transaction(&mut client).await;
 }
 
 #[tokio::test]
