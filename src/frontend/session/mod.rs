@@ -472,7 +472,9 @@ pub struct Session<'a> {
     /// Extended-protocol messages collected until Sync or Flush.
     batch: Vec<BytesMut>,
     /// What routing the batch found out, worked out when it runs (kept for the next batch).
-    batch_routes: BatchRoutes,
+    /// `None` while a batch is out of the session to run: putting the lists back then
+    /// drops a `None`, not four empty lists (three times an extended-protocol statement).
+    batch_routes: Option<BatchRoutes>,
     batch_bytes: usize,
     /// How many of `batch`'s messages [`Self::holds_refused_bind`] has read.
     batch_checked: usize,
@@ -550,7 +552,7 @@ impl<'a> Session<'a> {
             statements: foldhash::HashMap::default(),
             unnamed: None,
             batch: Vec::new(),
-            batch_routes: BatchRoutes::default(),
+            batch_routes: None,
             batch_bytes: 0,
             batch_checked: 0,
             timeouts: Timeouts::of(&shared.config.load().client),

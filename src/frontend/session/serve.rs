@@ -161,7 +161,7 @@ impl Session<'_> {
                 }
                 b'F' => self.on_function_call(frame).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
-                    check_batch_frame(&frame, &mut self.batch_routes)?;
+                    check_batch_frame(&frame, self.collecting_routes())?;
                     self.batch_bytes += frame.len();
                     self.batch.push(frame);
                     if self.batch_bytes > MAX_BATCH_BYTES {
@@ -169,12 +169,12 @@ impl Session<'_> {
                     }
                 }
                 b'H' => {
-                    check_batch_frame(&frame, &mut self.batch_routes)?;
+                    check_batch_frame(&frame, self.collecting_routes())?;
                     self.batch.push(frame);
                     self.run_batch(false).await?;
                 }
                 b'S' => {
-                    check_batch_frame(&frame, &mut self.batch_routes)?;
+                    check_batch_frame(&frame, self.collecting_routes())?;
                     self.batch.push(frame);
                     // Routed in place when nothing needs a wait (nearly every batch): then
                     // it is sent from here, as a simple query is, with no future of a
@@ -543,7 +543,7 @@ impl Session<'_> {
         self.batch_checked = 0;
         (
             std::mem::take(&mut self.batch),
-            std::mem::take(&mut self.batch_routes),
+            self.batch_routes.take().unwrap_or_default(),
         )
     }
 
@@ -555,10 +555,15 @@ impl Session<'_> {
         if batch.capacity() <= KEPT_BATCH_FRAMES && self.batch.is_empty() {
             self.batch = batch;
         }
-        if self.batch_routes.is_empty() {
+        if self.batch_routes.as_ref().is_none_or(BatchRoutes::is_empty) {
             // (As for the batch: unless the next one has begun.)
-            self.batch_routes = routes;
+            self.batch_routes = Some(routes);
         }
+    }
+
+    /// The lists of the batch being collected (see [`Session::batch_routes`]).
+    fn collecting_routes(&mut self) -> &mut BatchRoutes {
+        self.batch_routes.get_or_insert_with(BatchRoutes::default)
     }
 
     /// [`Self::keep_batch`] of the batch still in the session, once it ran.
@@ -570,10 +575,10 @@ impl Session<'_> {
     /// [`Self::queue_batch`] of the batch still in the session, which ends with Sync.
     fn queue_collected_batch(&mut self, hints: ReadHints) -> Result<(), SessionError> {
         let batch = std::mem::take(&mut self.batch);
-        let routes = std::mem::take(&mut self.batch_routes);
+        let routes = self.batch_routes.take().unwrap_or_default();
         let queued = self.queue_batch(&batch, &routes, hints, true);
         self.batch = batch;
-        self.batch_routes = routes;
+        self.batch_routes = Some(routes);
         queued
     }
 
@@ -586,10 +591,10 @@ impl Session<'_> {
             return Ok(None);
         }
         let batch = std::mem::take(&mut self.batch);
-        let mut routes = std::mem::take(&mut self.batch_routes);
+        let mut routes = self.batch_routes.take().unwrap_or_default();
         let routed = self.route_taken_batch_now(&batch, &mut routes);
         self.batch = batch;
-        self.batch_routes = routes;
+        self.batch_routes = Some(routes);
         routed
     }
 
