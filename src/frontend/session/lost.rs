@@ -49,9 +49,7 @@ impl Session<'_> {
             return self.position_lost(cause).await;
         }
         let status = self.state.status();
-        // (A replica commits nothing.)
-        let unknown = !self.request.on_replica
-            && (self.request.commits || (status == b'I' && self.request.may_write));
+        let unknown = self.request.may_have_changed(status == b'I');
         let error = if unknown {
             ClientError::TransactionResolutionUnknown(cause.to_owned())
         } else if status == b'I' {

@@ -337,15 +337,21 @@ impl Request {
 
     /// It can run again elsewhere, its server lost under it, and the client be none the
     /// wiser: it has not ended, nothing of its answer reached the client, the server
-    /// reported no error for it, and nothing it did outlives its server connection (it
-    /// is a read outside a transaction, or went to a replica, which writes nothing: what
-    /// a function there did to the session ends with it).
+    /// reported no error for it, and nothing it did outlives its server connection.
     fn may_run_again(&self) -> bool {
         self.can_retry
             && !self.ended
             && !self.flushed
             && !self.failed
-            && (!self.may_write || self.on_replica)
+            && !self.may_have_changed(true)
+    }
+
+    /// What it did may outlive its server connection: it wrote outside a transaction
+    /// (`idle`: the server was in none), or it may have ended one with `COMMIT`. Not on a
+    /// replica, which changes nothing: what a function there did to the session ends with
+    /// the connection.
+    fn may_have_changed(&self, idle: bool) -> bool {
+        !self.on_replica && (self.commits || (idle && self.may_write))
     }
 
     /// Forgets everything (the request is sent again elsewhere).
