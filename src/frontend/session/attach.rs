@@ -18,7 +18,7 @@ use crate::route::{Target, Why};
 use crate::topology::Want;
 
 /// How far [`Session::attach_now`] got without waiting.
-enum Quick {
+pub(super) enum Quick {
     /// The session holds a server connection.
     Attached,
     /// It chose this node (pool index, is it the primary); no connection to it was parked.
@@ -37,16 +37,17 @@ fn want_for(target: Target) -> Want {
 
 impl Session<'_> {
     /// Takes a server connection for `target` (Idle -> Attached), trying another node when
-    /// one is down. The usual case (no `PAUSE`, no read-your-writes floor to wait for, a
-    /// node up and a parked connection to it) needs no waiting and sets up no future. The
-    /// next most usual, a wait for a free slot in the pool of the node picked, is
+    /// one is down, from where [`Self::attach_now`] stopped: the caller runs that first, a
+    /// plain function for the usual case (no `PAUSE`, no read-your-writes floor to wait
+    /// for, a node up and a parked connection to it), so that case makes no future at all.
+    /// The next most usual, a wait for a free slot in the pool of the node picked, is
     /// [`crate::backend::Pool::acquire`] as it is. Everything else is the boxed
     /// [`Self::attach_waiting`], so the session's own future stays small. (That box cost
     /// mimalloc about 440 instructions to allocate and 150 to free: a block of 728 bytes,
     /// not a power of two, takes its aligned allocation's slow path whenever the page's
     /// free list is empty, which a block that comes and goes alone finds every time.)
-    pub(super) async fn attach(&mut self, target: Target) -> Result<(), ClientError> {
-        let (index, primary) = match self.attach_now(target) {
+    pub(super) async fn attach(&mut self, target: Target, quick: Quick) -> Result<(), ClientError> {
+        let (index, primary) = match quick {
             Quick::Attached => return Ok(()),
             Quick::Picked(node) => node,
             Quick::NotNow => return Box::pin(self.attach_waiting(target, None, 0)).await,
@@ -68,7 +69,7 @@ impl Session<'_> {
     }
 
     /// [`Self::attach`] where nothing has to be waited for.
-    fn attach_now(&mut self, target: Target) -> Quick {
+    pub(super) fn attach_now(&mut self, target: Target) -> Quick {
         let shared = self.shared;
         if target == Target::Replica && self.read_floor() != 0 {
             return Quick::NotNow;

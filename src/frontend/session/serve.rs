@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tracing::info;
 
+use super::attach::Quick;
 use super::freshness::ReadHints;
 use super::prepared::{BatchRoutes, Routed};
 use super::relay::local_reply;
@@ -768,7 +769,12 @@ impl Session<'_> {
                 }
             }
             if let State::Idle = self.state {
-                if let Err(e) = self.attach(target).await {
+                // No future made when a parked connection is there (see `attach`).
+                let attached = match self.attach_now(target) {
+                    Quick::Attached => Ok(()),
+                    quick => self.attach(target, quick).await,
+                };
+                if let Err(e) = attached {
                     if begin.is_some() {
                         self.state = State::Aborted;
                     }
@@ -804,7 +810,10 @@ impl Session<'_> {
                 }
                 Ok(()) if attempt < MAX_RETRIES => {
                     let Some(redo) = self.request.redo else {
-                        return self.request_done(plan).await;
+                        if self.request_done(plan) {
+                            Box::pin(self.request_done_waiting(plan)).await?;
+                        }
+                        return Ok(Ok(()));
                     };
                     attempt += 1;
                     self.give_back_refused(redo);
@@ -820,7 +829,10 @@ impl Session<'_> {
                 }
                 other => {
                     other?;
-                    return self.request_done(plan).await;
+                    if self.request_done(plan) {
+                        Box::pin(self.request_done_waiting(plan)).await?;
+                    }
+                    return Ok(Ok(()));
                 }
             }
         }
@@ -839,9 +851,10 @@ impl Session<'_> {
         }
     }
 
-    /// A request answered: counted in the metrics, its WAL position asked if deferred, and
-    /// its server connection released if nothing holds it.
-    async fn request_done(&mut self, plan: Plan) -> Result<Result<(), ClientError>, SessionError> {
+    /// A request answered: counted in the metrics, and its server connection released if
+    /// nothing holds it. True if it has steps left that ask a server something first
+    /// ([`Self::request_done_waiting`]: rare, so no future is made for the others).
+    fn request_done(&mut self, plan: Plan) -> bool {
         if plan.ready {
             self.shared.metrics.query(if self.request.on_replica {
                 Route::Replica
@@ -849,17 +862,26 @@ impl Session<'_> {
                 Route::Primary
             });
         }
-        // The rare steps are boxed, so this future, made for every request, stays small.
+        let waits = self.request.wal_deferred || (plan.relay && self.request.check_pins);
+        if !waits && plan.relay {
+            self.maybe_release();
+        }
+        waits
+    }
+
+    /// [`Self::request_done`]'s steps that ask a server something: its WAL position if
+    /// deferred, whether it left the connection pinned; then the release.
+    async fn request_done_waiting(&mut self, plan: Plan) -> Result<(), SessionError> {
         if self.request.wal_deferred {
-            Box::pin(self.ask_deferred_wal_position()).await?;
+            self.ask_deferred_wal_position().await?;
         }
         if plan.relay {
             if self.request.check_pins {
-                Box::pin(self.unpin_if_unbound()).await?;
+                self.unpin_if_unbound().await?;
             }
             self.maybe_release();
         }
-        Ok(Ok(()))
+        Ok(())
     }
 
     /// A replica gave the request up (see [`Redo`]): nothing of it reached the client. The
