@@ -7,7 +7,7 @@ pub mod transport;
 use std::io;
 use std::task::{ready, Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -277,17 +277,35 @@ impl FramedStream {
         Ok(())
     }
 
+    /// Writes what the socket takes of `buf` now, without waiting, and takes it out of
+    /// `buf`; true if that was all of it (nearly every write fits the socket's send buffer
+    /// at once). [`Self::send`] writes the rest. A caller that tries this first makes no
+    /// future for the usual case.
+    pub fn send_now(&mut self, buf: &mut BytesMut) -> Result<bool, NetError> {
+        let sent = self.write_now(buf)?;
+        if sent == buf.len() {
+            buf.clear();
+            return Ok(true);
+        }
+        buf.advance(sent);
+        Ok(false)
+    }
+
+    /// What the socket takes of `bytes` now (0 if it would block).
+    fn write_now(&mut self, bytes: &[u8]) -> Result<usize, NetError> {
+        if bytes.is_empty() {
+            return Ok(0);
+        }
+        match self.stream.write_now(bytes) {
+            Ok(sent) => Ok(sent),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Writes `bytes` as they are.
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), NetError> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        // Nearly every write fits the socket's send buffer at once.
-        let sent = match self.stream.write_now(bytes) {
-            Ok(sent) => sent,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(e.into()),
-        };
+        let sent = self.write_now(bytes)?;
         if sent < bytes.len() {
             self.stream.write_all(&bytes[sent..]).await?;
             // TLS may keep records buffered after a write; plain TCP is flushed already.
@@ -306,6 +324,46 @@ impl FramedStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workers::on_a_worker;
+    use std::io::Read;
+
+    #[test]
+    fn a_write_larger_than_the_socket_takes_at_once_keeps_its_rest_in_order() {
+        on_a_worker(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let mut peer = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
+                .expect("connect");
+            let (accepted, _) = listener.accept().expect("accept");
+            let mut io = FramedStream::new(reactor::adopt(accepted).expect("register"));
+            // More than loopback's send and receive buffers hold while nobody reads.
+            let sent: Vec<u8> = (0..16_000_000u32).map(|i| (i % 251) as u8).collect();
+            let mut buf = BytesMut::from(&sent[..]);
+            assert!(
+                !io.send_now(&mut buf).expect("send_now"),
+                "all of it went at once"
+            );
+            assert!(
+                !buf.is_empty() && buf.len() < sent.len(),
+                "{} left",
+                buf.len()
+            );
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                peer.read_to_end(&mut got).expect("read");
+                got
+            });
+            io.send(&mut buf).await.expect("send the rest");
+            assert!(buf.is_empty());
+            drop(io);
+            let got = reader.join().expect("reader");
+            assert!(
+                got == sent,
+                "{} bytes arrived, {} sent",
+                got.len(),
+                sent.len()
+            );
+        });
+    }
 
     #[test]
     fn idle_sessions_keep_buffers_up_to_the_threads_budget() {

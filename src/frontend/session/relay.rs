@@ -480,7 +480,11 @@ impl Session<'_> {
                 if self.out.len() > self.request.out_mark {
                     self.request.flushed = true;
                 }
-                self.flush().await?;
+                // A future for the write only if the socket cannot take it all at once.
+                let sent = self.client.send_now(&mut self.out);
+                if !sent.map_err(SessionError::ClientGone)? {
+                    self.flush().await?;
+                }
             }
             if done {
                 return Ok(());
