@@ -4,6 +4,7 @@ pub mod reactor;
 pub mod tls;
 pub mod transport;
 
+use std::future::Future;
 use std::io;
 use std::task::{ready, Context, Poll};
 
@@ -158,17 +159,24 @@ impl FramedStream {
         Self::new(Box::new(stream))
     }
 
-    /// Reads more bytes into the buffer; `Closed`/`Truncated` at EOF.
-    pub async fn fill(&mut self) -> Result<(), NetError> {
+    /// Reads more bytes into the buffer; `Closed`/`Truncated` at EOF. (A `poll_fn`, not an
+    /// `async fn`: a session waits in it for every reply, and a future of `poll_fn` adds
+    /// no state machine of its own to the session's.)
+    pub fn fill(&mut self) -> impl Future<Output = Result<(), NetError>> + '_ {
         let mut waited = false;
-        match std::future::poll_fn(|cx| self.poll_fill(cx, &mut waited)).await? {
+        std::future::poll_fn(move |cx| self.poll_more(cx, &mut waited))
+    }
+
+    /// One poll of [`Self::fill`]; `waited` starts false.
+    fn poll_more(&mut self, cx: &mut Context<'_>, waited: &mut bool) -> Poll<Result<(), NetError>> {
+        Poll::Ready(match ready!(self.poll_fill(cx, waited))? {
             0 if self.rbuf.is_empty() => Err(NetError::Closed),
             0 => Err(NetError::Truncated),
             _ => {
                 crate::workers::busy();
                 Ok(())
             }
-        }
+        })
     }
 
     /// One read into the buffer, for [`Self::fill`]. A stream without a buffer (an idle
@@ -239,11 +247,26 @@ impl FramedStream {
         }
     }
 
-    /// Reads the next regular frame (tag, length, body), waiting for bytes as needed.
-    pub async fn read_frame(&mut self, limit: usize) -> Result<BytesMut, NetError> {
+    /// Reads the next regular frame (tag, length, body), waiting for bytes as needed. (A
+    /// `poll_fn`, as [`Self::fill`] is.)
+    pub fn read_frame(
+        &mut self,
+        limit: usize,
+    ) -> impl Future<Output = Result<BytesMut, NetError>> + '_ {
+        let mut waited = false;
+        std::future::poll_fn(move |cx| self.poll_frame(cx, limit, &mut waited))
+    }
+
+    /// One poll of [`Self::read_frame`]; `waited` starts false.
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        limit: usize,
+        waited: &mut bool,
+    ) -> Poll<Result<BytesMut, NetError>> {
         loop {
             if let Some(frame) = self.try_frame(limit)? {
-                return Ok(frame);
+                return Poll::Ready(Ok(frame));
             }
             if self.rbuf.len() >= 5 {
                 // try_frame checked the length field: the frame is larger than what we hold.
@@ -256,7 +279,9 @@ impl FramedStream {
                 self.rbuf
                     .reserve(missing.min(self.rbuf.len().max(READ_CAPACITY)));
             }
-            self.fill().await?;
+            ready!(self.poll_more(cx, waited))?;
+            // The next read is another wait of `fill`'s.
+            *waited = false;
         }
     }
 
