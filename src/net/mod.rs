@@ -355,11 +355,8 @@ mod tests {
     #[test]
     fn a_write_larger_than_the_socket_takes_at_once_keeps_its_rest_in_order() {
         on_a_worker(async {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let mut peer = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
-                .expect("connect");
-            let (accepted, _) = listener.accept().expect("accept");
-            let mut io = FramedStream::new(reactor::adopt(accepted).expect("register"));
+            let (stream, mut peer) = reactor::tests::pair();
+            let mut io = FramedStream::new(stream);
             // More than loopback's send and receive buffers hold while nobody reads.
             let sent: Vec<u8> = (0..16_000_000u32).map(|i| (i % 251) as u8).collect();
             let mut buf = BytesMut::from(&sent[..]);

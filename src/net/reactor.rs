@@ -505,7 +505,7 @@ impl Transport for Socket {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::workers::on_a_worker;
     use std::io::{Read, Write};
@@ -514,7 +514,7 @@ mod tests {
 
     /// A connected pair: the accepted end registered with this thread's reactor, the
     /// other a plain blocking socket for the test to drive.
-    fn pair() -> (Box<dyn Transport>, std::net::TcpStream) {
+    pub(in crate::net) fn pair() -> (Box<dyn Transport>, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let peer =
             std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
