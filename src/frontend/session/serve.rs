@@ -810,10 +810,7 @@ impl Session<'_> {
                 }
                 Ok(()) if attempt < MAX_RETRIES => {
                     let Some(redo) = self.request.redo else {
-                        if self.request_done(plan) {
-                            Box::pin(self.request_done_waiting(plan)).await?;
-                        }
-                        return Ok(Ok(()));
+                        break;
                     };
                     attempt += 1;
                     self.give_back_refused(redo);
@@ -829,13 +826,14 @@ impl Session<'_> {
                 }
                 other => {
                     other?;
-                    if self.request_done(plan) {
-                        Box::pin(self.request_done_waiting(plan)).await?;
-                    }
-                    return Ok(Ok(()));
+                    break;
                 }
             }
         }
+        if self.request_done(plan) {
+            Box::pin(self.request_done_waiting(plan)).await?;
+        }
+        Ok(Ok(()))
     }
 
     /// Queues the held `BEGIN` in front of a request: its answer is swallowed, and the
