@@ -13,6 +13,7 @@ use super::relay::local_reply;
 use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
+use crate::net::NetError;
 use crate::net::{keep_buffers, recycle_buffers, take_buffers, FramedStream};
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, query_text};
@@ -803,7 +804,15 @@ impl Session<'_> {
                     registered.entry.queried(plan.statements);
                 }
             }
-            match self.send_and_relay(plan.relay).await {
+            // Sent and relayed here, not through `send_and_relay`: one level of futures
+            // less on every statement.
+            let link = self.state.link_mut().ok_or_else(super::no_server)?;
+            let sent = link.conn.io.send(&mut self.to_server).await;
+            let outcome = match self.send_outcome(sent) {
+                Ok(()) if plan.relay => self.relay().await,
+                other => other,
+            };
+            match outcome {
                 Err(SessionError::Retry) if attempt < MAX_RETRIES => {
                     attempt += 1;
                     self.abandon_server();
@@ -918,15 +927,19 @@ impl Session<'_> {
         // The link and the buffer are fields apart: no buffer lent out and put back.
         let link = self.state.link_mut().ok_or_else(super::no_server)?;
         let sent = link.conn.io.send(&mut self.to_server).await;
-        match sent {
-            Err(_) if self.request.can_retry && !self.request.answered => {
-                return Err(SessionError::Retry)
-            }
-            other => other.map_err(SessionError::server_lost)?,
-        }
+        self.send_outcome(sent)?;
         if relay {
             self.relay().await?;
         }
         Ok(())
+    }
+
+    /// What a failed send to the server means: the request goes again elsewhere if
+    /// nothing of it can have taken effect, else the server is lost.
+    fn send_outcome(&self, sent: Result<(), NetError>) -> Result<(), SessionError> {
+        match sent {
+            Err(_) if self.request.can_retry && !self.request.answered => Err(SessionError::Retry),
+            other => other.map_err(SessionError::server_lost),
+        }
     }
 }
