@@ -38,6 +38,12 @@
 # the statements of the other clients in between have pushed out, which is what a gateway
 # sharing its cores with PostgreSQL and pgbench finds cold. The same for code: a 4 KiB
 # instruction cache, whose misses approximate the code lines a statement runs through.
+# ATOMICS=1 also counts the atomic read-modify-write instructions executed per statement
+# (x86 `lock`-prefixed ones and `xchg` with memory: each a full barrier, a few times the
+# cost of a plain instruction, which the instruction count does not show), in the
+# gateway's binary and in libc, over the last 20,000 statements (their clients' logins
+# included: 8), with the functions they were inlined into (objdump and the per-instruction
+# counts of callgrind's --dump-instr).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,6 +66,10 @@ CONFIG=${CONFIG:-pgway.toml}
 VG_ARGS=(--tool=callgrind)
 if [[ -n ${CACHE_SIM:-} ]]; then
     VG_ARGS+=(--cache-sim=yes --D1=4096,4,64 --I1=4096,4,64 --LL=65536,8,64)
+fi
+if [[ -n ${ATOMICS:-} ]]; then
+    VG_ARGS+=(--dump-instr=yes --compress-pos=no --compress-strings=no)
+    command -v objdump >/dev/null || { apt-get update -qq && apt-get install -y -qq binutils >/dev/null; }
 fi
 
 case $GATEWAY in
@@ -172,6 +182,29 @@ NAME=$(basename "$BIN")
 [[ $GATEWAY == relay-* ]] && NAME=$GATEWAY
 awk -v s="$short" -v l="$long" -v b="$NAME" -v m="$PROTOCOL" -v n="$STATEMENTS" -v o="${PGBENCH_SCRIPT[*]:-(tpcb)}" \
     'BEGIN {printf "%s: %.0f instructions per statement (pgbench %s -M %s -c 8, callgrind)\n", b, (l - s) / 16000 / n, o, m}'
+if [[ -n ${ATOMICS:-} ]]; then
+    # The objects that ran: the gateway's binary and the shared libraries.
+    sed -n 's/^ob=//p' "$OUT/cg.$VPID.$DUMPS" | sort -u | grep -v -e '^???' -e valgrind |
+        while read -r object; do
+            [[ -f $object ]] || continue
+            objdump -d --no-show-raw-insn "$object" |
+                awk -v ob="$object" '$2 == "lock" || ($2 ~ /^xchg/ && $3 ~ /\(/) { a = $1; sub(":", "", a); print ob, a }'
+        done >"$OUT/atomics"
+    awk -v b="$NAME" -v n=$((20000 * STATEMENTS)) '
+        NR == FNR { atomic[$1 " " $2] = 1; next }
+        skip { skip = 0; next }
+        /^ob=/ { ob = substr($0, 4); next }
+        /^fn=/ { fn = substr($0, 4); next }
+        /^calls=/ { skip = 1; next }
+        /^0x/ {
+            a = substr($1, 3); sub(/^0+/, "", a)
+            if ((ob " " a) in atomic) { total += $NF; by[fn] += $NF }
+        }
+        END {
+            printf "%s: %.1f atomic read-modify-write instructions per statement\n", b, total / n
+            for (f in by) if (by[f] / n >= 0.5) printf "  %5.2f  %s\n", by[f] / n, substr(f, 1, 120) | "sort -rn"
+        }' "$OUT/atomics" "$OUT/cg.$VPID.$DUMPS"
+fi
 if [[ -n ${CACHE_SIM:-} ]]; then
     awk -v s="$short_misses" -v l="$long_misses" -v b="$NAME" -v m="$PROTOCOL" -v n="$STATEMENTS" -v o="${PGBENCH_SCRIPT[*]:-(tpcb)}" 'BEGIN {
         split(s, a, " "); split(l, c, " ")

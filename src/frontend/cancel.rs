@@ -3,6 +3,7 @@
 //! that client's query. A cancel for a client with nothing running does nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,10 +26,15 @@ pub struct CancelTarget {
 
 /// The server connection a client holds, if any: written by its session when it takes or
 /// gives back a server connection, read by a CancelRequest with the client's key and by the
-/// console (`SHOW CLIENTS`). One record for both, so the per-statement path takes one
-/// uncontended mutex each way.
+/// console (`SHOW CLIENTS`). One record for both, so taking a connection takes one
+/// uncontended mutex; giving it back is one plain store (`holding`).
 #[derive(Debug)]
-pub struct ServerSlot(Mutex<Held>);
+pub struct ServerSlot {
+    last: Mutex<Held>,
+    /// A connection is held now (`last` describes it). Set after `last` is written, under
+    /// its mutex's release; readers look at it first. Only the slot's session writes it.
+    holding: AtomicBool,
+}
 
 #[derive(Debug)]
 struct Held {
@@ -39,13 +45,11 @@ struct Held {
     pid: i32,
     secret: i32,
     since: Instant,
-    /// A connection is held now (`addr`, `pid`, `secret` and `since` describe it).
-    held: bool,
 }
 
 impl ServerSlot {
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The client took the connection with BackendKeyData `pid`/`secret` on `addr`, lent
@@ -58,46 +62,49 @@ impl ServerSlot {
         held.pid = pid;
         held.secret = secret;
         held.since = since;
-        held.held = true;
+        drop(held);
+        self.holding.store(true, Ordering::Release);
     }
 
     /// The client holds no server connection any more.
     pub fn clear(&self) {
-        self.lock().held = false;
+        self.holding.store(false, Ordering::Release);
     }
 
     /// The connection held now and since when, if any.
     pub fn held(&self) -> Option<(CancelTarget, Instant)> {
-        let held = self.lock();
-        match (&held.addr, held.held) {
-            (Some(addr), true) => Some((
-                CancelTarget {
-                    addr: Arc::clone(addr),
-                    pid: held.pid,
-                    secret: held.secret,
-                },
-                held.since,
-            )),
-            _ => None,
+        if !self.is_held() {
+            return None;
         }
+        let held = self.lock();
+        held.addr.as_ref().map(|addr| {
+            let target = CancelTarget {
+                addr: Arc::clone(addr),
+                pid: held.pid,
+                secret: held.secret,
+            };
+            (target, held.since)
+        })
     }
 
     /// A connection is held now.
     pub fn is_held(&self) -> bool {
-        self.lock().held
+        self.holding.load(Ordering::Acquire)
     }
 }
 
 impl Default for ServerSlot {
     /// Nothing held (`since` is read only while something is).
     fn default() -> Self {
-        Self(Mutex::new(Held {
-            addr: None,
-            pid: 0,
-            secret: 0,
-            since: Instant::now(),
-            held: false,
-        }))
+        Self {
+            last: Mutex::new(Held {
+                addr: None,
+                pid: 0,
+                secret: 0,
+                since: Instant::now(),
+            }),
+            holding: AtomicBool::new(false),
+        }
     }
 }
 

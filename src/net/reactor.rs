@@ -41,6 +41,11 @@ const READABLE: u8 = 1;
 const WRITABLE: u8 = 2;
 const READ_CLOSED: u8 = 4;
 const WRITE_CLOSED: u8 = 8;
+/// Set, for good, once a write has waited for the socket: until then the reactor wakes no
+/// writer for it. Nearly every socket reports itself writable with every event and nearly
+/// none ever waits to write (replies fit its send buffer), so this spares each event the
+/// two atomic operations of waking an empty writer slot.
+const WRITER_WAITED: u8 = 16;
 
 /// The bit that stays set with `bit` once the peer or the socket is done.
 const fn closed(bit: u8) -> u8 {
@@ -218,11 +223,13 @@ impl Reactor {
             if event.is_write_closed() || event.is_error() {
                 bits |= WRITABLE | WRITE_CLOSED;
             }
-            readiness.bits.fetch_or(bits, Ordering::AcqRel);
+            // A writer that sets `WRITER_WAITED` after this either sees `WRITABLE` once
+            // it has registered, or is woken here: the two updates are ordered.
+            let before = readiness.bits.fetch_or(bits, Ordering::AcqRel);
             if bits & READABLE != 0 {
                 readiness.reader.wake();
             }
-            if bits & WRITABLE != 0 {
+            if bits & WRITABLE != 0 && before & WRITER_WAITED != 0 {
                 readiness.writer.wake();
             }
         }
@@ -322,8 +329,26 @@ impl Socket {
         self.readiness.bits.load(Ordering::Acquire) & (bit | closed(bit)) != 0
     }
 
+    /// Clears `bit` after a read or write found the socket drained. On the thread of the
+    /// socket's own reactor (nearly always), nothing else writes its bits meanwhile: the
+    /// reactor sets them on this thread, between polls. So a plain load and store do,
+    /// where a socket used from another worker (its session moved) needs an atomic
+    /// read-modify-write against that reactor's updates.
     fn drained(&self, bit: u8) {
-        self.readiness.bits.fetch_and(!bit, Ordering::AcqRel);
+        let bits = &self.readiness.bits;
+        if self.at_home() {
+            bits.store(bits.load(Ordering::Relaxed) & !bit, Ordering::Relaxed);
+        } else {
+            bits.fetch_and(!bit, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether the calling thread is the one whose reactor the socket is registered with.
+    fn at_home(&self) -> bool {
+        HERE.with_borrow(|here| {
+            here.as_ref()
+                .is_some_and(|here| Arc::ptr_eq(here, &self.registration.reactor))
+        })
     }
 
     /// Ready once the reactor has seen the socket `bit`-ready (now or after a wait).
@@ -334,6 +359,10 @@ impl Socket {
         let waiters = if bit == READABLE {
             &self.readiness.reader
         } else {
+            let bits = &self.readiness.bits;
+            if bits.load(Ordering::Acquire) & WRITER_WAITED == 0 {
+                bits.fetch_or(WRITER_WAITED, Ordering::AcqRel);
+            }
             &self.readiness.writer
         };
         waiters.register(cx.waker());

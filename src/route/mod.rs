@@ -72,6 +72,53 @@ impl Drop for SharedKey {
 /// Numbers routers apart for the threads' copies of their classifications ([`Front`]).
 static ROUTERS: AtomicU64 = AtomicU64::new(0);
 
+/// The classification of every statement [`fast::is_plain_select`] accepts.
+static PLAIN_READ: Classification = Classification {
+    kind: StatementKind::Read,
+    hint: None,
+    min_lsn: 0,
+    fresh: false,
+    functions: Vec::new(),
+    session: Vec::new(),
+    writes: false,
+    cache: crate::route::classify::CacheFacts {
+        query: false,
+        tables: None,
+        clock: false,
+        hint: None,
+        changes_schema: false,
+    },
+    // A plain select commits nothing, copies nothing and lets nothing go (whatever its
+    // column names are).
+    words: fast::Words {
+        commits: false,
+        copies: false,
+        releases: false,
+    },
+};
+
+/// A statement's classification: the one every plain read shares, which is a static (no
+/// reference count for every session on every worker to write per statement), or one
+/// parsed and kept in the router's cache.
+#[derive(Debug, Clone)]
+pub enum Classified {
+    /// [`PLAIN_READ`].
+    PlainRead,
+    /// Any other.
+    Parsed(Arc<Classification>),
+}
+
+impl std::ops::Deref for Classified {
+    type Target = Classification;
+
+    fn deref(&self) -> &Classification {
+        match self {
+            Self::PlainRead => &PLAIN_READ,
+            Self::Parsed(c) => c,
+        }
+    }
+}
+
 /// Classifies statements and decides targets.
 pub struct Router {
     classifications: moka::sync::Cache<Arc<str>, Arc<Classification>>,
@@ -80,8 +127,6 @@ pub struct Router {
     id: u64,
     generation: AtomicU64,
     catalog: Catalog,
-    /// The classification of every statement [`fast::is_plain_select`] accepts.
-    plain_read: Arc<Classification>,
     /// Statements a replica refused as writes, sent again to the primary.
     replica_retries: std::sync::atomic::AtomicU64,
     conflict_retries: std::sync::atomic::AtomicU64,
@@ -106,19 +151,6 @@ impl Router {
             id: ROUTERS.fetch_add(1, Ordering::Relaxed),
             generation: AtomicU64::new(0),
             catalog,
-            plain_read: Arc::new(Classification {
-                kind: StatementKind::Read,
-                hint: None,
-                min_lsn: 0,
-                fresh: false,
-                functions: Vec::new(),
-                session: Vec::new(),
-                writes: false,
-                cache: crate::route::classify::CacheFacts::default(),
-                // A plain select commits nothing, copies nothing and lets nothing go
-                // (whatever its column names are).
-                words: fast::Words::default(),
-            }),
             cache_facts: false,
             replica_retries: std::sync::atomic::AtomicU64::new(0),
             conflict_retries: std::sync::atomic::AtomicU64::new(0),
@@ -141,22 +173,24 @@ impl Router {
     }
 
     /// The classification of `sql`, parsed once and then served from the cache.
-    pub fn classification(&self, sql: &str) -> Arc<Classification> {
+    pub fn classification(&self, sql: &str) -> Classified {
         if !self.cache_facts && fast::is_plain_select_again(sql.as_bytes()) {
-            return Arc::clone(&self.plain_read);
+            return Classified::PlainRead;
         }
-        self.parsed(sql)
+        Classified::Parsed(self.parsed(sql))
     }
 
     /// [`Self::classification`] of a request's text as it came: one the fast path takes
     /// needs no UTF-8 check first (the scan reads bytes; a text in another client encoding
     /// is a plain read all the same). `None` for a text that is not UTF-8 and not a plain
     /// read: it goes to the primary unparsed.
-    pub fn classification_of(&self, sql: &[u8]) -> Option<Arc<Classification>> {
+    pub fn classification_of(&self, sql: &[u8]) -> Option<Classified> {
         if !self.cache_facts && fast::is_plain_select_again(sql) {
-            return Some(Arc::clone(&self.plain_read));
+            return Some(Classified::PlainRead);
         }
-        std::str::from_utf8(sql).ok().map(|sql| self.parsed(sql))
+        std::str::from_utf8(sql)
+            .ok()
+            .map(|sql| Classified::Parsed(self.parsed(sql)))
     }
 
     /// [`Self::classification`] past the fast path.
@@ -397,7 +431,7 @@ mod tests {
         let r = router();
         let a = r.classification("update t set v = 1 where id = 2");
         let b = r.classification("update t set v = 3 where id = 4");
-        assert!(Arc::ptr_eq(&a, &b));
+        assert!(std::ptr::eq(&*a, &*b));
         assert_eq!(a.kind, StatementKind::Write);
     }
 
@@ -464,7 +498,7 @@ mod tests {
         let read = r.classification("select g(1)");
         assert_ne!(read.kind, StatementKind::Write);
         // Served from this thread's copy of the shape.
-        assert!(Arc::ptr_eq(&read, &r.classification("select g(2)")));
+        assert!(std::ptr::eq(&*read, &*r.classification("select g(2)")));
         std::thread::scope(|s| {
             s.spawn(|| r.learn_write("db", "select g(1)", &read));
         });

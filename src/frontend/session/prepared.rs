@@ -21,7 +21,7 @@ use crate::protocol::messages::{
     self, write_parse, write_target, Bind, BindLayout, Parse, ParseLayout,
 };
 use crate::route::fast::{is_plain_commit, scan_words, Words};
-use crate::route::{Classification, Hint, SessionEffect, Target, Why};
+use crate::route::{Classification, Classified, Hint, SessionEffect, Target, Why};
 
 /// The keys of the hash that names statements on the servers, drawn at start-up. A server
 /// connection's statement cache matches statements by this hash alone, across the clients
@@ -227,7 +227,7 @@ impl Session<'_> {
         frame: &[u8],
         at: ParseLayout,
         hints: &mut ReadHints,
-    ) -> Result<Result<Decision, Arc<Classification>>, SessionError> {
+    ) -> Result<Result<Decision, Classified>, SessionError> {
         let parse = Parse::at(frame, at).map_err(SessionError::protocol)?;
         // The unnamed statement parsed again (drivers without a statement cache): its
         // route and hints, without classifying its text again.

@@ -1,8 +1,6 @@
 //! The loop: read the client's next message, route it, send the request (again, on
 //! another connection, if its server shut down before answering), relay the answer.
 
-use std::sync::Arc;
-
 use bytes::BytesMut;
 use tracing::info;
 
@@ -18,7 +16,7 @@ use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, query_text};
 use crate::protocol::{FrameError, MAX_MESSAGE_LEN};
 use crate::route::fast::{is_plain_begin, scan_words};
-use crate::route::{Classification, Target, Why};
+use crate::route::{Classified, Target, Why};
 
 /// Extended-protocol bytes collected without a Sync before pgway stops waiting for one and
 /// sends them on (to the primary, since the batch cannot be judged whole).
@@ -78,7 +76,7 @@ struct BatchRoute {
 /// Where a simple query goes, and what sending it needs from its routing.
 #[derive(Debug)]
 struct QueryRoute {
-    classification: Option<Arc<Classification>>,
+    classification: Option<Classified>,
     target: Target,
     hints: ReadHints,
     /// It was routed as a read (the cache counts what it writes as not written).
