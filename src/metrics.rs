@@ -62,7 +62,9 @@ struct ConnectionLabels {
 }
 
 /// How long clients waited for a pool slot: a histogram kept in atomics, so an observation
-/// takes no lock (most take a free slot at once: one atomic add).
+/// takes no lock. Most take a free slot at once: those each pool counts under the lock it
+/// takes anyway (`crate::backend::Pools::taken_at_once`), and they join the first bucket
+/// when the histogram is read.
 #[derive(Debug, Default)]
 pub struct WaitHistogram {
     /// Per bucket (not cumulative); the last is `+Inf`.
@@ -71,11 +73,6 @@ pub struct WaitHistogram {
 }
 
 impl WaitHistogram {
-    /// A slot was free at once.
-    pub fn no_wait(&self) {
-        self.buckets[0].fetch_add(1, Ordering::Relaxed);
-    }
-
     /// A client waited `waited`.
     pub fn observe(&self, waited: Duration) {
         let seconds = waited.as_secs_f64();
@@ -88,12 +85,14 @@ impl WaitHistogram {
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let counts: Vec<u64> = self
+    /// Sum, count and buckets, with `at_once` more waits of zero.
+    fn snapshot(&self, at_once: u64) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut counts: Vec<u64> = self
             .buckets
             .iter()
             .map(|b| b.load(Ordering::Relaxed))
             .collect();
+        counts[0] += at_once;
         let buckets = WAIT_BUCKETS
             .iter()
             .copied()
@@ -242,7 +241,7 @@ impl Collector for Sources {
             None,
             MetricType::Counter,
         )?)?;
-        let (sum, count, buckets) = self.pools.waits().snapshot();
+        let (sum, count, buckets) = self.pools.waits().snapshot(self.pools.taken_at_once());
         encoder
             .encode_descriptor(
                 "pgway_pool_wait_seconds",
@@ -426,10 +425,9 @@ mod tests {
     #[test]
     fn waits_fall_in_their_buckets() {
         let h = WaitHistogram::default();
-        h.no_wait();
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_secs(60));
-        let (sum, count, buckets) = h.snapshot();
+        let (sum, count, buckets) = h.snapshot(1);
         assert_eq!(count, 3);
         assert!((sum - 60.003).abs() < 1e-6, "{sum}");
         assert_eq!(buckets[0], (0.0, 1));
