@@ -140,13 +140,22 @@ impl Wake for Entry {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.queued.swap(true, Ordering::AcqRel) {
-            return;
-        }
         if std::ptr::eq(HOME.get(), Arc::as_ptr(&self.home)) {
+            // On the executor's own thread (nearly every wake-up: its reactor's): a plain
+            // load and store, no atomic read-modify-write. A wake-up from another thread
+            // at the same moment may queue the session a second time; the second poll
+            // finds nothing to do (a session is polled after any wake-up anyway), where
+            // a lost wake-up could not happen: the flag is only ever set before queueing.
+            if self.queued.load(Ordering::Acquire) {
+                return;
+            }
+            self.queued.store(true, Ordering::Release);
             // The loop looks at the list before it waits again.
             READY.with_borrow_mut(|ready| ready.push(self.slot));
         } else {
+            if self.queued.swap(true, Ordering::AcqRel) {
+                return;
+            }
             let home = &self.home;
             home.remote
                 .lock()
