@@ -161,21 +161,28 @@ impl ClientEntry {
     /// slot says): the returned guard marks it active until it drops with the connection's
     /// `Link`.
     pub fn attached(self: &Arc<Self>, since: Instant) -> Attached {
-        // The gate marked it active already (`Clients::open_now`), nearly always.
-        if self.state.load(Ordering::Relaxed) != ClientState::Active as u8 {
-            self.set_state(ClientState::Active);
-        }
-        bump(&self.xacts, 1);
+        self.mark_attached();
         Attached {
             entry: Arc::clone(self),
             since,
             ended: false,
         }
     }
+
+    /// A transaction took a server connection: active, one transaction more.
+    fn mark_attached(&self) {
+        // The gate marked it active already (`Clients::open_now`), nearly always.
+        if self.state.load(Ordering::Relaxed) != ClientState::Active as u8 {
+            self.set_state(ClientState::Active);
+        }
+        bump(&self.xacts, 1);
+    }
 }
 
 /// Marks its client active while it holds a server connection (RAII: part of the
 /// session's `Link`, so every way a connection is given back or dropped marks it idle).
+/// Ended ([`Self::end_at`]), the session keeps it for its next transaction
+/// ([`Self::again`]): no reference count on the entry taken and dropped per transaction.
 #[derive(Debug)]
 pub struct Attached {
     entry: Arc<ClientEntry>,
@@ -187,9 +194,19 @@ pub struct Attached {
 impl Attached {
     /// Marks the client idle as of `now`: a clock reading the caller made anyway (giving
     /// the connection back reads the clock too; one reading a statement fewer).
-    pub fn end_at(mut self, now: Instant) {
-        self.end(now);
-        self.ended = true;
+    pub fn end_at(&mut self, now: Instant) {
+        if !self.ended {
+            self.end(now);
+            self.ended = true;
+        }
+    }
+
+    /// The guard of an ended transaction, active again for the client's next one, whose
+    /// connection was lent at `since`.
+    pub fn again(&mut self, since: Instant) {
+        self.entry.mark_attached();
+        self.since = since;
+        self.ended = false;
     }
 
     fn end(&self, now: Instant) {

@@ -128,10 +128,16 @@ impl Session<'_> {
         self.cancel
             .slot
             .hold(&self.pools[index].0, conn.pid, conn.secret, conn.lent_at);
-        let active = self
-            .registered
-            .as_ref()
-            .map(|r| r.entry.attached(conn.lent_at));
+        let active = match self.ended_attached.take() {
+            Some(mut active) => {
+                active.again(conn.lent_at);
+                Some(active)
+            }
+            None => self
+                .registered
+                .as_ref()
+                .map(|r| r.entry.attached(conn.lent_at)),
+        };
         self.state = State::Attached(Link {
             conn,
             status: b'I',
@@ -263,8 +269,9 @@ impl Session<'_> {
         if let State::Attached(link) = std::mem::replace(&mut self.state, State::Idle) {
             self.cancel.slot.clear();
             let now = crate::clock::now();
-            if let Some(active) = link.active {
+            if let Some(mut active) = link.active {
                 active.end_at(now);
+                self.ended_attached = Some(active);
             }
             link.conn.release_at(now);
         }

@@ -521,6 +521,9 @@ pub struct Session<'a> {
     seen: (u64, u64),
     /// Its place in the admin console's client registry, when [`Self::registered`].
     registered: Option<Registered>,
+    /// The registry guard of its last transaction, ended, for the next one (see
+    /// [`registry::Attached`]).
+    ended_attached: Option<registry::Attached>,
 }
 
 impl<'a> Session<'a> {
@@ -576,6 +579,7 @@ impl<'a> Session<'a> {
             fill: None,
             seen: (0, 0),
             registered: None,
+            ended_attached: None,
         }
     }
 
