@@ -3,12 +3,13 @@
 //!
 //! Each session registers once, at login ([`Clients::register`]; console connections with
 //! [`Clients::register_console`]), and is removed when its [`Registered`] handle drops.
-//! What the session writes afterwards is its own entry's atomics (one relaxed increment
-//! per request for its statement count) when it takes a server connection and gives it
-//! back ([`ClientEntry::attached`] and the [`Attached`] guard). Which server connection it
-//! holds is its cancel key's [`ServerSlot`], shared with the entry: the one uncontended
-//! mutex the session takes each way. The registry's own mutex is taken at connect,
-//! disconnect and by the console only.
+//! What the session writes afterwards is its own entry's atomics, with plain loads and
+//! stores (it is their only writer: one increment per request for its statement count),
+//! when it takes a server connection and gives it back ([`ClientEntry::attached`] and the
+//! [`Attached`] guard). Which server connection it holds is its cancel key's
+//! [`ServerSlot`], shared with the entry: an uncontended mutex when the session takes a
+//! connection, a store when it gives it back. The registry's own mutex is taken at
+//! connect, disconnect and by the console only.
 //!
 //! # Pause protocol
 //!
