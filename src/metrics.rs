@@ -111,10 +111,72 @@ struct Outage {
     since: Option<Instant>,
 }
 
+/// Requests answered, by [`Route`]: a row of counters per thread that answered any, each
+/// written by its own thread alone (a plain load and store per request, where one counter
+/// for all would be an atomic add on a line that every worker writes) and added up when
+/// scraped. A thread's row is the last [`Metrics`] it counted for (one per process but in
+/// tests); rows stay with their `Metrics`, so no count is lost.
+#[derive(Debug)]
+struct Queries {
+    /// Which `Metrics` these are, for a thread's row.
+    id: u64,
+    rows: Mutex<Vec<Arc<QueryRow>>>,
+}
+
+#[derive(Debug, Default)]
+struct QueryRow([AtomicU64; 3]);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Numbers the [`Queries`] of each `Metrics`.
+static QUERY_COUNTS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// This thread's row, and the [`Queries::id`] it belongs to.
+    static QUERY_ROW: std::cell::RefCell<Option<(u64, Arc<QueryRow>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Queries {
+    fn new() -> Self {
+        Self {
+            id: QUERY_COUNTS.fetch_add(1, Ordering::Relaxed),
+            rows: Mutex::new(Vec::new()),
+        }
+    }
+
+    #[inline]
+    fn count(&self, route: Route) {
+        QUERY_ROW.with_borrow_mut(|row| {
+            if !matches!(row, Some((id, _)) if *id == self.id) {
+                let fresh = Arc::new(QueryRow::default());
+                lock(&self.rows).push(Arc::clone(&fresh));
+                *row = Some((self.id, fresh));
+            }
+            if let Some((_, row)) = row {
+                let counter = &row.0[route as usize];
+                counter.store(
+                    counter.load(Ordering::Relaxed).wrapping_add(1),
+                    Ordering::Relaxed,
+                );
+            }
+        });
+    }
+
+    fn get(&self, route: Route) -> u64 {
+        lock(&self.rows)
+            .iter()
+            .map(|row| row.0[route as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
 /// What pgway counts itself.
 #[derive(Debug)]
 pub struct Metrics {
-    queries: [Counter; 3],
+    queries: Queries,
     errors: Family<ClassLabels, Counter>,
     clients: Gauge,
     failovers: Counter,
@@ -131,7 +193,7 @@ impl Metrics {
     /// Zeroed counters.
     pub fn new() -> Self {
         Self {
-            queries: Default::default(),
+            queries: Queries::new(),
             errors: Family::default(),
             clients: Gauge::default(),
             failovers: Counter::default(),
@@ -141,7 +203,7 @@ impl Metrics {
 
     /// A request was answered by `route`.
     pub fn query(&self, route: Route) {
-        self.queries[route as usize].inc();
+        self.queries.count(route);
     }
 
     /// An ErrorResponse with `sqlstate` went to a client.
@@ -222,7 +284,7 @@ impl Collector for Sources {
                         Route::Replica => "replica",
                         Route::Cache => "cache",
                     };
-                    (RouteLabels { route }, m.queries[*r as usize].get())
+                    (RouteLabels { route }, m.queries.get(*r))
                 }),
         )?;
         let outcomes = self
@@ -433,6 +495,29 @@ mod tests {
         assert_eq!(buckets[0], (0.0, 1));
         assert_eq!(buckets[4], (0.005, 1));
         assert_eq!(buckets.last(), Some(&(f64::INFINITY, 1)));
+    }
+
+    #[test]
+    fn queries_counted_on_several_threads_and_for_two_metrics_add_up_apart() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        a.query(Route::Replica);
+                        b.query(Route::Primary);
+                    }
+                    a.query(Route::Cache);
+                });
+            }
+        });
+        a.query(Route::Replica);
+        assert_eq!(a.queries.get(Route::Replica), 301);
+        assert_eq!(a.queries.get(Route::Cache), 3);
+        assert_eq!(a.queries.get(Route::Primary), 0);
+        assert_eq!(b.queries.get(Route::Primary), 300);
+        assert_eq!(b.queries.get(Route::Replica), 0);
     }
 
     #[test]
