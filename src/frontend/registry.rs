@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Pool;
 use crate::frontend::cancel::ServerSlot;
+// An entry's counters are written by its session alone (the console and the totals read).
+use crate::metrics::bump;
 
 /// A client's id, as `SHOW CLIENTS` lists it and `KILL_CLIENT` takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -341,17 +343,6 @@ impl Drop for Registered {
         totals.xact_us += entry.xact_us.load(Ordering::Relaxed);
         totals.wait_us += entry.wait_us.load(Ordering::Relaxed);
     }
-}
-
-/// Adds `n` to one of an entry's counters. Only the entry's session writes them (the
-/// console and the totals read), so a plain load and store do: no atomic read-modify-write
-/// (a locked instruction, a full barrier on x86) on the statement path.
-#[inline]
-fn bump(counter: &AtomicU64, n: u64) {
-    counter.store(
-        counter.load(Ordering::Relaxed).wrapping_add(n),
-        Ordering::Relaxed,
-    );
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -479,13 +479,10 @@ impl Transport for Socket {
     /// Registered with the calling thread's reactor instead of the one it was (two
     /// `epoll_ctl` calls); with tokio's off the workers.
     fn rebind(self: Box<Self>) -> io::Result<Box<dyn Transport>> {
-        let here = HERE.with_borrow(Clone::clone);
-        if here
-            .as_ref()
-            .is_some_and(|here| Arc::ptr_eq(here, &self.registration.reactor))
-        {
+        if self.at_home() {
             return Ok(self);
         }
+        let here = HERE.with_borrow(Clone::clone);
         let fd = self.stream.as_raw_fd();
         self.registration
             .reactor
