@@ -161,7 +161,8 @@ async fn reload_on(shared: Arc<Shared>, trigger: Arc<Notify>) {
 
 /// The state every session shares: users with their SCRAM verifiers, `pools`, the
 /// topology (the static node list, or empty until the Patroni watcher fills it) and the
-/// router, whose catalog runs its control connections on `background`. (The session tests
+/// router, whose catalog runs its control connections on `background`, as the pools' end of
+/// waits past `pool.wait_timeout` ([`Pools::expire_waits`]). (The session tests
 /// build theirs here too, with pools that connect over in-memory streams.)
 pub(crate) fn build_shared(
     config: Arc<Config>,
@@ -180,6 +181,7 @@ pub(crate) fn build_shared(
     let credentials = Credentials::of(&config.users);
     let users = users_of(&config.users, &HashMap::new());
     pools.reconfigure(config.pool.clone(), accounts_of(&config.users));
+    background.spawn(Arc::clone(&pools).expire_waits(shutdown.clone()));
     let routing = &config.routing;
     let catalog = Catalog::new(
         Arc::clone(&topology),

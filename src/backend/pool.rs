@@ -26,7 +26,6 @@ use super::server::{BackendError, Login, Secret, ServerConn};
 use crate::config::PoolConfig;
 use crate::metrics::WaitHistogram;
 use crate::net::{Connector, TcpConnector};
-use crate::timer::Alarm;
 
 /// Errors when borrowing a server connection.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +82,8 @@ pub struct Pool {
 /// change one count. A client that finds no free slot, or others queued for one before
 /// it, queues; a slot freed while clients queue is handed to the oldest ([`Self::grant`]),
 /// which is woken, so they are served in the order they came, as pgbouncer serves them.
+/// A client still queued at its deadline is taken out by [`Pools::expire_waits`]
+/// ([`Self::expire`]) and woken to give up: no wait sets a timer of its own.
 struct Slots {
     /// Parked connections, the most recently parked last. Boxed, like a lent one, so
     /// lending and parking move a pointer rather than the whole connection.
@@ -98,10 +99,13 @@ struct Slots {
     /// Server connections open, lent or parked (a new one counts once made): more than
     /// `size` only after the pool shrank, until the extra ones come back to be closed.
     open: usize,
-    /// Clients queued for a slot, the oldest first: each one's ticket and waker. Tickets
-    /// rise, so a client's entry is found by binary search, and a client has been handed
-    /// a slot once the first one left is younger (see [`Self::granted_to`]).
-    queue: VecDeque<(u64, Waker)>,
+    /// Clients queued for a slot, the oldest first. Tickets rise, so a client's entry is
+    /// found by binary search, and a client has been handed a slot once the first one
+    /// left is younger (see [`Self::granted_to`]), unless its wait expired.
+    queue: VecDeque<Waiter>,
+    /// Tickets of clients taken out of the queue at their deadline ([`Self::expire`]),
+    /// until each one sees it ([`Self::claim`], [`Self::leave`]).
+    expired: Vec<u64>,
     /// The ticket of the next client to queue.
     next_ticket: u64,
     /// Slots handed to queued clients and not taken yet.
@@ -128,12 +132,46 @@ impl Slots {
         free
     }
 
-    /// Queues a client woken by `waker`; returns its ticket.
-    fn queue(&mut self, waker: &Waker) -> u64 {
+    /// Queues a client woken by `waker`, until `deadline` at the latest; returns its
+    /// ticket.
+    fn queue(&mut self, waker: &Waker, deadline: Instant) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.queue.push_back((ticket, waker.clone()));
+        self.queue.push_back(Waiter {
+            ticket,
+            deadline,
+            waker: waker.clone(),
+        });
         ticket
+    }
+
+    /// Takes the clients whose deadline is not after `now` out of the queue; returns
+    /// their wakers, for the caller to wake once the lock is let go.
+    fn expire(&mut self, now: Instant) -> Vec<Waker> {
+        let mut woken = Vec::new();
+        if self.queue.iter().all(|waiter| waiter.deadline > now) {
+            return woken;
+        }
+        let expired = &mut self.expired;
+        self.queue.retain_mut(|waiter| {
+            let due = waiter.deadline <= now;
+            if due {
+                expired.push(waiter.ticket);
+                woken.push(std::mem::replace(&mut waiter.waker, Waker::noop().clone()));
+            }
+            !due
+        });
+        woken
+    }
+
+    /// Sees whether the wait of the client queued with `ticket` expired (it is out of the
+    /// queue then).
+    fn seen_expired(&mut self, ticket: u64) -> bool {
+        let Some(at) = self.expired.iter().position(|t| *t == ticket) else {
+            return false;
+        };
+        self.expired.swap_remove(at);
+        true
     }
 
     /// Hands a free slot to the oldest client queued; returns its waker, for the caller
@@ -142,39 +180,45 @@ impl Slots {
         if self.held >= self.size {
             return None;
         }
-        let (_, waker) = self.queue.pop_front()?;
+        let waiter = self.queue.pop_front()?;
         self.held += 1;
         self.granted += 1;
-        Some(waker)
+        Some(waiter.waker)
     }
 
     /// Whether a slot was handed to the client queued with `ticket`: only a grant takes
     /// a client out of the queue while it waits, and grants go to the oldest first.
     fn granted_to(&self, ticket: u64) -> bool {
-        self.queue.front().is_none_or(|(first, _)| *first > ticket)
+        self.queue.front().is_none_or(|first| first.ticket > ticket)
     }
 
     /// The client queued with `ticket` takes the slot handed to it, if one was; if not,
-    /// it will be woken by `waker`.
-    fn claim(&mut self, ticket: u64, waker: &Waker) -> bool {
+    /// it will be woken by `waker`, unless its wait expired.
+    fn claim(&mut self, ticket: u64, waker: &Waker) -> Claim {
+        if !self.expired.is_empty() && self.seen_expired(ticket) {
+            return Claim::Expired;
+        }
         if self.granted_to(ticket) {
             self.granted -= 1;
-            return true;
+            return Claim::Granted;
         }
-        if let Ok(at) = self.queue.binary_search_by_key(&ticket, |(t, _)| *t) {
-            self.queue[at].1.clone_from(waker);
+        if let Ok(at) = self.queue.binary_search_by_key(&ticket, |w| w.ticket) {
+            self.queue[at].waker.clone_from(waker);
         }
-        false
+        Claim::Waiting
     }
 
-    /// The client queued with `ticket` gives up (its wait timed out, or it went away): it
-    /// leaves the queue, or gives back the slot handed to it (see [`Self::give_back`]).
+    /// The client queued with `ticket` gives up (it went away): it leaves the queue, or
+    /// gives back the slot handed to it (see [`Self::give_back`]).
     fn leave(&mut self, ticket: u64) -> Option<Waker> {
+        if self.seen_expired(ticket) {
+            return None;
+        }
         if self.granted_to(ticket) {
             self.granted -= 1;
             return self.give_back();
         }
-        if let Ok(at) = self.queue.binary_search_by_key(&ticket, |(t, _)| *t) {
+        if let Ok(at) = self.queue.binary_search_by_key(&ticket, |w| w.ticket) {
             self.queue.remove(at);
         }
         None
@@ -226,14 +270,36 @@ impl Slots {
     }
 }
 
+/// A client queued for a slot.
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    /// When it stops waiting (`pool.wait_timeout` after it queued).
+    deadline: Instant,
+    waker: Waker,
+}
+
+/// What a queued client finds when it looks ([`Slots::claim`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Claim {
+    /// A slot was handed to it: it holds it now.
+    Granted,
+    /// Still queued.
+    Waiting,
+    /// Its deadline passed first: out of the queue.
+    Expired,
+}
+
 /// `pool.server_lifetime` and `pool.server_idle_timeout` in nanoseconds (0: never), and
 /// a generation that every change bumps: a connection's deadlines
 /// ([`crate::backend::server::Deadlines`]) worked out under another generation are
-/// worked out again.
+/// worked out again. Also `pool.wait_timeout`, read by every wait for a slot (an atomic
+/// load, where `settings` would be a shared reference count's look-up).
 #[derive(Debug)]
 struct Lifetimes {
     lifetime: AtomicU64,
     idle_timeout: AtomicU64,
+    wait_timeout: AtomicU64,
     /// Starts at 1 (a connection's deadlines start at 0: not worked out).
     generation: AtomicU64,
 }
@@ -243,6 +309,7 @@ impl Default for Lifetimes {
         Self {
             lifetime: AtomicU64::new(0),
             idle_timeout: AtomicU64::new(0),
+            wait_timeout: AtomicU64::new(0),
             generation: AtomicU64::new(1),
         }
     }
@@ -255,6 +322,8 @@ impl Lifetimes {
             .store(nanos(settings.server_lifetime), Ordering::Relaxed);
         self.idle_timeout
             .store(nanos(settings.server_idle_timeout), Ordering::Relaxed);
+        self.wait_timeout
+            .store(nanos(settings.wait_timeout), Ordering::Relaxed);
         // Released after the values: whoever reads this generation (acquire) reads
         // them or newer ones, and newer ones come with a newer generation.
         self.generation.fetch_add(1, Ordering::Release);
@@ -292,6 +361,10 @@ impl Lifetimes {
 
     fn idle_timeout(&self) -> Duration {
         Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed))
+    }
+
+    fn wait_timeout(&self) -> Duration {
+        Duration::from_nanos(self.wait_timeout.load(Ordering::Relaxed))
     }
 
     /// A parked connection to close rather than lend: past its lifetime, or unused for
@@ -341,6 +414,7 @@ impl Pool {
                 held: 0,
                 open: 0,
                 queue: VecDeque::new(),
+                expired: Vec::new(),
                 next_ticket: 0,
                 granted: 0,
                 at_once: 0,
@@ -428,12 +502,12 @@ impl Pool {
     }
 
     /// Borrows a connection: a parked one, or a new one if none is. Without a free slot
-    /// (see [`Slots::free`]), queues at most `pool.wait_timeout`, timed by `alarm`: a
-    /// session passes the same one to each of its waits, so a wait that ends in time
-    /// (nearly every one) sets no timer of its own (see [`Alarm`]).
-    pub async fn acquire(self: &Arc<Self>, alarm: &mut Alarm) -> Result<PooledConn, PoolError> {
+    /// (see [`Slots::free`]), queues at most `pool.wait_timeout` (`0s`: not at all), as
+    /// [`Pools::expire_waits`] times it: a wait sets no timer of its own.
+    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
         let now = crate::clock::now();
         let here = crate::workers::current();
+        let timeout = self.lifetimes.wait_timeout();
         // A free slot (and a parked connection, if one is), or a ticket in the queue: a
         // poll that never waits, for the waker the queue keeps.
         let first = std::future::poll_fn(|cx| {
@@ -441,14 +515,17 @@ impl Pool {
             Poll::Ready(if slots.take() {
                 slots.at_once += 1;
                 Ok(slots.take_idle(here, now, &self.lifetimes))
+            } else if timeout.is_zero() {
+                Err(None)
             } else {
-                Err(slots.queue(cx.waker()))
+                Err(Some(slots.queue(cx.waker(), now + timeout)))
             })
         })
         .await;
         let parked = match first {
             Ok(parked) => parked,
-            Err(ticket) => self.wait(ticket, alarm, here).await?,
+            Err(Some(ticket)) => self.wait(ticket, here, now, timeout).await?,
+            Err(None) => return Err(self.timed_out(now, timeout)),
         };
         // From here the slot belongs to the PooledConn made below, or `Slot` gives it
         // back if none is made.
@@ -479,17 +556,18 @@ impl Pool {
         Ok(self.lend(Box::new(conn), slot, Instant::now()))
     }
 
-    /// Waits in the queue with `ticket` until a slot is handed to this client; returns the
-    /// parked connection taken with it, if one was parked.
+    /// Waits in the queue with `ticket`, queued at `started`, until a slot is handed to
+    /// this client (returns the parked connection taken with it, if one was parked) or
+    /// its wait expires. Its times are the batch's readings ([`crate::clock::now`]):
+    /// microseconds behind the clock at most, against a timeout in seconds.
     async fn wait(
         &self,
         ticket: u64,
-        alarm: &mut Alarm,
         here: usize,
+        started: Instant,
+        timeout: Duration,
     ) -> Result<Option<Box<ServerConn>>, PoolError> {
-        let started = tokio::time::Instant::now();
-        let timeout = self.settings.load().wait_timeout;
-        // Leaves the queue unless a slot is taken.
+        // Leaves the queue unless a slot is taken, also if the client goes away.
         let queued = Queued(self, ticket);
         // The first poll comes in the same poll of the task as the one that queued it,
         // with the waker the queue has: nothing can have changed that it would see.
@@ -499,28 +577,43 @@ impl Pool {
                 return Poll::Pending;
             }
             let mut slots = lock(&self.slots);
-            if slots.claim(ticket, cx.waker()) {
-                Poll::Ready(slots.take_idle(here, crate::clock::now(), &self.lifetimes))
-            } else {
-                Poll::Pending
+            match slots.claim(ticket, cx.waker()) {
+                Claim::Granted => Poll::Ready(Some(slots.take_idle(
+                    here,
+                    crate::clock::now(),
+                    &self.lifetimes,
+                ))),
+                Claim::Expired => Poll::Ready(None),
+                Claim::Waiting => Poll::Pending,
             }
-        });
-        tokio::select! {
-            biased;
-            parked = claimed => {
-                std::mem::forget(queued);
-                self.waits.observe(started.elapsed());
+        })
+        .await;
+        std::mem::forget(queued);
+        match claimed {
+            Some(parked) => {
+                self.waits
+                    .observe(crate::clock::now().saturating_duration_since(started));
                 Ok(parked)
             }
-            () = alarm.at(started + timeout) => {
-                drop(queued);
-                self.waits.observe(started.elapsed());
-                Err(PoolError::Timeout {
-                    addr: self.key.addr.clone(),
-                    waited: timeout,
-                })
-            }
+            None => Err(self.timed_out(started, timeout)),
         }
+    }
+
+    /// A client queued at `started` waited `timeout` in vain.
+    fn timed_out(&self, started: Instant, timeout: Duration) -> PoolError {
+        self.waits
+            .observe(crate::clock::now().saturating_duration_since(started));
+        PoolError::Timeout {
+            addr: self.key.addr.clone(),
+            waited: timeout,
+        }
+    }
+
+    /// Takes the clients queued past their deadline at `now` out of the queue and wakes
+    /// them (each one gives up with [`PoolError::Timeout`]).
+    fn expire_waits(&self, now: Instant) {
+        let woken = lock(&self.slots).expire(now);
+        woken.into_iter().for_each(Waker::wake);
     }
 
     /// `conn`, taken from the parked ones, if it can be lent on this thread: the server
@@ -914,6 +1007,27 @@ impl Pools {
         lock(&self.pools).values().cloned().collect()
     }
 
+    /// Ends the waits for a slot that are past `pool.wait_timeout`, looking every tenth of
+    /// it (every 100 ms at most, every 10 ms at least), as pgbouncer's janitor looks for
+    /// clients past `query_wait_timeout` (every third of a second): a client gives up at
+    /// most that much later than its deadline. One loop for every pool, so that the
+    /// waits themselves set no timers. Until `shutdown`.
+    pub async fn expire_waits(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let timeout = self.settings.load().wait_timeout;
+            let period =
+                (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(100));
+            tokio::select! {
+                () = crate::timer::sleep(period) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let now = Instant::now();
+            for pool in self.all() {
+                pool.expire_waits(now);
+            }
+        }
+    }
+
     /// Closes parked connections that are past `pool.server_lifetime` or unused for
     /// `pool.server_idle_timeout`, at a quarter of the shorter of the two (between 100 ms
     /// and 30 s; every 30 s if both are `0s`), until `shutdown`.
@@ -969,10 +1083,16 @@ mod tests {
             held,
             open: held,
             queue: VecDeque::new(),
+            expired: Vec::new(),
             next_ticket: 0,
             granted: 0,
             at_once: 0,
         }
+    }
+
+    /// A deadline no test reaches.
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
     }
 
     #[test]
@@ -980,19 +1100,23 @@ mod tests {
         let mut slots = slots(1, 1);
         let waker = Waker::noop();
         assert!(!slots.take(), "the only slot is held");
-        let a = slots.queue(waker);
-        let b = slots.queue(waker);
+        let a = slots.queue(waker, later());
+        let b = slots.queue(waker, later());
         assert!(!slots.granted_to(a) && !slots.granted_to(b));
 
         assert!(slots.give_back().is_some(), "a queued client is woken");
         assert!(slots.granted_to(a), "the oldest gets the slot");
-        assert!(!slots.claim(b, waker), "the younger one waits on");
+        assert_eq!(
+            slots.claim(b, waker),
+            Claim::Waiting,
+            "the younger one waits on"
+        );
         assert!(!slots.take(), "a newcomer queues behind b");
-        assert!(slots.claim(a, waker));
+        assert_eq!(slots.claim(a, waker), Claim::Granted);
         assert_eq!((slots.held, slots.granted), (1, 0));
 
         assert!(slots.give_back().is_some());
-        assert!(slots.claim(b, waker));
+        assert_eq!(slots.claim(b, waker), Claim::Granted);
         assert_eq!((slots.held, slots.granted), (1, 0));
         assert!(slots.give_back().is_none(), "nobody left to wake");
         assert!(slots.take(), "the slot is free for a newcomer");
@@ -1002,9 +1126,9 @@ mod tests {
     fn a_client_that_gives_up_leaves_the_queue_or_passes_its_slot_on() {
         let mut slots = slots(1, 1);
         let waker = Waker::noop();
-        let a = slots.queue(waker);
-        let b = slots.queue(waker);
-        let c = slots.queue(waker);
+        let a = slots.queue(waker, later());
+        let b = slots.queue(waker, later());
+        let c = slots.queue(waker, later());
         // b times out before anything is freed: a and c keep their places.
         assert!(slots.leave(b).is_none());
         assert_eq!(slots.queue.len(), 2);
@@ -1012,7 +1136,7 @@ mod tests {
         assert!(slots.give_back().is_some());
         assert!(slots.granted_to(a) && !slots.granted_to(c));
         assert!(slots.leave(a).is_some(), "c is woken");
-        assert!(slots.claim(c, waker));
+        assert_eq!(slots.claim(c, waker), Claim::Granted);
         assert_eq!((slots.held, slots.granted, slots.queue.len()), (1, 0, 0));
     }
 
@@ -1020,7 +1144,7 @@ mod tests {
     fn a_slot_handed_out_and_not_yet_taken_leaves_others_free() {
         let mut slots = slots(2, 2);
         let waker = Waker::noop();
-        let a = slots.queue(waker);
+        let a = slots.queue(waker, later());
         assert!(slots.give_back().is_some());
         // a has not run yet; the next slot freed is free for anyone.
         assert!(slots.give_back().is_none());
@@ -1028,7 +1152,7 @@ mod tests {
             slots.take(),
             "a newcomer need not queue behind a client already served"
         );
-        assert!(slots.claim(a, waker));
+        assert_eq!(slots.claim(a, waker), Claim::Granted);
         assert_eq!((slots.held, slots.granted), (2, 0));
     }
 
@@ -1036,7 +1160,7 @@ mod tests {
     fn a_larger_size_serves_every_client_it_can_at_once() {
         let mut slots = slots(1, 1);
         let waker = Waker::noop();
-        let tickets: Vec<u64> = (0..3).map(|_| slots.queue(waker)).collect();
+        let tickets: Vec<u64> = (0..3).map(|_| slots.queue(waker, later())).collect();
         slots.size = 3;
         let mut woken = 0;
         while slots.grant().is_some() {
@@ -1048,5 +1172,46 @@ mod tests {
             !slots.granted_to(tickets[2]),
             "the third waits for a slot to come back"
         );
+    }
+
+    #[test]
+    fn a_client_past_its_deadline_leaves_the_queue_and_the_next_one_gets_the_slot() {
+        let mut slots = slots(1, 1);
+        let waker = Waker::noop();
+        let now = Instant::now();
+        let a = slots.queue(waker, now + Duration::from_secs(1));
+        let b = slots.queue(waker, now + Duration::from_secs(2));
+        let c = slots.queue(waker, now + Duration::from_secs(3));
+        assert!(slots.expire(now).is_empty(), "nobody is due yet");
+        // b's deadline passes first (a reload shortened the timeout after a queued).
+        slots.queue[0].deadline = now + Duration::from_secs(5);
+        assert_eq!(slots.expire(now + Duration::from_secs(2)).len(), 1);
+        assert_eq!(slots.claim(b, waker), Claim::Expired);
+        assert_eq!(slots.claim(a, waker), Claim::Waiting);
+        // The slot freed goes to a, then c, as if b had never queued.
+        assert!(slots.give_back().is_some());
+        assert_eq!(slots.claim(c, waker), Claim::Waiting);
+        assert_eq!(slots.claim(a, waker), Claim::Granted);
+        assert!(slots.give_back().is_some());
+        assert_eq!(slots.claim(c, waker), Claim::Granted);
+        assert_eq!((slots.held, slots.granted, slots.queue.len()), (1, 0, 0));
+        assert!(slots.expired.is_empty());
+    }
+
+    #[test]
+    fn a_client_that_expired_and_went_away_unseen_leaves_nothing_behind() {
+        let mut slots = slots(1, 1);
+        let waker = Waker::noop();
+        let now = Instant::now();
+        let a = slots.queue(waker, now);
+        let b = slots.queue(waker, later());
+        assert_eq!(slots.expire(now).len(), 1);
+        assert!(
+            slots.leave(a).is_none(),
+            "an expired client holds no slot to pass on"
+        );
+        assert!(slots.expired.is_empty());
+        assert!(slots.give_back().is_some(), "b is woken");
+        assert_eq!(slots.claim(b, waker), Claim::Granted);
     }
 }

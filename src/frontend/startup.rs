@@ -37,7 +37,6 @@ use crate::protocol::frame::Reader;
 use crate::protocol::messages::{self, body, Severity, StartupPacket};
 use crate::protocol::{FrameError, MAX_STARTUP_LEN};
 use crate::settings::{sync_query, ClientSettings, Value};
-use crate::timer::Alarm;
 use crate::topology::Want;
 
 /// Why a login did not reach a session.
@@ -486,9 +485,7 @@ async fn greeting(
         }
     };
     let addr = &pool.key().addr;
-    // A login waits once: its own alarm.
-    let mut alarm = Alarm::default();
-    let mut conn = pool.acquire(&mut alarm).await.map_err(|e| match e {
+    let mut conn = pool.acquire().await.map_err(|e| match e {
         // At login a node that cannot be reached is "no server available", as it is when
         // there is no node at all.
         PoolError::Connect(other) if !matches!(other, BackendError::Server { .. }) => {

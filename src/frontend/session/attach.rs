@@ -53,7 +53,7 @@ impl Session<'_> {
             Quick::NotNow => return Box::pin(self.attach_waiting(target, None, 0)).await,
         };
         let mut down = 0;
-        match self.pools[index].1.acquire(&mut self.alarms.pool).await {
+        match self.pools[index].1.acquire().await {
             Ok(conn) => {
                 self.attach_to(conn, index, target == Target::Replica && !primary);
                 return Ok(());
@@ -164,7 +164,7 @@ impl Session<'_> {
             };
             // A read may land on the primary when no replica takes reads.
             let replica = want == Want::Replica && !primary;
-            match self.pools[index].1.acquire(&mut self.alarms.pool).await {
+            match self.pools[index].1.acquire().await {
                 Ok(conn) => {
                     self.attach_to(conn, index, replica);
                     return Ok(());

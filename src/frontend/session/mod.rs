@@ -416,8 +416,6 @@ struct Alarms {
     idle: Alarm,
     idle_in_transaction: Alarm,
     query: Alarm,
-    /// `pool.wait_timeout`, for a wait for a free server connection.
-    pool: Alarm,
 }
 
 impl Alarms {
