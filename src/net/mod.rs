@@ -185,8 +185,8 @@ impl FramedStream {
     /// socket's readiness itself, and gives the buffer back if the wake-up was not for
     /// data. A read treats a short read as "drained", so the next wait goes straight to
     /// epoll instead of first trying a read that would block: one system call less per
-    /// round trip. It tries [`Transport::read_now`] first (no waker: the common case,
-    /// bytes are there), then the polled read, which stores the waker.
+    /// round trip. One call reads what is there or stores the waker
+    /// ([`Transport::poll_read_now`]).
     fn poll_fill(&mut self, cx: &mut Context<'_>, waited: &mut bool) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < 1024 {
             if self.rbuf.capacity() == 0 {
@@ -199,20 +199,14 @@ impl FramedStream {
             self.rbuf.reserve(READ_CAPACITY);
         }
         // A read that finds bytes spends the cooperative budget, as tokio's polled read does:
-        // a session relaying a large result yields to the worker's others in between.
+        // a session relaying a large result yields to the worker's others in between. (A
+        // tokio stream's polled read, TLS or off the workers, spends tokio's budget too: a
+        // read that waited counts twice there.) One that waits leaves the budget as it was.
         let coop = ready!(crate::workers::poll_budget(cx));
-        match self.stream.read_now(&mut self.rbuf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            done => {
-                coop.made_progress();
-                return Poll::Ready(done);
-            }
-        }
-        // Given back before the polled read, which spends its own: dropped after it, the
-        // guard would restore the budget over that read's spending.
-        drop(coop);
-        let read = self.stream.poll_read_buf(cx, &mut self.rbuf);
-        if read.is_pending() && *waited && self.rbuf.is_empty() {
+        let read = self.stream.poll_read_now(cx, &mut self.rbuf);
+        if read.is_ready() {
+            coop.made_progress();
+        } else if *waited && self.rbuf.is_empty() {
             recycle_buffer(&mut self.rbuf);
         }
         read

@@ -528,6 +528,16 @@ impl Transport for Socket {
             self.recv(room, |bytes| buf.extend_from_slice(bytes))
         })
     }
+
+    /// [`Self::poll_read_buf`] alone: it reads at once, with no waker stored, when the
+    /// socket is readable.
+    fn poll_read_now(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_buf(cx, buf)
+    }
 }
 
 #[cfg(test)]

@@ -70,6 +70,21 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync + Debug + 'sta
     ) -> Poll<io::Result<usize>> {
         tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
     }
+
+    /// What has arrived, read into the spare capacity of `buf` as [`Self::read_now`]
+    /// reads it, or, if nothing has, a wait for bytes as [`Self::poll_read_buf`] waits.
+    /// The default calls the one, then the other; pgway's own sockets need one call,
+    /// since their polled read stores no waker when bytes are there.
+    fn poll_read_now(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        match self.read_now(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.poll_read_buf(cx, buf),
+            done => Poll::Ready(done),
+        }
+    }
 }
 
 impl Transport for TcpStream {
