@@ -132,9 +132,9 @@ impl Slots {
         free
     }
 
-    /// Queues a client woken by `waker`, until `deadline` at the latest; returns its
-    /// ticket.
-    fn queue(&mut self, waker: &Waker, deadline: Instant) -> u64 {
+    /// Queues a client woken by `waker`, until `deadline` at the latest (`None`: no end);
+    /// returns its ticket.
+    fn queue(&mut self, waker: &Waker, deadline: Option<Instant>) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.queue.push_back(Waiter {
@@ -149,12 +149,12 @@ impl Slots {
     /// their wakers, for the caller to wake once the lock is let go.
     fn expire(&mut self, now: Instant) -> Vec<Waker> {
         let mut woken = Vec::new();
-        if self.queue.iter().all(|waiter| waiter.deadline > now) {
+        if !self.queue.iter().any(|waiter| waiter.due(now)) {
             return woken;
         }
         let expired = &mut self.expired;
         self.queue.retain_mut(|waiter| {
-            let due = waiter.deadline <= now;
+            let due = waiter.due(now);
             if due {
                 expired.push(waiter.ticket);
                 woken.push(std::mem::replace(&mut waiter.waker, Waker::noop().clone()));
@@ -274,9 +274,17 @@ impl Slots {
 #[derive(Debug)]
 struct Waiter {
     ticket: u64,
-    /// When it stops waiting (`pool.wait_timeout` after it queued).
-    deadline: Instant,
+    /// When it stops waiting: `pool.wait_timeout` after it queued (`None`: a timeout
+    /// beyond what an `Instant` holds).
+    deadline: Option<Instant>,
     waker: Waker,
+}
+
+impl Waiter {
+    /// Past its deadline at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|deadline| deadline <= now)
+    }
 }
 
 /// What a queued client finds when it looks ([`Slots::claim`]).
@@ -518,7 +526,7 @@ impl Pool {
             } else if timeout.is_zero() {
                 Err(None)
             } else {
-                Err(Some(slots.queue(cx.waker(), now + timeout)))
+                Err(Some(slots.queue(cx.waker(), now.checked_add(timeout))))
             })
         })
         .await;
@@ -1091,8 +1099,8 @@ mod tests {
     }
 
     /// A deadline no test reaches.
-    fn later() -> Instant {
-        Instant::now() + Duration::from_secs(3600)
+    fn later() -> Option<Instant> {
+        Some(Instant::now() + Duration::from_secs(3600))
     }
 
     #[test]
@@ -1179,18 +1187,23 @@ mod tests {
         let mut slots = slots(1, 1);
         let waker = Waker::noop();
         let now = Instant::now();
-        let a = slots.queue(waker, now + Duration::from_secs(1));
-        let b = slots.queue(waker, now + Duration::from_secs(2));
-        let c = slots.queue(waker, now + Duration::from_secs(3));
+        let after = |secs| Some(now + Duration::from_secs(secs));
+        let a = slots.queue(waker, after(1));
+        let b = slots.queue(waker, after(2));
+        let c = slots.queue(waker, None);
         assert!(slots.expire(now).is_empty(), "nobody is due yet");
         // b's deadline passes first (a reload shortened the timeout after a queued).
-        slots.queue[0].deadline = now + Duration::from_secs(5);
+        slots.queue[0].deadline = after(5);
         assert_eq!(slots.expire(now + Duration::from_secs(2)).len(), 1);
         assert_eq!(slots.claim(b, waker), Claim::Expired);
         assert_eq!(slots.claim(a, waker), Claim::Waiting);
         // The slot freed goes to a, then c, as if b had never queued.
         assert!(slots.give_back().is_some());
         assert_eq!(slots.claim(c, waker), Claim::Waiting);
+        assert!(
+            slots.expire(now + Duration::from_secs(86_400)).is_empty(),
+            "c's wait has no deadline"
+        );
         assert_eq!(slots.claim(a, waker), Claim::Granted);
         assert!(slots.give_back().is_some());
         assert_eq!(slots.claim(c, waker), Claim::Granted);
@@ -1203,7 +1216,7 @@ mod tests {
         let mut slots = slots(1, 1);
         let waker = Waker::noop();
         let now = Instant::now();
-        let a = slots.queue(waker, now);
+        let a = slots.queue(waker, Some(now));
         let b = slots.queue(waker, later());
         assert_eq!(slots.expire(now).len(), 1);
         assert!(
