@@ -149,9 +149,6 @@ impl Slots {
     /// their wakers, for the caller to wake once the lock is let go.
     fn expire(&mut self, now: Instant) -> Vec<Waker> {
         let mut woken = Vec::new();
-        if !self.queue.iter().any(|waiter| waiter.due(now)) {
-            return woken;
-        }
         let expired = &mut self.expired;
         self.queue.retain_mut(|waiter| {
             let due = waiter.due(now);
@@ -195,7 +192,7 @@ impl Slots {
     /// The client queued with `ticket` takes the slot handed to it, if one was; if not,
     /// it will be woken by `waker`, unless its wait expired.
     fn claim(&mut self, ticket: u64, waker: &Waker) -> Claim {
-        if !self.expired.is_empty() && self.seen_expired(ticket) {
+        if self.seen_expired(ticket) {
             return Claim::Expired;
         }
         if self.granted_to(ticket) {
