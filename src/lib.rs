@@ -43,6 +43,7 @@ pub mod reload;
 pub mod route;
 pub mod server;
 pub mod settings;
+pub(crate) mod sync;
 pub mod timer;
 pub mod topology;
 pub mod workers;

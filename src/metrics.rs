@@ -22,6 +22,7 @@ use prometheus_client::registry::Registry;
 use crate::backend::Pools;
 use crate::cache::ResultCache;
 use crate::route::Router;
+use crate::sync::lock;
 use crate::topology::replay::ReplayPositions;
 
 /// Upper bounds of the pool-wait histogram's buckets, in seconds.
@@ -125,10 +126,6 @@ struct Queries {
 
 #[derive(Debug, Default)]
 struct QueryRow([AtomicU64; 3]);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Adds `n` to a counter that only the calling thread writes (others only read it): a
 /// plain load and store, no atomic read-modify-write (a locked instruction, a full

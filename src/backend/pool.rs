@@ -26,6 +26,9 @@ use super::server::{BackendError, Login, Secret, ServerConn};
 use crate::config::PoolConfig;
 use crate::metrics::WaitHistogram;
 use crate::net::{Connector, TcpConnector};
+// What the pools' mutexes guard stays consistent after a panic: the maps change by one
+// insert or remove, and a pool's counts only where nothing can panic between them.
+use crate::sync::lock;
 
 /// Errors when borrowing a server connection.
 #[derive(Debug, thiserror::Error)]
@@ -1065,15 +1068,6 @@ impl Pools {
             }
         }
     }
-}
-
-/// The mutex's value, also after a panic elsewhere poisoned it (what it guards stays
-/// consistent: the maps change by one insert or remove, and a pool's counts only where
-/// nothing can panic between them).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

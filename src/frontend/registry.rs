@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
@@ -34,6 +34,7 @@ use crate::backend::Pool;
 use crate::frontend::cancel::ServerSlot;
 // An entry's counters are written by its session alone (the console and the totals read).
 use crate::metrics::bump;
+use crate::sync::lock;
 
 /// A client's id, as `SHOW CLIENTS` lists it and `KILL_CLIENT` takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -343,10 +344,6 @@ impl Drop for Registered {
         totals.xact_us += entry.xact_us.load(Ordering::Relaxed);
         totals.wait_us += entry.wait_us.load(Ordering::Relaxed);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Clients {
