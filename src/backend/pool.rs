@@ -12,10 +12,12 @@
 //! by the next [`Pool::acquire`] that looks at them and by [`Pools::sweep`].
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
@@ -511,40 +513,73 @@ impl Pool {
 
     /// Borrows a connection: a parked one, or a new one if none is. Without a free slot
     /// (see [`Slots::free`]), queues at most `pool.wait_timeout` (`0s`: not at all), as
-    /// [`Pools::expire_waits`] times it: a wait sets no timer of its own.
-    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        let now = crate::clock::now();
-        let here = crate::workers::current();
-        let timeout = self.lifetimes.wait_timeout();
-        // A free slot (and a parked connection, if one is), or a ticket in the queue: a
-        // poll that never waits, for the waker the queue keeps.
-        let first = std::future::poll_fn(|cx| {
-            let mut slots = lock(&self.slots);
-            Poll::Ready(if slots.take() {
-                slots.at_once += 1;
-                Ok(slots.take_idle(here, now, &self.lifetimes))
-            } else if timeout.is_zero() {
-                Err(None)
-            } else {
-                Err(Some(slots.queue(cx.waker(), now.checked_add(timeout))))
-            })
-        })
-        .await;
-        let parked = match first {
-            Ok(parked) => parked,
-            Err(Some(ticket)) => self.wait(ticket, here, now, timeout).await?,
-            Err(None) => return Err(self.timed_out(now, timeout)),
-        };
+    /// [`Pools::expire_waits`] times it: a wait sets no timer of its own. The future is
+    /// [`Acquire`], one level for a wait (the per-statement path awaits it whenever no
+    /// slot is free).
+    pub fn acquire(self: &Arc<Self>) -> Acquire<'_> {
+        Acquire {
+            pool: self,
+            step: Step::Start,
+        }
+    }
+
+    /// [`Acquire`]'s first step, which never waits: a free slot taken, with the parked
+    /// connection taken with it if one was (`Ok`), or a ticket in the queue for `waker`
+    /// (`Err(Some)`), or neither when the pool waits `timeout` zero (`Err(None)`).
+    fn enter(
+        &self,
+        waker: &Waker,
+        now: Instant,
+        timeout: Duration,
+    ) -> Result<Option<Box<ServerConn>>, Option<u64>> {
+        let mut slots = lock(&self.slots);
+        if slots.take() {
+            slots.at_once += 1;
+            Ok(slots.take_idle(crate::workers::current(), now, &self.lifetimes))
+        } else if timeout.is_zero() {
+            Err(None)
+        } else {
+            Err(Some(slots.queue(waker, now.checked_add(timeout))))
+        }
+    }
+
+    /// Whether the client queued with `ticket` holds a slot now: `Ready(Ok)` with the
+    /// parked connection taken with it, if one was; `Ready(Err)` once its wait expired
+    /// ([`Pools::expire_waits`]); `Pending` until `waker` is woken.
+    fn claim(&self, ticket: u64, waker: &Waker) -> Poll<Result<Option<Box<ServerConn>>, ()>> {
+        let mut slots = lock(&self.slots);
+        match slots.claim(ticket, waker) {
+            Claim::Granted => Poll::Ready(Ok(slots.take_idle(
+                crate::workers::current(),
+                crate::clock::now(),
+                &self.lifetimes,
+            ))),
+            Claim::Expired => Poll::Ready(Err(())),
+            Claim::Waiting => Poll::Pending,
+        }
+    }
+
+    /// Lends the slot the caller holds, with `parked` if it is usable (or another parked
+    /// connection), else makes a new connection for it: the future of that is returned.
+    fn lend_or_connect(
+        self: &Arc<Self>,
+        parked: Option<Box<ServerConn>>,
+    ) -> Result<PooledConn, Connecting<'_>> {
         // From here the slot belongs to the PooledConn made below, or `Slot` gives it
         // back if none is made.
         let slot = Slot(self);
         let now = crate::clock::now();
         // None was parked when the slot was taken: a new one, without looking again.
-        if let Some(conn) =
-            parked.and_then(|conn| self.usable(conn).or_else(|| self.take_parked(now)))
-        {
-            return Ok(self.lend(conn, slot, now));
+        match parked.and_then(|conn| self.usable(conn).or_else(|| self.take_parked(now))) {
+            Some(conn) => Ok(self.lend(conn, slot, now)),
+            // Boxed: a login's future is large, and the wait for a slot, which nearly
+            // every acquire ends with, should not carry it (see `Session::attach_acquired`).
+            None => Err(Box::pin(self.connect(slot))),
         }
+    }
+
+    /// A new connection for `slot`.
+    async fn connect(self: &Arc<Self>, slot: Slot<'_>) -> Result<PooledConn, PoolError> {
         let secret = match self.secret.lock() {
             Ok(secret) => secret.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -556,55 +591,10 @@ impl Pool {
             database: &self.key.database,
         };
         let timeout = self.settings.load().connect_timeout;
-        // Boxed: a login's future is large, and the wait for a slot above, which nearly
-        // every call ends with, should not carry it (see `Session::attach`).
-        let conn = Box::pin(ServerConn::connect(login, &*self.connector, timeout)).await?;
+        let conn = ServerConn::connect(login, &*self.connector, timeout).await?;
         let _ = self.params.set(Arc::new(conn.params.clone()));
         lock(&self.slots).open += 1;
         Ok(self.lend(Box::new(conn), slot, Instant::now()))
-    }
-
-    /// Waits in the queue with `ticket`, queued at `started`, until a slot is handed to
-    /// this client (returns the parked connection taken with it, if one was parked) or
-    /// its wait expires. Its times are the batch's readings ([`crate::clock::now`]):
-    /// microseconds behind the clock at most, against a timeout in seconds.
-    async fn wait(
-        &self,
-        ticket: u64,
-        here: usize,
-        started: Instant,
-        timeout: Duration,
-    ) -> Result<Option<Box<ServerConn>>, PoolError> {
-        // Leaves the queue unless a slot is taken, also if the client goes away.
-        let queued = Queued(self, ticket);
-        // The first poll comes in the same poll of the task as the one that queued it,
-        // with the waker the queue has: nothing can have changed that it would see.
-        let mut queued_now = true;
-        let claimed = std::future::poll_fn(|cx| {
-            if std::mem::take(&mut queued_now) {
-                return Poll::Pending;
-            }
-            let mut slots = lock(&self.slots);
-            match slots.claim(ticket, cx.waker()) {
-                Claim::Granted => Poll::Ready(Some(slots.take_idle(
-                    here,
-                    crate::clock::now(),
-                    &self.lifetimes,
-                ))),
-                Claim::Expired => Poll::Ready(None),
-                Claim::Waiting => Poll::Pending,
-            }
-        })
-        .await;
-        std::mem::forget(queued);
-        match claimed {
-            Some(parked) => {
-                self.waits
-                    .observe(crate::clock::now().saturating_duration_since(started));
-                Ok(parked)
-            }
-            None => Err(self.timed_out(started, timeout)),
-        }
     }
 
     /// A client queued at `started` waited `timeout` in vain.
@@ -743,21 +733,110 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// A client in a pool's queue, with its ticket; leaves it when dropped (see
-/// [`Slots::leave`]).
-struct Queued<'p>(&'p Pool, u64);
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        let wake = lock(&self.0.slots).leave(self.1);
-        wake_up(wake);
-    }
-}
-
 /// Wakes the client a slot was handed to, if one was (after the pool's lock is let go).
 fn wake_up(waker: Option<Waker>) {
     if let Some(waker) = waker {
         waker.wake();
+    }
+}
+
+/// A new connection being made for a slot ([`Pool::lend_or_connect`]).
+type Connecting<'p> = Pin<Box<dyn Future<Output = Result<PooledConn, PoolError>> + Send + 'p>>;
+
+/// [`Pool::acquire`]'s future: written out rather than an `async fn`, so that a wait for
+/// a slot is one level of future, and one that is dropped while queued leaves the queue
+/// (see [`Slots::leave`]).
+#[must_use = "a future does nothing unless awaited"]
+pub struct Acquire<'p> {
+    pool: &'p Arc<Pool>,
+    step: Step<'p>,
+}
+
+/// Where an [`Acquire`] stands.
+enum Step<'p> {
+    Start,
+    /// In the queue with `ticket` since `since`, for at most `timeout`.
+    Queued {
+        ticket: u64,
+        since: Instant,
+        timeout: Duration,
+    },
+    Connecting(Connecting<'p>),
+    Done,
+}
+
+impl Future for Acquire<'_> {
+    type Output = Result<PooledConn, PoolError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let pool = this.pool;
+        let parked = match &mut this.step {
+            Step::Start => {
+                let now = crate::clock::now();
+                let timeout = pool.lifetimes.wait_timeout();
+                match pool.enter(cx.waker(), now, timeout) {
+                    Ok(parked) => parked,
+                    Err(Some(ticket)) => {
+                        // The queue holds this poll's waker: nothing a poll would see
+                        // can change before it is woken.
+                        this.step = Step::Queued {
+                            ticket,
+                            since: now,
+                            timeout,
+                        };
+                        return Poll::Pending;
+                    }
+                    Err(None) => {
+                        this.step = Step::Done;
+                        return Poll::Ready(Err(pool.timed_out(now, timeout)));
+                    }
+                }
+            }
+            Step::Queued {
+                ticket,
+                since,
+                timeout,
+            } => {
+                let (since, timeout) = (*since, *timeout);
+                let claimed = ready!(pool.claim(*ticket, cx.waker()));
+                this.step = Step::Done;
+                let Ok(parked) = claimed else {
+                    return Poll::Ready(Err(pool.timed_out(since, timeout)));
+                };
+                pool.waits
+                    .observe(crate::clock::now().saturating_duration_since(since));
+                parked
+            }
+            Step::Connecting(connecting) => {
+                let made = ready!(connecting.as_mut().poll(cx));
+                this.step = Step::Done;
+                return Poll::Ready(made);
+            }
+            Step::Done => panic!("Acquire polled after it completed"),
+        };
+        this.step = Step::Done;
+        match pool.lend_or_connect(parked) {
+            Ok(conn) => Poll::Ready(Ok(conn)),
+            Err(mut connecting) => {
+                let polled = connecting.as_mut().poll(cx);
+                if polled.is_pending() {
+                    this.step = Step::Connecting(connecting);
+                }
+                polled
+            }
+        }
+    }
+}
+
+impl Drop for Acquire<'_> {
+    /// A client that goes away while queued leaves the queue, or gives back the slot
+    /// handed to it.
+    fn drop(&mut self) {
+        if let Step::Queued { ticket, .. } = self.step {
+            let wake = lock(&self.pool.slots).leave(ticket);
+            wake_up(wake);
+        }
     }
 }
 
@@ -1217,5 +1296,50 @@ mod tests {
         assert!(slots.expired.is_empty());
         assert!(slots.give_back().is_some(), "b is woken");
         assert_eq!(slots.claim(b, waker), Claim::Granted);
+    }
+
+    /// Polls `acquire` once with a waker that does nothing.
+    fn poll_once(acquire: &mut Acquire<'_>) -> Poll<Result<PooledConn, PoolError>> {
+        Pin::new(acquire).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn an_acquire_dropped_while_queued_or_granted_leaves_no_waiter_and_no_slot_behind() {
+        let pools = Pools::new(PoolConfig {
+            size: 1,
+            ..PoolConfig::default()
+        });
+        let pool = pools.get("127.0.0.1:1", "db", "user");
+        // The one slot is held (by a client whose connection is lent).
+        lock(&pool.slots).held = 1;
+        let mut first = pool.acquire();
+        let mut second = pool.acquire();
+        let mut third = pool.acquire();
+        for acquire in [&mut first, &mut second, &mut third] {
+            assert!(
+                poll_once(acquire).is_pending(),
+                "no slot is free: it queues"
+            );
+        }
+        assert_eq!(lock(&pool.slots).queue.len(), 3);
+        drop(first);
+        assert_eq!(lock(&pool.slots).queue.len(), 2, "the first left the queue");
+        // The lent connection's slot comes back: it is handed to the second, which goes
+        // away before it looks; the slot passes on to the third.
+        assert!(
+            lock(&pool.slots).give_back().is_some(),
+            "the second is woken"
+        );
+        drop(second);
+        let slots = lock(&pool.slots);
+        assert_eq!((slots.held, slots.granted, slots.queue.len()), (1, 1, 0));
+        drop(slots);
+        drop(third);
+        let slots = lock(&pool.slots);
+        assert_eq!(
+            (slots.held, slots.granted, slots.queue.len()),
+            (0, 0, 0),
+            "the slot handed to the third came back when it went away"
+        );
     }
 }

@@ -36,39 +36,47 @@ fn want_for(target: Target) -> Want {
 }
 
 impl Session<'_> {
-    /// Takes a server connection for `target` (Idle -> Attached), trying another node when
-    /// one is down, from where [`Self::attach_now`] stopped: the caller runs that first, a
-    /// plain function for the usual case (no `PAUSE`, no read-your-writes floor to wait
-    /// for, a node up and a parked connection to it), so that case makes no future at all.
-    /// The next most usual, a wait for a free slot in the pool of the node picked, is
-    /// [`crate::backend::Pool::acquire`] as it is. Everything else is the boxed
-    /// [`Self::attach_waiting`], so the session's own future stays small. (That box cost
-    /// mimalloc about 440 instructions to allocate and 150 to free: a block of 728 bytes,
-    /// not a power of two, takes its aligned allocation's slow path whenever the page's
-    /// free list is empty, which a block that comes and goes alone finds every time.)
-    pub(super) async fn attach(&mut self, target: Target, quick: Quick) -> Result<(), ClientError> {
-        let (index, primary) = match quick {
-            Quick::Attached => return Ok(()),
-            Quick::Picked(node) => node,
-            Quick::NotNow => return Box::pin(self.attach_waiting(target, None, 0)).await,
-        };
-        let mut down = 0;
-        match self.pools[index].1.acquire().await {
+    /// Idle -> Attached on what the pool of the node [`Self::attach_now`] picked
+    /// ([`Quick::Picked`]) gave. `Ok(None)`: attached; `Ok(Some(down))`: that node is down
+    /// (`down` nodes found down so far), [`Self::attach_waiting`] tries another; `Err`:
+    /// no connection for this request.
+    ///
+    /// Taking a connection goes in three steps, the caller's: [`Self::attach_now`] first,
+    /// a plain function for the usual case (no `PAUSE`, no read-your-writes floor to wait
+    /// for, a node up and a parked connection to it), so that case makes no future at all;
+    /// the next most usual, a wait for a free slot in the pool of the node picked, awaits
+    /// [`crate::backend::Pool::acquire`] itself (one level of future) and hands its outcome
+    /// here; everything else is the boxed [`Self::attach_waiting`], so the session's own
+    /// future stays small. (That box cost mimalloc about 440 instructions to allocate and
+    /// 150 to free: a block of 728 bytes, not a power of two, takes its aligned
+    /// allocation's slow path whenever the page's free list is empty, which a block that
+    /// comes and goes alone finds every time.)
+    pub(super) fn attach_acquired(
+        &mut self,
+        target: Target,
+        (index, primary): (usize, bool),
+        acquired: Result<PooledConn, PoolError>,
+    ) -> Result<Option<usize>, ClientError> {
+        match acquired {
             Ok(conn) => {
                 self.attach_to(conn, index, target == Target::Replica && !primary);
-                return Ok(());
+                Ok(None)
             }
             Err(e) => {
-                if let Err(e) = self.acquire_failed(index, e, &mut down) {
-                    Registry::not_attached(self.registered.as_ref().map(|r| &*r.entry));
-                    return Err(e);
+                let mut down = 0;
+                match self.acquire_failed(index, e, &mut down) {
+                    Ok(()) => Ok(Some(down)),
+                    Err(e) => {
+                        Registry::not_attached(self.registered.as_ref().map(|r| &*r.entry));
+                        Err(e)
+                    }
                 }
             }
         }
-        Box::pin(self.attach_waiting(target, None, down)).await
     }
 
-    /// [`Self::attach`] where nothing has to be waited for.
+    /// Takes a server connection for `target` where nothing has to be waited for (see
+    /// [`Self::attach_acquired`]).
     pub(super) fn attach_now(&mut self, target: Target) -> Quick {
         let shared = self.shared;
         if target == Target::Replica && self.read_floor() != 0 {
@@ -91,11 +99,11 @@ impl Session<'_> {
         Quick::Attached
     }
 
-    /// [`Self::attach`] when it may have to wait: for `RESUME`, a replica to replay the
+    /// Takes a server connection for `target` (Idle -> Attached) when it may have to wait: for `RESUME`, a replica to replay the
     /// client's writes, a primary after a failover, a free slot or a new connection.
     /// `picked`: a node (pool index, is it the primary) to try first; `down`: how many
     /// nodes were found down already.
-    async fn attach_waiting(
+    pub(super) async fn attach_waiting(
         &mut self,
         target: Target,
         picked: Option<(usize, bool)>,
@@ -149,7 +157,7 @@ impl Session<'_> {
         self.sync_settings();
     }
 
-    /// [`Self::attach`] once past the pause gate.
+    /// [`Self::attach_waiting`] once past the pause gate.
     async fn take_connection(
         &mut self,
         target: Target,

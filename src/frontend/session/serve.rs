@@ -767,10 +767,20 @@ impl Session<'_> {
                 }
             }
             if let State::Idle = self.state {
-                // No future made when a parked connection is there (see `attach`).
+                // No future made when a parked connection is there, one level for a wait
+                // for a free slot (see `attach_acquired`).
                 let attached = match self.attach_now(target) {
-                    Quick::Attached => Ok(()),
-                    quick => self.attach(target, quick).await,
+                    Quick::Attached => Ok(None),
+                    Quick::Picked(node) => {
+                        let acquired = self.pools[node.0].1.acquire().await;
+                        self.attach_acquired(target, node, acquired)
+                    }
+                    Quick::NotNow => Ok(Some(0)),
+                };
+                let attached = match attached {
+                    Ok(None) => Ok(()),
+                    Ok(Some(down)) => Box::pin(self.attach_waiting(target, None, down)).await,
+                    Err(e) => Err(e),
                 };
                 if let Err(e) = attached {
                     if begin.is_some() {
