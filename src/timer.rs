@@ -16,9 +16,10 @@
 use std::cell::Cell;
 use std::future::IntoFuture;
 use std::pin::Pin;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::sync::lock;
 use tokio::runtime::Handle;
 use tokio::time::{Instant, Sleep, Timeout};
 
@@ -37,7 +38,7 @@ fn timers() -> std::io::Result<&'static Handle> {
     if let Some(handle) = TIMERS.get() {
         return Ok(handle);
     }
-    let _one_at_a_time = STARTING.lock().unwrap_or_else(PoisonError::into_inner);
+    let _one_at_a_time = lock(&STARTING);
     if let Some(handle) = TIMERS.get() {
         return Ok(handle);
     }

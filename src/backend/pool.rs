@@ -476,9 +476,7 @@ impl Pool {
 
     /// How new connections log in from now on.
     fn set_secret(&self, secret: &Secret) {
-        if let Ok(mut current) = self.secret.lock() {
-            *current = secret.clone();
-        }
+        *lock(&self.secret) = secret.clone();
     }
 
     /// ParameterStatus values from the first connection this pool made, once one was made.
@@ -580,10 +578,7 @@ impl Pool {
 
     /// A new connection for `slot`.
     async fn connect(self: &Arc<Self>, slot: Slot<'_>) -> Result<PooledConn, PoolError> {
-        let secret = match self.secret.lock() {
-            Ok(secret) => secret.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let secret = lock(&self.secret).clone();
         let login = Login {
             addr: &self.key.addr,
             user: &self.key.user,
@@ -1064,10 +1059,7 @@ impl Pools {
 
     /// Every pool's node with its active (lent) and idle connections.
     pub fn connections(&self) -> Vec<(String, i64, i64)> {
-        let pools = match self.pools.lock() {
-            Ok(pools) => pools,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let pools = lock(&self.pools);
         pools
             .values()
             .map(|pool| {
@@ -1141,10 +1133,8 @@ impl Pools {
 
     /// Closes the idle connections of every pool on node `addr`.
     pub fn clear_node(&self, addr: &str) {
-        if let Ok(pools) = self.pools.lock() {
-            for pool in pools.values().filter(|p| p.key.addr == addr) {
-                pool.clear_idle();
-            }
+        for pool in lock(&self.pools).values().filter(|p| p.key.addr == addr) {
+            pool.clear_idle();
         }
     }
 }

@@ -13,7 +13,7 @@
 //! reuses them. A failover, which opens a pool's worth of connections to the new primary
 //! at once, then pays for the derivation once instead of once per connection.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -21,6 +21,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use crate::frontend::auth::hmac;
+use crate::sync::lock;
 
 /// What a SCRAM verifier and a client's proof give: enough to log in as the client's user
 /// to a server that stores that verifier. Its `Debug` shows none of it.
@@ -72,7 +73,7 @@ impl PasswordKeys {
     /// The keys for a verifier with `salt` (base64 as the server sent it) and
     /// `iterations`: the last ones derived if they fit, else derived now and kept.
     fn keys_for(&self, salt_b64: &str, salt: &[u8], iterations: u32) -> Arc<ScramKeys> {
-        let derived = || self.derived.lock().unwrap_or_else(PoisonError::into_inner);
+        let derived = || lock(&self.derived);
         if let Some(keys) = derived().as_ref().filter(|k| k.fit(salt, iterations)) {
             return Arc::clone(keys);
         }
@@ -281,7 +282,7 @@ mod tests {
     }
 
     fn derived(password: &PasswordKeys) -> Option<Arc<ScramKeys>> {
-        password.derived.lock().ok().and_then(|d| d.clone())
+        lock(&password.derived).clone()
     }
 
     #[test]

@@ -47,6 +47,7 @@ use tokio::sync::watch;
 use crate::config::CacheConfig;
 use crate::route::classify::table_name;
 use crate::settings::Settings;
+use crate::sync::lock;
 
 /// The cached reply is at least this much bigger in memory than its bytes (key, entry,
 /// the map's own overhead).
@@ -141,7 +142,7 @@ pub struct Db {
 impl Db {
     fn table(&self, name: &str) -> Arc<TableState> {
         let bare = bare_name(name);
-        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tables = lock(&self.tables);
         Arc::clone(tables.entry(bare.to_owned()).or_default())
     }
 
@@ -228,7 +229,7 @@ impl Db {
 
     /// The temporary slot's name, while there is one.
     pub fn slot(&self) -> Option<String> {
-        self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.slot).clone()
     }
 
     /// A plan over `tables` (names as written) that lives `ttl`.
@@ -476,14 +477,14 @@ impl ResultCache {
 
     /// Every database seen so far.
     pub fn dbs(&self) -> Vec<Arc<Db>> {
-        let dbs = self.dbs.lock().unwrap_or_else(|e| e.into_inner());
+        let dbs = lock(&self.dbs);
         dbs.values().cloned().collect()
     }
 
     /// The state of `database`, made on first use. With a stream configured it starts
     /// out bypassed; [`Self::follow`] starts its stream.
     pub fn db(&self, database: &str) -> Arc<Db> {
-        let mut dbs = self.dbs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dbs = lock(&self.dbs);
         if let Some(db) = dbs.get(database) {
             return Arc::clone(db);
         }
@@ -591,7 +592,7 @@ impl ResultCache {
                 self.entries.invalidate(&hash);
             }
         }
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = lock(&self.pending);
         if let Some(fill) = pending.get(&hash) {
             if fill.has_changed().is_ok() {
                 return Lookup::Wait(fill.clone());
@@ -675,7 +676,7 @@ impl ResultCache {
     }
 
     fn forget_pending(&self, hash: u64) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = lock(&self.pending);
         pending.remove(&hash);
     }
 

@@ -14,6 +14,7 @@ use super::wal::{slot_name, WalError, WalEvent, WalFollower};
 use super::{Db, Stats, StreamState};
 use crate::backend::control::{self, ControlLogin};
 use crate::net::Connector;
+use crate::sync::lock;
 use crate::topology::TopologyHandle;
 
 /// Pause before connecting again after the stream broke.
@@ -123,7 +124,7 @@ impl Streams {
             db.set_state(StreamState::Starting);
             attempt += 1;
             let slot = slot_name(attempt);
-            *db.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot.clone());
+            *lock(&db.slot) = Some(slot.clone());
             let stop = self.shutdown.child_token();
             let watcher = self.runtime.spawn(primary_changes(
                 Arc::clone(&self.topology),
@@ -144,7 +145,7 @@ impl Streams {
                 })
                 .await;
             watcher.abort();
-            *db.slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *lock(&db.slot) = None;
             match result {
                 Ok(()) => {
                     // Stopping, or the primary changed: follow the new one at once.

@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::protocol::messages::CANCEL_REQUEST_CODE;
+use crate::sync::lock;
 
 /// The server connection a client is using right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +50,7 @@ struct Held {
 
 impl ServerSlot {
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.last)
     }
 
     /// The client took the connection with BackendKeyData `pid`/`secret` on `addr`, lent
@@ -134,9 +135,7 @@ pub struct CancelKey<'a> {
 
 impl Drop for CancelKey<'_> {
     fn drop(&mut self) {
-        if let Ok(mut entries) = self.registry.entries.lock() {
-            entries.remove(&self.pid);
-        }
+        lock(&self.registry.entries).remove(&self.pid);
     }
 }
 
@@ -145,10 +144,7 @@ impl CancelRegistry {
     pub fn register(&self) -> CancelKey<'_> {
         let mut rng = rand::thread_rng();
         let slot = Arc::new(ServerSlot::default());
-        let mut entries = match self.entries.lock() {
-            Ok(e) => e,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut entries = lock(&self.entries);
         loop {
             let pid = rng.gen_range(1..i32::MAX);
             if entries.contains_key(&pid) {
@@ -173,7 +169,7 @@ impl CancelRegistry {
 
     /// The server to cancel for this key, if the key is valid and its client is busy.
     pub fn target(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
-        let entries = self.entries.lock().ok()?;
+        let entries = lock(&self.entries);
         let entry = entries.get(&pid).filter(|e| e.secret == secret)?;
         entry.slot.held().map(|(target, _)| target)
     }

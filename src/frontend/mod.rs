@@ -20,6 +20,7 @@ use crate::config::{Config, UserConfig};
 use crate::route::floors::Floors;
 use crate::route::Router;
 use crate::settings::Settings;
+use crate::sync::lock;
 use crate::topology::replay::ReplayPositions;
 use crate::topology::TopologyHandle;
 use auth::ScramVerifier;
@@ -42,7 +43,7 @@ impl PerUser {
     /// Counts a client of `user` while the slot lives; `None` if `limit` of them are
     /// connected already.
     pub fn enter(self: &Arc<Self>, user: &str, limit: Option<usize>) -> Option<UserSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = lock(&self.0);
         let count = counts.entry(user.to_owned()).or_default();
         if limit.is_some_and(|limit| *count >= limit) {
             return None;
@@ -64,7 +65,7 @@ pub struct UserSlot {
 
 impl Drop for UserSlot {
     fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = lock(&self.counts.0);
         if let Some(count) = counts.get_mut(&self.user) {
             *count = count.saturating_sub(1);
             if *count == 0 {

@@ -18,7 +18,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use mio::{Events, Interest, Token};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::transport::Transport;
+use crate::sync::lock;
 
 /// The token of the reactor's [`mio::Waker`] (wake-ups from other threads).
 const WAKE: Token = Token(usize::MAX);
@@ -136,7 +137,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
-        self.sources.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.sources)
     }
 }
 

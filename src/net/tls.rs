@@ -35,6 +35,7 @@ use super::transport::{Connecting, Connector, TcpConnector, Transport};
 use crate::config::{
     split_host_port, ClientTlsConfig, ClientTlsMode, ServerTlsConfig, ServerTlsMode,
 };
+use crate::sync::lock;
 
 /// The SSLRequest packet: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
@@ -441,7 +442,7 @@ impl TlsConnector {
     /// Remembers a failure waiting will not cure (InvalidData: a certificate refused, a
     /// server without SSL); a success forgets it.
     fn record(&self, addr: &str, result: Result<(), &io::Error>) {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failures = lock(&self.failures);
         match result {
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 failures.insert(addr.to_owned(), e.to_string());
@@ -465,7 +466,7 @@ impl Connector for TlsConnector {
     }
 
     fn lasting_failure(&self, addr: &str) -> Option<String> {
-        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let failures = lock(&self.failures);
         failures.get(addr).cloned()
     }
 }

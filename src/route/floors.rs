@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::ReadYourWrites;
+use crate::sync::lock;
 
 /// Promotions seen: positions raised under an earlier primary count at most as the new
 /// primary's position at its promotion (they may lie on a timeline that no longer exists,
@@ -91,14 +92,14 @@ impl Floors {
     /// The floor a new client of `user` on `database` reads under and raises; `None`
     /// with read-your-writes off.
     pub fn for_client(&self, database: &str, user: &str) -> Option<Floor> {
-        let scope = *self.scope.lock().ok()?;
+        let scope = *lock(&self.scope);
         let key = match scope {
             ReadYourWrites::Off => return None,
             ReadYourWrites::Session => return Some(Floor::new(&self.epoch)),
             ReadYourWrites::User => (database.to_owned(), user.to_owned()),
             ReadYourWrites::Global => (database.to_owned(), String::new()),
         };
-        let mut shared = self.shared.lock().ok()?;
+        let mut shared = lock(&self.shared);
         Some(
             shared
                 .entry(key)
@@ -109,17 +110,13 @@ impl Floors {
 
     /// The scope in force.
     pub fn scope(&self) -> ReadYourWrites {
-        self.scope
-            .lock()
-            .map_or(ReadYourWrites::Off, |scope| *scope)
+        *lock(&self.scope)
     }
 
     /// A reload: clients that log in from now on read under `scope`'s floors. (Clients
     /// logged in keep theirs.)
     pub fn set_scope(&self, scope: ReadYourWrites) {
-        if let Ok(mut current) = self.scope.lock() {
-            *current = scope;
-        }
+        *lock(&self.scope) = scope;
     }
 
     /// A new primary was found at `position`: every floor raised before counts at most

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use super::{Member, TopologyHandle};
 use crate::backend::Pools;
+use crate::sync::lock;
 
 /// Why the watch had to start over.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +149,7 @@ impl WatchInner {
 
 impl WatchStatus {
     fn lock(&self) -> MutexGuard<'_, WatchInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     /// A watch of `endpoints` starts: connecting, unless it started already.

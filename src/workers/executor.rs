@@ -27,11 +27,12 @@ use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use super::placement::Placement;
 use crate::net::reactor::Reactor;
+use crate::sync::lock;
 
 /// A session as the executor holds it.
 pub(crate) type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -75,7 +76,7 @@ impl std::fmt::Debug for Home {
 impl Home {
     /// Takes `session` in from another worker and wakes this executor for it.
     fn arrive(&self, session: SessionFuture) {
-        let mut arrivals = self.arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut arrivals = lock(&self.arrivals);
         if self.closed.load(Ordering::Acquire) {
             drop(arrivals);
             drop(session);
@@ -84,7 +85,7 @@ impl Home {
         arrivals.push(session);
         drop(arrivals);
         self.has_remote.store(true, Ordering::Release);
-        if let Some(task) = &*self.waker.lock().unwrap_or_else(PoisonError::into_inner) {
+        if let Some(task) = &*lock(&self.waker) {
             task.wake_by_ref();
         }
     }
@@ -157,12 +158,9 @@ impl Wake for Entry {
                 return;
             }
             let home = &self.home;
-            home.remote
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(self.slot);
+            lock(&home.remote).push(self.slot);
             home.has_remote.store(true, Ordering::Release);
-            if let Some(task) = &*home.waker.lock().unwrap_or_else(PoisonError::into_inner) {
+            if let Some(task) = &*lock(&home.waker) {
                 task.wake_by_ref();
             }
         }
@@ -234,11 +232,7 @@ impl Executor {
             batch: Vec::new(),
             placement,
         };
-        *executor
-            .home
-            .waker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(reactor.waker());
+        *lock(&executor.home.waker) = Some(reactor.waker());
         if let Some((placement, index)) = &executor.placement {
             placement.set_home(*index, Arc::clone(&executor.home));
         }
@@ -262,20 +256,10 @@ impl Executor {
     fn poll_batch(&mut self) -> Poll<()> {
         if self.home.has_remote.load(Ordering::Acquire) {
             self.home.has_remote.store(false, Ordering::Release);
-            let mut remote = self
-                .home
-                .remote
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut remote = lock(&self.home.remote);
             READY.with_borrow_mut(|ready| ready.append(&mut remote));
             drop(remote);
-            let arrived = std::mem::take(
-                &mut *self
-                    .home
-                    .arrivals
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
+            let arrived = std::mem::take(&mut *lock(&self.home.arrivals));
             if !arrived.is_empty() {
                 ADDED.with_borrow_mut(|added| added.extend(arrived));
             }
@@ -378,11 +362,7 @@ impl Drop for Executor {
     /// placement, which holds this executor's [`Home`]).
     fn drop(&mut self) {
         let arrived = {
-            let mut arrivals = self
-                .home
-                .arrivals
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut arrivals = lock(&self.home.arrivals);
             self.home.closed.store(true, Ordering::Release);
             std::mem::take(&mut *arrivals)
         };

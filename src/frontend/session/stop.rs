@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
+use crate::sync::lock;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Resolves once its token is cancelled (see the module documentation).
@@ -40,10 +41,8 @@ impl Wake for Relay {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        if let Ok(task) = self.task.lock() {
-            if let Some(task) = task.as_ref() {
-                task.wake_by_ref();
-            }
+        if let Some(task) = lock(&self.task).as_ref() {
+            task.wake_by_ref();
         }
     }
 }
@@ -80,9 +79,7 @@ impl Future for StopSignal {
         }
         if !same_task {
             let task = cx.waker().clone();
-            if let Ok(mut stored) = this.relay.task.lock() {
-                *stored = Some(task.clone());
-            }
+            *lock(&this.relay.task) = Some(task.clone());
             this.task = Some(task);
         }
         // Cleared before the look: a cancellation from here on sets it again.
