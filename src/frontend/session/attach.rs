@@ -99,8 +99,9 @@ impl Session<'_> {
         Quick::Attached
     }
 
-    /// Takes a server connection for `target` (Idle -> Attached) when it may have to wait: for `RESUME`, a replica to replay the
-    /// client's writes, a primary after a failover, a free slot or a new connection.
+    /// Takes a server connection for `target` (Idle -> Attached) when it may have to wait:
+    /// for `RESUME`, a replica to replay the client's writes, a primary after a failover, a
+    /// free slot or a new connection.
     /// `picked`: a node (pool index, is it the primary) to try first; `down`: how many
     /// nodes were found down already.
     pub(super) async fn attach_waiting(

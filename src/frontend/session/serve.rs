@@ -775,6 +775,7 @@ impl Session<'_> {
                         let acquired = self.pools[node.0].1.acquire().await;
                         self.attach_acquired(target, node, acquired)
                     }
+                    // Nothing to try at once: the wait, no node found down yet.
                     Quick::NotNow => Ok(Some(0)),
                 };
                 let attached = match attached {
