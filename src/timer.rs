@@ -19,9 +19,10 @@ use std::pin::Pin;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::sync::lock;
 use tokio::runtime::Handle;
 use tokio::time::{Instant, Sleep, Timeout};
+
+use crate::sync::lock;
 
 /// The timer runtime's handle, once started.
 static TIMERS: OnceLock<Handle> = OnceLock::new();

@@ -1197,7 +1197,7 @@ mod tests {
         let a = slots.queue(waker, later());
         let b = slots.queue(waker, later());
         let c = slots.queue(waker, later());
-        // b times out before anything is freed: a and c keep their places.
+        // b goes away before anything is freed: a and c keep their places.
         assert!(slots.leave(b).is_none());
         assert_eq!(slots.queue.len(), 2);
         // a is handed the slot, then goes away without taking it: c gets it.

@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
-use crate::sync::lock;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::sync::lock;
 
 /// Resolves once its token is cancelled (see the module documentation).
 pub(super) struct StopSignal {
