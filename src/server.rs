@@ -279,7 +279,7 @@ fn start_workers(shared: &Arc<Shared>, sessions: &TaskTracker) -> Result<Workers
         placement,
         sessions.clone(),
         busy_poll,
-        move |stream, peer| startup::handle(Arc::clone(&shared), stream, peer),
+        move |stream, peer, seat| startup::handle(Arc::clone(&shared), stream, peer, seat),
     )?;
     Ok(workers)
 }

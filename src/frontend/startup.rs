@@ -86,12 +86,18 @@ impl LoginError {
     }
 }
 
-/// Serves one client connection from accept to close.
+/// Serves one client connection from accept to close, holding the session's `seat` on its
+/// worker until then.
 ///
 /// Everything logged for the connection is inside its `client` span. The session enters the
 /// span only around its log events, not on every poll of its future: entering and leaving
 /// a span twice per statement cost measurable CPU.
-pub async fn handle(shared: Arc<Shared>, stream: std::net::TcpStream, peer: SocketAddr) {
+pub async fn handle(
+    shared: Arc<Shared>,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    _seat: crate::workers::Seat,
+) {
     let span =
         info_span!("client", %peer, user = tracing::field::Empty, db = tracing::field::Empty);
     let local = stream.local_addr().ok();

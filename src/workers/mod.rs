@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 use tracing::warn;
 
 mod executor;
@@ -399,8 +399,9 @@ pub fn default_count() -> usize {
 }
 
 /// A worker's `main` ([`executor::Executor::run`]): hands each client sent to worker
-/// `index` to the executor as a session running `serve`, tracked by `sessions`; once no
-/// more come, waits for the sessions to end. Returns at once when `stop` is cancelled.
+/// `index` to the executor as a session running `serve`, tracked by `sessions` (through its
+/// [`Seat`]); once no more come, waits for the sessions to end. Returns at once when `stop`
+/// is cancelled.
 async fn take_clients<F, Fut>(
     mut rx: mpsc::UnboundedReceiver<Accepted>,
     serve: Arc<F>,
@@ -409,7 +410,7 @@ async fn take_clients<F, Fut>(
     sessions: TaskTracker,
     stop: CancellationToken,
 ) where
-    F: Fn(std::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    F: Fn(std::net::TcpStream, SocketAddr, Seat) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -426,17 +427,27 @@ async fn take_clients<F, Fut>(
             worker: index,
             _permit: permit,
         };
-        let serve = Arc::clone(&serve);
-        executor::add(Box::pin(sessions.track_future(async move {
-            let _place = place;
-            serve(stream, peer).await;
-        })));
+        let seat = Seat {
+            _place: place,
+            _tracked: sessions.token(),
+        };
+        // The session's own future is the executor's task, with no wrapper around it to
+        // poll through on every wake-up: it holds its seat until it ends.
+        executor::add(Box::pin(serve(stream, peer, seat)));
     }
     // No more clients: let this worker's sessions finish (or be stopped).
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = sessions.wait() => {}
     }
+}
+
+/// What a session's future holds while it runs, given back when it ends (or panics): its
+/// place on its worker, and its entry in the tracker of sessions (which `Workers`'
+/// shutdown waits for).
+pub struct Seat {
+    _place: Place,
+    _tracked: TaskTrackerToken,
 }
 
 /// A session's place on its worker: counted in the worker's sessions, and the client's
@@ -473,7 +484,7 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `placement.count()` workers. Each runs `serve(stream, peer)` for the
+    /// Starts `placement.count()` workers. Each runs `serve(stream, peer, seat)` for the
     /// clients handed to it, in the worker's executor and tracked by `sessions`, until
     /// [`Self::shutdown`], polling without sleeping for `busy_poll` after its last
     /// traffic ([`spin`]). Which of them take new clients follows the load once
@@ -485,7 +496,7 @@ impl Workers {
         serve: F,
     ) -> Result<Self, WorkerError>
     where
-        F: Fn(std::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+        F: Fn(std::net::TcpStream, SocketAddr, Seat) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let serve = Arc::new(serve);
@@ -689,7 +700,10 @@ mod tests {
                 Arc::clone(&placement),
                 sessions.clone(),
                 Arc::new(BusyPoll::new(Duration::ZERO)),
-                |stream, _peer| answer_where(stream),
+                |stream, _peer, seat| async move {
+                    let _seat = seat;
+                    answer_where(stream).await;
+                },
             )
             .expect("workers");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
