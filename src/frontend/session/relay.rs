@@ -113,7 +113,16 @@ impl Session<'_> {
     }
 
     /// Sends pgway's own replies that are due (and passes the statements defined by now).
+    /// Inline: called a few times per answer, where nearly always none is due.
+    #[inline]
     pub(super) fn emit_local(&mut self) {
+        if let Some(Expect::Local(_) | Expect::Defines(_)) = self.expected.front() {
+            self.emit_due_local();
+        }
+    }
+
+    /// [`Self::emit_local`] once one is due.
+    fn emit_due_local(&mut self) {
         while let Some(Expect::Local(_) | Expect::Defines(_)) = self.expected.front() {
             if let Some(Expect::Local(frame)) = self.expected.pop_front() {
                 self.out.extend_from_slice(&frame);
