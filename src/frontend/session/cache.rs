@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use super::freshness::ReadHints;
 use super::prepared::Prepared;
 use super::{Session, SessionError, State};
-use crate::cache::{Db, Lookup, Plan, Request, StreamState, FILL_WAIT};
+use crate::cache::{Db, Fill, Lookup, Plan, Request, StreamState, FILL_WAIT};
 use crate::protocol::frame::put_frame;
 use crate::protocol::messages::{self, Bind, Parse};
 use crate::route::catalog::{Cacheable, Volatility};
@@ -341,11 +341,17 @@ impl Session<'_> {
         }
     }
 
-    /// After the request: its fill is stored if it succeeded whole, else dropped.
+    /// After the request: its fill is stored if it succeeded whole, else dropped. (Inline:
+    /// after every request, where nearly always nothing was filled.)
+    #[inline]
     pub(super) fn finish_fill(&mut self) {
-        let Some(fill) = self.fill.take() else {
-            return;
-        };
+        if let Some(fill) = self.fill.take() {
+            self.store_fill(fill);
+        }
+    }
+
+    /// [`Self::finish_fill`] of a fill.
+    fn store_fill(&mut self, fill: Fill) {
         let (Some(cache), Some(handle)) = (&self.shared.cache, &self.cache) else {
             return;
         };
@@ -359,10 +365,16 @@ impl Session<'_> {
     /// The transaction is over: if what it wrote was kept (`kept`), the entries of the
     /// tables it named are dropped, or all of the database's if pgway cannot tell which
     /// (`position`: its WAL position, 0 if unknown).
+    /// (Inline: at the end of every transaction, where nearly always no cache is on.)
+    #[inline]
     pub(super) fn end_written(&mut self, kept: bool, position: u64) {
-        if self.cache.is_none() {
-            return;
+        if self.cache.is_some() {
+            self.drop_written(kept, position);
         }
+    }
+
+    /// [`Self::end_written`] with the cache on.
+    fn drop_written(&mut self, kept: bool, position: u64) {
         let written = std::mem::take(&mut self.txn.written);
         if !kept {
             return;

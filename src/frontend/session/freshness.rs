@@ -322,6 +322,7 @@ impl Session<'_> {
     /// Before the client's ReadyForQuery goes out: the ParameterStatus its resets owe it
     /// first; and if the WAL position query follows, it is held until that answer is in.
     /// True if held.
+    #[inline]
     pub(super) fn before_ready(&mut self, frame: &[u8]) -> bool {
         if !self.request.effects.is_empty() {
             self.report_resets();
@@ -475,6 +476,7 @@ impl Session<'_> {
 
     /// Records where the request about to be sent goes and why (unless it asks about the
     /// last route itself, which must stay the previous statement's).
+    #[inline]
     pub(super) fn note_route(&mut self, why: Why, hints: ReadHints) {
         if !hints.last_route {
             self.last_route = why;
@@ -490,6 +492,7 @@ impl Session<'_> {
 
     /// Before a request that reads pgway's per-statement settings runs: they are made
     /// current on the connection it runs on.
+    #[inline]
     pub(super) fn track_pgway_settings(&mut self, hints: ReadHints) {
         self.request.quiet_route = hints.last_route;
         if hints.last_route {
