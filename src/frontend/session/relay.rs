@@ -450,71 +450,72 @@ impl Session<'_> {
         self.emit_local();
         // Right after a request went out, nothing of its answer has come yet (nearly
         // always): the first step is then the wait, not a pass over empty buffers.
-        let mut wait_first = self.out.is_empty()
+        let mut wait = self.out.is_empty()
             && !self.expected.is_empty()
             && matches!(self.state, State::Attached(_) | State::Pinned(..))
             && self.server_mut()?.io.rbuf.is_empty();
         loop {
-            if !std::mem::take(&mut wait_first) {
-                // Frames are handled where they lie in the read buffer (no split per
-                // message); the buffer is lent out of the connection meanwhile.
-                let mut buf = std::mem::take(&mut self.server_mut()?.io.rbuf);
-                let mut pos = 0;
-                let mut malformed = None;
-                while !self.expected.is_empty() || matches!(self.state, State::CopyIn(..)) {
-                    let (run, ended) = self.plain_replies(&buf[pos..]);
-                    if run > 0 {
-                        self.request.answered = true;
-                        self.out.extend_from_slice(&buf[pos..pos + run]);
-                        pos += run;
-                        if ended {
-                            // pgway's own replies due after the messages the run answered.
-                            self.emit_local();
-                        }
-                        continue;
+            if wait {
+                if matches!(self.state, State::CopyIn(..)) {
+                    self.relay_copy().await?;
+                } else if self.timeouts.query.is_zero() || self.request.cancel_sent {
+                    let filled = self.server_mut()?.io.fill().await;
+                    if let Err(e) = filled {
+                        return Err(self.lost(e));
                     }
-                    match frame_len(&buf[pos..], MAX_MESSAGE_LEN) {
-                        Ok(Some(len)) => {
-                            self.on_server_frame(&buf[pos..pos + len]);
-                            pos += len;
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            malformed = Some(e);
-                            break;
-                        }
-                    }
-                }
-                buf.advance(pos);
-                self.server_mut()?.io.rbuf = buf;
-                if let Some(e) = malformed {
-                    return Err(self.lost(NetError::Frame(e)));
-                }
-                let in_copy = matches!(self.state, State::CopyIn(..));
-                let done = self.expected.is_empty() && !in_copy;
-                if self.request.redo.is_none() && !self.holds_answer(done, in_copy) {
-                    if self.out.len() > self.request.out_mark {
-                        self.request.flushed = true;
-                    }
-                    // A future for the write only if the socket cannot take it all at once.
-                    let sent = self.client.send_now(&mut self.out);
-                    if !sent.map_err(SessionError::ClientGone)? {
-                        self.flush().await?;
-                    }
-                }
-                if done {
-                    return Ok(());
+                } else {
+                    self.fill_or_cancel().await?;
                 }
             }
-            if matches!(self.state, State::CopyIn(..)) {
-                self.relay_copy().await?;
-            } else if self.timeouts.query.is_zero() || self.request.cancel_sent {
-                let filled = self.server_mut()?.io.fill().await;
-                if let Err(e) = filled {
-                    return Err(self.lost(e));
+            wait = true;
+            // Frames are handled where they lie in the read buffer (no split per
+            // message); the buffer is lent out of the connection meanwhile.
+            let mut buf = std::mem::take(&mut self.server_mut()?.io.rbuf);
+            let mut pos = 0;
+            let mut malformed = None;
+            while !self.expected.is_empty() || matches!(self.state, State::CopyIn(..)) {
+                let (run, ended) = self.plain_replies(&buf[pos..]);
+                if run > 0 {
+                    self.request.answered = true;
+                    self.out.extend_from_slice(&buf[pos..pos + run]);
+                    pos += run;
+                    if ended {
+                        // pgway's own replies due after the messages the run answered.
+                        self.emit_local();
+                    }
+                    continue;
                 }
-            } else {
-                self.fill_or_cancel().await?;
+                match frame_len(&buf[pos..], MAX_MESSAGE_LEN) {
+                    Ok(Some(len)) => {
+                        self.on_server_frame(&buf[pos..pos + len]);
+                        pos += len;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        malformed = Some(e);
+                        break;
+                    }
+                }
+            }
+            buf.advance(pos);
+            self.server_mut()?.io.rbuf = buf;
+            if let Some(e) = malformed {
+                return Err(self.lost(NetError::Frame(e)));
+            }
+            let in_copy = matches!(self.state, State::CopyIn(..));
+            let done = self.expected.is_empty() && !in_copy;
+            if self.request.redo.is_none() && !self.holds_answer(done, in_copy) {
+                if self.out.len() > self.request.out_mark {
+                    self.request.flushed = true;
+                }
+                // A future for the write only if the socket cannot take it all at once.
+                let sent = self.client.send_now(&mut self.out);
+                if !sent.map_err(SessionError::ClientGone)? {
+                    self.flush().await?;
+                }
+            }
+            if done {
+                return Ok(());
             }
         }
     }
