@@ -241,6 +241,26 @@ impl FramedStream {
         }
     }
 
+    /// The length of the next complete regular frame already in the buffer, if any; the
+    /// frame stays there (at the start of [`Self::rbuf`]).
+    #[inline]
+    pub fn buffered_frame(&self, limit: usize) -> Result<Option<usize>, NetError> {
+        Ok(frame_len(&self.rbuf, limit)?)
+    }
+
+    /// Takes the first `len` bytes (a frame that [`Self::buffered_frame`] found, copied
+    /// elsewhere) out of the buffer. A buffer that holds nothing else is dropped if the
+    /// frame was large: the copy is what is left of it, and a buffer grown for a large
+    /// frame is not kept.
+    #[inline]
+    pub fn consume(&mut self, len: usize) {
+        if len > SPARE_MAX_CAPACITY && self.rbuf.len() == len {
+            self.rbuf = BytesMut::new();
+        } else {
+            self.rbuf.advance(len);
+        }
+    }
+
     /// Reads the next regular frame (tag, length, body), waiting for bytes as needed. (A
     /// `poll_fn`, as [`Self::fill`] is.)
     pub fn read_frame(
@@ -248,22 +268,35 @@ impl FramedStream {
         limit: usize,
     ) -> impl Future<Output = Result<BytesMut, NetError>> + '_ {
         let mut waited = false;
+        std::future::poll_fn(move |cx| {
+            let len = ready!(self.poll_frame(cx, limit, &mut waited))?;
+            Poll::Ready(Ok(self.rbuf.split_to(len)))
+        })
+    }
+
+    /// Waits until the buffer holds a complete regular frame, and returns its length
+    /// ([`Self::buffered_frame`]: the frame stays in the buffer).
+    pub fn frame_ready(
+        &mut self,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, NetError>> + '_ {
+        let mut waited = false;
         std::future::poll_fn(move |cx| self.poll_frame(cx, limit, &mut waited))
     }
 
-    /// One poll of [`Self::read_frame`]; `waited` starts false.
+    /// One poll of [`Self::frame_ready`]; `waited` starts false.
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
         limit: usize,
         waited: &mut bool,
-    ) -> Poll<Result<BytesMut, NetError>> {
+    ) -> Poll<Result<usize, NetError>> {
         loop {
-            if let Some(frame) = self.try_frame(limit)? {
-                return Poll::Ready(Ok(frame));
+            if let Some(len) = frame_len(&self.rbuf, limit)? {
+                return Poll::Ready(Ok(len));
             }
             if self.rbuf.len() >= 5 {
-                // try_frame checked the length field: the frame is larger than what we hold.
+                // `frame_len` checked the length field: the frame is larger than what we hold.
                 // Room for the rest of it, but at most as much again as has arrived: memory
                 // follows the bytes a client sends, not the length it announces (a header
                 // saying 1 GiB takes no 1 GiB buffer).

@@ -6,8 +6,7 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
-
+use super::batch::Batch;
 use super::freshness::ReadHints;
 use super::prepared::Prepared;
 use super::{Session, SessionError, State};
@@ -43,13 +42,26 @@ pub(super) struct CachedBatch<'a> {
 
 impl<'a> CachedBatch<'a> {
     /// The batch's shape, if it is one the cache answers.
-    pub fn of(batch: &'a [BytesMut]) -> Option<Self> {
+    pub fn of(batch: &'a Batch) -> Option<Self> {
+        // At most Parse, Bind, Describe, Execute and Sync.
+        let mut frames: [&'a [u8]; 5] = [&[]; 5];
+        if batch.len() > frames.len() {
+            return None;
+        }
+        for (slot, frame) in frames.iter_mut().zip(batch.iter()) {
+            *slot = frame;
+        }
+        Self::of_frames(&frames[..batch.len()])
+    }
+
+    /// [`Self::of`] of the batch's messages.
+    fn of_frames(batch: &[&'a [u8]]) -> Option<Self> {
         let (last, rest) = batch.split_last()?;
         if last[0] != b'S' {
             return None;
         }
         let (parse, rest) = match rest.first() {
-            Some(f) if f[0] == b'P' => (Some(Parse::decode(f).ok()?), &rest[1..]),
+            Some(&f) if f[0] == b'P' => (Some(Parse::decode(f).ok()?), &rest[1..]),
             _ => (None, rest),
         };
         let [bind, rest @ ..] = rest else {
@@ -123,7 +135,7 @@ impl Session<'_> {
     /// (or without).
     pub(super) async fn cached_batch(
         &mut self,
-        batch: &[BytesMut],
+        batch: &Batch,
         route: Option<&(Target, Why)>,
         hints: ReadHints,
     ) -> Result<bool, SessionError> {

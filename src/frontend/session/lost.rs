@@ -25,6 +25,7 @@
 use bytes::BytesMut;
 use tracing::warn;
 
+use super::batch::Batch;
 use super::relay::local_reply;
 use super::{Session, SessionError, State, Transaction};
 use crate::error::ClientError;
@@ -148,13 +149,13 @@ impl Session<'_> {
     /// to Sync is skipped.
     pub(super) async fn answer_aborted_batch(
         &mut self,
-        batch: &[BytesMut],
+        batch: &Batch,
         sync: bool,
     ) -> Result<(), SessionError> {
         // Statements of this batch that end the transaction, by name.
         let mut parsed: Vec<(Vec<u8>, bool)> = Vec::new();
         let mut ended = false;
-        for frame in batch {
+        for frame in batch.iter() {
             let ok = match frame[0] {
                 b'P' => {
                     let parse = Parse::decode(frame).map_err(SessionError::protocol)?;

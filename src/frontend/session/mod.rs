@@ -63,6 +63,7 @@
 //! - `lost.rs`: a server that died under a request (the client is told and goes on).
 
 mod attach;
+mod batch;
 mod cache;
 mod effects;
 mod freshness;
@@ -97,6 +98,7 @@ use crate::settings::ClientSettings;
 use crate::timer::Alarm;
 use crate::topology::Picks;
 
+use batch::Batch;
 pub use effects::{default_target, followed_reports};
 pub use freshness::CURRENT_WAL_INSERT_LSN;
 use prepared::{BatchRoutes, Prepared};
@@ -474,12 +476,11 @@ pub struct Session<'a> {
     /// The unnamed prepared statement.
     unnamed: Option<Arc<Prepared>>,
     /// Extended-protocol messages collected until Sync or Flush.
-    batch: Vec<BytesMut>,
+    batch: Batch,
     /// What routing the batch found out, worked out when it runs (kept for the next batch).
     /// `None` while a batch is out of the session to run: putting the lists back then
     /// drops a `None`, not four empty lists (three times an extended-protocol statement).
     batch_routes: Option<BatchRoutes>,
-    batch_bytes: usize,
     /// How many of `batch`'s messages [`Self::holds_refused_bind`] has read.
     batch_checked: usize,
     /// `[client]` timeouts, read at login (`Duration::ZERO`: off).
@@ -558,9 +559,8 @@ impl<'a> Session<'a> {
             txn: Transaction::default(),
             statements: foldhash::HashMap::default(),
             unnamed: None,
-            batch: Vec::new(),
+            batch: Batch::default(),
             batch_routes: None,
-            batch_bytes: 0,
             batch_checked: 0,
             timeouts: Timeouts::of(&shared.config.load().client),
             alarms: Alarms::default(),

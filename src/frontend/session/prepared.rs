@@ -10,9 +10,9 @@ use std::sync::{Arc, LazyLock};
 
 use bytes::BytesMut;
 
+use super::batch::{Batch, KEPT_BATCH_FRAMES};
 use super::freshness::ReadHints;
 use super::relay::{local_reply, Expect, Reply};
-use super::serve::KEPT_BATCH_FRAMES;
 use super::{effects, Session, SessionError, State};
 use crate::backend::server::{statement_name, STATEMENT_NAME_LEN};
 use crate::error::ClientError;
@@ -179,7 +179,7 @@ impl Session<'_> {
     /// the batch's read-your-writes hints.
     pub(super) async fn parse_targets(
         &self,
-        batch: &[BytesMut],
+        batch: &Batch,
         routes: &mut BatchRoutes,
     ) -> Result<ReadHints, SessionError> {
         let mut hints = ReadHints::default();
@@ -203,7 +203,7 @@ impl Session<'_> {
     /// `routes` as it was) if a statement's functions need their volatility looked up.
     pub(super) fn parse_targets_now(
         &self,
-        batch: &[BytesMut],
+        batch: &Batch,
         routes: &mut BatchRoutes,
     ) -> Result<Option<ReadHints>, SessionError> {
         let mut hints = ReadHints::default();
@@ -251,7 +251,7 @@ impl Session<'_> {
     /// the statements its Binds execute to `routes.binds`.
     pub(super) fn batch_target(
         &self,
-        batch: &[BytesMut],
+        batch: &Batch,
         routes: &mut BatchRoutes,
         hints: &mut ReadHints,
     ) -> Result<(Target, Why), SessionError> {
@@ -261,7 +261,7 @@ impl Session<'_> {
         let mut bind_layouts = routes.bind_layouts.iter();
         let binds = &mut routes.binds;
         let mut collect = true;
-        for frame in batch {
+        for frame in batch.iter() {
             let this = match frame[0] {
                 b'P' => {
                     let Some((r, at)) = parses.next() else {
@@ -323,7 +323,7 @@ impl Session<'_> {
     /// routing the batch looked it up (else it is looked up here).
     pub(super) fn translate(
         &mut self,
-        frame: &BytesMut,
+        frame: &[u8],
         routed: Routed<'_>,
     ) -> Result<(), SessionError> {
         let server_skips = self.state.link().is_some_and(|link| link.skipping);
@@ -432,7 +432,7 @@ impl Session<'_> {
 
     fn translate_parse(
         &mut self,
-        frame: &BytesMut,
+        frame: &[u8],
         parse: &Parse<'_>,
         route: (Target, Why),
     ) -> Result<(), SessionError> {

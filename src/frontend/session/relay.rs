@@ -660,11 +660,12 @@ impl Session<'_> {
     }
 
     /// Waits for the client's next message while relaying what the pinned server sends
-    /// unprompted (NotificationResponse for LISTEN, notices, parameter changes). The serve
+    /// unprompted (NotificationResponse for LISTEN, notices, parameter changes), and
+    /// returns its length (it stays in the client's read buffer). The serve
     /// loop has taken any message the client sent already, and a read of the client's
     /// that the server's bytes interrupt leaves no whole message behind (it would have
     /// returned it), so each pass waits in the client's read straight away.
-    pub(super) async fn next_frame_pinned(&mut self) -> Result<BytesMut, SessionError> {
+    pub(super) async fn next_frame_pinned(&mut self) -> Result<usize, SessionError> {
         loop {
             if self.forward_unprompted().await? {
                 return Err(SessionError::ClientGone(NetError::Closed));
@@ -680,14 +681,14 @@ impl Session<'_> {
             } = self;
             let Some(link) = state.link_mut() else {
                 return client
-                    .read_frame(MAX_MESSAGE_LEN)
+                    .frame_ready(MAX_MESSAGE_LEN)
                     .await
                     .map_err(SessionError::from_client);
             };
             let (timeout, expired) = timeouts.client_wait(link.status);
             tokio::select! {
-                frame = client.read_frame(MAX_MESSAGE_LEN) => {
-                    return frame.map_err(SessionError::from_client);
+                len = client.frame_ready(MAX_MESSAGE_LEN) => {
+                    return len.map_err(SessionError::from_client);
                 }
                 filled = link.conn.io.fill() => filled.map_err(SessionError::server_lost)?,
                 // A stopping pgway closes a pinned client between transactions, and one

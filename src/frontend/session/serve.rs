@@ -5,9 +5,9 @@ use bytes::BytesMut;
 use tracing::info;
 
 use super::attach::Quick;
+use super::batch::Batch;
 use super::freshness::ReadHints;
 use super::prepared::{BatchRoutes, Routed};
-use super::relay::local_reply;
 use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
@@ -22,8 +22,8 @@ use crate::route::{Classified, Target, Why};
 /// sends them on (to the primary, since the batch cannot be judged whole).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
-/// The most messages of a batch whose list a client keeps for its next one.
-pub(super) const KEPT_BATCH_FRAMES: usize = 16;
+/// A Flush message.
+const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 
 /// Times a request is sent again after its server shut down before answering it.
 const MAX_RETRIES: usize = 3;
@@ -56,7 +56,7 @@ const QUERY_PLAN: Plan = Plan {
 };
 
 /// How a batch is sent: `sync`, it ends with Sync; `complete`, with Sync or Flush.
-fn batch_plan(batch: &[BytesMut], sync: bool, complete: bool) -> Plan {
+fn batch_plan(batch: &Batch, sync: bool, complete: bool) -> Plan {
     Plan {
         retry: sync,
         relay: complete,
@@ -119,27 +119,73 @@ impl Session<'_> {
             // The next message: one the client sent already (the rest of a batch), else
             // by what the session waits in (written out here, not as a future of its
             // own: each level of futures is a copy into its caller's state on every
-            // statement).
+            // statement). It stays in the client's read buffer until taken.
             let buffered = self
                 .client
-                .try_frame(MAX_MESSAGE_LEN)
+                .buffered_frame(MAX_MESSAGE_LEN)
                 .map_err(SessionError::from_client)?;
-            let frame = match buffered {
-                Some(frame) => frame,
+            let len = match buffered {
+                Some(len) => len,
                 None => {
                     let between_requests = self.batch.is_empty() && self.expected.is_empty();
-                    match self.state {
-                        State::Pinned(..) if between_requests => self.next_frame_pinned().await,
+                    let idle = matches!(
+                        self.state,
                         State::Idle | State::SkipToSync(_) | State::Aborted
-                            if self.batch.is_empty() =>
-                        {
-                            self.next_frame_idle().await
-                        }
-                        _ => self.next_frame_attached().await,
-                    }?
+                    );
+                    if matches!(self.state, State::Pinned(..)) && between_requests {
+                        self.next_frame_pinned().await?
+                    } else if idle && self.batch.is_empty() {
+                        self.next_frame_idle().await?
+                    } else if self.holds_refused_bind() {
+                        // As if the client had sent a Flush after it.
+                        self.batch.push(&FLUSH);
+                        self.run_batch(false).await?;
+                        continue;
+                    } else {
+                        self.next_frame_attached().await?
+                    }
                 }
             };
-            match frame[0] {
+            let tag = self.client.rbuf[0];
+            if let b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' = tag {
+                // A message of an extended-protocol batch: copied into the batch.
+                let frame = &self.client.rbuf[..len];
+                let routes = self.batch_routes.get_or_insert_with(BatchRoutes::default);
+                check_batch_frame(frame, routes)?;
+                self.batch.push(frame);
+                self.client.consume(len);
+                match tag {
+                    b'H' => self.run_batch(false).await?,
+                    b'S' => {
+                        // Routed in place when nothing needs a wait (nearly every batch):
+                        // then it is sent from here, as a simple query is, with no future
+                        // of a batch step in between (see `route_batch_now`). The batch
+                        // stays in the session meanwhile: nothing of it lives across the
+                        // wait here.
+                        match self.route_batch_now()? {
+                            Some(route) => {
+                                let hints = route.hints;
+                                let sent = self
+                                    .send_request(route.target, route.plan, move |session| {
+                                        session.queue_collected_batch(hints)
+                                    })
+                                    .await;
+                                let failed = self.batch_sent(sent, true)?;
+                                self.clear_batch();
+                                if let Some(e) = failed {
+                                    self.report(e, true).await?;
+                                }
+                            }
+                            None => self.run_batch(true).await?,
+                        }
+                    }
+                    _ if self.batch.size() > MAX_BATCH_BYTES => self.run_batch(false).await?,
+                    _ => {}
+                }
+                continue;
+            }
+            let frame = self.client.rbuf.split_to(len);
+            match tag {
                 b'Q' => {
                     // Routed in place when nothing needs a wait (nearly every query): then
                     // the request is sent from here, with no future of a routing step in
@@ -159,43 +205,6 @@ impl Session<'_> {
                     }
                 }
                 b'F' => self.on_function_call(frame).await?,
-                b'P' | b'B' | b'D' | b'E' | b'C' => {
-                    check_batch_frame(&frame, self.collecting_routes())?;
-                    self.batch_bytes += frame.len();
-                    self.batch.push(frame);
-                    if self.batch_bytes > MAX_BATCH_BYTES {
-                        self.run_batch(false).await?;
-                    }
-                }
-                b'H' => {
-                    check_batch_frame(&frame, self.collecting_routes())?;
-                    self.batch.push(frame);
-                    self.run_batch(false).await?;
-                }
-                b'S' => {
-                    check_batch_frame(&frame, self.collecting_routes())?;
-                    self.batch.push(frame);
-                    // Routed in place when nothing needs a wait (nearly every batch): then
-                    // it is sent from here, as a simple query is, with no future of a
-                    // batch step in between (see `route_batch_now`). The batch stays in
-                    // the session meanwhile: nothing of it lives across the wait here.
-                    match self.route_batch_now()? {
-                        Some(route) => {
-                            let hints = route.hints;
-                            let sent = self
-                                .send_request(route.target, route.plan, move |session| {
-                                    session.queue_collected_batch(hints)
-                                })
-                                .await;
-                            let failed = self.batch_sent(sent, true)?;
-                            self.clear_batch();
-                            if let Some(e) = failed {
-                                self.report(e, true).await?;
-                            }
-                        }
-                        None => self.run_batch(true).await?,
-                    }
-                }
                 b'X' => return Ok(()),
                 // CopyData/CopyDone/CopyFail outside COPY (after a failed COPY): ignored, as
                 // PostgreSQL does.
@@ -211,9 +220,9 @@ impl Session<'_> {
     /// soon as it has read it, and the client may be waiting for that answer, since the
     /// Bind's length may have swallowed the Sync sent after it.
     fn holds_refused_bind(&mut self) -> bool {
-        let unchecked = &self.batch[self.batch_checked..];
+        let mut unchecked = self.batch.iter_from(self.batch_checked);
         self.batch_checked = self.batch.len();
-        unchecked.iter().any(|frame| {
+        unchecked.any(|frame| {
             frame[0] == b'B'
                 && messages::Bind::decode(frame).is_ok_and(|bind| !bind.is_well_formed())
         })
@@ -224,24 +233,22 @@ impl Session<'_> {
     /// that keeps pgway waiting here is told 57P01 and closed; one silent for
     /// `client.idle_in_transaction_timeout` inside a transaction (or `client.idle_timeout`
     /// outside one) is closed too, and its transaction rolled back. (The serve loop has
-    /// taken any message the client sent already.)
-    async fn next_frame_attached(&mut self) -> Result<BytesMut, SessionError> {
-        if self.holds_refused_bind() {
-            return Ok(local_reply(b'H'));
-        }
+    /// looked for a message the client sent already.) Returns the message's length (it
+    /// stays in the client's read buffer).
+    async fn next_frame_attached(&mut self) -> Result<usize, SessionError> {
         let status = self.state.status();
         let (timeout, expired) = self.timeouts.client_wait(status);
         tokio::select! {
             biased;
-            frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
+            len = self.client.frame_ready(MAX_MESSAGE_LEN) => len.map_err(SessionError::from_client),
             _ = &mut self.hard_stop => Err(SessionError::Fatal(ClientError::Shutdown)),
             () = self.alarms.client_wait(status).after(timeout) => Err(SessionError::Fatal(expired)),
         }
     }
 
     /// Waits for the next request of a client that holds no server connection (none is
-    /// buffered: the serve loop looked).
-    async fn next_frame_idle(&mut self) -> Result<BytesMut, SessionError> {
+    /// buffered: the serve loop looked), as [`Self::next_frame_attached`] does.
+    async fn next_frame_idle(&mut self) -> Result<usize, SessionError> {
         // Between requests a session may move to another worker (the workers taking
         // sessions follow the load: see `crate::workers::Placement`).
         if let Some(to) = crate::workers::destination() {
@@ -262,16 +269,16 @@ impl Session<'_> {
         // Between transactions a stopping pgway may close the connection, and
         // `client.idle_timeout` does.
         let timeout = self.timeouts.idle;
-        let frame = tokio::select! {
+        let len = tokio::select! {
             biased;
-            frame = self.client.read_frame(MAX_MESSAGE_LEN) => frame.map_err(SessionError::from_client),
+            len = self.client.frame_ready(MAX_MESSAGE_LEN) => len.map_err(SessionError::from_client),
             _ = &mut self.stopping => Err(SessionError::Fatal(ClientError::Shutdown)),
             () = self.alarms.idle.after(timeout) => Err(SessionError::Fatal(ClientError::IdleTimeout(timeout))),
         }?;
         if kept.is_none() {
             [self.out, self.to_server] = take_buffers();
         }
-        Ok(frame)
+        Ok(len)
     }
 
     /// Moves the session to worker `to`, and its client socket to that worker's reactor.
@@ -537,8 +544,7 @@ impl Session<'_> {
     }
 
     /// The collected batch and what was read of it, to run.
-    fn take_batch(&mut self) -> (Vec<BytesMut>, BatchRoutes) {
-        self.batch_bytes = 0;
+    fn take_batch(&mut self) -> (Batch, BatchRoutes) {
         self.batch_checked = 0;
         (
             std::mem::take(&mut self.batch),
@@ -548,21 +554,16 @@ impl Session<'_> {
 
     /// After a batch ran: the next one reuses its lists (a client's batches are mostly
     /// alike), unless this one was large.
-    fn keep_batch(&mut self, mut batch: Vec<BytesMut>, mut routes: BatchRoutes) {
+    fn keep_batch(&mut self, mut batch: Batch, mut routes: BatchRoutes) {
         batch.clear();
         routes.clear();
-        if batch.capacity() <= KEPT_BATCH_FRAMES && self.batch.is_empty() {
+        if self.batch.is_empty() {
             self.batch = batch;
         }
         if self.batch_routes.as_ref().is_none_or(BatchRoutes::is_empty) {
             // (As for the batch: unless the next one has begun.)
             self.batch_routes = Some(routes);
         }
-    }
-
-    /// The lists of the batch being collected (see [`Session::batch_routes`]).
-    fn collecting_routes(&mut self) -> &mut BatchRoutes {
-        self.batch_routes.get_or_insert_with(BatchRoutes::default)
     }
 
     /// [`Self::keep_batch`] of the batch still in the session, once it ran.
@@ -600,7 +601,7 @@ impl Session<'_> {
     /// [`Self::route_batch_now`] of the batch taken out of the session.
     fn route_taken_batch_now(
         &mut self,
-        batch: &[BytesMut],
+        batch: &Batch,
         routes: &mut BatchRoutes,
     ) -> Result<Option<BatchRoute>, SessionError> {
         let Some(mut hints) = self.parse_targets_now(batch, routes)? else {
@@ -631,7 +632,7 @@ impl Session<'_> {
     /// [`Self::run_batch`] of `batch`; `routes` (empty) is for what routing it finds out.
     async fn run_frames(
         &mut self,
-        batch: &[BytesMut],
+        batch: &Batch,
         routes: &mut BatchRoutes,
         sync: bool,
     ) -> Result<(), SessionError> {
@@ -687,7 +688,7 @@ impl Session<'_> {
     /// read it (the request of [`Self::send_request`]).
     fn queue_batch(
         &mut self,
-        batch: &[BytesMut],
+        batch: &Batch,
         routes: &BatchRoutes,
         hints: ReadHints,
         sync: bool,
@@ -696,7 +697,7 @@ impl Session<'_> {
         let mut parses = routes.parses.iter().zip(&routes.layouts);
         let mut binds = routes.binds.iter();
         let mut bind_layouts = routes.bind_layouts.iter();
-        for frame in batch {
+        for frame in batch.iter() {
             let routed = match frame[0] {
                 b'P' => parses
                     .next()
