@@ -81,12 +81,13 @@ impl Prepared {
 }
 
 /// The statements a batch has parsed so far, by name (the unnamed one too), with where
-/// each runs: a few in place (most batches parse one statement or none), a map past that.
+/// each runs: a few in place (most batches parse one statement or none), a map past that
+/// (made when needed: a map's hasher takes a seed).
 #[derive(Default)]
 struct ParsedInBatch<'a> {
     few: [(&'a [u8], Option<&'a Decision>); ParsedInBatch::FEW],
     len: usize,
-    many: foldhash::HashMap<&'a [u8], &'a Decision>,
+    many: Option<foldhash::HashMap<&'a [u8], &'a Decision>>,
 }
 
 /// Where a statement runs and why.
@@ -161,7 +162,7 @@ impl<'a> ParsedInBatch<'a> {
             self.few[self.len] = (name, Some(route));
             self.len += 1;
         } else {
-            self.many.insert(name, route);
+            self.many.get_or_insert_default().insert(name, route);
         }
     }
 
@@ -170,7 +171,7 @@ impl<'a> ParsedInBatch<'a> {
             .iter()
             .find(|(n, _)| *n == name)
             .and_then(|(_, route)| *route)
-            .or_else(|| self.many.get(name).copied())
+            .or_else(|| self.many.as_ref()?.get(name).copied())
     }
 }
 
@@ -669,7 +670,9 @@ mod tests {
         for (name, decision) in names.iter().zip(&decisions) {
             parsed.insert(name, decision);
         }
-        assert!(parsed.len == ParsedInBatch::FEW && !parsed.many.is_empty());
+        assert!(
+            parsed.len == ParsedInBatch::FEW && parsed.many.as_ref().is_some_and(|m| !m.is_empty())
+        );
         for (name, decision) in names.iter().zip(&decisions) {
             assert!(std::ptr::eq(parsed.get(name).expect("parsed"), decision));
         }
