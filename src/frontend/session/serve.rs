@@ -150,7 +150,7 @@ impl Session<'_> {
             if let b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' = tag {
                 // A message of an extended-protocol batch: copied into the batch.
                 let frame = &self.client.rbuf[..len];
-                let routes = self.batch_routes.get_or_insert_with(BatchRoutes::default);
+                let routes = self.batch_routes.get_or_insert_with(Box::default);
                 check_batch_frame(frame, routes)?;
                 self.batch.push(frame);
                 self.client.consume(len);
@@ -544,7 +544,7 @@ impl Session<'_> {
     }
 
     /// The collected batch and what was read of it, to run.
-    fn take_batch(&mut self) -> (Batch, BatchRoutes) {
+    fn take_batch(&mut self) -> (Batch, Box<BatchRoutes>) {
         self.batch_checked = 0;
         (
             std::mem::take(&mut self.batch),
@@ -554,13 +554,17 @@ impl Session<'_> {
 
     /// After a batch ran: the next one reuses its lists (a client's batches are mostly
     /// alike), unless this one was large.
-    fn keep_batch(&mut self, mut batch: Batch, mut routes: BatchRoutes) {
+    fn keep_batch(&mut self, mut batch: Batch, mut routes: Box<BatchRoutes>) {
         batch.clear();
         routes.clear();
         if self.batch.is_empty() {
             self.batch = batch;
         }
-        if self.batch_routes.as_ref().is_none_or(BatchRoutes::is_empty) {
+        if self
+            .batch_routes
+            .as_ref()
+            .is_none_or(|routes| routes.is_empty())
+        {
             // (As for the batch: unless the next one has begun.)
             self.batch_routes = Some(routes);
         }
