@@ -11,9 +11,13 @@ pub(super) const KEPT_BATCH_FRAMES: usize = 16;
 const KEPT_BATCH_BYTES: usize = 1024;
 
 /// The messages of an extended-protocol batch, each whole (tag, length, body), in the
-/// order the client sent them.
+/// order the client sent them. Its lists are on the heap: the session takes a batch out
+/// and puts it back three times a batch, and it moves as a pointer.
 #[derive(Debug, Default)]
-pub(super) struct Batch {
+pub(super) struct Batch(Option<Box<Lists>>);
+
+#[derive(Debug, Default)]
+struct Lists {
     bytes: Vec<u8>,
     /// Where each message ends in `bytes`.
     ends: Vec<usize>,
@@ -23,63 +27,71 @@ impl Batch {
     /// Appends a message.
     #[inline]
     pub(super) fn push(&mut self, frame: &[u8]) {
-        self.bytes.extend_from_slice(frame);
-        self.ends.push(self.bytes.len());
+        let lists = self.0.get_or_insert_with(Box::default);
+        lists.bytes.extend_from_slice(frame);
+        lists.ends.push(lists.bytes.len());
     }
 
     /// How many messages it holds.
     pub(super) fn len(&self) -> usize {
-        self.ends.len()
+        self.0.as_ref().map_or(0, |lists| lists.ends.len())
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.len() == 0
     }
 
     /// The bytes of its messages, together.
     pub(super) fn size(&self) -> usize {
-        self.bytes.len()
+        self.0.as_ref().map_or(0, |lists| lists.bytes.len())
     }
 
     /// Its messages in order.
     pub(super) fn iter(&self) -> Frames<'_> {
-        Frames {
-            bytes: &self.bytes,
-            ends: self.ends.iter(),
-            start: 0,
-        }
+        self.iter_from(0)
     }
 
     /// Its messages from the `from`th on.
     pub(super) fn iter_from(&self, from: usize) -> Frames<'_> {
+        let Some(lists) = self.0.as_deref() else {
+            return Frames {
+                bytes: &[],
+                ends: [].iter(),
+                start: 0,
+            };
+        };
         let start = from
             .checked_sub(1)
-            .and_then(|last| self.ends.get(last))
+            .and_then(|last| lists.ends.get(last))
             .copied()
             .unwrap_or(0);
         Frames {
-            bytes: &self.bytes,
-            ends: self.ends.get(from..).unwrap_or_default().iter(),
+            bytes: &lists.bytes,
+            ends: lists.ends.get(from..).unwrap_or_default().iter(),
             start,
         }
     }
 
     /// Its last message.
     pub(super) fn last(&self) -> Option<&[u8]> {
-        let end = *self.ends.last()?;
-        let start = self.ends.len().checked_sub(2).map_or(0, |i| self.ends[i]);
-        Some(&self.bytes[start..end])
+        let lists = self.0.as_deref()?;
+        let end = *lists.ends.last()?;
+        let start = lists.ends.len().checked_sub(2).map_or(0, |i| lists.ends[i]);
+        Some(&lists.bytes[start..end])
     }
 
     /// Empties it for the next batch, giving back the room of a large one.
     pub(super) fn clear(&mut self) {
-        self.bytes.clear();
-        self.ends.clear();
-        if self.bytes.capacity() > KEPT_BATCH_BYTES {
-            self.bytes = Vec::new();
+        let Some(lists) = self.0.as_deref_mut() else {
+            return;
+        };
+        lists.bytes.clear();
+        lists.ends.clear();
+        if lists.bytes.capacity() > KEPT_BATCH_BYTES {
+            lists.bytes = Vec::new();
         }
-        if self.ends.capacity() > KEPT_BATCH_FRAMES {
-            self.ends = Vec::new();
+        if lists.ends.capacity() > KEPT_BATCH_FRAMES {
+            lists.ends = Vec::new();
         }
     }
 }
@@ -154,11 +166,14 @@ mod tests {
             batch.push(&frame);
         }
         batch.clear();
-        assert_eq!(batch.bytes.capacity(), 0);
+        assert_eq!(batch.0.as_ref().map(|l| l.bytes.capacity()), Some(0));
         for _ in 0..3 {
             batch.push(b"H\0\0\0\x04");
         }
         batch.clear();
-        assert!(batch.bytes.capacity() > 0, "a small batch's room is kept");
+        assert!(
+            batch.0.as_ref().is_some_and(|l| l.bytes.capacity() > 0),
+            "a small batch's room is kept"
+        );
     }
 }

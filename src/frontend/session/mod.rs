@@ -480,7 +480,8 @@ pub struct Session<'a> {
     /// What routing the batch found out, worked out when it runs (kept for the next batch).
     /// `None` while a batch is out of the session to run: putting the lists back then
     /// drops a `None`, not four empty lists (three times an extended-protocol statement).
-    /// On the heap: taken out and put back three times a batch, it moves as a pointer.
+    /// On the heap (as the batch's lists are): taken out and put back three times a batch,
+    /// it moves as a pointer.
     batch_routes: Option<Box<BatchRoutes>>,
     /// How many of `batch`'s messages [`Self::holds_refused_bind`] has read.
     batch_checked: usize,
