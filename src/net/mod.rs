@@ -235,10 +235,9 @@ impl FramedStream {
 
     /// Splits off the next complete regular frame already in the buffer, if any.
     pub fn try_frame(&mut self, limit: usize) -> Result<Option<BytesMut>, NetError> {
-        match frame_len(&self.rbuf, limit)? {
-            Some(len) => Ok(Some(self.rbuf.split_to(len))),
-            None => Ok(None),
-        }
+        Ok(self
+            .buffered_frame(limit)?
+            .map(|len| self.rbuf.split_to(len)))
     }
 
     /// The length of the next complete regular frame already in the buffer, if any; the

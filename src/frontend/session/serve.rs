@@ -8,6 +8,7 @@ use super::attach::Quick;
 use super::batch::Batch;
 use super::freshness::ReadHints;
 use super::prepared::{BatchRoutes, Routed};
+use super::relay::local_reply;
 use super::{effects, Redo, Session, SessionError, State};
 use crate::error::ClientError;
 use crate::metrics::Route;
@@ -21,9 +22,6 @@ use crate::route::{Classified, Target, Why};
 /// Extended-protocol bytes collected without a Sync before pgway stops waiting for one and
 /// sends them on (to the primary, since the batch cannot be judged whole).
 const MAX_BATCH_BYTES: usize = 1 << 20;
-
-/// A Flush message.
-const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 
 /// Times a request is sent again after its server shut down before answering it.
 const MAX_RETRIES: usize = 3;
@@ -138,7 +136,7 @@ impl Session<'_> {
                         self.next_frame_idle().await?
                     } else if self.holds_refused_bind() {
                         // As if the client had sent a Flush after it.
-                        self.batch.push(&FLUSH);
+                        self.batch.push(&local_reply(b'H'));
                         self.run_batch(false).await?;
                         continue;
                     } else {
